@@ -1,0 +1,597 @@
+//! Opening a log directory: find the segments, check them, repair what a crash can
+//! leave behind, and say what was cut.
+//!
+//! | what | how it is checked | what happens when it fails |
+//! | --- | --- | --- |
+//! | active (last) segment's store | every frame: length, CRC32C, offset | cut to the longest valid prefix; reported |
+//! | active segment's index | compared entry by entry with the scan | rewritten; reported |
+//! | sealed segment's index | length, first and last entry, last frame | rebuilt from a scan of the store; reported |
+//! | sealed segment's store | its last frame ends the file; a full scan when that fails | `LogError::Corrupt` naming file and position |
+//! | index file with no store | - | removed; reported |
+//!
+//! A sealed segment was synced before its successor was created, so damage inside
+//! it is not a crash shape but corruption: the log refuses to open rather than
+//! guess. Damage at the end of the active segment is what a crash leaves, and is
+//! cut.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Corruption, IoContext, LogError, Result};
+use crate::format::{self, FrameError, HEADER_LEN, INDEX_MAGIC, STORE_MAGIC};
+use crate::segment::{self, Segment, SegmentFiles, Tail};
+use crate::Offset;
+
+/// What [`crate::Log::open`] found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Number of segments the log has after opening.
+    pub segments: usize,
+    /// Store files whose tail was cut.
+    pub truncations: Vec<Truncation>,
+    /// Index files that were rebuilt from their store.
+    pub rebuilt_indexes: Vec<IndexRebuild>,
+    /// Files that were removed (index files whose store was gone).
+    pub removed_files: Vec<PathBuf>,
+}
+
+impl RecoveryReport {
+    /// Whether opening changed anything on disk beyond completing a trailing index.
+    pub fn is_clean(&self) -> bool {
+        self.truncations.is_empty()
+            && self.removed_files.is_empty()
+            && self
+                .rebuilt_indexes
+                .iter()
+                .all(|rebuild| matches!(rebuild.problem, IndexProblem::Short { .. }))
+    }
+}
+
+/// The tail of a store file that recovery cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    /// The store file.
+    pub path: PathBuf,
+    /// The byte position the file was cut at: the end of the last valid record.
+    pub position: u64,
+    /// How many bytes were cut.
+    pub bytes_cut: u64,
+    /// The first offset that was not recovered (the log's next offset after opening).
+    pub next_offset: Offset,
+    /// Why the bytes at `position` were not a valid record.
+    pub reason: Corruption,
+}
+
+/// An index file that recovery rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRebuild {
+    /// The index file.
+    pub path: PathBuf,
+    /// What was wrong with it.
+    pub problem: IndexProblem,
+}
+
+/// What was wrong with an index file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IndexProblem {
+    /// The file did not exist.
+    Missing,
+    /// The header was not valid.
+    BadHeader(Corruption),
+    /// The file held fewer entries than the store has records. Normal for the
+    /// active segment after a crash: its index trails the store.
+    Short {
+        /// Entries found.
+        found: u64,
+        /// Records in the store.
+        expected: u64,
+    },
+    /// The file held more entries than the store has records.
+    Long {
+        /// Entries found.
+        found: u64,
+        /// Records in the store.
+        expected: u64,
+    },
+    /// An entry pointed elsewhere than its record (zero-filled, stale or damaged).
+    Disagrees {
+        /// The first entry that was wrong.
+        slot: u64,
+    },
+    /// The file's length was not a whole number of entries.
+    Ragged {
+        /// The file's length in bytes.
+        len: u64,
+    },
+}
+
+/// The result of reading a store file frame by frame.
+#[derive(Debug)]
+pub(crate) struct Scan {
+    pub(crate) positions: Vec<u32>,
+    /// End of the last valid frame.
+    pub(crate) valid_end: u64,
+    pub(crate) last_timestamp_ms: u64,
+    /// Why the scan stopped before the end of the file, if it did.
+    pub(crate) stop: Option<Corruption>,
+}
+
+const SCAN_BUFFER: usize = 1 << 20;
+
+/// Reads `path` frame by frame from its header on, stopping at `limit` records, at
+/// the end of the file, or at the first frame that is not valid.
+pub(crate) fn scan_store(
+    file: &File,
+    path: &Path,
+    base: Offset,
+    store_len: u64,
+    limit: Option<u64>,
+) -> Result<Scan> {
+    let mut scan = Scan {
+        positions: Vec::new(),
+        valid_end: HEADER_LEN,
+        last_timestamp_ms: 0,
+        stop: None,
+    };
+    let mut buf = vec![0u8; SCAN_BUFFER];
+    // `buf[..filled]` holds the file's bytes from `buf_start` on.
+    let mut buf_start = HEADER_LEN;
+    let mut filled = 0usize;
+    let mut at = 0usize;
+    loop {
+        if limit.is_some_and(|limit| scan.positions.len() as u64 >= limit) {
+            break;
+        }
+        let position = buf_start + at as u64;
+        if position == store_len {
+            break;
+        }
+        match format::decode_frame(&buf[at..filled], base + scan.positions.len() as u64) {
+            Ok(frame) => {
+                scan.positions.push(position as u32);
+                scan.last_timestamp_ms = frame.timestamp_ms;
+                at += frame.len() as usize;
+                scan.valid_end = buf_start + at as u64;
+            }
+            Err(FrameError::Incomplete { frame_len }) => {
+                let needed = frame_len.unwrap_or(format::FRAME_HEADER_LEN as u64);
+                if position + needed > store_len {
+                    scan.stop = Some(Corruption::TruncatedFrame { len: needed });
+                    break;
+                }
+                // Refill from the current position; grow for a frame larger than the buffer.
+                if needed as usize > buf.len() {
+                    buf.resize(needed as usize, 0);
+                }
+                let want = buf.len().min((store_len - position) as usize);
+                file.read_exact_at(&mut buf[..want], position).at(path)?;
+                buf_start = position;
+                filled = want;
+                at = 0;
+            }
+            Err(FrameError::Corrupt(reason)) => {
+                scan.stop = Some(reason);
+                break;
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// Opens a segment file for reading and writing.
+fn open_rw(path: &Path, create: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .at(path)
+}
+
+fn len_of(file: &File, path: &Path) -> Result<u64> {
+    Ok(file.metadata().at(path)?.len())
+}
+
+/// Creates the two files of a new, empty segment and syncs the directory.
+pub(crate) fn create_segment(dir: &Path, base: Offset) -> Result<SegmentFiles> {
+    let (store_name, index_name) = segment::file_names(base);
+    let store_path = dir.join(store_name);
+    let index_path = dir.join(index_name);
+    let store = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&store_path)
+        .at(&store_path)?;
+    let index = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&index_path)
+        .at(&index_path)?;
+    let written = store
+        .write_all_at(&format::encode_header(STORE_MAGIC, base), 0)
+        .at(&store_path)
+        .and_then(|()| {
+            index
+                .write_all_at(&format::encode_header(INDEX_MAGIC, base), 0)
+                .at(&index_path)
+        })
+        .and_then(|()| sync_dir(dir));
+    if let Err(err) = written {
+        // Leave no half-made segment behind; the caller reports `err`.
+        let _ = fs::remove_file(&store_path);
+        let _ = fs::remove_file(&index_path);
+        return Err(err);
+    }
+    Ok(SegmentFiles {
+        store: Arc::new(store),
+        index: Arc::new(index),
+        store_path,
+        index_path,
+    })
+}
+
+/// Syncs a directory so that file creations and removals in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// The segments found in a directory, oldest first, with the active one last.
+pub(crate) struct Opened {
+    pub(crate) sealed: Vec<Arc<Segment>>,
+    pub(crate) active: ActiveParts,
+    pub(crate) report: RecoveryReport,
+}
+
+/// What the writer needs to continue the active segment.
+pub(crate) struct ActiveParts {
+    pub(crate) base: Offset,
+    pub(crate) files: SegmentFiles,
+    pub(crate) tail: Tail,
+}
+
+/// Finds, checks and repairs the segments in `dir`.
+pub(crate) fn open_dir(dir: &Path) -> Result<Opened> {
+    let mut report = RecoveryReport::default();
+    let mut found: BTreeMap<Offset, (bool, bool)> = BTreeMap::new();
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let name = entry.file_name();
+        let Some((base, is_store)) = name.to_str().and_then(segment::parse_file_name) else {
+            continue;
+        };
+        let slot = found.entry(base).or_default();
+        if is_store {
+            slot.0 = true;
+        } else {
+            slot.1 = true;
+        }
+    }
+
+    // An index whose store is gone belongs to a segment that was being dropped.
+    for (&base, &(has_store, has_index)) in &found {
+        if !has_store && has_index {
+            let path = dir.join(segment::file_names(base).1);
+            fs::remove_file(&path).at(&path)?;
+            tracing::warn!(path = %path.display(), "removed index file with no store file");
+            report.removed_files.push(path);
+        }
+    }
+    let bases: Vec<Offset> = found
+        .iter()
+        .filter(|(_, (has_store, _))| *has_store)
+        .map(|(&base, _)| base)
+        .collect();
+    if !report.removed_files.is_empty() {
+        sync_dir(dir)?;
+    }
+
+    let Some((&active_base, sealed_bases)) = bases.split_last() else {
+        let files = create_segment(dir, 0)?;
+        report.segments = 1;
+        return Ok(Opened {
+            sealed: Vec::new(),
+            active: ActiveParts {
+                base: 0,
+                files,
+                tail: empty_tail(),
+            },
+            report,
+        });
+    };
+
+    let mut sealed = Vec::with_capacity(sealed_bases.len());
+    for (i, &base) in sealed_bases.iter().enumerate() {
+        let next_base = bases[i + 1];
+        sealed.push(Arc::new(open_sealed(
+            dir,
+            base,
+            next_base - base,
+            &mut report,
+        )?));
+    }
+    let active = open_active(dir, active_base, &mut report)?;
+    report.segments = bases.len();
+    Ok(Opened {
+        sealed,
+        active,
+        report,
+    })
+}
+
+fn empty_tail() -> Tail {
+    Tail {
+        positions: Vec::new(),
+        store_len: HEADER_LEN,
+        last_timestamp_ms: 0,
+    }
+}
+
+fn open_files(dir: &Path, base: Offset) -> Result<(SegmentFiles, bool)> {
+    let (store_name, index_name) = segment::file_names(base);
+    let store_path = dir.join(store_name);
+    let index_path = dir.join(index_name);
+    let store = open_rw(&store_path, false)?;
+    let index_existed = index_path.exists();
+    let index = open_rw(&index_path, true)?;
+    Ok((
+        SegmentFiles {
+            store: Arc::new(store),
+            index: Arc::new(index),
+            store_path,
+            index_path,
+        },
+        index_existed,
+    ))
+}
+
+fn check_store_header(files: &SegmentFiles, base: Offset, store_len: u64) -> Result<()> {
+    if store_len > u64::from(u32::MAX) {
+        // Positions are u32; no segment this crate writes is this large.
+        return Err(LogError::Corrupt {
+            path: files.store_path.clone(),
+            position: u64::from(u32::MAX),
+            reason: Corruption::LengthLimit { len: store_len },
+        });
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    let len = store_len.min(HEADER_LEN) as usize;
+    files
+        .store
+        .read_exact_at(&mut header[..len], 0)
+        .at(&files.store_path)?;
+    format::check_header(&header[..len], STORE_MAGIC, base).map_err(|reason| LogError::Corrupt {
+        path: files.store_path.clone(),
+        position: 0,
+        reason,
+    })
+}
+
+fn open_sealed(dir: &Path, base: Offset, count: u64, report: &mut RecoveryReport) -> Result<Segment> {
+    let (files, index_existed) = open_files(dir, base)?;
+    let store_len = len_of(&files.store, &files.store_path)?;
+    check_store_header(&files, base, store_len)?;
+
+    if index_existed
+        && let Some(last_timestamp_ms) = quick_check_sealed(&files, base, count, store_len)?
+    {
+        return Ok(Segment::sealed(base, files, count, store_len, last_timestamp_ms));
+    }
+
+    // The quick check failed: find out whether the store or only the index is bad.
+    let scan = scan_store(&files.store, &files.store_path, base, store_len, Some(count))?;
+    let found = scan.positions.len() as u64;
+    if let Some(reason) = scan.stop {
+        return Err(LogError::Corrupt {
+            path: files.store_path.clone(),
+            position: scan.valid_end,
+            reason,
+        });
+    }
+    if found < count {
+        return Err(LogError::Corrupt {
+            path: files.store_path.clone(),
+            position: scan.valid_end,
+            reason: Corruption::MissingRecords {
+                expected: count,
+                found,
+            },
+        });
+    }
+    if scan.valid_end != store_len {
+        return Err(LogError::Corrupt {
+            path: files.store_path.clone(),
+            position: scan.valid_end,
+            reason: Corruption::TrailingBytes {
+                len: store_len - scan.valid_end,
+            },
+        });
+    }
+    let problem = if index_existed {
+        diagnose_index(&files, base, &scan.positions)?
+    } else {
+        Some(IndexProblem::Missing)
+    };
+    if let Some(problem) = problem {
+        rewrite_index(&files, base, &scan.positions)?;
+        files.index.sync_data().at(&files.index_path)?;
+        tracing::warn!(path = %files.index_path.display(), ?problem, "rebuilt index of sealed segment");
+        report.rebuilt_indexes.push(IndexRebuild {
+            path: files.index_path.clone(),
+            problem,
+        });
+    }
+    Ok(Segment::sealed(base, files, count, store_len, scan.last_timestamp_ms))
+}
+
+/// Checks a sealed segment in constant time: index length, first and last entry,
+/// and that the last frame is valid and ends the store. Returns the last record's
+/// timestamp, or `None` when anything is off.
+fn quick_check_sealed(
+    files: &SegmentFiles,
+    base: Offset,
+    count: u64,
+    store_len: u64,
+) -> Result<Option<u64>> {
+    let index_len = len_of(&files.index, &files.index_path)?;
+    if index_len != format::index_entry_position(count) {
+        return Ok(None);
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    files.index.read_exact_at(&mut header, 0).at(&files.index_path)?;
+    if format::check_header(&header, INDEX_MAGIC, base).is_err() {
+        return Ok(None);
+    }
+    let mut entry = [0u8; format::INDEX_ENTRY_LEN as usize];
+    files
+        .index
+        .read_exact_at(&mut entry, format::index_entry_position(0))
+        .at(&files.index_path)?;
+    if format::decode_index_entry(&entry) != (0, HEADER_LEN as u32) {
+        return Ok(None);
+    }
+    files
+        .index
+        .read_exact_at(&mut entry, format::index_entry_position(count - 1))
+        .at(&files.index_path)?;
+    let (relative, position) = format::decode_index_entry(&entry);
+    let position = u64::from(position);
+    if u64::from(relative) != count - 1 || position < HEADER_LEN || position >= store_len {
+        return Ok(None);
+    }
+    let mut frame = vec![0u8; (store_len - position) as usize];
+    files.store.read_exact_at(&mut frame, position).at(&files.store_path)?;
+    match format::decode_frame(&frame, base + count - 1) {
+        Ok(decoded) if decoded.len() == frame.len() as u64 => Ok(Some(decoded.timestamp_ms)),
+        _ => Ok(None),
+    }
+}
+
+fn open_active(dir: &Path, base: Offset, report: &mut RecoveryReport) -> Result<ActiveParts> {
+    let (files, index_existed) = open_files(dir, base)?;
+    let mut store_len = len_of(&files.store, &files.store_path)?;
+    if store_len < HEADER_LEN {
+        // A segment created just before a crash, its header not yet on disk.
+        files.store.set_len(0).at(&files.store_path)?;
+        files
+            .store
+            .write_all_at(&format::encode_header(STORE_MAGIC, base), 0)
+            .at(&files.store_path)?;
+        files.store.sync_data().at(&files.store_path)?;
+        report.truncations.push(Truncation {
+            path: files.store_path.clone(),
+            position: 0,
+            bytes_cut: store_len,
+            next_offset: base,
+            reason: Corruption::ShortHeader { len: HEADER_LEN },
+        });
+        store_len = HEADER_LEN;
+    }
+    check_store_header(&files, base, store_len)?;
+
+    // No record limit: a lowered `segment_max_records` must never cut data; the
+    // writer rolls on its next append instead.
+    let scan = scan_store(&files.store, &files.store_path, base, store_len, None)?;
+    let next_offset = base + scan.positions.len() as u64;
+    if scan.valid_end < store_len {
+        let reason = scan.stop.clone().unwrap_or(Corruption::TrailingBytes {
+            len: store_len - scan.valid_end,
+        });
+        files.store.set_len(scan.valid_end).at(&files.store_path)?;
+        files.store.sync_data().at(&files.store_path)?;
+        tracing::warn!(
+            path = %files.store_path.display(),
+            position = scan.valid_end,
+            bytes_cut = store_len - scan.valid_end,
+            next_offset,
+            %reason,
+            "cut the torn tail of the active segment"
+        );
+        report.truncations.push(Truncation {
+            path: files.store_path.clone(),
+            position: scan.valid_end,
+            bytes_cut: store_len - scan.valid_end,
+            next_offset,
+            reason,
+        });
+    }
+
+    let problem = if index_existed {
+        diagnose_index(&files, base, &scan.positions)?
+    } else {
+        Some(IndexProblem::Missing)
+    };
+    if let Some(problem) = problem {
+        rewrite_index(&files, base, &scan.positions)?;
+        if matches!(problem, IndexProblem::Short { .. }) {
+            tracing::debug!(path = %files.index_path.display(), ?problem, "completed trailing index");
+        } else {
+            tracing::warn!(path = %files.index_path.display(), ?problem, "rebuilt index of active segment");
+        }
+        report.rebuilt_indexes.push(IndexRebuild {
+            path: files.index_path.clone(),
+            problem,
+        });
+    }
+    Ok(ActiveParts {
+        base,
+        files,
+        tail: Tail {
+            positions: scan.positions,
+            store_len: scan.valid_end,
+            last_timestamp_ms: scan.last_timestamp_ms,
+        },
+    })
+}
+
+/// Compares an index file with the positions a scan found; `None` when it matches.
+fn diagnose_index(files: &SegmentFiles, base: Offset, positions: &[u32]) -> Result<Option<IndexProblem>> {
+    let expected = positions.len() as u64;
+    let len = len_of(&files.index, &files.index_path)?;
+    if len < HEADER_LEN {
+        return Ok(Some(IndexProblem::BadHeader(Corruption::ShortHeader { len: HEADER_LEN })));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    files.index.read_exact_at(&mut bytes, 0).at(&files.index_path)?;
+    if let Err(reason) = format::check_header(&bytes, INDEX_MAGIC, base) {
+        return Ok(Some(IndexProblem::BadHeader(reason)));
+    }
+    let body = &bytes[HEADER_LEN as usize..];
+    let entry_len = format::INDEX_ENTRY_LEN as usize;
+    let entries = body.chunks_exact(entry_len);
+    for (slot, entry) in entries.enumerate() {
+        let Some(&position) = positions.get(slot) else {
+            break;
+        };
+        if format::decode_index_entry(entry) != (slot as u32, position) {
+            return Ok(Some(IndexProblem::Disagrees { slot: slot as u64 }));
+        }
+    }
+    if body.len() % entry_len != 0 {
+        return Ok(Some(IndexProblem::Ragged { len }));
+    }
+    let found = (body.len() / entry_len) as u64;
+    Ok(match found.cmp(&expected) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Less => Some(IndexProblem::Short { found, expected }),
+        std::cmp::Ordering::Greater => Some(IndexProblem::Long { found, expected }),
+    })
+}
+
+/// Replaces an index file's content with a header and one entry per position.
+pub(crate) fn rewrite_index(files: &SegmentFiles, base: Offset, positions: &[u32]) -> Result<()> {
+    let mut bytes = Vec::with_capacity(format::index_entry_position(positions.len() as u64) as usize);
+    bytes.extend_from_slice(&format::encode_header(INDEX_MAGIC, base));
+    for (slot, &position) in positions.iter().enumerate() {
+        format::encode_index_entry(&mut bytes, slot as u32, position);
+    }
+    files.index.set_len(0).at(&files.index_path)?;
+    files.index.write_all_at(&bytes, 0).at(&files.index_path)
+}

@@ -1,0 +1,97 @@
+//! The state the writer shares with every reader: the segment list and the next
+//! offset.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::error::{LogError, Result};
+use crate::segment::Segment;
+use crate::{Offset, Record};
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) dir: PathBuf,
+    /// Oldest first; the last one is the active segment. Never empty. Held only long
+    /// enough to find or swap a segment, never across I/O.
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Published after the records below it are readable.
+    next: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(dir: PathBuf, segments: Vec<Arc<Segment>>, next: Offset) -> Self {
+        Self {
+            dir,
+            segments: RwLock::new(segments),
+            next: AtomicU64::new(next),
+        }
+    }
+
+    pub(crate) fn segments(&self) -> RwLockReadGuard<'_, Vec<Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn segments_mut(&self) -> RwLockWriteGuard<'_, Vec<Arc<Segment>>> {
+        self.segments.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn next(&self) -> Offset {
+        self.next.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_next(&self, next: Offset) {
+        self.next.store(next, Ordering::Release);
+    }
+
+    pub(crate) fn lowest(&self) -> Offset {
+        let next = self.next();
+        self.segments().first().map_or(next, |segment| segment.base())
+    }
+
+    fn out_of_range(&self, offset: Offset) -> LogError {
+        LogError::OffsetOutOfRange {
+            offset,
+            lowest: self.lowest(),
+            next: self.next(),
+        }
+    }
+
+    fn segment_for(&self, offset: Offset) -> Result<Arc<Segment>> {
+        let next = self.next();
+        let segments = self.segments();
+        let lowest = segments.first().map_or(next, |segment| segment.base());
+        if offset < lowest || offset >= next {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                lowest,
+                next,
+            });
+        }
+        let at = segments.partition_point(|segment| segment.base() <= offset);
+        Ok(Arc::clone(&segments[at - 1]))
+    }
+
+    /// A segment reports ranges of its own; callers want the log's.
+    fn global_range(&self, err: LogError) -> LogError {
+        match err {
+            LogError::OffsetOutOfRange { offset, .. } => self.out_of_range(offset),
+            other => other,
+        }
+    }
+
+    pub(crate) fn read(&self, offset: Offset) -> Result<Record> {
+        self.segment_for(offset)?
+            .read(offset)
+            .map_err(|err| self.global_range(err))
+    }
+
+    pub(crate) fn read_chunk(&self, from: Offset, max_bytes: usize) -> Result<Vec<Record>> {
+        if from == self.next() {
+            return Ok(Vec::new());
+        }
+        self.segment_for(from)?
+            .read_chunk(from, max_bytes)
+            .map_err(|err| self.global_range(err))
+    }
+}
