@@ -157,7 +157,11 @@ impl fmt::Display for SyncPolicy {
             Self::Always => f.write_str("always"),
             Self::Never => f.write_str("never"),
             Self::Interval(every) => {
-                write!(f, "interval:{}", humantime_serde::re::humantime::format_duration(*every))
+                write!(
+                    f,
+                    "interval:{}",
+                    humantime_serde::re::humantime::format_duration(*every)
+                )
             }
         }
     }
@@ -228,9 +232,9 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("bad size {text:?}: expected a whole number with an optional unit such as 64MiB"))?;
+    let number: u64 = digits.parse().map_err(|_| {
+        format!("bad size {text:?}: expected a whole number with an optional unit such as 64MiB")
+    })?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => KIB,
@@ -315,20 +319,65 @@ mod tests {
     #[test]
     fn given_out_of_range_fields_validate_should_name_the_field() {
         let cases: Vec<(&str, LogConfig)> = vec![
-            ("max_record_bytes", LogConfig { max_record_bytes: 0, ..LogConfig::default() }),
-            ("max_record_bytes", LogConfig { max_record_bytes: 257 * MIB, ..LogConfig::default() }),
-            ("segment_bytes", LogConfig { segment_bytes: 100, ..LogConfig::default() }),
-            ("segment_bytes", LogConfig { segment_bytes: 3 * GIB, ..LogConfig::default() }),
-            ("segment_max_records", LogConfig { segment_max_records: 0, ..LogConfig::default() }),
-            ("sync", LogConfig { sync: SyncPolicy::Interval(Duration::ZERO), ..LogConfig::default() }),
+            (
+                "max_record_bytes",
+                LogConfig {
+                    max_record_bytes: 0,
+                    ..LogConfig::default()
+                },
+            ),
+            (
+                "max_record_bytes",
+                LogConfig {
+                    max_record_bytes: 257 * MIB,
+                    ..LogConfig::default()
+                },
+            ),
+            (
+                "segment_bytes",
+                LogConfig {
+                    segment_bytes: 100,
+                    ..LogConfig::default()
+                },
+            ),
+            (
+                "segment_bytes",
+                LogConfig {
+                    segment_bytes: 3 * GIB,
+                    ..LogConfig::default()
+                },
+            ),
+            (
+                "segment_max_records",
+                LogConfig {
+                    segment_max_records: 0,
+                    ..LogConfig::default()
+                },
+            ),
+            (
+                "sync",
+                LogConfig {
+                    sync: SyncPolicy::Interval(Duration::ZERO),
+                    ..LogConfig::default()
+                },
+            ),
             (
                 "retention.bytes",
-                LogConfig { retention: Retention { bytes: Some(0), age: None }, ..LogConfig::default() },
+                LogConfig {
+                    retention: Retention {
+                        bytes: Some(0),
+                        age: None,
+                    },
+                    ..LogConfig::default()
+                },
             ),
             (
                 "retention.age",
                 LogConfig {
-                    retention: Retention { bytes: None, age: Some(Duration::ZERO) },
+                    retention: Retention {
+                        bytes: None,
+                        age: Some(Duration::ZERO),
+                    },
                     ..LogConfig::default()
                 },
             ),
@@ -395,7 +444,10 @@ mod tests {
     fn config_should_survive_a_serde_round_trip() {
         let config = LogConfig {
             sync: SyncPolicy::Interval(Duration::from_millis(250)),
-            retention: Retention { bytes: Some(5 * GIB), age: Some(Duration::from_secs(60)) },
+            retention: Retention {
+                bytes: Some(5 * GIB),
+                age: Some(Duration::from_secs(60)),
+            },
             ..LogConfig::default()
         };
         let json = serde_json::to_string(&config).expect("serialises");

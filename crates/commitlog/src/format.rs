@@ -114,7 +114,9 @@ pub(crate) fn decode_frame(bytes: &[u8], expected: Offset) -> Result<Frame<'_>, 
     let stored = read_u32(&bytes[0..4]);
     let len = read_u32(&bytes[4..8]);
     if len > MAX_VALUE_LEN {
-        return Err(FrameError::Corrupt(Corruption::LengthLimit { len: len.into() }));
+        return Err(FrameError::Corrupt(Corruption::LengthLimit {
+            len: len.into(),
+        }));
     }
     let total = frame_len(len as usize);
     let Some(frame) = bytes.get(..total as usize) else {
@@ -124,7 +126,10 @@ pub(crate) fn decode_frame(bytes: &[u8], expected: Offset) -> Result<Frame<'_>, 
     };
     let computed = crc32c::crc32c(&frame[4..]);
     if computed != stored {
-        return Err(FrameError::Corrupt(Corruption::Checksum { stored, computed }));
+        return Err(FrameError::Corrupt(Corruption::Checksum {
+            stored,
+            computed,
+        }));
     }
     let offset = read_u64(&frame[8..16]);
     if offset != expected {

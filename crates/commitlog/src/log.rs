@@ -131,7 +131,12 @@ impl Log {
             .map_or(0, |segment| segment.last_timestamp_ms())
             .max(opened.active.tail.last_timestamp_ms);
         let written = opened.active.tail.positions.len() as u64;
-        let active = Active::new(opened.active.base, opened.active.files, opened.active.tail, written);
+        let active = Active::new(
+            opened.active.base,
+            opened.active.files,
+            opened.active.tail,
+            written,
+        );
         let next = active.next();
         let mut segments = opened.sealed;
         segments.push(Arc::clone(&active.segment));
@@ -484,7 +489,11 @@ impl Log {
         self.closed = true;
         self.check_writable()?;
         self.flush_index()?;
-        self.active.files.index.sync_data().at(&self.active.files.index_path)?;
+        self.active
+            .files
+            .index
+            .sync_data()
+            .at(&self.active.files.index_path)?;
         self.sync_store()
     }
 
@@ -531,7 +540,11 @@ impl Log {
     /// publishes it to readers.
     fn write_part(&mut self, timestamp_ms: u64) -> Result<()> {
         let active = &mut self.active;
-        if let Err(source) = active.files.store.write_all_at(&self.frames, active.store_len) {
+        if let Err(source) = active
+            .files
+            .store
+            .write_all_at(&self.frames, active.store_len)
+        {
             // Cut a partial write so the file ends at the last whole record.
             if let Err(undo) = active.files.store.set_len(active.store_len) {
                 self.failed = Some(format!(
@@ -555,12 +568,20 @@ impl Log {
             .segment
             .publish(&self.positions, store_len, timestamp_ms);
         for (i, &position) in self.positions.iter().enumerate() {
-            format::encode_index_entry(&mut active.index_pending, (active.count + i as u64) as u32, position);
+            format::encode_index_entry(
+                &mut active.index_pending,
+                (active.count + i as u64) as u32,
+                position,
+            );
         }
         active.count += self.positions.len() as u64;
         active.store_len = store_len;
         self.shared.set_next(active.next());
-        tracing::trace!(next_offset = active.next(), records = self.positions.len(), "appended");
+        tracing::trace!(
+            next_offset = active.next(),
+            records = self.positions.len(),
+            "appended"
+        );
         Ok(())
     }
 
@@ -573,13 +594,19 @@ impl Log {
         if let Err(source) = files.store.sync_data() {
             // After a failed fsync the kernel may have dropped the dirty pages; a
             // later fsync could succeed without them. Only recovery can tell.
-            self.failed = Some(format!("fsync of {} failed: {source}", files.store_path.display()));
+            self.failed = Some(format!(
+                "fsync of {} failed: {source}",
+                files.store_path.display()
+            ));
             return Err(LogError::Io {
                 path: files.store_path.clone(),
                 source,
             });
         }
-        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "synced store");
+        tracing::trace!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "synced store"
+        );
         self.active.dirty = false;
         self.last_sync = Instant::now();
         Ok(())
@@ -593,7 +620,10 @@ impl Log {
         active
             .files
             .index
-            .write_all_at(&active.index_pending, format::index_entry_position(active.index_written))
+            .write_all_at(
+                &active.index_pending,
+                format::index_entry_position(active.index_written),
+            )
             .at(&active.files.index_path)?;
         active.index_written += (active.index_pending.len() as u64) / format::INDEX_ENTRY_LEN;
         active.index_pending.clear();

@@ -20,10 +20,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::Offset;
 use crate::error::{Corruption, IoContext, LogError, Result};
 use crate::format::{self, FrameError, HEADER_LEN, INDEX_MAGIC, STORE_MAGIC};
 use crate::segment::{self, Segment, SegmentFiles, Tail};
-use crate::Offset;
 
 /// What [`crate::Log::open`] found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -374,7 +374,12 @@ fn check_store_header(files: &SegmentFiles, base: Offset, store_len: u64) -> Res
     })
 }
 
-fn open_sealed(dir: &Path, base: Offset, count: u64, report: &mut RecoveryReport) -> Result<Segment> {
+fn open_sealed(
+    dir: &Path,
+    base: Offset,
+    count: u64,
+    report: &mut RecoveryReport,
+) -> Result<Segment> {
     let (files, index_existed) = open_files(dir, base)?;
     let store_len = len_of(&files.store, &files.store_path)?;
     check_store_header(&files, base, store_len)?;
@@ -382,11 +387,23 @@ fn open_sealed(dir: &Path, base: Offset, count: u64, report: &mut RecoveryReport
     if index_existed
         && let Some(last_timestamp_ms) = quick_check_sealed(&files, base, count, store_len)?
     {
-        return Ok(Segment::sealed(base, files, count, store_len, last_timestamp_ms));
+        return Ok(Segment::sealed(
+            base,
+            files,
+            count,
+            store_len,
+            last_timestamp_ms,
+        ));
     }
 
     // The quick check failed: find out whether the store or only the index is bad.
-    let scan = scan_store(&files.store, &files.store_path, base, store_len, Some(count))?;
+    let scan = scan_store(
+        &files.store,
+        &files.store_path,
+        base,
+        store_len,
+        Some(count),
+    )?;
     let found = scan.positions.len() as u64;
     if let Some(reason) = scan.stop {
         return Err(LogError::Corrupt {
@@ -428,7 +445,13 @@ fn open_sealed(dir: &Path, base: Offset, count: u64, report: &mut RecoveryReport
             problem,
         });
     }
-    Ok(Segment::sealed(base, files, count, store_len, scan.last_timestamp_ms))
+    Ok(Segment::sealed(
+        base,
+        files,
+        count,
+        store_len,
+        scan.last_timestamp_ms,
+    ))
 }
 
 /// Checks a sealed segment in constant time: index length, first and last entry,
@@ -445,7 +468,10 @@ fn quick_check_sealed(
         return Ok(None);
     }
     let mut header = [0u8; HEADER_LEN as usize];
-    files.index.read_exact_at(&mut header, 0).at(&files.index_path)?;
+    files
+        .index
+        .read_exact_at(&mut header, 0)
+        .at(&files.index_path)?;
     if format::check_header(&header, INDEX_MAGIC, base).is_err() {
         return Ok(None);
     }
@@ -467,7 +493,10 @@ fn quick_check_sealed(
         return Ok(None);
     }
     let mut frame = vec![0u8; (store_len - position) as usize];
-    files.store.read_exact_at(&mut frame, position).at(&files.store_path)?;
+    files
+        .store
+        .read_exact_at(&mut frame, position)
+        .at(&files.store_path)?;
     match format::decode_frame(&frame, base + count - 1) {
         Ok(decoded) if decoded.len() == frame.len() as u64 => Ok(Some(decoded.timestamp_ms)),
         _ => Ok(None),
@@ -552,14 +581,23 @@ fn open_active(dir: &Path, base: Offset, report: &mut RecoveryReport) -> Result<
 }
 
 /// Compares an index file with the positions a scan found; `None` when it matches.
-fn diagnose_index(files: &SegmentFiles, base: Offset, positions: &[u32]) -> Result<Option<IndexProblem>> {
+fn diagnose_index(
+    files: &SegmentFiles,
+    base: Offset,
+    positions: &[u32],
+) -> Result<Option<IndexProblem>> {
     let expected = positions.len() as u64;
     let len = len_of(&files.index, &files.index_path)?;
     if len < HEADER_LEN {
-        return Ok(Some(IndexProblem::BadHeader(Corruption::ShortHeader { len: HEADER_LEN })));
+        return Ok(Some(IndexProblem::BadHeader(Corruption::ShortHeader {
+            len: HEADER_LEN,
+        })));
     }
     let mut bytes = vec![0u8; len as usize];
-    files.index.read_exact_at(&mut bytes, 0).at(&files.index_path)?;
+    files
+        .index
+        .read_exact_at(&mut bytes, 0)
+        .at(&files.index_path)?;
     if let Err(reason) = format::check_header(&bytes, INDEX_MAGIC, base) {
         return Ok(Some(IndexProblem::BadHeader(reason)));
     }
@@ -574,7 +612,7 @@ fn diagnose_index(files: &SegmentFiles, base: Offset, positions: &[u32]) -> Resu
             return Ok(Some(IndexProblem::Disagrees { slot: slot as u64 }));
         }
     }
-    if body.len() % entry_len != 0 {
+    if !body.len().is_multiple_of(entry_len) {
         return Ok(Some(IndexProblem::Ragged { len }));
     }
     let found = (body.len() / entry_len) as u64;
@@ -587,7 +625,8 @@ fn diagnose_index(files: &SegmentFiles, base: Offset, positions: &[u32]) -> Resu
 
 /// Replaces an index file's content with a header and one entry per position.
 pub(crate) fn rewrite_index(files: &SegmentFiles, base: Offset, positions: &[u32]) -> Result<()> {
-    let mut bytes = Vec::with_capacity(format::index_entry_position(positions.len() as u64) as usize);
+    let mut bytes =
+        Vec::with_capacity(format::index_entry_position(positions.len() as u64) as usize);
     bytes.extend_from_slice(&format::encode_header(INDEX_MAGIC, base));
     for (slot, &position) in positions.iter().enumerate() {
         format::encode_index_entry(&mut bytes, slot as u32, position);

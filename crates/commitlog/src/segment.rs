@@ -170,19 +170,92 @@ impl Segment {
 
     /// Reads the record at `offset`, which must lie in this segment.
     pub(crate) fn read(&self, offset: Offset) -> Result<Record> {
-        let location = self.locate(offset)?;
+        match self
+            .locate(offset)
+            .and_then(|location| self.read_at(offset, &location))
+        {
+            Err(LogError::Corrupt { .. }) if self.is_sealed() => {
+                let location = self.locate_by_scan(offset)?;
+                self.read_at(offset, &location)
+            }
+            other => other,
+        }
+    }
+
+    /// Reads records from `from` (which must lie in this segment) up to `max_bytes`
+    /// of store bytes, and at least one record.
+    pub(crate) fn read_chunk(&self, from: Offset, max_bytes: usize) -> Result<Vec<Record>> {
+        match self
+            .locate(from)
+            .and_then(|location| self.read_chunk_at(from, &location, max_bytes))
+        {
+            Err(LogError::Corrupt { .. }) if self.is_sealed() => {
+                let location = self.locate_by_scan(from)?;
+                self.read_chunk_at(from, &location, max_bytes)
+            }
+            other => other,
+        }
+    }
+
+    fn is_sealed(&self) -> bool {
+        matches!(self.state, State::Sealed { .. })
+    }
+
+    /// Finds a record of a sealed segment without its index, after the index led a
+    /// read astray. Slow (reads the segment up to the record) but exact: a damaged
+    /// store is reported at the first bad frame, and a damaged index only costs time.
+    fn locate_by_scan(&self, offset: Offset) -> Result<Location> {
+        let relative = offset - self.base;
+        let store_len = self.store_len();
+        let scan = crate::recovery::scan_store(
+            &self.files.store,
+            &self.files.store_path,
+            self.base,
+            store_len,
+            Some(relative + 1),
+        )?;
+        match scan.positions.get(relative as usize) {
+            Some(&position) => {
+                // The store is sound up to the record, so the index was at fault.
+                tracing::warn!(
+                    index = %self.files.index_path.display(),
+                    offset,
+                    "index disagrees with its store; read served by a scan. Delete the index file to rebuild it on the next open"
+                );
+                Ok(Location {
+                    position: position.into(),
+                    end: scan.valid_end,
+                    store_len,
+                })
+            }
+            None => Err(self.corrupt(
+                scan.valid_end,
+                scan.stop.unwrap_or(Corruption::MissingRecords {
+                    expected: relative + 1,
+                    found: scan.positions.len() as u64,
+                }),
+            )),
+        }
+    }
+
+    fn read_at(&self, offset: Offset, location: &Location) -> Result<Record> {
         let mut buf = vec![0u8; (location.end - location.position) as usize];
         self.read_store(&mut buf, location.position)?;
         let buf = Bytes::from(buf);
         let frame = format::decode_frame(&buf, offset)
             .map_err(|err| self.frame_error(err, location.position))?;
         if frame.len() != buf.len() as u64 {
-            return Err(self.corrupt(
-                location.position,
-                Corruption::TruncatedFrame {
-                    len: buf.len() as u64,
+            // The frame is valid but the index said it was another length.
+            let slot = offset - self.base + 1;
+            return Err(LogError::Corrupt {
+                path: self.files.index_path.clone(),
+                position: format::index_entry_position(slot),
+                reason: Corruption::BadIndexEntry {
+                    slot,
+                    relative: slot as u32,
+                    position: location.end as u32,
                 },
-            ));
+            });
         }
         Ok(Record {
             offset,
@@ -191,10 +264,12 @@ impl Segment {
         })
     }
 
-    /// Reads records from `from` (which must lie in this segment) up to `max_bytes`
-    /// of store bytes, and at least one record.
-    pub(crate) fn read_chunk(&self, from: Offset, max_bytes: usize) -> Result<Vec<Record>> {
-        let location = self.locate(from)?;
+    fn read_chunk_at(
+        &self,
+        from: Offset,
+        location: &Location,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>> {
         let first_len = location.end - location.position;
         let available = location.store_len - location.position;
         let len = (max_bytes as u64).clamp(first_len, available);

@@ -33,7 +33,9 @@ impl Shared {
     }
 
     pub(crate) fn segments_mut(&self) -> RwLockWriteGuard<'_, Vec<Arc<Segment>>> {
-        self.segments.write().unwrap_or_else(PoisonError::into_inner)
+        self.segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn next(&self) -> Offset {
@@ -46,7 +48,9 @@ impl Shared {
 
     pub(crate) fn lowest(&self) -> Offset {
         let next = self.next();
-        self.segments().first().map_or(next, |segment| segment.base())
+        self.segments()
+            .first()
+            .map_or(next, |segment| segment.base())
     }
 
     fn out_of_range(&self, offset: Offset) -> LogError {

@@ -1,0 +1,454 @@
+//! Crash shapes: a pristine log is damaged the way a crash (or bit rot) would,
+//! then reopened. Damage in the unsynced tail must yield exactly the longest valid
+//! prefix and never lose a synced record; damage inside sealed data must be a
+//! `Corrupt` error naming the file and position.
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use keel_commitlog::{Corruption, IndexProblem, Log, LogConfig, LogError, SyncPolicy};
+
+use crate::support::{assert_holds, value};
+
+/// 25 records per segment: segment 0 holds 0..25 (sealed), segment 25 holds 25..40.
+const PER_SEGMENT: u64 = 25;
+const TOTAL: u64 = 40;
+/// Records 0..SYNCED were appended under `SyncPolicy::Always`.
+const SYNCED: u64 = 30;
+const ACTIVE_BASE: u64 = 25;
+
+fn config(sync: SyncPolicy) -> LogConfig {
+    LogConfig {
+        segment_bytes: 1 << 20,
+        segment_max_records: PER_SEGMENT,
+        sync,
+        ..LogConfig::default()
+    }
+}
+
+/// Where each record of the active segment ends in its store file.
+fn active_frame_ends() -> Vec<u64> {
+    let mut end = 16;
+    (ACTIVE_BASE..TOTAL)
+        .map(|offset| {
+            end += 24 + value(offset).len() as u64;
+            end
+        })
+        .collect()
+}
+
+fn frame_start(offset: u64) -> u64 {
+    if offset == ACTIVE_BASE {
+        16
+    } else {
+        active_frame_ends()[(offset - ACTIVE_BASE - 1) as usize]
+    }
+}
+
+/// Records 0..30 appended with `Always`, then 30..40 as one batch with `Never`, and
+/// a kill: the last batch's index entries never reach the index file.
+fn pristine() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+    for offset in 0..SYNCED {
+        log.append(&value(offset)).expect("append");
+    }
+    log.close().expect("close");
+    let mut log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("reopen");
+    let batch: Vec<Vec<u8>> = (SYNCED..TOTAL).map(value).collect();
+    log.append_batch(&batch).expect("unsynced batch");
+    log.kill();
+    dir
+}
+
+fn copy_of(src: &Path) -> tempfile::TempDir {
+    let dst = tempfile::tempdir().expect("temp dir");
+    for entry in fs::read_dir(src).expect("read dir") {
+        let entry = entry.expect("entry");
+        fs::copy(entry.path(), dst.path().join(entry.file_name())).expect("copy");
+    }
+    dst
+}
+
+fn store(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.log"))
+}
+
+fn index(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.index"))
+}
+
+fn set_len(path: &Path, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open")
+        .set_len(len)
+        .expect("set_len");
+}
+
+fn edit(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = fs::read(path).expect("read");
+    change(&mut bytes);
+    fs::write(path, bytes).expect("write");
+}
+
+/// Reopens `dir`, checks it holds exactly `expected` records, that appends continue
+/// at `expected`, and that a second reopen is clean.
+fn reopen_expecting(dir: &Path, expected: u64, what: &str) -> keel_commitlog::RecoveryReport {
+    let mut log = Log::open(dir, config(SyncPolicy::Always))
+        .unwrap_or_else(|err| panic!("{what}: open failed: {err}"));
+    let report = log.recovery().clone();
+    assert!(
+        log.next_offset() >= SYNCED,
+        "{what}: lost synced records, next is {}",
+        log.next_offset()
+    );
+    assert_eq!(log.next_offset(), expected, "{what}: longest valid prefix");
+    assert_holds(&log, expected);
+    assert_eq!(
+        log.append(&value(expected)).expect("append after recovery"),
+        expected,
+        "{what}"
+    );
+    log.close().expect("close");
+    let log = Log::open(dir, config(SyncPolicy::Always)).expect("second reopen");
+    assert!(
+        log.recovery().is_clean(),
+        "{what}: second reopen must be clean: {:?}",
+        log.recovery()
+    );
+    assert_holds(&log, expected + 1);
+    report
+}
+
+#[test]
+fn given_pristine_crashed_log_when_reopened_should_hold_every_record() {
+    let dir = pristine();
+    let report = reopen_expecting(dir.path(), TOTAL, "pristine");
+    assert!(report.truncations.is_empty());
+    assert!(
+        matches!(report.rebuilt_indexes[..], [ref rebuilt] if matches!(rebuilt.problem, IndexProblem::Short { found: 5, expected: 15 })),
+        "the killed batch's index entries are rebuilt: {report:?}"
+    );
+}
+
+#[test]
+fn given_store_cut_at_every_byte_of_the_unsynced_batch_should_keep_the_longest_valid_prefix() {
+    let pristine = pristine();
+    let ends = active_frame_ends();
+    let synced_end = frame_start(SYNCED);
+    let store_len = *ends.last().expect("records");
+    for cut in synced_end..=store_len {
+        let dir = copy_of(pristine.path());
+        set_len(&store(dir.path(), ACTIVE_BASE), cut);
+        let complete = ends.iter().filter(|&&end| end <= cut).count() as u64;
+        let expected = ACTIVE_BASE + complete;
+        let report = reopen_expecting(dir.path(), expected, &format!("cut at {cut}"));
+        let boundary = if complete == 0 {
+            16
+        } else {
+            ends[complete as usize - 1]
+        };
+        if cut == boundary {
+            assert!(
+                report.truncations.is_empty(),
+                "cut at a record boundary needs no truncation"
+            );
+        } else {
+            let truncation = &report.truncations[0];
+            assert_eq!(truncation.position, boundary, "cut at {cut}");
+            assert_eq!(truncation.bytes_cut, cut - boundary);
+            assert_eq!(truncation.next_offset, expected);
+        }
+    }
+}
+
+#[test]
+fn given_bit_flip_anywhere_in_the_unsynced_tail_should_cut_from_the_damaged_record() {
+    let pristine = pristine();
+    let ends = active_frame_ends();
+    let store_len = *ends.last().expect("records");
+    for byte in frame_start(SYNCED)..store_len {
+        let dir = copy_of(pristine.path());
+        edit(&store(dir.path(), ACTIVE_BASE), |bytes| {
+            bytes[byte as usize] ^= 1 << (byte % 8)
+        });
+        let damaged = ACTIVE_BASE + ends.iter().filter(|&&end| end <= byte).count() as u64;
+        let report = reopen_expecting(dir.path(), damaged, &format!("flip in byte {byte}"));
+        assert_eq!(report.truncations.len(), 1);
+        assert_eq!(report.truncations[0].position, frame_start(damaged));
+    }
+}
+
+#[test]
+fn given_zero_filled_store_tail_should_cut_the_zeros() {
+    let dir = copy_of(pristine().path());
+    let path = store(dir.path(), ACTIVE_BASE);
+    edit(&path, |bytes| bytes.extend_from_slice(&[0u8; 4096]));
+    let report = reopen_expecting(dir.path(), TOTAL, "zero-filled tail");
+    assert_eq!(report.truncations[0].bytes_cut, 4096);
+}
+
+#[test]
+fn given_crash_between_store_write_and_index_write_should_rebuild_index_entries() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+    log.append(&value(0)).expect("append");
+    log.kill();
+    assert_eq!(
+        fs::metadata(index(dir.path(), 0)).expect("index").len(),
+        16,
+        "entry still pending"
+    );
+    let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("reopen");
+    assert_holds(&log, 1);
+    assert_eq!(
+        fs::metadata(index(dir.path(), 0)).expect("index").len(),
+        24,
+        "entry rebuilt"
+    );
+}
+
+/// Every shape of index damage, applied to the active and to the sealed segment.
+#[test]
+fn given_damaged_index_of_either_segment_should_rebuild_it_and_lose_nothing() {
+    let pristine = pristine();
+    let reference = copy_of(pristine.path());
+    drop(Log::open(reference.path(), config(SyncPolicy::Always)).expect("complete the index"));
+
+    type Damage = fn(&Path);
+    let shapes: [(&str, Damage); 5] = [
+        ("deleted", |p| fs::remove_file(p).expect("remove")),
+        ("emptied", |p| set_len(p, 0)),
+        ("ragged", |p| {
+            let len = fs::metadata(p).expect("meta").len();
+            set_len(p, len - 3);
+        }),
+        ("zero-filled", |p| {
+            edit(p, |b| b.iter_mut().for_each(|x| *x = 0))
+        }),
+        ("zero-filled entries", |p| {
+            edit(p, |b| b[16..].iter_mut().for_each(|x| *x = 0))
+        }),
+    ];
+    for base in [0, ACTIVE_BASE] {
+        for (name, damage) in &shapes {
+            let dir = copy_of(reference.path());
+            damage(&index(dir.path(), base));
+            let what = format!("{name} index of segment {base}");
+            let report = reopen_expecting(dir.path(), TOTAL, &what);
+            assert!(!report.rebuilt_indexes.is_empty(), "{what}: {report:?}");
+            assert_eq!(
+                fs::read(index(dir.path(), 0)).expect("index"),
+                fs::read(index(reference.path(), 0)).expect("reference index"),
+                "{what}: sealed index rebuilt byte for byte"
+            );
+        }
+    }
+    // An entry that points elsewhere: in the active segment recovery compares every
+    // entry; in a sealed one (synced long ago, not rescanned on open) reads notice.
+    let dir = copy_of(reference.path());
+    edit(&index(dir.path(), ACTIVE_BASE), |b| {
+        b[16 + 3 * 8 + 4] ^= 0x10
+    });
+    let report = reopen_expecting(dir.path(), TOTAL, "active entry points elsewhere");
+    assert!(matches!(
+        report.rebuilt_indexes[0].problem,
+        IndexProblem::Disagrees { slot: 3 }
+    ));
+
+    // Longer than the store: stale entries past the end.
+    let dir = copy_of(reference.path());
+    edit(&index(dir.path(), ACTIVE_BASE), |b| {
+        b.extend_from_slice(&[1, 0, 0, 0, 99, 0, 0, 0])
+    });
+    let report = reopen_expecting(dir.path(), TOTAL, "long active index");
+    assert!(matches!(
+        report.rebuilt_indexes[0].problem,
+        IndexProblem::Long {
+            found: 16,
+            expected: 15
+        }
+    ));
+}
+
+#[test]
+fn given_torn_header_of_a_fresh_active_segment_should_reinitialise_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+    for offset in 0..PER_SEGMENT {
+        log.append(&value(offset)).expect("append");
+    }
+    log.kill();
+    // Records 0..25 fill segment 0; a crash while creating segment 25.
+    fs::write(store(dir.path(), PER_SEGMENT), b"KLS").expect("torn header");
+    let mut log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("reopen");
+    assert_eq!(
+        log.recovery().truncations[0].reason,
+        Corruption::ShortHeader { len: 16 }
+    );
+    assert_holds(&log, PER_SEGMENT);
+    assert_eq!(
+        log.append(&value(PER_SEGMENT)).expect("append"),
+        PER_SEGMENT
+    );
+}
+
+#[test]
+fn given_index_without_store_should_remove_it() {
+    let dir = copy_of(pristine().path());
+    let stray = index(dir.path(), 1000);
+    fs::write(&stray, b"leftover of a dropped segment").expect("write");
+    let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+    assert_eq!(log.recovery().removed_files, vec![stray.clone()]);
+    assert!(!stray.exists());
+    assert_holds(&log, TOTAL);
+}
+
+#[test]
+fn given_bit_flip_inside_a_sealed_segment_read_should_be_corrupt_naming_file_and_position() {
+    let dir = copy_of(pristine().path());
+    let path = store(dir.path(), 0);
+    // Record 10 of segment 0: flip a byte of its value.
+    let start: u64 = 16 + (0..10).map(|o| 24 + value(o).len() as u64).sum::<u64>();
+    edit(&path, |bytes| bytes[start as usize + 30] ^= 0xff);
+    let log = Log::open(dir.path(), config(SyncPolicy::Always))
+        .expect("a cheap open does not scan sealed data");
+    match log.read(10) {
+        Err(LogError::Corrupt {
+            path: p,
+            position,
+            reason: Corruption::Checksum { .. },
+        }) => {
+            assert_eq!((p, position), (path.clone(), start));
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    match log.read_chunk(5, 1 << 20) {
+        Err(LogError::Corrupt {
+            path: p, position, ..
+        }) => assert_eq!((p, position), (path, start)),
+        other => panic!("expected Corrupt from a chunk read, got {other:?}"),
+    }
+    assert_eq!(log.read(9).expect("neighbours are fine").value, value(9));
+}
+
+#[test]
+fn given_damaged_last_record_of_a_sealed_segment_open_should_fail_corrupt() {
+    let dir = copy_of(pristine().path());
+    let path = store(dir.path(), 0);
+    let len = fs::metadata(&path).expect("meta").len();
+    edit(&path, |bytes| bytes[len as usize - 2] ^= 0x01);
+    match Log::open(dir.path(), config(SyncPolicy::Always)) {
+        Err(LogError::Corrupt {
+            path: p,
+            reason: Corruption::Checksum { .. },
+            position,
+        }) => {
+            assert_eq!(p, path);
+            let last_start: u64 = 16 + (0..24).map(|o| 24 + value(o).len() as u64).sum::<u64>();
+            assert_eq!(position, last_start);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn given_sealed_segment_missing_records_open_should_fail_corrupt() {
+    let dir = copy_of(pristine().path());
+    let path = store(dir.path(), 0);
+    let len = fs::metadata(&path).expect("meta").len();
+    set_len(&path, len - (24 + value(24).len() as u64));
+    match Log::open(dir.path(), config(SyncPolicy::Always)) {
+        Err(LogError::Corrupt {
+            path: p,
+            reason:
+                Corruption::MissingRecords {
+                    expected: 25,
+                    found: 24,
+                },
+            ..
+        }) => {
+            assert_eq!(p, path);
+        }
+        other => panic!("expected Corrupt MissingRecords, got {other:?}"),
+    }
+}
+
+#[test]
+fn given_deleted_middle_segment_open_should_fail_rather_than_skip_offsets() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = crate::support::filled(
+        dir.path(),
+        LogConfig {
+            segment_max_records: 10,
+            ..config(SyncPolicy::Never)
+        },
+        35,
+        1,
+    );
+    log.close().expect("close");
+    fs::remove_file(store(dir.path(), 10)).expect("remove");
+    fs::remove_file(index(dir.path(), 10)).expect("remove");
+    match Log::open(dir.path(), config(SyncPolicy::Never)) {
+        Err(
+            err @ LogError::Corrupt {
+                reason:
+                    Corruption::MissingRecords {
+                        expected: 20,
+                        found: 10,
+                    },
+                ..
+            },
+        ) => {
+            assert!(
+                err.to_string().contains("00000000000000000000.log"),
+                "{err}"
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn given_store_header_of_another_format_should_fail_with_the_version() {
+    let dir = copy_of(pristine().path());
+    edit(&store(dir.path(), 0), |bytes| bytes[4] = 9);
+    match Log::open(dir.path(), config(SyncPolicy::Always)) {
+        Err(LogError::Corrupt {
+            reason:
+                Corruption::UnsupportedVersion {
+                    found: 9,
+                    supported: 1,
+                },
+            position: 0,
+            ..
+        }) => {}
+        other => panic!("expected UnsupportedVersion, got {other:?}"),
+    }
+}
+
+#[test]
+fn given_sealed_index_entries_pointing_elsewhere_reads_should_still_return_the_right_records() {
+    let dir = copy_of(pristine().path());
+    // Entry 3 points 16 bytes later; entry 7 points at the header; entry 9 is zeroed.
+    edit(&index(dir.path(), 0), |b| {
+        b[16 + 3 * 8 + 4] ^= 0x10;
+        b[16 + 7 * 8 + 4..16 + 7 * 8 + 8].copy_from_slice(&3u32.to_le_bytes());
+        b[16 + 9 * 8..16 + 10 * 8].iter_mut().for_each(|x| *x = 0);
+    });
+    let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("open");
+    assert_holds(&log, TOTAL);
+    let chunk = log
+        .read_chunk(2, 1 << 20)
+        .expect("chunk across the damaged entries");
+    assert_eq!(
+        chunk.len() as u64,
+        PER_SEGMENT - 2,
+        "a chunk stops at the segment end"
+    );
+    for record in chunk {
+        assert_eq!(record.value, value(record.offset));
+    }
+}
