@@ -29,6 +29,17 @@ pub(crate) const FRAME_HEADER_LEN: usize = 24;
 pub(crate) const INDEX_ENTRY_LEN: u64 = 8;
 /// The largest value the format allows, whatever the configuration says.
 pub(crate) const MAX_VALUE_LEN: u32 = 256 * 1024 * 1024;
+/// Byte of the index header that holds its flags.
+pub(crate) const INDEX_FLAGS_POSITION: u64 = 5;
+/// Index flag: the segment was synced when it was sealed, and is complete.
+pub(crate) const FLAG_DURABLE: u8 = 1;
+
+/// Whether an index header (already checked) carries the durable flag.
+pub(crate) fn is_durable(header: &[u8]) -> bool {
+    header
+        .get(INDEX_FLAGS_POSITION as usize)
+        .is_some_and(|flags| flags & FLAG_DURABLE != 0)
+}
 
 /// The 16-byte header of a store or index file.
 pub(crate) fn encode_header(magic: [u8; 4], base: Offset) -> [u8; HEADER_LEN as usize] {
@@ -282,6 +293,20 @@ mod tests {
             check_header(&future, STORE_MAGIC, 100),
             Err(Corruption::UnsupportedVersion { .. })
         ));
+    }
+
+    #[test]
+    fn durable_flag_should_live_in_header_byte_5_and_start_clear() {
+        let mut header = encode_header(INDEX_MAGIC, 7);
+        assert!(!is_durable(&header));
+        header[INDEX_FLAGS_POSITION as usize] = FLAG_DURABLE;
+        assert!(is_durable(&header));
+        assert_eq!(
+            check_header(&header, INDEX_MAGIC, 7),
+            Ok(()),
+            "flags do not break the header"
+        );
+        assert!(!is_durable(&header[..5]), "a short header is not durable");
     }
 
     #[test]

@@ -27,7 +27,8 @@
 //! The byte layout is specified in `docs/commitlog-format.md`.
 //!
 //! This crate owns the files of one log and nothing else: no async runtime, no
-//! network, no notion of topics. It does not run background threads; the caller
+//! network, no notion of topics. Each `Log` runs one helper thread, the sealer, which
+//! syncs segments after they roll so the writer never stalls on it; the caller
 //! drives time-based work ([`Log::apply_retention`], [`Log::sync`]).
 
 mod commit_log;
@@ -38,6 +39,7 @@ mod log;
 mod reader;
 mod record;
 mod recovery;
+mod sealer;
 mod segment;
 mod shared;
 #[cfg(feature = "testing")]

@@ -12,6 +12,7 @@ use crate::error::{IoContext, LogError, Result};
 use crate::format::{self, HEADER_LEN};
 use crate::reader::Reader;
 use crate::recovery::{self, RecoveryReport};
+use crate::sealer::{self, Sealer};
 use crate::segment::{Segment, SegmentFiles, Tail};
 use crate::shared::Shared;
 use crate::{LogConfig, Offset, Record, SyncPolicy};
@@ -57,6 +58,8 @@ pub struct Log {
     /// Reused buffers for encoding a batch.
     frames: Vec<u8>,
     positions: Vec<u32>,
+    /// Makes rolled segments durable in the background.
+    sealer: Sealer,
     closed: bool,
     /// Held for the directory lock; released on drop.
     _lock: File,
@@ -141,6 +144,7 @@ impl Log {
         let mut segments = opened.sealed;
         segments.push(Arc::clone(&active.segment));
         let shared = Arc::new(Shared::new(dir.to_path_buf(), segments, next));
+        let sealer = Sealer::start(dir)?;
 
         let mut log = Self {
             shared,
@@ -152,6 +156,7 @@ impl Log {
             report: opened.report,
             frames: Vec::new(),
             positions: Vec::new(),
+            sealer,
             closed: false,
             _lock: lock,
         };
@@ -342,6 +347,9 @@ impl Log {
         if from == next {
             return Ok(());
         }
+        // No seal may be in flight on a segment this is about to change.
+        self.sealer.wait_idle();
+        self.check_writable()?;
         let segments: Vec<Arc<Segment>> = self.shared.segments().clone();
         let k = segments.partition_point(|s| s.base() <= from) - 1;
         let target = Arc::clone(&segments[k]);
@@ -379,8 +387,15 @@ impl Log {
             segments[..k].last().map_or(0, |s| s.last_timestamp_ms())
         };
 
-        // Newest first, so that a crash part way leaves a log without holes.
+        // The target becomes the active segment again: it loses its durable flag
+        // (durably) before anything is cut. Then newest first, so that a crash part
+        // way leaves a log without holes.
+        let reactivated = k + 1 < segments.len();
         let result = (|| {
+            if reactivated {
+                sealer::set_durable(&files, false)?;
+                files.index.sync_data().at(&files.index_path)?;
+            }
             for segment in segments[k + 1..].iter().rev() {
                 remove_segment_files(segment.files())?;
             }
@@ -487,6 +502,7 @@ impl Log {
             return Ok(());
         }
         self.closed = true;
+        self.sealer.finish();
         self.check_writable()?;
         self.flush_index()?;
         self.active
@@ -497,7 +513,10 @@ impl Log {
         self.sync_store()
     }
 
-    fn check_writable(&self) -> Result<()> {
+    fn check_writable(&mut self) -> Result<()> {
+        if self.failed.is_none() {
+            self.failed = self.sealer.error();
+        }
         match &self.failed {
             Some(reason) => Err(LogError::Failed {
                 reason: reason.clone(),
@@ -630,26 +649,23 @@ impl Log {
         Ok(())
     }
 
-    /// Seals the active segment (index written, both files synced) and starts a new
-    /// one at the next offset.
+    /// Starts a new segment at the next offset and hands the old one, its index
+    /// complete, to the sealer. The writer does not wait for the old segment's sync;
+    /// recovery copes with a sealed segment that a crash caught before its seal.
     fn roll(&mut self) -> Result<()> {
         self.flush_index()?;
-        let files = self.active.files.clone();
-        if let Err(err) = files.index.sync_data().at(&files.index_path) {
-            self.failed = Some(format!("sealing segment {}: {err}", self.active.base));
-            return Err(err);
-        }
-        self.sync_store()?;
-
+        let base = self.active.next();
+        // Create the new segment first: if that fails, the old one stays active and
+        // must not have been flagged durable.
+        let new_files = recovery::create_segment(&self.shared.dir, base)?;
+        let old_files = self.active.files.clone();
         let sealed = Arc::new(Segment::sealed(
             self.active.base,
-            files,
+            old_files.clone(),
             self.active.count,
             self.active.store_len,
             self.active.segment.last_timestamp_ms(),
         ));
-        let base = self.active.next();
-        let new_files = recovery::create_segment(&self.shared.dir, base)?;
         let active = Active::new(
             base,
             new_files,
@@ -668,6 +684,7 @@ impl Log {
             segments.push(Arc::clone(&active.segment));
         }
         self.active = active;
+        self.sealer.seal(old_files);
         tracing::debug!(base, "rolled to a new segment");
         if let Err(err) = self.apply_retention() {
             // The roll itself succeeded; the next roll or open retries.

@@ -5,14 +5,15 @@
 //! | --- | --- | --- |
 //! | active (last) segment's store | every frame: length, CRC32C, offset | cut to the longest valid prefix; reported |
 //! | active segment's index | compared entry by entry with the scan | rewritten; reported |
-//! | sealed segment's index | length, first and last entry, last frame | rebuilt from a scan of the store; reported |
-//! | sealed segment's store | its last frame ends the file; a full scan when that fails | `LogError::Corrupt` naming file and position |
+//! | durable sealed segment's index | length, first and last entry, last frame | rebuilt from a scan of the store; reported |
+//! | durable sealed segment's store | its last frame ends the file; a full scan when that fails | `LogError::Corrupt` naming file and position |
+//! | sealed segment not yet flagged durable | full scan | complete: flagged now; torn: the log ends there (cut, later segments removed); reported |
 //! | index file with no store | - | removed; reported |
 //!
-//! A sealed segment was synced before its successor was created, so damage inside
-//! it is not a crash shape but corruption: the log refuses to open rather than
-//! guess. Damage at the end of the active segment is what a crash leaves, and is
-//! cut.
+//! A segment flagged durable by the sealer was synced whole, so damage inside it is
+//! not a crash shape but corruption: the log refuses to open rather than guess.
+//! Damage at the end of the active segment, or of a sealed segment the sealer had not
+//! finished, is what a crash leaves, and is cut.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use crate::Offset;
 use crate::error::{Corruption, IoContext, LogError, Result};
 use crate::format::{self, FrameError, HEADER_LEN, INDEX_MAGIC, STORE_MAGIC};
+use crate::sealer;
 use crate::segment::{self, Segment, SegmentFiles, Tail};
 
 /// What [`crate::Log::open`] found and repaired.
@@ -308,17 +310,36 @@ pub(crate) fn open_dir(dir: &Path) -> Result<Opened> {
     };
 
     let mut sealed = Vec::with_capacity(sealed_bases.len());
+    let mut active_base = active_base;
     for (i, &base) in sealed_bases.iter().enumerate() {
         let next_base = bases[i + 1];
-        sealed.push(Arc::new(open_sealed(
-            dir,
-            base,
-            next_base - base,
-            &mut report,
-        )?));
+        match open_sealed(dir, base, next_base - base, &mut report)? {
+            Some(segment) => sealed.push(Arc::new(segment)),
+            None => {
+                // A crash cut this segment before the sealer made it durable, so the
+                // log ends in it: drop what came after (newest first) and continue it.
+                for &later in bases[i + 1..].iter().rev() {
+                    let (store_name, index_name) = segment::file_names(later);
+                    for path in [dir.join(store_name), dir.join(index_name)] {
+                        if path.exists() {
+                            fs::remove_file(&path).at(&path)?;
+                            report.removed_files.push(path);
+                        }
+                    }
+                }
+                sync_dir(dir)?;
+                tracing::warn!(
+                    base,
+                    dropped_segments = bases.len() - i - 1,
+                    "a sealed segment was torn before it was durable; the log ends in it"
+                );
+                active_base = base;
+                break;
+            }
+        }
     }
     let active = open_active(dir, active_base, &mut report)?;
-    report.segments = bases.len();
+    report.segments = sealed.len() + 1;
     Ok(Opened {
         sealed,
         active,
@@ -374,29 +395,32 @@ fn check_store_header(files: &SegmentFiles, base: Offset, store_len: u64) -> Res
     })
 }
 
+/// Opens a sealed segment. `Ok(None)` means it is torn and was never flagged
+/// durable: a crash shape, so the log must end in it.
 fn open_sealed(
     dir: &Path,
     base: Offset,
     count: u64,
     report: &mut RecoveryReport,
-) -> Result<Segment> {
+) -> Result<Option<Segment>> {
     let (files, index_existed) = open_files(dir, base)?;
     let store_len = len_of(&files.store, &files.store_path)?;
     check_store_header(&files, base, store_len)?;
+    let durable = index_existed && index_is_durable(&files, base)?;
 
-    if index_existed
-        && let Some(last_timestamp_ms) = quick_check_sealed(&files, base, count, store_len)?
+    if durable && let Some(last_timestamp_ms) = quick_check_sealed(&files, base, count, store_len)?
     {
-        return Ok(Segment::sealed(
+        return Ok(Some(Segment::sealed(
             base,
             files,
             count,
             store_len,
             last_timestamp_ms,
-        ));
+        )));
     }
 
-    // The quick check failed: find out whether the store or only the index is bad.
+    // Either the sealer never finished this segment, or the quick check failed: read
+    // the whole store to tell a torn tail, a damaged store and a damaged index apart.
     let scan = scan_store(
         &files.store,
         &files.store_path,
@@ -405,6 +429,10 @@ fn open_sealed(
         Some(count),
     )?;
     let found = scan.positions.len() as u64;
+    let complete = scan.stop.is_none() && found == count && scan.valid_end == store_len;
+    if !complete && !durable {
+        return Ok(None);
+    }
     if let Some(reason) = scan.stop {
         return Err(LogError::Corrupt {
             path: files.store_path.clone(),
@@ -436,22 +464,40 @@ fn open_sealed(
     } else {
         Some(IndexProblem::Missing)
     };
-    if let Some(problem) = problem {
+    if let Some(problem) = &problem {
         rewrite_index(&files, base, &scan.positions)?;
-        files.index.sync_data().at(&files.index_path)?;
         tracing::warn!(path = %files.index_path.display(), ?problem, "rebuilt index of sealed segment");
+    }
+    if problem.is_some() || !durable {
+        // Finish the seal that a crash interrupted (or that the rewrite undid).
+        sealer::seal_now(&files)?;
+    }
+    if let Some(problem) = problem {
         report.rebuilt_indexes.push(IndexRebuild {
             path: files.index_path.clone(),
             problem,
         });
     }
-    Ok(Segment::sealed(
+    Ok(Some(Segment::sealed(
         base,
         files,
         count,
         store_len,
         scan.last_timestamp_ms,
-    ))
+    )))
+}
+
+fn index_is_durable(files: &SegmentFiles, base: Offset) -> Result<bool> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    let len = len_of(&files.index, &files.index_path)?.min(HEADER_LEN) as usize;
+    files
+        .index
+        .read_exact_at(&mut header[..len], 0)
+        .at(&files.index_path)?;
+    Ok(
+        format::check_header(&header[..len], INDEX_MAGIC, base).is_ok()
+            && format::is_durable(&header),
+    )
 }
 
 /// Checks a sealed segment in constant time: index length, first and last entry,

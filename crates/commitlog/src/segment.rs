@@ -183,15 +183,18 @@ impl Segment {
     }
 
     /// Reads records from `from` (which must lie in this segment) up to `max_bytes`
-    /// of store bytes, and at least one record.
-    pub(crate) fn read_chunk(&self, from: Offset, max_bytes: usize) -> Result<Vec<Record>> {
-        match self
-            .locate(from)
-            .and_then(|location| self.read_chunk_at(from, &location, max_bytes))
-        {
+    /// of store bytes, and at least one record, stopping before offset `end`.
+    pub(crate) fn read_chunk(
+        &self,
+        from: Offset,
+        max_bytes: usize,
+        end: Offset,
+    ) -> Result<Vec<Record>> {
+        let read = |location: &Location| self.read_chunk_at(from, location, max_bytes, end);
+        match self.locate(from).and_then(|location| read(&location)) {
             Err(LogError::Corrupt { .. }) if self.is_sealed() => {
                 let location = self.locate_by_scan(from)?;
-                self.read_chunk_at(from, &location, max_bytes)
+                read(&location)
             }
             other => other,
         }
@@ -269,6 +272,7 @@ impl Segment {
         from: Offset,
         location: &Location,
         max_bytes: usize,
+        end: Offset,
     ) -> Result<Vec<Record>> {
         let first_len = location.end - location.position;
         let available = location.store_len - location.position;
@@ -280,7 +284,7 @@ impl Segment {
         let mut records = Vec::new();
         let mut at = 0usize;
         let mut offset = from;
-        while at < buf.len() {
+        while at < buf.len() && offset < end {
             match format::decode_frame(&buf[at..], offset) {
                 Ok(frame) => {
                     let start = at + format::FRAME_HEADER_LEN;

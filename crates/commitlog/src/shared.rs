@@ -91,11 +91,15 @@ impl Shared {
     }
 
     pub(crate) fn read_chunk(&self, from: Offset, max_bytes: usize) -> Result<Vec<Record>> {
-        if from == self.next() {
+        // `next` bounds what readers see: the active segment publishes records a
+        // moment before `next` moves past them, and a chunk must never run ahead of
+        // the next offset its reader can observe.
+        let next = self.next();
+        if from == next {
             return Ok(Vec::new());
         }
         self.segment_for(from)?
-            .read_chunk(from, max_bytes)
+            .read_chunk(from, max_bytes, next)
             .map_err(|err| self.global_range(err))
     }
 }

@@ -452,3 +452,114 @@ fn given_sealed_index_entries_pointing_elsewhere_reads_should_still_return_the_r
         assert_eq!(record.value, value(record.offset));
     }
 }
+
+/// Byte 5 of an index header holds the flags; bit 0 says the segment is durable.
+fn durable_flag(dir: &Path, base: u64) -> u8 {
+    fs::read(index(dir, base)).expect("index")[5]
+}
+
+fn clear_durable_flag(dir: &Path, base: u64) {
+    edit(&index(dir, base), |bytes| bytes[5] = 0);
+}
+
+/// Segments 0, 10, 20, 30 (active) of ten records each, written with `Never` and
+/// killed; the kill drains the sealer, so the test clears a flag by hand to stand for
+/// a crash that came before the seal.
+fn unsealed_log() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = LogConfig {
+        segment_max_records: 10,
+        ..config(SyncPolicy::Never)
+    };
+    crate::support::filled(dir.path(), config, 35, 3).kill();
+    dir
+}
+
+#[test]
+fn given_clean_close_every_sealed_segment_should_be_flagged_durable() {
+    let dir = unsealed_log();
+    for base in [0, 10, 20] {
+        assert_eq!(durable_flag(dir.path(), base), 1, "segment {base}");
+    }
+    assert_eq!(
+        durable_flag(dir.path(), 30),
+        0,
+        "the active segment is not sealed"
+    );
+}
+
+#[test]
+fn given_complete_sealed_segment_not_yet_flagged_should_flag_it_on_open() {
+    let dir = unsealed_log();
+    clear_durable_flag(dir.path(), 20);
+    let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+    assert!(log.recovery().is_clean(), "{:?}", log.recovery());
+    assert_holds(&log, 35);
+    assert_eq!(durable_flag(dir.path(), 20), 1);
+}
+
+#[test]
+fn given_sealed_segment_torn_before_its_seal_should_end_the_log_in_it() {
+    let pristine = unsealed_log();
+    // Cut segment 10 inside record 14 at every byte of that record.
+    let start: u64 = 16 + (10..14).map(|o| 24 + value(o).len() as u64).sum::<u64>();
+    let len = 24 + value(14).len() as u64;
+    for cut in start..start + len {
+        let dir = copy_of(pristine.path());
+        clear_durable_flag(dir.path(), 10);
+        clear_durable_flag(dir.path(), 20);
+        set_len(&store(dir.path(), 10), cut);
+        let mut log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+        let report = log.recovery().clone();
+        assert_eq!(log.next_offset(), 14, "cut at {cut}");
+        assert_holds(&log, 14);
+        assert_eq!(
+            report.removed_files.len(),
+            4,
+            "segments 20 and 30 removed: {report:?}"
+        );
+        if cut > start {
+            assert_eq!(report.truncations[0].position, start);
+        }
+        assert!(!store(dir.path(), 20).exists() && !store(dir.path(), 30).exists());
+        assert_eq!(log.append(b"fourteen").expect("append"), 14);
+        log.close().expect("close");
+        let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("reopen");
+        assert!(log.recovery().is_clean(), "{:?}", log.recovery());
+        assert_eq!(&log.read(14).expect("read").value[..], b"fourteen");
+    }
+}
+
+#[test]
+fn given_bit_flip_in_a_sealed_segment_not_yet_flagged_should_cut_there() {
+    let dir = unsealed_log();
+    clear_durable_flag(dir.path(), 10);
+    let start: u64 = 16 + (10..12).map(|o| 24 + value(o).len() as u64).sum::<u64>();
+    edit(&store(dir.path(), 10), |bytes| {
+        bytes[start as usize + 30] ^= 0x40
+    });
+    let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+    assert_eq!(log.next_offset(), 12);
+    assert_holds(&log, 12);
+}
+
+#[test]
+fn given_truncate_suffix_into_a_sealed_segment_should_clear_its_durable_flag() {
+    let dir = unsealed_log();
+    let mut log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+    log.truncate_suffix(15).expect("truncate");
+    assert_eq!(
+        durable_flag(dir.path(), 10),
+        0,
+        "segment 10 is active again"
+    );
+    log.append(b"fifteen").expect("append");
+    log.kill();
+    // A crash now must treat segment 10 as active: scanned and cut, never trusted.
+    let path = store(dir.path(), 10);
+    let len = fs::metadata(&path).expect("meta").len();
+    set_len(&path, len - 2);
+    let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+    assert_eq!(log.next_offset(), 15);
+    assert_holds(&log, 15);
+}
