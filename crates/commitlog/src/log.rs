@@ -204,12 +204,12 @@ impl Log {
 
     /// Bytes of all store files together (what byte retention counts).
     pub fn size_bytes(&self) -> u64 {
-        self.shared.segments().iter().map(|s| s.store_len()).sum()
+        self.reader().size_bytes()
     }
 
     /// Number of segments.
     pub fn segment_count(&self) -> usize {
-        self.shared.segments().len()
+        self.reader().segment_count()
     }
 
     /// Reads the record at `offset`.

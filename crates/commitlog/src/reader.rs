@@ -52,6 +52,16 @@ impl Reader {
         self.shared.next()
     }
 
+    /// Bytes of all store files together.
+    pub fn size_bytes(&self) -> u64 {
+        self.shared.segments().iter().map(|s| s.store_len()).sum()
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.shared.segments().len()
+    }
+
     /// A cursor that reads forward from `from` in chunks.
     pub fn cursor(&self, from: Offset) -> Cursor {
         Cursor {
