@@ -1,0 +1,191 @@
+//! A client of the log service over gRPC, used by the CLI and the SDK.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use keel_commitlog::{Offset, Record};
+use keel_proto::log::v1 as wire;
+use keel_proto::log::v1::log_client::LogClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::topic::TopicInfo;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The address is not usable.
+    #[error("invalid log service address {addr:?}: {reason}")]
+    Address {
+        /// The address as given.
+        addr: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The service could not be reached.
+    #[error("cannot reach the log service at {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The service answered with an error.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+/// A connection to a log service.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: LogClient<Channel>,
+}
+
+fn from_wire(record: wire::Record) -> Record {
+    Record {
+        offset: record.offset,
+        timestamp_ms: record.timestamp_ms,
+        value: record.value,
+    }
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port` or an `http://` URL).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Address`] for an unusable address; [`ClientError::Connect`] when
+    /// nothing answers.
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        let url = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(url).map_err(|err| ClientError::Address {
+            addr: addr.to_owned(),
+            reason: err.to_string(),
+        })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            inner: LogClient::new(channel)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        })
+    }
+
+    /// Appends one record to `topic` (empty: the default topic); returns its offset.
+    ///
+    /// # Errors
+    ///
+    /// The service's status.
+    pub async fn produce(
+        &mut self,
+        topic: &str,
+        value: impl Into<Bytes>,
+    ) -> Result<Offset, ClientError> {
+        let request = wire::ProduceRequest {
+            record: Some(wire::Record {
+                value: value.into(),
+                ..Default::default()
+            }),
+            topic: topic.to_owned(),
+        };
+        Ok(self.inner.produce(request).await?.into_inner().offset)
+    }
+
+    /// Appends records as one batch; returns their offsets.
+    ///
+    /// # Errors
+    ///
+    /// The service's status.
+    pub async fn produce_batch(
+        &mut self,
+        topic: &str,
+        values: Vec<Bytes>,
+    ) -> Result<Range<Offset>, ClientError> {
+        let request = wire::ProduceBatchRequest {
+            topic: topic.to_owned(),
+            values,
+        };
+        let response = self.inner.produce_batch(request).await?.into_inner();
+        Ok(response.first_offset..response.first_offset + response.count)
+    }
+
+    /// Reads one record.
+    ///
+    /// # Errors
+    ///
+    /// The service's status (`OUT_OF_RANGE` outside the topic's range).
+    pub async fn consume(&mut self, topic: &str, offset: Offset) -> Result<Record, ClientError> {
+        let request = wire::ConsumeRequest {
+            offset,
+            topic: topic.to_owned(),
+        };
+        let record = self.inner.consume(request).await?.into_inner().record;
+        record.map(from_wire).ok_or_else(|| {
+            tonic::Status::internal("the service sent a response without a record").into()
+        })
+    }
+
+    /// Streams records from `from` on, in chunks of up to `max_bytes` (0: the
+    /// service's default); with `follow`, keeps streaming new records as they come.
+    ///
+    /// # Errors
+    ///
+    /// The service's status, at the start or as an item of the stream.
+    pub async fn subscribe(
+        &mut self,
+        topic: &str,
+        from: Offset,
+        follow: bool,
+        max_bytes: u32,
+    ) -> Result<impl Stream<Item = Result<Vec<Record>, ClientError>> + use<>, ClientError> {
+        let request = wire::ConsumeBatchRequest {
+            topic: topic.to_owned(),
+            offset: from,
+            max_bytes,
+            follow,
+        };
+        let stream = self.inner.consume_batch_stream(request).await?.into_inner();
+        Ok(stream.map(|message| {
+            message
+                .map(|batch| batch.records.into_iter().map(from_wire).collect())
+                .map_err(ClientError::from)
+        }))
+    }
+
+    /// Lists the topics.
+    ///
+    /// # Errors
+    ///
+    /// The service's status.
+    pub async fn topics(&mut self) -> Result<Vec<TopicInfo>, ClientError> {
+        let response = self.inner.list_topics(wire::ListTopicsRequest {}).await?;
+        Ok(response
+            .into_inner()
+            .topics
+            .into_iter()
+            .map(|topic| TopicInfo {
+                name: topic.name,
+                lowest_offset: topic.lowest_offset,
+                next_offset: topic.next_offset,
+                size_bytes: topic.size_bytes,
+                segments: topic.segments as usize,
+            })
+            .collect())
+    }
+
+    /// The generated gRPC client, for calls this wrapper does not cover.
+    pub fn grpc(&mut self) -> &mut LogClient<Channel> {
+        &mut self.inner
+    }
+}

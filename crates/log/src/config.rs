@@ -1,0 +1,177 @@
+//! The log service's configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keel_commitlog::LogConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ServiceError;
+use crate::topics::validate_topic_name;
+
+/// Everything the log service needs besides its listener. Every field has a
+/// default; [`LogServiceConfig::validate`] checks the limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogServiceConfig {
+    /// Where topics live (`<data_dir>/topics/<name>`). Default `keel-data/log`.
+    pub data_dir: PathBuf,
+    /// The topic of requests that name none (the original clients). Default `default`.
+    pub default_topic: String,
+    /// The topic `POST /log` appends to. Default `logs`.
+    pub log_sink_topic: String,
+    /// Create a topic on its first write; when off, writing to an unknown topic is
+    /// `NOT_FOUND`. Default on.
+    pub auto_create_topics: bool,
+    /// The largest HTTP body or gRPC message accepted. Default 8 MiB.
+    pub max_body_bytes: u64,
+    /// Appends that may wait for a topic's writer. Default 1024.
+    pub queue_depth: usize,
+    /// How long a producer waits for room in a full queue before `RESOURCE_EXHAUSTED`
+    /// (HTTP 429). Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub enqueue_timeout: Duration,
+    /// The most bytes one group commit takes. Default 4 MiB.
+    pub max_batch_bytes: u64,
+    /// Bytes of records per message of a batched stream when the client asks for
+    /// none. Default 1 MiB.
+    pub consume_max_bytes: u64,
+    /// How long shutdown waits for in-flight requests. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// The storage settings of every topic.
+    pub log: LogConfig,
+}
+
+impl Default for LogServiceConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("keel-data/log"),
+            default_topic: "default".into(),
+            log_sink_topic: "logs".into(),
+            auto_create_topics: true,
+            max_body_bytes: 8 * 1024 * 1024,
+            queue_depth: 1024,
+            enqueue_timeout: Duration::from_secs(5),
+            max_batch_bytes: 4 * 1024 * 1024,
+            consume_max_bytes: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl LogServiceConfig {
+    /// Checks every limit.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the first field out of range and what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        self.log.validate().map_err(|err| format!("log.{err}"))?;
+        for (field, name) in [
+            ("default_topic", &self.default_topic),
+            ("log_sink_topic", &self.log_sink_topic),
+        ] {
+            validate_topic_name(name).map_err(|err: ServiceError| format!("{field}: {err}"))?;
+        }
+        let min_body = self.log.max_record_bytes + 1024;
+        if self.max_body_bytes < min_body {
+            return Err(format!(
+                "max_body_bytes: {} is smaller than log.max_record_bytes plus 1 KiB of framing ({min_body}); raise it or lower the record limit",
+                self.max_body_bytes
+            ));
+        }
+        if self.queue_depth == 0 || self.queue_depth > 1 << 20 {
+            return Err(format!(
+                "queue_depth: {} is out of range 1..=1048576",
+                self.queue_depth
+            ));
+        }
+        if self.max_batch_bytes == 0 {
+            return Err("max_batch_bytes: must be at least 1".into());
+        }
+        if self.consume_max_bytes == 0 || self.consume_max_bytes > self.max_body_bytes {
+            return Err(format!(
+                "consume_max_bytes: {} must be between 1 and max_body_bytes ({})",
+                self.consume_max_bytes, self.max_body_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_should_be_valid() {
+        LogServiceConfig::default().validate().expect("valid");
+    }
+
+    #[test]
+    fn validate_should_name_the_field() {
+        let cases = [
+            (
+                "max_body_bytes",
+                LogServiceConfig {
+                    max_body_bytes: 10,
+                    ..Default::default()
+                },
+            ),
+            (
+                "queue_depth",
+                LogServiceConfig {
+                    queue_depth: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "default_topic",
+                LogServiceConfig {
+                    default_topic: "../etc".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "consume_max_bytes",
+                LogServiceConfig {
+                    consume_max_bytes: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "log.",
+                LogServiceConfig {
+                    log: LogConfig {
+                        segment_bytes: 1,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (field, config) in cases {
+            let err = config.validate().expect_err(field);
+            assert!(err.starts_with(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn toml_should_parse_with_nested_log_settings() {
+        let config: LogServiceConfig = toml::from_str(
+            r#"
+            data_dir = "/var/lib/keel/log"
+            enqueue_timeout = "250ms"
+            [log]
+            sync = "interval:5ms"
+            segment_bytes = "64MiB"
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(config.enqueue_timeout, Duration::from_millis(250));
+        assert_eq!(config.log.segment_bytes, 64 << 20);
+        config.validate().expect("valid");
+    }
+}

@@ -1,0 +1,143 @@
+//! The service's error type, and the one place it is mapped to the wire: gRPC
+//! status codes and HTTP responses with a JSON body.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use keel_commitlog::LogError;
+
+/// Everything a log service request can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The topic's log refused or failed the operation.
+    #[error("topic {topic:?}: {source}")]
+    Log {
+        /// The topic.
+        topic: String,
+        /// What the log said. Shared: one failed group commit fails every request in it.
+        #[source]
+        source: Arc<LogError>,
+    },
+    /// The topic does not exist and topics are not created on first write.
+    #[error("topic {topic:?} does not exist (create it by producing to it, or enable auto-create)")]
+    UnknownTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// A topic name breaks the naming rules.
+    #[error("invalid topic name {name:?}: {reason}")]
+    InvalidTopic {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A request is malformed (bad JSON, bad base64, a missing field...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A request body is larger than the configured limit.
+    #[error("request body of {len} bytes is larger than the limit of {max} bytes")]
+    BodyTooLarge {
+        /// The body's size, as far as it was read.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The topic's write queue stayed full for the whole enqueue timeout.
+    #[error("topic {topic:?} is overloaded: its write queue is full; retry with backoff")]
+    Overloaded {
+        /// The topic.
+        topic: String,
+    },
+    /// The server is shutting down and takes no new work.
+    #[error("the log service is shutting down")]
+    ShuttingDown,
+}
+
+impl ServiceError {
+    pub(crate) fn log(topic: &str, source: impl Into<Arc<LogError>>) -> Self {
+        Self::Log {
+            topic: topic.to_owned(),
+            source: source.into(),
+        }
+    }
+
+    /// A stable, machine-readable code for the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Log { source, .. } => match source.as_ref() {
+                LogError::OffsetOutOfRange { .. } => "offset_out_of_range",
+                LogError::RecordTooLarge { .. } => "record_too_large",
+                LogError::Corrupt { .. } => "corrupt",
+                _ => "internal",
+            },
+            Self::UnknownTopic { .. } => "unknown_topic",
+            Self::InvalidTopic { .. } => "invalid_topic",
+            Self::BadRequest(_) => "bad_request",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::Overloaded { .. } => "overloaded",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The gRPC status code for the error.
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            Self::Log { source, .. } => match source.as_ref() {
+                LogError::OffsetOutOfRange { .. } => tonic::Code::OutOfRange,
+                LogError::RecordTooLarge { .. } => tonic::Code::InvalidArgument,
+                LogError::Corrupt { .. } => tonic::Code::DataLoss,
+                _ => tonic::Code::Internal,
+            },
+            Self::UnknownTopic { .. } => tonic::Code::NotFound,
+            Self::InvalidTopic { .. } | Self::BadRequest(_) => tonic::Code::InvalidArgument,
+            Self::BodyTooLarge { .. } => tonic::Code::InvalidArgument,
+            Self::Overloaded { .. } => tonic::Code::ResourceExhausted,
+            Self::ShuttingDown => tonic::Code::Unavailable,
+        }
+    }
+
+    /// The HTTP status for the error.
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Self::Log { source, .. } => match source.as_ref() {
+                LogError::OffsetOutOfRange { .. } => StatusCode::NOT_FOUND,
+                LogError::RecordTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::UnknownTopic { .. } => StatusCode::NOT_FOUND,
+            Self::InvalidTopic { .. } | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(err: ServiceError) -> Self {
+        if err.grpc_code() == tonic::Code::Internal {
+            tracing::error!(error = %err, "internal error");
+        }
+        tonic::Status::new(err.grpc_code(), err.to_string())
+    }
+}
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        let status = self.http_status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "internal error");
+        }
+        json_error(status, self.code(), &self.to_string())
+    }
+}
+
+/// The JSON error body every HTTP error uses:
+/// `{"error":{"code":"...","message":"..."}}`.
+pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (status, axum::Json(body)).into_response()
+}

@@ -1,0 +1,234 @@
+//! The gRPC service `log.v1.Log`.
+
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use keel_commitlog::Offset;
+use keel_proto::log::v1 as wire;
+use keel_proto::log::v1::log_server::Log;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServiceError;
+use crate::tail::{TailSpec, spawn_tail};
+use crate::topics::Topics;
+
+/// Produce requests one `ProduceStream` may have in flight (appended but not yet
+/// answered) before it stops reading more.
+const STREAM_IN_FLIGHT: usize = 1024;
+/// Messages a streaming response buffers before its tail waits for the client.
+const STREAM_BUFFER: usize = 64;
+
+type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+/// The `log.v1.Log` service over a set of topics.
+#[derive(Debug, Clone)]
+pub struct LogService {
+    topics: Arc<Topics>,
+    shutdown: CancellationToken,
+}
+
+impl LogService {
+    /// A service over `topics`; streams end when `shutdown` is cancelled.
+    pub fn new(topics: Arc<Topics>, shutdown: CancellationToken) -> Self {
+        Self { topics, shutdown }
+    }
+
+    fn max_bytes(&self, asked: u32) -> usize {
+        let default = self.topics.config().consume_max_bytes;
+        match u64::from(asked) {
+            0 => default as usize,
+            asked => asked.min(self.topics.config().max_body_bytes) as usize,
+        }
+    }
+}
+
+pub(crate) fn to_wire(record: keel_commitlog::Record) -> wire::Record {
+    wire::Record {
+        value: record.value,
+        offset: record.offset,
+        timestamp_ms: record.timestamp_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl Log for LogService {
+    async fn produce(
+        &self,
+        request: Request<wire::ProduceRequest>,
+    ) -> Result<Response<wire::ProduceResponse>, Status> {
+        let request = request.into_inner();
+        let record = request
+            .record
+            .ok_or_else(|| Status::invalid_argument("ProduceRequest.record is required"))?;
+        let topic = self.topics.get_or_create(&request.topic).await?;
+        let offsets = topic.append(vec![record.value]).await?;
+        Ok(Response::new(wire::ProduceResponse {
+            offset: offsets.start,
+        }))
+    }
+
+    async fn consume(
+        &self,
+        request: Request<wire::ConsumeRequest>,
+    ) -> Result<Response<wire::ConsumeResponse>, Status> {
+        let request = request.into_inner();
+        let topic = self.topics.get(&request.topic)?;
+        let record = topic.read(request.offset).await?;
+        Ok(Response::new(wire::ConsumeResponse {
+            record: Some(to_wire(record)),
+        }))
+    }
+
+    type ConsumeStreamStream = BoxStream<wire::ConsumeResponse>;
+
+    async fn consume_stream(
+        &self,
+        request: Request<wire::ConsumeRequest>,
+    ) -> Result<Response<Self::ConsumeStreamStream>, Status> {
+        let request = request.into_inner();
+        let topic = self.topics.get(&request.topic)?;
+        let spec = TailSpec {
+            from: request.offset,
+            max_bytes: self.max_bytes(0),
+            follow: true,
+        };
+        let rx = spawn_tail(topic, spec, self.shutdown.clone(), STREAM_BUFFER, |chunk| {
+            chunk
+                .into_iter()
+                .map(|record| wire::ConsumeResponse {
+                    record: Some(to_wire(record)),
+                })
+                .collect()
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ProduceStreamStream = BoxStream<wire::ProduceResponse>;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<wire::ProduceRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(pipeline(Arc::clone(&self.topics), requests, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn produce_batch(
+        &self,
+        request: Request<wire::ProduceBatchRequest>,
+    ) -> Result<Response<wire::ProduceBatchResponse>, Status> {
+        let request = request.into_inner();
+        let topic = self.topics.get_or_create(&request.topic).await?;
+        let offsets = topic.append(request.values).await?;
+        Ok(Response::new(wire::ProduceBatchResponse {
+            first_offset: offsets.start,
+            count: offsets.end - offsets.start,
+        }))
+    }
+
+    type ConsumeBatchStreamStream = BoxStream<wire::ConsumeBatchResponse>;
+
+    async fn consume_batch_stream(
+        &self,
+        request: Request<wire::ConsumeBatchRequest>,
+    ) -> Result<Response<Self::ConsumeBatchStreamStream>, Status> {
+        let request = request.into_inner();
+        let topic = self.topics.get(&request.topic)?;
+        let spec = TailSpec {
+            from: request.offset,
+            max_bytes: self.max_bytes(request.max_bytes),
+            follow: request.follow,
+        };
+        let rx = spawn_tail(topic, spec, self.shutdown.clone(), STREAM_BUFFER, |chunk| {
+            vec![wire::ConsumeBatchResponse {
+                records: chunk.into_iter().map(to_wire).collect(),
+            }]
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<wire::ListTopicsRequest>,
+    ) -> Result<Response<wire::ListTopicsResponse>, Status> {
+        let topics = self
+            .topics
+            .list()
+            .into_iter()
+            .map(|info| wire::TopicInfo {
+                name: info.name,
+                lowest_offset: info.lowest_offset,
+                next_offset: info.next_offset,
+                size_bytes: info.size_bytes,
+                segments: info.segments as u32,
+            })
+            .collect();
+        Ok(Response::new(wire::ListTopicsResponse { topics }))
+    }
+}
+
+/// Runs one `ProduceStream`: appends each request as it arrives (many may wait for
+/// the same group commit) and answers them in order.
+async fn pipeline(
+    topics: Arc<Topics>,
+    mut requests: Streaming<wire::ProduceRequest>,
+    tx: mpsc::Sender<Result<wire::ProduceResponse, Status>>,
+) {
+    let mut in_flight = FuturesOrdered::new();
+    let mut input_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let done: Result<Range<Offset>, ServiceError> = done;
+                let failed = done.is_err();
+                let answer = done
+                    .map(|offsets| wire::ProduceResponse { offset: offsets.start })
+                    .map_err(Status::from);
+                if tx.send(answer).await.is_err() || failed {
+                    return;
+                }
+            }
+            next = requests.message(), if input_open && in_flight.len() < STREAM_IN_FLIGHT => {
+                match next {
+                    Ok(Some(request)) => match submit(&topics, request).await {
+                        Ok(offsets) => in_flight.push_back(offsets),
+                        Err(err) => {
+                            let _ = tx.send(Err(err.into())).await;
+                            return;
+                        }
+                    },
+                    Ok(None) => input_open = false,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+            else => return,
+        }
+    }
+}
+
+/// Queues one streamed record and returns the future of its offsets.
+async fn submit(
+    topics: &Topics,
+    request: wire::ProduceRequest,
+) -> Result<
+    Pin<Box<dyn std::future::Future<Output = Result<Range<Offset>, ServiceError>> + Send>>,
+    ServiceError,
+> {
+    let record = request
+        .record
+        .ok_or_else(|| ServiceError::BadRequest("ProduceRequest.record is required".into()))?;
+    let topic = topics.get_or_create(&request.topic).await?;
+    let reply = topic.submit(vec![record.value]).await?;
+    Ok(Box::pin(async move { topic.offsets(reply).await }))
+}

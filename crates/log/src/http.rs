@@ -1,0 +1,383 @@
+//! The HTTP/JSON API: the original contract (`POST /`, `GET /`), the log sink
+//! (`POST /log`), and the topic routes under `/v1`. `docs/api/log.md` documents
+//! every route.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures::StreamExt;
+use keel_commitlog::{Offset, Record};
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ServiceError, json_error};
+use crate::metrics::render_metrics;
+use crate::tail::{TailSpec, spawn_tail};
+use crate::topics::Topics;
+
+/// Bytes of an oversized body read and thrown away before answering 413, so that
+/// the client is not cut off while it is still sending.
+const DRAIN_LIMIT: u64 = 256 * 1024 * 1024;
+/// Records `GET /v1/topics/{topic}/records` returns when `max` is not given, and at most.
+const DEFAULT_RANGE_RECORDS: u64 = 100;
+const MAX_RANGE_RECORDS: u64 = 10_000;
+
+#[derive(Clone)]
+struct AppState {
+    topics: Arc<Topics>,
+    shutdown: CancellationToken,
+}
+
+/// The HTTP routes.
+pub(crate) fn router(topics: Arc<Topics>, shutdown: CancellationToken) -> Router {
+    Router::new()
+        .route("/", post(produce_original).get(consume_original))
+        .route("/log", post(log_sink))
+        .route("/v1/topics", get(list_topics))
+        .route(
+            "/v1/topics/{topic}/records",
+            post(produce_records).get(read_range),
+        )
+        .route("/v1/topics/{topic}/records/{offset}", get(read_one))
+        .route("/v1/topics/{topic}/tail", get(tail_sse))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(AppState { topics, shutdown })
+}
+
+/// Answers an unknown route: JSON 404 for HTTP, `UNIMPLEMENTED` for gRPC.
+pub(crate) async fn fallback(headers: HeaderMap) -> Response {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented("no such gRPC method").into_http::<Body>();
+    }
+    json_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see docs/api/log.md",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; see docs/api/log.md",
+    )
+}
+
+/// Reads a body up to `max` bytes. A larger body is drained (up to a limit) and
+/// answered with 413, never with a dropped connection.
+async fn read_body(body: Body, max: u64) -> Result<Bytes, ServiceError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut len: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| {
+            ServiceError::BadRequest(format!("reading the request body failed: {err}"))
+        })?;
+        len += chunk.len() as u64;
+        if len > max {
+            while len <= DRAIN_LIMIT {
+                match stream.next().await {
+                    Some(Ok(chunk)) => len += chunk.len() as u64,
+                    _ => break,
+                }
+            }
+            return Err(ServiceError::BodyTooLarge { len, max });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ServiceError> {
+    serde_json::from_slice(body)
+        .map_err(|err| ServiceError::BadRequest(format!("malformed JSON: {err}")))
+}
+
+fn decode_value(text: &str) -> Result<Bytes, ServiceError> {
+    BASE64.decode(text).map(Bytes::from).map_err(|err| {
+        ServiceError::BadRequest(format!(
+            "record value is not valid base64 ({err}); values are base64 as Go encodes []byte"
+        ))
+    })
+}
+
+/// A record in the original JSON shape: `{"value":"<base64>","offset":N}`.
+#[derive(Debug, Deserialize)]
+struct WireRecordIn {
+    #[serde(default)]
+    value: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct WireRecordOut {
+    value: String,
+    offset: Offset,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp_ms: Option<u64>,
+    /// The value as text, when it is UTF-8 (for people reading a tail).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+}
+
+impl WireRecordOut {
+    fn original(record: &Record) -> Self {
+        Self {
+            value: BASE64.encode(&record.value),
+            offset: record.offset,
+            timestamp_ms: None,
+            text: None,
+        }
+    }
+
+    fn full(record: &Record) -> Self {
+        Self {
+            value: BASE64.encode(&record.value),
+            offset: record.offset,
+            timestamp_ms: Some(record.timestamp_ms),
+            text: std::str::from_utf8(&record.value).ok().map(str::to_owned),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ProduceOriginal {
+    record: WireRecordIn,
+}
+
+#[derive(Debug, Deserialize)]
+struct ConsumeOriginal {
+    offset: Offset,
+}
+
+/// `POST /`: `{"record":{"value":"<base64>"}}` -> `{"offset":N}` (default topic).
+async fn produce_original(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Response, ServiceError> {
+    let body = read_body(body, state.topics.config().max_body_bytes).await?;
+    let request: ProduceOriginal = parse_json(&body)?;
+    let value = decode_value(request.record.value.as_deref().unwrap_or(""))?;
+    let topic = state.topics.get_or_create("").await?;
+    let offsets = topic.append(vec![value]).await?;
+    Ok(axum::Json(serde_json::json!({ "offset": offsets.start })).into_response())
+}
+
+/// `GET /` with `{"offset":N}` -> `{"record":{"value":"<base64>","offset":N}}`.
+async fn consume_original(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Response, ServiceError> {
+    let body = read_body(body, state.topics.config().max_body_bytes).await?;
+    let request: ConsumeOriginal = parse_json(&body)?;
+    let record = state.topics.get("")?.read(request.offset).await?;
+    Ok(
+        axum::Json(serde_json::json!({ "record": WireRecordOut::original(&record) }))
+            .into_response(),
+    )
+}
+
+/// `POST /log`: a text line for the log-sink topic.
+async fn log_sink(State(state): State<AppState>, body: Body) -> Result<Response, ServiceError> {
+    let body = read_body(body, state.topics.config().max_body_bytes).await?;
+    let mut line = &body[..];
+    while let [rest @ .., b'\n' | b'\r'] = line {
+        line = rest;
+    }
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Err(ServiceError::BadRequest(
+            "empty log line: send the line as the request body".into(),
+        ));
+    }
+    let value = body.slice_ref(line);
+    let sink = state.topics.config().log_sink_topic.clone();
+    let offsets = state
+        .topics
+        .get_or_create(&sink)
+        .await?
+        .append(vec![value])
+        .await?;
+    Ok(axum::Json(serde_json::json!({ "offset": offsets.start })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ProduceJson {
+    Many { records: Vec<WireRecordIn> },
+    One(WireRecordIn),
+}
+
+/// `POST /v1/topics/{topic}/records`: JSON (`{"value":..}` or `{"records":[..]}`) or
+/// raw bytes (any other content type) as one record.
+async fn produce_records(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ServiceError> {
+    let body = read_body(body, state.topics.config().max_body_bytes).await?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let values = if json {
+        let records = match parse_json::<ProduceJson>(&body)? {
+            ProduceJson::Many { records } => records,
+            ProduceJson::One(record) => vec![record],
+        };
+        records
+            .iter()
+            .map(|record| decode_value(record.value.as_deref().unwrap_or("")))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        vec![body]
+    };
+    if values.is_empty() {
+        return Err(ServiceError::BadRequest("no records to append".into()));
+    }
+    let offsets = state
+        .topics
+        .get_or_create(&topic)
+        .await?
+        .append(values)
+        .await?;
+    Ok(axum::Json(serde_json::json!({
+        "first_offset": offsets.start,
+        "count": offsets.end - offsets.start,
+    }))
+    .into_response())
+}
+
+fn parse_offset(name: &str, text: &str) -> Result<Offset, ServiceError> {
+    text.parse().map_err(|_| {
+        ServiceError::BadRequest(format!("{name} must be a whole number, got {text:?}"))
+    })
+}
+
+/// `GET /v1/topics/{topic}/records/{offset}`.
+async fn read_one(
+    State(state): State<AppState>,
+    Path((topic, offset)): Path<(String, String)>,
+) -> Result<Response, ServiceError> {
+    let offset = parse_offset("offset", &offset)?;
+    let record = state.topics.get(&topic)?.read(offset).await?;
+    Ok(axum::Json(serde_json::json!({ "record": WireRecordOut::full(&record) })).into_response())
+}
+
+/// `GET /v1/topics/{topic}/records?from=N&max=M`.
+async fn read_range(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ServiceError> {
+    let topic = state.topics.get(&topic)?;
+    let from = query
+        .get("from")
+        .map(|v| parse_offset("from", v))
+        .transpose()?
+        .unwrap_or(0);
+    let max = query
+        .get("max")
+        .map(|v| parse_offset("max", v))
+        .transpose()?
+        .unwrap_or(DEFAULT_RANGE_RECORDS)
+        .min(MAX_RANGE_RECORDS);
+    let budget = state.topics.config().consume_max_bytes as usize;
+    let mut records = Vec::new();
+    let mut next = from;
+    while (records.len() as u64) < max {
+        let chunk = topic.read_chunk(next, budget).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        for record in chunk
+            .into_iter()
+            .take((max - records.len() as u64) as usize)
+        {
+            next = record.offset + 1;
+            records.push(WireRecordOut::full(&record));
+        }
+    }
+    Ok(axum::Json(serde_json::json!({ "records": records, "next_offset": next })).into_response())
+}
+
+/// `GET /v1/topics/{topic}/tail?from=N`: Server-Sent Events, one per record, from
+/// `from` (default: the next offset, so only new records) on.
+async fn tail_sse(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ServiceError> {
+    let topic = state.topics.get(&topic)?;
+    let from = match query.get("from") {
+        Some(from) => parse_offset("from", from)?,
+        None => topic.watch_next().borrow().to_owned(),
+    };
+    let spec = TailSpec {
+        from,
+        max_bytes: state.topics.config().consume_max_bytes as usize,
+        follow: true,
+    };
+    let rx = spawn_tail::<Event, ServiceError>(topic, spec, state.shutdown.clone(), 64, |chunk| {
+        chunk
+            .iter()
+            .map(|record| {
+                let data = serde_json::to_string(&WireRecordOut::full(record)).unwrap_or_default();
+                Event::default()
+                    .event("record")
+                    .id(record.offset.to_string())
+                    .data(data)
+            })
+            .collect()
+    });
+    let events = ReceiverStream::new(rx).map(|item| {
+        Ok::<Event, Infallible>(item.unwrap_or_else(|err| {
+            Event::default().event("error").data(
+                serde_json::json!({ "error": { "code": err.code(), "message": err.to_string() } })
+                    .to_string(),
+            )
+        }))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// `GET /v1/topics`.
+async fn list_topics(State(state): State<AppState>) -> Response {
+    axum::Json(serde_json::json!({ "topics": state.topics.list() })).into_response()
+}
+
+/// `GET /healthz`: 200 while serving, 503 once shutdown has begun.
+async fn healthz(State(state): State<AppState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return ServiceError::ShuttingDown.into_response();
+    }
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&state.topics),
+    )
+        .into_response()
+}

@@ -1,0 +1,57 @@
+//! keel's log service: named topics of durable records over gRPC and HTTP/JSON, and
+//! the central sink for other services' log lines.
+//!
+//! ```text
+//!  gRPC log.v1.Log ─┐                       ┌─> topic "default" ─ writer thread ─> keel-commitlog
+//!  HTTP /, /v1/... ─┼─> one listener ─> Topics ─> topic "logs"    ─ writer thread ─> keel-commitlog
+//!  HTTP POST /log ──┘                       └─> topic ...        (group commit per topic)
+//! ```
+//!
+//! - Each topic has **one writer thread** fed by a bounded queue: it takes every
+//!   waiting append, writes them with one `append_batch` (one write, one sync), and
+//!   only then answers each with its offset.
+//! - **Reads never wait for the writer**; streaming reads (gRPC streams, Server-Sent
+//!   Events) wait on the topic's next-offset signal when caught up, so an idle tail
+//!   costs nothing.
+//! - **Errors** are [`ServiceError`], mapped to gRPC codes and HTTP statuses in one
+//!   place.
+//!
+//! This crate owns the service and its client; storage is `keel-commitlog`, wire
+//! types are `keel-proto`. It knows nothing of the registry or the gateway.
+
+mod client;
+mod config;
+mod error;
+mod grpc;
+mod http;
+mod metrics;
+mod server;
+mod tail;
+mod topic;
+mod topics;
+
+pub use client::{Client, ClientError};
+pub use config::LogServiceConfig;
+pub use error::ServiceError;
+pub use grpc::LogService;
+pub use server::serve;
+pub use topic::TopicInfo;
+pub use topics::{MAX_TOPIC_NAME, Topics, validate_topic_name};
+
+/// Opens the topics of `config` and serves them on `listener` until `shutdown`
+/// completes (see [`serve`]).
+///
+/// # Errors
+///
+/// A message saying what failed: the config, opening a topic, or the listener.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: LogServiceConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    config.validate()?;
+    let topics = std::sync::Arc::new(Topics::open(config).map_err(|err| err.to_string())?);
+    serve(listener, topics, shutdown)
+        .await
+        .map_err(|err| format!("serving the log service failed: {err}"))
+}

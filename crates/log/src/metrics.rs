@@ -1,0 +1,219 @@
+//! Per-topic counters and the Prometheus text rendering of `GET /metrics`.
+//!
+//! Counters are plain atomics owned by each topic (no global registry), so that
+//! several servers in one process, as in tests, keep separate figures.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::topics::Topics;
+
+/// Upper bounds of the commit latency buckets, in seconds.
+const BOUNDS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; BOUNDS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn record(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(bucket) = BOUNDS.iter().position(|&bound| seconds <= bound) {
+            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            elapsed.as_nanos().try_into().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// What a topic counts.
+#[derive(Debug, Default)]
+pub(crate) struct TopicMetrics {
+    pub(crate) records: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    pub(crate) commits: AtomicU64,
+    pub(crate) failed_commits: AtomicU64,
+    /// Time of each group commit: the write and, under `always`, the fsync.
+    pub(crate) commit_latency: Histogram,
+    pub(crate) consumers: AtomicI64,
+}
+
+/// Counts a live consumer for as long as it is held.
+pub(crate) struct ConsumerGuard<'a>(&'a TopicMetrics);
+
+impl<'a> ConsumerGuard<'a> {
+    pub(crate) fn new(metrics: &'a TopicMetrics) -> Self {
+        metrics.consumers.fetch_add(1, Ordering::Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for ConsumerGuard<'_> {
+    fn drop(&mut self) {
+        self.0.consumers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One metric family: a name, its kind and help, and how to read it.
+struct Family<T> {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: fn(&T) -> f64,
+}
+
+impl<T> Family<T> {
+    fn write<'a>(&self, out: &mut String, rows: impl Iterator<Item = (&'a str, &'a T)>)
+    where
+        T: 'a,
+    {
+        let Self {
+            name,
+            kind,
+            help,
+            value,
+        } = self;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (topic, item) in rows {
+            let _ = writeln!(out, "{name}{{topic=\"{topic}\"}} {}", value(item));
+        }
+    }
+}
+
+const COUNTERS: [Family<TopicMetrics>; 5] = [
+    Family {
+        name: "keel_log_appended_records_total",
+        kind: "counter",
+        help: "Records appended.",
+        value: |m| m.records.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_appended_bytes_total",
+        kind: "counter",
+        help: "Bytes of record values appended.",
+        value: |m| m.bytes.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_commits_total",
+        kind: "counter",
+        help: "Group commits (one write and at most one fsync each).",
+        value: |m| m.commits.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_failed_commits_total",
+        kind: "counter",
+        help: "Group commits that failed.",
+        value: |m| m.failed_commits.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_consumers",
+        kind: "gauge",
+        help: "Streaming consumers reading the topic now.",
+        value: |m| m.consumers.load(Ordering::Relaxed) as f64,
+    },
+];
+
+const GAUGES: [Family<crate::TopicInfo>; 4] = [
+    Family {
+        name: "keel_log_next_offset",
+        kind: "gauge",
+        help: "The offset the next record will get.",
+        value: |i| i.next_offset as f64,
+    },
+    Family {
+        name: "keel_log_lowest_offset",
+        kind: "gauge",
+        help: "The lowest retained offset.",
+        value: |i| i.lowest_offset as f64,
+    },
+    Family {
+        name: "keel_log_size_bytes",
+        kind: "gauge",
+        help: "Bytes of the topic's store files.",
+        value: |i| i.size_bytes as f64,
+    },
+    Family {
+        name: "keel_log_segments",
+        kind: "gauge",
+        help: "Segments of the topic.",
+        value: |i| i.segments as f64,
+    },
+];
+
+/// Renders every topic's figures in the Prometheus text format.
+pub(crate) fn render_metrics(topics: &Topics) -> String {
+    let mut out = String::new();
+    let all = topics.metrics();
+    for family in &COUNTERS {
+        family.write(
+            &mut out,
+            all.iter()
+                .map(|(topic, metrics, _)| (topic.as_str(), metrics.as_ref())),
+        );
+    }
+    for family in &GAUGES {
+        family.write(
+            &mut out,
+            all.iter().map(|(topic, _, info)| (topic.as_str(), info)),
+        );
+    }
+    let name = "keel_log_commit_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time of a group commit: write, and fsync under the always policy.\n# TYPE {name} histogram"
+    );
+    for (topic, metrics, _) in &all {
+        let histogram = &metrics.commit_latency;
+        let mut cumulative = 0;
+        for (bound, bucket) in BOUNDS.iter().zip(&histogram.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{topic=\"{topic}\",le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = histogram.count.load(Ordering::Relaxed);
+        let sum = histogram.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{topic=\"{topic}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(out, "{name}_sum{{topic=\"{topic}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{topic=\"{topic}\"}} {count}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_should_put_each_sample_in_its_bucket() {
+        let histogram = Histogram::default();
+        histogram.record(Duration::from_micros(50));
+        histogram.record(Duration::from_millis(3));
+        histogram.record(Duration::from_secs(5));
+        assert_eq!(histogram.buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(
+            histogram.buckets[5].load(Ordering::Relaxed),
+            1,
+            "3 ms is in the 5 ms bucket"
+        );
+        assert_eq!(
+            histogram.count.load(Ordering::Relaxed),
+            3,
+            "5 s counts only in +Inf"
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! The set of topics of one log service: each a directory under `<data-dir>/topics`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::config::LogServiceConfig;
+use crate::error::ServiceError;
+use crate::topic::{Topic, TopicInfo, WriterLimits};
+
+/// The longest topic name.
+pub const MAX_TOPIC_NAME: usize = 128;
+
+/// Checks a topic name: 1 to 128 characters of `A-Z a-z 0-9 . _ -`, not starting
+/// with a dot (names are directory names).
+///
+/// # Errors
+///
+/// [`ServiceError::InvalidTopic`] naming the rule that is broken.
+pub fn validate_topic_name(name: &str) -> Result<(), ServiceError> {
+    let invalid = |reason| {
+        Err(ServiceError::InvalidTopic {
+            name: name.chars().take(MAX_TOPIC_NAME + 8).collect(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.len() > MAX_TOPIC_NAME {
+        return invalid("it is longer than 128 characters");
+    }
+    if name.starts_with('.') {
+        return invalid("it starts with a dot");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return invalid("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// The topics of a log service.
+#[derive(Debug)]
+pub struct Topics {
+    root: PathBuf,
+    config: LogServiceConfig,
+    limits: WriterLimits,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Serializes topic creation, so two first writes cannot open one log twice.
+    creating: tokio::sync::Mutex<()>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Topics {
+    /// Opens every topic found under the data directory, and the default and log-sink
+    /// topics. Must run inside a tokio runtime (the writers use its timers).
+    ///
+    /// # Errors
+    ///
+    /// A topic that fails to open (for example a corrupt sealed segment) fails the
+    /// whole start: serving some topics while silently missing another would be worse.
+    pub fn open(config: LogServiceConfig) -> Result<Self, ServiceError> {
+        let root = config.data_dir.join("topics");
+        std::fs::create_dir_all(&root).map_err(|source| {
+            ServiceError::log(
+                "",
+                keel_commitlog::LogError::Io {
+                    path: root.clone(),
+                    source,
+                },
+            )
+        })?;
+        let limits = WriterLimits {
+            queue_depth: config.queue_depth,
+            enqueue_timeout: config.enqueue_timeout,
+            max_batch_bytes: config.max_batch_bytes as usize,
+        };
+        let topics = Self {
+            root,
+            limits,
+            topics: RwLock::new(BTreeMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+            runtime: tokio::runtime::Handle::current(),
+            config,
+        };
+        let mut names: Vec<String> = std::fs::read_dir(&topics.root)
+            .map_err(|source| {
+                ServiceError::log(
+                    "",
+                    keel_commitlog::LogError::Io {
+                        path: topics.root.clone(),
+                        source,
+                    },
+                )
+            })?
+            .filter_map(Result::ok)
+            .filter(|entry| entry.path().is_dir())
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|name| validate_topic_name(name).is_ok())
+            .collect();
+        names.push(topics.config.default_topic.clone());
+        names.push(topics.config.log_sink_topic.clone());
+        for name in names {
+            if !topics.map().contains_key(&name) {
+                let topic = topics.open_topic(&name)?;
+                topics.map_mut().insert(name, topic);
+            }
+        }
+        Ok(topics)
+    }
+
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Topic>>> {
+        self.topics.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Topic>>> {
+        self.topics.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn open_topic(&self, name: &str) -> Result<Arc<Topic>, ServiceError> {
+        let topic = Topic::open(
+            &self.root.join(name),
+            name,
+            self.config.log.clone(),
+            &self.limits,
+            self.runtime.clone(),
+        )
+        .map_err(|err| ServiceError::log(name, err))?;
+        tracing::info!(topic = name, "opened topic");
+        Ok(Arc::new(topic))
+    }
+
+    /// The configuration the service runs with.
+    pub fn config(&self) -> &LogServiceConfig {
+        &self.config
+    }
+
+    /// The topic named `name`, or the default topic for an empty name.
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::InvalidTopic`]; [`ServiceError::UnknownTopic`] when it does not exist.
+    pub(crate) fn get(&self, name: &str) -> Result<Arc<Topic>, ServiceError> {
+        let name = self.resolve(name)?;
+        self.map()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ServiceError::UnknownTopic {
+                topic: name.to_owned(),
+            })
+    }
+
+    /// The topic named `name` for writing: created on first write when auto-create
+    /// is on.
+    ///
+    /// # Errors
+    ///
+    /// As [`Topics::get`] when auto-create is off; errors opening a new log.
+    pub(crate) async fn get_or_create(&self, name: &str) -> Result<Arc<Topic>, ServiceError> {
+        match self.get(name) {
+            Err(ServiceError::UnknownTopic { topic }) if self.config.auto_create_topics => {
+                let _creating = self.creating.lock().await;
+                if let Some(topic) = self.map().get(&topic) {
+                    return Ok(Arc::clone(topic));
+                }
+                let opened = {
+                    let this_name = topic.clone();
+                    let root = self.root.join(&topic);
+                    let config = self.config.log.clone();
+                    let limits = self.limits.clone();
+                    let runtime = self.runtime.clone();
+                    tokio::task::spawn_blocking(move || {
+                        Topic::open(&root, &this_name, config, &limits, runtime)
+                    })
+                    .await
+                    .map_err(|_| ServiceError::ShuttingDown)?
+                    .map_err(|err| ServiceError::log(&topic, err))?
+                };
+                tracing::info!(topic, "created topic");
+                let opened = Arc::new(opened);
+                self.map_mut().insert(topic, Arc::clone(&opened));
+                Ok(opened)
+            }
+            other => other,
+        }
+    }
+
+    fn resolve<'a>(&'a self, name: &'a str) -> Result<&'a str, ServiceError> {
+        if name.is_empty() {
+            return Ok(&self.config.default_topic);
+        }
+        validate_topic_name(name)?;
+        Ok(name)
+    }
+
+    /// Every topic with its offsets and size, by name.
+    pub fn list(&self) -> Vec<TopicInfo> {
+        self.map().values().map(|topic| topic.info()).collect()
+    }
+
+    /// Every topic's counters and offsets, by name.
+    pub(crate) fn metrics(&self) -> Vec<(String, Arc<crate::metrics::TopicMetrics>, TopicInfo)> {
+        self.map()
+            .values()
+            .map(|topic| {
+                (
+                    topic.name().to_owned(),
+                    topic.metrics_handle(),
+                    topic.info(),
+                )
+            })
+            .collect()
+    }
+
+    /// Closes every topic: queued appends are written, logs synced and closed.
+    pub fn close(&self) {
+        let topics: Vec<Arc<Topic>> = self.map().values().cloned().collect();
+        for topic in topics {
+            topic.close();
+        }
+    }
+}

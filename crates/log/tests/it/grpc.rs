@@ -1,0 +1,348 @@
+//! The gRPC API: every RPC and every error code.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use keel_log::{Client, ClientError};
+use keel_proto::log::v1 as wire;
+use tonic::Code;
+
+use crate::support::{TestServer, config};
+
+fn status_of(err: ClientError) -> (Code, String) {
+    match err {
+        ClientError::Status(status) => (status.code(), status.message().to_owned()),
+        other => panic!("expected a status, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn produce_then_consume_should_round_trip_on_the_default_topic() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    assert_eq!(client.produce("", "hello").await.unwrap(), 0);
+    assert_eq!(client.produce("", "world").await.unwrap(), 1);
+    let record = client.consume("", 1).await.unwrap();
+    assert_eq!((record.offset, &record.value[..]), (1, &b"world"[..]));
+    assert!(record.timestamp_ms > 0);
+}
+
+#[tokio::test]
+async fn consume_past_the_end_should_be_out_of_range_naming_offset_and_range() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client.produce("", "only").await.unwrap();
+    let (code, message) = status_of(client.consume("", 7).await.unwrap_err());
+    assert_eq!(code, Code::OutOfRange);
+    assert!(
+        message.contains("offset 7") && message.contains("0..1"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn topics_should_be_separate_logs_created_on_first_write() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    assert_eq!(client.produce("orders", "o1").await.unwrap(), 0);
+    assert_eq!(client.produce("payments", "p1").await.unwrap(), 0);
+    assert_eq!(client.produce("orders", "o2").await.unwrap(), 1);
+    assert_eq!(&client.consume("orders", 1).await.unwrap().value[..], b"o2");
+    let topics = client.topics().await.unwrap();
+    let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["default", "logs", "orders", "payments"]);
+    assert_eq!(topics[2].next_offset, 2);
+}
+
+#[tokio::test]
+async fn errors_should_map_to_precise_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let strict = keel_log::LogServiceConfig {
+        auto_create_topics: false,
+        ..config(dir.path())
+    };
+    let server = TestServer::start_with(strict).await;
+    let mut client = server.client().await;
+
+    let (code, message) = status_of(client.produce("nope", "x").await.unwrap_err());
+    assert_eq!(code, Code::NotFound, "{message}");
+    let (code, message) = status_of(client.consume("bad/name", 0).await.unwrap_err());
+    assert_eq!(code, Code::InvalidArgument, "{message}");
+    assert!(message.contains("bad/name"));
+    let (code, message) = status_of(
+        client
+            .produce("", vec![0u8; 1024 * 1024 + 1])
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(message.contains("larger than the limit"), "{message}");
+    let status = client
+        .grpc()
+        .produce(wire::ProduceRequest {
+            record: None,
+            topic: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn empty_and_512_kib_records_should_round_trip() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let big: Vec<u8> = (0..512 * 1024).map(|i| (i % 251) as u8).collect();
+    assert_eq!(client.produce("", Bytes::new()).await.unwrap(), 0);
+    assert_eq!(client.produce("", big.clone()).await.unwrap(), 1);
+    assert!(client.consume("", 0).await.unwrap().value.is_empty());
+    assert_eq!(client.consume("", 1).await.unwrap().value, big);
+}
+
+#[tokio::test]
+async fn concurrent_producers_should_get_unique_dense_offsets() {
+    let server = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for producer in 0..8 {
+        let mut client = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            for i in 0..200 {
+                offsets.push(
+                    client
+                        .produce("", format!("p{producer}-{i}"))
+                        .await
+                        .unwrap(),
+                );
+            }
+            offsets
+        }));
+    }
+    let mut all = HashSet::new();
+    for task in tasks {
+        for offset in task.await.unwrap() {
+            assert!(all.insert(offset), "offset {offset} given twice");
+        }
+    }
+    assert_eq!(all.len(), 1600);
+    assert_eq!(all.iter().max(), Some(&1599), "offsets are dense");
+    let mut client = server.client().await;
+    let mut seen = HashSet::new();
+    for offset in 0..1600 {
+        let value = client.consume("", offset).await.unwrap().value;
+        assert!(seen.insert(value), "every record is kept once");
+    }
+}
+
+#[tokio::test]
+async fn produce_batch_should_return_the_range_and_keep_order() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client.produce("t", "first").await.unwrap();
+    let values: Vec<Bytes> = (0..100).map(|i| Bytes::from(format!("v{i}"))).collect();
+    assert_eq!(client.produce_batch("t", values).await.unwrap(), 1..101);
+    assert_eq!(&client.consume("t", 50).await.unwrap().value[..], b"v49");
+}
+
+#[tokio::test]
+async fn produce_stream_should_answer_each_record_in_order() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let requests = futures::stream::iter((0..500).map(|i| wire::ProduceRequest {
+        record: Some(wire::Record {
+            value: Bytes::from(format!("s{i}")),
+            ..Default::default()
+        }),
+        topic: "stream".into(),
+    }));
+    let mut responses = client
+        .grpc()
+        .produce_stream(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut expected = 0;
+    while let Some(response) = responses.next().await {
+        assert_eq!(response.unwrap().offset, expected);
+        expected += 1;
+    }
+    assert_eq!(expected, 500);
+    assert_eq!(
+        &client.consume("stream", 499).await.unwrap().value[..],
+        b"s499"
+    );
+}
+
+#[tokio::test]
+async fn consume_stream_should_replay_then_tail_promptly_then_end_on_cancel() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for i in 0..3 {
+        client.produce("", format!("old{i}")).await.unwrap();
+    }
+    let mut stream = client
+        .grpc()
+        .consume_stream(wire::ConsumeRequest {
+            offset: 1,
+            topic: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for expected in 1..3 {
+        let record = stream.next().await.unwrap().unwrap().record.unwrap();
+        assert_eq!(record.offset, expected);
+    }
+    // Caught up: the stream waits. A new record must arrive promptly, woken by the
+    // append (the deadline is generous; an event-driven tail takes milliseconds).
+    let mut producer = server.client().await;
+    let produced = tokio::spawn(async move { producer.produce("", "new").await.unwrap() });
+    let record = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the tail delivers a new record without polling")
+        .unwrap()
+        .unwrap()
+        .record
+        .unwrap();
+    assert_eq!((record.offset, &record.value[..]), (3, &b"new"[..]));
+    assert_eq!(produced.await.unwrap(), 3);
+    drop(stream);
+    // The server is still healthy after the client went away.
+    assert_eq!(client.produce("", "after").await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn consume_stream_from_a_future_offset_should_wait_for_it() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut stream = client
+        .grpc()
+        .consume_stream(wire::ConsumeRequest {
+            offset: 2,
+            topic: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut producer = server.client().await;
+    for i in 0..3 {
+        producer.produce("", format!("r{i}")).await.unwrap();
+    }
+    let record = stream.next().await.unwrap().unwrap().record.unwrap();
+    assert_eq!(
+        record.offset, 2,
+        "the original ConsumeStream waits for an offset not written yet"
+    );
+}
+
+#[tokio::test]
+async fn batched_stream_should_respect_the_budget_and_follow() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let values: Vec<Bytes> = (0..1000).map(|_| Bytes::from(vec![7u8; 100])).collect();
+    client.produce_batch("b", values).await.unwrap();
+    let mut stream = client.subscribe("b", 0, false, 10_000).await.unwrap();
+    let mut total = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        assert!(
+            !chunk.is_empty() && chunk.len() <= 100,
+            "{} records in a 10 kB budget",
+            chunk.len()
+        );
+        assert_eq!(chunk[0].offset, total);
+        total += chunk.len() as u64;
+    }
+    assert_eq!(total, 1000, "without follow the stream ends at the end");
+
+    let mut follow = client.subscribe("b", 1000, true, 0).await.unwrap();
+    client.produce("b", "live").await.unwrap();
+    let chunk = tokio::time::timeout(Duration::from_secs(5), follow.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((chunk[0].offset, &chunk[0].value[..]), (1000, &b"live"[..]));
+}
+
+#[tokio::test]
+async fn restart_should_keep_every_acknowledged_record() {
+    let mut server = TestServer::start().await;
+    let mut client = server.client().await;
+    for i in 0..50 {
+        assert_eq!(client.produce("keep", format!("k{i}")).await.unwrap(), i);
+    }
+    server.stop().await;
+    let dir = server.take_dir();
+    let server = TestServer::start_with(config(dir.path())).await;
+    let mut client = server.client().await;
+    for i in 0..50 {
+        assert_eq!(
+            client.consume("keep", i).await.unwrap().value,
+            format!("k{i}")
+        );
+    }
+    assert_eq!(client.produce("keep", "next").await.unwrap(), 50);
+}
+
+#[tokio::test]
+async fn shutdown_should_end_open_tails_and_stop_within_the_grace_period() {
+    let mut server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut stream = client
+        .grpc()
+        .consume_stream(wire::ConsumeRequest {
+            offset: 0,
+            topic: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    server.stop().await;
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream ends");
+    assert!(end.is_none() || end.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn health_and_reflection_should_be_served() {
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "log.v1.Log".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    assert!(
+        keel_proto::FILE_DESCRIPTOR_SET.len() > 100,
+        "reflection has the descriptors"
+    );
+}
+
+#[tokio::test]
+async fn client_should_say_when_nothing_listens() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    match Client::connect(&addr.to_string()).await {
+        Err(err @ ClientError::Connect { .. }) => {
+            assert!(err.to_string().contains(&addr.to_string()))
+        }
+        other => panic!("expected Connect error, got {other:?}"),
+    }
+}

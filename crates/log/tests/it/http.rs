@@ -1,0 +1,415 @@
+//! The HTTP/JSON API: the original contract, the log sink, the topic routes, and
+//! every error as a JSON body with a precise status.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::TestServer;
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+async fn error_of(response: reqwest::Response) -> (StatusCode, String, String) {
+    let status = response.status();
+    let body: Value = response.json().await.expect("errors are JSON");
+    let code = body["error"]["code"]
+        .as_str()
+        .expect("error.code")
+        .to_owned();
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("error.message")
+        .to_owned();
+    (status, code, message)
+}
+
+#[tokio::test]
+async fn original_post_and_get_should_speak_base64_json() {
+    let server = TestServer::start().await;
+    let client = http();
+    // "aGVsbG8=" is base64 for "hello", as Go encodes []byte.
+    let response = client
+        .post(server.url("/"))
+        .json(&json!({"record": {"value": "aGVsbG8=", "offset": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"offset": 0})
+    );
+
+    let response = client
+        .get(server.url("/"))
+        .json(&json!({"offset": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"record": {"value": "aGVsbG8=", "offset": 0}})
+    );
+
+    let (status, code, message) = error_of(
+        client
+            .get(server.url("/"))
+            .json(&json!({"offset": 1}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "offset_out_of_range")
+    );
+    assert!(message.contains("offset 1"), "{message}");
+}
+
+#[tokio::test]
+async fn bad_input_should_get_400_with_a_json_error() {
+    let server = TestServer::start().await;
+    let client = http();
+    let cases = [
+        ("/", "{not json", "malformed JSON"),
+        ("/", r#"{"record":{"value":"***"}}"#, "base64"),
+        ("/", r#"{"nothing":1}"#, "malformed JSON"),
+        ("/v1/topics/t/records", r#"{"value":"%%"}"#, "base64"),
+    ];
+    for (path, body, expected) in cases {
+        let response = client
+            .post(server.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (status, code, message) = error_of(response).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}");
+        assert_eq!(code, "bad_request");
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+    let (status, code, _) = error_of(
+        client
+            .get(server.url("/v1/topics/t/records/abc"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "bad_request")
+    );
+    let (status, code, _) = error_of(
+        client
+            .post(server.url("/v1/topics/bad%20name/records"))
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_topic")
+    );
+}
+
+#[tokio::test]
+async fn oversized_body_should_get_413_not_a_dropped_connection() {
+    let server = TestServer::start().await;
+    let client = http();
+    // The test server's body limit is 2 MiB.
+    let big = vec![b'a'; 3 * 1024 * 1024];
+    let response = client
+        .post(server.url("/v1/topics/t/records"))
+        .body(big)
+        .send()
+        .await
+        .expect("an answer, not a reset");
+    let (status, code, message) = error_of(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+        "{message}"
+    );
+    // A record over the record limit (1 MiB) but within the body limit: 413 too.
+    let response = client
+        .post(server.url("/v1/topics/t/records"))
+        .body(vec![b'b'; 1024 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_of(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "record_too_large")
+    );
+    // Nothing of either was appended.
+    let topics: Value = client
+        .get(server.url("/v1/topics"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        topics["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["name"] != "t" || t["next_offset"] == 0)
+    );
+}
+
+#[tokio::test]
+async fn unknown_route_and_wrong_method_should_be_json_404_and_405() {
+    let server = TestServer::start().await;
+    let client = http();
+    let (status, code, _) = error_of(
+        client
+            .get(server.url("/no/such/route"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let (status, code, _) = error_of(client.delete(server.url("/log")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    let (status, code, _) = error_of(
+        client
+            .get(server.url("/v1/topics/missing/records/0"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "unknown_topic")
+    );
+}
+
+#[tokio::test]
+async fn log_sink_should_append_lines_to_the_logs_topic_and_reject_empty_ones() {
+    let server = TestServer::start().await;
+    let client = http();
+    let response = client
+        .post(server.url("/log"))
+        .body("visit 1\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let record: Value = client
+        .get(server.url("/v1/topics/logs/records/0"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        record["record"]["text"], "visit 1",
+        "the trailing newline is not part of the line"
+    );
+    assert!(record["record"]["timestamp_ms"].as_u64().unwrap() > 0);
+    let (status, code, _) = error_of(
+        client
+            .post(server.url("/log"))
+            .body("")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "bad_request")
+    );
+    let (status, _, _) = error_of(
+        client
+            .post(server.url("/log"))
+            .body(" \n")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn topic_routes_should_append_raw_and_json_and_read_single_and_ranges() {
+    let server = TestServer::start().await;
+    let client = http();
+    let response = client
+        .post(server.url("/v1/topics/events/records"))
+        .body("raw bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"first_offset": 0, "count": 1})
+    );
+    let response = client
+        .post(server.url("/v1/topics/events/records"))
+        .json(&json!({"records": [{"value": "b25l"}, {"value": "dHdv"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"first_offset": 1, "count": 2})
+    );
+
+    let one: Value = client
+        .get(server.url("/v1/topics/events/records/2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["record"]["text"], "two");
+    assert_eq!(one["record"]["value"], "dHdv");
+    let range: Value = client
+        .get(server.url("/v1/topics/events/records?from=1&max=5"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let texts: Vec<&str> = range["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["one", "two"]);
+    assert_eq!(range["next_offset"], 3);
+    let (status, code, _) = error_of(
+        client
+            .get(server.url("/v1/topics/events/records/3"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "offset_out_of_range")
+    );
+
+    let listed: Value = client
+        .get(server.url("/v1/topics"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = listed["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "events")
+        .unwrap();
+    assert_eq!(events["next_offset"], 3);
+    assert!(events["size_bytes"].as_u64().unwrap() > 16);
+}
+
+#[tokio::test]
+async fn sse_tail_should_replay_and_deliver_new_records() {
+    let server = TestServer::start().await;
+    let client = http();
+    client
+        .post(server.url("/v1/topics/live/records"))
+        .body("before")
+        .send()
+        .await
+        .unwrap();
+    let response = client
+        .get(server.url("/v1/topics/live/tail?from=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let poster = client.clone();
+    let url = server.url("/v1/topics/live/records");
+    tokio::spawn(async move { poster.post(url).body("after").send().await.unwrap() });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !text.contains("\"after\"") {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        text.contains("id: 0") && text.contains("\"text\":\"before\""),
+        "{text}"
+    );
+    assert!(text.contains("id: 1"), "{text}");
+}
+
+#[tokio::test]
+async fn healthz_and_metrics_should_report_the_service() {
+    let server = TestServer::start().await;
+    let client = http();
+    let health: Value = client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health, json!({"status": "ok"}));
+    client
+        .post(server.url("/log"))
+        .body("one line")
+        .send()
+        .await
+        .unwrap();
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("keel_log_appended_records_total{topic=\"logs\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("keel_log_commit_seconds_count{topic=\"logs\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE keel_log_commit_seconds histogram"));
+}

@@ -1,0 +1,8 @@
+//! Integration tests: a real log service on loopback, driven over gRPC and HTTP.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod compat;
+mod grpc;
+mod http;
+mod support;

@@ -1,0 +1,94 @@
+//! A log service on 127.0.0.1:0 in a temp dir, stopped on drop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use keel_commitlog::{LogConfig, SyncPolicy};
+use keel_log::{Client, LogServiceConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub(crate) struct TestServer {
+    pub(crate) addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), String>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub(crate) fn config(data_dir: &Path) -> LogServiceConfig {
+    LogServiceConfig {
+        data_dir: data_dir.to_path_buf(),
+        max_body_bytes: 2 * 1024 * 1024,
+        shutdown_grace: Duration::from_secs(5),
+        log: LogConfig {
+            sync: SyncPolicy::Always,
+            max_record_bytes: 1024 * 1024,
+            ..LogConfig::default()
+        },
+        ..LogServiceConfig::default()
+    }
+}
+
+impl TestServer {
+    pub(crate) async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_with(config(dir.path())).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    pub(crate) async fn start_with(config: LogServiceConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(keel_log::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: None,
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub(crate) async fn client(&self) -> Client {
+        Client::connect(&self.addr.to_string())
+            .await
+            .expect("connect")
+    }
+
+    /// Stops the server and waits until it has closed its topics.
+    pub(crate) async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("server stops within its grace period")
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+
+    /// Keeps the data dir for a restart.
+    pub(crate) fn take_dir(&mut self) -> tempfile::TempDir {
+        self._dir.take().expect("owns its dir")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
