@@ -33,8 +33,14 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// The service answered with an error.
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    #[error("{} ({:?})", .0.message(), .0.code())]
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        Self::Status(status)
+    }
 }
 
 /// A connection to a log service.

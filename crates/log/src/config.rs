@@ -14,6 +14,10 @@ use crate::topics::validate_topic_name;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogServiceConfig {
+    /// The address `keel log serve` binds (gRPC and HTTP share it). Default
+    /// `127.0.0.1:20002`, the original log service's port. [`crate::run`] takes a
+    /// bound listener instead, so that tests can bind port 0.
+    pub addr: String,
     /// Where topics live (`<data_dir>/topics/<name>`). Default `keel-data/log`.
     pub data_dir: PathBuf,
     /// The topic of requests that name none (the original clients). Default `default`.
@@ -46,6 +50,7 @@ pub struct LogServiceConfig {
 impl Default for LogServiceConfig {
     fn default() -> Self {
         Self {
+            addr: "127.0.0.1:20002".into(),
             data_dir: PathBuf::from("keel-data/log"),
             default_topic: "default".into(),
             log_sink_topic: "logs".into(),
@@ -68,7 +73,12 @@ impl LogServiceConfig {
     ///
     /// A message naming the first field out of range and what to change.
     pub fn validate(&self) -> Result<(), String> {
-        self.log.validate().map_err(|err| format!("log.{err}"))?;
+        self.log.validate().map_err(|err| match err {
+            keel_commitlog::LogError::InvalidConfig { field, message } => {
+                format!("log.{field}: {message}")
+            }
+            other => format!("log: {other}"),
+        })?;
         for (field, name) in [
             ("default_topic", &self.default_topic),
             ("log_sink_topic", &self.log_sink_topic),

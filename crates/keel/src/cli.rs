@@ -1,0 +1,417 @@
+//! The command line: `keel log serve`, `keel produce`, `keel consume`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use keel_commitlog::{SyncPolicy, parse_size};
+use keel_log::{Client, LogServiceConfig};
+
+/// Exit code for an invalid configuration (`EX_USAGE`).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code for a failure while running (`EX_SOFTWARE`).
+const EXIT_FAILURE: u8 = 70;
+/// Default address of the log service, as in the original system.
+const DEFAULT_LOG_ADDR: &str = "127.0.0.1:20002";
+
+/// keel: a durable log service, registry and gateway for microservice back ends.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter: error, warn, info, debug, trace, or a full RUST_LOG directive.
+    #[arg(long, global = true, env = "KEEL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The log service.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+    /// Append records to a topic: the VALUEs given, or one record per line of stdin.
+    Produce(ProduceArgs),
+    /// Read records from a topic, optionally following new ones.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum LogCommand {
+    /// Run the log service: gRPC (log.v1.Log) and HTTP/JSON on one address.
+    Serve(ServeArgs),
+}
+
+/// Settings of `keel log serve`. Each flag overrides the config file and has a
+/// `KEEL_LOG_*` environment variable; unset, the file's value or the default holds.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// A TOML config file; its [log] section holds the service settings
+    /// (see docs/configuration.md).
+    #[arg(long, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where topics are stored [default: keel-data/log].
+    #[arg(long, env = "KEEL_LOG_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address for gRPC and HTTP [default: 127.0.0.1:20002]; port 0 picks a free one.
+    #[arg(long, env = "KEEL_LOG_ADDR")]
+    addr: Option<String>,
+    /// When appends are forced to disk: always (acknowledge after fsync), interval:<d>
+    /// (e.g. interval:10ms), or never [default: always].
+    #[arg(long, env = "KEEL_LOG_SYNC", value_parser = parse_sync)]
+    sync: Option<SyncPolicy>,
+    /// Largest record accepted, e.g. 1MiB [default: 1MiB].
+    #[arg(long, env = "KEEL_LOG_MAX_RECORD_BYTES", value_parser = parse_size)]
+    max_record_bytes: Option<u64>,
+    /// Segment file size at which a topic's log rolls, e.g. 256MiB [default: 256MiB].
+    #[arg(long, env = "KEEL_LOG_SEGMENT_BYTES", value_parser = parse_size)]
+    segment_bytes: Option<u64>,
+    /// Drop a topic's oldest segments while it is larger than this, e.g. 10GiB.
+    #[arg(long, env = "KEEL_LOG_RETENTION_BYTES", value_parser = parse_size)]
+    retention_bytes: Option<u64>,
+    /// Drop segments whose newest record is older than this, e.g. 7days.
+    #[arg(long, env = "KEEL_LOG_RETENTION_AGE", value_parser = parse_duration)]
+    retention_age: Option<Duration>,
+    /// Refuse writes to topics that do not exist yet (NOT_FOUND / 404).
+    #[arg(long, env = "KEEL_LOG_NO_AUTO_CREATE")]
+    no_auto_create: bool,
+}
+
+#[derive(Debug, Args)]
+struct ProduceArgs {
+    /// The log service.
+    #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
+    addr: String,
+    /// The topic [default: the service's default topic].
+    #[arg(long, short, default_value = "")]
+    topic: String,
+    /// Lines of stdin sent per batch.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Values to append, one record each; without any, stdin is read line by line.
+    values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    /// The value as text, one record per line.
+    Text,
+    /// One JSON object per line: offset, timestamp_ms, value (base64).
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ConsumeArgs {
+    /// The log service.
+    #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
+    addr: String,
+    /// The topic [default: the service's default topic].
+    #[arg(long, short, default_value = "")]
+    topic: String,
+    /// The first offset to read.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Keep reading new records as they are appended, until Ctrl-C.
+    #[arg(long, short)]
+    follow: bool,
+    /// Stop after this many records.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+fn parse_sync(text: &str) -> Result<SyncPolicy, String> {
+    text.parse()
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime_parse(text)
+}
+
+fn humantime_parse(text: &str) -> Result<Duration, String> {
+    // The same grammar as the config file ("10ms", "7days").
+    let policy: SyncPolicy = format!("interval:{text}").parse()?;
+    match policy {
+        SyncPolicy::Interval(every) => Ok(every),
+        _ => Err(format!("bad duration {text:?}")),
+    }
+}
+
+/// Installs the log subscriber: `filter` is a level or a RUST_LOG directive; RUST_LOG
+/// wins when set.
+pub fn init_tracing(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("keel: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Log {
+                command: LogCommand::Serve(args),
+            } => serve(args).await,
+            Command::Produce(args) => produce(args).await.map_err(Failure::Run),
+            Command::Consume(args) => consume(args).await.map_err(Failure::Run),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(err)) => {
+            eprintln!("keel: invalid configuration: {}", report(&err));
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Run(err)) => {
+            eprintln!("keel: {}", report(&err));
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// An error and its causes on one line, leaving out a cause its parent's message
+/// already includes.
+fn report(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
+enum Failure {
+    Config(anyhow::Error),
+    Run(anyhow::Error),
+}
+
+/// The layout of a keel config file (`--config`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ConfigFile {
+    log: LogServiceConfig,
+}
+
+fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            toml::from_str::<ConfigFile>(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?
+                .log
+        }
+        None => LogServiceConfig::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(addr) = &args.addr {
+        config.addr = addr.clone();
+    }
+    if let Some(sync) = args.sync {
+        config.log.sync = sync;
+    }
+    if let Some(bytes) = args.max_record_bytes {
+        config.log.max_record_bytes = bytes;
+        // Keep room for the largest record in a request.
+        config.max_body_bytes = config.max_body_bytes.max(bytes + 64 * 1024);
+    }
+    if let Some(bytes) = args.segment_bytes {
+        config.log.segment_bytes = bytes;
+    }
+    if let Some(bytes) = args.retention_bytes {
+        config.log.retention.bytes = Some(bytes);
+    }
+    if let Some(age) = args.retention_age {
+        config.log.retention.age = Some(age);
+    }
+    if args.no_auto_create {
+        config.auto_create_topics = false;
+    }
+    if let Err(err) = config.validate() {
+        bail!("{err}");
+    }
+    Ok(config)
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let config = serve_config(&args).map_err(Failure::Config)?;
+    let listener = tokio::net::TcpListener::bind(&config.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}: is another process using it? Choose another with --addr or KEEL_LOG_ADDR",
+                config.addr
+            )
+        })
+        .map_err(Failure::Run)?;
+    let addr = listener
+        .local_addr()
+        .map_err(|err| Failure::Run(err.into()))?;
+    println!(
+        "keel log service listening on {addr} (gRPC log.v1.Log and HTTP), data in {}",
+        config.data_dir.display()
+    );
+    let _ = std::io::stdout().flush();
+    keel_log::run(listener, config, shutdown_signal())
+        .await
+        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
+}
+
+/// Completes on the first SIGINT or SIGTERM. Later signals are ignored, so a second
+/// Ctrl-C cannot interrupt the final sync.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(terminate) => terminate,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the service");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    let mut client = Client::connect(&args.addr).await?;
+    if !args.values.is_empty() {
+        let values: Vec<Bytes> = args.values.into_iter().map(Bytes::from).collect();
+        let offsets = client.produce_batch(&args.topic, values).await?;
+        for offset in offsets {
+            println!("{offset}");
+        }
+        return Ok(());
+    }
+
+    let stdin = std::io::stdin();
+    // A progress bar when stdin is a file and a person is watching.
+    let progress = match std::fs::metadata("/dev/stdin") {
+        Ok(meta) if meta.is_file() && std::io::stderr().is_terminal() => {
+            let bar = indicatif::ProgressBar::new(meta.len());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Some(bar)
+        }
+        _ => None,
+    };
+    let mut lines = stdin.lock();
+    let mut batch = Vec::with_capacity(args.batch);
+    let mut first = None;
+    let mut last = None;
+    let mut count: u64 = 0;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let read = lines.read_line(&mut line).context("reading stdin")?;
+        if read > 0 {
+            if let Some(bar) = &progress {
+                bar.inc(read as u64);
+            }
+            let value = line.trim_end_matches(['\n', '\r']);
+            batch.push(Bytes::copy_from_slice(value.as_bytes()));
+        }
+        if batch.len() >= args.batch.max(1) || (read == 0 && !batch.is_empty()) {
+            let sent = std::mem::take(&mut batch);
+            count += sent.len() as u64;
+            let offsets = client.produce_batch(&args.topic, sent).await?;
+            first.get_or_insert(offsets.start);
+            last = Some(offsets.end);
+        }
+        if read == 0 {
+            break;
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    match (first, last) {
+        (Some(first), Some(last)) => eprintln!("produced {count} records, offsets {first}..{last}"),
+        _ => eprintln!("stdin was empty: nothing produced"),
+    }
+    Ok(())
+}
+
+async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let mut client = Client::connect(&args.addr).await?;
+    let mut stream = client
+        .subscribe(&args.topic, args.from, args.follow, 0)
+        .await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut printed: u64 = 0;
+    let limit = args.max.unwrap_or(u64::MAX);
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    while printed < limit {
+        let chunk = tokio::select! {
+            chunk = stream.next() => chunk,
+            _ = &mut interrupted => None,
+        };
+        let Some(chunk) = chunk else { break };
+        for record in chunk? {
+            if printed >= limit {
+                break;
+            }
+            match args.format {
+                Format::Text => {
+                    out.write_all(&record.value)?;
+                    out.write_all(b"\n")?;
+                }
+                Format::Json => {
+                    let line = serde_json::json!({
+                        "offset": record.offset,
+                        "timestamp_ms": record.timestamp_ms,
+                        "value": base64::engine::general_purpose::STANDARD.encode(&record.value),
+                    });
+                    writeln!(out, "{line}")?;
+                }
+            }
+            printed += 1;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! keel: the `keel` binary's commands, and (as it grows) the SDK for writing services
+//! against keel.
+//!
+//! This crate wires the parts together: it owns the command line, configuration
+//! layering (defaults, then a TOML file, then `KEEL_*` environment variables, then
+//! flags) and process concerns (signals, exit codes). The parts themselves live in
+//! their crates: `keel-log` (log service and client), `keel-commitlog` (storage).
+
+pub mod cli;

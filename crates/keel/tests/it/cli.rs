@@ -1,0 +1,177 @@
+//! The command line: produce, consume, config errors, signals.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{KEEL, Served};
+
+fn keel(args: &[&str]) -> std::process::Output {
+    Command::new(KEEL)
+        .args(args)
+        .env("KEEL_LOG_LEVEL", "warn")
+        .output()
+        .expect("run keel")
+}
+
+#[test]
+fn produce_and_consume_should_round_trip_values_and_stdin_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(dir.path(), &[]);
+    let out = keel(&["produce", "--addr", &served.addr, "-t", "cli", "one", "two"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n1\n");
+
+    let mut child = Command::new(KEEL)
+        .args([
+            "produce",
+            "--addr",
+            &served.addr,
+            "-t",
+            "cli",
+            "--batch",
+            "2",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"three\nfour\nfive\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("produced 3 records, offsets 2..5"));
+
+    let out = keel(&["consume", "--addr", &served.addr, "-t", "cli"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "one\ntwo\nthree\nfour\nfive\n"
+    );
+    let out = keel(&[
+        "consume",
+        "--addr",
+        &served.addr,
+        "-t",
+        "cli",
+        "--from",
+        "3",
+        "--max",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["offset"], 3);
+    assert_eq!(line["value"], "Zm91cg==");
+}
+
+#[test]
+fn consume_follow_should_print_new_records_until_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(dir.path(), &[]);
+    assert!(
+        keel(&["produce", "--addr", &served.addr, "-t", "f", "a"])
+            .status
+            .success()
+    );
+    let follower = Command::new(KEEL)
+        .args([
+            "consume",
+            "--addr",
+            &served.addr,
+            "-t",
+            "f",
+            "--follow",
+            "--max",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The follower prints "a", then waits for records that do not exist yet.
+    let out = keel(&["produce", "--addr", &served.addr, "-t", "f", "b", "c"]);
+    assert!(out.status.success());
+    let out = follower.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a\nb\nc\n");
+}
+
+#[test]
+fn invalid_configuration_should_exit_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keel(&[
+        "log",
+        "serve",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--segment-bytes",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("segment_bytes"));
+
+    let file = dir.path().join("keel.toml");
+    std::fs::write(&file, "[log]\nqueue_dept = 5\n").unwrap();
+    let out = keel(&["log", "serve", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("queue_dept"));
+}
+
+#[test]
+fn config_file_and_env_should_layer_under_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keel.toml");
+    std::fs::write(
+        &file,
+        "[log]\ndefault_topic = \"from-file\"\nauto_create_topics = false\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let served = Served::start(&data, &["--config", file.to_str().unwrap()]);
+    // The file's default topic exists; auto-create is off, so other topics are 404s.
+    let out = keel(&["produce", "--addr", &served.addr, "x"]);
+    assert!(out.status.success());
+    assert!(data.join("topics/from-file").is_dir());
+    let out = keel(&["produce", "--addr", &served.addr, "-t", "other", "x"]);
+    assert_eq!(out.status.code(), Some(70));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn sigterm_and_sigint_should_stop_the_service_cleanly_with_exit_0() {
+    for signal in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut served = Served::start(dir.path(), &[]);
+        let out = keel(&["produce", "--addr", &served.addr, "kept"]);
+        assert!(out.status.success());
+        served.signal(signal);
+        let status = served.wait(Duration::from_secs(15));
+        assert_eq!(status.code(), Some(0), "SIG{signal}");
+        // The clean close left nothing to recover.
+        let served = Served::start(dir.path(), &[]);
+        let out = keel(&["consume", "--addr", &served.addr]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
+    }
+}
+
+#[test]
+fn help_should_explain_every_command() {
+    for args in [
+        &["--help"][..],
+        &["log", "serve", "--help"],
+        &["produce", "--help"],
+        &["consume", "--help"],
+    ] {
+        let out = keel(args);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"));
+    }
+}

@@ -1,0 +1,7 @@
+//! Tests of the `keel` binary as a user runs it: child processes, signals, exit codes.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod cli;
+mod crash;
+mod support;
