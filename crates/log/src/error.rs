@@ -141,3 +141,94 @@ pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Respo
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
     (status, axum::Json(body)).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_should_map_to_its_documented_code_and_status() {
+        let out_of_range = ServiceError::log(
+            "t",
+            LogError::OffsetOutOfRange {
+                offset: 5,
+                lowest: 0,
+                next: 3,
+            },
+        );
+        let too_large = ServiceError::log("t", LogError::RecordTooLarge { len: 9, max: 8 });
+        let io = ServiceError::log(
+            "t",
+            LogError::Io {
+                path: "/x".into(),
+                source: std::io::Error::other("disk on fire"),
+            },
+        );
+        let cases = [
+            (
+                out_of_range,
+                tonic::Code::OutOfRange,
+                StatusCode::NOT_FOUND,
+                "offset_out_of_range",
+            ),
+            (
+                too_large,
+                tonic::Code::InvalidArgument,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "record_too_large",
+            ),
+            (
+                io,
+                tonic::Code::Internal,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+            (
+                ServiceError::UnknownTopic { topic: "t".into() },
+                tonic::Code::NotFound,
+                StatusCode::NOT_FOUND,
+                "unknown_topic",
+            ),
+            (
+                ServiceError::InvalidTopic {
+                    name: "a/b".into(),
+                    reason: "r",
+                },
+                tonic::Code::InvalidArgument,
+                StatusCode::BAD_REQUEST,
+                "invalid_topic",
+            ),
+            (
+                ServiceError::BadRequest("x".into()),
+                tonic::Code::InvalidArgument,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                ServiceError::BodyTooLarge { len: 9, max: 8 },
+                tonic::Code::InvalidArgument,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+            ),
+            (
+                ServiceError::Overloaded { topic: "t".into() },
+                tonic::Code::ResourceExhausted,
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+            ),
+            (
+                ServiceError::ShuttingDown,
+                tonic::Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+            ),
+        ];
+        for (err, grpc, http, code) in cases {
+            assert_eq!(
+                (err.grpc_code(), err.http_status(), err.code()),
+                (grpc, http, code),
+                "{err}"
+            );
+        }
+    }
+}

@@ -223,3 +223,61 @@ impl Topics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_should_be_safe_directory_names() {
+        for good in ["a", "orders", "orders.v2", "a_b-c", &"x".repeat(128)] {
+            assert!(validate_topic_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a b",
+            "é",
+            "../etc",
+            &"x".repeat(129),
+        ] {
+            assert!(
+                matches!(
+                    validate_topic_name(bad),
+                    Err(ServiceError::InvalidTopic { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_topics_should_refuse_appends_as_shutting_down() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogServiceConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..LogServiceConfig::default()
+        };
+        let topics = Topics::open(config).expect("open");
+        let topic = topics.get("").expect("default topic");
+        assert_eq!(
+            topic
+                .append(vec![bytes::Bytes::from_static(b"x")])
+                .await
+                .expect("append"),
+            0..1
+        );
+        tokio::task::block_in_place(|| topics.close());
+        assert!(matches!(
+            topic.append(vec![bytes::Bytes::from_static(b"y")]).await,
+            Err(ServiceError::ShuttingDown)
+        ));
+        assert_eq!(
+            topic.read(0).await.expect("reads still work").value,
+            &b"x"[..]
+        );
+    }
+}

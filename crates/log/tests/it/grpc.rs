@@ -346,3 +346,104 @@ async fn client_should_say_when_nothing_listens() {
         other => panic!("expected Connect error, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn full_write_queue_should_be_resource_exhausted_and_lose_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    // One waiting append at most, and no patience: concurrent producers overflow it.
+    let tight = keel_log::LogServiceConfig {
+        queue_depth: 1,
+        enqueue_timeout: Duration::ZERO,
+        ..config(dir.path())
+    };
+    let server = TestServer::start_with(tight).await;
+    let mut tasks = Vec::new();
+    for producer in 0..32 {
+        let mut client = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            let (mut acked, mut exhausted) = (Vec::new(), 0);
+            for i in 0..20 {
+                let value = format!("{producer}-{i}");
+                match client.produce("busy", value.clone()).await {
+                    Ok(offset) => acked.push((offset, value)),
+                    Err(ClientError::Status(status))
+                        if status.code() == Code::ResourceExhausted =>
+                    {
+                        assert!(
+                            status.message().contains("overloaded"),
+                            "{}",
+                            status.message()
+                        );
+                        exhausted += 1;
+                    }
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+            }
+            (acked, exhausted)
+        }));
+    }
+    let mut exhausted_total = 0;
+    let mut client = server.client().await;
+    for task in tasks {
+        let (acked, exhausted) = task.await.unwrap();
+        exhausted_total += exhausted;
+        for (offset, value) in acked {
+            assert_eq!(client.consume("busy", offset).await.unwrap().value, value);
+        }
+    }
+    assert!(
+        exhausted_total > 0,
+        "32 producers against a queue of one must overflow it"
+    );
+}
+
+#[tokio::test]
+async fn a_consumer_that_stops_reading_should_not_slow_producers() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    client.produce("slow", "seed").await.unwrap();
+    // Open a tail and never read it: its buffers fill, then its task waits.
+    let stalled = client.subscribe("slow", 0, true, 64).await.unwrap();
+    let values: Vec<Bytes> = (0..200).map(|_| Bytes::from(vec![1u8; 1000])).collect();
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        client.produce_batch("slow", values.clone()).await.unwrap();
+    }
+    assert_eq!(client.consume("slow", 10_000).await.unwrap().offset, 10_000);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "producers were held up"
+    );
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn reflection_should_list_the_log_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list, got {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"log.v1.Log".to_owned()), "{names:?}");
+}
