@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use keel_proto::log::v1::log_server::LogServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,13 @@ pub async fn serve(
         .merge(grpc)
         .fallback(http::fallback);
 
+    // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's
+    // algorithm holds the trailers until the client's delayed ACK (~40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %err, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     let signal = token.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;

@@ -1,0 +1,162 @@
+//! `keel-bench`: drives keel's log service through named scenarios and reports
+//! throughput and latency percentiles as a table and as JSON.
+//!
+//! ```text
+//! cargo run --release -p keel-bench -- all --json target/bench-log.json
+//! cargo run --release -p keel-bench -- produce --clients 16 --duration 10s
+//! ```
+//!
+//! Unless `--addr` names a running service, each scenario starts a fresh log service
+//! in this process, on its own runtime and threads, with data in a temp dir, bound to
+//! 127.0.0.1:0. Every load is bounded by `--duration` (and a record count where it
+//! applies) and stops by itself.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+mod report;
+mod scenarios;
+mod target;
+
+use report::Outcome;
+use scenarios::Load;
+
+#[derive(Debug, Parser)]
+#[command(name = "keel-bench", about = "Load generator for keel's log service")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+/// Settings every scenario shares.
+#[derive(Debug, Clone, Args)]
+struct Common {
+    /// How long each measured run lasts.
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Bytes of each record's value.
+    #[arg(long, global = true, default_value_t = 100)]
+    record_bytes: usize,
+    /// Sync policy of the service this tool starts: always, interval:<d> or never.
+    #[arg(long, global = true, default_value = "always")]
+    sync: String,
+    /// Drive an already running service instead of starting one.
+    #[arg(long, global = true)]
+    addr: Option<String>,
+    /// Also write the results as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Unary Produce from N concurrent clients (one connection each).
+    Produce {
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
+    /// ProduceStream: records pipelined on one stream, each acknowledged in order.
+    ProduceStream {
+        /// Records in flight (sent, not yet acknowledged) per stream.
+        #[arg(long, default_value_t = 1024)]
+        window: usize,
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+    },
+    /// ProduceBatch: many records per request.
+    ProduceBatch {
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+    },
+    /// ConsumeBatchStream over a topic filled beforehand.
+    Consume {
+        /// Records written before the timed read.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+    },
+    /// Unary Produce at a fixed rate (open loop): latency at a steady load.
+    Latency {
+        /// Records per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+    },
+    /// The log service set: produce (1, 4, 16 clients), produce-stream,
+    /// produce-batch, consume, and latency at 1000 records/s.
+    All,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let policy: keel_commitlog::SyncPolicy = format!("interval:{text}").parse()?;
+    match policy {
+        keel_commitlog::SyncPolicy::Interval(every) => Ok(every),
+        _ => Err(format!("bad duration {text:?}")),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let common = cli.common;
+    let sync: keel_commitlog::SyncPolicy = common.sync.parse().map_err(anyhow::Error::msg)?;
+    let loads = match cli.scenario {
+        Scenario::Produce { clients } => vec![Load::Produce { clients }],
+        Scenario::ProduceStream { window, streams } => {
+            vec![Load::ProduceStream { window, streams }]
+        }
+        Scenario::ProduceBatch { batch, clients } => vec![Load::ProduceBatch { batch, clients }],
+        Scenario::Consume { records } => vec![Load::Consume { records }],
+        Scenario::Latency { rate } => vec![Load::Latency { rate }],
+        Scenario::All => vec![
+            Load::Produce { clients: 1 },
+            Load::Produce { clients: 4 },
+            Load::Produce { clients: 16 },
+            Load::ProduceStream {
+                window: 1024,
+                streams: 1,
+            },
+            Load::ProduceStream {
+                window: 1024,
+                streams: 4,
+            },
+            Load::ProduceBatch {
+                batch: 1000,
+                clients: 1,
+            },
+            Load::ProduceBatch {
+                batch: 1000,
+                clients: 4,
+            },
+            Load::Consume { records: 2_000_000 },
+            Load::Latency { rate: 1000 },
+        ],
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the load generator's runtime")?;
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for load in loads {
+        eprintln!("running {}", load.name());
+        let target = target::Target::start(common.addr.as_deref(), sync)?;
+        let outcome = runtime.block_on(scenarios::run(&load, &target.addr, &common))?;
+        drop(target);
+        outcomes.push(outcome);
+    }
+    let machine = report::Machine::read();
+    println!("{}", report::table(&outcomes, &machine, &common.sync));
+    if let Some(path) = &common.json {
+        let json =
+            serde_json::json!({ "machine": machine, "sync": common.sync, "results": outcomes });
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("results written to {}", path.display());
+    }
+    Ok(())
+}
