@@ -175,3 +175,28 @@ fn help_should_explain_every_command() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"));
     }
 }
+
+#[test]
+fn environment_should_configure_and_flags_should_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out = Command::new(KEEL)
+        .args(["log", "serve", "--data-dir", data])
+        .env("KEEL_LOG_SEGMENT_BYTES", "10")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "the environment is read");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("segment_bytes"));
+
+    // The flag wins over the bad environment value: the service starts and works.
+    let served = Served::start_with_env(
+        dir.path(),
+        &["--segment-bytes", "1MiB"],
+        &[("KEEL_LOG_SEGMENT_BYTES", "10")],
+    );
+    assert!(
+        keel(&["produce", "--addr", &served.addr, "ok"])
+            .status
+            .success()
+    );
+}
