@@ -48,6 +48,35 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
+/// Waits for every task and adds up their latencies.
+async fn merged(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut all = histogram()?;
+    for task in tasks {
+        all.add(task.await??)?;
+    }
+    Ok(all)
+}
+
+/// The outcome of a scenario whose tasks each record one acknowledgement per record.
+async fn acknowledged(
+    load: &Load,
+    common: &Common,
+    started: Instant,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+) -> anyhow::Result<Outcome> {
+    let all = merged(tasks).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Outcome::new(
+        load.name(),
+        all.len(),
+        common.record_bytes,
+        seconds,
+        Some((&all, "ack")),
+    ))
+}
+
 fn micros(elapsed: Duration) -> u64 {
     elapsed.as_micros().clamp(1, 60_000_000) as u64
 }
@@ -91,18 +120,7 @@ async fn produce(
             anyhow::Ok(latencies)
         }));
     }
-    let mut all = histogram()?;
-    for task in tasks {
-        all.add(task.await??)?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(Outcome::new(
-        load.name(),
-        all.len(),
-        common.record_bytes,
-        seconds,
-        Some((&all, "ack")),
-    ))
+    acknowledged(load, common, started, tasks).await
 }
 
 async fn produce_stream(
@@ -166,18 +184,7 @@ async fn produce_stream(
             anyhow::Ok(latencies)
         }));
     }
-    let mut all = histogram()?;
-    for task in tasks {
-        all.add(task.await??)?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(Outcome::new(
-        load.name(),
-        all.len(),
-        common.record_bytes,
-        seconds,
-        Some((&all, "ack")),
-    ))
+    acknowledged(load, common, started, tasks).await
 }
 
 async fn produce_batch(

@@ -50,7 +50,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     config.validate()?;
-    let topics = std::sync::Arc::new(Topics::open(config).map_err(|err| err.to_string())?);
+    let topics = std::sync::Arc::new(Topics::open(config).await.map_err(|err| err.to_string())?);
     serve(listener, topics, shutdown)
         .await
         .map_err(|err| format!("serving the log service failed: {err}"))

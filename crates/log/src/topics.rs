@@ -56,13 +56,14 @@ pub struct Topics {
 
 impl Topics {
     /// Opens every topic found under the data directory, and the default and log-sink
-    /// topics. Must run inside a tokio runtime (the writers use its timers).
+    /// topics. Async because the topics' writers use the runtime's timers; opening
+    /// runs recovery, which reads the active segments.
     ///
     /// # Errors
     ///
     /// A topic that fails to open (for example a corrupt sealed segment) fails the
     /// whole start: serving some topics while silently missing another would be worse.
-    pub fn open(config: LogServiceConfig) -> Result<Self, ServiceError> {
+    pub async fn open(config: LogServiceConfig) -> Result<Self, ServiceError> {
         let root = config.data_dir.join("topics");
         std::fs::create_dir_all(&root).map_err(|source| {
             ServiceError::log(
@@ -261,7 +262,7 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             ..LogServiceConfig::default()
         };
-        let topics = Topics::open(config).expect("open");
+        let topics = Topics::open(config).await.expect("open");
         let topic = topics.get("").expect("default topic");
         assert_eq!(
             topic

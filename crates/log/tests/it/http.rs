@@ -16,18 +16,31 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
-async fn error_of(response: reqwest::Response) -> (StatusCode, String, String) {
-    let status = response.status();
+/// Sends `request`, checks that it failed with `status` and the JSON error `code`,
+/// and returns the error's message.
+async fn expect_error(request: reqwest::RequestBuilder, status: StatusCode, code: &str) -> String {
+    let response = request
+        .send()
+        .await
+        .expect("an answer, not a dropped connection");
+    let got = response.status();
     let body: Value = response.json().await.expect("errors are JSON");
-    let code = body["error"]["code"]
-        .as_str()
-        .expect("error.code")
-        .to_owned();
     let message = body["error"]["message"]
         .as_str()
         .expect("error.message")
         .to_owned();
-    (status, code, message)
+    assert_eq!(
+        (got, body["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{message}"
+    );
+    message
+}
+
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
 }
 
 #[tokio::test]
@@ -35,43 +48,24 @@ async fn original_post_and_get_should_speak_base64_json() {
     let server = TestServer::start().await;
     let client = http();
     // "aGVsbG8=" is base64 for "hello", as Go encodes []byte.
-    let response = client
-        .post(server.url("/"))
-        .json(&json!({"record": {"value": "aGVsbG8=", "offset": 0}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.json::<Value>().await.unwrap(),
-        json!({"offset": 0})
-    );
-
-    let response = client
-        .get(server.url("/"))
-        .json(&json!({"offset": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.json::<Value>().await.unwrap(),
-        json!({"record": {"value": "aGVsbG8=", "offset": 0}})
-    );
-
-    let (status, code, message) = error_of(
+    let produced = json_of(
         client
-            .get(server.url("/"))
-            .json(&json!({"offset": 1}))
-            .send()
-            .await
-            .unwrap(),
+            .post(server.url("/"))
+            .json(&json!({"record": {"value": "aGVsbG8=", "offset": 0}})),
     )
     .await;
+    assert_eq!(produced, json!({"offset": 0}));
+    let consumed = json_of(client.get(server.url("/")).json(&json!({"offset": 0}))).await;
     assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::NOT_FOUND, "offset_out_of_range")
+        consumed,
+        json!({"record": {"value": "aGVsbG8=", "offset": 0}})
     );
+    let message = expect_error(
+        client.get(server.url("/")).json(&json!({"offset": 1})),
+        StatusCode::NOT_FOUND,
+        "offset_out_of_range",
+    )
+    .await;
     assert!(message.contains("offset 1"), "{message}");
 }
 
@@ -86,84 +80,49 @@ async fn bad_input_should_get_400_with_a_json_error() {
         ("/v1/topics/t/records", r#"{"value":"%%"}"#, "base64"),
     ];
     for (path, body, expected) in cases {
-        let response = client
+        let request = client
             .post(server.url(path))
             .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let (status, code, message) = error_of(response).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}");
-        assert_eq!(code, "bad_request");
+            .body(body);
+        let message = expect_error(request, StatusCode::BAD_REQUEST, "bad_request").await;
         assert!(message.contains(expected), "{body}: {message}");
     }
-    let (status, code, _) = error_of(
-        client
-            .get(server.url("/v1/topics/t/records/abc"))
-            .send()
-            .await
-            .unwrap(),
+    expect_error(
+        client.get(server.url("/v1/topics/t/records/abc")),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
     )
     .await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::BAD_REQUEST, "bad_request")
-    );
-    let (status, code, _) = error_of(
+    expect_error(
         client
             .post(server.url("/v1/topics/bad%20name/records"))
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
+            .body("x"),
+        StatusCode::BAD_REQUEST,
+        "invalid_topic",
     )
     .await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::BAD_REQUEST, "invalid_topic")
-    );
 }
 
 #[tokio::test]
 async fn oversized_body_should_get_413_not_a_dropped_connection() {
     let server = TestServer::start().await;
     let client = http();
-    // The test server's body limit is 2 MiB.
-    let big = vec![b'a'; 3 * 1024 * 1024];
-    let response = client
-        .post(server.url("/v1/topics/t/records"))
-        .body(big)
-        .send()
-        .await
-        .expect("an answer, not a reset");
-    let (status, code, message) = error_of(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
-        "{message}"
-    );
-    // A record over the record limit (1 MiB) but within the body limit: 413 too.
-    let response = client
-        .post(server.url("/v1/topics/t/records"))
-        .body(vec![b'b'; 1024 * 1024 + 1])
-        .send()
-        .await
-        .unwrap();
-    let (status, code, _) = error_of(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::PAYLOAD_TOO_LARGE, "record_too_large")
-    );
+    // The test server's body limit is 2 MiB, its record limit 1 MiB.
+    let url = server.url("/v1/topics/t/records");
+    expect_error(
+        client.post(&url).body(vec![b'a'; 3 * 1024 * 1024]),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    )
+    .await;
+    expect_error(
+        client.post(&url).body(vec![b'b'; 1024 * 1024 + 1]),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "record_too_large",
+    )
+    .await;
     // Nothing of either was appended.
-    let topics: Value = client
-        .get(server.url("/v1/topics"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let topics = json_of(client.get(server.url("/v1/topics"))).await;
     assert!(
         topics["topics"]
             .as_array()
@@ -177,129 +136,74 @@ async fn oversized_body_should_get_413_not_a_dropped_connection() {
 async fn unknown_route_and_wrong_method_should_be_json_404_and_405() {
     let server = TestServer::start().await;
     let client = http();
-    let (status, code, _) = error_of(
-        client
-            .get(server.url("/no/such/route"))
-            .send()
-            .await
-            .unwrap(),
+    expect_error(
+        client.get(server.url("/no/such/route")),
+        StatusCode::NOT_FOUND,
+        "not_found",
     )
     .await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
-    let (status, code, _) = error_of(client.delete(server.url("/log")).send().await.unwrap()).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
-    );
-    let (status, code, _) = error_of(
-        client
-            .get(server.url("/v1/topics/missing/records/0"))
-            .send()
-            .await
-            .unwrap(),
+    expect_error(
+        client.delete(server.url("/log")),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
     )
     .await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::NOT_FOUND, "unknown_topic")
-    );
+    expect_error(
+        client.get(server.url("/v1/topics/missing/records/0")),
+        StatusCode::NOT_FOUND,
+        "unknown_topic",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn log_sink_should_append_lines_to_the_logs_topic_and_reject_empty_ones() {
     let server = TestServer::start().await;
     let client = http();
-    let response = client
-        .post(server.url("/log"))
-        .body("visit 1\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let record: Value = client
-        .get(server.url("/v1/topics/logs/records/0"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(
+        json_of(client.post(server.url("/log")).body("visit 1\n")).await,
+        json!({"offset": 0})
+    );
+    let record = json_of(client.get(server.url("/v1/topics/logs/records/0"))).await;
     assert_eq!(
         record["record"]["text"], "visit 1",
         "the trailing newline is not part of the line"
     );
     assert!(record["record"]["timestamp_ms"].as_u64().unwrap() > 0);
-    let (status, code, _) = error_of(
-        client
-            .post(server.url("/log"))
-            .body("")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::BAD_REQUEST, "bad_request")
-    );
-    let (status, _, _) = error_of(
-        client
-            .post(server.url("/log"))
-            .body(" \n")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for blank in ["", " \n"] {
+        expect_error(
+            client.post(server.url("/log")).body(blank),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
 async fn topic_routes_should_append_raw_and_json_and_read_single_and_ranges() {
     let server = TestServer::start().await;
     let client = http();
-    let response = client
-        .post(server.url("/v1/topics/events/records"))
-        .body("raw bytes")
-        .send()
-        .await
-        .unwrap();
+    let url = server.url("/v1/topics/events/records");
     assert_eq!(
-        response.json::<Value>().await.unwrap(),
+        json_of(client.post(&url).body("raw bytes")).await,
         json!({"first_offset": 0, "count": 1})
     );
-    let response = client
-        .post(server.url("/v1/topics/events/records"))
-        .json(&json!({"records": [{"value": "b25l"}, {"value": "dHdv"}]}))
-        .send()
-        .await
-        .unwrap();
+    let batch = json!({"records": [{"value": "b25l"}, {"value": "dHdv"}]});
     assert_eq!(
-        response.json::<Value>().await.unwrap(),
+        json_of(client.post(&url).json(&batch)).await,
         json!({"first_offset": 1, "count": 2})
     );
 
-    let one: Value = client
-        .get(server.url("/v1/topics/events/records/2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(one["record"]["text"], "two");
-    assert_eq!(one["record"]["value"], "dHdv");
-    let range: Value = client
-        .get(server.url("/v1/topics/events/records?from=1&max=5"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one = json_of(client.get(server.url("/v1/topics/events/records/2"))).await;
+    assert_eq!(
+        (
+            one["record"]["text"].as_str(),
+            one["record"]["value"].as_str()
+        ),
+        (Some("two"), Some("dHdv"))
+    );
+    let range = json_of(client.get(server.url("/v1/topics/events/records?from=1&max=5"))).await;
     let texts: Vec<&str> = range["records"]
         .as_array()
         .unwrap()
@@ -308,27 +212,14 @@ async fn topic_routes_should_append_raw_and_json_and_read_single_and_ranges() {
         .collect();
     assert_eq!(texts, ["one", "two"]);
     assert_eq!(range["next_offset"], 3);
-    let (status, code, _) = error_of(
-        client
-            .get(server.url("/v1/topics/events/records/3"))
-            .send()
-            .await
-            .unwrap(),
+    expect_error(
+        client.get(server.url("/v1/topics/events/records/3")),
+        StatusCode::NOT_FOUND,
+        "offset_out_of_range",
     )
     .await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::NOT_FOUND, "offset_out_of_range")
-    );
 
-    let listed: Value = client
-        .get(server.url("/v1/topics"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = json_of(client.get(server.url("/v1/topics"))).await;
     let events = listed["topics"]
         .as_array()
         .unwrap()
@@ -380,15 +271,10 @@ async fn sse_tail_should_replay_and_deliver_new_records() {
 async fn healthz_and_metrics_should_report_the_service() {
     let server = TestServer::start().await;
     let client = http();
-    let health: Value = client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(health, json!({"status": "ok"}));
+    assert_eq!(
+        json_of(client.get(server.url("/healthz"))).await,
+        json!({"status": "ok"})
+    );
     client
         .post(server.url("/log"))
         .body("one line")
