@@ -1,0 +1,375 @@
+//! The registry's state machine: commands in, events out, no I/O and no clock.
+//!
+//! Everything that changes the registry is a [`Command`] applied with
+//! [`RegistryState::apply`]; time enters as data (`at_ms`, `now_ms`). So the same
+//! commands in the same order give the same state on every node, which is what lets
+//! the registry be replicated through a consensus log. The HTTP API, the health
+//! checker and the notifier live around it: they turn requests and check results
+//! into commands, and events into notifications.
+//!
+//! An instance is **available** while it is registered and passing. Events report
+//! changes of availability, which is what dependents are told about.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::error::{RegistryError, Result};
+use crate::registration::Registration;
+
+/// An instance's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Serving; returned by discovery.
+    Passing,
+    /// Failing its checks (or its TTL ran out); hidden from discovery, and removed
+    /// when critical for longer than the deregister-after period.
+    Critical,
+}
+
+/// A registered instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    /// Unique within its service: the URL without its scheme.
+    pub id: String,
+    /// The service it belongs to.
+    pub name: String,
+    /// Its base URL.
+    pub url: String,
+    /// Services it needs.
+    pub required_services: Vec<String>,
+    /// Where it takes notifications.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_url: Option<String>,
+    /// What the health checker polls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_url: Option<String>,
+    /// Free-form labels.
+    pub meta: BTreeMap<String, String>,
+    /// Current health.
+    pub health: Health,
+    /// When it (last) registered.
+    pub registered_at_ms: u64,
+    /// When it turned critical, while it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub critical_since_ms: Option<u64>,
+    /// With a TTL, it must heartbeat at least this often or turn critical.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Its last TTL heartbeat (or registration).
+    pub last_seen_ms: u64,
+}
+
+impl Instance {
+    /// Whether discovery returns it.
+    pub fn is_available(&self) -> bool {
+        self.health == Health::Passing
+    }
+}
+
+/// A change to the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Registers an instance, or updates it if the same name and id are registered.
+    Register {
+        /// What it registered with.
+        registration: Registration,
+        /// An optional TTL: heartbeats must come at least this often.
+        ttl_ms: Option<u64>,
+        /// The time of registration.
+        at_ms: u64,
+    },
+    /// Removes an instance.
+    Deregister {
+        /// Its service.
+        name: String,
+        /// Its id.
+        id: String,
+    },
+    /// Records the verdict of the health checker.
+    SetHealth {
+        /// Its service.
+        name: String,
+        /// Its id.
+        id: String,
+        /// The new health.
+        health: Health,
+        /// The time of the verdict.
+        at_ms: u64,
+    },
+    /// A TTL heartbeat: the instance is alive.
+    Heartbeat {
+        /// Its service.
+        name: String,
+        /// Its id.
+        id: String,
+        /// The time of the heartbeat.
+        at_ms: u64,
+    },
+    /// Turns instances whose TTL ran out critical, and removes instances critical
+    /// for at least `deregister_after_ms`.
+    Reap {
+        /// Now.
+        now_ms: u64,
+        /// How long an instance may stay critical.
+        deregister_after_ms: u64,
+    },
+}
+
+/// What a command changed that others may need to hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An instance became available: newly registered, or passing again.
+    Available(Instance),
+    /// An instance stopped being available: deregistered, turned critical, or removed.
+    Unavailable(Instance),
+}
+
+impl Event {
+    /// The instance the event is about.
+    pub fn instance(&self) -> &Instance {
+        match self {
+            Self::Available(instance) | Self::Unavailable(instance) => instance,
+        }
+    }
+}
+
+/// The registry's state.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryState {
+    /// By service name, then id: iteration is deterministic.
+    services: BTreeMap<String, BTreeMap<String, Instance>>,
+    /// Grows by one with every command that changes anything (for watches).
+    index: u64,
+}
+
+impl RegistryState {
+    /// The change index: grows with every change.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Applies a command and returns the availability changes it caused.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::UnknownInstance`] for a command about an instance that is not
+    /// registered; the state is unchanged.
+    pub fn apply(&mut self, command: Command) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let changed = match command {
+            Command::Register {
+                registration,
+                ttl_ms,
+                at_ms,
+            } => {
+                self.register(registration, ttl_ms, at_ms, &mut events);
+                true
+            }
+            Command::Deregister { name, id } => {
+                let instance = self.remove(&name, &id)?;
+                if instance.is_available() {
+                    events.push(Event::Unavailable(instance));
+                }
+                true
+            }
+            Command::SetHealth {
+                name,
+                id,
+                health,
+                at_ms,
+            } => {
+                let instance = self.get_mut(&name, &id)?;
+                set_health(instance, health, at_ms, &mut events)
+            }
+            Command::Heartbeat { name, id, at_ms } => {
+                let instance = self.get_mut(&name, &id)?;
+                instance.last_seen_ms = at_ms;
+                set_health(instance, Health::Passing, at_ms, &mut events);
+                true
+            }
+            Command::Reap {
+                now_ms,
+                deregister_after_ms,
+            } => self.reap(now_ms, deregister_after_ms, &mut events),
+        };
+        if changed {
+            self.index += 1;
+        }
+        Ok(events)
+    }
+
+    fn register(
+        &mut self,
+        registration: Registration,
+        ttl_ms: Option<u64>,
+        at_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let id = registration.id().to_owned();
+        let instances = self.services.entry(registration.name.clone()).or_default();
+        let Registration {
+            name,
+            url,
+            required_services,
+            update_url,
+            heartbeat_url,
+            meta,
+        } = registration;
+        match instances.get_mut(&id) {
+            Some(existing) => {
+                existing.required_services = required_services;
+                existing.update_url = update_url;
+                existing.heartbeat_url = heartbeat_url;
+                existing.meta = meta;
+                existing.ttl_ms = ttl_ms;
+                existing.registered_at_ms = at_ms;
+                existing.last_seen_ms = at_ms;
+                // Registering again is a sign of life.
+                set_health(existing, Health::Passing, at_ms, events);
+            }
+            None => {
+                let instance = Instance {
+                    id: id.clone(),
+                    name,
+                    url,
+                    required_services,
+                    update_url,
+                    heartbeat_url,
+                    meta,
+                    health: Health::Passing,
+                    registered_at_ms: at_ms,
+                    critical_since_ms: None,
+                    ttl_ms,
+                    last_seen_ms: at_ms,
+                };
+                events.push(Event::Available(instance.clone()));
+                instances.insert(id, instance);
+            }
+        }
+    }
+
+    fn reap(&mut self, now_ms: u64, deregister_after_ms: u64, events: &mut Vec<Event>) -> bool {
+        let mut changed = false;
+        let mut removed = Vec::new();
+        for instances in self.services.values_mut() {
+            for instance in instances.values_mut() {
+                if let Some(ttl) = instance.ttl_ms
+                    && instance.health == Health::Passing
+                    && now_ms.saturating_sub(instance.last_seen_ms) > ttl
+                {
+                    changed |= set_health(instance, Health::Critical, now_ms, events);
+                }
+                if let Some(since) = instance.critical_since_ms
+                    && now_ms.saturating_sub(since) >= deregister_after_ms
+                {
+                    removed.push((instance.name.clone(), instance.id.clone()));
+                }
+            }
+        }
+        for (name, id) in removed {
+            // Already unavailable (critical), so no event; the removal is a change.
+            if self.remove(&name, &id).is_ok() {
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn get_mut(&mut self, name: &str, id: &str) -> Result<&mut Instance> {
+        self.services
+            .get_mut(name)
+            .and_then(|instances| instances.get_mut(id))
+            .ok_or_else(|| RegistryError::UnknownInstance {
+                name: name.to_owned(),
+                id: id.to_owned(),
+            })
+    }
+
+    fn remove(&mut self, name: &str, id: &str) -> Result<Instance> {
+        let instances = self.services.get_mut(name);
+        let removed = instances.and_then(|instances| instances.remove(id));
+        let removed = removed.ok_or_else(|| RegistryError::UnknownInstance {
+            name: name.to_owned(),
+            id: id.to_owned(),
+        })?;
+        if self.services.get(name).is_some_and(BTreeMap::is_empty) {
+            self.services.remove(name);
+        }
+        Ok(removed)
+    }
+
+    /// An instance, if registered.
+    pub fn instance(&self, name: &str, id: &str) -> Option<&Instance> {
+        self.services
+            .get(name)
+            .and_then(|instances| instances.get(id))
+    }
+
+    /// Every instance of a service, available or not.
+    pub fn instances(&self, name: &str) -> impl Iterator<Item = &Instance> {
+        self.services
+            .get(name)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+    }
+
+    /// The available instances of a service.
+    pub fn available(&self, name: &str) -> Vec<Instance> {
+        self.instances(name)
+            .filter(|i| i.is_available())
+            .cloned()
+            .collect()
+    }
+
+    /// Every instance of every service, by service name then id.
+    pub fn all(&self) -> impl Iterator<Item = &Instance> {
+        self.services.values().flat_map(BTreeMap::values)
+    }
+
+    /// Instances that require `name` and take notifications.
+    pub fn dependents(&self, name: &str) -> Vec<Instance> {
+        self.all()
+            .filter(|i| i.update_url.is_some() && i.required_services.iter().any(|r| r == name))
+            .cloned()
+            .collect()
+    }
+
+    /// For each service `registration` requires, its available instances (an empty
+    /// list when there are none): the answer to a registration.
+    pub fn required_by(&self, required: &[String]) -> BTreeMap<String, Vec<Instance>> {
+        required
+            .iter()
+            .map(|name| (name.clone(), self.available(name)))
+            .collect()
+    }
+}
+
+/// Sets an instance's health; returns whether it changed, pushing the event.
+fn set_health(
+    instance: &mut Instance,
+    health: Health,
+    at_ms: u64,
+    events: &mut Vec<Event>,
+) -> bool {
+    if instance.health == health {
+        return false;
+    }
+    instance.health = health;
+    match health {
+        Health::Passing => {
+            instance.critical_since_ms = None;
+            events.push(Event::Available(instance.clone()));
+        }
+        Health::Critical => {
+            instance.critical_since_ms = Some(at_ms);
+            events.push(Event::Unavailable(instance.clone()));
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

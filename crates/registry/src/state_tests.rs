@@ -1,0 +1,289 @@
+use super::*;
+
+fn registration(name: &str, port: u16, required: &[&str]) -> Registration {
+    Registration {
+        name: name.into(),
+        url: format!("http://127.0.0.1:{port}"),
+        required_services: required.iter().map(|s| (*s).to_owned()).collect(),
+        update_url: Some(format!("http://127.0.0.1:{port}/services")),
+        heartbeat_url: Some(format!("http://127.0.0.1:{port}/heart-beat")),
+        meta: BTreeMap::new(),
+    }
+}
+
+fn register(state: &mut RegistryState, name: &str, port: u16, at_ms: u64) -> Vec<Event> {
+    state
+        .apply(Command::Register {
+            registration: registration(name, port, &[]),
+            ttl_ms: None,
+            at_ms,
+        })
+        .expect("register")
+}
+
+fn set(state: &mut RegistryState, name: &str, port: u16, health: Health, at_ms: u64) -> Vec<Event> {
+    let id = format!("127.0.0.1:{port}");
+    state
+        .apply(Command::SetHealth {
+            name: name.into(),
+            id,
+            health,
+            at_ms,
+        })
+        .expect("set health")
+}
+
+fn ids(instances: &[Instance]) -> Vec<&str> {
+    instances.iter().map(|i| i.id.as_str()).collect()
+}
+
+#[test]
+fn given_new_instance_register_should_make_it_available_and_announce_it() {
+    let mut state = RegistryState::default();
+    let events = register(&mut state, "log", 1, 100);
+    assert!(
+        matches!(&events[..], [Event::Available(i)] if i.id == "127.0.0.1:1" && i.name == "log")
+    );
+    assert_eq!(state.index(), 1);
+    assert_eq!(ids(&state.available("log")), ["127.0.0.1:1"]);
+    assert_eq!(
+        state
+            .instance("log", "127.0.0.1:1")
+            .map(|i| i.registered_at_ms),
+        Some(100)
+    );
+}
+
+#[test]
+fn given_same_name_and_address_register_should_update_not_duplicate() {
+    let mut state = RegistryState::default();
+    register(&mut state, "log", 1, 100);
+    let mut again = registration("log", 1, &["other"]);
+    again.meta.insert("version".into(), "2".into());
+    let events = state
+        .apply(Command::Register {
+            registration: again,
+            ttl_ms: None,
+            at_ms: 200,
+        })
+        .unwrap();
+    assert!(events.is_empty(), "still available: nothing to announce");
+    assert_eq!(state.instances("log").count(), 1);
+    let instance = state.instance("log", "127.0.0.1:1").unwrap();
+    assert_eq!(
+        (
+            instance.meta["version"].as_str(),
+            instance.required_services.as_slice()
+        ),
+        ("2", &["other".to_owned()][..])
+    );
+    assert_eq!(state.index(), 2, "an update is a change");
+}
+
+#[test]
+fn given_critical_instance_register_again_should_revive_it() {
+    let mut state = RegistryState::default();
+    register(&mut state, "log", 1, 100);
+    set(&mut state, "log", 1, Health::Critical, 150);
+    let events = register(&mut state, "log", 1, 200);
+    assert!(matches!(&events[..], [Event::Available(_)]));
+    assert_eq!(
+        state
+            .instance("log", "127.0.0.1:1")
+            .unwrap()
+            .critical_since_ms,
+        None
+    );
+}
+
+#[test]
+fn deregister_should_announce_and_remove_and_unknown_should_change_nothing() {
+    let mut state = RegistryState::default();
+    register(&mut state, "log", 1, 100);
+    let events = state
+        .apply(Command::Deregister {
+            name: "log".into(),
+            id: "127.0.0.1:1".into(),
+        })
+        .unwrap();
+    assert!(matches!(&events[..], [Event::Unavailable(i)] if i.id == "127.0.0.1:1"));
+    assert!(state.available("log").is_empty());
+    let index = state.index();
+    let err = state
+        .apply(Command::Deregister {
+            name: "log".into(),
+            id: "127.0.0.1:1".into(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::UnknownInstance { .. }));
+    assert_eq!(state.index(), index, "a failed command changes nothing");
+}
+
+#[test]
+fn health_flips_should_announce_once_each_way() {
+    let mut state = RegistryState::default();
+    register(&mut state, "log", 1, 100);
+    register(&mut state, "log", 2, 100);
+    let events = set(&mut state, "log", 1, Health::Critical, 200);
+    assert!(matches!(&events[..], [Event::Unavailable(i)] if i.critical_since_ms == Some(200)));
+    assert_eq!(
+        ids(&state.available("log")),
+        ["127.0.0.1:2"],
+        "critical instances are hidden"
+    );
+    let index = state.index();
+    assert!(set(&mut state, "log", 1, Health::Critical, 300).is_empty());
+    assert_eq!(state.index(), index, "no flip, no change");
+    assert!(matches!(
+        &set(&mut state, "log", 1, Health::Passing, 400)[..],
+        [Event::Available(_)]
+    ));
+    assert_eq!(state.available("log").len(), 2);
+}
+
+#[test]
+fn reap_should_remove_instances_critical_for_long_enough_and_only_those() {
+    let mut state = RegistryState::default();
+    register(&mut state, "log", 1, 0);
+    register(&mut state, "log", 2, 0);
+    set(&mut state, "log", 1, Health::Critical, 1_000);
+    let reap = |now_ms| Command::Reap {
+        now_ms,
+        deregister_after_ms: 5_000,
+    };
+    assert!(state.apply(reap(5_999)).unwrap().is_empty());
+    assert_eq!(state.instances("log").count(), 2, "not yet");
+    let index = state.index();
+    assert!(
+        state.apply(reap(6_000)).unwrap().is_empty(),
+        "it was already announced as gone"
+    );
+    assert_eq!(
+        ids(&state.instances("log").cloned().collect::<Vec<_>>()),
+        ["127.0.0.1:2"]
+    );
+    assert_eq!(state.index(), index + 1);
+    state.apply(reap(1_000_000)).unwrap();
+    assert_eq!(
+        state.instances("log").count(),
+        1,
+        "a passing instance is never removed"
+    );
+}
+
+#[test]
+fn ttl_instances_should_turn_critical_without_heartbeats_and_revive_with_one() {
+    let mut state = RegistryState::default();
+    let registration = registration("visit", 3, &[]);
+    state
+        .apply(Command::Register {
+            registration,
+            ttl_ms: Some(1_000),
+            at_ms: 0,
+        })
+        .unwrap();
+    let heartbeat = |at_ms| Command::Heartbeat {
+        name: "visit".into(),
+        id: "127.0.0.1:3".into(),
+        at_ms,
+    };
+    assert!(state.apply(heartbeat(900)).unwrap().is_empty());
+    let reap = |now_ms| Command::Reap {
+        now_ms,
+        deregister_after_ms: 60_000,
+    };
+    assert!(
+        state.apply(reap(1_800)).unwrap().is_empty(),
+        "within the TTL of the last heartbeat"
+    );
+    assert!(matches!(
+        &state.apply(reap(2_000)).unwrap()[..],
+        [Event::Unavailable(_)]
+    ));
+    assert!(matches!(
+        &state.apply(heartbeat(2_100)).unwrap()[..],
+        [Event::Available(_)]
+    ));
+    let err = state
+        .apply(Command::Heartbeat {
+            name: "visit".into(),
+            id: "nope".into(),
+            at_ms: 1,
+        })
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::UnknownInstance { .. }));
+}
+
+#[test]
+fn dependents_and_required_by_should_answer_from_the_current_state() {
+    let mut state = RegistryState::default();
+    let portal = registration("portal", 10, &["grading", "log"]);
+    let mut quiet = registration("batch", 11, &["log"]);
+    quiet.update_url = None;
+    for registration in [portal, quiet] {
+        state
+            .apply(Command::Register {
+                registration,
+                ttl_ms: None,
+                at_ms: 0,
+            })
+            .unwrap();
+    }
+    register(&mut state, "log", 1, 0);
+    assert_eq!(
+        ids(&state.dependents("log")),
+        ["127.0.0.1:10"],
+        "only instances with an update URL"
+    );
+    let answer = state.required_by(&["grading".into(), "log".into()]);
+    assert!(
+        answer["grading"].is_empty(),
+        "an empty list when none are available"
+    );
+    assert_eq!(ids(&answer["log"]), ["127.0.0.1:1"]);
+}
+
+#[test]
+fn the_same_commands_should_give_the_same_state() {
+    let commands = [
+        Command::Register {
+            registration: registration("a", 1, &["b"]),
+            ttl_ms: None,
+            at_ms: 1,
+        },
+        Command::Register {
+            registration: registration("b", 2, &[]),
+            ttl_ms: Some(10),
+            at_ms: 2,
+        },
+        Command::Reap {
+            now_ms: 20,
+            deregister_after_ms: 5,
+        },
+        Command::Register {
+            registration: registration("b", 3, &[]),
+            ttl_ms: None,
+            at_ms: 21,
+        },
+        Command::Reap {
+            now_ms: 30,
+            deregister_after_ms: 5,
+        },
+    ];
+    let run = || {
+        let mut state = RegistryState::default();
+        let events: Vec<Vec<Event>> = commands
+            .iter()
+            .cloned()
+            .map(|c| state.apply(c).unwrap())
+            .collect();
+        let snapshot = serde_json::to_string(&state.all().collect::<Vec<_>>()).unwrap();
+        (events, snapshot, state.index())
+    };
+    assert_eq!(run(), run());
+    let (_, snapshot, _) = run();
+    assert!(
+        !snapshot.contains("127.0.0.1:2"),
+        "b@2 missed its TTL and was reaped: {snapshot}"
+    );
+}
