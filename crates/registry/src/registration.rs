@@ -31,6 +31,10 @@ pub struct Registration {
     pub heartbeat_url: Option<String>,
     /// Free-form labels.
     pub meta: BTreeMap<String, String>,
+    /// With a TTL, the instance keeps itself passing by heartbeating
+    /// (`PUT /v1/services/{name}/{id}/heartbeat`) at least this often, instead of
+    /// being polled. Canonical shape only: `"ttl": "15s"`.
+    pub ttl_ms: Option<u64>,
 }
 
 impl Registration {
@@ -79,6 +83,20 @@ impl Registration {
             Some(meta) => serde_json::from_value(meta.clone())
                 .map_err(|_| RegistryError::bad_request("meta", "expected an object of strings"))?,
         };
+        let ttl_ms = string(object, "ttl")?
+            .map(|text| {
+                humantime::parse_duration(&text)
+                    .ok()
+                    .filter(|ttl| !ttl.is_zero())
+                    .map(|ttl| ttl.as_millis().try_into().unwrap_or(u64::MAX))
+                    .ok_or_else(|| {
+                        RegistryError::bad_request(
+                            "ttl",
+                            format!("{text:?} is not a duration such as \"15s\""),
+                        )
+                    })
+            })
+            .transpose()?;
         Ok(Self {
             name,
             url: base_url(&addr, "addr")?,
@@ -86,6 +104,7 @@ impl Registration {
             update_url: optional_url(object, "update_url")?,
             heartbeat_url: optional_url(object, "heartbeat_url")?,
             meta,
+            ttl_ms,
         })
     }
 
@@ -103,6 +122,7 @@ impl Registration {
             url,
             required_services: names(object, "RequiredServices")?,
             meta: BTreeMap::new(),
+            ttl_ms: None,
         })
     }
 
@@ -123,6 +143,7 @@ impl Registration {
             update_url: optional_url(object, "ServiceUpdateURL")?,
             heartbeat_url: optional_url(object, "HeartbeatURL")?,
             meta: BTreeMap::new(),
+            ttl_ms: None,
         })
     }
 }
@@ -290,6 +311,9 @@ mod tests {
             Some("http://127.0.0.1:20004/health")
         );
         assert_eq!(r.meta["zone"], "a");
+        assert_eq!(r.ttl_ms, None);
+        let ttl = parse(r#"{"name":"x","addr":"h:1","ttl":"15s"}"#).unwrap();
+        assert_eq!(ttl.ttl_ms, Some(15_000));
     }
 
     #[test]
@@ -349,6 +373,8 @@ mod tests {
                 "required_services",
             ),
             (r#"{"name":"x","addr":"h:1","meta":{"a":1}}"#, "meta"),
+            (r#"{"name":"x","addr":"h:1","ttl":"soon"}"#, "ttl"),
+            (r#"{"name":"x","addr":"h:1","ttl":"0s"}"#, "ttl"),
             (r#"{"Name":"x","Addr":"not an address"}"#, "Addr"),
             (r#"{"ServiceName":"x"}"#, "ServiceURL"),
             (

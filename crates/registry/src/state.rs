@@ -73,10 +73,8 @@ impl Instance {
 pub enum Command {
     /// Registers an instance, or updates it if the same name and id are registered.
     Register {
-        /// What it registered with.
+        /// What it registered with (including an optional TTL).
         registration: Registration,
-        /// An optional TTL: heartbeats must come at least this often.
-        ttl_ms: Option<u64>,
         /// The time of registration.
         at_ms: u64,
     },
@@ -161,10 +159,9 @@ impl RegistryState {
         let changed = match command {
             Command::Register {
                 registration,
-                ttl_ms,
                 at_ms,
             } => {
-                self.register(registration, ttl_ms, at_ms, &mut events);
+                self.register(registration, at_ms, &mut events);
                 true
             }
             Command::Deregister { name, id } => {
@@ -200,13 +197,7 @@ impl RegistryState {
         Ok(events)
     }
 
-    fn register(
-        &mut self,
-        registration: Registration,
-        ttl_ms: Option<u64>,
-        at_ms: u64,
-        events: &mut Vec<Event>,
-    ) {
+    fn register(&mut self, registration: Registration, at_ms: u64, events: &mut Vec<Event>) {
         let id = registration.id().to_owned();
         let instances = self.services.entry(registration.name.clone()).or_default();
         let Registration {
@@ -216,6 +207,7 @@ impl RegistryState {
             update_url,
             heartbeat_url,
             meta,
+            ttl_ms,
         } = registration;
         match instances.get_mut(&id) {
             Some(existing) => {

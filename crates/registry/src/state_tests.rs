@@ -8,6 +8,7 @@ fn registration(name: &str, port: u16, required: &[&str]) -> Registration {
         update_url: Some(format!("http://127.0.0.1:{port}/services")),
         heartbeat_url: Some(format!("http://127.0.0.1:{port}/heart-beat")),
         meta: BTreeMap::new(),
+        ttl_ms: None,
     }
 }
 
@@ -15,7 +16,6 @@ fn register(state: &mut RegistryState, name: &str, port: u16, at_ms: u64) -> Vec
     state
         .apply(Command::Register {
             registration: registration(name, port, &[]),
-            ttl_ms: None,
             at_ms,
         })
         .expect("register")
@@ -63,7 +63,6 @@ fn given_same_name_and_address_register_should_update_not_duplicate() {
     let events = state
         .apply(Command::Register {
             registration: again,
-            ttl_ms: None,
             at_ms: 200,
         })
         .unwrap();
@@ -174,11 +173,13 @@ fn reap_should_remove_instances_critical_for_long_enough_and_only_those() {
 #[test]
 fn ttl_instances_should_turn_critical_without_heartbeats_and_revive_with_one() {
     let mut state = RegistryState::default();
-    let registration = registration("visit", 3, &[]);
+    let registration = Registration {
+        ttl_ms: Some(1_000),
+        ..registration("visit", 3, &[])
+    };
     state
         .apply(Command::Register {
             registration,
-            ttl_ms: Some(1_000),
             at_ms: 0,
         })
         .unwrap();
@@ -224,7 +225,6 @@ fn dependents_and_required_by_should_answer_from_the_current_state() {
         state
             .apply(Command::Register {
                 registration,
-                ttl_ms: None,
                 at_ms: 0,
             })
             .unwrap();
@@ -248,12 +248,13 @@ fn the_same_commands_should_give_the_same_state() {
     let commands = [
         Command::Register {
             registration: registration("a", 1, &["b"]),
-            ttl_ms: None,
             at_ms: 1,
         },
         Command::Register {
-            registration: registration("b", 2, &[]),
-            ttl_ms: Some(10),
+            registration: Registration {
+                ttl_ms: Some(10),
+                ..registration("b", 2, &[])
+            },
             at_ms: 2,
         },
         Command::Reap {
@@ -262,7 +263,6 @@ fn the_same_commands_should_give_the_same_state() {
         },
         Command::Register {
             registration: registration("b", 3, &[]),
-            ttl_ms: None,
             at_ms: 21,
         },
         Command::Reap {
