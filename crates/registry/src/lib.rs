@@ -6,13 +6,25 @@
 //! - [`RegistryState`] is the pure state machine: [`Command`]s in, availability
 //!   [`Event`]s out, no I/O, no clock, so that it can be replicated.
 //!
-//! The HTTP API, the health checker, the notifier and the SDK's client are built
-//! around it. This crate knows nothing of the log service or the gateway.
+//! - [`run`] serves it: the HTTP API (`POST`/`DELETE /services`, discovery, watches),
+//!   active health checks by a bounded pool, and notifications to dependents, each
+//!   dependent with its own ordered queue, outside any lock.
+//!
+//! This crate knows nothing of the log service or the gateway.
 
+mod checker;
+mod config;
 mod error;
+mod http;
+mod notifier;
 mod registration;
+mod registry;
+mod server;
 mod state;
 
+pub use config::RegistryConfig;
 pub use error::{RegistryError, Result};
 pub use registration::{MAX_NAME, Registration, base_url, parse_identity, validate_service_name};
+pub use registry::{Change, Registry};
+pub use server::run;
 pub use state::{Command, Event, Health, Instance, RegistryState};

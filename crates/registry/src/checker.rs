@@ -1,0 +1,95 @@
+//! Active health checks and reaping.
+//!
+//! Every `check_interval`, each instance with a heartbeat URL (and no TTL) is checked
+//! by a pool of at most `check_workers` concurrent checks: up to `check_failures`
+//! `GET`s, `check_retry_delay` apart, each limited to `check_timeout`. Any success
+//! means passing; all failing means critical. A check still running from the last
+//! round is not started again, so one slow instance never delays the others and the
+//! round does not grow with the number of instances. Every second, TTL instances
+//! that missed their heartbeat turn critical and instances critical for longer than
+//! `deregister_after` are removed.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RegistryConfig;
+use crate::registry::{Registry, now_ms};
+use crate::state::{Command, Health};
+
+/// Checks made and failed, for metrics.
+#[derive(Debug, Default)]
+pub(crate) struct CheckStats {
+    pub(crate) checks: std::sync::atomic::AtomicU64,
+    pub(crate) failed: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) async fn run(
+    registry: Arc<Registry>,
+    config: RegistryConfig,
+    client: reqwest::Client,
+    stats: Arc<CheckStats>,
+    shutdown: CancellationToken,
+) {
+    let pool = Arc::new(Semaphore::new(config.check_workers));
+    let in_flight: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    let mut checks = tokio::time::interval(config.check_interval);
+    checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut reaps = tokio::time::interval(Duration::from_secs(1).min(config.check_interval));
+    reaps.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let deregister_after_ms = config
+        .deregister_after
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = reaps.tick() => {
+                let _ = registry.apply(Command::Reap { now_ms: now_ms(), deregister_after_ms });
+            }
+            _ = checks.tick() => {
+                for (name, id, url) in registry.check_targets() {
+                    let key = (name.clone(), id.clone());
+                    if !in_flight.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone()) {
+                        continue;
+                    }
+                    let Ok(permit) = Arc::clone(&pool).acquire_owned().await else { return };
+                    let (registry, client, config, stats, in_flight) =
+                        (Arc::clone(&registry), client.clone(), config.clone(), Arc::clone(&stats), Arc::clone(&in_flight));
+                    tokio::spawn(async move {
+                        let passing = probe(&client, &url, &config).await;
+                        stats.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if !passing {
+                            stats.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::info!(service = name, instance = id, url, "health check failed");
+                        }
+                        let health = if passing { Health::Passing } else { Health::Critical };
+                        // The instance may have gone meanwhile: nothing to record then.
+                        let _ = registry.apply(Command::SetHealth { name, id, health, at_ms: now_ms() });
+                        in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Up to `check_failures` attempts; true at the first success.
+async fn probe(client: &reqwest::Client, url: &str, config: &RegistryConfig) -> bool {
+    for attempt in 1..=config.check_failures {
+        let answer = client.get(url).timeout(config.check_timeout).send().await;
+        if answer.is_ok_and(|response| response.status().is_success()) {
+            return true;
+        }
+        if attempt < config.check_failures {
+            tokio::time::sleep(config.check_retry_delay).await;
+        }
+    }
+    false
+}

@@ -1,0 +1,96 @@
+//! The registry server's configuration.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the registry server needs besides its listener. Defaults follow the
+/// original system: health checks every 30 s, three attempts 1 s apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The address `keel registry serve` binds. Default `127.0.0.1:20000`.
+    pub addr: String,
+    /// How often every instance's heartbeat URL is checked. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// How long one check may take. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub check_timeout: Duration,
+    /// Consecutive failed attempts that turn an instance critical. Default 3.
+    pub check_failures: u32,
+    /// Pause between the attempts of one check. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub check_retry_delay: Duration,
+    /// Checks that may run at once. Default 64.
+    pub check_workers: usize,
+    /// How long an instance may stay critical before it is removed. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub deregister_after: Duration,
+    /// How long one notification delivery may take. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub notify_timeout: Duration,
+    /// Retries of a failed notification. Default 3.
+    pub notify_retries: u32,
+    /// Notifications that may wait for one dependent before new ones are dropped
+    /// (and counted). Default 1024.
+    pub notify_queue: usize,
+    /// The largest request body. Default 64 KiB.
+    pub max_body_bytes: u64,
+    /// The longest a blocking watch may wait. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub max_watch_wait: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:20000".into(),
+            check_interval: Duration::from_secs(30),
+            check_timeout: Duration::from_secs(2),
+            check_failures: 3,
+            check_retry_delay: Duration::from_secs(1),
+            check_workers: 64,
+            deregister_after: Duration::from_secs(60),
+            notify_timeout: Duration::from_secs(2),
+            notify_retries: 3,
+            notify_queue: 1024,
+            max_body_bytes: 64 * 1024,
+            max_watch_wait: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// Checks every limit.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the first field out of range.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("check_interval", self.check_interval),
+            ("check_timeout", self.check_timeout),
+            ("notify_timeout", self.notify_timeout),
+            ("max_watch_wait", self.max_watch_wait),
+        ];
+        for (field, value) in positive {
+            if value.is_zero() {
+                return Err(format!("{field}: must be longer than zero"));
+            }
+        }
+        if self.check_failures == 0 {
+            return Err("check_failures: must be at least 1".into());
+        }
+        if self.check_workers == 0 || self.notify_queue == 0 {
+            return Err("check_workers and notify_queue: must be at least 1".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(format!(
+                "max_body_bytes: {} is below the minimum of 1024",
+                self.max_body_bytes
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,333 @@
+//! The registry's HTTP/JSON API; `docs/api/registry.md` documents every route.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use futures::StreamExt;
+use serde_json::json;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::checker::CheckStats;
+use crate::config::RegistryConfig;
+use crate::error::RegistryError;
+use crate::registration::{Registration, parse_identity, validate_service_name};
+use crate::registry::{Registry, now_ms};
+use crate::state::{Command, Health};
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) config: RegistryConfig,
+    pub(crate) checks: Arc<CheckStats>,
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/services", post(register).delete(deregister))
+        .route("/v1/services", get(list_all))
+        .route("/v1/services/{name}", get(list_service))
+        .route("/v1/services/{name}/{id}", delete(deregister_by_path))
+        .route("/v1/services/{name}/{id}/heartbeat", put(heartbeat))
+        .route("/v1/watch", get(watch))
+        .route("/v1/watch/stream", get(watch_stream))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                None,
+                "no such route; see docs/api/registry.md",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                None,
+                "this route does not take that method",
+            )
+        })
+        .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
+    let body = match field {
+        Some(field) => json!({"error": {"code": code, "field": field, "message": message}}),
+        None => json!({"error": {"code": code, "message": message}}),
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::BadRequest { field, .. } => error(
+                StatusCode::BAD_REQUEST,
+                self.code(),
+                Some(field),
+                &self.to_string(),
+            ),
+            Self::UnknownInstance { .. } => {
+                error(StatusCode::NOT_FOUND, self.code(), None, &self.to_string())
+            }
+        }
+    }
+}
+
+/// Reads a body up to the limit; a larger one is 413 (after reading it, so the
+/// client gets the answer).
+async fn read_body(body: Body, max: u64) -> Result<Bytes, Response> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut len: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                Some("body"),
+                &err.to_string(),
+            )
+        })?;
+        len += chunk.len() as u64;
+        if len > max {
+            while len < 64 * max {
+                match stream.next().await {
+                    Some(Ok(chunk)) => len += chunk.len() as u64,
+                    _ => break,
+                }
+            }
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                Some("body"),
+                &format!("request body is larger than the limit of {max} bytes"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// `POST /services`: register; answers the available instances of each required service.
+async fn register(State(state): State<AppState>, body: Body) -> Response {
+    let body = match read_body(body, state.config.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let registration = match Registration::parse(&body) {
+        Ok(registration) => registration,
+        Err(err) => return err.into_response(),
+    };
+    tracing::info!(
+        service = registration.name,
+        url = registration.url,
+        "registered"
+    );
+    match state.registry.register(registration) {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// `DELETE /services` with the registration body (name and address are enough).
+async fn deregister(State(state): State<AppState>, body: Body) -> Response {
+    let body = match read_body(body, state.config.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    match parse_identity(&body) {
+        Ok((name, id)) => remove(&state, name, id),
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn deregister_by_path(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Response {
+    remove(&state, name, id)
+}
+
+fn remove(state: &AppState, name: String, id: String) -> Response {
+    match state.registry.apply(Command::Deregister {
+        name: name.clone(),
+        id: id.clone(),
+    }) {
+        Ok(_) => {
+            tracing::info!(service = name, instance = id, "deregistered");
+            axum::Json(json!({"deregistered": {"name": name, "id": id}})).into_response()
+        }
+        Err(err) => err.into_response(),
+    }
+}
+
+/// `PUT /v1/services/{name}/{id}/heartbeat`: a TTL heartbeat.
+async fn heartbeat(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Response {
+    match state.registry.apply(Command::Heartbeat {
+        name,
+        id,
+        at_ms: now_ms(),
+    }) {
+        Ok(_) => axum::Json(json!({"health": Health::Passing})).into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// `GET /v1/services`: every instance with its health.
+async fn list_all(State(state): State<AppState>) -> Response {
+    let (index, instances) = state.registry.snapshot();
+    axum::Json(json!({"index": index, "instances": instances})).into_response()
+}
+
+/// `GET /v1/services/{name}`: the available instances; `?all=true` for every one.
+async fn list_service(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(err) = validate_service_name(name.clone(), "name") {
+        return err.into_response();
+    }
+    let all = query.get("all").is_some_and(|v| v == "true" || v == "1");
+    axum::Json(state.registry.instances(&name, all)).into_response()
+}
+
+/// `GET /v1/watch?index=N&wait=30s`: answers as soon as the change index passes `N`,
+/// or when `wait` is over, with the index and every instance.
+async fn watch(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let after: u64 = match query.get("index").map(|v| v.parse()) {
+        None => 0,
+        Some(Ok(index)) => index,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                Some("index"),
+                "index must be a whole number",
+            );
+        }
+    };
+    let wait = match query.get("wait").map(|v| humantime::parse_duration(v)) {
+        None => Duration::from_secs(30),
+        Some(Ok(wait)) => wait,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                Some("wait"),
+                "wait must be a duration such as 30s",
+            );
+        }
+    }
+    .min(state.config.max_watch_wait);
+    let mut index = state.registry.watch_index();
+    let _ = tokio::time::timeout(wait, index.wait_for(|&current| current > after)).await;
+    list_all(State(state)).await
+}
+
+/// `GET /v1/watch/stream`: Server-Sent Events, one per availability change.
+async fn watch_stream(State(state): State<AppState>) -> Response {
+    let changes = BroadcastStream::new(state.registry.subscribe()).map(|change| {
+        Ok::<_, Infallible>(match change {
+            Ok(change) => SseEvent::default()
+                .event(change.kind)
+                .id(change.index.to_string())
+                .data(serde_json::to_string(&change.instance).unwrap_or_default()),
+            // A watcher that fell behind must re-read the full state.
+            Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                SseEvent::default().event("resync").data(missed.to_string())
+            }
+        })
+    });
+    Sse::new(changes)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let (index, instances) = state.registry.snapshot();
+    let passing = instances.iter().filter(|i| i.is_available()).count();
+    let notifier = &state.registry.notifier().stats;
+    let lines = [
+        (
+            "keel_registry_instances",
+            "gauge",
+            "Registered instances by health.",
+            format!(
+                "keel_registry_instances{{health=\"passing\"}} {passing}\nkeel_registry_instances{{health=\"critical\"}} {}",
+                instances.len() - passing
+            ),
+        ),
+        (
+            "keel_registry_index",
+            "counter",
+            "The registry's change index.",
+            format!("keel_registry_index {index}"),
+        ),
+        (
+            "keel_registry_checks_total",
+            "counter",
+            "Health checks made.",
+            format!(
+                "keel_registry_checks_total {}",
+                state.checks.checks.load(Ordering::Relaxed)
+            ),
+        ),
+        (
+            "keel_registry_checks_failed_total",
+            "counter",
+            "Health checks that failed.",
+            format!(
+                "keel_registry_checks_failed_total {}",
+                state.checks.failed.load(Ordering::Relaxed)
+            ),
+        ),
+        (
+            "keel_registry_notifications_total",
+            "counter",
+            "Notifications by outcome.",
+            format!(
+                "keel_registry_notifications_total{{outcome=\"delivered\"}} {}\nkeel_registry_notifications_total{{outcome=\"failed\"}} {}\nkeel_registry_notifications_total{{outcome=\"dropped\"}} {}",
+                notifier.delivered.load(Ordering::Relaxed),
+                notifier.failed.load(Ordering::Relaxed),
+                notifier.dropped.load(Ordering::Relaxed),
+            ),
+        ),
+    ];
+    let mut text = String::new();
+    for (name, kind, help, values) in lines {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{values}\n"
+        ));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
+}

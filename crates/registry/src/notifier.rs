@@ -1,0 +1,136 @@
+//! Telling dependents that an instance they require appeared (`POST`) or went
+//! (`DELETE`), with the instance as JSON.
+//!
+//! Each dependent's update URL has its own queue and worker: deliveries to one
+//! dependent keep their order (a "gone" never overtakes the "appeared" before it),
+//! and an unreachable dependent only delays its own queue. Deliveries time out and
+//! are retried with backoff; a full queue drops new deliveries and counts them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use reqwest::Method;
+use tokio::sync::mpsc;
+
+use crate::state::{Event, Instance};
+
+/// One notification to send.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivery {
+    url: String,
+    method: Method,
+    instance: Instance,
+}
+
+impl Delivery {
+    pub(crate) fn new(url: String, event: &Event) -> Self {
+        let (method, instance) = match event {
+            Event::Available(instance) => (Method::POST, instance.clone()),
+            Event::Unavailable(instance) => (Method::DELETE, instance.clone()),
+        };
+        Self {
+            url,
+            method,
+            instance,
+        }
+    }
+}
+
+/// Counts of what the notifier did.
+#[derive(Debug, Default)]
+pub(crate) struct NotifierStats {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+}
+
+/// Sends notifications in the background.
+#[derive(Debug, Clone)]
+pub(crate) struct Notifier {
+    client: reqwest::Client,
+    queues: Arc<Mutex<HashMap<String, mpsc::Sender<Delivery>>>>,
+    timeout: Duration,
+    retries: u32,
+    queue_depth: usize,
+    pub(crate) stats: Arc<NotifierStats>,
+}
+
+impl Notifier {
+    pub(crate) fn new(
+        client: reqwest::Client,
+        timeout: Duration,
+        retries: u32,
+        queue_depth: usize,
+    ) -> Self {
+        Self {
+            client,
+            queues: Arc::default(),
+            timeout,
+            retries,
+            queue_depth,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Queues a delivery; never waits. Must be called within the tokio runtime.
+    pub(crate) fn deliver(&self, delivery: Delivery) {
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        let queue = queues
+            .entry(delivery.url.clone())
+            .or_insert_with(|| self.spawn_worker(delivery.url.clone()));
+        if queue.try_send(delivery).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("a dependent's notification queue is full; dropping a notification");
+        }
+    }
+
+    fn spawn_worker(&self, url: String) -> mpsc::Sender<Delivery> {
+        let (tx, mut rx) = mpsc::channel::<Delivery>(self.queue_depth);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(delivery) = rx.recv().await {
+                this.send_with_retries(&delivery).await;
+            }
+            tracing::debug!(url, "notification worker stopped");
+        });
+        tx
+    }
+
+    async fn send_with_retries(&self, delivery: &Delivery) {
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 0..=self.retries {
+            let sent = self
+                .client
+                .request(delivery.method.clone(), &delivery.url)
+                .json(&delivery.instance)
+                .timeout(self.timeout)
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status().is_success() => {
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok(response) => {
+                    tracing::debug!(url = delivery.url, status = %response.status(), attempt, "notification refused");
+                }
+                Err(err) => {
+                    tracing::debug!(url = delivery.url, error = %err, attempt, "notification failed")
+                }
+            }
+            if attempt < self.retries {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            url = delivery.url,
+            instance = delivery.instance.id,
+            service = delivery.instance.name,
+            "could not notify a dependent; giving up on this notification"
+        );
+    }
+}

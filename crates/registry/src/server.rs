@@ -1,0 +1,70 @@
+//! Running the registry: the HTTP API, the health checker and the notifier.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::checker::{self, CheckStats};
+use crate::config::RegistryConfig;
+use crate::http::{AppState, router};
+use crate::notifier::Notifier;
+use crate::registry::Registry;
+
+/// Serves the registry on `listener` until `shutdown` completes; health checks and
+/// notifications run meanwhile.
+///
+/// # Errors
+///
+/// An invalid config, or I/O errors of the listener.
+pub async fn run(
+    listener: TcpListener,
+    config: RegistryConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    config.validate()?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(config.check_timeout.min(config.notify_timeout))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|err| format!("building the HTTP client failed: {err}"))?;
+    let notifier = Notifier::new(
+        client.clone(),
+        config.notify_timeout,
+        config.notify_retries,
+        config.notify_queue,
+    );
+    let registry = Arc::new(Registry::new(notifier));
+    let checks = Arc::new(CheckStats::default());
+    let token = CancellationToken::new();
+    let checker = tokio::spawn(checker::run(
+        Arc::clone(&registry),
+        config.clone(),
+        client,
+        Arc::clone(&checks),
+        token.clone(),
+    ));
+    let app = router(AppState {
+        registry,
+        config,
+        checks,
+    });
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let signal = token.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            signal.cancel();
+        })
+        .await
+        .map_err(|err| format!("serving the registry failed: {err}"))?;
+    token.cancel();
+    let _ = checker.await;
+    tracing::info!("registry stopped");
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! Registration, notification, health and discovery over HTTP.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::http::Method;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{Instance, TestRegistry, fast_config};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+async fn register(registry: &TestRegistry, body: &Value) -> Value {
+    let response = http()
+        .post(registry.url("/services"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
+async fn available(registry: &TestRegistry, name: &str) -> Vec<Value> {
+    http()
+        .get(registry.url(&format!("/v1/services/{name}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls until `check` holds, with a deadline.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn dependent_registered_after_its_dependency_should_get_it_in_the_answer_and_a_post() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let log = Instance::start().await;
+    let mut visit = Instance::start().await;
+    assert_eq!(
+        register(&registry, &log.dialect_a("log", &[])).await,
+        json!({})
+    );
+    let answer = register(&registry, &visit.dialect_a("visit", &["log"])).await;
+    assert_eq!(answer["log"][0]["url"], format!("http://{}", log.addr));
+    let (method, instance) = visit.next().await;
+    assert_eq!(
+        (method, instance["name"].as_str()),
+        (Method::POST, Some("log"))
+    );
+}
+
+#[tokio::test]
+async fn dependent_registered_first_should_be_told_when_the_dependency_appears_and_goes() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let mut portal = Instance::start().await;
+    let grading = Instance::start().await;
+    let answer = register(&registry, &portal.dialect_a("portal", &["grading"])).await;
+    assert_eq!(
+        answer,
+        json!({"grading": []}),
+        "an empty list when none are available"
+    );
+    register(&registry, &grading.dialect_a("grading", &[])).await;
+    let (method, instance) = portal.next().await;
+    assert_eq!(
+        (method, instance["id"].as_str()),
+        (Method::POST, Some(grading.addr.to_string().as_str()))
+    );
+
+    let response = http()
+        .delete(registry.url("/services"))
+        .json(&grading.dialect_a("grading", &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (method, instance) = portal.next().await;
+    assert_eq!(
+        (method, instance["name"].as_str()),
+        (Method::DELETE, Some("grading"))
+    );
+    assert!(available(&registry, "grading").await.is_empty());
+}
+
+#[tokio::test]
+async fn registering_twice_should_update_not_duplicate() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let log = Instance::start().await;
+    register(&registry, &log.dialect_a("log", &[])).await;
+    register(&registry, &log.dialect_a("log", &[])).await;
+    assert_eq!(available(&registry, "log").await.len(), 1);
+}
+
+#[tokio::test]
+async fn canonical_and_dialect_b_registrations_should_be_accepted() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let a = Instance::start().await;
+    let b = Instance::start().await;
+    let canonical = json!({"name": "grading", "addr": a.addr.to_string(), "meta": {"version": "1"},
+        "heartbeat_url": format!("http://{}/heart-beat", a.addr)});
+    register(&registry, &canonical).await;
+    let dialect_b = json!({"ServiceName": "grading", "ServiceURL": format!("http://{}", b.addr),
+        "RequiredServices": [], "ServiceUpdateURL": format!("http://{}/services", b.addr),
+        "HeartbeatURL": format!("http://{}/heart-beat", b.addr)});
+    register(&registry, &dialect_b).await;
+    let instances = available(&registry, "grading").await;
+    assert_eq!(instances.len(), 2);
+    assert!(instances.iter().any(|i| i["meta"]["version"] == "1"));
+    let response = http()
+        .delete(registry.url(&format!("/v1/services/grading/{}", b.addr)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(available(&registry, "grading").await.len(), 1);
+}
+
+#[tokio::test]
+async fn dead_instance_should_turn_critical_notify_dependents_and_be_removed() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let log = Instance::start().await;
+    let mut visit = Instance::start().await;
+    register(&registry, &log.dialect_a("log", &[])).await;
+    register(&registry, &visit.dialect_a("visit", &["log"])).await;
+    assert_eq!(visit.next().await.0, Method::POST);
+
+    log.healthy.store(false, Ordering::SeqCst);
+    let failed_at = Instant::now();
+    let (method, instance) = visit.next().await;
+    assert_eq!(
+        (method, instance["health"].as_str()),
+        (Method::DELETE, Some("critical"))
+    );
+    // Within check interval x (failures, with their retry delay), plus slack.
+    assert!(
+        failed_at.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        failed_at.elapsed()
+    );
+    assert!(available(&registry, "log").await.is_empty());
+    let all: Vec<Value> = http()
+        .get(registry.url("/v1/services/log?all=true"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1, "critical but not yet removed");
+
+    eventually(
+        "the critical instance is removed after deregister_after",
+        async || {
+            let all: Vec<Value> = http()
+                .get(registry.url("/v1/services/log?all=true"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            all.is_empty()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn recovered_instance_should_pass_again_and_healthy_ones_should_never_be_dropped() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let flaky = Instance::start().await;
+    let steady = Instance::start().await;
+    let mut watcher = Instance::start().await;
+    register(&registry, &flaky.dialect_a("log", &[])).await;
+    register(&registry, &steady.dialect_a("log", &[])).await;
+    register(&registry, &watcher.dialect_a("visit", &["log"])).await;
+    watcher.next().await;
+    watcher.next().await;
+
+    flaky.healthy.store(false, Ordering::SeqCst);
+    assert_eq!(watcher.next().await.0, Method::DELETE);
+    flaky.healthy.store(true, Ordering::SeqCst);
+    let (method, instance) = watcher.next().await;
+    assert_eq!(
+        (method, instance["health"].as_str()),
+        (Method::POST, Some("passing"))
+    );
+    // Several more rounds: both stay.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(available(&registry, "log").await.len(), 2);
+}
+
+#[tokio::test]
+async fn unreachable_dependent_should_not_delay_the_others() {
+    let registry = TestRegistry::start(fast_config()).await;
+    // A dependent whose update URL answers nothing (a closed port).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ghost = json!({"name": "ghost", "addr": closed.to_string(), "required_services": ["log"],
+        "update_url": format!("http://{closed}/services")});
+    register(&registry, &ghost).await;
+    let mut visit = Instance::start().await;
+    register(&registry, &visit.dialect_a("visit", &["log"])).await;
+    let log = Instance::start().await;
+    let started = Instant::now();
+    register(&registry, &log.dialect_a("log", &[])).await;
+    assert_eq!(visit.next().await.0, Method::POST);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "notified in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn ttl_instances_should_stay_passing_while_they_heartbeat() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let body = json!({"name": "worker", "addr": "127.0.0.1:9", "ttl": "400ms"});
+    register(&registry, &body).await;
+    let heartbeat = registry.url("/v1/services/worker/127.0.0.1:9/heartbeat");
+    for _ in 0..6 {
+        let response = http().put(&heartbeat).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(
+        available(&registry, "worker").await.len(),
+        1,
+        "heartbeats kept it passing"
+    );
+    eventually("without heartbeats it turns critical", async || {
+        available(&registry, "worker").await.is_empty()
+    })
+    .await;
+    let response = http()
+        .put(registry.url("/v1/services/worker/nope/heartbeat"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn blocking_watch_should_return_on_change_or_at_the_timeout() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let state: Value = http()
+        .get(registry.url("/v1/services"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let index = state["index"].as_u64().unwrap();
+    let started = Instant::now();
+    let idle: Value = http()
+        .get(registry.url(&format!("/v1/watch?index={index}&wait=300ms")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(idle["index"], index);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    let watch = tokio::spawn({
+        let url = registry.url(&format!("/v1/watch?index={index}&wait=20s"));
+        async move {
+            http()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = Instance::start().await;
+    register(&registry, &log.dialect_a("log", &[])).await;
+    let changed = tokio::time::timeout(Duration::from_secs(5), watch)
+        .await
+        .expect("returns on change")
+        .unwrap();
+    assert!(changed["index"].as_u64().unwrap() > index);
+    assert_eq!(changed["instances"][0]["name"], "log");
+}
+
+#[tokio::test]
+async fn change_stream_should_send_server_sent_events() {
+    use futures::StreamExt;
+    let registry = TestRegistry::start(fast_config()).await;
+    let response = http()
+        .get(registry.url("/v1/watch/stream"))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let log = Instance::start().await;
+    register(&registry, &log.dialect_a("log", &[])).await;
+    let mut text = String::new();
+    while !text.contains("event: available") || !text.contains("\"name\":\"log\"") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.next())
+            .await
+            .expect("an event")
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn bad_input_should_get_json_errors_naming_the_field() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let client = http();
+    let cases = [
+        ("{not json", "body"),
+        (r#"{"Addr":"127.0.0.1:1"}"#, "name"),
+        (r#"{"Name":"x","Addr":"not-an-address"}"#, "Addr"),
+        (r#"{"name":"x","addr":"ftp://h:1"}"#, "addr"),
+    ];
+    for (body, field) in cases {
+        let response = client
+            .post(registry.url("/services"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(
+            (
+                error["error"]["code"].as_str(),
+                error["error"]["field"].as_str()
+            ),
+            (Some("bad_request"), Some(field)),
+            "{body}"
+        );
+    }
+    let response = client.get(registry.url("/services")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let big = format!(
+        r#"{{"name":"x","addr":"h:1","meta":{{"pad":"{}"}}}}"#,
+        "x".repeat(100_000)
+    );
+    let response = client
+        .post(registry.url("/services"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let response = client
+        .delete(registry.url("/v1/services/log/127.0.0.1:1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "unknown_instance");
+    let response = client.get(registry.url("/nowhere")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn metrics_and_healthz_should_report_the_registry() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let log = Instance::start().await;
+    register(&registry, &log.dialect_a("log", &[])).await;
+    let health: Value = http()
+        .get(registry.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let metrics = http()
+        .get(registry.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("keel_registry_instances{health=\"passing\"} 1"),
+        "{metrics}"
+    );
+}

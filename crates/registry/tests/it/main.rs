@@ -1,0 +1,6 @@
+//! The registry over real HTTP on loopback, with fake service instances.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod api;
+mod support;

@@ -1,0 +1,120 @@
+//! A registry on 127.0.0.1:0 with short timings, and fake instances that record the
+//! notifications they get and answer health checks as told.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{Method, StatusCode};
+use axum::routing::{any, get};
+use keel_registry::RegistryConfig;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+pub(crate) fn fast_config() -> RegistryConfig {
+    RegistryConfig {
+        check_interval: Duration::from_millis(200),
+        check_timeout: Duration::from_millis(200),
+        check_failures: 2,
+        check_retry_delay: Duration::from_millis(50),
+        deregister_after: Duration::from_millis(600),
+        notify_timeout: Duration::from_millis(300),
+        notify_retries: 1,
+        ..RegistryConfig::default()
+    }
+}
+
+pub(crate) struct TestRegistry {
+    pub(crate) addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestRegistry {
+    pub(crate) async fn start(config: RegistryConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(keel_registry::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self { addr, _stop: stop }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// A notification an instance received: the method and the instance JSON.
+pub(crate) type Notification = (Method, Value);
+
+/// A fake service instance.
+pub(crate) struct Instance {
+    pub(crate) addr: SocketAddr,
+    pub(crate) healthy: Arc<AtomicBool>,
+    pub(crate) notifications: mpsc::UnboundedReceiver<Notification>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Instance {
+    pub(crate) async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (tx, notifications) = mpsc::unbounded_channel();
+        let health = Arc::clone(&healthy);
+        let app = axum::Router::new()
+            .route(
+                "/services",
+                any(move |method: Method, Json(body): Json<Value>| {
+                    let tx = tx.clone();
+                    async move {
+                        let _ = tx.send((method, body));
+                        StatusCode::OK
+                    }
+                }),
+            )
+            .route(
+                "/heart-beat",
+                get(move || {
+                    let health = Arc::clone(&health);
+                    async move {
+                        if health.load(Ordering::SeqCst) {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        }
+                    }
+                }),
+            );
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Self {
+            addr,
+            healthy,
+            notifications,
+            _stop: stop,
+        }
+    }
+
+    /// The next notification, within a deadline.
+    pub(crate) async fn next(&mut self) -> Notification {
+        tokio::time::timeout(Duration::from_secs(10), self.notifications.recv())
+            .await
+            .expect("a notification arrives in time")
+            .expect("instance still running")
+    }
+
+    /// Dialect A registration body.
+    pub(crate) fn dialect_a(&self, name: &str, required: &[&str]) -> Value {
+        serde_json::json!({"Name": name, "Addr": self.addr.to_string(), "RequiredServices": required})
+    }
+}
