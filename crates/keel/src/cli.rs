@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// The service registry.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
     /// Append records to a topic: the VALUEs given, or one record per line of stdin.
     Produce(ProduceArgs),
     /// Read records from a topic, optionally following new ones.
@@ -83,6 +88,37 @@ struct ServeArgs {
     /// Refuse writes to topics that do not exist yet (NOT_FOUND / 404).
     #[arg(long, env = "KEEL_LOG_NO_AUTO_CREATE")]
     no_auto_create: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Run the registry: registration (both original dialects), health checks,
+    /// discovery, dependency notifications and watches, over HTTP/JSON.
+    Serve(RegistryServeArgs),
+}
+
+/// Settings of `keel registry serve`. Each flag overrides the config file's
+/// [registry] section and has a `KEEL_REGISTRY_*` environment variable.
+#[derive(Debug, Args)]
+struct RegistryServeArgs {
+    /// A TOML config file; its [registry] section holds the settings.
+    #[arg(long, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:20000]; port 0 picks a free one.
+    #[arg(long, env = "KEEL_REGISTRY_ADDR")]
+    addr: Option<String>,
+    /// How often each instance's heartbeat URL is checked [default: 30s].
+    #[arg(long, env = "KEEL_REGISTRY_CHECK_INTERVAL", value_parser = parse_duration)]
+    check_interval: Option<Duration>,
+    /// How long one check attempt may take [default: 2s].
+    #[arg(long, env = "KEEL_REGISTRY_CHECK_TIMEOUT", value_parser = parse_duration)]
+    check_timeout: Option<Duration>,
+    /// Consecutive failed attempts (1s apart) that make an instance critical [default: 3].
+    #[arg(long, env = "KEEL_REGISTRY_CHECK_FAILURES")]
+    check_failures: Option<u32>,
+    /// How long an instance may stay critical before it is removed [default: 60s].
+    #[arg(long, env = "KEEL_REGISTRY_DEREGISTER_AFTER", value_parser = parse_duration)]
+    deregister_after: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +213,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Log {
                 command: LogCommand::Serve(args),
             } => serve(args).await,
+            Command::Registry {
+                command: RegistryCommand::Serve(args),
+            } => serve_registry(args).await,
             Command::Produce(args) => produce(args).await.map_err(Failure::Run),
             Command::Consume(args) => consume(args).await.map_err(Failure::Run),
         }
@@ -218,19 +257,68 @@ enum Failure {
 #[serde(default, deny_unknown_fields)]
 struct ConfigFile {
     log: LogServiceConfig,
+    registry: keel_registry::RegistryConfig,
+}
+
+fn read_config_file(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
+    let Some(path) = path else {
+        return Ok(ConfigFile::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+/// Binds `addr`, with an error that says how to pick another address.
+async fn bind(addr: &str, flag: &str) -> Result<tokio::net::TcpListener, Failure> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {addr}: is another process using it? Choose another with {flag}"
+            )
+        })
+        .map_err(Failure::Run)
+}
+
+fn registry_config(args: &RegistryServeArgs) -> anyhow::Result<keel_registry::RegistryConfig> {
+    let mut config = read_config_file(args.config.as_ref())?.registry;
+    if let Some(addr) = &args.addr {
+        config.addr = addr.clone();
+    }
+    if let Some(every) = args.check_interval {
+        config.check_interval = every;
+    }
+    if let Some(timeout) = args.check_timeout {
+        config.check_timeout = timeout;
+    }
+    if let Some(failures) = args.check_failures {
+        config.check_failures = failures;
+    }
+    if let Some(after) = args.deregister_after {
+        config.deregister_after = after;
+    }
+    if let Err(err) = config.validate() {
+        bail!("registry.{err}");
+    }
+    Ok(config)
+}
+
+async fn serve_registry(args: RegistryServeArgs) -> Result<(), Failure> {
+    let config = registry_config(&args).map_err(Failure::Config)?;
+    let listener = bind(&config.addr, "--addr or KEEL_REGISTRY_ADDR").await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|err| Failure::Run(err.into()))?;
+    println!("keel registry listening on {addr} (HTTP)");
+    let _ = std::io::stdout().flush();
+    keel_registry::run(listener, config, shutdown_signal())
+        .await
+        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }
 
 fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
-    let mut config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config file {}", path.display()))?;
-            toml::from_str::<ConfigFile>(&text)
-                .with_context(|| format!("parsing config file {}", path.display()))?
-                .log
-        }
-        None => LogServiceConfig::default(),
-    };
+    let mut config = read_config_file(args.config.as_ref())?.log;
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
     }
@@ -265,15 +353,7 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = serve_config(&args).map_err(Failure::Config)?;
-    let listener = tokio::net::TcpListener::bind(&config.addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}: is another process using it? Choose another with --addr or KEEL_LOG_ADDR",
-                config.addr
-            )
-        })
-        .map_err(Failure::Run)?;
+    let listener = bind(&config.addr, "--addr or KEEL_LOG_ADDR").await?;
     let addr = listener
         .local_addr()
         .map_err(|err| Failure::Run(err.into()))?;

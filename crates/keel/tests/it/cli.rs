@@ -200,3 +200,34 @@ fn environment_should_configure_and_flags_should_override_it() {
             .success()
     );
 }
+
+#[test]
+fn registry_serve_should_validate_its_flags_and_stop_cleanly() {
+    let out = keel(&["registry", "serve", "--check-failures", "0"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("check_failures"));
+
+    let mut served = Served::spawn(
+        &[
+            "registry",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--check-interval",
+            "1s",
+        ],
+        &[],
+    );
+    let mut stream = std::net::TcpStream::connect(&served.addr).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("\"ok\""),
+        "{answer}"
+    );
+    served.signal("TERM");
+    assert_eq!(served.wait(Duration::from_secs(15)).code(), Some(0));
+}

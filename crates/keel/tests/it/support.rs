@@ -20,10 +20,23 @@ impl Served {
     }
 
     pub(crate) fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let data_dir = data_dir.to_str().expect("utf-8 temp dir");
+        let mut args = vec![
+            "log",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, env)
+    }
+
+    /// Runs `keel ARGS` and waits for the address it prints first.
+    pub(crate) fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(KEEL)
-            .args(["log", "serve", "--addr", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
+            .args(args)
             .env("KEEL_LOG_LEVEL", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
