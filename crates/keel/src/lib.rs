@@ -1,5 +1,5 @@
-//! keel: the `keel` binary's commands, and (as it grows) the SDK for writing services
-//! against keel.
+//! keel: the `keel` binary's commands, and the SDK for writing services against
+//! keel ([`service`]).
 //!
 //! This crate wires the parts together: it owns the command line, configuration
 //! layering (defaults, then a TOML file, then `KEEL_*` environment variables, then
@@ -7,3 +7,4 @@
 //! their crates: `keel-log` (log service and client), `keel-commitlog` (storage).
 
 pub mod cli;
+pub mod service;

@@ -1,0 +1,341 @@
+//! Running a service: serve, register, stay registered and informed, leave cleanly.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{Method, StatusCode};
+use axum::routing::{any, get};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::discovery::{Discovery, ServiceInstance};
+
+/// What a service is and where it finds the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// The service's name, e.g. `visit`.
+    pub name: String,
+    /// Where to listen; `127.0.0.1:0` picks a free port.
+    pub addr: String,
+    /// The registry's base URL, e.g. `http://127.0.0.1:20000`.
+    pub registry: String,
+    /// Services this one needs; [`Discovery`] knows their instances.
+    pub required_services: Vec<String>,
+    /// Free-form labels sent with the registration.
+    pub meta: BTreeMap<String, String>,
+    /// The longest wait between registration attempts while the registry is away.
+    pub max_backoff: Duration,
+    /// How long a blocking watch of the registry lasts before it is renewed.
+    pub watch_wait: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl ServiceConfig {
+    /// A config with defaults for everything but the name, address and registry.
+    pub fn new(
+        name: impl Into<String>,
+        addr: impl Into<String>,
+        registry: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            addr: addr.into(),
+            registry: registry.into(),
+            required_services: Vec::new(),
+            meta: BTreeMap::new(),
+            max_backoff: Duration::from_secs(5),
+            watch_wait: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a service could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("serving failed: {0}")]
+    Serve(#[source] std::io::Error),
+    /// The HTTP client could not be built.
+    #[error("building the HTTP client failed: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// A service about to run; see the module docs.
+#[derive(Debug)]
+pub struct Service {
+    config: ServiceConfig,
+    discovery: Discovery,
+}
+
+/// An instance as the registry's watch returns it.
+#[derive(Debug, Deserialize)]
+struct Watched {
+    index: u64,
+    instances: Vec<WatchedInstance>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchedInstance {
+    id: String,
+    name: String,
+    url: String,
+    health: String,
+}
+
+impl Service {
+    /// A service with `config`; nothing runs until [`Service::run`].
+    pub fn new(config: ServiceConfig) -> Self {
+        Self {
+            config,
+            discovery: Discovery::default(),
+        }
+    }
+
+    /// Where required services run; cheap to clone into handlers.
+    pub fn discovery(&self) -> Discovery {
+        self.discovery.clone()
+    }
+
+    /// Binds, serves `router` (plus `GET /heart-beat` and `POST|DELETE /services`),
+    /// registers and keeps registered until `shutdown` completes; then deregisters,
+    /// stops accepting and drains in-flight requests. `on_bound` is told the bound
+    /// address first.
+    ///
+    /// # Errors
+    ///
+    /// [`ServiceError::Bind`] when the address is taken; serving failures.
+    pub async fn run(
+        self,
+        router: Router,
+        on_bound: impl FnOnce(std::net::SocketAddr),
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServiceError> {
+        let Self { config, discovery } = self;
+        let listener = tokio::net::TcpListener::bind(&config.addr)
+            .await
+            .map_err(|source| ServiceError::Bind {
+                addr: config.addr.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(ServiceError::Serve)?;
+        on_bound(addr);
+        let url = format!("http://{addr}");
+        let client = reqwest::Client::builder()
+            .timeout(config.watch_wait + Duration::from_secs(10))
+            .build()
+            .map_err(ServiceError::Client)?;
+
+        let updates = discovery.clone();
+        let app = router
+            .route("/heart-beat", get(|| async { StatusCode::OK }))
+            .route(
+                "/services",
+                any(move |method: Method, body: axum::body::Bytes| {
+                    let discovery = updates.clone();
+                    async move {
+                        match serde_json::from_slice::<ServiceInstance>(&body) {
+                            Ok(instance) if method == Method::POST => discovery.add(instance),
+                            Ok(instance) if method == Method::DELETE => {
+                                discovery.remove(&instance.name, &instance.id)
+                            }
+                            Ok(_) => return StatusCode::METHOD_NOT_ALLOWED,
+                            Err(_) => return StatusCode::BAD_REQUEST,
+                        }
+                        StatusCode::OK
+                    }
+                }),
+            );
+
+        let token = CancellationToken::new();
+        let registration = json!({
+            "name": config.name,
+            "addr": url,
+            "required_services": config.required_services,
+            "update_url": format!("{url}/services"),
+            "heartbeat_url": format!("{url}/heart-beat"),
+            "meta": config.meta,
+        });
+        let keeper = tokio::spawn(keep_registered(
+            client.clone(),
+            config.clone(),
+            registration,
+            discovery,
+            token.clone(),
+        ));
+
+        let stop = token.clone();
+        let deregister = {
+            let (client, config, id) = (client.clone(), config.clone(), addr.to_string());
+            async move {
+                shutdown.await;
+                stop.cancel();
+                // Leave the registry first, so no new work is routed here.
+                let url = format!("{}/v1/services/{}/{}", config.registry, config.name, id);
+                match client
+                    .delete(url)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                {
+                    Ok(response) if response.status().is_success() => {
+                        tracing::info!(service = config.name, "deregistered")
+                    }
+                    Ok(response) => {
+                        tracing::warn!(status = %response.status(), "deregistration refused")
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "deregistration failed; the registry will drop this instance by its health checks")
+                    }
+                }
+            }
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(deregister);
+        let grace = config.shutdown_grace;
+        let drained = async {
+            token.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = server => served.map_err(ServiceError::Serve)?,
+            () = drained => tracing::warn!(?grace, "grace period over; dropping open connections"),
+        }
+        keeper.abort();
+        Ok(())
+    }
+}
+
+/// Registers (with backoff until the registry answers), then watches the registry:
+/// refreshes the table of required services, and registers again whenever the
+/// registry no longer lists this instance (a restart, or removal after a failed
+/// check).
+async fn keep_registered(
+    client: reqwest::Client,
+    config: ServiceConfig,
+    registration: serde_json::Value,
+    discovery: Discovery,
+    stop: CancellationToken,
+) {
+    let me = registration["addr"].as_str().unwrap_or_default().to_owned();
+    let mut registered = false;
+    let mut index = 0u64;
+    let mut backoff = Duration::from_millis(50);
+    while !stop.is_cancelled() {
+        if !registered {
+            match register(&client, &config, &registration, &discovery).await {
+                Ok(()) => {
+                    registered = true;
+                    backoff = Duration::from_millis(50);
+                    tracing::info!(service = config.name, url = me, "registered");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in = ?backoff, "registry unavailable; will retry");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(config.max_backoff);
+                    continue;
+                }
+            }
+        }
+        let url = format!(
+            "{}/v1/watch?index={index}&wait={}ms",
+            config.registry,
+            config.watch_wait.as_millis()
+        );
+        let watched = tokio::select! {
+            answer = client.get(url).send() => match answer {
+                Ok(response) => response.json::<Watched>().await.map_err(|err| err.to_string()),
+                Err(err) => Err(err.to_string()),
+            },
+            () = stop.cancelled() => return,
+        };
+        match watched {
+            Ok(watched) => {
+                if watched.index < index {
+                    tracing::info!("the registry's index went back: it restarted");
+                }
+                index = watched.index;
+                for name in &config.required_services {
+                    let available = watched
+                        .instances
+                        .iter()
+                        .filter(|i| &i.name == name && i.health == "passing")
+                        .map(|i| ServiceInstance {
+                            id: i.id.clone(),
+                            name: i.name.clone(),
+                            url: i.url.clone(),
+                        })
+                        .collect();
+                    discovery.replace(name, available);
+                }
+                let listed = watched
+                    .instances
+                    .iter()
+                    .any(|i| i.name == config.name && i.url == me);
+                if !listed {
+                    tracing::info!(
+                        service = config.name,
+                        "not listed by the registry; registering again"
+                    );
+                    registered = false;
+                    index = 0;
+                }
+            }
+            Err(err) => {
+                // The registry went away: start over once it is back.
+                tracing::debug!(error = %err, "watch failed");
+                registered = false;
+                index = 0;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(config.max_backoff);
+            }
+        }
+    }
+}
+
+async fn register(
+    client: &reqwest::Client,
+    config: &ServiceConfig,
+    registration: &serde_json::Value,
+    discovery: &Discovery,
+) -> Result<(), String> {
+    let response = client
+        .post(format!("{}/services", config.registry))
+        .json(registration)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|err| err.to_string())?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        return Err(format!(
+            "registry refused the registration ({status}): {body}"
+        ));
+    }
+    let answer: BTreeMap<String, Vec<ServiceInstance>> =
+        response.json().await.map_err(|err| err.to_string())?;
+    for (name, instances) in answer {
+        discovery.replace(&name, instances);
+    }
+    Ok(())
+}

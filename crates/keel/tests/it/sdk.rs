@@ -1,0 +1,178 @@
+//! The SDK against a real registry on loopback.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use keel::service::{Discovery, Policy, Service, ServiceConfig};
+use keel_registry::RegistryConfig;
+use tokio::sync::oneshot;
+
+fn registry_config() -> RegistryConfig {
+    RegistryConfig {
+        check_interval: Duration::from_millis(200),
+        check_timeout: Duration::from_millis(200),
+        check_failures: 2,
+        check_retry_delay: Duration::from_millis(50),
+        deregister_after: Duration::from_millis(600),
+        ..RegistryConfig::default()
+    }
+}
+
+/// Runs a registry on `listener`; stopped when the sender is dropped or fired.
+fn start_registry(listener: tokio::net::TcpListener) -> oneshot::Sender<()> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(keel_registry::run(
+        listener,
+        registry_config(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    stop
+}
+
+struct Running {
+    addr: SocketAddr,
+    discovery: Discovery,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("stops in time")
+            .unwrap();
+    }
+}
+
+async fn start_service(name: &str, registry: &str, required: &[&str]) -> Running {
+    let mut config = ServiceConfig::new(name, "127.0.0.1:0", registry);
+    config.required_services = required.iter().map(|s| (*s).to_owned()).collect();
+    config.watch_wait = Duration::from_millis(300);
+    config.max_backoff = Duration::from_millis(200);
+    let service = Service::new(config);
+    let discovery = service.discovery();
+    let body = name.to_owned();
+    let router = axum::Router::new().route("/", get(move || async move { body }));
+    let (bound_tx, bound) = oneshot::channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        service
+            .run(
+                router,
+                move |addr| {
+                    let _ = bound_tx.send(addr);
+                },
+                async move {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .expect("service runs");
+    });
+    let addr = bound.await.expect("bound");
+    Running {
+        addr,
+        discovery,
+        stop: Some(stop),
+        task,
+    }
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn listed(registry: &str, name: &str) -> usize {
+    let answer = reqwest::get(format!("{registry}/v1/services/{name}")).await;
+    match answer {
+        Ok(response) => response
+            .json::<Vec<serde_json::Value>>()
+            .await
+            .map_or(0, |list| list.len()),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_should_find_each_other_and_deregister_on_shutdown() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = format!("http://{}", listener.local_addr().unwrap());
+    let _registry = start_registry(listener);
+
+    let log = start_service("log", &registry, &[]).await;
+    let visit = start_service("visit", &registry, &["log"]).await;
+    let log_url = format!("http://{}", log.addr);
+    eventually("visit discovers log", async || {
+        visit
+            .discovery
+            .pick("log", Policy::RoundRobin)
+            .is_some_and(|p| p.url == log_url)
+    })
+    .await;
+    let picked = visit.discovery.pick("log", Policy::Random).unwrap();
+    let body = reqwest::get(&picked.url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "log", "the picked URL serves the log service");
+    drop(picked);
+
+    log.stop().await;
+    assert_eq!(
+        listed(&registry, "log").await,
+        0,
+        "shutdown deregistered before it returned"
+    );
+    eventually("visit hears that log is gone", async || {
+        visit.discovery.instances("log").is_empty()
+    })
+    .await;
+    visit.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_should_register_when_the_registry_comes_up_and_again_after_it_restarts() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let registry = format!("http://127.0.0.1:{port}");
+    let service = start_service("grading", &registry, &[]).await;
+
+    // The registry starts after the service: registration retries until it answers.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let first = start_registry(listener);
+    eventually("registered once the registry is up", async || {
+        listed(&registry, "grading").await == 1
+    })
+    .await;
+
+    // The registry restarts empty: the service notices and registers again.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let _second = start_registry(listener);
+    eventually("registered again after the restart", async || {
+        listed(&registry, "grading").await == 1
+    })
+    .await;
+    service.stop().await;
+}
