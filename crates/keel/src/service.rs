@@ -9,10 +9,13 @@
 //!    │    (re-registers by itself if a restarted registry has forgotten it)
 //!    └─ on shutdown: deregisters, stops accepting, drains in-flight requests
 //!  Discovery::pick("log")  ── answered from the local table, no registry round trip
+//!  log_shipping(...)        ── a tracing layer: log lines to the log service, batched
 //! ```
 
 mod discovery;
+mod logship;
 mod runner;
 
 pub use discovery::{Discovery, Picked, Policy, ServiceInstance};
+pub use logship::{LogLayer, LogShipping, log_shipping};
 pub use runner::{Service, ServiceConfig, ServiceError};

@@ -176,3 +176,65 @@ async fn service_should_register_when_the_registry_comes_up_and_again_after_it_r
     .await;
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_should_reach_the_log_service_and_never_block_when_it_is_down() {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let log_addr = listener.local_addr().unwrap();
+    let config = keel_log::LogServiceConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let (_stop_log, stopped) = oneshot::channel::<()>();
+    tokio::spawn(keel_log::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+
+    let (layer, shipping) =
+        keel::service::log_shipping("visit", &format!("http://{log_addr}"), 1000);
+    {
+        let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+        for i in 0..10 {
+            tracing::info!(visit = i, "visit counted");
+        }
+    }
+    eventually("ten lines shipped", async || shipping.sent() == 10).await;
+    let mut client = keel_log::Client::connect(&log_addr.to_string())
+        .await
+        .unwrap();
+    let line = client.consume("logs", 3).await.unwrap();
+    let text = String::from_utf8_lossy(&line.value);
+    assert!(
+        text.starts_with("INFO visit ")
+            && text.contains("visit counted")
+            && text.contains("visit=3"),
+        "{text}"
+    );
+
+    // A log service that is down: logging never waits, lines are counted as dropped.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (layer, shipping) = keel::service::log_shipping("visit", &format!("http://{closed}"), 100);
+    let started = Instant::now();
+    {
+        let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+        for i in 0..5_000 {
+            tracing::info!(i, "busy");
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "logging blocked for {:?}",
+        started.elapsed()
+    );
+    eventually("dropped lines are counted", async || {
+        shipping.dropped() >= 4_900
+    })
+    .await;
+    assert_eq!(shipping.sent(), 0);
+}
