@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod registry;
 mod report;
 mod scenarios;
 mod target;
@@ -90,6 +91,9 @@ enum Scenario {
     /// The log service set: produce (1, 4, 16 clients), produce-stream,
     /// produce-batch, consume, and latency at 1000 records/s.
     All,
+    /// The registry set: registrations/s, lookups/s, and notification latency, with
+    /// 1 000 instances registered.
+    Registry,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -104,6 +108,21 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let common = cli.common;
     let sync: keel_commitlog::SyncPolicy = common.sync.parse().map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the load generator's runtime")?;
+    if let Scenario::Registry = cli.scenario {
+        let outcomes = runtime.block_on(async {
+            anyhow::Ok(vec![
+                registry::registrations(&common).await?,
+                registry::lookups(&common).await?,
+                registry::notification_latency(&common).await?,
+            ])
+        })?;
+        return finish(&outcomes, &common);
+    }
     let loads = match cli.scenario {
         Scenario::Produce { clients } => vec![Load::Produce { clients }],
         Scenario::ProduceStream { window, streams } => {
@@ -135,12 +154,8 @@ fn main() -> anyhow::Result<()> {
             Load::Consume { records: 2_000_000 },
             Load::Latency { rate: 1000 },
         ],
+        Scenario::Registry => Vec::new(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the load generator's runtime")?;
     let mut outcomes: Vec<Outcome> = Vec::new();
     for load in loads {
         eprintln!("running {}", load.name());
@@ -149,8 +164,13 @@ fn main() -> anyhow::Result<()> {
         drop(target);
         outcomes.push(outcome);
     }
+    finish(&outcomes, &common)
+}
+
+/// Prints the table and writes the JSON.
+fn finish(outcomes: &[Outcome], common: &Common) -> anyhow::Result<()> {
     let machine = report::Machine::read();
-    println!("{}", report::table(&outcomes, &machine, &common.sync));
+    println!("{}", report::table(outcomes, &machine, &common.sync));
     if let Some(path) = &common.json {
         let json =
             serde_json::json!({ "machine": machine, "sync": common.sync, "results": outcomes });

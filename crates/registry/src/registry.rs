@@ -2,7 +2,7 @@
 //! watchers (a change index and a stream of changes) and dependents (notifications).
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -24,11 +24,11 @@ pub struct Change {
     pub instance: Instance,
 }
 
-/// The live registry. The lock is held only to apply a command and read the state;
-/// notifications go out after it is released.
+/// The live registry. Commands take the write lock only to apply and compute their
+/// notifications; lookups share the read lock; notifications go out after both.
 #[derive(Debug)]
 pub struct Registry {
-    state: Mutex<RegistryState>,
+    state: RwLock<RegistryState>,
     index: watch::Sender<u64>,
     changes: broadcast::Sender<Change>,
     notifier: Notifier,
@@ -44,15 +44,19 @@ pub(crate) fn now_ms() -> u64 {
 impl Registry {
     pub(crate) fn new(notifier: Notifier) -> Self {
         Self {
-            state: Mutex::new(RegistryState::default()),
+            state: RwLock::new(RegistryState::default()),
             index: watch::channel(0).0,
             changes: broadcast::channel(1024).0,
             notifier,
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, RegistryState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> RwLockReadGuard<'_, RegistryState> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state_mut(&self) -> RwLockWriteGuard<'_, RegistryState> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Applies a command, then tells watchers and dependents what changed.
@@ -62,7 +66,7 @@ impl Registry {
     /// As [`RegistryState::apply`].
     pub fn apply(&self, command: Command) -> Result<Vec<Event>> {
         let (events, deliveries, index) = {
-            let mut state = self.state();
+            let mut state = self.state_mut();
             let events = state.apply(command)?;
             let mut deliveries = Vec::new();
             for event in &events {
