@@ -312,7 +312,7 @@ async fn serve_registry(args: RegistryServeArgs) -> Result<(), Failure> {
         .map_err(|err| Failure::Run(err.into()))?;
     println!("keel registry listening on {addr} (HTTP)");
     let _ = std::io::stdout().flush();
-    keel_registry::run(listener, config, shutdown_signal())
+    keel_registry::run(listener, config, crate::service::shutdown_signal())
         .await
         .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }
@@ -362,34 +362,9 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         config.data_dir.display()
     );
     let _ = std::io::stdout().flush();
-    keel_log::run(listener, config, shutdown_signal())
+    keel_log::run(listener, config, crate::service::shutdown_signal())
         .await
         .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
-}
-
-/// Completes on the first SIGINT or SIGTERM. Later signals are ignored, so a second
-/// Ctrl-C cannot interrupt the final sync.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(terminate) => terminate,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the service");
-                let _ = interrupt.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }
 
 async fn produce(args: ProduceArgs) -> anyhow::Result<()> {

@@ -19,3 +19,29 @@ mod runner;
 pub use discovery::{Discovery, Picked, Policy, ServiceInstance};
 pub use logship::{LogLayer, LogShipping, log_shipping};
 pub use runner::{Service, ServiceConfig, ServiceError};
+
+/// Completes on the first SIGINT or SIGTERM: the usual `shutdown` for
+/// [`Service::run`] and the servers of the `keel` binary. Once it is awaited, later
+/// signals no longer kill the process, so a second Ctrl-C cannot interrupt the final
+/// deregistration or sync.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = match signal(SignalKind::terminate()) {
+            Ok(terminate) => terminate,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the process");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
