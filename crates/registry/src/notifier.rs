@@ -16,6 +16,10 @@ use tokio::sync::mpsc;
 
 use crate::state::{Event, Instance};
 
+/// How long a dependent's worker waits for work before it stops (a new delivery
+/// starts a new one), so that dependents that come and go leave nothing behind.
+const IDLE: Duration = Duration::from_secs(60);
+
 /// One notification to send.
 #[derive(Debug, Clone)]
 pub(crate) struct Delivery {
@@ -90,8 +94,20 @@ impl Notifier {
         let (tx, mut rx) = mpsc::channel::<Delivery>(self.queue_depth);
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some(delivery) = rx.recv().await {
-                this.send_with_retries(&delivery).await;
+            loop {
+                match tokio::time::timeout(IDLE, rx.recv()).await {
+                    Ok(Some(delivery)) => this.send_with_retries(&delivery).await,
+                    Ok(None) => break,
+                    Err(_) => {
+                        // Idle: leave, unless a delivery arrived meanwhile. Deliveries are
+                        // queued under the same lock, so none can be lost in between.
+                        let mut queues = this.queues.lock().unwrap_or_else(PoisonError::into_inner);
+                        if rx.is_empty() {
+                            queues.remove(&url);
+                            break;
+                        }
+                    }
+                }
             }
             tracing::debug!(url, "notification worker stopped");
         });
