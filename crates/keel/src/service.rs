@@ -12,11 +12,10 @@
 //!  log_shipping(...)        ── a tracing layer: log lines to the log service, batched
 //! ```
 
-mod discovery;
 mod logship;
 mod runner;
 
-pub use discovery::{Discovery, Picked, Policy, ServiceInstance};
+pub use keel_registry::client::{Discovery, Picked, Policy, ServiceInstance};
 pub use logship::{LogLayer, LogShipping, log_shipping};
 pub use runner::{Service, ServiceConfig, ServiceError};
 

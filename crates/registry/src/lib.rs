@@ -13,6 +13,7 @@
 //! This crate knows nothing of the log service or the gateway.
 
 mod checker;
+pub mod client;
 mod config;
 mod error;
 mod http;

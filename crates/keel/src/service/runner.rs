@@ -7,11 +7,10 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::{Method, StatusCode};
 use axum::routing::{any, get};
-use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::discovery::{Discovery, ServiceInstance};
+use keel_registry::client::{Discovery, RegistryClient, ServiceInstance};
 
 /// What a service is and where it finds the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,21 +79,6 @@ pub enum ServiceError {
 pub struct Service {
     config: ServiceConfig,
     discovery: Discovery,
-}
-
-/// An instance as the registry's watch returns it.
-#[derive(Debug, Deserialize)]
-struct Watched {
-    index: u64,
-    instances: Vec<WatchedInstance>,
-}
-
-#[derive(Debug, Deserialize)]
-struct WatchedInstance {
-    id: String,
-    name: String,
-    url: String,
-    health: String,
 }
 
 impl Service {
@@ -170,8 +154,9 @@ impl Service {
             "heartbeat_url": format!("{url}/heart-beat"),
             "meta": config.meta,
         });
+        let registry = RegistryClient::new(&config.registry, client.clone());
         let keeper = tokio::spawn(keep_registered(
-            client.clone(),
+            registry.clone(),
             config.clone(),
             registration,
             discovery,
@@ -180,27 +165,17 @@ impl Service {
 
         let stop = token.clone();
         let deregister = {
-            let (client, config, id) = (client.clone(), config.clone(), addr.to_string());
+            let (config, id) = (config.clone(), addr.to_string());
             async move {
                 shutdown.await;
                 stop.cancel();
                 // Leave the registry first, so no new work is routed here.
-                let url = format!("{}/v1/services/{}/{}", config.registry, config.name, id);
-                match client
-                    .delete(url)
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
-                {
-                    Ok(response) if response.status().is_success() => {
-                        tracing::info!(service = config.name, "deregistered")
-                    }
-                    Ok(response) => {
-                        tracing::warn!(status = %response.status(), "deregistration refused")
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "deregistration failed; the registry will drop this instance by its health checks")
-                    }
+                match registry.deregister(&config.name, &id).await {
+                    Ok(()) => tracing::info!(service = config.name, "deregistered"),
+                    Err(err) => tracing::warn!(
+                        error = %err,
+                        "deregistration failed; the registry will drop this instance by its health checks"
+                    ),
                 }
             }
         };
@@ -224,7 +199,7 @@ impl Service {
 /// registry no longer lists this instance (a restart, or removal after a failed
 /// check).
 async fn keep_registered(
-    client: reqwest::Client,
+    registry: RegistryClient,
     config: ServiceConfig,
     registration: serde_json::Value,
     discovery: Discovery,
@@ -235,107 +210,59 @@ async fn keep_registered(
     let mut index = 0u64;
     let mut backoff = Duration::from_millis(50);
     while !stop.is_cancelled() {
-        if !registered {
-            match register(&client, &config, &registration, &discovery).await {
-                Ok(()) => {
-                    registered = true;
-                    backoff = Duration::from_millis(50);
-                    tracing::info!(service = config.name, url = me, "registered");
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, retry_in = ?backoff, "registry unavailable; will retry");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = stop.cancelled() => return,
+        let failure = if registered {
+            let watched = tokio::select! {
+                watched = registry.watch(index, config.watch_wait) => watched,
+                () = stop.cancelled() => return,
+            };
+            match watched {
+                Ok(snapshot) => {
+                    if snapshot.index < index {
+                        tracing::info!("the registry's index went back: it restarted");
                     }
-                    backoff = (backoff * 2).min(config.max_backoff);
-                    continue;
-                }
-            }
-        }
-        let url = format!(
-            "{}/v1/watch?index={index}&wait={}ms",
-            config.registry,
-            config.watch_wait.as_millis()
-        );
-        let watched = tokio::select! {
-            answer = client.get(url).send() => match answer {
-                Ok(response) => response.json::<Watched>().await.map_err(|err| err.to_string()),
-                Err(err) => Err(err.to_string()),
-            },
-            () = stop.cancelled() => return,
-        };
-        match watched {
-            Ok(watched) => {
-                if watched.index < index {
-                    tracing::info!("the registry's index went back: it restarted");
-                }
-                index = watched.index;
-                for name in &config.required_services {
-                    let available = watched
+                    index = snapshot.index;
+                    for name in &config.required_services {
+                        discovery.replace(name, snapshot.passing(name));
+                    }
+                    if !snapshot
                         .instances
                         .iter()
-                        .filter(|i| &i.name == name && i.health == "passing")
-                        .map(|i| ServiceInstance {
-                            id: i.id.clone(),
-                            name: i.name.clone(),
-                            url: i.url.clone(),
-                        })
-                        .collect();
-                    discovery.replace(name, available);
+                        .any(|i| i.name == config.name && i.url == me)
+                    {
+                        tracing::info!(
+                            service = config.name,
+                            "not listed by the registry; registering again"
+                        );
+                        registered = false;
+                    }
+                    None
                 }
-                let listed = watched
-                    .instances
-                    .iter()
-                    .any(|i| i.name == config.name && i.url == me);
-                if !listed {
-                    tracing::info!(
-                        service = config.name,
-                        "not listed by the registry; registering again"
-                    );
-                    registered = false;
+                Err(err) => Some(format!("watch failed: {err}")),
+            }
+        } else {
+            match registry.register(&registration).await {
+                Ok(answer) => {
+                    for (name, instances) in answer {
+                        discovery.replace(&name, instances);
+                    }
+                    registered = true;
                     index = 0;
+                    backoff = Duration::from_millis(50);
+                    tracing::info!(service = config.name, url = me, "registered");
+                    None
                 }
+                Err(err) => Some(format!("registration failed: {err}")),
             }
-            Err(err) => {
-                // The registry went away: start over once it is back.
-                tracing::debug!(error = %err, "watch failed");
-                registered = false;
-                index = 0;
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = stop.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(config.max_backoff);
+        };
+        if let Some(failure) = failure {
+            // The registry is away: start over once it is back.
+            tracing::warn!(error = failure, retry_in = ?backoff, "registry unavailable; will retry");
+            registered = false;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stop.cancelled() => return,
             }
+            backoff = (backoff * 2).min(config.max_backoff);
         }
     }
-}
-
-async fn register(
-    client: &reqwest::Client,
-    config: &ServiceConfig,
-    registration: &serde_json::Value,
-    discovery: &Discovery,
-) -> Result<(), String> {
-    let response = client
-        .post(format!("{}/services", config.registry))
-        .json(registration)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .map_err(|err| err.to_string())?;
-    if !response.status().is_success() {
-        let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        return Err(format!(
-            "registry refused the registration ({status}): {body}"
-        ));
-    }
-    let answer: BTreeMap<String, Vec<ServiceInstance>> =
-        response.json().await.map_err(|err| err.to_string())?;
-    for (name, instances) in answer {
-        discovery.replace(&name, instances);
-    }
-    Ok(())
 }

@@ -409,3 +409,38 @@ async fn metrics_and_healthz_should_report_the_registry() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn follow_should_keep_a_discovery_table_current() {
+    use keel_registry::client::{Discovery, RegistryClient, follow};
+    let registry = TestRegistry::start(fast_config()).await;
+    let discovery = Discovery::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = RegistryClient::new(&registry.url(""), reqwest::Client::new());
+    tokio::spawn(follow(
+        client,
+        discovery.clone(),
+        None,
+        Duration::from_millis(500),
+        Duration::from_millis(200),
+        stop.clone(),
+        |_| {},
+    ));
+    let log = Instance::start().await;
+    register(&registry, &log.dialect_a("log", &[])).await;
+    eventually("the new instance is followed", async || {
+        discovery.instances("log").len() == 1
+    })
+    .await;
+    http()
+        .delete(registry.url("/services"))
+        .json(&log.dialect_a("log", &[]))
+        .send()
+        .await
+        .unwrap();
+    eventually("a service that is gone is forgotten", async || {
+        discovery.instances("log").is_empty()
+    })
+    .await;
+    stop.cancel();
+}

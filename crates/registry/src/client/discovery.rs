@@ -1,4 +1,4 @@
-//! The local table of required services, and choosing an instance.
+//! A local table of where services run, and choosing an instance from it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -72,6 +72,12 @@ impl std::ops::Deref for Picked {
 }
 
 impl Discovery {
+    /// The names of every service in the table.
+    pub fn services(&self) -> Vec<String> {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        table.services.keys().cloned().collect()
+    }
+
     /// The known instances of `name`.
     pub fn instances(&self, name: &str) -> Vec<ServiceInstance> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
@@ -124,8 +130,8 @@ impl Discovery {
         (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize
     }
 
-    /// Adds an instance (a `POST` notification).
-    pub(crate) fn add(&self, instance: ServiceInstance) {
+    /// Adds an instance (what a `POST` notification says).
+    pub fn add(&self, instance: ServiceInstance) {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         let entries = table.services.entry(instance.name.clone()).or_default();
         if !entries.iter().any(|e| e.instance.id == instance.id) {
@@ -136,16 +142,16 @@ impl Discovery {
         }
     }
 
-    /// Removes an instance (a `DELETE` notification).
-    pub(crate) fn remove(&self, name: &str, id: &str) {
+    /// Removes an instance (what a `DELETE` notification says).
+    pub fn remove(&self, name: &str, id: &str) {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(entries) = table.services.get_mut(name) {
             entries.retain(|e| e.instance.id != id);
         }
     }
 
-    /// Replaces what is known of `name` (a watch answer), keeping in-flight counts.
-    pub(crate) fn replace(&self, name: &str, instances: Vec<ServiceInstance>) {
+    /// Replaces what is known of `name` (from a watch answer), keeping in-flight counts.
+    pub fn replace(&self, name: &str, instances: Vec<ServiceInstance>) {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         let old = table.services.remove(name).unwrap_or_default();
         let entries = instances
