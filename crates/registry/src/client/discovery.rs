@@ -90,16 +90,31 @@ impl Discovery {
 
     /// Chooses an instance of `name`, or `None` when none is known.
     pub fn pick(&self, name: &str, policy: Policy) -> Option<Picked> {
+        self.pick_where(name, policy, |_| true)
+    }
+
+    /// Chooses among the instances of `name` that `allowed` accepts (say, not ejected
+    /// and not tried yet), or `None` when there are none.
+    pub fn pick_where(
+        &self,
+        name: &str,
+        policy: Policy,
+        allowed: impl Fn(&ServiceInstance) -> bool,
+    ) -> Option<Picked> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let entries = table.services.get(name).filter(|e| !e.is_empty())?;
+        let all = table.services.get(name)?;
+        let entries: Vec<&Entry> = all.iter().filter(|e| allowed(&e.instance)).collect();
+        if entries.is_empty() {
+            return None;
+        }
         let entry = match policy {
-            Policy::Random => &entries[self.random() % entries.len()],
+            Policy::Random => entries[self.random() % entries.len()],
             Policy::RoundRobin => {
-                &entries[self.turn.fetch_add(1, Ordering::Relaxed) % entries.len()]
+                entries[self.turn.fetch_add(1, Ordering::Relaxed) % entries.len()]
             }
             Policy::PowerOfTwoChoices => {
-                let a = &entries[self.random() % entries.len()];
-                let b = &entries[self.random() % entries.len()];
+                let a = entries[self.random() % entries.len()];
+                let b = entries[self.random() % entries.len()];
                 if b.in_flight.load(Ordering::Relaxed) < a.in_flight.load(Ordering::Relaxed) {
                     b
                 } else {

@@ -1,0 +1,100 @@
+//! The gateway's configuration.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How the gateway chooses an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Each instance in turn.
+    #[default]
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// Of two random instances, the one with fewer requests in flight.
+    PowerOfTwoChoices,
+}
+
+/// Everything the gateway needs besides its listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The address `keel gateway serve` binds. Default `127.0.0.1:20001`.
+    pub addr: String,
+    /// The registry's base URL. Default `http://127.0.0.1:20000`.
+    pub registry: String,
+    /// How instances are chosen. Default round-robin.
+    pub balance: Balance,
+    /// How long an upstream may take to answer with headers before 504. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long connecting to an upstream may take. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Extra attempts on other instances after a failure (see `docs/api/gateway.md`
+    /// for which failures are retried). Default 2.
+    pub retries: u32,
+    /// Bodies up to this size are buffered so that a failed request can be retried;
+    /// larger ones stream through and are not retried. Default 64 KiB.
+    pub retry_body_bytes: u64,
+    /// Consecutive failures that eject an instance. Default 3.
+    pub eject_after: u32,
+    /// How long an ejected instance is skipped. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub eject_for: Duration,
+    /// Services whose `/{service}` prefix is removed before forwarding.
+    pub strip_prefix: Vec<String>,
+    /// How long a blocking watch of the registry lasts. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub watch_wait: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:20001".into(),
+            registry: "http://127.0.0.1:20000".into(),
+            balance: Balance::default(),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+            retries: 2,
+            retry_body_bytes: 64 * 1024,
+            eject_after: 3,
+            eject_for: Duration::from_secs(10),
+            strip_prefix: Vec::new(),
+            watch_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Checks every limit.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the first field out of range.
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("request_timeout", self.request_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("eject_for", self.eject_for),
+            ("watch_wait", self.watch_wait),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{field}: must be longer than zero"));
+            }
+        }
+        if self.eject_after == 0 {
+            return Err("eject_after: must be at least 1".into());
+        }
+        if self.retries > 10 {
+            return Err(format!(
+                "retries: {} is more than the allowed 10",
+                self.retries
+            ));
+        }
+        Ok(())
+    }
+}

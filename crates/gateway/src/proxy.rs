@@ -1,0 +1,359 @@
+//! The reverse proxy: route, pick, forward, retry, eject.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use keel_registry::client::{Discovery, Policy};
+
+use crate::config::{Balance, GatewayConfig};
+
+/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Counts for `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) requests: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) ejections: AtomicU64,
+    pub(crate) by_status: [AtomicU64; 6],
+}
+
+#[derive(Debug, Default)]
+struct Passive {
+    failures: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// The gateway's shared state.
+#[derive(Debug)]
+pub(crate) struct Gateway {
+    pub(crate) config: GatewayConfig,
+    pub(crate) discovery: Discovery,
+    /// Every service name the registry knows (passing or not): tells 404 from 503.
+    pub(crate) known: RwLock<BTreeSet<String>>,
+    client: Client<HttpConnector, Body>,
+    passive: Mutex<HashMap<String, Passive>>,
+    pub(crate) stats: Stats,
+    next_id: AtomicU64,
+}
+
+/// A gateway error: a status and a JSON body naming the service.
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+impl Gateway {
+    pub(crate) fn new(config: GatewayConfig, discovery: Discovery) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build(connector);
+        Self {
+            config,
+            discovery,
+            known: RwLock::default(),
+            client,
+            passive: Mutex::default(),
+            stats: Stats::default(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn policy(&self) -> Policy {
+        match self.config.balance {
+            Balance::RoundRobin => Policy::RoundRobin,
+            Balance::Random => Policy::Random,
+            Balance::PowerOfTwoChoices => Policy::PowerOfTwoChoices,
+        }
+    }
+
+    fn is_ejected(&self, url: &str) -> bool {
+        let passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
+        passive
+            .get(url)
+            .and_then(|p| p.ejected_until)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn record(&self, url: &str, ok: bool) {
+        let mut passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = passive.entry(url.to_owned()).or_default();
+        if ok {
+            *entry = Passive::default();
+            return;
+        }
+        entry.failures += 1;
+        if entry.failures >= self.config.eject_after {
+            entry.failures = 0;
+            entry.ejected_until = Some(Instant::now() + self.config.eject_for);
+            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(url, eject_for = ?self.config.eject_for, "ejecting an instance after consecutive failures");
+        }
+    }
+
+    fn count(&self, status: StatusCode) {
+        let class = (status.as_u16() / 100) as usize;
+        if let Some(counter) = self.stats.by_status.get(class) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+    )
+}
+
+/// The request's headers as forwarded: hop-by-hop ones removed (also those the
+/// `Connection` header names), `Host` left to the client, `X-Forwarded-*` and a
+/// request id added.
+fn forwarded_headers(headers: &HeaderMap, peer: SocketAddr, request_id: &str) -> HeaderMap {
+    let mut named: HashSet<String> = HOP_BY_HOP.iter().map(|h| (*h).to_owned()).collect();
+    for value in headers.get_all(header::CONNECTION) {
+        if let Ok(value) = value.to_str() {
+            named.extend(
+                value
+                    .split(',')
+                    .map(|name| name.trim().to_ascii_lowercase()),
+            );
+        }
+    }
+    let mut out = HeaderMap::with_capacity(headers.len() + 4);
+    for (name, value) in headers {
+        if !named.contains(name.as_str()) && name != header::HOST {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    let peer_ip = peer.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {peer_ip}"),
+        None => peer_ip,
+    };
+    let set = |out: &mut HeaderMap, name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            out.insert(HeaderName::from_static(name), value);
+        }
+    };
+    set(&mut out, "x-forwarded-for", &forwarded_for);
+    set(&mut out, "x-forwarded-proto", "http");
+    if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        set(&mut out, "x-forwarded-host", host);
+    }
+    if !out.contains_key("x-request-id") {
+        set(&mut out, "x-request-id", request_id);
+    }
+    out
+}
+
+/// The body of a request that may be retried, or the stream of one that may not.
+enum Payload {
+    Buffered(Bytes),
+    Streaming(Option<Body>),
+}
+
+impl Payload {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            Self::Buffered(bytes) => Some(Body::from(bytes.clone())),
+            Self::Streaming(body) => body.take(),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Self::Buffered(_))
+    }
+}
+
+/// Every request the gateway receives.
+pub(crate) async fn handle(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let response = proxy(&gateway, peer, request).await;
+    gateway.count(response.status());
+    response
+}
+
+async fn proxy(gateway: &Gateway, peer: SocketAddr, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let Some(service) = path
+        .split('/')
+        .nth(1)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no_service",
+            "no service in the path: use /{service}/...".into(),
+        );
+    };
+    if keel_registry::validate_service_name(service.clone(), "service").is_err() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_service",
+            format!("no service named {service:?}"),
+        );
+    }
+    let known = gateway
+        .known
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(&service);
+    if !known && gateway.discovery.instances(&service).is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_service",
+            format!("service {service:?} is not registered"),
+        );
+    }
+    let forward_path = if gateway.config.strip_prefix.contains(&service) {
+        let rest = &path[service.len() + 1..];
+        if rest.is_empty() {
+            "/".to_owned()
+        } else {
+            rest.to_owned()
+        }
+    } else {
+        path.to_owned()
+    };
+    let path_and_query = match parts.uri.query() {
+        Some(query) => format!("{forward_path}?{query}"),
+        None => forward_path,
+    };
+
+    // A retry needs the body again: small bodies are buffered, large ones stream once.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let mut payload = match declared {
+        Some(len) if len <= gateway.config.retry_body_bytes => match body.collect().await {
+            Ok(collected) => Payload::Buffered(collected.to_bytes()),
+            Err(err) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("reading the request body failed: {err}"),
+                );
+            }
+        },
+        None if !chunked => Payload::Buffered(Bytes::new()),
+        _ => Payload::Streaming(Some(body)),
+    };
+
+    let request_id = format!("{:016x}", gateway.next_id.fetch_add(1, Ordering::Relaxed));
+    let headers = forwarded_headers(&parts.headers, peer, &request_id);
+    let idempotent = is_idempotent(&parts.method);
+    let mut tried: HashSet<String> = HashSet::new();
+    let mut last_failure = None;
+    for attempt in 0..=gateway.config.retries {
+        let picked = gateway
+            .discovery
+            .pick_where(&service, gateway.policy(), |instance| {
+                !tried.contains(&instance.url) && !gateway.is_ejected(&instance.url)
+            });
+        let Some(picked) = picked else { break };
+        let url = picked.url.clone();
+        tried.insert(url.clone());
+        if attempt > 0 {
+            gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(body) = payload.take() else { break };
+        let uri: Uri = match format!("{url}{path_and_query}").parse() {
+            Ok(uri) => uri,
+            Err(err) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_upstream",
+                    format!("instance {url} of {service:?} has an unusable URL: {err}"),
+                );
+            }
+        };
+        let mut upstream = hyper::Request::new(body);
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = headers.clone();
+
+        match tokio::time::timeout(
+            gateway.config.request_timeout,
+            gateway.client.request(upstream),
+        )
+        .await
+        {
+            Ok(Ok(response)) => {
+                gateway.record(&url, true);
+                let (mut parts, incoming) = response.into_parts();
+                for name in HOP_BY_HOP {
+                    parts.headers.remove(name);
+                }
+                // The picked guard (in-flight count) lives until the headers are back.
+                drop(picked);
+                return Response::from_parts(parts, Body::new(incoming));
+            }
+            Ok(Err(err)) => {
+                gateway.record(&url, false);
+                // Nothing was sent on a failed connect: safe to retry for any method.
+                let retry = payload.replayable() && (err.is_connect() || idempotent);
+                tracing::debug!(url, error = %err, retry, "upstream failed");
+                last_failure = Some(format!("instance {url} of {service:?} failed: {err}"));
+                if !retry {
+                    break;
+                }
+            }
+            Err(_) => {
+                gateway.record(&url, false);
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "instance {url} of {service:?} did not answer within {:?}",
+                        gateway.config.request_timeout
+                    ),
+                );
+            }
+        }
+    }
+    match last_failure {
+        Some(message) => error(StatusCode::BAD_GATEWAY, "upstream_failed", message),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_healthy_instance",
+            format!("service {service:?} has no healthy instance"),
+        ),
+    }
+}

@@ -1,0 +1,6 @@
+//! The gateway between real clients and real backends on loopback.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod proxy;
+mod support;

@@ -1,0 +1,255 @@
+//! Routing, pass-through, balancing, failover and errors.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::support::{
+    backend, gateway, register, registry, rss_bytes, streamed_body, until_routed,
+};
+
+async fn error_code(response: reqwest::Response) -> (StatusCode, String, String) {
+    let status = response.status();
+    let body: Value = response.json().await.expect("errors are JSON");
+    (
+        status,
+        body["error"]["code"].as_str().unwrap().to_owned(),
+        body["error"]["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn method_path_query_headers_body_and_status_should_pass_through() {
+    let registry = registry().await;
+    let echo = backend("a").await;
+    register(registry.addr, "echo", echo.running.addr).await;
+    let gateway = gateway(registry.addr, |_| {}).await;
+    until_routed(gateway.addr, "echo", 1).await;
+
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/echo/deep/path?x=1&y=two", gateway.addr))
+        .header("x-custom", "kept")
+        .header("connection", "keep-alive, x-drop-me")
+        .header("x-drop-me", "hop-by-hop")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(
+        echo["path"], "/echo/deep/path",
+        "the path reaches the instance unchanged"
+    );
+    assert_eq!(echo["query"], "x=1&y=two");
+    assert_eq!(echo["body"], "payload");
+    let headers = &echo["headers"];
+    assert_eq!(headers["x-custom"], "kept");
+    assert!(
+        headers.get("x-drop-me").is_none(),
+        "headers named by Connection are hop-by-hop"
+    );
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], gateway.addr.to_string());
+    assert!(
+        headers["x-request-id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+}
+
+#[tokio::test]
+async fn strip_prefix_should_remove_the_service_segment() {
+    let registry = registry().await;
+    let echo = backend("a").await;
+    register(registry.addr, "api", echo.running.addr).await;
+    let gateway = gateway(registry.addr, |config| {
+        config.strip_prefix = vec!["api".into()]
+    })
+    .await;
+    until_routed(gateway.addr, "api", 1).await;
+    let echo: Value = reqwest::get(format!("http://{}/api/users/7", gateway.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["path"], "/users/7");
+}
+
+#[tokio::test]
+async fn load_should_spread_over_instances_and_survive_one_being_killed() {
+    let registry = registry().await;
+    let a = backend("a").await;
+    let mut b = backend("b").await;
+    register(registry.addr, "visit", a.running.addr).await;
+    register(registry.addr, "visit", b.running.addr).await;
+    let gateway = gateway(registry.addr, |_| {}).await;
+    until_routed(gateway.addr, "visit", 2).await;
+    let client = reqwest::Client::new();
+    let (a0, b0) = (
+        a.hits.load(Ordering::Relaxed),
+        b.hits.load(Ordering::Relaxed),
+    );
+    for _ in 0..100 {
+        let response = client
+            .get(format!("http://{}/visit/", gateway.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let (a1, b1) = (
+        a.hits.load(Ordering::Relaxed) - a0,
+        b.hits.load(Ordering::Relaxed) - b0,
+    );
+    assert_eq!(a1 + b1, 100);
+    assert!(a1 >= 40 && b1 >= 40, "round-robin spread: {a1} / {b1}");
+
+    // Kill b: the registry has not noticed (no health checks here), the gateway must.
+    b.running.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..100 {
+        let response = client
+            .get(format!("http://{}/visit/after-kill", gateway.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "request {i} after the kill"
+        );
+    }
+}
+
+#[tokio::test]
+async fn all_instances_dead_should_be_502_then_503_and_unknown_service_404() {
+    let registry = registry().await;
+    let mut dead = backend("a").await;
+    register(registry.addr, "gone", dead.running.addr).await;
+    let gateway = gateway(registry.addr, |config| config.eject_after = 2).await;
+    until_routed(gateway.addr, "gone", 1).await;
+    dead.running.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = reqwest::Client::new();
+    let (status, code, message) = error_code(
+        client
+            .get(format!("http://{}/gone/x", gateway.addr))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_GATEWAY, "upstream_failed")
+    );
+    assert!(message.contains("\"gone\""), "{message}");
+    client
+        .get(format!("http://{}/gone/x", gateway.addr))
+        .send()
+        .await
+        .unwrap();
+    // Two failures ejected the only instance: no healthy instance is left.
+    let (status, code, _) = error_code(
+        client
+            .get(format!("http://{}/gone/x", gateway.addr))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_instance")
+    );
+
+    let (status, code, message) = error_code(
+        client
+            .get(format!("http://{}/nosuch/x", gateway.addr))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "unknown_service")
+    );
+    assert!(message.contains("nosuch"));
+    let (status, code, _) = error_code(
+        client
+            .get(format!("http://{}/", gateway.addr))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "no_service")
+    );
+}
+
+#[tokio::test]
+async fn slow_upstream_should_be_504_at_the_configured_timeout() {
+    let registry = registry().await;
+    let slow = backend("a").await;
+    register(registry.addr, "slow", slow.running.addr).await;
+    let gateway = gateway(registry.addr, |config| {
+        config.request_timeout = Duration::from_millis(300)
+    })
+    .await;
+    until_routed(gateway.addr, "slow", 1).await;
+    let started = Instant::now();
+    let response = reqwest::get(format!("http://{}/slow/slow", gateway.addr))
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    let (status, code, _) = error_code(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+    );
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_body_should_stream_through_without_buffering() {
+    let registry = registry().await;
+    let sink = backend("a").await;
+    register(registry.addr, "upload", sink.running.addr).await;
+    let gateway = gateway(registry.addr, |_| {}).await;
+    until_routed(gateway.addr, "upload", 1).await;
+    let before = rss_bytes();
+    let size = 100 * 1024 * 1024;
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/upload/sink", gateway.addr))
+        .body(reqwest::Body::wrap_stream(futures::StreamExt::map(
+            streamed_body(size).into_data_stream(),
+            |chunk| chunk.map_err(std::io::Error::other),
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.unwrap(),
+        size.to_string(),
+        "every byte arrived"
+    );
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 40 * 1024 * 1024,
+        "memory grew by {} MiB for a 100 MiB body",
+        grown >> 20
+    );
+}

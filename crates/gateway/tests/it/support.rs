@@ -1,0 +1,196 @@
+//! A registry, backends and a gateway on 127.0.0.1:0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use futures::StreamExt;
+use keel_gateway::GatewayConfig;
+use tokio::sync::oneshot;
+
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Running {
+    pub(crate) fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub(crate) async fn registry() -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = keel_registry::RegistryConfig {
+        check_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    tokio::spawn(keel_registry::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    Running {
+        addr,
+        stop: Some(stop),
+    }
+}
+
+pub(crate) async fn gateway(
+    registry: SocketAddr,
+    tune: impl FnOnce(&mut GatewayConfig),
+) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = GatewayConfig {
+        registry: format!("http://{registry}"),
+        watch_wait: Duration::from_millis(500),
+        ..GatewayConfig::default()
+    };
+    tune(&mut config);
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(keel_gateway::run(listener, admin, config, async move {
+        let _ = stopped.await;
+    }));
+    Running {
+        addr,
+        stop: Some(stop),
+    }
+}
+
+/// A backend that echoes what it got as JSON (status 201 for POST), counts its
+/// requests, sleeps on `/slow`, and counts bytes on `/sink`.
+pub(crate) struct Backend {
+    pub(crate) running: Running,
+    pub(crate) hits: Arc<AtomicU64>,
+}
+
+pub(crate) async fn backend(name: &'static str) -> Backend {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&hits);
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let counter = Arc::clone(&counter);
+        async move {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let (parts, body) = request.into_parts();
+            if parts.uri.path().ends_with("/slow") {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            if parts.uri.path().ends_with("/sink") {
+                let mut stream = body.into_data_stream();
+                let mut total: u64 = 0;
+                while let Some(chunk) = stream.next().await {
+                    total += chunk.unwrap().len() as u64;
+                }
+                return total.to_string().into_response();
+            }
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let headers: serde_json::Map<String, serde_json::Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                .collect();
+            let status = if parts.method == axum::http::Method::POST {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let echo = serde_json::json!({
+                "instance": name,
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "query": parts.uri.query(),
+                "headers": headers,
+                "body": String::from_utf8_lossy(&body),
+            });
+            (status, axum::Json(echo)).into_response()
+        }
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Backend {
+        running: Running {
+            addr,
+            stop: Some(stop),
+        },
+        hits,
+    }
+}
+
+pub(crate) async fn register(registry: SocketAddr, service: &str, backend: SocketAddr) {
+    let body = serde_json::json!({"name": service, "addr": backend.to_string()});
+    let response = reqwest::Client::new()
+        .post(format!("http://{registry}/services"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+}
+
+/// Waits until the gateway routes to `service` (its table follows the registry).
+pub(crate) async fn until_routed(gateway: SocketAddr, service: &str, instances: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let client = reqwest::Client::new();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < instances {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never routed to {instances} instance(s) of {service}"
+        );
+        if let Ok(response) = client
+            .get(format!("http://{gateway}/{service}/ping"))
+            .send()
+            .await
+            && response.status().is_success()
+            && let Ok(echo) = response.json::<serde_json::Value>().await
+        {
+            seen.insert(echo["instance"].as_str().unwrap_or_default().to_owned());
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub(crate) fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub(crate) fn streamed_body(bytes: u64) -> Body {
+    let chunk = bytes::Bytes::from(vec![b'z'; 64 * 1024]);
+    let chunks = bytes / chunk.len() as u64;
+    Body::from_stream(futures::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    ))
+}
