@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: RegistryCommand,
     },
+    /// The gateway.
+    Gateway {
+        #[command(subcommand)]
+        command: GatewayCommand,
+    },
     /// Append records to a topic: the VALUEs given, or one record per line of stdin.
     Produce(ProduceArgs),
     /// Read records from a topic, optionally following new ones.
@@ -119,6 +124,34 @@ struct RegistryServeArgs {
     /// How long an instance may stay critical before it is removed [default: 60s].
     #[arg(long, env = "KEEL_REGISTRY_DEREGISTER_AFTER", value_parser = parse_duration)]
     deregister_after: Option<Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+enum GatewayCommand {
+    /// Run the gateway: routes /{service}/... to healthy instances found through the
+    /// registry, with load balancing and failover.
+    Serve(GatewayServeArgs),
+}
+
+/// Settings of `keel gateway serve`. Each flag overrides the config file's [gateway]
+/// section and has a `KEEL_GATEWAY_*` environment variable.
+#[derive(Debug, Args)]
+struct GatewayServeArgs {
+    /// A TOML config file; its [gateway] section holds the settings.
+    #[arg(long, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:20001]; port 0 picks a free one.
+    #[arg(long, env = "KEEL_GATEWAY_ADDR")]
+    addr: Option<String>,
+    /// Address of /healthz and /metrics [default: 127.0.0.1:0, printed at start].
+    #[arg(long, env = "KEEL_GATEWAY_ADMIN_ADDR", default_value = "127.0.0.1:0")]
+    admin_addr: String,
+    /// The registry's URL [default: http://127.0.0.1:20000].
+    #[arg(long, env = "KEEL_GATEWAY_REGISTRY")]
+    registry: Option<String>,
+    /// How long an upstream may take to answer before 504 [default: 30s].
+    #[arg(long, env = "KEEL_GATEWAY_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +249,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Registry {
                 command: RegistryCommand::Serve(args),
             } => serve_registry(args).await,
+            Command::Gateway {
+                command: GatewayCommand::Serve(args),
+            } => serve_gateway(args).await,
             Command::Produce(args) => produce(args).await.map_err(Failure::Run),
             Command::Consume(args) => consume(args).await.map_err(Failure::Run),
         }
@@ -258,6 +294,7 @@ enum Failure {
 struct ConfigFile {
     log: LogServiceConfig,
     registry: keel_registry::RegistryConfig,
+    gateway: keel_gateway::GatewayConfig,
 }
 
 fn read_config_file(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
@@ -302,6 +339,41 @@ fn registry_config(args: &RegistryServeArgs) -> anyhow::Result<keel_registry::Re
         bail!("registry.{err}");
     }
     Ok(config)
+}
+
+fn gateway_config(args: &GatewayServeArgs) -> anyhow::Result<keel_gateway::GatewayConfig> {
+    let mut config = read_config_file(args.config.as_ref())?.gateway;
+    if let Some(addr) = &args.addr {
+        config.addr = addr.clone();
+    }
+    if let Some(registry) = &args.registry {
+        config.registry = registry.clone();
+    }
+    if let Some(timeout) = args.request_timeout {
+        config.request_timeout = timeout;
+    }
+    if let Err(err) = config.validate() {
+        bail!("gateway.{err}");
+    }
+    Ok(config)
+}
+
+async fn serve_gateway(args: GatewayServeArgs) -> Result<(), Failure> {
+    let config = gateway_config(&args).map_err(Failure::Config)?;
+    let listener = bind(&config.addr, "--addr or KEEL_GATEWAY_ADDR").await?;
+    let admin = bind(&args.admin_addr, "--admin-addr or KEEL_GATEWAY_ADMIN_ADDR").await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|err| Failure::Run(err.into()))?;
+    let admin_addr = admin.local_addr().map_err(|err| Failure::Run(err.into()))?;
+    println!(
+        "keel gateway listening on {addr} (admin: http://{admin_addr}/metrics), registry {}",
+        config.registry
+    );
+    let _ = std::io::stdout().flush();
+    keel_gateway::run(listener, admin, config, crate::service::shutdown_signal())
+        .await
+        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }
 
 async fn serve_registry(args: RegistryServeArgs) -> Result<(), Failure> {

@@ -231,3 +231,23 @@ fn registry_serve_should_validate_its_flags_and_stop_cleanly() {
     served.signal("TERM");
     assert_eq!(served.wait(Duration::from_secs(15)).code(), Some(0));
 }
+
+#[test]
+fn gateway_serve_should_validate_its_flags_and_stop_cleanly() {
+    let out = keel(&["gateway", "serve", "--request-timeout", "0s"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("request_timeout"));
+    let mut served = Served::spawn(
+        &[
+            "gateway",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--registry",
+            "http://127.0.0.1:9",
+        ],
+        &[],
+    );
+    served.signal("INT");
+    assert_eq!(served.wait(Duration::from_secs(15)).code(), Some(0));
+}
