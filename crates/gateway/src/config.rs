@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     /// How long a blocking watch of the registry lasts. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub watch_wait: Duration,
+    /// The log service's URL for the access log (topic `access`); none: no access log.
+    pub log_service: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -65,6 +67,7 @@ impl Default for GatewayConfig {
             eject_for: Duration::from_secs(10),
             strip_prefix: Vec::new(),
             watch_wait: Duration::from_secs(30),
+            log_service: None,
         }
     }
 }

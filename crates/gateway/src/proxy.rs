@@ -56,6 +56,7 @@ pub(crate) struct Gateway {
     passive: Mutex<HashMap<String, Passive>>,
     pub(crate) stats: Stats,
     next_id: AtomicU64,
+    access_log: Option<keel_log::Shipper>,
 }
 
 /// A gateway error: a status and a JSON body naming the service.
@@ -75,6 +76,10 @@ impl Gateway {
         let client = Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build(connector);
+        let access_log = config
+            .log_service
+            .as_deref()
+            .map(|url| keel_log::Shipper::new(url, "access", 8192));
         Self {
             config,
             discovery,
@@ -83,6 +88,7 @@ impl Gateway {
             passive: Mutex::default(),
             stats: Stats::default(),
             next_id: AtomicU64::new(1),
+            access_log,
         }
     }
 
@@ -193,6 +199,13 @@ impl Payload {
     }
 }
 
+/// What the access log says about a request besides its line.
+#[derive(Default)]
+struct Routed {
+    service: Option<String>,
+    instance: Option<String>,
+}
+
 /// Every request the gateway receives.
 pub(crate) async fn handle(
     State(gateway): State<Arc<Gateway>>,
@@ -200,12 +213,33 @@ pub(crate) async fn handle(
     request: Request,
 ) -> Response {
     gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let response = proxy(&gateway, peer, request).await;
+    let started = Instant::now();
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let request_id = format!("{:016x}", gateway.next_id.fetch_add(1, Ordering::Relaxed));
+    let mut routed = Routed::default();
+    let response = proxy(&gateway, peer, request, &request_id, &mut routed).await;
     gateway.count(response.status());
+    if let Some(access_log) = &gateway.access_log {
+        // Time to the response headers; bodies keep streaming after this.
+        access_log.ship(format!(
+            "{method} {path} {} {}us service={} instance={} id={request_id} peer={}",
+            response.status().as_u16(),
+            started.elapsed().as_micros(),
+            routed.service.as_deref().unwrap_or("-"),
+            routed.instance.as_deref().unwrap_or("-"),
+            peer.ip(),
+        ));
+    }
     response
 }
 
-async fn proxy(gateway: &Gateway, peer: SocketAddr, request: Request) -> Response {
+async fn proxy(
+    gateway: &Gateway,
+    peer: SocketAddr,
+    request: Request,
+    request_id: &str,
+    routed: &mut Routed,
+) -> Response {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     let Some(service) = path
@@ -227,6 +261,7 @@ async fn proxy(gateway: &Gateway, peer: SocketAddr, request: Request) -> Respons
             format!("no service named {service:?}"),
         );
     }
+    routed.service = Some(service.clone());
     let known = gateway
         .known
         .read()
@@ -276,8 +311,7 @@ async fn proxy(gateway: &Gateway, peer: SocketAddr, request: Request) -> Respons
         _ => Payload::Streaming(Some(body)),
     };
 
-    let request_id = format!("{:016x}", gateway.next_id.fetch_add(1, Ordering::Relaxed));
-    let headers = forwarded_headers(&parts.headers, peer, &request_id);
+    let headers = forwarded_headers(&parts.headers, peer, request_id);
     let idempotent = is_idempotent(&parts.method);
     let mut tried: HashSet<String> = HashSet::new();
     let mut last_failure = None;
@@ -290,6 +324,7 @@ async fn proxy(gateway: &Gateway, peer: SocketAddr, request: Request) -> Respons
         let Some(picked) = picked else { break };
         let url = picked.url.clone();
         tried.insert(url.clone());
+        routed.instance = Some(url.clone());
         if attempt > 0 {
             gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
         }

@@ -26,6 +26,7 @@ mod grpc;
 mod http;
 mod metrics;
 mod server;
+mod shipper;
 mod tail;
 mod topic;
 mod topics;
@@ -35,6 +36,7 @@ pub use config::LogServiceConfig;
 pub use error::ServiceError;
 pub use grpc::LogService;
 pub use server::serve;
+pub use shipper::{Shipper, ShipperStats};
 pub use topic::TopicInfo;
 pub use topics::{MAX_TOPIC_NAME, Topics, validate_topic_name};
 
