@@ -51,6 +51,10 @@ pub struct GatewayConfig {
     pub watch_wait: Duration,
     /// The log service's URL for the access log (topic `access`); none: no access log.
     pub log_service: Option<String>,
+    /// Connections open at once; more wait to be accepted. Default 4096.
+    pub max_connections: usize,
+    /// Bytes of request headers (names and values) accepted; more is 431. Default 16 KiB.
+    pub max_header_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -68,6 +72,8 @@ impl Default for GatewayConfig {
             strip_prefix: Vec::new(),
             watch_wait: Duration::from_secs(30),
             log_service: None,
+            max_connections: 4096,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -88,6 +94,11 @@ impl GatewayConfig {
             if value.is_zero() {
                 return Err(format!("{field}: must be longer than zero"));
             }
+        }
+        if self.max_connections == 0 || self.max_header_bytes < 1024 {
+            return Err(
+                "max_connections must be at least 1 and max_header_bytes at least 1024".into(),
+            );
         }
         if self.eject_after == 0 {
             return Err("eject_after: must be at least 1".into());

@@ -13,15 +13,14 @@
 //! registry only through its client.
 
 mod config;
+mod listener;
 mod proxy;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use axum::Router;
-use axum::serve::ListenerExt;
 use keel_registry::client::{Discovery, RegistryClient, follow};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -77,9 +76,7 @@ pub async fn run(
             "/metrics",
             axum::routing::get(move || metrics(Arc::clone(&gateway))),
         );
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let listener = listener::Limited::new(listener, config.max_connections);
     let admin_token = token.clone();
     let admin_server = tokio::spawn(async move {
         axum::serve(admin, admin_app)
@@ -89,7 +86,7 @@ pub async fn run(
     let signal = token.clone();
     let served = axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<listener::Peer>(),
     )
     .with_graceful_shutdown(async move {
         shutdown.await;

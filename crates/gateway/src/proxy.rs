@@ -17,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use keel_registry::client::{Discovery, Policy};
 
 use crate::config::{Balance, GatewayConfig};
+use crate::listener::Peer;
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -209,10 +210,27 @@ struct Routed {
 /// Every request the gateway receives.
 pub(crate) async fn handle(
     State(gateway): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     request: Request,
 ) -> Response {
     gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    if header_bytes > gateway.config.max_header_bytes {
+        let response = error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "request headers of {header_bytes} bytes exceed the limit of {}",
+                gateway.config.max_header_bytes
+            ),
+        );
+        gateway.count(response.status());
+        return response;
+    }
     let started = Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let request_id = format!("{:016x}", gateway.next_id.fetch_add(1, Ordering::Relaxed));

@@ -311,3 +311,60 @@ async fn every_request_should_be_in_the_access_log_topic() {
         "{logged}"
     );
 }
+
+#[tokio::test]
+async fn oversized_headers_should_be_431() {
+    let registry = registry().await;
+    let echo = backend("a").await;
+    register(registry.addr, "echo", echo.running.addr).await;
+    let gateway = gateway(registry.addr, |config| config.max_header_bytes = 2048).await;
+    until_routed(gateway.addr, "echo", 1).await;
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/echo/x", gateway.addr))
+        .header("x-big", "v".repeat(4096))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_code(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large"
+        )
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_should_wait_until_one_closes() {
+    let registry = registry().await;
+    let echo = backend("a").await;
+    register(registry.addr, "echo", echo.running.addr).await;
+    let gateway = gateway(registry.addr, |config| config.max_connections = 1).await;
+    until_routed(gateway.addr, "echo", 1).await;
+    // Fresh connections each time, so that no idle pooled one holds the only slot.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let url = format!("http://{}/echo/x", gateway.addr);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let hog = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let waited = client
+        .get(&url)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(
+        waited.is_err(),
+        "a second connection is not served while the slot is taken"
+    );
+    drop(hog);
+    let served = client
+        .get(&url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+}
