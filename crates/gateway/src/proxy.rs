@@ -101,21 +101,30 @@ impl Gateway {
         }
     }
 
-    fn is_ejected(&self, url: &str) -> bool {
+    /// The instances ejected now (usually none): one lock per attempt.
+    fn ejected(&self) -> Vec<String> {
         let passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
+        if passive.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
         passive
-            .get(url)
-            .and_then(|p| p.ejected_until)
-            .is_some_and(|until| Instant::now() < until)
+            .iter()
+            .filter(|(_, p)| p.ejected_until.is_some_and(|until| now < until))
+            .map(|(url, _)| url.clone())
+            .collect()
     }
 
     fn record(&self, url: &str, ok: bool) {
         let mut passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = passive.entry(url.to_owned()).or_default();
         if ok {
-            *entry = Passive::default();
+            // The common case: nothing recorded for this instance, nothing to do.
+            if let Some(entry) = passive.get_mut(url) {
+                *entry = Passive::default();
+            }
             return;
         }
+        let entry = passive.entry(url.to_owned()).or_default();
         entry.failures += 1;
         if entry.failures >= self.config.eject_after {
             entry.failures = 0;
@@ -144,19 +153,18 @@ fn is_idempotent(method: &Method) -> bool {
 /// `Connection` header names), `Host` left to the client, `X-Forwarded-*` and a
 /// request id added.
 fn forwarded_headers(headers: &HeaderMap, peer: SocketAddr, request_id: &str) -> HeaderMap {
-    let mut named: HashSet<String> = HOP_BY_HOP.iter().map(|h| (*h).to_owned()).collect();
-    for value in headers.get_all(header::CONNECTION) {
-        if let Ok(value) = value.to_str() {
-            named.extend(
-                value
-                    .split(',')
-                    .map(|name| name.trim().to_ascii_lowercase()),
-            );
-        }
-    }
+    // Headers the Connection header names are hop-by-hop too (rare: parsed only then).
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
     let mut out = HeaderMap::with_capacity(headers.len() + 4);
     for (name, value) in headers {
-        if !named.contains(name.as_str()) && name != header::HOST {
+        let hop = HOP_BY_HOP.contains(&name.as_str()) || named.iter().any(|n| n == name.as_str());
+        if !hop && name != header::HOST {
             out.append(name.clone(), value.clone());
         }
     }
@@ -334,10 +342,11 @@ async fn proxy(
     let mut tried: HashSet<String> = HashSet::new();
     let mut last_failure = None;
     for attempt in 0..=gateway.config.retries {
+        let ejected = gateway.ejected();
         let picked = gateway
             .discovery
             .pick_where(&service, gateway.policy(), |instance| {
-                !tried.contains(&instance.url) && !gateway.is_ejected(&instance.url)
+                !tried.contains(&instance.url) && !ejected.contains(&instance.url)
             });
         let Some(picked) = picked else { break };
         let url = picked.url.clone();

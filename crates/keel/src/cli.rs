@@ -241,20 +241,28 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
+    // Servers run as tasks on the worker threads: a future driven by `block_on`
+    // itself runs on the main thread, outside the work-stealing pool, and would
+    // serialize their work there. The CLI commands hold stdio locks and stay put.
+    let result = runtime.block_on(async move {
+        let server = match cli.command {
             Command::Log {
                 command: LogCommand::Serve(args),
-            } => serve(args).await,
+            } => tokio::spawn(serve(args)),
             Command::Registry {
                 command: RegistryCommand::Serve(args),
-            } => serve_registry(args).await,
+            } => tokio::spawn(serve_registry(args)),
             Command::Gateway {
                 command: GatewayCommand::Serve(args),
-            } => serve_gateway(args).await,
-            Command::Produce(args) => produce(args).await.map_err(Failure::Run),
-            Command::Consume(args) => consume(args).await.map_err(Failure::Run),
-        }
+            } => tokio::spawn(serve_gateway(args)),
+            Command::Produce(args) => return produce(args).await.map_err(Failure::Run),
+            Command::Consume(args) => return consume(args).await.map_err(Failure::Run),
+        };
+        server.await.unwrap_or_else(|err| {
+            Err(Failure::Run(anyhow::anyhow!(
+                "the server task failed: {err}"
+            )))
+        })
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Gateway benchmark: a trivial backend measured directly, through keel's gateway,
+# through nginx (proxy_pass with an upstream keepalive pool) and through haproxy, in
+# one run on 127.0.0.1. Installs nginx, haproxy and wrk with apt-get if missing.
+#
+#   bench/gateway.sh [seconds-per-run] [connections]
+#
+# Every server is started here with its files in a temp dir and stopped by its PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN=${1:-10}
+CONNECTIONS=${2:-64}
+
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release -q -p keel
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BACKEND=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port)
+
+mkdir -p "$work/nginx"
+cat > "$work/nginx/nginx.conf" <<CONF
+daemon off;
+master_process off;
+worker_processes 1;
+user root;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
+  server { listen 127.0.0.1:$BACKEND; location / { return 200 "ok\n"; } }
+  server {
+    listen 127.0.0.1:$NGINX;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
+
+cat > "$work/haproxy.cfg" <<CONF
+global
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+frontend front
+  bind 127.0.0.1:$HAPROXY
+  default_backend back
+backend back
+  http-reuse always
+  server s1 127.0.0.1:$BACKEND
+CONF
+haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
+
+./target/release/keel registry serve --addr 127.0.0.1:0 --check-interval 1h > "$work/registry.out" 2>/dev/null & pids+=($!)
+for _ in $(seq 100); do grep -q listening "$work/registry.out" 2>/dev/null && break; sleep 0.1; done
+REGISTRY=$(grep -o '127.0.0.1:[0-9]*' "$work/registry.out" | head -1)
+./target/release/keel gateway serve --addr 127.0.0.1:0 --registry "http://$REGISTRY" > "$work/gateway.out" 2>/dev/null & pids+=($!)
+for _ in $(seq 100); do grep -q listening "$work/gateway.out" 2>/dev/null && break; sleep 0.1; done
+GATEWAY=$(grep -o '127.0.0.1:[0-9]*' "$work/gateway.out" | head -1)
+curl -s -X POST "http://$REGISTRY/services" -d "{\"name\":\"bench\",\"addr\":\"127.0.0.1:$BACKEND\"}" >/dev/null
+for _ in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$GATEWAY/bench/")" = 200 ] && break; sleep 0.1; done
+
+run() { # name url
+  local out
+  out=$(wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency "$2")
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  echo "$1 $rps $p50 $p99"
+}
+
+results=()
+results+=("$(run direct "http://127.0.0.1:$BACKEND/bench/")")
+results+=("$(run keel "http://$GATEWAY/bench/")")
+results+=("$(run nginx "http://127.0.0.1:$NGINX/bench/")")
+results+=("$(run haproxy "http://127.0.0.1:$HAPROXY/bench/")")
+
+direct=$(awk '{print $2}' <<<"${results[0]}")
+echo "| target | requests/s | vs direct | p50 | p99 |"
+echo "| --- | --- | --- | --- | --- |"
+for line in "${results[@]}"; do
+  read -r name rps p50 p99 <<<"$line"
+  ratio=$(python3 -c "print(f'{$rps/$direct:.2f}')")
+  echo "| $name | $rps | $ratio | $p50 | $p99 |"
+done
+echo
+echo "wrk -t2 -c$CONNECTIONS -d${SECONDS_PER_RUN}s on $(nproc) cores; backend: nginx 'return 200' on 127.0.0.1"
