@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::Common;
 use crate::report::Outcome;
+use crate::target::InProcess;
 
 /// Instances registered before the lookup and notification scenarios.
 const POPULATION: usize = 1000;
@@ -18,65 +19,48 @@ const CLIENTS: usize = 16;
 /// Notifications timed.
 const NOTIFICATIONS: usize = 300;
 
-/// A registry in this process, on its own two-thread runtime; stopped on drop.
-pub(crate) struct RegistryTarget {
-    pub(crate) url: String,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RegistryTarget {
-    pub(crate) fn start() -> anyhow::Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let config = keel_registry::RegistryConfig {
-            // The population has no heartbeat URLs; checks would only add noise.
-            check_interval: Duration::from_secs(3600),
-            ..keel_registry::RegistryConfig::default()
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("registry-under-test".into())
-            .spawn(move || {
-                let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                else {
-                    eprintln!("cannot start the registry's runtime");
-                    return;
-                };
-                runtime.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    if let Err(err) = keel_registry::run(listener, config, async move {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    {
-                        eprintln!("the registry failed: {err}");
-                    }
-                });
-            })?;
-        Ok(Self {
-            url,
-            stop: Some(stop),
-            thread: Some(thread),
+/// A registry in this process (see [`InProcess`]), with checks effectively off: the
+/// population has no heartbeat URLs, so checks would only add noise.
+fn start_registry() -> anyhow::Result<InProcess> {
+    let config = keel_registry::RegistryConfig {
+        check_interval: Duration::from_secs(3600),
+        ..keel_registry::RegistryConfig::default()
+    };
+    InProcess::start("registry-under-test", move |listener, stopped| {
+        keel_registry::run(listener, config, async move {
+            let _ = stopped.await;
         })
-    }
+    })
 }
 
-impl Drop for RegistryTarget {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+/// Runs `CLIENTS` closed loops of `request(client, i)` until `deadline` and adds up
+/// their latencies.
+async fn closed_loops<F, Fut>(deadline: Instant, request: F) -> anyhow::Result<Histogram<u64>>
+where
+    F: Fn(reqwest::Client, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let mut tasks = Vec::new();
+    for worker in 0..CLIENTS {
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut latencies = histogram()?;
+            let mut i = worker;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                request(client.clone(), i).await?;
+                latencies.record(micros(sent.elapsed()))?;
+                i += CLIENTS;
+            }
+            anyhow::Ok(latencies)
+        }));
     }
+    let mut all = histogram()?;
+    for task in tasks {
+        all.add(task.await??)?;
+    }
+    Ok(all)
 }
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {
@@ -105,34 +89,23 @@ async fn populate(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
 
 /// Registrations (updates of the population) from concurrent clients.
 pub(crate) async fn registrations(common: &Common) -> anyhow::Result<Outcome> {
-    let target = RegistryTarget::start()?;
-    let deadline = Instant::now() + common.duration;
+    let target = start_registry()?;
+    let url = format!("http://{}", target.addr);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..CLIENTS {
-        let url = target.url.clone();
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let mut latencies = histogram()?;
-            let mut i = worker;
-            while Instant::now() < deadline {
-                let sent = Instant::now();
-                client
-                    .post(format!("{url}/services"))
-                    .json(&instance(i % 100, i % POPULATION))
-                    .send()
-                    .await?
-                    .error_for_status()?;
-                latencies.record(micros(sent.elapsed()))?;
-                i += CLIENTS;
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut all = histogram()?;
-    for task in tasks {
-        all.add(task.await??)?;
-    }
+    let all = closed_loops(started + common.duration, move |client, i| {
+        let url = url.clone();
+        async move {
+            let body = instance(i % 100, i % POPULATION);
+            client
+                .post(format!("{url}/services"))
+                .json(&body)
+                .send()
+                .await?
+                .error_for_status()?;
+            Ok(())
+        }
+    })
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(Outcome::new(
         format!("registry: registrations, {CLIENTS} clients"),
@@ -145,36 +118,24 @@ pub(crate) async fn registrations(common: &Common) -> anyhow::Result<Outcome> {
 
 /// Lookups of one service's instances, 1 000 instances registered.
 pub(crate) async fn lookups(common: &Common) -> anyhow::Result<Outcome> {
-    let target = RegistryTarget::start()?;
-    populate(&reqwest::Client::new(), &target.url).await?;
-    let deadline = Instant::now() + common.duration;
+    let target = start_registry()?;
+    let url = format!("http://{}", target.addr);
+    populate(&reqwest::Client::new(), &url).await?;
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..CLIENTS {
-        let url = target.url.clone();
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let mut latencies = histogram()?;
-            let mut i = worker;
-            while Instant::now() < deadline {
-                let sent = Instant::now();
-                let body = client
-                    .get(format!("{url}/v1/services/svc{}", i % 100))
-                    .send()
-                    .await?
-                    .bytes()
-                    .await?;
-                anyhow::ensure!(body.len() > 2, "a lookup returned no instances");
-                latencies.record(micros(sent.elapsed()))?;
-                i += 1;
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut all = histogram()?;
-    for task in tasks {
-        all.add(task.await??)?;
-    }
+    let all = closed_loops(started + common.duration, move |client, i| {
+        let url = url.clone();
+        async move {
+            let body = client
+                .get(format!("{url}/v1/services/svc{}", i % 100))
+                .send()
+                .await?
+                .bytes()
+                .await?;
+            anyhow::ensure!(body.len() > 2, "a lookup returned no instances");
+            Ok(())
+        }
+    })
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(Outcome::new(
         format!("registry: lookups, {CLIENTS} clients, {POPULATION} instances"),
@@ -188,9 +149,10 @@ pub(crate) async fn lookups(common: &Common) -> anyhow::Result<Outcome> {
 /// From registering an instance of a required service to the dependent receiving
 /// the `POST`, 1 000 instances registered.
 pub(crate) async fn notification_latency(_common: &Common) -> anyhow::Result<Outcome> {
-    let target = RegistryTarget::start()?;
+    let target = start_registry()?;
+    let url = format!("http://{}", target.addr);
     let client = reqwest::Client::new();
-    populate(&client, &target.url).await?;
+    populate(&client, &url).await?;
 
     // The dependent: records when each notification arrives.
     let (arrivals, mut arrived) = mpsc::unbounded_channel::<Instant>();
@@ -211,7 +173,7 @@ pub(crate) async fn notification_latency(_common: &Common) -> anyhow::Result<Out
     let registration = serde_json::json!({"name": "watcher", "addr": dependent.to_string(),
         "required_services": ["target"], "update_url": format!("http://{dependent}/services")});
     client
-        .post(format!("{}/services", target.url))
+        .post(format!("{url}/services"))
         .json(&registration)
         .send()
         .await?
@@ -224,7 +186,7 @@ pub(crate) async fn notification_latency(_common: &Common) -> anyhow::Result<Out
         let body =
             serde_json::json!({"name": "target", "addr": format!("127.0.0.1:{}", 30_000 + i)});
         client
-            .post(format!("{}/services", target.url))
+            .post(format!("{url}/services"))
             .json(&body)
             .send()
             .await?

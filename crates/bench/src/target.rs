@@ -1,5 +1,6 @@
 //! The service under load: one given by address, or a fresh one in this process.
 
+use std::future::Future;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
@@ -7,23 +8,80 @@ use keel_commitlog::{LogConfig, SyncPolicy};
 use keel_log::LogServiceConfig;
 use tokio::sync::oneshot;
 
-/// A log service to drive; a service this tool started is stopped on drop.
-pub(crate) struct Target {
+/// A server running in this process on its own thread and two-thread runtime, so that
+/// the load generator does not share its executor; stopped on drop.
+pub(crate) struct InProcess {
     pub(crate) addr: String,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl InProcess {
+    /// Binds 127.0.0.1:0 and runs `serve(listener, stop)` on a new thread.
+    pub(crate) fn start<F, Fut>(name: &str, serve: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, oneshot::Receiver<()>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?.to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let label = name.to_owned();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => return eprintln!("{label}: cannot start a runtime: {err}"),
+                };
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(err) => return eprintln!("{label}: cannot adopt the listener: {err}"),
+                    };
+                    if let Err(err) = serve(listener, stopped).await {
+                        eprintln!("{label} failed: {err}");
+                    }
+                });
+            })?;
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A log service to drive: one given by address, or a fresh one with `sync` in a
+/// temp dir.
+pub(crate) struct Target {
+    pub(crate) addr: String,
+    _server: Option<InProcess>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Target {
-    /// Uses `addr`, or starts a service with `sync` on 127.0.0.1:0 in a temp dir,
-    /// on its own two-thread runtime.
     pub(crate) fn start(addr: Option<&str>, sync: SyncPolicy) -> anyhow::Result<Self> {
         if let Some(addr) = addr {
             return Ok(Self {
                 addr: addr.to_owned(),
-                stop: None,
-                thread: None,
+                _server: None,
                 _dir: None,
             });
         }
@@ -36,57 +94,15 @@ impl Target {
             },
             ..LogServiceConfig::default()
         };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?.to_string();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("keel-under-test".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(err) => {
-                        eprintln!("cannot start the service's runtime: {err}");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(err) => {
-                            eprintln!("cannot adopt the listener: {err}");
-                            return;
-                        }
-                    };
-                    if let Err(err) = keel_log::run(listener, config, async move {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    {
-                        eprintln!("the log service failed: {err}");
-                    }
-                });
-            })?;
+        let server = InProcess::start("keel-log-under-test", move |listener, stopped| {
+            keel_log::run(listener, config, async move {
+                let _ = stopped.await;
+            })
+        })?;
         Ok(Self {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
+            addr: server.addr.clone(),
+            _server: Some(server),
             _dir: Some(dir),
         })
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
