@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{
-    backend, gateway, register, registry, rss_bytes, streamed_body, until_routed,
-};
+use crate::support::{backend, crashing_backend, gateway, register, registry, until_routed};
 
 async fn error_code(response: reqwest::Response) -> (StatusCode, String, String) {
     let status = response.status();
@@ -223,38 +221,6 @@ async fn slow_upstream_should_be_504_at_the_configured_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_100_mib_body_should_stream_through_without_buffering() {
-    let registry = registry().await;
-    let sink = backend("a").await;
-    register(registry.addr, "upload", sink.running.addr).await;
-    let gateway = gateway(registry.addr, |_| {}).await;
-    until_routed(gateway.addr, "upload", 1).await;
-    let before = rss_bytes();
-    let size = 100 * 1024 * 1024;
-    let response = reqwest::Client::new()
-        .post(format!("http://{}/upload/sink", gateway.addr))
-        .body(reqwest::Body::wrap_stream(futures::StreamExt::map(
-            streamed_body(size).into_data_stream(),
-            |chunk| chunk.map_err(std::io::Error::other),
-        )))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.unwrap(),
-        size.to_string(),
-        "every byte arrived"
-    );
-    let grown = rss_bytes().saturating_sub(before);
-    assert!(
-        grown < 40 * 1024 * 1024,
-        "memory grew by {} MiB for a 100 MiB body",
-        grown >> 20
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_should_be_in_the_access_log_topic() {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -367,4 +333,89 @@ async fn connections_over_the_limit_should_wait_until_one_closes() {
         .await
         .unwrap();
     assert_eq!(served.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn failures_after_sending_should_be_retried_only_for_idempotent_methods() {
+    let registry = registry().await;
+    let good = backend("good").await;
+    let (crashing, crashed) = crashing_backend().await;
+    register(registry.addr, "flaky", good.running.addr).await;
+    register(registry.addr, "flaky", crashing).await;
+    // Never eject: requests keep alternating between the two instances.
+    let gateway = gateway(registry.addr, |config| config.eject_after = 1000).await;
+    until_routed(gateway.addr, "flaky", 1).await;
+    let client = reqwest::Client::new();
+    for i in 0..10 {
+        let response = client
+            .get(format!("http://{}/flaky/read", gateway.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "GET {i} is retried on the good instance"
+        );
+    }
+    let before = crashed.load(Ordering::Relaxed);
+    let mut failed = 0;
+    for _ in 0..10 {
+        let response = client
+            .post(format!("http://{}/flaky/write", gateway.addr))
+            .body("once")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::BAD_GATEWAY {
+            failed += 1;
+        } else {
+            assert_eq!(response.status(), StatusCode::CREATED);
+        }
+    }
+    let reached = crashed.load(Ordering::Relaxed) - before;
+    assert!(reached > 0, "some POSTs reached the crashing instance");
+    assert_eq!(failed, reached, "a POST that was sent is never sent again");
+}
+
+#[tokio::test]
+async fn admin_address_should_serve_health_and_metrics() {
+    let registry = registry().await;
+    let echo = backend("a").await;
+    register(registry.addr, "echo", echo.running.addr).await;
+    let gateway = gateway(registry.addr, |_| {}).await;
+    until_routed(gateway.addr, "echo", 1).await;
+    let admin = gateway.admin.unwrap();
+    let health: Value = reqwest::get(format!("http://{admin}/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let count = async |class: &str| -> u64 {
+        let metrics = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let prefix = format!("keel_gateway_responses_total{{class=\"{class}\"}} ");
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{metrics}"));
+        line[prefix.len()..].parse::<u64>().unwrap()
+    };
+    let (ok, missing) = (count("2xx").await, count("4xx").await);
+    reqwest::get(format!("http://{}/echo/x", gateway.addr))
+        .await
+        .unwrap();
+    reqwest::get(format!("http://{}/nosuch/x", gateway.addr))
+        .await
+        .unwrap();
+    assert_eq!(
+        (count("2xx").await, count("4xx").await),
+        (ok + 1, missing + 1)
+    );
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -15,6 +14,8 @@ use tokio::sync::oneshot;
 
 pub(crate) struct Running {
     pub(crate) addr: SocketAddr,
+    /// The admin address, for a gateway.
+    pub(crate) admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -45,6 +46,7 @@ pub(crate) async fn registry() -> Running {
     }));
     Running {
         addr,
+        admin: None,
         stop: Some(stop),
     }
 }
@@ -56,6 +58,7 @@ pub(crate) async fn gateway(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let admin_addr = admin.local_addr().unwrap();
     let mut config = GatewayConfig {
         registry: format!("http://{registry}"),
         watch_wait: Duration::from_millis(500),
@@ -68,6 +71,7 @@ pub(crate) async fn gateway(
     }));
     Running {
         addr,
+        admin: Some(admin_addr),
         stop: Some(stop),
     }
 }
@@ -133,6 +137,7 @@ pub(crate) async fn backend(name: &'static str) -> Backend {
     Backend {
         running: Running {
             addr,
+            admin: None,
             stop: Some(stop),
         },
         hits,
@@ -174,23 +179,25 @@ pub(crate) async fn until_routed(gateway: SocketAddr, service: &str, instances: 
     }
 }
 
-pub(crate) fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|line| line.starts_with("VmRSS:"))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-pub(crate) fn streamed_body(bytes: u64) -> Body {
-    let chunk = bytes::Bytes::from(vec![b'z'; 64 * 1024]);
-    let chunks = bytes / chunk.len() as u64;
-    Body::from_stream(futures::stream::iter(
-        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
-    ))
+/// A backend that reads each request and closes the connection without answering, as
+/// a process crashing mid-request would; counts the requests it took.
+pub(crate) async fn crashing_backend() -> (SocketAddr, Arc<AtomicU64>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let taken = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&taken);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                if stream.read(&mut buf).await.unwrap_or(0) > 0 {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                // Dropped here: the connection closes with no response.
+            });
+        }
+    });
+    (addr, taken)
 }
