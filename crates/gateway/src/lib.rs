@@ -15,6 +15,7 @@
 mod config;
 mod listener;
 mod proxy;
+mod upstream;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;

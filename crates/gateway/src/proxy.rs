@@ -12,12 +12,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, he
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use keel_registry::client::{Discovery, Policy};
 
 use crate::config::{Balance, GatewayConfig};
 use crate::listener::Peer;
+use crate::upstream::{UpstreamError, Upstreams};
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -53,7 +52,7 @@ pub(crate) struct Gateway {
     pub(crate) discovery: Discovery,
     /// Every service name the registry knows (passing or not): tells 404 from 503.
     pub(crate) known: RwLock<BTreeSet<String>>,
-    client: Client<HttpConnector, Body>,
+    upstreams: Arc<Upstreams>,
     passive: Mutex<HashMap<String, Passive>>,
     pub(crate) stats: Stats,
     next_id: AtomicU64,
@@ -71,12 +70,7 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
 
 impl Gateway {
     pub(crate) fn new(config: GatewayConfig, discovery: Discovery) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(connector);
+        let upstreams = Upstreams::new(config.connect_timeout);
         let access_log = config
             .log_service
             .as_deref()
@@ -85,7 +79,7 @@ impl Gateway {
             config,
             discovery,
             known: RwLock::default(),
-            client,
+            upstreams,
             passive: Mutex::default(),
             stats: Stats::default(),
             next_id: AtomicU64::new(1),
@@ -356,7 +350,18 @@ async fn proxy(
             gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
         let Some(body) = payload.take() else { break };
-        let uri: Uri = match format!("{url}{path_and_query}").parse() {
+        // Origin-form request line and an explicit Host: the connection is to the
+        // instance itself, not through a proxy.
+        let without_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+        let (authority, base_path) = without_scheme
+            .split_once('/')
+            .map_or((without_scheme, ""), |(a, p)| (a, p));
+        let target = if base_path.is_empty() {
+            path_and_query.clone()
+        } else {
+            format!("/{base_path}{path_and_query}")
+        };
+        let uri: Uri = match target.parse() {
             Ok(uri) => uri,
             Err(err) => {
                 return error(
@@ -370,27 +375,31 @@ async fn proxy(
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = headers.clone();
+        if let Ok(host) = HeaderValue::from_str(authority) {
+            upstream.headers_mut().insert(header::HOST, host);
+        }
 
         match tokio::time::timeout(
             gateway.config.request_timeout,
-            gateway.client.request(upstream),
+            gateway.upstreams.send(authority, upstream),
         )
         .await
         {
             Ok(Ok(response)) => {
                 gateway.record(&url, true);
-                let (mut parts, incoming) = response.into_parts();
+                let (mut parts, body) = response.into_parts();
                 for name in HOP_BY_HOP {
                     parts.headers.remove(name);
                 }
                 // The picked guard (in-flight count) lives until the headers are back.
                 drop(picked);
-                return Response::from_parts(parts, Body::new(incoming));
+                return Response::from_parts(parts, body);
             }
             Ok(Err(err)) => {
                 gateway.record(&url, false);
                 // Nothing was sent on a failed connect: safe to retry for any method.
-                let retry = payload.replayable() && (err.is_connect() || idempotent);
+                let connect = matches!(err, UpstreamError::Connect(_));
+                let retry = payload.replayable() && (connect || idempotent);
                 tracing::debug!(url, error = %err, retry, "upstream failed");
                 last_failure = Some(format!("instance {url} of {service:?} failed: {err}"));
                 if !retry {
