@@ -350,6 +350,15 @@ async fn proxy(
             gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
         let Some(body) = payload.take() else { break };
+        if url.starts_with("https://") {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "bad_upstream",
+                format!(
+                    "instance {url} of {service:?} uses https, which the gateway does not speak to upstreams yet"
+                ),
+            );
+        }
         // Origin-form request line and an explicit Host: the connection is to the
         // instance itself, not through a proxy.
         let without_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
