@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::support::{backend, crashing_backend, gateway, register, registry, until_routed};
+use crate::support::{
+    backend, crashing_backend, gateway, register, registry, until_closed, until_routed,
+};
 
 async fn error_code(response: reqwest::Response) -> (StatusCode, String, String) {
     let status = response.status();
@@ -110,7 +112,7 @@ async fn load_should_spread_over_instances_and_survive_one_being_killed() {
 
     // Kill b: the registry has not noticed (no health checks here), the gateway must.
     b.running.stop();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_closed(b.running.addr).await;
     for i in 0..100 {
         let response = client
             .get(format!("http://{}/visit/after-kill", gateway.addr))
@@ -133,7 +135,7 @@ async fn all_instances_dead_should_be_502_then_503_and_unknown_service_404() {
     let gateway = gateway(registry.addr, |config| config.eject_after = 2).await;
     until_routed(gateway.addr, "gone", 1).await;
     dead.running.stop();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_closed(dead.running.addr).await;
     let client = reqwest::Client::new();
     let (status, code, message) = error_code(
         client

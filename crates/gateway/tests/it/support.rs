@@ -201,3 +201,16 @@ pub(crate) async fn crashing_backend() -> (SocketAddr, Arc<AtomicU64>) {
     });
     (addr, taken)
 }
+
+/// Waits until nothing accepts connections at `addr` any more (a stopped server has
+/// closed its listener), with a deadline.
+pub(crate) async fn until_closed(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} still accepts connections"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

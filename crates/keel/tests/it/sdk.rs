@@ -165,10 +165,15 @@ async fn service_should_register_when_the_registry_comes_up_and_again_after_it_r
 
     // The registry restarts empty: the service notices and registers again.
     drop(first);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    // The stopped registry releases its port once its open connections are done.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(listener) => break listener,
+            Err(err) => assert!(Instant::now() < deadline, "port {port} never freed: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let _second = start_registry(listener);
     eventually("registered again after the restart", async || {
         listed(&registry, "grading").await == 1
