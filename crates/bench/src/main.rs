@@ -97,11 +97,7 @@ enum Scenario {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let policy: keel_commitlog::SyncPolicy = format!("interval:{text}").parse()?;
-    match policy {
-        keel_commitlog::SyncPolicy::Interval(every) => Ok(every),
-        _ => Err(format!("bad duration {text:?}")),
-    }
+    humantime::parse_duration(text).map_err(|err| format!("bad duration {text:?}: {err}"))
 }
 
 fn main() -> anyhow::Result<()> {

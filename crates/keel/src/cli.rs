@@ -204,16 +204,8 @@ fn parse_sync(text: &str) -> Result<SyncPolicy, String> {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime_parse(text)
-}
-
-fn humantime_parse(text: &str) -> Result<Duration, String> {
     // The same grammar as the config file ("10ms", "7days").
-    let policy: SyncPolicy = format!("interval:{text}").parse()?;
-    match policy {
-        SyncPolicy::Interval(every) => Ok(every),
-        _ => Err(format!("bad duration {text:?}")),
-    }
+    humantime::parse_duration(text).map_err(|err| format!("bad duration {text:?}: {err}"))
 }
 
 /// Installs the log subscriber: `filter` is a level or a RUST_LOG directive; RUST_LOG
