@@ -39,6 +39,7 @@ pub(crate) struct Stats {
     pub(crate) by_status: [AtomicU64; 6],
 }
 
+/// Failures of one instance since its last success, and its ejection if any.
 #[derive(Debug, Default)]
 struct Passive {
     failures: u32,
@@ -97,11 +98,14 @@ impl Gateway {
 
     /// The instances ejected now (usually none): one lock per attempt.
     fn ejected(&self) -> Vec<String> {
-        let passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
         if passive.is_empty() {
             return Vec::new();
         }
         let now = Instant::now();
+        // An ejection that ran out, with no failure since, is the same as no entry: the
+        // map only holds instances failing now, however many come and go.
+        passive.retain(|_, p| p.failures > 0 || p.ejected_until.is_some_and(|until| now < until));
         passive
             .iter()
             .filter(|(_, p)| p.ejected_until.is_some_and(|until| now < until))
@@ -112,10 +116,8 @@ impl Gateway {
     fn record(&self, url: &str, ok: bool) {
         let mut passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
         if ok {
-            // The common case: nothing recorded for this instance, nothing to do.
-            if let Some(entry) = passive.get_mut(url) {
-                *entry = Passive::default();
-            }
+            // A success clears the record (absent and default are the same state).
+            passive.remove(url);
             return;
         }
         let entry = passive.entry(url.to_owned()).or_default();
