@@ -11,6 +11,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::topic::TopicInfo;
 
+/// How long [`Client::connect`] waits for the service to accept the connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -58,7 +61,7 @@ fn from_wire(record: wire::Record) -> Record {
 }
 
 impl Client {
-    /// Connects to `addr` (`host:port` or an `http://` URL).
+    /// Connects to `addr` (`host:port` or an `http://` URL), waiting at most 5 s.
     ///
     /// # Errors
     ///
@@ -74,7 +77,9 @@ impl Client {
             addr: addr.to_owned(),
             reason: err.to_string(),
         })?;
+        // A host that drops packets must not hang the caller for the OS's minutes.
         let channel = endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
             .connect()
             .await
             .map_err(|source| ClientError::Connect {
