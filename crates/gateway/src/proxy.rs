@@ -296,7 +296,8 @@ async fn proxy(
             format!("service {service:?} is not registered"),
         );
     }
-    let forward_path = if gateway.config.strip_prefix.contains(&service) {
+    let stripped = gateway.config.strip_prefix.contains(&service);
+    let forward_path = if stripped {
         let rest = &path[service.len() + 1..];
         if rest.is_empty() {
             "/".to_owned()
@@ -333,7 +334,13 @@ async fn proxy(
         _ => Payload::Streaming(Some(body)),
     };
 
-    let headers = forwarded_headers(&parts.headers, peer, request_id);
+    let mut headers = forwarded_headers(&parts.headers, peer, request_id);
+    if stripped {
+        // Lets the instance build links that go back through the gateway.
+        if let Ok(prefix) = HeaderValue::from_str(&format!("/{service}")) {
+            headers.insert(HeaderName::from_static("x-forwarded-prefix"), prefix);
+        }
+    }
     let idempotent = is_idempotent(&parts.method);
     let mut tried: HashSet<String> = HashSet::new();
     let mut last_failure = None;

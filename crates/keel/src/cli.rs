@@ -52,6 +52,43 @@ enum Command {
     Produce(ProduceArgs),
     /// Read records from a topic, optionally following new ones.
     Consume(ConsumeArgs),
+    /// Start the whole system locally (registry, log service, gateway, demo
+    /// services), supervised, until Ctrl-C.
+    Up(crate::up::UpArgs),
+    /// Run one demo service alone (`keel up` runs them all).
+    Demo {
+        #[command(subcommand)]
+        demo: DemoCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DemoCommand {
+    /// GET / counts a visit (shared through the log service's `visits` topic).
+    Visit(DemoArgs),
+    /// Students and grades in SQLite: GET /students, POST /students/{id}/grades.
+    Grading(DemoArgs),
+    /// A web page: students, a grade form, the registry's table, recent log lines.
+    Portal(DemoArgs),
+}
+
+/// Settings of a demo service.
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Address to listen on [default: visit 127.0.0.1:20003, grading :20004,
+    /// portal :20005]; port 0 picks a free one.
+    #[arg(long)]
+    addr: Option<String>,
+    /// The registry's URL.
+    #[arg(
+        long,
+        env = "KEEL_REGISTRY_URL",
+        default_value = "http://127.0.0.1:20000"
+    )]
+    registry: String,
+    /// Where grading keeps its SQLite database (grading.sqlite3).
+    #[arg(long, default_value = "keel-data/grading")]
+    data_dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +130,10 @@ struct ServeArgs {
     /// Refuse writes to topics that do not exist yet (NOT_FOUND / 404).
     #[arg(long, env = "KEEL_LOG_NO_AUTO_CREATE")]
     no_auto_create: bool,
+    /// Register with this registry (e.g. http://127.0.0.1:20000) as service `log`,
+    /// so services that require `log` find it; checked through /healthz.
+    #[arg(long, env = "KEEL_LOG_REGISTRY")]
+    registry: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +193,13 @@ struct GatewayServeArgs {
     /// How long an upstream may take to answer before 504 [default: 30s].
     #[arg(long, env = "KEEL_GATEWAY_REQUEST_TIMEOUT", value_parser = parse_duration)]
     request_timeout: Option<Duration>,
+    /// A service whose /{service} prefix is removed before forwarding (repeatable);
+    /// the instance is told it in X-Forwarded-Prefix.
+    #[arg(long, value_name = "SERVICE")]
+    strip_prefix: Vec<String>,
+    /// The log service's URL, for the access log (topic `access`).
+    #[arg(long, env = "KEEL_GATEWAY_LOG_SERVICE")]
+    log_service: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -203,7 +251,7 @@ fn parse_sync(text: &str) -> Result<SyncPolicy, String> {
     text.parse()
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     // The same grammar as the config file ("10ms", "7days").
     humantime::parse_duration(text).map_err(|err| format!("bad duration {text:?}: {err}"))
 }
@@ -236,6 +284,7 @@ pub fn run(cli: Cli) -> ExitCode {
     // Servers run as tasks on the worker threads: a future driven by `block_on`
     // itself runs on the main thread, outside the work-stealing pool, and would
     // serialize their work there. The CLI commands hold stdio locks and stay put.
+    let log_level = cli.log_level;
     let result = runtime.block_on(async move {
         let server = match cli.command {
             Command::Log {
@@ -247,6 +296,12 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Gateway {
                 command: GatewayCommand::Serve(args),
             } => tokio::spawn(serve_gateway(args)),
+            Command::Up(args) => {
+                return crate::up::up(args, &log_level, shutdown())
+                    .await
+                    .map_err(Failure::Run);
+            }
+            Command::Demo { demo } => tokio::spawn(serve_demo(demo)),
             Command::Produce(args) => return produce(args).await.map_err(Failure::Run),
             Command::Consume(args) => return consume(args).await.map_err(Failure::Run),
         };
@@ -352,6 +407,12 @@ fn gateway_config(args: &GatewayServeArgs) -> anyhow::Result<keel_gateway::Gatew
     if let Some(timeout) = args.request_timeout {
         config.request_timeout = timeout;
     }
+    if !args.strip_prefix.is_empty() {
+        config.strip_prefix = args.strip_prefix.clone();
+    }
+    if let Some(url) = &args.log_service {
+        config.log_service = Some(url.clone());
+    }
     if let Err(err) = config.validate() {
         bail!("gateway.{err}");
     }
@@ -371,7 +432,7 @@ async fn serve_gateway(args: GatewayServeArgs) -> Result<(), Failure> {
         config.registry
     );
     let _ = std::io::stdout().flush();
-    keel_gateway::run(listener, admin, config, crate::service::shutdown_signal())
+    keel_gateway::run(listener, admin, config, shutdown())
         .await
         .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }
@@ -384,7 +445,7 @@ async fn serve_registry(args: RegistryServeArgs) -> Result<(), Failure> {
         .map_err(|err| Failure::Run(err.into()))?;
     println!("keel registry listening on {addr} (HTTP)");
     let _ = std::io::stdout().flush();
-    keel_registry::run(listener, config, crate::service::shutdown_signal())
+    keel_registry::run(listener, config, shutdown())
         .await
         .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }
@@ -434,7 +495,23 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         config.data_dir.display()
     );
     let _ = std::io::stdout().flush();
-    keel_log::run(listener, config, crate::service::shutdown_signal())
+    let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &args.registry {
+        Some(registry) => {
+            let url = format!("http://{addr}");
+            let service = crate::service::ServiceConfig::new("log", url.clone(), registry);
+            Box::pin(async move {
+                // Deregistered before the service stops accepting.
+                let health = format!("{url}/healthz");
+                let registered =
+                    crate::service::stay_registered(&service, &url, &health, shutdown());
+                if let Err(err) = registered.await {
+                    tracing::warn!(%err, "cannot register with the registry");
+                }
+            })
+        }
+        None => Box::pin(shutdown()),
+    };
+    keel_log::run(listener, config, shutdown)
         .await
         .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }
@@ -541,4 +618,59 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// Completes when the process should stop: SIGINT or SIGTERM, or, under `keel up`,
+/// when stdin closes (`keel up` is gone, whatever way it ended).
+fn shutdown() -> impl Future<Output = ()> + Send + 'static {
+    let supervised = std::env::var_os(crate::up::SUPERVISED_ENV).is_some();
+    let (closed, stdin_closed) = tokio::sync::oneshot::channel::<()>();
+    if supervised {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 256];
+            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = closed.send(());
+        });
+    }
+    async move {
+        if supervised {
+            tokio::select! {
+                () = crate::service::shutdown_signal() => {}
+                _ = stdin_closed => tracing::info!("stdin closed: the supervisor is gone; stopping"),
+            }
+        } else {
+            crate::service::shutdown_signal().await;
+        }
+    }
+}
+
+async fn serve_demo(command: DemoCommand) -> Result<(), Failure> {
+    let (demo, args) = match command {
+        DemoCommand::Visit(args) => (keel_demo::Demo::Visit, args),
+        DemoCommand::Grading(args) => (keel_demo::Demo::Grading, args),
+        DemoCommand::Portal(args) => (keel_demo::Demo::Portal, args),
+    };
+    let addr = args.addr.clone().unwrap_or_else(|| {
+        let port = match demo {
+            keel_demo::Demo::Visit => 20003,
+            keel_demo::Demo::Grading => 20004,
+            keel_demo::Demo::Portal => 20005,
+        };
+        format!("127.0.0.1:{port}")
+    });
+    let config = keel_demo::DemoConfig::new(demo, &addr, &args.registry, args.data_dir);
+    let name = demo.name();
+    keel_demo::run(
+        demo,
+        config,
+        |addr| {
+            println!("keel demo {name} listening on {addr}");
+            let _ = std::io::stdout().flush();
+        },
+        shutdown(),
+    )
+    .await
+    .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }

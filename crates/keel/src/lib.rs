@@ -7,4 +7,7 @@
 //! their crates: `keel-log` (log service and client), `keel-commitlog` (storage).
 
 pub mod cli;
-pub mod service;
+pub mod up;
+
+/// The SDK for writing services against keel (the `keel-sdk` crate).
+pub use keel_sdk as service;

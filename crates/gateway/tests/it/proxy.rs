@@ -79,6 +79,7 @@ async fn strip_prefix_should_remove_the_service_segment() {
         .await
         .unwrap();
     assert_eq!(echo["path"], "/users/7");
+    assert_eq!(echo["headers"]["x-forwarded-prefix"], "/api");
 }
 
 #[tokio::test]

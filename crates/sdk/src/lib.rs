@@ -1,5 +1,6 @@
-//! The SDK for writing keel services: one call runs a service that registers
-//! itself, stays registered, knows where its dependencies are, and leaves cleanly.
+//! keel-sdk owns the SDK for writing keel services, also reachable as
+//! `keel::service`: one call runs a service that registers itself, stays
+//! registered, knows where its dependencies are, and leaves cleanly.
 //!
 //! ```text
 //!  Service::run(router)
@@ -17,7 +18,7 @@ mod runner;
 
 pub use keel_registry::client::{Discovery, Picked, Policy, ServiceInstance};
 pub use logship::{LogLayer, LogShipping, log_shipping};
-pub use runner::{Service, ServiceConfig, ServiceError};
+pub use runner::{Service, ServiceConfig, ServiceError, stay_registered};
 
 /// Completes on the first SIGINT or SIGTERM: the usual `shutdown` for
 /// [`Service::run`] and the servers of the `keel` binary. Once it is awaited, later

@@ -119,10 +119,7 @@ impl Service {
         let addr = listener.local_addr().map_err(ServiceError::Serve)?;
         on_bound(addr);
         let url = format!("http://{addr}");
-        let client = reqwest::Client::builder()
-            .timeout(config.watch_wait + Duration::from_secs(10))
-            .build()
-            .map_err(ServiceError::Client)?;
+        let client = registry_http(&config)?;
 
         let updates = discovery.clone();
         let app = router
@@ -154,31 +151,14 @@ impl Service {
             "heartbeat_url": format!("{url}/heart-beat"),
             "meta": config.meta,
         });
-        let registry = RegistryClient::new(&config.registry, client.clone());
-        let keeper = tokio::spawn(keep_registered(
-            registry.clone(),
-            config.clone(),
+        let deregister = registered_until(
+            &config,
             registration,
+            client,
             discovery,
             token.clone(),
-        ));
-
-        let stop = token.clone();
-        let deregister = {
-            let (config, id) = (config.clone(), addr.to_string());
-            async move {
-                shutdown.await;
-                stop.cancel();
-                // Leave the registry first, so no new work is routed here.
-                match registry.deregister(&config.name, &id).await {
-                    Ok(()) => tracing::info!(service = config.name, "deregistered"),
-                    Err(err) => tracing::warn!(
-                        error = %err,
-                        "deregistration failed; the registry will drop this instance by its health checks"
-                    ),
-                }
-            }
-        };
+            shutdown,
+        );
         let server = axum::serve(listener, app).with_graceful_shutdown(deregister);
         let grace = config.shutdown_grace;
         let drained = async {
@@ -189,8 +169,89 @@ impl Service {
             served = server => served.map_err(ServiceError::Serve)?,
             () = drained => tracing::warn!(?grace, "grace period over; dropping open connections"),
         }
-        keeper.abort();
         Ok(())
+    }
+}
+
+/// Keeps a server that is not run by [`Service::run`] (the log service, say)
+/// registered as `config.name` at `url`, checked through `heartbeat_url`, until
+/// `shutdown` completes; then deregisters it. Await the returned future before the
+/// server stops accepting, so that nothing is routed to it while it drains.
+///
+/// # Errors
+///
+/// [`ServiceError::Client`] when the HTTP client cannot be built.
+pub async fn stay_registered(
+    config: &ServiceConfig,
+    url: &str,
+    heartbeat_url: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let client = registry_http(config)?;
+    let registration = json!({
+        "name": config.name,
+        "addr": url,
+        "required_services": config.required_services,
+        "heartbeat_url": heartbeat_url,
+        "meta": config.meta,
+    });
+    registered_until(
+        config,
+        registration,
+        client,
+        Discovery::default(),
+        CancellationToken::new(),
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+/// An HTTP client for the registry whose timeout outlasts a blocking watch.
+fn registry_http(config: &ServiceConfig) -> Result<reqwest::Client, ServiceError> {
+    reqwest::Client::builder()
+        .timeout(config.watch_wait + Duration::from_secs(10))
+        .build()
+        .map_err(ServiceError::Client)
+}
+
+/// Registers `registration` and keeps it registered (see [`keep_registered`]) from
+/// now on; the returned future completes once `shutdown` has completed, `token` is
+/// cancelled and the instance is deregistered.
+fn registered_until(
+    config: &ServiceConfig,
+    registration: serde_json::Value,
+    client: reqwest::Client,
+    discovery: Discovery,
+    token: CancellationToken,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
+    let id = registration["addr"]
+        .as_str()
+        .map(|url| url.split_once("://").map_or(url, |(_, rest)| rest))
+        .unwrap_or_default()
+        .to_owned();
+    let registry = RegistryClient::new(&config.registry, client);
+    let keeper = tokio::spawn(keep_registered(
+        registry.clone(),
+        config.clone(),
+        registration,
+        discovery,
+        token.clone(),
+    ));
+    let name = config.name.clone();
+    async move {
+        shutdown.await;
+        token.cancel();
+        keeper.abort();
+        // Leave the registry first, so no new work is routed here.
+        match registry.deregister(&name, &id).await {
+            Ok(()) => tracing::info!(service = name, "deregistered"),
+            Err(err) => tracing::warn!(
+                error = %err,
+                "deregistration failed; the registry will drop this instance by its health checks"
+            ),
+        }
     }
 }
 

@@ -1,0 +1,170 @@
+//! keel-demo owns the demo services, the SDK's first users:
+//!
+//! - [`visit`]: `GET /` counts a visit (the count is the `visits` topic of the log
+//!   service, so every instance shares it) and logs `visit N`;
+//! - [`grading`]: students and their grades in SQLite;
+//! - [`portal`]: a web page with the students, a form to add a grade, the registry's
+//!   table of instances and the last lines of the `logs` topic.
+//!
+//! Each runs alone (`keel demo visit`) or under `keel up`, and each finds the
+//! services it requires through the registry ([`keel_sdk::Discovery`]).
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+pub mod grading;
+mod html;
+mod logsvc;
+pub mod portal;
+pub mod visit;
+
+pub use logsvc::LogService;
+
+/// One of the demo services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Demo {
+    /// The visit counter.
+    Visit,
+    /// Students and grades on SQLite.
+    Grading,
+    /// The web page.
+    Portal,
+}
+
+impl Demo {
+    /// Every demo, in the order `keel up` starts them.
+    pub const ALL: [Self; 3] = [Self::Grading, Self::Visit, Self::Portal];
+
+    /// The name it registers under.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Visit => "visit",
+            Self::Grading => "grading",
+            Self::Portal => "portal",
+        }
+    }
+
+    /// The services it requires.
+    pub fn requires(self) -> &'static [&'static str] {
+        match self {
+            Self::Visit | Self::Grading => &["log"],
+            Self::Portal => &["grading", "log"],
+        }
+    }
+}
+
+/// How a demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// The SDK settings: name, address, registry.
+    pub service: keel_sdk::ServiceConfig,
+    /// Where a demo keeps files (grading's database).
+    pub data_dir: PathBuf,
+}
+
+impl DemoConfig {
+    /// `demo` listening on `addr`, registered with `registry`, files in `data_dir`.
+    pub fn new(demo: Demo, addr: &str, registry: &str, data_dir: PathBuf) -> Self {
+        let mut service = keel_sdk::ServiceConfig::new(demo.name(), addr, registry);
+        service.required_services = demo.requires().iter().map(|s| (*s).to_owned()).collect();
+        Self { service, data_dir }
+    }
+}
+
+/// Runs `demo` until `shutdown` completes (see [`keel_sdk::Service::run`]).
+///
+/// # Errors
+///
+/// The database cannot be opened (grading), the address cannot be bound, serving
+/// fails.
+pub async fn run(
+    demo: Demo,
+    config: DemoConfig,
+    on_bound: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    let service = keel_sdk::Service::new(config.service.clone());
+    let discovery = service.discovery();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|err| DemoError::Start(err.to_string()))?;
+    let logs = LogService::new(discovery.clone(), http.clone());
+    let me = std::sync::Arc::new(std::sync::OnceLock::new());
+    let router = match demo {
+        Demo::Visit => visit::router(logs, me.clone()),
+        Demo::Grading => {
+            std::fs::create_dir_all(&config.data_dir).map_err(|err| {
+                DemoError::Start(format!("creating {}: {err}", config.data_dir.display()))
+            })?;
+            let path = config.data_dir.join("grading.sqlite3");
+            let db = tokio::task::spawn_blocking(move || grading::Db::open(&path))
+                .await
+                .map_err(|err| DemoError::Start(err.to_string()))??;
+            grading::router(db, logs)
+        }
+        Demo::Portal => portal::router(portal::Portal::new(
+            discovery,
+            http,
+            &config.service.registry,
+            logs,
+        )),
+    };
+    service
+        .run(
+            router,
+            move |addr| {
+                let _ = me.set(addr.to_string());
+                on_bound(addr);
+            },
+            shutdown,
+        )
+        .await
+        .map_err(|err| DemoError::Start(err.to_string()))
+}
+
+/// Why a demo failed: at start, or one request (answered as JSON with a status).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoError {
+    /// The service could not start or serve.
+    #[error("{0}")]
+    Start(String),
+    /// The request is invalid: 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// What the request names does not exist: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// A required service is unavailable or failed: 503.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The database failed: 500.
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+}
+
+impl DemoError {
+    fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Start(_) | Self::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for DemoError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
+        (status, Json(body)).into_response()
+    }
+}
