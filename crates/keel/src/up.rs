@@ -556,14 +556,20 @@ async fn supervise(
 
 /// Stops the parts in reverse start order; true if each exited 0 in time.
 async fn stop_all(mut parts: Vec<(Spec, Running)>, grace: Duration) -> bool {
-    // The gateway first, so no new requests arrive; the registry last, so the
-    // others can deregister.
-    parts.sort_by_key(|(spec, _)| match spec.kind {
-        Kind::Gateway => 0,
-        Kind::Demo(_) => 1,
-        Kind::Log => 2,
-        Kind::Registry => 3,
+    // The gateway first, so no new requests arrive; then the demos in reverse start
+    // order (a service before those it requires); the registry last, so the others
+    // can deregister.
+    let mut order: Vec<(usize, (Spec, Running))> = parts.drain(..).enumerate().collect();
+    order.sort_by_key(|(started, (spec, _))| {
+        let class = match spec.kind {
+            Kind::Gateway => 0,
+            Kind::Demo(_) => 1,
+            Kind::Log => 2,
+            Kind::Registry => 3,
+        };
+        (class, std::cmp::Reverse(*started))
     });
+    parts.extend(order.into_iter().map(|(_, part)| part));
     let mut clean = true;
     for (spec, mut running) in parts {
         clean &= stop_one(&spec, &mut running, grace).await;
@@ -572,13 +578,10 @@ async fn stop_all(mut parts: Vec<(Spec, Running)>, grace: Duration) -> bool {
 }
 
 async fn stop_one(spec: &Spec, running: &mut Running, grace: Duration) -> bool {
-    if let Ok(Some(status)) = running.child.try_wait() {
-        eprintln!(
-            "keel up: {} had already exited ({})",
-            spec.label,
-            describe(status)
-        );
-        return false;
+    if let Ok(Some(_)) = running.child.try_wait() {
+        // Its exit was reported when it happened; it was waiting to be restarted.
+        eprintln!("keel up: {} was not running", spec.label);
+        return true;
     }
     let terminated = running
         .child

@@ -30,6 +30,9 @@ pub(crate) struct AppState {
     pub(crate) registry: Arc<Registry>,
     pub(crate) config: RegistryConfig,
     pub(crate) checks: Arc<CheckStats>,
+    /// Cancelled when shutdown begins: watches answer at once and streams end, so
+    /// they do not hold the graceful shutdown open.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -243,7 +246,10 @@ async fn watch(
     }
     .min(state.config.max_watch_wait);
     let mut index = state.registry.watch_index();
-    let _ = tokio::time::timeout(wait, index.wait_for(|&current| current > after)).await;
+    tokio::select! {
+        _ = tokio::time::timeout(wait, index.wait_for(|&current| current > after)) => {}
+        () = state.stopping.cancelled() => {}
+    }
     list_all(State(state)).await
 }
 
@@ -261,7 +267,8 @@ async fn watch_stream(State(state): State<AppState>) -> Response {
             }
         })
     });
-    Sse::new(changes)
+    let stopping = state.stopping.clone().cancelled_owned();
+    Sse::new(changes.take_until(stopping))
         .keep_alive(KeepAlive::default())
         .into_response()
 }

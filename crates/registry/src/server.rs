@@ -51,6 +51,7 @@ pub async fn run(
         registry,
         config,
         checks,
+        stopping: token.clone(),
     });
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);

@@ -6,3 +6,4 @@ mod cli;
 mod crash;
 mod sdk;
 mod support;
+mod up;

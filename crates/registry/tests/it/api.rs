@@ -444,3 +444,34 @@ async fn follow_should_keep_a_discovery_table_current() {
     .await;
     stop.cancel();
 }
+
+#[tokio::test]
+async fn shutdown_should_end_open_watch_streams_instead_of_waiting_for_them() {
+    use futures::StreamExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(keel_registry::run(listener, fast_config(), async move {
+        let _ = stopped.await;
+    }));
+    let client = http();
+    let stream = client
+        .get(format!("http://{addr}/v1/watch/stream"))
+        .send()
+        .await
+        .unwrap();
+    drop(stop);
+    let limit = Duration::from_secs(5);
+    tokio::time::timeout(limit, server)
+        .await
+        .expect("the registry stops despite open watches")
+        .unwrap()
+        .unwrap();
+    let mut body = stream.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(limit, body.next())
+        .await
+        .expect("the stream ends")
+    {
+        chunk.unwrap();
+    }
+}

@@ -1,0 +1,481 @@
+//! `keel up` end to end: the real binary, every part a real process on free ports,
+//! driven through the gateway; and the portal in a headless browser.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::support::KEEL;
+
+/// A running `keel up`; killed on drop (its parts then stop by themselves).
+struct Up {
+    child: Child,
+    /// label -> (pid, base URL), from the printed table.
+    parts: BTreeMap<String, (u32, String)>,
+    stderr: mpsc::Receiver<String>,
+    _data: tempfile::TempDir,
+}
+
+impl Up {
+    fn start(extra: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut args = vec!["up", "--data-dir", data.path().to_str().unwrap()];
+        for flag in [
+            "--registry-port",
+            "--gateway-port",
+            "--log-port",
+            "--visit-port",
+            "--grading-port",
+            "--portal-port",
+        ] {
+            args.extend([flag, "0"]);
+        }
+        args.extend_from_slice(extra);
+        let mut child = Command::new(KEEL)
+            .args(&args)
+            .env("KEEL_LOG_LEVEL", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (table_tx, table) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let _ = table_tx.send(line);
+            }
+        });
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (stderr_tx, stderr_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("[keel up] {line}");
+                let _ = stderr_tx.send(line);
+            }
+        });
+        let mut parts = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = table.recv_timeout(left).expect("keel up prints its table");
+            if line.starts_with("Ctrl-C stops everything") {
+                break;
+            }
+            // "  visit#1      1234     http://127.0.0.1:5678     note"
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let [label, pid, url, ..] = words[..]
+                && url.starts_with("http://")
+                && let Ok(pid) = pid.parse::<u32>()
+            {
+                parts.insert(label.to_owned(), (pid, url.to_owned()));
+            }
+        }
+        Self {
+            child,
+            parts,
+            stderr: stderr_rx,
+            _data: data,
+        }
+    }
+
+    fn url(&self, label: &str) -> &str {
+        &self.parts[label].1
+    }
+
+    fn pid(&self, label: &str) -> u32 {
+        self.parts[label].0
+    }
+
+    /// Waits for a line of keel up's stderr containing `text`; returns it.
+    fn stderr_line(&self, text: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .stderr
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {text:?} from keel up within {limit:?}"));
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(pid: u32, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(pid, signal).unwrap();
+}
+
+/// Polls `check` until it gives a value, at most `limit`.
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanly() {
+    let mut up = Up::start(&["--instances", "visit=2", "--grace", "10s"]);
+    for label in [
+        "registry",
+        "log",
+        "gateway",
+        "grading#1",
+        "visit#1",
+        "visit#2",
+        "portal#1",
+    ] {
+        assert!(up.parts.contains_key(label), "{label} in {:?}", up.parts);
+    }
+    let gateway = up.url("gateway").to_owned();
+    let http = reqwest::Client::new();
+
+    // Visits count up, shared by both instances, through the gateway.
+    let visit = |http: reqwest::Client, url: String| async move {
+        let response = http.get(url).send().await.ok()?;
+        response.status().is_success().then_some(())?;
+        response.json::<Value>().await.ok()
+    };
+    let first = eventually(Duration::from_secs(10), "the gateway routes visit", || {
+        visit(http.clone(), format!("{gateway}/visit/"))
+    })
+    .await;
+    let mut count = first["visits"].as_u64().unwrap();
+    let mut instances = BTreeSet::from([first["instance"].as_str().unwrap().to_owned()]);
+    for _ in 0..5 {
+        let next = visit(http.clone(), format!("{gateway}/visit/"))
+            .await
+            .unwrap();
+        assert_eq!(next["visits"].as_u64().unwrap(), count + 1);
+        count += 1;
+        instances.insert(next["instance"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        instances.len(),
+        2,
+        "both visit instances served: {instances:?}"
+    );
+
+    // A grade can be added and read back; bad input is refused precisely.
+    let grades = format!("{gateway}/grading/students/3/grades");
+    let added = http
+        .post(&grades)
+        .json(&json!({"title": "End-to-end quiz", "type": "quiz", "score": 64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), reqwest::StatusCode::CREATED);
+    let student: Value = http
+        .get(format!("{gateway}/grading/students/3"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        student["grades"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["title"] == "End-to-end quiz" && g["score"] == 64.0),
+        "{student}"
+    );
+    let bad = http
+        .post(&grades)
+        .json(&json!({"title": "x", "type": "quiz", "score": 101}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
+    let unknown = http
+        .post(format!("{gateway}/grading/students/999/grades"))
+        .json(&json!({"title": "x", "type": "quiz", "score": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), reqwest::StatusCode::NOT_FOUND);
+
+    // The portal shows it, and its form adds a grade through grading.
+    let page = http
+        .get(format!("{gateway}/portal/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"<table id="students">"#), "{page}");
+    assert!(page.contains("End-to-end quiz"), "{page}");
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let form = no_redirects
+        .post(format!("{gateway}/portal/grades"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("student=5&title=Portal+lab&type=homework&score=81")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), reqwest::StatusCode::SEE_OTHER);
+    assert_eq!(
+        form.headers()["location"],
+        "/portal/?added=Barbara%20Liskov"
+    );
+
+    // The visit log lines reach the `logs` topic.
+    let log = up.url("log").to_owned();
+    eventually(
+        Duration::from_secs(10),
+        "visit lines in the logs topic",
+        || {
+            let (http, log) = (http.clone(), log.clone());
+            async move {
+                let records: Value = http
+                    .get(format!("{log}/v1/topics/logs/records?from=0&max=1000"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let texts: BTreeSet<&str> = records["records"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|r| r["text"].as_str())
+                    .collect();
+                (1..=count)
+                    .all(|n| texts.contains(format!("visit {n}").as_str()))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // One visit instance killed: every request through the gateway still succeeds.
+    signal(up.pid("visit#1"), rustix::process::Signal::KILL);
+    for n in 0..100 {
+        let response = http.get(format!("{gateway}/visit/")).send().await.unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK, "request {n}");
+    }
+    let restarted = up.stderr_line("visit#1 restarted", Duration::from_secs(30));
+    let new_pid: u32 = restarted
+        .rsplit("pid ")
+        .next()
+        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
+        .unwrap();
+
+    // Ctrl-C: every part deregisters (seen on the registry's stream), then all exit 0.
+    let stream = http
+        .get(format!("{}/v1/watch/stream", up.url("registry")))
+        .send()
+        .await
+        .unwrap();
+    signal(up.child.id(), rustix::process::Signal::INT);
+    let mut events = String::new();
+    let mut body = stream.bytes_stream();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
+        events.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let limit = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = up.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < limit, "keel up did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "keel up exited with {status}");
+    let gone: BTreeSet<String> = events
+        .split("\n\n")
+        .filter(|event| event.contains("event: unavailable"))
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data:")))
+        .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+        .filter_map(|instance| instance["url"].as_str().map(str::to_owned))
+        .collect();
+    for label in ["log", "grading#1", "visit#1", "visit#2", "portal#1"] {
+        assert!(
+            gone.contains(up.url(label)),
+            "{label} ({}) deregistered before the registry stopped: {events}",
+            up.url(label)
+        );
+    }
+    let mut pids: Vec<u32> = up.parts.values().map(|(pid, _)| *pid).collect();
+    pids.push(new_pid);
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} outlived keel up"
+        );
+    }
+}
+
+#[test]
+fn keel_up_should_name_the_flag_when_a_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let output = Command::new(KEEL)
+        .args(["up", "--data-dir", data.path().to_str().unwrap()])
+        .args([
+            "--registry-port",
+            "0",
+            "--log-port",
+            "0",
+            "--visit-port",
+            "0",
+        ])
+        .args(["--grading-port", "0", "--portal-port", "0"])
+        .args(["--gateway-port", &port])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(70));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("port {port} (gateway)")) && stderr.contains("--gateway-port"),
+        "{stderr}"
+    );
+}
+
+/// Chromium in headless mode, if installed.
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|name| {
+            std::env::var_os("PATH").and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|dir| dir.join(name))
+                    .find(|p| p.is_file())
+            })
+        })
+}
+
+fn headless(browser: &Path, profile: &Path) -> Command {
+    let mut command = Command::new(browser);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .stderr(Stdio::null());
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_should_render_in_a_headless_browser() {
+    let Some(browser) = chromium() else {
+        // .ci/run installs Chromium and sets KEEL_REQUIRE_BROWSER, so CI cannot skip.
+        assert!(
+            std::env::var_os("KEEL_REQUIRE_BROWSER").is_none(),
+            "KEEL_REQUIRE_BROWSER is set but no chromium is installed"
+        );
+        eprintln!("skipped: no chromium on PATH (apt-get install chromium)");
+        return;
+    };
+    let up = Up::start(&[]);
+    let portal = format!("{}/portal/", up.url("gateway"));
+    let http = reqwest::Client::new();
+    // A few visits and a grade, so the log and the table have something to show.
+    eventually(
+        Duration::from_secs(10),
+        "the gateway routes the portal",
+        || {
+            let (http, url) = (http.clone(), portal.clone());
+            async move {
+                let page = http.get(url).send().await.ok()?.text().await.ok()?;
+                page.contains(r#"id="students""#).then_some(())
+            }
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        http.get(format!("{}/visit/", up.url("gateway")))
+            .send()
+            .await
+            .unwrap();
+    }
+    http.post(format!("{}/grading/students/4/grades", up.url("gateway")))
+        .json(&json!({"title": "Final", "type": "test", "score": 93}))
+        .send()
+        .await
+        .unwrap();
+    let profile = tempfile::tempdir().unwrap();
+
+    let dom = tokio::task::spawn_blocking({
+        let (browser, profile, portal) =
+            (browser.clone(), profile.path().to_owned(), portal.clone());
+        move || {
+            headless(&browser, &profile)
+                .args(["--dump-dom", &portal])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(dom.status.success(), "chromium --dump-dom failed");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains(r#"<table id="students">"#), "{dom}");
+    assert!(
+        dom.contains("Ada Lovelace") && dom.contains("Final"),
+        "{dom}"
+    );
+    assert!(dom.contains(r#"<table id="services">"#), "{dom}");
+
+    // The screenshot is kept as a test artifact.
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("portal.png");
+    let _ = std::fs::remove_file(&shot);
+    let taken = tokio::task::spawn_blocking({
+        let (browser, profile, shot) = (browser, profile.path().to_owned(), shot.clone());
+        move || {
+            headless(&browser, &profile)
+                .arg(format!("--screenshot={}", shot.display()))
+                .args(["--window-size=1280,1100", &portal])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(taken.status.success(), "chromium --screenshot failed");
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real screenshot"
+    );
+    eprintln!("portal screenshot: {}", shot.display());
+}
