@@ -479,3 +479,26 @@ async fn the_portal_should_render_in_a_headless_browser() {
     );
     eprintln!("portal screenshot: {}", shot.display());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_should_not_outlive_a_killed_keel_up() {
+    let mut up = Up::start(&[]);
+    let pids: Vec<u32> = up.parts.values().map(|(pid, _)| *pid).collect();
+    assert_eq!(pids.len(), 6);
+    // SIGKILL: keel up cannot stop anything; its parts see their stdin close.
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    eventually(Duration::from_secs(30), "every part exits", || {
+        let alive: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|pid| {
+                // A zombie (exited, not yet reaped by init) counts as gone.
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|stat| !stat.contains(") Z "))
+            })
+            .collect();
+        async move { alive.is_empty().then_some(()) }
+    })
+    .await;
+}
