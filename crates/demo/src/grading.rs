@@ -130,7 +130,11 @@ CREATE TABLE IF NOT EXISTS grades (
 CREATE INDEX IF NOT EXISTS grades_by_student ON grades (student_id);
 ";
 
-const SEED: [(&str, &str, &[(&str, &str, f64)]); 5] = [
+/// A sample grade: title, kind, score.
+type SeedGrade = (&'static str, &'static str, f64);
+
+/// Sample students: first name, last name, grades.
+const SEED: [(&str, &str, &[SeedGrade]); 5] = [
     (
         "Ada",
         "Lovelace",
