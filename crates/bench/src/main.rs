@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod compare;
 mod registry;
 mod report;
 mod scenarios;
@@ -94,6 +95,26 @@ enum Scenario {
     /// The registry set: registrations/s, lookups/s, and notification latency, with
     /// 1 000 instances registered.
     Registry,
+    /// One workload against one system (keel or a peer) through the same code; prints
+    /// one JSON line. bench/compare.sh drives this.
+    Compare {
+        /// keel (a running log service at --url host:port), nats (nats://...),
+        /// redis (redis://...), or raw (a file in a temp dir: the physical limit).
+        #[arg(long)]
+        system: String,
+        /// Where the system listens.
+        #[arg(long, default_value = "")]
+        url: String,
+        /// produce:PRODUCERS, batch:PRODUCERS or consume:RECORDS.
+        #[arg(long, value_parser = compare::Workload::parse)]
+        workload: compare::Workload,
+        /// Names this run's topic, stream or key, so runs never share data.
+        #[arg(long)]
+        run: String,
+        /// A label for the system in the results (e.g. redis-always).
+        #[arg(long)]
+        label: Option<String>,
+    },
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -109,6 +130,24 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the load generator's runtime")?;
+    if let Scenario::Compare {
+        system,
+        url,
+        workload,
+        run,
+        label,
+    } = &cli.scenario
+    {
+        let outcome = runtime.block_on(compare_one(system, url, *workload, run, &common))?;
+        let line = serde_json::json!({
+            "system": label.as_deref().unwrap_or(system),
+            "workload": workload.name(),
+            "record_bytes": common.record_bytes,
+            "result": outcome,
+        });
+        println!("{line}");
+        return Ok(());
+    }
     if let Scenario::Registry = cli.scenario {
         let outcomes = runtime.block_on(async {
             anyhow::Ok(vec![
@@ -150,7 +189,7 @@ fn main() -> anyhow::Result<()> {
             Load::Consume { records: 2_000_000 },
             Load::Latency { rate: 1000 },
         ],
-        Scenario::Registry => Vec::new(),
+        Scenario::Registry | Scenario::Compare { .. } => Vec::new(),
     };
     let mut outcomes: Vec<Outcome> = Vec::new();
     for load in loads {
@@ -161,6 +200,40 @@ fn main() -> anyhow::Result<()> {
         outcomes.push(outcome);
     }
     finish(&outcomes, &common)
+}
+
+/// Runs `workload` on the system named `system`.
+async fn compare_one(
+    system: &str,
+    url: &str,
+    workload: compare::Workload,
+    run: &str,
+    common: &Common,
+) -> anyhow::Result<Outcome> {
+    let (bytes, duration) = (common.record_bytes, common.duration);
+    match system {
+        "keel" => {
+            let keel = compare::Keel {
+                addr: url.to_owned(),
+                topic: format!("bench-{run}"),
+            };
+            compare::run(&keel, workload, bytes, duration).await
+        }
+        "nats" => {
+            let nats = compare::Nats::start(url, run).await?;
+            compare::run(&nats, workload, bytes, duration).await
+        }
+        "redis" => {
+            let redis = compare::Redis::start(url, run)?;
+            compare::run(&redis, workload, bytes, duration).await
+        }
+        "raw" => {
+            let dir = tempfile::tempdir_in(std::env::temp_dir()).context("temp dir")?;
+            let raw = compare::Raw::start(dir.path(), bytes)?;
+            compare::run(&raw, workload, bytes, duration).await
+        }
+        other => anyhow::bail!("unknown system {other:?}: keel, nats, redis or raw"),
+    }
 }
 
 /// Prints the table and writes the JSON.

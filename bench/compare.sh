@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# keel's log service beside NATS JetStream and Redis Streams, and beside the raw disk,
+# in one run: every system gets the same workloads from the same code (keel-bench
+# compare), interleaved, repeated REPS times; the median and the spread are reported.
+#
+#   bench/compare.sh                 # writes the peer section of docs/benchmarks.md
+#   REPS=5 DURATION=3s bench/compare.sh
+#
+# Installs nats-server and redis-server with apt-get when missing. Everything listens
+# on 127.0.0.1 with data in a temp dir; every server is stopped by its PID on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+DURATION=${DURATION:-2s}
+CONSUME=${CONSUME:-200000}
+OUT=${OUT:-docs/benchmarks.md}
+
+missing=()
+command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  echo "== installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+echo "== building keel and keel-bench (release)"
+cargo build --release --locked -q -p keel -p keel-bench
+KEEL=target/release/keel
+BENCH=target/release/keel-bench
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/keel-compare.XXXXXX")
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits until something accepts connections on 127.0.0.1:$1 (at most 10 s).
+wait_port() {
+  for _ in $(seq 200); do
+    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+echo "== starting the systems (data in $work)"
+keel_port=$(free_port)
+"$KEEL" log serve --addr "127.0.0.1:$keel_port" --data-dir "$work/keel" --sync always \
+  --log-level warn >"$work/keel.out" 2>"$work/keel.err" &
+pids+=($!)
+wait_port "$keel_port"
+
+# NATS: fsync on every write if this server version supports it, else its default.
+nats_port=$(free_port)
+mkdir -p "$work/nats"
+nats_sync="sync_interval always (fsync before each ack)"
+cat >"$work/nats.conf" <<CONF
+listen: 127.0.0.1:$nats_port
+jetstream { store_dir: "$work/nats", sync_interval: always }
+CONF
+if ! nats-server -c "$work/nats.conf" -t >/dev/null 2>&1; then
+  nats_sync="server default: fsync every 2 min, ack after write to the OS (this version has no sync_interval)"
+  cat >"$work/nats.conf" <<CONF
+listen: 127.0.0.1:$nats_port
+jetstream { store_dir: "$work/nats" }
+CONF
+fi
+nats-server -c "$work/nats.conf" >"$work/nats.log" 2>&1 &
+pids+=($!)
+wait_port "$nats_port"
+
+redis_always=$(free_port)
+redis_everysec=$(free_port)
+for mode in always everysec; do
+  port=$([ "$mode" = always ] && echo "$redis_always" || echo "$redis_everysec")
+  mkdir -p "$work/redis-$mode"
+  redis-server --bind 127.0.0.1 --port "$port" --dir "$work/redis-$mode" --save "" \
+    --appendonly yes --appendfsync "$mode" --daemonize no --logfile "$work/redis-$mode.log" &
+  pids+=($!)
+  wait_port "$port"
+done
+
+systems=(
+  "keel|keel|127.0.0.1:$keel_port"
+  "nats|nats|nats://127.0.0.1:$nats_port"
+  "redis-always|redis|redis://127.0.0.1:$redis_always"
+  "redis-everysec|redis|redis://127.0.0.1:$redis_everysec"
+  "raw|raw|"
+)
+workloads_100=("produce:1" "produce:4" "produce:16" "batch:1" "batch:4" "consume:$CONSUME")
+workloads_1k=("produce:1" "batch:1" "consume:$CONSUME")
+
+results="$work/results.jsonl"
+total=$(( REPS * (${#workloads_100[@]} + ${#workloads_1k[@]}) * ${#systems[@]} ))
+n=0
+started=$(date +%s)
+for rep in $(seq "$REPS"); do
+  for size in 100 1024; do
+    if [ "$size" = 100 ]; then list=("${workloads_100[@]}"); else list=("${workloads_1k[@]}"); fi
+    for workload in "${list[@]}"; do
+      # Interleaved, and the order rotates each repetition, so drift hits all alike.
+      for i in $(seq 0 $(( ${#systems[@]} - 1 ))); do
+        entry=${systems[$(( (i + rep) % ${#systems[@]} ))]}
+        IFS='|' read -r label system url <<<"$entry"
+        n=$((n + 1))
+        printf '\r== run %d/%d: %-15s %-16s %5s B   ' "$n" "$total" "$label" "$workload" "$size" >&2
+        "$BENCH" --duration "$DURATION" --record-bytes "$size" compare \
+          --system "$system" --label "$label" --url "$url" --workload "$workload" \
+          --run "r${rep}s${size}n${n}" >>"$results"
+      done
+    done
+  done
+done
+echo >&2
+elapsed=$(( $(date +%s) - started ))
+
+cat >"$work/meta.json" <<META
+{
+  "date": "$(date -u +%Y-%m-%d)",
+  "cpu": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)",
+  "cores": $(nproc),
+  "memory": "$(grep MemTotal /proc/meminfo | awk '{printf "%.0f GiB", $2/1048576}')",
+  "disk": "$(df -T "$work" | awk 'NR==2 {print $2}') on $(df "$work" | awk 'NR==2 {print $1}')",
+  "nats": "$(nats-server --version 2>&1 | head -1)",
+  "redis": "$(redis-server --version | awk '{print $3}')",
+  "nats_sync": "$nats_sync",
+  "reps": $REPS,
+  "duration": "$DURATION",
+  "elapsed_s": $elapsed,
+  "command": "bench/compare.sh (REPS=$REPS DURATION=$DURATION CONSUME=$CONSUME)"
+}
+META
+python3 bench/compare_report.py "$results" "$work/meta.json" "$OUT"
+echo "== results in $OUT (runs took ${elapsed}s)"

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Turns bench/compare.sh's results into the peer section of docs/benchmarks.md.
+
+usage: compare_report.py RESULTS.jsonl META.json BENCHMARKS.md
+
+The section between the markers below is replaced (appended if absent); the rest of
+the file is left as it is.
+"""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+BEGIN = "<!-- compare.sh: begin (generated; edit bench/compare_report.py instead) -->"
+END = "<!-- compare.sh: end -->"
+
+DURABILITY = {
+    "keel": "ack after fdatasync (sync always)",
+    "redis-always": "appendonly, appendfsync always",
+    "redis-everysec": "appendonly, appendfsync everysec (up to 1 s of acks lost on a crash)",
+    "raw": "write + fdatasync per ack, one file, one writer at a time, no network",
+}
+ORDER = ["keel", "nats", "redis-always", "redis-everysec", "raw"]
+
+
+def fmt_rate(x):
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f} k"
+    return f"{x:.0f}"
+
+
+def fmt_us(us):
+    if us is None:
+        return "-"
+    return f"{us / 1000:.1f} ms" if us >= 10000 else f"{us} µs"
+
+
+def main():
+    results_path, meta_path, out_path = sys.argv[1:4]
+    meta = json.load(open(meta_path))
+    durability = dict(DURABILITY, nats=f"JetStream file storage; {meta['nats_sync']}")
+    runs = defaultdict(list)
+    scenarios = []
+    for line in open(results_path):
+        line = line.strip()
+        if not line:
+            continue
+        r = json.loads(line)
+        key = (r["workload"], r["record_bytes"])
+        if key not in scenarios:
+            scenarios.append(key)
+        runs[key + (r["system"],)].append(r["result"])
+
+    lines = [BEGIN, "", "## keel beside its peers (`bench/compare.sh`)", ""]
+    lines.append(
+        f"Measured {meta['date']} on {meta['cores']} cores ({meta['cpu']}), "
+        f"{meta['memory']} memory, {meta['disk']}; nats-server {meta['nats']}, "
+        f"redis {meta['redis']}. Each figure is the median of {meta['reps']} runs of "
+        f"{meta['duration']} (consume: a fixed record count), interleaved with the other "
+        f"systems, with the spread (min-max) beside it. Reproduce with "
+        f"`{meta['command']}`; the runs took {meta['elapsed_s']} s."
+    )
+    lines += ["", "Durability of each acknowledgement:", ""]
+    for system in ORDER:
+        lines.append(f"- **{system}**: {durability[system]}")
+    lines.append("")
+    summary = []
+    for workload, size in scenarios:
+        lines += [f"### {workload}, {size} B records", ""]
+        lines.append("| system | records/s (median) | spread | MB/s | p50 | p99 | keel / this |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        medians = {}
+        for system in ORDER:
+            got = runs.get((workload, size, system))
+            if not got:
+                continue
+            rates = [g["records_per_sec"] for g in got]
+            medians[system] = statistics.median(rates)
+        for system in ORDER:
+            got = runs.get((workload, size, system))
+            if not got:
+                continue
+            rates = [g["records_per_sec"] for g in got]
+            med = medians[system]
+            mb = statistics.median(g["mb_per_sec"] for g in got)
+            p50 = [g["p50_us"] for g in got if g["p50_us"] is not None]
+            p99 = [g["p99_us"] for g in got if g["p99_us"] is not None]
+            ratio = "" if system == "keel" or "keel" not in medians else f"{medians['keel'] / med:.2f}"
+            lines.append(
+                f"| {system} | {fmt_rate(med)} | {fmt_rate(min(rates))}-{fmt_rate(max(rates))} "
+                f"| {mb:.1f} | {fmt_us(int(statistics.median(p50)) if p50 else None)} "
+                f"| {fmt_us(int(statistics.median(p99)) if p99 else None)} | {ratio} |"
+            )
+        if "keel" in medians:
+            summary.append((workload, size, medians))
+        lines.append("")
+    lines += ["### Summary: keel's throughput as a ratio", ""]
+    lines.append("| workload | size | keel/nats | keel/redis-always | keel/redis-everysec | keel/raw |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for workload, size, medians in summary:
+        cells = []
+        for peer in ["nats", "redis-always", "redis-everysec", "raw"]:
+            cells.append(f"{medians['keel'] / medians[peer]:.2f}" if peer in medians else "-")
+        lines.append(f"| {workload} | {size} B | " + " | ".join(cells) + " |")
+    lines += ["", END]
+    section = "\n".join(lines) + "\n"
+
+    try:
+        text = open(out_path).read()
+    except FileNotFoundError:
+        text = "# Benchmarks\n\n"
+    if BEGIN in text and END in text:
+        before = text[: text.index(BEGIN)]
+        after = text[text.index(END) + len(END):].lstrip("\n")
+        text = before + section + ("\n" + after if after else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    open(out_path, "w").write(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
