@@ -22,7 +22,12 @@ const DEFAULT_LOG_ADDR: &str = "127.0.0.1:20002";
 
 /// keel: a durable log service, registry and gateway for microservice back ends.
 #[derive(Debug, Parser)]
-#[command(name = "keel", version, about, long_about = None)]
+#[command(
+    name = "keel",
+    version,
+    about = "keel: a durable log service, a service registry and a load-balancing gateway for microservice back ends. `keel up` runs the whole system locally.",
+    long_about = None
+)]
 pub struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a full RUST_LOG directive.
     #[arg(long, global = true, env = "KEEL_LOG_LEVEL", default_value = "info")]
@@ -427,12 +432,13 @@ async fn serve_gateway(args: GatewayServeArgs) -> Result<(), Failure> {
         .local_addr()
         .map_err(|err| Failure::Run(err.into()))?;
     let admin_addr = admin.local_addr().map_err(|err| Failure::Run(err.into()))?;
+    let stop = shutdown();
     println!(
         "keel gateway listening on {addr} (admin: http://{admin_addr}/metrics), registry {}",
         config.registry
     );
     let _ = std::io::stdout().flush();
-    keel_gateway::run(listener, admin, config, shutdown())
+    keel_gateway::run(listener, admin, config, stop)
         .await
         .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }
@@ -443,9 +449,10 @@ async fn serve_registry(args: RegistryServeArgs) -> Result<(), Failure> {
     let addr = listener
         .local_addr()
         .map_err(|err| Failure::Run(err.into()))?;
+    let stop = shutdown();
     println!("keel registry listening on {addr} (HTTP)");
     let _ = std::io::stdout().flush();
-    keel_registry::run(listener, config, shutdown())
+    keel_registry::run(listener, config, stop)
         .await
         .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
 }
@@ -490,6 +497,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let addr = listener
         .local_addr()
         .map_err(|err| Failure::Run(err.into()))?;
+    let stop = shutdown();
     println!(
         "keel log service listening on {addr} (gRPC log.v1.Log and HTTP), data in {}",
         config.data_dir.display()
@@ -502,14 +510,13 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             Box::pin(async move {
                 // Deregistered before the service stops accepting.
                 let health = format!("{url}/healthz");
-                let registered =
-                    crate::service::stay_registered(&service, &url, &health, shutdown());
+                let registered = crate::service::stay_registered(&service, &url, &health, stop);
                 if let Err(err) = registered.await {
                     tracing::warn!(%err, "cannot register with the registry");
                 }
             })
         }
-        None => Box::pin(shutdown()),
+        None => Box::pin(stop),
     };
     keel_log::run(listener, config, shutdown)
         .await
@@ -623,6 +630,8 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
 /// Completes when the process should stop: SIGINT or SIGTERM, or, under `keel up`,
 /// when stdin closes (`keel up` is gone, whatever way it ended).
 fn shutdown() -> impl Future<Output = ()> + Send + 'static {
+    // Installed now: a signal that arrives before the first poll is not lost.
+    let signalled = crate::service::shutdown_signal();
     let supervised = std::env::var_os(crate::up::SUPERVISED_ENV).is_some();
     let (closed, stdin_closed) = tokio::sync::oneshot::channel::<()>();
     if supervised {
@@ -637,11 +646,11 @@ fn shutdown() -> impl Future<Output = ()> + Send + 'static {
     async move {
         if supervised {
             tokio::select! {
-                () = crate::service::shutdown_signal() => {}
+                () = signalled => {}
                 _ = stdin_closed => tracing::info!("stdin closed: the supervisor is gone; stopping"),
             }
         } else {
-            crate::service::shutdown_signal().await;
+            signalled.await;
         }
     }
 }

@@ -21,27 +21,39 @@ pub use logship::{LogLayer, LogShipping, log_shipping};
 pub use runner::{Service, ServiceConfig, ServiceError, stay_registered};
 
 /// Completes on the first SIGINT or SIGTERM: the usual `shutdown` for
-/// [`Service::run`] and the servers of the `keel` binary. Once it is awaited, later
-/// signals no longer kill the process, so a second Ctrl-C cannot interrupt the final
-/// deregistration or sync.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// [`Service::run`] and the servers of the `keel` binary. The handlers are installed
+/// when this is called, not when the future is first polled, so call it before
+/// announcing the server (a signal that arrives in between is not lost, and does not
+/// kill the process). From then on signals no longer kill the process, so a second
+/// Ctrl-C cannot interrupt the final deregistration or sync. Must be called within a
+/// tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = match signal(SignalKind::terminate()) {
-            Ok(terminate) => terminate,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the process");
-                let _ = interrupt.await;
-                return;
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                }
+                (Ok(mut interrupt), Err(err)) => {
+                    tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the process");
+                    interrupt.recv().await;
+                }
+                (Err(err), _) => {
+                    tracing::warn!(error = %err, "cannot listen for SIGINT; waiting for Ctrl-C another way");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
