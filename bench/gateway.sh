@@ -28,25 +28,29 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACKEND=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port)
 
-mkdir -p "$work/nginx"
-cat > "$work/nginx/nginx.conf" <<CONF
+# The backend and the nginx proxy are separate processes: the backend (one worker) is
+# the same for every target, and the proxy gets a worker per core like keel's gateway
+# (a serving thread per core) and haproxy (a thread per core).
+nginx_conf() { # dir workers server-block
+  mkdir -p "$1"
+  cat > "$1/nginx.conf" <<CONF
 daemon off;
-master_process off;
-worker_processes 1;
+master_process on;
+worker_processes $2;
 user root;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
-  server { listen 127.0.0.1:$BACKEND; location / { return 200 "ok\n"; } }
-  server {
-    listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
+  $3
 }
 CONF
+}
+nginx_conf "$work/backend" 1 "server { listen 127.0.0.1:$BACKEND; location / { return 200 \"ok\\n\"; } }"
+nginx_conf "$work/nginx" auto "server { listen 127.0.0.1:$NGINX; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx -p "$work/backend" -c "$work/backend/nginx.conf" & pids+=($!)
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
 
 cat > "$work/haproxy.cfg" <<CONF

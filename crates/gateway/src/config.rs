@@ -55,6 +55,9 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Bytes of request headers (names and values) accepted; more is 431. Default 16 KiB.
     pub max_header_bytes: usize,
+    /// Serving threads, each with its own single-threaded runtime and upstream pool,
+    /// accepting from the same socket; 0 means one per core. Default 0.
+    pub workers: usize,
 }
 
 impl Default for GatewayConfig {
@@ -74,6 +77,7 @@ impl Default for GatewayConfig {
             log_service: None,
             max_connections: 4096,
             max_header_bytes: 16 * 1024,
+            workers: 0,
         }
     }
 }
@@ -109,6 +113,20 @@ impl GatewayConfig {
                 self.retries
             ));
         }
+        if self.workers > 256 {
+            return Err(format!(
+                "workers: {} is more than the allowed 256",
+                self.workers
+            ));
+        }
         Ok(())
+    }
+
+    /// How many serving threads run: `workers`, or one per core when it is 0.
+    pub fn serving_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
     }
 }

@@ -25,11 +25,10 @@ pub(crate) struct Limited {
 }
 
 impl Limited {
-    pub(crate) fn new(listener: TcpListener, max_connections: usize) -> Self {
-        Self {
-            listener,
-            slots: Arc::new(Semaphore::new(max_connections.max(1))),
-        }
+    /// A listener taking one of `slots` per open connection; several listeners
+    /// sharing `slots` share the limit.
+    pub(crate) fn new(listener: TcpListener, slots: Arc<Semaphore>) -> Self {
+        Self { listener, slots }
     }
 }
 

@@ -46,18 +46,34 @@ struct Passive {
     ejected_until: Option<Instant>,
 }
 
-/// The gateway's shared state.
+/// What every serving thread of the gateway shares.
 #[derive(Debug)]
-pub(crate) struct Gateway {
+pub(crate) struct Shared {
     pub(crate) config: GatewayConfig,
     pub(crate) discovery: Discovery,
     /// Every service name the registry knows (passing or not): tells 404 from 503.
     pub(crate) known: RwLock<BTreeSet<String>>,
-    upstreams: Arc<Upstreams>,
     passive: Mutex<HashMap<String, Passive>>,
     pub(crate) stats: Stats,
     next_id: AtomicU64,
     access_log: Option<keel_log::Shipper>,
+}
+
+/// One serving thread's view of the gateway: the shared state, and its own pool of
+/// upstream connections, so that a request and its upstream connection are driven by
+/// the same thread.
+#[derive(Debug)]
+pub(crate) struct Gateway {
+    shared: Arc<Shared>,
+    upstreams: Arc<Upstreams>,
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 /// A gateway error: a status and a JSON body naming the service.
@@ -77,17 +93,29 @@ impl Gateway {
             .as_deref()
             .map(|url| keel_log::Shipper::new(url, "access", 8192));
         Self {
-            config,
-            discovery,
-            known: RwLock::default(),
+            shared: Arc::new(Shared {
+                config,
+                discovery,
+                known: RwLock::default(),
+                passive: Mutex::default(),
+                stats: Stats::default(),
+                next_id: AtomicU64::new(1),
+                access_log,
+            }),
             upstreams,
-            passive: Mutex::default(),
-            stats: Stats::default(),
-            next_id: AtomicU64::new(1),
-            access_log,
         }
     }
 
+    /// The view of another serving thread: the same shared state, its own pool.
+    pub(crate) fn for_another_thread(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            upstreams: Upstreams::new(self.config.connect_timeout),
+        }
+    }
+}
+
+impl Shared {
     fn policy(&self) -> Policy {
         match self.config.balance {
             Balance::RoundRobin => Policy::RoundRobin,
