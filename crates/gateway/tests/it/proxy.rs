@@ -452,3 +452,78 @@ async fn an_https_instance_should_get_a_clear_502() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A listener whose accept queue is full: connection attempts get no answer at all (the
+/// kernel drops their SYNs), as with a host that went away. Keep it and the returned
+/// connection alive while it is needed.
+fn unanswering() -> (tokio::net::TcpListener, std::net::TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    // Backlog 0 holds one connection; this fills it.
+    let filler = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    (listener, filler)
+}
+
+#[tokio::test]
+async fn an_unanswering_instance_should_fail_over_at_the_connect_timeout() {
+    let registry = registry().await;
+    let (hole, _filler) = unanswering();
+    let good = backend("good").await;
+    register(registry.addr, "svc", hole.local_addr().unwrap()).await;
+    register(registry.addr, "svc", good.running.addr).await;
+    let gateway = gateway(registry.addr, |config| {
+        config.connect_timeout = Duration::from_millis(200);
+        // Keep the hole in rotation, so that every other request meets it.
+        config.eject_after = 1000;
+    })
+    .await;
+    // Both were registered before the gateway started, so its first table has both.
+    until_routed(gateway.addr, "svc", 1).await;
+    let client = reqwest::Client::new();
+    for n in 0..4 {
+        let started = Instant::now();
+        let response = client
+            .get(format!("http://{}/svc/x", gateway.addr))
+            .send()
+            .await
+            .unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(response.status(), StatusCode::OK, "request {n}");
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "request {n} took {elapsed:?}"
+        );
+    }
+
+    // With only the unanswering instance: a prompt 502 naming the connect failure.
+    register(registry.addr, "alone", hole.local_addr().unwrap()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (response, elapsed) = loop {
+        let started = Instant::now();
+        let response = client
+            .get(format!("http://{}/alone/x", gateway.addr))
+            .send()
+            .await
+            .unwrap();
+        // 404 until the gateway's table has caught up with the registry.
+        if response.status() != StatusCode::NOT_FOUND {
+            break (response, started.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never learned of alone"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (status, code, message) = error_code(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_GATEWAY, "upstream_failed")
+    );
+    assert!(message.contains("connect"), "{message}");
+    assert!(
+        elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(2),
+        "{elapsed:?}"
+    );
+}
