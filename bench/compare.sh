@@ -104,8 +104,8 @@ systems=(
   "redis-everysec|redis|redis://127.0.0.1:$redis_everysec"
   "raw|raw|"
 )
-workloads_100=("produce:1" "produce:4" "produce:16" "batch:1" "batch:4" "consume:$CONSUME")
-workloads_1k=("produce:1" "batch:1" "consume:$CONSUME")
+workloads_100=("produce:1" "produce:4" "produce:16" "stream:1" "stream:4" "batch:1" "batch:4" "consume:$CONSUME")
+workloads_1k=("produce:1" "stream:1" "batch:1" "consume:$CONSUME")
 
 results="$work/results.jsonl"
 total=$(( REPS * (${#workloads_100[@]} + ${#workloads_1k[@]}) * ${#systems[@]} ))

@@ -4,13 +4,14 @@
 //!
 //! | system | acknowledged when | read with |
 //! | --- | --- | --- |
-//! | `keel` | after `fdatasync` (sync policy `always`) | `ConsumeBatchStream` |
+//! | `keel` | after `fdatasync` (sync policy `always`); streams over `ProduceStream` | `ConsumeBatchStream` |
 //! | `nats` | JetStream's publish ack (file storage; durability as the server is configured) | a pull consumer, no acks |
 //! | `redis` | `XADD`'s reply (durability as `appendfsync` is configured) | `XRANGE` pages of 1000 |
 //! | `raw` | `write` + `fdatasync` of a plain file, in this process: the physical limit | sequential `read` |
 //!
 //! Each run uses its own topic, subject or key, so runs never read each other's data.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,6 +26,8 @@ use crate::report::Outcome;
 
 /// Records written per batch, by the batch workload and to fill a topic for reading.
 pub(crate) const BATCH: usize = 1000;
+/// Unacknowledged records per producer in the stream workload.
+pub(crate) const WINDOW: usize = 1024;
 
 /// One connection's way of appending.
 pub(crate) trait Producer: Send + 'static {
@@ -35,6 +38,16 @@ pub(crate) trait Producer: Send + 'static {
         &mut self,
         values: &[Bytes],
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Appends `value` over and over until `deadline`, one record per message with up
+    /// to `window` unacknowledged, recording each acknowledgement's latency from its
+    /// send; answers how many were acknowledged.
+    fn produce_pipelined(
+        &mut self,
+        value: Bytes,
+        window: usize,
+        deadline: Instant,
+        latencies: &mut Histogram<u64>,
+    ) -> impl Future<Output = anyhow::Result<u64>> + Send;
 }
 
 /// A system under load.
@@ -54,6 +67,9 @@ pub(crate) enum Workload {
     Produce { producers: usize },
     /// `producers` connections, each appending batches of [`BATCH`].
     Batch { producers: usize },
+    /// `producers` connections, each pipelining single records with [`WINDOW`] in
+    /// flight (keel: ProduceStream; NATS: async publish; Redis: pipelined XADD).
+    Stream { producers: usize },
     /// Fill with `records` records, then time reading them all back.
     Consume { records: u64 },
 }
@@ -66,9 +82,10 @@ impl Workload {
         match kind {
             "produce" => Ok(Self::Produce { producers }),
             "batch" => Ok(Self::Batch { producers }),
+            "stream" => Ok(Self::Stream { producers }),
             "consume" => Ok(Self::Consume { records: n.max(1) }),
             _ => Err(format!(
-                "unknown workload {text:?}: produce:N, batch:N or consume:RECORDS"
+                "unknown workload {text:?}: produce:N, batch:N, stream:N or consume:RECORDS"
             )),
         }
     }
@@ -77,6 +94,9 @@ impl Workload {
         match self {
             Self::Produce { producers } => format!("produce, {producers} producer(s)"),
             Self::Batch { producers } => format!("batch of {BATCH}, {producers} producer(s)"),
+            Self::Stream { producers } => {
+                format!("stream, window {WINDOW}, {producers} producer(s)")
+            }
             Self::Consume { records } => format!("consume {records} records"),
         }
     }
@@ -141,6 +161,36 @@ pub(crate) async fn run<S: System>(
                 Some((&all, of)),
             ))
         }
+        Workload::Stream { producers } => {
+            let deadline = Instant::now() + duration;
+            let mut tasks = Vec::new();
+            for _ in 0..producers {
+                let mut producer = system.connect().await?;
+                let value = value.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = histogram()?;
+                    let acked = producer
+                        .produce_pipelined(value, WINDOW, deadline, &mut latencies)
+                        .await?;
+                    anyhow::Ok((acked, latencies))
+                }));
+            }
+            let started = Instant::now();
+            let (mut records, mut all) = (0, histogram()?);
+            for task in tasks {
+                let (acked, latencies) = task.await??;
+                records += acked;
+                all.add(latencies)?;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            Ok(Outcome::new(
+                workload.name(),
+                records,
+                record_bytes,
+                seconds,
+                Some((&all, "ack")),
+            ))
+        }
         Workload::Consume { records } => {
             let mut producer = system.connect().await?;
             let mut written = 0;
@@ -191,6 +241,66 @@ impl Producer for KeelProducer {
             .produce_batch(&self.topic, values.to_vec())
             .await?;
         Ok(())
+    }
+
+    async fn produce_pipelined(
+        &mut self,
+        value: Bytes,
+        window: usize,
+        deadline: Instant,
+        latencies: &mut Histogram<u64>,
+    ) -> anyhow::Result<u64> {
+        use keel_proto::log::v1 as wire;
+        let (requests, outgoing) = tokio::sync::mpsc::channel::<wire::ProduceRequest>(window);
+        let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+        let room = Arc::new(tokio::sync::Semaphore::new(window));
+        let sender = {
+            let (sent_at, room, topic) =
+                (Arc::clone(&sent_at), Arc::clone(&room), self.topic.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let Ok(permit) = room.acquire().await else {
+                        break;
+                    };
+                    permit.forget();
+                    let request = wire::ProduceRequest {
+                        record: Some(wire::Record {
+                            value: value.clone(),
+                            ..Default::default()
+                        }),
+                        topic: topic.clone(),
+                    };
+                    sent_at
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push_back(Instant::now());
+                    if requests.send(request).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let mut responses = self
+            .client
+            .grpc()
+            .produce_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        let mut acked = 0;
+        while let Some(response) = responses.next().await {
+            response?;
+            let sent = sent_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
+            if let Some(sent) = sent {
+                latencies.record(micros(sent.elapsed()))?;
+            }
+            acked += 1;
+            room.add_permits(1);
+        }
+        sender.await?;
+        Ok(acked)
     }
 }
 
@@ -285,6 +395,36 @@ impl Producer for NatsProducer {
         }
         Ok(())
     }
+
+    async fn produce_pipelined(
+        &mut self,
+        value: Bytes,
+        window: usize,
+        deadline: Instant,
+        latencies: &mut Histogram<u64>,
+    ) -> anyhow::Result<u64> {
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        let mut acked = 0;
+        loop {
+            if Instant::now() < deadline && in_flight.len() < window {
+                let sent = Instant::now();
+                let ack = self
+                    .context
+                    .publish(self.subject.clone(), value.clone())
+                    .await
+                    .map_err(|err| anyhow::anyhow!("publish: {err}"))?;
+                in_flight.push_back(async move { (ack.await, sent) });
+                continue;
+            }
+            let Some((ack, sent)) = in_flight.next().await else {
+                break;
+            };
+            ack.map_err(|err| anyhow::anyhow!("publish ack: {err}"))?;
+            latencies.record(micros(sent.elapsed()))?;
+            acked += 1;
+        }
+        Ok(acked)
+    }
 }
 
 impl System for Nats {
@@ -378,6 +518,43 @@ impl Producer for RedisProducer {
         let () = pipe.query_async(&mut self.connection).await?;
         Ok(())
     }
+
+    async fn produce_pipelined(
+        &mut self,
+        value: Bytes,
+        window: usize,
+        deadline: Instant,
+        latencies: &mut Histogram<u64>,
+    ) -> anyhow::Result<u64> {
+        // The multiplexed connection pipelines concurrent commands on one socket.
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut acked = 0;
+        loop {
+            if Instant::now() < deadline && in_flight.len() < window {
+                let mut connection = self.connection.clone();
+                let (key, value) = (self.key.clone(), value.clone());
+                let sent = Instant::now();
+                in_flight.push(async move {
+                    let added: redis::RedisResult<String> = redis::cmd("XADD")
+                        .arg(&key)
+                        .arg("*")
+                        .arg("v")
+                        .arg(value.as_ref())
+                        .query_async(&mut connection)
+                        .await;
+                    (added, sent)
+                });
+                continue;
+            }
+            let Some((added, sent)) = in_flight.next().await else {
+                break;
+            };
+            added?;
+            latencies.record(micros(sent.elapsed()))?;
+            acked += 1;
+        }
+        Ok(acked)
+    }
 }
 
 impl System for Redis {
@@ -468,6 +645,27 @@ impl Producer for RawProducer {
     async fn produce_batch(&mut self, values: &[Bytes]) -> anyhow::Result<()> {
         self.write(values.to_vec()).await
     }
+
+    /// The disk's limit for a window of single records: each sync covers every record
+    /// that arrived while the previous one ran, which here is the whole window.
+    async fn produce_pipelined(
+        &mut self,
+        value: Bytes,
+        window: usize,
+        deadline: Instant,
+        latencies: &mut Histogram<u64>,
+    ) -> anyhow::Result<u64> {
+        let values: Vec<Bytes> = (0..window).map(|_| value.clone()).collect();
+        let mut acked = 0;
+        while Instant::now() < deadline {
+            let sent = Instant::now();
+            self.write(values.clone()).await?;
+            let latency = micros(sent.elapsed());
+            latencies.record_n(latency, window as u64)?;
+            acked += window as u64;
+        }
+        Ok(acked)
+    }
 }
 
 impl System for Raw {
@@ -515,6 +713,10 @@ mod tests {
         assert!(matches!(
             Workload::parse("consume:5000"),
             Ok(Workload::Consume { records: 5000 })
+        ));
+        assert!(matches!(
+            Workload::parse("stream:4"),
+            Ok(Workload::Stream { producers: 4 })
         ));
         assert!(Workload::parse("fly:1").is_err());
         assert!(Workload::parse("produce:x").is_err());

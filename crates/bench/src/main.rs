@@ -105,7 +105,7 @@ enum Scenario {
         /// Where the system listens.
         #[arg(long, default_value = "")]
         url: String,
-        /// produce:PRODUCERS, batch:PRODUCERS or consume:RECORDS.
+        /// produce:PRODUCERS, stream:PRODUCERS, batch:PRODUCERS or consume:RECORDS.
         #[arg(long, value_parser = compare::Workload::parse)]
         workload: compare::Workload,
         /// Names this run's topic, stream or key, so runs never share data.
