@@ -29,8 +29,8 @@ fi
 
 echo "== building keel and keel-bench (release)"
 cargo build --release --locked -q -p keel -p keel-bench
-KEEL=target/release/keel
-BENCH=target/release/keel-bench
+KEEL=${CARGO_TARGET_DIR:-target}/release/keel
+BENCH=${CARGO_TARGET_DIR:-target}/release/keel-bench
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/keel-compare.XXXXXX")
 pids=()

@@ -70,10 +70,10 @@ backend back
 CONF
 haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
 
-./target/release/keel registry serve --addr 127.0.0.1:0 --check-interval 1h > "$work/registry.out" 2>/dev/null & pids+=($!)
+"${CARGO_TARGET_DIR:-target}/release/keel" registry serve --addr 127.0.0.1:0 --check-interval 1h > "$work/registry.out" 2>/dev/null & pids+=($!)
 for _ in $(seq 100); do grep -q listening "$work/registry.out" 2>/dev/null && break; sleep 0.1; done
 REGISTRY=$(grep -o '127.0.0.1:[0-9]*' "$work/registry.out" | head -1)
-./target/release/keel gateway serve --addr 127.0.0.1:0 --registry "http://$REGISTRY" > "$work/gateway.out" 2>/dev/null & pids+=($!)
+"${CARGO_TARGET_DIR:-target}/release/keel" gateway serve --addr 127.0.0.1:0 --registry "http://$REGISTRY" > "$work/gateway.out" 2>/dev/null & pids+=($!)
 for _ in $(seq 100); do grep -q listening "$work/gateway.out" 2>/dev/null && break; sleep 0.1; done
 GATEWAY=$(grep -o '127.0.0.1:[0-9]*' "$work/gateway.out" | head -1)
 curl -s -X POST "http://$REGISTRY/services" -d "{\"name\":\"bench\",\"addr\":\"127.0.0.1:$BACKEND\"}" >/dev/null
