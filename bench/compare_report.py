@@ -18,7 +18,7 @@ DURABILITY = {
     "keel": "ack after fdatasync (sync always)",
     "redis-always": "appendonly, appendfsync always",
     "redis-everysec": "appendonly, appendfsync everysec (up to 1 s of acks lost on a crash)",
-    "raw": "write + fdatasync per ack, one file, one writer at a time, no network",
+    "raw": "write + fdatasync per ack (per window of 1024 in the stream rows, per batch in the batch rows), one file, one writer at a time, no network",
 }
 ORDER = ["keel", "nats", "redis-always", "redis-everysec", "raw"]
 
