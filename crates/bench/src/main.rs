@@ -143,6 +143,14 @@ fn main() -> anyhow::Result<()> {
             "system": label.as_deref().unwrap_or(system),
             "workload": workload.name(),
             "record_bytes": common.record_bytes,
+            "parameters": {
+                "duration_s": common.duration.as_secs_f64(),
+                "batch": compare::BATCH,
+                "window": compare::WINDOW,
+                "url": url,
+                "run": run,
+            },
+            "machine": report::Machine::read(),
             "result": outcome,
         });
         println!("{line}");

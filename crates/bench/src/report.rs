@@ -51,6 +51,8 @@ pub(crate) struct Machine {
     cores: usize,
     memory: String,
     cpu: String,
+    /// The file system and device of the temp dir, where the services keep data.
+    disk: String,
 }
 
 impl Machine {
@@ -79,8 +81,25 @@ impl Machine {
             cores: std::thread::available_parallelism().map_or(0, usize::from),
             memory,
             cpu,
+            disk: disk_of(&std::env::temp_dir()),
         }
     }
+}
+
+/// `ext4 on /dev/vda1`: the mount holding `path`, from /proc/self/mounts.
+fn disk_of(path: &std::path::Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (device, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            path.starts_with(point)
+                .then(|| (point.len(), format!("{kind} on {device}")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map_or_else(|| "unknown".into(), |(_, disk)| disk)
 }
 
 fn micros(value: Option<u64>) -> String {
@@ -96,8 +115,8 @@ pub(crate) fn table(outcomes: &[Outcome], machine: &Machine, sync: &str) -> Stri
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "machine: {} cores, {} memory, {}; service sync policy: {sync}\n",
-        machine.cores, machine.memory, machine.cpu
+        "machine: {} cores, {} memory, {}, {}; service sync policy: {sync}\n",
+        machine.cores, machine.memory, machine.cpu, machine.disk
     );
     let _ = writeln!(
         out,
