@@ -39,6 +39,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A part that ran this long before exiting is restarted without delay growth.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// Failed restarts in a row after which a part is given up.
+const MAX_FAILED_STARTS: u32 = 5;
 /// The most instances of one demo.
 const MAX_INSTANCES: usize = 16;
 
@@ -138,6 +140,8 @@ struct Running {
     child: Child,
     _stdin: Option<ChildStdin>,
     bound: Bound,
+    /// It kept failing to start and is no longer restarted.
+    given_up: bool,
 }
 
 /// Runs `keel up` until `shutdown` completes.
@@ -396,6 +400,7 @@ impl Starter {
             child,
             _stdin: stdin,
             bound,
+            given_up: false,
         })
     }
 
@@ -504,7 +509,8 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// Watches one part: when it exits, reports it and starts it again (same address)
-/// with backoff, until `stop`. Returns the part as it runs then.
+/// with backoff, until `stop`; after [`MAX_FAILED_STARTS`] failed starts in a row it
+/// gives the part up and says so. Returns the part as it is then.
 async fn supervise(
     spec: Spec,
     mut running: Running,
@@ -527,6 +533,7 @@ async fn supervise(
             spec.label,
             spec.log_file.display()
         );
+        let mut failed_starts = 0;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -545,10 +552,22 @@ async fn supervise(
                     eprintln!("keel up: {} restarted (pid {pid})", spec.label);
                     break;
                 }
-                Err(err) => eprintln!(
-                    "keel up: restarting {} failed: {err:#}; next try in {backoff:?}",
-                    spec.label
-                ),
+                Err(err) => {
+                    failed_starts += 1;
+                    if failed_starts >= MAX_FAILED_STARTS {
+                        eprintln!(
+                            "keel up: {} failed to start {failed_starts} times in a row ({err:#}); giving up on it. The other parts keep running",
+                            spec.label
+                        );
+                        running.given_up = true;
+                        stop.cancelled().await;
+                        return (spec, running);
+                    }
+                    eprintln!(
+                        "keel up: restarting {} failed: {err:#}; next try in {backoff:?}",
+                        spec.label
+                    );
+                }
             }
         }
     }
@@ -579,8 +598,15 @@ async fn stop_all(mut parts: Vec<(Spec, Running)>, grace: Duration) -> bool {
 
 async fn stop_one(spec: &Spec, running: &mut Running, grace: Duration) -> bool {
     if let Ok(Some(_)) = running.child.try_wait() {
-        // Its exit was reported when it happened; it was waiting to be restarted.
-        eprintln!("keel up: {} was not running", spec.label);
+        // Its exit was reported when it happened.
+        if running.given_up {
+            eprintln!("keel up: {} was given up earlier", spec.label);
+            return false;
+        }
+        eprintln!(
+            "keel up: {} was not running (waiting to be restarted)",
+            spec.label
+        );
         return true;
     }
     let terminated = running

@@ -502,3 +502,39 @@ async fn parts_should_not_outlive_a_killed_keel_up() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_that_cannot_start_again_should_be_given_up_and_reported() {
+    let mut up = Up::start(&[]);
+    let visit = up.url("visit#1").trim_start_matches("http://").to_owned();
+    signal(up.pid("visit#1"), rustix::process::Signal::KILL);
+    // Take its address as soon as the kernel frees it: every restart then fails.
+    let _squatter = eventually(Duration::from_secs(10), "visit's port is free", || {
+        let taken = std::net::TcpListener::bind(&visit).ok();
+        async move { taken }
+    })
+    .await;
+    up.stderr_line(
+        "visit#1 failed to start 5 times in a row",
+        Duration::from_secs(60),
+    );
+
+    // The rest keeps running.
+    let students = reqwest::get(format!("{}/grading/students", up.url("gateway")))
+        .await
+        .unwrap();
+    assert_eq!(students.status(), reqwest::StatusCode::OK);
+
+    // Ctrl-C still stops everything, and the exit code says a part was lost.
+    signal(up.child.id(), rustix::process::Signal::INT);
+    up.stderr_line("visit#1 was given up earlier", Duration::from_secs(30));
+    let limit = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = up.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < limit, "keel up did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(70));
+}
