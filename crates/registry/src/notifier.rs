@@ -58,6 +58,8 @@ pub(crate) struct Notifier {
     timeout: Duration,
     retries: u32,
     queue_depth: usize,
+    /// How long an idle worker waits before it stops ([`IDLE`]).
+    idle: Duration,
     pub(crate) stats: Arc<NotifierStats>,
 }
 
@@ -74,6 +76,7 @@ impl Notifier {
             timeout,
             retries,
             queue_depth,
+            idle: IDLE,
             stats: Arc::default(),
         }
     }
@@ -95,7 +98,7 @@ impl Notifier {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                match tokio::time::timeout(IDLE, rx.recv()).await {
+                match tokio::time::timeout(this.idle, rx.recv()).await {
                     Ok(Some(delivery)) => this.send_with_retries(&delivery).await,
                     Ok(None) => break,
                     Err(_) => {
@@ -148,5 +151,66 @@ impl Notifier {
             service = delivery.instance.name,
             "could not notify a dependent; giving up on this notification"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::state::Health;
+
+    fn instance() -> Instance {
+        Instance {
+            id: "127.0.0.1:9".into(),
+            name: "log".into(),
+            url: "http://127.0.0.1:9".into(),
+            required_services: Vec::new(),
+            update_url: None,
+            heartbeat_url: None,
+            meta: BTreeMap::new(),
+            health: Health::Passing,
+            registered_at_ms: 0,
+            critical_since_ms: None,
+            ttl_ms: None,
+            last_seen_ms: 0,
+        }
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(Instant::now() < deadline, "{what}: not within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_workers_should_leave_and_come_back_when_needed() {
+        let mut notifier = Notifier::new(reqwest::Client::new(), Duration::from_millis(200), 0, 8);
+        notifier.idle = Duration::from_millis(100);
+        let queues = |n: &Notifier| n.queues.lock().unwrap().len();
+        // Port 1 on loopback refuses at once: each delivery fails quickly.
+        let url = "http://127.0.0.1:1/services".to_owned();
+        let event = Event::Available(instance());
+
+        notifier.deliver(Delivery::new(url.clone(), &event));
+        assert_eq!(queues(&notifier), 1);
+        until("the first delivery", || {
+            notifier.stats.failed.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        until("the idle worker leaves", || queues(&notifier) == 0).await;
+
+        // A later delivery to the same dependent starts a new worker and is sent.
+        notifier.deliver(Delivery::new(url, &event));
+        assert_eq!(queues(&notifier), 1);
+        until("the second delivery", || {
+            notifier.stats.failed.load(Ordering::Relaxed) == 2
+        })
+        .await;
+        until("the second worker leaves", || queues(&notifier) == 0).await;
     }
 }
