@@ -656,32 +656,35 @@ fn table(parts: &[(Spec, Running)], data_dir: &Path) -> String {
         url_of(Kind::Log),
     );
     let mut out = format!(
-        "keel is up: {} parts, data in {} (each part's log in {})\n\n  {:<12} {:<8} {:<26} {}\n",
+        "keel is up: {} parts, data in {} (each part's log in {})\n\n  {:<12} {:<8} {:<21} {}\n",
         parts.len(),
         data_dir.display(),
         data_dir.join("up-logs").display(),
         "PART",
         "PID",
         "ADDRESS",
-        "NOTE"
+        "TRY"
     );
     for (spec, running) in parts {
-        let note = match spec.kind {
-            Kind::Registry => "service table: /v1/services".to_owned(),
-            Kind::Log => "gRPC log.v1.Log and HTTP".to_owned(),
+        let addr = running.bound.addr;
+        // A URL that answers on this very part.
+        let try_url = match spec.kind {
+            Kind::Registry => format!("http://{addr}/v1/services"),
+            Kind::Log => format!("http://{addr}/v1/topics   (and gRPC log.v1.Log)"),
             Kind::Gateway => running
                 .bound
                 .admin
-                .map(|a| format!("admin: http://{a}/metrics"))
+                .map(|a| format!("http://{a}/metrics   (admin)"))
                 .unwrap_or_default(),
-            Kind::Demo(demo) => format!("via the gateway: http://{gateway}/{}/", demo.name()),
+            Kind::Demo(Demo::Grading) => format!("http://{addr}/students"),
+            Kind::Demo(Demo::Visit | Demo::Portal) => format!("http://{addr}/"),
         };
         let _ = writeln!(
             out,
-            "  {:<12} {:<8} {:<26} {note}",
+            "  {:<12} {:<8} {:<21} {try_url}",
             spec.label,
             running.child.id().unwrap_or_default(),
-            format!("http://{}", running.bound.addr),
+            addr.to_string(),
         );
     }
     let _ = write!(

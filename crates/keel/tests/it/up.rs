@@ -18,6 +18,8 @@ struct Up {
     child: Child,
     /// label -> (pid, base URL), from the printed table.
     parts: BTreeMap<String, (u32, String)>,
+    /// Every URL keel up printed (the table and the ones to try).
+    urls: BTreeSet<String>,
     stderr: mpsc::Receiver<String>,
     _data: tempfile::TempDir,
 }
@@ -60,6 +62,7 @@ impl Up {
             }
         });
         let mut parts = BTreeMap::new();
+        let mut urls = BTreeSet::new();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -67,18 +70,25 @@ impl Up {
             if line.starts_with("Ctrl-C stops everything") {
                 break;
             }
-            // "  visit#1      1234     http://127.0.0.1:5678     note"
+            urls.extend(
+                line.split_whitespace()
+                    .map(|word| word.trim_matches(|c| c == '\'' || c == ','))
+                    .filter(|word| word.starts_with("http://"))
+                    .map(str::to_owned),
+            );
+            // "  visit#1      1234     127.0.0.1:5678        http://127.0.0.1:5678/"
             let words: Vec<&str> = line.split_whitespace().collect();
-            if let [label, pid, url, ..] = words[..]
-                && url.starts_with("http://")
+            if let [label, pid, addr, ..] = words[..]
                 && let Ok(pid) = pid.parse::<u32>()
+                && let Ok(addr) = addr.parse::<std::net::SocketAddr>()
             {
-                parts.insert(label.to_owned(), (pid, url.to_owned()));
+                parts.insert(label.to_owned(), (pid, format!("http://{addr}")));
             }
         }
         Self {
             child,
             parts,
+            urls,
             stderr: stderr_rx,
             _data: data,
         }
@@ -152,6 +162,20 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
     }
     let gateway = up.url("gateway").to_owned();
     let http = reqwest::Client::new();
+
+    // Every URL it printed answers (the gateway's routes once its table is current).
+    assert!(up.urls.len() >= 10, "{:?}", up.urls);
+    for url in up.urls.clone() {
+        let (http, what) = (http.clone(), format!("GET {url} answers 200"));
+        eventually(Duration::from_secs(10), &what, || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let response = http.get(&url).send().await.ok()?;
+                response.status().is_success().then_some(())
+            }
+        })
+        .await;
+    }
 
     // Visits count up, shared by both instances, through the gateway.
     let visit = |http: reqwest::Client, url: String| async move {
