@@ -126,6 +126,31 @@ pub async fn run(
         .map_err(|err| DemoError::Start(err.to_string()))
 }
 
+/// The base URL of an available instance of `service`, from discovery.
+fn pick_url(discovery: &keel_sdk::Discovery, service: &str) -> Result<String, DemoError> {
+    discovery
+        .pick(service, keel_sdk::Policy::RoundRobin)
+        .map(|picked| picked.url.clone())
+        .ok_or_else(|| DemoError::Unavailable(format!("no {service} instance is available")))
+}
+
+/// Sends `request` and reads its JSON answer; any failure (unreachable, an error
+/// status, a body of the wrong shape) is [`DemoError::Unavailable`] naming `source`.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    request: reqwest::RequestBuilder,
+    source: &str,
+) -> Result<T, DemoError> {
+    let failed = |err: reqwest::Error| DemoError::Unavailable(format!("{source} failed: {err}"));
+    request
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(failed)?
+        .json()
+        .await
+        .map_err(failed)
+}
+
 /// Why a demo failed: at start, or one request (answered as JSON with a status).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

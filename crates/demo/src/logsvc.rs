@@ -2,16 +2,20 @@
 //! HTTP/JSON (docs/api/log.md).
 
 use bytes::Bytes;
-use keel_sdk::{Discovery, Policy};
+use keel_sdk::{Discovery, Shipper};
 use serde::Deserialize;
 
-use crate::DemoError;
+use crate::{DemoError, get_json, pick_url};
+
+/// Log lines that may wait to be shipped; more are dropped and counted.
+const LINE_BUFFER: usize = 4096;
 
 /// The log service, wherever discovery says it runs.
 #[derive(Debug, Clone)]
 pub struct LogService {
     discovery: Discovery,
     http: reqwest::Client,
+    lines: Shipper,
 }
 
 /// One record of a topic, as text.
@@ -49,17 +53,27 @@ struct Records {
 }
 
 impl LogService {
-    /// The log service found through `discovery`, called with `http`.
+    /// The log service found through `discovery`, called with `http`. Must be called
+    /// within a tokio runtime (it starts the line shipper).
     pub fn new(discovery: Discovery, http: reqwest::Client) -> Self {
-        Self { discovery, http }
+        let lines = {
+            let discovery = discovery.clone();
+            Shipper::resolving(
+                move || pick_url(&discovery, "log").ok(),
+                "logs",
+                LINE_BUFFER,
+            )
+        };
+        Self {
+            discovery,
+            http,
+            lines,
+        }
     }
 
     /// The base URL of a log service instance.
     fn base(&self) -> Result<String, DemoError> {
-        self.discovery
-            .pick("log", Policy::RoundRobin)
-            .map(|picked| picked.url.clone())
-            .ok_or_else(|| DemoError::Unavailable("no log service instance is available".into()))
+        pick_url(&self.discovery, "log")
     }
 
     /// Appends `value` to `topic` and returns its offset, once the log service has
@@ -89,25 +103,10 @@ impl LogService {
         Ok(appended.first_offset)
     }
 
-    /// Sends `line` to the log sink (the `logs` topic) in the background; a failure
-    /// is only logged locally, never delays the caller.
+    /// Sends `line` to the `logs` topic in the background, batched with others; never
+    /// waits, and a full buffer drops the line (and counts it).
     pub fn line(&self, line: String) {
-        let base = match self.base() {
-            Ok(base) => base,
-            Err(err) => {
-                tracing::warn!(%err, line, "log line not shipped");
-                return;
-            }
-        };
-        let http = self.http.clone();
-        tokio::spawn(async move {
-            let sent = http.post(format!("{base}/log")).body(line).send().await;
-            match sent {
-                Ok(response) if response.status().is_success() => {}
-                Ok(response) => tracing::warn!(status = %response.status(), "log line refused"),
-                Err(err) => tracing::warn!(%err, "log line not shipped"),
-            }
-        });
+        self.lines.ship(line);
     }
 
     /// The last `count` records of `topic` (fewer if it is shorter; none if it does
@@ -118,19 +117,8 @@ impl LogService {
     /// [`DemoError::Unavailable`] when the log service cannot be reached.
     pub async fn last(&self, topic: &str, count: u64) -> Result<Vec<LogLine>, DemoError> {
         let base = self.base()?;
-        let failed = |err: reqwest::Error| {
-            DemoError::Unavailable(format!("reading the log service failed: {err}"))
-        };
-        let topics: Topics = self
-            .http
-            .get(format!("{base}/v1/topics"))
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(failed)?
-            .json()
-            .await
-            .map_err(failed)?;
+        let source = "reading the log service";
+        let topics: Topics = get_json(self.http.get(format!("{base}/v1/topics")), source).await?;
         let Some(info) = topics.topics.iter().find(|t| t.name == topic) else {
             return Ok(Vec::new());
         };
@@ -139,18 +127,8 @@ impl LogService {
             .next_offset
             .saturating_sub(count)
             .max(info.lowest_offset);
-        let records: Records = self
-            .http
-            .get(format!(
-                "{base}/v1/topics/{topic}/records?from={from}&max={count}"
-            ))
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(failed)?
-            .json()
-            .await
-            .map_err(failed)?;
+        let url = format!("{base}/v1/topics/{topic}/records?from={from}&max={count}");
+        let records: Records = get_json(self.http.get(url), source).await?;
         Ok(records.records)
     }
 }

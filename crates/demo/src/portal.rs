@@ -16,14 +16,13 @@ use axum::extract::{Form, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use keel_sdk::{Discovery, Policy};
-use serde::Deserialize;
+use keel_sdk::{Discovery, RegistryClient, WatchedInstance};
 use serde_json::json;
 
 use crate::grading::{KINDS, Student};
 use crate::html::escape;
 use crate::logsvc::LogLine;
-use crate::{DemoError, LogService};
+use crate::{DemoError, LogService, get_json, pick_url};
 
 /// How many lines of the `logs` topic the page shows.
 pub const LOG_LINES: u64 = 50;
@@ -35,7 +34,7 @@ const SOURCE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Portal {
     discovery: Discovery,
     http: reqwest::Client,
-    registry: String,
+    registry: RegistryClient,
     logs: LogService,
 }
 
@@ -49,48 +48,23 @@ impl Portal {
     ) -> Self {
         Self {
             discovery,
+            registry: RegistryClient::new(registry, http.clone()),
             http,
-            registry: registry.trim_end_matches('/').to_owned(),
             logs,
         }
     }
 
-    fn grading(&self) -> Result<String, DemoError> {
-        self.discovery
-            .pick("grading", Policy::RoundRobin)
-            .map(|picked| picked.url.clone())
-            .ok_or_else(|| DemoError::Unavailable("no grading instance is available".into()))
-    }
-
     async fn students(&self) -> Result<Vec<Student>, DemoError> {
-        let grading = self.grading()?;
-        let failed = |err: reqwest::Error| DemoError::Unavailable(format!("grading failed: {err}"));
-        self.http
-            .get(format!("{grading}/students"))
-            .timeout(SOURCE_TIMEOUT)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(failed)?
-            .json()
-            .await
-            .map_err(failed)
+        let grading = pick_url(&self.discovery, "grading")?;
+        let request = self.http.get(format!("{grading}/students"));
+        get_json(request.timeout(SOURCE_TIMEOUT), "grading").await
     }
 
-    async fn instances(&self) -> Result<Vec<InstanceView>, DemoError> {
-        let failed =
-            |err: reqwest::Error| DemoError::Unavailable(format!("the registry failed: {err}"));
-        let table: ServicesView = self
-            .http
-            .get(format!("{}/v1/services", self.registry))
-            .timeout(SOURCE_TIMEOUT)
-            .send()
+    async fn instances(&self) -> Result<Vec<WatchedInstance>, DemoError> {
+        let table = tokio::time::timeout(SOURCE_TIMEOUT, self.registry.services())
             .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(failed)?
-            .json()
-            .await
-            .map_err(failed)?;
+            .unwrap_or_else(|_| Err("timed out".into()))
+            .map_err(|err| DemoError::Unavailable(format!("the registry failed: {err}")))?;
         let mut instances = table.instances;
         instances.sort_by(|a, b| (&a.name, &a.url).cmp(&(&b.name, &b.url)));
         Ok(instances)
@@ -101,18 +75,6 @@ impl Portal {
             .await
             .unwrap_or_else(|_| Err(DemoError::Unavailable("the log service timed out".into())))
     }
-}
-
-#[derive(Deserialize)]
-struct ServicesView {
-    instances: Vec<InstanceView>,
-}
-
-#[derive(Deserialize)]
-struct InstanceView {
-    name: String,
-    url: String,
-    health: String,
 }
 
 /// The portal's routes.
@@ -200,9 +162,8 @@ async fn post_grade(portal: &Portal, draft: &Draft) -> Result<String, (StatusCod
         .trim()
         .parse::<f64>()
         .map_or_else(|_| json!(draft.score), |n| json!(n));
-    let grading = portal
-        .grading()
-        .map_err(|err| unavailable(err.to_string()))?;
+    let grading =
+        pick_url(&portal.discovery, "grading").map_err(|err| unavailable(err.to_string()))?;
     let response = portal
         .http
         .post(format!("{grading}/students/{id}/grades"))
@@ -213,14 +174,13 @@ async fn post_grade(portal: &Portal, draft: &Draft) -> Result<String, (StatusCod
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     if status.is_success() {
-        let name = match portal.students().await {
-            Ok(students) => students
-                .into_iter()
-                .find(|s| s.id == id)
-                .map(|s| format!("{} {}", s.first_name, s.last_name)),
-            Err(_) => None,
+        // Only for the message: the grade is in, whatever this answers.
+        let student = portal.http.get(format!("{grading}/students/{id}"));
+        let name = match get_json::<Student>(student.timeout(SOURCE_TIMEOUT), "grading").await {
+            Ok(s) => format!("{} {}", s.first_name, s.last_name),
+            Err(_) => format!("student {id}"),
         };
-        return Ok(name.unwrap_or_else(|| format!("student {id}")));
+        return Ok(name);
     }
     let message = body["error"]["message"]
         .as_str()
@@ -407,7 +367,7 @@ fn grade_form(page: &mut String, prefix: &str, students: &[Student], draft: &Dra
     );
 }
 
-fn services_table(page: &mut String, instances: &[InstanceView]) {
+fn services_table(page: &mut String, instances: &[WatchedInstance]) {
     page.push_str(
         r#"<table id="services"><thead><tr><th>Service</th><th>Instance</th><th>Health</th></tr></thead><tbody>"#,
     );

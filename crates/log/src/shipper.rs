@@ -47,13 +47,26 @@ impl Shipper {
     /// `http://127.0.0.1:20002`) through a buffer of `capacity` lines. Must be called
     /// within a tokio runtime.
     pub fn new(log_url: &str, topic: &str, capacity: usize) -> Self {
+        let log_url = log_url.to_owned();
+        Self::resolving(move || Some(log_url.clone()), topic, capacity)
+    }
+
+    /// Like [`Shipper::new`], but the log service's base URL is asked of `resolve`
+    /// for each batch (through discovery, say); while it answers `None`, lines are
+    /// dropped and counted. Must be called within a tokio runtime.
+    pub fn resolving(
+        resolve: impl Fn() -> Option<String> + Send + 'static,
+        topic: &str,
+        capacity: usize,
+    ) -> Self {
         let (lines, queue) = mpsc::channel(capacity.max(1));
         let stats = ShipperStats::default();
-        let endpoint = format!(
-            "{}/v1/topics/{topic}/records",
-            log_url.trim_end_matches('/')
-        );
-        tokio::spawn(send_batches(queue, endpoint, stats.clone()));
+        tokio::spawn(send_batches(
+            queue,
+            resolve,
+            topic.to_owned(),
+            stats.clone(),
+        ));
         Self { lines, stats }
     }
 
@@ -70,14 +83,21 @@ impl Shipper {
     }
 }
 
-async fn send_batches(mut queue: mpsc::Receiver<String>, endpoint: String, stats: ShipperStats) {
+async fn send_batches(
+    mut queue: mpsc::Receiver<String>,
+    resolve: impl Fn() -> Option<String>,
+    topic: String,
+    stats: ShipperStats,
+) {
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
     {
         Ok(client) => client,
         Err(err) => {
-            eprintln!("line shipping to {endpoint} disabled: cannot build an HTTP client: {err}");
+            eprintln!(
+                "line shipping to topic {topic} disabled: cannot build an HTTP client: {err}"
+            );
             return;
         }
     };
@@ -95,13 +115,20 @@ async fn send_batches(mut queue: mpsc::Receiver<String>, endpoint: String, stats
             .iter()
             .map(|line| serde_json::json!({"value": base64::engine::general_purpose::STANDARD.encode(line)}))
             .collect();
-        let sent = client
-            .post(&endpoint)
-            .json(&serde_json::json!({"records": records}))
-            .send()
-            .await;
+        let sent = match resolve() {
+            Some(base) => {
+                let endpoint = format!("{}/v1/topics/{topic}/records", base.trim_end_matches('/'));
+                client
+                    .post(endpoint)
+                    .json(&serde_json::json!({"records": records}))
+                    .send()
+                    .await
+                    .ok()
+            }
+            None => None,
+        };
         match sent {
-            Ok(response) if response.status().is_success() => {
+            Some(response) if response.status().is_success() => {
                 stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 reported = dropped;
             }
@@ -114,5 +141,24 @@ async fn send_batches(mut queue: mpsc::Receiver<String>, endpoint: String, stats
             }
         }
         batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_should_be_dropped_and_counted_while_no_log_service_is_known() {
+        let shipper = Shipper::resolving(|| None, "logs", 16);
+        for n in 0..3 {
+            shipper.ship(format!("line {n}"));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shipper.stats().dropped() < 3 {
+            assert!(std::time::Instant::now() < deadline, "lines not counted as dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(shipper.stats().sent(), 0);
     }
 }

@@ -1,7 +1,7 @@
 //! Talking to the registry from elsewhere: the SDK and the gateway.
 //!
 //! [`Discovery`] is a local table of instances, answered without a registry round
-//! trip; [`RegistryClient`] registers, deregisters and watches; [`follow`] keeps a
+//! trip; [`RegistryClient`] registers, deregisters, lists and watches; [`follow`] keeps a
 //! `Discovery` current from the registry's blocking watch.
 
 mod discovery;
@@ -127,6 +127,24 @@ impl RegistryClient {
         } else {
             Err(format!("deregistration refused: {}", response.status()))
         }
+    }
+
+    /// Every instance the registry knows, with its health (`GET /v1/services`).
+    ///
+    /// # Errors
+    ///
+    /// A message when the registry cannot be reached, refuses, or answers nonsense.
+    pub async fn services(&self) -> Result<Snapshot, String> {
+        self.http
+            .get(format!("{}/v1/services", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|err| err.to_string())?
+            .json()
+            .await
+            .map_err(|err| err.to_string())
     }
 
     /// A blocking watch: the registry's state once its index is past `index`, or after

@@ -16,7 +16,10 @@
 mod logship;
 mod runner;
 
-pub use keel_registry::client::{Discovery, Picked, Policy, ServiceInstance};
+pub use keel_log::Shipper;
+pub use keel_registry::client::{
+    Discovery, Picked, Policy, RegistryClient, ServiceInstance, Snapshot, WatchedInstance,
+};
 pub use logship::{LogLayer, LogShipping, log_shipping};
 pub use runner::{Service, ServiceConfig, ServiceError, stay_registered};
 
