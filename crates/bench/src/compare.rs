@@ -11,7 +11,6 @@
 //!
 //! Each run uses its own topic, subject or key, so runs never read each other's data.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +22,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 
 use crate::report::Outcome;
+use crate::scenarios::{histogram, micros, stream_records};
 
 /// Records written per batch, by the batch workload and to fill a topic for reading.
 pub(crate) const BATCH: usize = 1000;
@@ -100,14 +100,6 @@ impl Workload {
             Self::Consume { records } => format!("consume {records} records"),
         }
     }
-}
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
-}
-
-fn micros(elapsed: Duration) -> u64 {
-    elapsed.as_micros().clamp(1, 60_000_000) as u64
 }
 
 /// Runs `workload` against `system` with records of `record_bytes`, for at most
@@ -250,57 +242,10 @@ impl Producer for KeelProducer {
         deadline: Instant,
         latencies: &mut Histogram<u64>,
     ) -> anyhow::Result<u64> {
-        use keel_proto::log::v1 as wire;
-        let (requests, outgoing) = tokio::sync::mpsc::channel::<wire::ProduceRequest>(window);
-        let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
-        let room = Arc::new(tokio::sync::Semaphore::new(window));
-        let sender = {
-            let (sent_at, room, topic) =
-                (Arc::clone(&sent_at), Arc::clone(&room), self.topic.clone());
-            tokio::spawn(async move {
-                while Instant::now() < deadline {
-                    let Ok(permit) = room.acquire().await else {
-                        break;
-                    };
-                    permit.forget();
-                    let request = wire::ProduceRequest {
-                        record: Some(wire::Record {
-                            value: value.clone(),
-                            ..Default::default()
-                        }),
-                        topic: topic.clone(),
-                    };
-                    sent_at
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push_back(Instant::now());
-                    if requests.send(request).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        };
-        let mut responses = self
-            .client
-            .grpc()
-            .produce_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing))
-            .await?
-            .into_inner();
-        let mut acked = 0;
-        while let Some(response) = responses.next().await {
-            response?;
-            let sent = sent_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop_front();
-            if let Some(sent) = sent {
-                latencies.record(micros(sent.elapsed()))?;
-            }
-            acked += 1;
-            room.add_permits(1);
-        }
-        sender.await?;
-        Ok(acked)
+        let acked = stream_records(&mut self.client, &self.topic, value, window, deadline).await?;
+        let count = acked.len();
+        latencies.add(acked)?;
+        Ok(count)
     }
 }
 

@@ -44,7 +44,7 @@ impl Load {
     }
 }
 
-fn histogram() -> anyhow::Result<Histogram<u64>> {
+pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
 }
 
@@ -77,7 +77,7 @@ async fn acknowledged(
     ))
 }
 
-fn micros(elapsed: Duration) -> u64 {
+pub(crate) fn micros(elapsed: Duration) -> u64 {
     elapsed.as_micros().clamp(1, 60_000_000) as u64
 }
 
@@ -138,53 +138,67 @@ async fn produce_stream(
         let mut client = Client::connect(addr).await?;
         let value = value.clone();
         tasks.push(tokio::spawn(async move {
-            let (tx, rx) = mpsc::channel::<wire::ProduceRequest>(window.max(1));
-            let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
-            let room = Arc::new(Semaphore::new(window.max(1)));
-            let sender = {
-                let sent_at = Arc::clone(&sent_at);
-                let room = Arc::clone(&room);
-                tokio::spawn(async move {
-                    while Instant::now() < deadline {
-                        let Ok(permit) = room.acquire().await else {
-                            break;
-                        };
-                        permit.forget();
-                        let request = wire::ProduceRequest {
-                            record: Some(wire::Record {
-                                value: value.clone(),
-                                ..Default::default()
-                            }),
-                            topic: TOPIC.into(),
-                        };
-                        if let Ok(mut queue) = sent_at.lock() {
-                            queue.push_back(Instant::now());
-                        }
-                        if tx.send(request).await.is_err() {
-                            break;
-                        }
-                    }
-                })
-            };
-            let mut responses = client
-                .grpc()
-                .produce_stream(ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            let mut latencies = histogram()?;
-            while let Some(response) = responses.next().await {
-                response?;
-                let sent = sent_at.lock().ok().and_then(|mut queue| queue.pop_front());
-                if let Some(sent) = sent {
-                    latencies.record(micros(sent.elapsed()))?;
-                }
-                room.add_permits(1);
-            }
-            sender.await?;
-            anyhow::Ok(latencies)
+            stream_records(&mut client, TOPIC, value, window, deadline).await
         }));
     }
     acknowledged(load, common, started, tasks).await
+}
+
+/// ProduceStream: `value` over and over on one stream until `deadline`, with up to
+/// `window` records sent and not yet acknowledged; the latency of each
+/// acknowledgement from its send.
+pub(crate) async fn stream_records(
+    client: &mut Client,
+    topic: &str,
+    value: Bytes,
+    window: usize,
+    deadline: Instant,
+) -> anyhow::Result<Histogram<u64>> {
+    let (tx, rx) = mpsc::channel::<wire::ProduceRequest>(window.max(1));
+    let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+    let room = Arc::new(Semaphore::new(window.max(1)));
+    let sender = {
+        let sent_at = Arc::clone(&sent_at);
+        let room = Arc::clone(&room);
+        let topic = topic.to_owned();
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let Ok(permit) = room.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                let request = wire::ProduceRequest {
+                    record: Some(wire::Record {
+                        value: value.clone(),
+                        ..Default::default()
+                    }),
+                    topic: topic.clone(),
+                };
+                if let Ok(mut queue) = sent_at.lock() {
+                    queue.push_back(Instant::now());
+                }
+                if tx.send(request).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut responses = client
+        .grpc()
+        .produce_stream(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut latencies = histogram()?;
+    while let Some(response) = responses.next().await {
+        response?;
+        let sent = sent_at.lock().ok().and_then(|mut queue| queue.pop_front());
+        if let Some(sent) = sent {
+            latencies.record(micros(sent.elapsed()))?;
+        }
+        room.add_permits(1);
+    }
+    sender.await?;
+    Ok(latencies)
 }
 
 async fn produce_batch(

@@ -156,7 +156,10 @@ mod tests {
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while shipper.stats().dropped() < 3 {
-            assert!(std::time::Instant::now() < deadline, "lines not counted as dropped");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lines not counted as dropped"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(shipper.stats().sent(), 0);
