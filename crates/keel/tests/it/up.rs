@@ -102,6 +102,21 @@ impl Up {
         self.parts[label].0
     }
 
+    /// Waits for keel up to exit, at most `limit`.
+    async fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keel up did not exit within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits for a line of keel up's stderr containing `text`; returns it.
     fn stderr_line(&self, text: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
@@ -326,14 +341,7 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
     while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
         events.push_str(&String::from_utf8_lossy(&chunk));
     }
-    let limit = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = up.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < limit, "keel up did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = up.exited(Duration::from_secs(60)).await;
     assert!(status.success(), "keel up exited with {status}");
     let gone: BTreeSet<String> = events
         .split("\n\n")
@@ -399,7 +407,8 @@ fn chromium() -> Option<PathBuf> {
         })
 }
 
-fn headless(browser: &Path, profile: &Path) -> Command {
+/// Runs headless `browser` with a fresh `profile` and `args`, off the async threads.
+async fn headless(browser: &Path, profile: &Path, args: &[&str]) -> std::process::Output {
     let mut command = Command::new(browser);
     command
         .args([
@@ -413,8 +422,11 @@ fn headless(browser: &Path, profile: &Path) -> Command {
             "--hide-scrollbars",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
         .stderr(Stdio::null());
-    command
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,18 +469,7 @@ async fn the_portal_should_render_in_a_headless_browser() {
         .unwrap();
     let profile = tempfile::tempdir().unwrap();
 
-    let dom = tokio::task::spawn_blocking({
-        let (browser, profile, portal) =
-            (browser.clone(), profile.path().to_owned(), portal.clone());
-        move || {
-            headless(&browser, &profile)
-                .args(["--dump-dom", &portal])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let dom = headless(&browser, profile.path(), &["--dump-dom", &portal]).await;
     assert!(dom.status.success(), "chromium --dump-dom failed");
     let dom = String::from_utf8_lossy(&dom.stdout);
     assert!(dom.contains(r#"<table id="students">"#), "{dom}");
@@ -483,18 +484,13 @@ async fn the_portal_should_render_in_a_headless_browser() {
     std::fs::create_dir_all(&artifacts).unwrap();
     let shot = artifacts.join("portal.png");
     let _ = std::fs::remove_file(&shot);
-    let taken = tokio::task::spawn_blocking({
-        let (browser, profile, shot) = (browser, profile.path().to_owned(), shot.clone());
-        move || {
-            headless(&browser, &profile)
-                .arg(format!("--screenshot={}", shot.display()))
-                .args(["--window-size=1280,1100", &portal])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let screenshot = format!("--screenshot={}", shot.display());
+    let taken = headless(
+        &browser,
+        profile.path(),
+        &[&screenshot, "--window-size=1280,1100", &portal],
+    )
+    .await;
     assert!(taken.status.success(), "chromium --screenshot failed");
     let png = std::fs::read(&shot).unwrap();
     assert!(
@@ -552,13 +548,6 @@ async fn a_part_that_cannot_start_again_should_be_given_up_and_reported() {
     // Ctrl-C still stops everything, and the exit code says a part was lost.
     signal(up.child.id(), rustix::process::Signal::INT);
     up.stderr_line("visit#1 was given up earlier", Duration::from_secs(30));
-    let limit = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = up.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < limit, "keel up did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = up.exited(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(70));
 }
