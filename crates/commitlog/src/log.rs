@@ -54,6 +54,8 @@ pub struct Log {
     last_sync: Instant,
     /// Why writes are refused, after a failure that leaves the disk state unknown.
     failed: Option<String>,
+    /// Whether the filesystem can preallocate (`fallocate`); learnt on first use.
+    can_preallocate: bool,
     report: RecoveryReport,
     /// Reused buffers for encoding a batch.
     frames: Vec<u8>,
@@ -77,12 +79,22 @@ struct Active {
     index_written: u64,
     /// Encoded entries not yet written to the index file.
     index_pending: Vec<u8>,
+    /// Length of the store file: `store_len` plus zero-filled space allocated
+    /// ahead of the writer (see [`LogConfig::preallocate_bytes`]).
+    allocated: u64,
     /// Whether the store has writes that were not synced.
     dirty: bool,
 }
 
 impl Active {
-    fn new(base: Offset, files: SegmentFiles, tail: Tail, index_written: u64) -> Self {
+    /// The active segment over `files`, whose store file is `allocated` bytes long.
+    fn new(
+        base: Offset,
+        files: SegmentFiles,
+        tail: Tail,
+        index_written: u64,
+        allocated: u64,
+    ) -> Self {
         let count = tail.positions.len() as u64;
         let store_len = tail.store_len;
         Self {
@@ -93,8 +105,23 @@ impl Active {
             store_len,
             index_written,
             index_pending: Vec::new(),
+            allocated: allocated.max(store_len),
             dirty: false,
         }
+    }
+
+    /// Cuts the zero-filled space after the last record, so the store file ends at
+    /// its last frame, as a sealed or closed store must.
+    fn trim(&mut self) -> Result<()> {
+        if self.allocated > self.store_len {
+            self.files
+                .store
+                .set_len(self.store_len)
+                .at(&self.files.store_path)?;
+            self.allocated = self.store_len;
+            self.dirty = true;
+        }
+        Ok(())
     }
 
     fn next(&self) -> Offset {
@@ -139,6 +166,7 @@ impl Log {
             opened.active.files,
             opened.active.tail,
             written,
+            opened.active.allocated,
         );
         let next = active.next();
         let mut segments = opened.sealed;
@@ -153,6 +181,7 @@ impl Log {
             last_timestamp_ms,
             last_sync: Instant::now(),
             failed: None,
+            can_preallocate: true,
             report: opened.report,
             frames: Vec::new(),
             positions: Vec::new(),
@@ -422,7 +451,7 @@ impl Log {
             store_len: new_len,
             last_timestamp_ms,
         };
-        let mut active = Active::new(target.base(), files, tail, index_written);
+        let mut active = Active::new(target.base(), files, tail, index_written, new_len);
         active.index_pending = index_pending;
         {
             let mut shared_segments = self.shared.segments_mut();
@@ -510,6 +539,7 @@ impl Log {
             .index
             .sync_data()
             .at(&self.active.files.index_path)?;
+        self.active.trim()?;
         self.sync_store()
     }
 
@@ -558,13 +588,16 @@ impl Log {
     /// Writes the encoded part to the store, syncs it if the policy says so, and
     /// publishes it to readers.
     fn write_part(&mut self, timestamp_ms: u64) -> Result<()> {
+        self.preallocate(self.active.store_len + self.frames.len() as u64);
         let active = &mut self.active;
         if let Err(source) = active
             .files
             .store
             .write_all_at(&self.frames, active.store_len)
         {
-            // Cut a partial write so the file ends at the last whole record.
+            // Cut a partial write (and any preallocated space) so the file ends at the
+            // last whole record.
+            active.allocated = active.store_len;
             if let Err(undo) = active.files.store.set_len(active.store_len) {
                 self.failed = Some(format!(
                     "write to {} failed and could not be undone: {undo}",
@@ -602,6 +635,46 @@ impl Log {
             "appended"
         );
         Ok(())
+    }
+
+    /// Extends the store file, zero-filled, so that it holds at least `end` bytes:
+    /// by `preallocate_bytes` at a time, never past the segment size unless one
+    /// record is larger. A write inside the file's length then changes no metadata
+    /// but the extent state, and its sync is cheaper. A filesystem that cannot
+    /// preallocate, or a full disk, leaves the write to extend the file itself.
+    fn preallocate(&mut self, end: u64) {
+        let chunk = self.config.preallocate_bytes;
+        let active = &mut self.active;
+        if chunk == 0 || !self.can_preallocate || end <= active.allocated {
+            return;
+        }
+        let target = (active.allocated + chunk)
+            .min(self.config.segment_bytes)
+            .max(end);
+        let grown = rustix::fs::fallocate(
+            &*active.files.store,
+            rustix::fs::FallocateFlags::empty(),
+            active.allocated,
+            target - active.allocated,
+        );
+        match grown {
+            Ok(()) => {
+                active.allocated = target;
+                active.dirty = true;
+            }
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                self.can_preallocate = false;
+                tracing::debug!(
+                    path = %active.files.store_path.display(),
+                    "the filesystem cannot preallocate; store files grow with each append"
+                );
+            }
+            Err(err) => tracing::warn!(
+                path = %active.files.store_path.display(),
+                error = %err,
+                "preallocating store space failed; appending without it"
+            ),
+        }
     }
 
     fn sync_store(&mut self) -> Result<()> {
@@ -654,6 +727,7 @@ impl Log {
     /// recovery copes with a sealed segment that a crash caught before its seal.
     fn roll(&mut self) -> Result<()> {
         self.flush_index()?;
+        self.active.trim()?;
         let base = self.active.next();
         // Create the new segment first: if that fails, the old one stays active and
         // must not have been flagged durable.
@@ -675,6 +749,7 @@ impl Log {
                 last_timestamp_ms: 0,
             },
             0,
+            HEADER_LEN,
         );
         {
             let mut segments = self.shared.segments_mut();

@@ -3,11 +3,11 @@
 //!
 //! | what | how it is checked | what happens when it fails |
 //! | --- | --- | --- |
-//! | active (last) segment's store | every frame: length, CRC32C, offset | cut to the longest valid prefix; reported |
+//! | active (last) segment's store | every frame: length, CRC32C, offset | cut to the longest valid prefix; reported (unless only zeros follow it: preallocated space, kept) |
 //! | active segment's index | compared entry by entry with the scan | rewritten; reported |
 //! | durable sealed segment's index | length, first and last entry, last frame | rebuilt from a scan of the store; reported |
 //! | durable sealed segment's store | its last frame ends the file; a full scan when that fails | `LogError::Corrupt` naming file and position |
-//! | sealed segment not yet flagged durable | full scan | complete: flagged now; torn: the log ends there (cut, later segments removed); reported |
+//! | sealed segment not yet flagged durable | full scan | complete (zeros after it cut): flagged now; torn: the log ends there (cut, later segments removed); reported |
 //! | index file with no store | - | removed; reported |
 //!
 //! A segment flagged durable by the sealer was synced whole, so damage inside it is
@@ -185,6 +185,22 @@ pub(crate) fn scan_store(
     Ok(scan)
 }
 
+/// Whether the bytes of `file` from `from` to `to` are all zero: space the writer
+/// preallocated and never wrote, rather than a torn or damaged frame.
+fn is_zero_filled(file: &File, path: &Path, from: u64, to: u64) -> Result<bool> {
+    let mut buf = vec![0u8; SCAN_BUFFER.min((to - from) as usize)];
+    let mut at = from;
+    while at < to {
+        let len = buf.len().min((to - at) as usize);
+        file.read_exact_at(&mut buf[..len], at).at(path)?;
+        if buf[..len].iter().any(|&byte| byte != 0) {
+            return Ok(false);
+        }
+        at += len as u64;
+    }
+    Ok(true)
+}
+
 /// Opens a segment file for reading and writing.
 fn open_rw(path: &Path, create: bool) -> Result<File> {
     OpenOptions::new()
@@ -257,6 +273,9 @@ pub(crate) struct ActiveParts {
     pub(crate) base: Offset,
     pub(crate) files: SegmentFiles,
     pub(crate) tail: Tail,
+    /// Length of the store file, which may run past the last record into space the
+    /// writer preallocated.
+    pub(crate) allocated: u64,
 }
 
 /// Finds, checks and repairs the segments in `dir`.
@@ -304,6 +323,7 @@ pub(crate) fn open_dir(dir: &Path) -> Result<Opened> {
                 base: 0,
                 files,
                 tail: empty_tail(),
+                allocated: HEADER_LEN,
             },
             report,
         });
@@ -429,6 +449,17 @@ fn open_sealed(
         Some(count),
     )?;
     let found = scan.positions.len() as u64;
+    let mut store_len = store_len;
+    if !durable
+        && found == count
+        && scan.valid_end < store_len
+        && is_zero_filled(&files.store, &files.store_path, scan.valid_end, store_len)?
+    {
+        // Sealed by a roll whose trim of the preallocated space had not reached the
+        // disk: every record is there; finish the trim before the seal below.
+        files.store.set_len(scan.valid_end).at(&files.store_path)?;
+        store_len = scan.valid_end;
+    }
     let complete = scan.stop.is_none() && found == count && scan.valid_end == store_len;
     if !complete && !durable {
         return Ok(None);
@@ -575,7 +606,11 @@ fn open_active(dir: &Path, base: Offset, report: &mut RecoveryReport) -> Result<
     // writer rolls on its next append instead.
     let scan = scan_store(&files.store, &files.store_path, base, store_len, None)?;
     let next_offset = base + scan.positions.len() as u64;
-    if scan.valid_end < store_len {
+    let mut allocated = store_len;
+    let preallocated = scan.valid_end < store_len
+        && is_zero_filled(&files.store, &files.store_path, scan.valid_end, store_len)?;
+    if scan.valid_end < store_len && !preallocated {
+        allocated = scan.valid_end;
         let reason = scan.stop.clone().unwrap_or(Corruption::TrailingBytes {
             len: store_len - scan.valid_end,
         });
@@ -623,6 +658,7 @@ fn open_active(dir: &Path, base: Offset, report: &mut RecoveryReport) -> Result<
             store_len: scan.valid_end,
             last_timestamp_ms: scan.last_timestamp_ms,
         },
+        allocated,
     })
 }
 

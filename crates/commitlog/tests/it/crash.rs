@@ -182,12 +182,51 @@ fn given_bit_flip_anywhere_in_the_unsynced_tail_should_cut_from_the_damaged_reco
 }
 
 #[test]
-fn given_zero_filled_store_tail_should_cut_the_zeros() {
+fn given_zero_filled_store_tail_should_take_it_for_preallocated_space() {
     let dir = copy_of(pristine().path());
     let path = store(dir.path(), ACTIVE_BASE);
+    let end = *active_frame_ends().last().expect("records");
+    set_len(&path, end);
     edit(&path, |bytes| bytes.extend_from_slice(&[0u8; 4096]));
     let report = reopen_expecting(dir.path(), TOTAL, "zero-filled tail");
-    assert_eq!(report.truncations[0].bytes_cut, 4096);
+    assert!(
+        report.truncations.is_empty(),
+        "zeros after the last frame are space, not damage: {report:?}"
+    );
+}
+
+#[test]
+fn given_torn_frame_followed_by_zeros_should_cut_from_the_torn_frame() {
+    let dir = copy_of(pristine().path());
+    let path = store(dir.path(), ACTIVE_BASE);
+    let torn = TOTAL - 1;
+    let start = frame_start(torn);
+    edit(&path, |bytes| {
+        // The last frame's first page reached the disk; its end did not.
+        bytes.truncate(start as usize + 30);
+        bytes.extend_from_slice(&[0u8; 4096]);
+    });
+    let report = reopen_expecting(dir.path(), torn, "torn frame, then zeros");
+    let truncation = &report.truncations[0];
+    assert_eq!(truncation.position, start);
+    assert_eq!(truncation.bytes_cut, 30 + 4096);
+    assert_eq!(truncation.next_offset, torn);
+}
+
+#[test]
+fn given_zeros_inside_the_tail_with_a_frame_after_them_should_cut_from_the_zeros() {
+    let dir = copy_of(pristine().path());
+    let path = store(dir.path(), ACTIVE_BASE);
+    let hole = TOTAL - 3;
+    let (start, end) = (frame_start(hole), frame_start(hole + 1));
+    // A page of the unsynced batch never reached the disk; a later one did.
+    edit(&path, |bytes| {
+        bytes[start as usize..end as usize]
+            .iter_mut()
+            .for_each(|b| *b = 0);
+    });
+    let report = reopen_expecting(dir.path(), hole, "zeros, then a frame");
+    assert_eq!(report.truncations[0].position, start);
 }
 
 #[test]
@@ -499,6 +538,21 @@ fn given_complete_sealed_segment_not_yet_flagged_should_flag_it_on_open() {
 }
 
 #[test]
+fn given_sealed_segment_not_yet_flagged_with_preallocated_zeros_should_trim_and_flag_it() {
+    let dir = unsealed_log();
+    let path = store(dir.path(), 20);
+    let len = fs::metadata(&path).expect("store").len();
+    // A crash before the roll's trim of the preallocated space reached the disk.
+    clear_durable_flag(dir.path(), 20);
+    set_len(&path, len + 8192);
+    let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
+    assert!(log.recovery().is_clean(), "{:?}", log.recovery());
+    assert_holds(&log, 35);
+    assert_eq!(fs::metadata(&path).expect("store").len(), len, "trimmed");
+    assert_eq!(durable_flag(dir.path(), 20), 1);
+}
+
+#[test]
 fn given_sealed_segment_torn_before_its_seal_should_end_the_log_in_it() {
     let pristine = unsealed_log();
     // Cut segment 10 inside record 14 at every byte of that record.
@@ -557,8 +611,8 @@ fn given_truncate_suffix_into_a_sealed_segment_should_clear_its_durable_flag() {
     log.kill();
     // A crash now must treat segment 10 as active: scanned and cut, never trusted.
     let path = store(dir.path(), 10);
-    let len = fs::metadata(&path).expect("meta").len();
-    set_len(&path, len - 2);
+    let end: u64 = 16 + (10..15).map(|o| 24 + value(o).len() as u64).sum::<u64>() + 24 + 7;
+    set_len(&path, end - 2);
     let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
     assert_eq!(log.next_offset(), 15);
     assert_holds(&log, 15);

@@ -399,3 +399,78 @@ fn given_reader_should_keep_reading_after_the_log_is_closed() {
     assert_eq!(reader.next_offset(), 40);
     assert_eq!(reader.read(39).expect("read").value, value(39));
 }
+
+fn store_file_len(dir: &std::path::Path, base: u64) -> u64 {
+    std::fs::metadata(dir.join(format!("{base:020}.log")))
+        .expect("store file")
+        .len()
+}
+
+#[test]
+fn given_preallocation_the_store_should_grow_ahead_and_end_at_its_last_record_once_sealed_or_closed()
+ {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = LogConfig {
+        segment_bytes: 64 * 1024,
+        preallocate_bytes: 16 * 1024,
+        segment_max_records: 1_000_000,
+        sync: SyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let mut log = Log::open(dir.path(), config.clone()).expect("open");
+    log.append(&value(0)).expect("append");
+    assert_eq!(
+        store_file_len(dir.path(), 0),
+        16 + 16 * 1024,
+        "one chunk allocated past the header"
+    );
+
+    // Fill past the first segment; the sealed store is cut back to its records.
+    let mut next = 1;
+    while log.segment_count() < 2 {
+        log.append(&value(next)).expect("append");
+        next += 1;
+    }
+    let sealed = log.read(log.next_offset() - 1).expect("newest").offset;
+    assert_eq!(sealed, next - 1);
+    let sealed_len: u64 = 16
+        + (0..next - 1)
+            .map(|o| 24 + value(o).len() as u64)
+            .sum::<u64>();
+    assert_eq!(store_file_len(dir.path(), 0), sealed_len);
+    assert!(store_file_len(dir.path(), 0) <= config.segment_bytes);
+    assert!(
+        store_file_len(dir.path(), next - 1) > 16 + 24 + value(next - 1).len() as u64,
+        "the new active store is preallocated"
+    );
+
+    log.close().expect("close");
+    assert_eq!(
+        store_file_len(dir.path(), next - 1),
+        16 + 24 + value(next - 1).len() as u64,
+        "close cuts the unused space"
+    );
+    let log = Log::open(dir.path(), config).expect("reopen");
+    assert!(log.recovery().is_clean(), "{:?}", log.recovery());
+    assert_holds(&log, next);
+}
+
+#[test]
+fn given_preallocation_off_the_store_should_grow_with_each_append() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = LogConfig {
+        preallocate_bytes: 0,
+        ..LogConfig::default()
+    };
+    let mut log = Log::open(dir.path(), config).expect("open");
+    log.append(&value(0)).expect("append");
+    assert_eq!(
+        store_file_len(dir.path(), 0),
+        16 + 24 + value(0).len() as u64
+    );
+    log.append_batch(&[value(1), value(2)]).expect("append");
+    assert_eq!(
+        store_file_len(dir.path(), 0),
+        16 + (0..3).map(|o| 24 + value(o).len() as u64).sum::<u64>()
+    );
+}
