@@ -3,13 +3,18 @@
 # through nginx (proxy_pass with an upstream keepalive pool) and through haproxy, in
 # one run on 127.0.0.1. Installs nginx, haproxy and wrk with apt-get if missing.
 #
-#   bench/gateway.sh [seconds-per-run] [connections]
+#   bench/gateway.sh [seconds-per-run] [connections]     (REPS=3 by default)
+#
+# The targets take turns, REPS rounds, and each figure is the median round. Every proxy
+# does the work keel's gateway does to a request: X-Forwarded-For, -Proto and -Host and
+# an X-Request-Id are set, the connection to the backend is a kept-alive pool.
 #
 # Every server is started here with its files in a temp dir and stopped by its PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${1:-10}
 CONNECTIONS=${2:-64}
+REPS=${REPS:-3}
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
@@ -49,7 +54,7 @@ http {
 CONF
 }
 nginx_conf "$work/backend" 1 "server { listen 127.0.0.1:$BACKEND; location / { return 200 \"ok\\n\"; } }"
-nginx_conf "$work/nginx" auto "server { listen 127.0.0.1:$NGINX; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_conf "$work/nginx" auto "server { listen 127.0.0.1:$NGINX; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } }"
 nginx -p "$work/backend" -c "$work/backend/nginx.conf" & pids+=($!)
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
 
@@ -63,6 +68,11 @@ defaults
   timeout server 30s
 frontend front
   bind 127.0.0.1:$HAPROXY
+  option forwardfor
+  unique-id-format %{+X}o\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  http-request set-header X-Request-Id %[unique-id]
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
   default_backend back
 backend back
   http-reuse always
@@ -89,11 +99,24 @@ run() { # name url
   echo "$1 $rps $p50 $p99"
 }
 
+targets=("direct http://127.0.0.1:$BACKEND/bench/" "keel http://$GATEWAY/bench/"
+  "nginx http://127.0.0.1:$NGINX/bench/" "haproxy http://127.0.0.1:$HAPROXY/bench/")
+rounds="$work/rounds"
+for rep in $(seq "$REPS"); do
+  for target in "${targets[@]}"; do
+    echo "== round $rep/$REPS: ${target%% *}" >&2
+    run $target >>"$rounds"
+  done
+done
+# The median round of each target (by requests/s), in the order above.
 results=()
-results+=("$(run direct "http://127.0.0.1:$BACKEND/bench/")")
-results+=("$(run keel "http://$GATEWAY/bench/")")
-results+=("$(run nginx "http://127.0.0.1:$NGINX/bench/")")
-results+=("$(run haproxy "http://127.0.0.1:$HAPROXY/bench/")")
+for target in "${targets[@]}"; do
+  name=${target%% *}
+  results+=("$(awk -v n="$name" '$1==n' "$rounds" | sort -k2 -g | awk -v reps="$REPS" 'NR==int((reps+1)/2)')")
+done
+echo "All rounds (target, requests/s, p50, p99):"
+sed 's/^/  /' "$rounds"
+echo
 
 direct=$(awk '{print $2}' <<<"${results[0]}")
 echo "| target | requests/s | vs direct | p50 | p99 |"
@@ -104,4 +127,4 @@ for line in "${results[@]}"; do
   echo "| $name | $rps | $ratio | $p50 | $p99 |"
 done
 echo
-echo "wrk -t2 -c$CONNECTIONS -d${SECONDS_PER_RUN}s on $(nproc) cores; backend: nginx 'return 200' on 127.0.0.1"
+echo "wrk -t2 -c$CONNECTIONS -d${SECONDS_PER_RUN}s on $(nproc) cores, median of $REPS interleaved rounds; backend: nginx 'return 200' on 127.0.0.1"
