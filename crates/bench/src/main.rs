@@ -17,6 +17,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+/// The same allocator as the `keel` binary, so that a service this tool starts in
+/// process runs as it would alone, and the clients pay no more for glibc's malloc
+/// than the servers do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod compare;
 mod registry;
 mod report;
