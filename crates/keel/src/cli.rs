@@ -135,6 +135,9 @@ struct ServeArgs {
     /// Refuse writes to topics that do not exist yet (NOT_FOUND / 404).
     #[arg(long, env = "KEEL_LOG_NO_AUTO_CREATE")]
     no_auto_create: bool,
+    /// Serving threads, each driving its own connections [default: 0, one per core].
+    #[arg(long, env = "KEEL_LOG_WORKERS")]
+    workers: Option<usize>,
     /// Register with this registry (e.g. http://127.0.0.1:20000) as service `log`,
     /// so services that require `log` find it; checked through /healthz.
     #[arg(long, env = "KEEL_LOG_REGISTRY")]
@@ -484,6 +487,9 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
     }
     if args.no_auto_create {
         config.auto_create_topics = false;
+    }
+    if let Some(workers) = args.workers {
+        config.workers = workers;
     }
     if let Err(err) = config.validate() {
         bail!("{err}");

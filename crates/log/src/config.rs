@@ -43,6 +43,9 @@ pub struct LogServiceConfig {
     /// How long shutdown waits for in-flight requests. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Serving threads, each with its own connections on a single-threaded runtime.
+    /// Default 0: one per core.
+    pub workers: usize,
     /// The storage settings of every topic.
     pub log: LogConfig,
 }
@@ -61,6 +64,7 @@ impl Default for LogServiceConfig {
             max_batch_bytes: 4 * 1024 * 1024,
             consume_max_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            workers: 0,
             log: LogConfig::default(),
         }
     }
@@ -107,7 +111,21 @@ impl LogServiceConfig {
                 self.consume_max_bytes, self.max_body_bytes
             ));
         }
+        if self.workers > 256 {
+            return Err(format!(
+                "workers: {} is more than the allowed 256 (0 means one per core)",
+                self.workers
+            ));
+        }
         Ok(())
+    }
+
+    /// How many serving threads run: `workers`, or one per core when it is 0.
+    pub fn serving_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
     }
 }
 
@@ -152,6 +170,13 @@ mod tests {
                 },
             ),
             (
+                "workers",
+                LogServiceConfig {
+                    workers: 257,
+                    ..Default::default()
+                },
+            ),
+            (
                 "log.",
                 LogServiceConfig {
                     log: LogConfig {
@@ -166,6 +191,17 @@ mod tests {
             let err = config.validate().expect_err(field);
             assert!(err.starts_with(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn serving_threads_should_be_one_per_core_unless_set() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(LogServiceConfig::default().serving_threads(), cores);
+        let three = LogServiceConfig {
+            workers: 3,
+            ..Default::default()
+        };
+        assert_eq!(three.serving_threads(), 3);
     }
 
     #[test]

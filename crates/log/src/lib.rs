@@ -2,11 +2,14 @@
 //! the central sink for other services' log lines.
 //!
 //! ```text
-//!  gRPC log.v1.Log ─┐                       ┌─> topic "default" ─ writer thread ─> keel-commitlog
-//!  HTTP /, /v1/... ─┼─> one listener ─> Topics ─> topic "logs"    ─ writer thread ─> keel-commitlog
-//!  HTTP POST /log ──┘                       └─> topic ...        (group commit per topic)
+//!  gRPC log.v1.Log ─┐                           ┌─> topic "default" ─ writer thread ─> keel-commitlog
+//!  HTTP /, /v1/... ─┼─> one listener ─> serving ─> Topics ─> topic "logs"    ─ writer thread ─> keel-commitlog
+//!  HTTP POST /log ──┘    threads (one per core) └─> topic ...        (group commit per topic)
 //! ```
 //!
+//! - **Thread per core:** each serving thread accepts from the one listener and drives
+//!   its connections on its own single-threaded runtime, so a request never wakes
+//!   another serving thread; all of them share the topics.
 //! - Each topic has **one writer thread** fed by a bounded queue: it takes every
 //!   waiting append, writes them with one `append_batch` (one write, one sync), and
 //!   only then answers each with its offset.

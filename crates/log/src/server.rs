@@ -1,12 +1,21 @@
 //! One listener for everything: gRPC (`log.v1.Log`, health, reflection) over HTTP/2
 //! and the HTTP/JSON API over HTTP/1.1 or HTTP/2, told apart by path.
+//!
+//! Thread per core: each serving thread accepts from the same socket and drives its
+//! connections on its own single-threaded runtime, so a request is decoded, handed to
+//! its topic's writer and answered without waking another serving thread. The
+//! topics' writer threads are shared by all of them.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::serve::ListenerExt;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use keel_proto::log::v1::log_server::LogServer;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc::LogService;
@@ -19,7 +28,8 @@ use crate::topics::Topics;
 ///
 /// # Errors
 ///
-/// I/O errors of the listener, or of building the reflection service.
+/// I/O errors of the listener, of starting a serving thread, or of building the
+/// reflection service.
 pub async fn serve(
     listener: TcpListener,
     topics: Arc<Topics>,
@@ -46,34 +56,86 @@ pub async fn serve(
         .merge(grpc)
         .fallback(http::fallback);
 
-    // gRPC writes headers, data and trailers separately: without TCP_NODELAY, Nagle's
-    // algorithm holds the trailers until the client's delayed ACK (~40 ms).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %err, "cannot set TCP_NODELAY on a connection");
+    let listener = listener.into_std()?;
+    let mut threads = FuturesUnordered::new();
+    for worker in 0..config.serving_threads() {
+        let (listener, app, stop) = (listener.try_clone(), app.clone(), token.clone());
+        let (finished, finished_rx) = oneshot::channel();
+        let grace = config.shutdown_grace;
+        let spawned = listener.and_then(|listener| {
+            std::thread::Builder::new()
+                .name(format!("keel-log-{worker}"))
+                .spawn(move || {
+                    let _ = finished.send(serve_thread(listener, app, stop, grace));
+                })
+        });
+        if let Err(err) = spawned {
+            token.cancel();
+            return Err(err);
         }
-    });
-    let signal = token.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections, finishing in-flight requests");
-        health_reporter
-            .set_not_serving::<LogServer<LogService>>()
-            .await;
-        signal.cancel();
-    });
-    let grace = config.shutdown_grace;
-    let deadline = async {
-        token.cancelled().await;
-        tokio::time::sleep(grace).await;
+        threads.push(finished_rx);
+    }
+
+    let mut failure = tokio::select! {
+        () = shutdown => None,
+        // A serving thread that ends before shutdown has failed.
+        Some(ended) = threads.next() => Some(thread_result(ended)),
     };
-    tokio::select! {
-        served = server => served?,
-        () = deadline => tracing::warn!(?grace, "grace period over; dropping the connections still open"),
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    health_reporter
+        .set_not_serving::<LogServer<LogService>>()
+        .await;
+    token.cancel();
+    while let Some(ended) = threads.next().await {
+        if let Err(err) = thread_result(ended) {
+            failure.get_or_insert(Err(err));
+        }
     }
     tokio::task::spawn_blocking(move || topics.close())
         .await
         .map_err(std::io::Error::other)?;
     tracing::info!("log service stopped");
-    Ok(())
+    failure.unwrap_or(Ok(()))
+}
+
+fn thread_result(
+    ended: Result<std::io::Result<()>, oneshot::error::RecvError>,
+) -> std::io::Result<()> {
+    ended.unwrap_or_else(|_| Err(std::io::Error::other("a serving thread panicked")))
+}
+
+/// One serving thread: a single-threaded runtime serving `listener` until `stop`,
+/// then for at most `grace` while in-flight requests finish.
+fn serve_thread(
+    listener: std::net::TcpListener,
+    app: Router,
+    stop: CancellationToken,
+    grace: std::time::Duration,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        // gRPC writes headers, data and trailers separately: without TCP_NODELAY,
+        // Nagle's algorithm holds the trailers until the client's delayed ACK (~40 ms).
+        let listener = TcpListener::from_std(listener)?.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %err, "cannot set TCP_NODELAY on a connection");
+            }
+        });
+        let draining = stop.clone();
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { draining.cancelled().await });
+        let deadline = async {
+            stop.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = server => served,
+            () = deadline => {
+                tracing::warn!(?grace, "grace period over; dropping the connections still open");
+                Ok(())
+            }
+        }
+    })
 }

@@ -102,8 +102,15 @@ async fn empty_and_512_kib_records_should_round_trip() {
 }
 
 #[tokio::test]
-async fn concurrent_producers_should_get_unique_dense_offsets() {
-    let server = TestServer::start().await;
+async fn concurrent_producers_on_several_serving_threads_should_get_unique_dense_offsets() {
+    // Three serving threads whatever the machine: the eight connections land on
+    // different threads, which share the topic and its writer.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(keel_log::LogServiceConfig {
+        workers: 3,
+        ..crate::support::config(dir.path())
+    })
+    .await;
     let mut tasks = Vec::new();
     for producer in 0..8 {
         let mut client = server.client().await;
