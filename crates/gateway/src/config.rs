@@ -121,12 +121,4 @@ impl GatewayConfig {
         }
         Ok(())
     }
-
-    /// How many serving threads run: `workers`, or one per core when it is 0.
-    pub fn serving_threads(&self) -> usize {
-        match self.workers {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
-        }
-    }
 }

@@ -22,11 +22,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use axum::Router;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use keel_registry::client::{Discovery, RegistryClient, follow};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Balance, GatewayConfig};
@@ -87,74 +84,43 @@ pub async fn run(
             .await
     });
 
-    // Thread per core: each serving thread accepts from the same socket and drives
-    // its connections, and their upstream connections, on its own runtime, so a
-    // request never wakes another thread.
-    let listener = listener
-        .into_std()
-        .map_err(|err| format!("preparing the listener failed: {err}"))?;
-    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    let mut workers = FuturesUnordered::new();
-    for worker in 0..config.serving_threads() {
-        let (listener, gateway) = match listener.try_clone() {
-            Ok(listener) => (listener, Arc::new(gateway.for_another_thread())),
-            Err(err) => {
-                token.cancel();
-                return Err(format!("preparing the listener failed: {err}"));
-            }
-        };
-        let (slots, stop) = (Arc::clone(&slots), token.clone());
-        let (finished, finished_rx) = oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name(format!("keel-gateway-{worker}"))
-            .spawn(move || {
-                let _ = finished.send(serve_thread(listener, gateway, slots, stop));
-            });
-        if let Err(err) = spawned {
-            token.cancel();
-            return Err(format!("starting a serving thread failed: {err}"));
+    // Thread per core: each serving thread drives the connections handed to it, and
+    // their upstream connections, on its own runtime, so a request never wakes
+    // another thread.
+    let options = keel_serve::Options {
+        threads: config.workers,
+        max_connections: Some(config.max_connections),
+        name: "keel-gateway".into(),
+    };
+    let stop = token.clone();
+    let serving = keel_serve::serve(listener, options, token.clone(), move |_, handed| {
+        let app = Router::new()
+            .fallback(proxy::handle)
+            .with_state(Arc::new(gateway.for_another_thread()));
+        let stop = stop.clone();
+        async move {
+            axum::serve(
+                handed,
+                app.into_make_service_with_connect_info::<listener::Peer>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
         }
-        workers.push(finished_rx);
-    }
-    let mut failure = tokio::select! {
+    });
+    tokio::pin!(serving);
+    let early = tokio::select! {
         () = shutdown => None,
-        // A serving thread that ends before shutdown has failed.
-        Some(ended) = workers.next() => Some(ended.unwrap_or_else(|_| Err("a serving thread panicked".into()))),
+        // Serving ended before shutdown: a thread failed.
+        served = &mut serving => Some(served),
     };
     token.cancel();
-    while let Some(ended) = workers.next().await {
-        if let Err(err) = ended.unwrap_or_else(|_| Err("a serving thread panicked".into())) {
-            failure.get_or_insert(Err(err));
-        }
-    }
+    let served = match early {
+        Some(served) => served,
+        None => serving.await,
+    };
     let _ = watcher.await;
     let _ = admin_server.await;
-    failure.unwrap_or(Ok(()))
-}
-
-/// One serving thread: a single-threaded runtime serving `listener` until `stop`.
-fn serve_thread(
-    listener: std::net::TcpListener,
-    gateway: Arc<Gateway>,
-    slots: Arc<Semaphore>,
-    stop: CancellationToken,
-) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| format!("starting a serving runtime failed: {err}"))?;
-    runtime.block_on(async move {
-        let listener = TcpListener::from_std(listener)
-            .map_err(|err| format!("adopting the listener failed: {err}"))?;
-        let app = Router::new().fallback(proxy::handle).with_state(gateway);
-        axum::serve(
-            listener::Limited::new(listener, slots),
-            app.into_make_service_with_connect_info::<listener::Peer>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .map_err(|err| format!("serving the gateway failed: {err}"))
-    })
+    served.map_err(|err| format!("serving the gateway failed: {err}"))
 }
 
 async fn metrics(gateway: Arc<Gateway>) -> String {

@@ -119,14 +119,6 @@ impl LogServiceConfig {
         }
         Ok(())
     }
-
-    /// How many serving threads run: `workers`, or one per core when it is 0.
-    pub fn serving_threads(&self) -> usize {
-        match self.workers {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -191,17 +183,6 @@ mod tests {
             let err = config.validate().expect_err(field);
             assert!(err.starts_with(field), "{field}: {err}");
         }
-    }
-
-    #[test]
-    fn serving_threads_should_be_one_per_core_unless_set() {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        assert_eq!(LogServiceConfig::default().serving_threads(), cores);
-        let three = LogServiceConfig {
-            workers: 3,
-            ..Default::default()
-        };
-        assert_eq!(three.serving_threads(), 3);
     }
 
     #[test]

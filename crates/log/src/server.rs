@@ -1,21 +1,17 @@
 //! One listener for everything: gRPC (`log.v1.Log`, health, reflection) over HTTP/2
 //! and the HTTP/JSON API over HTTP/1.1 or HTTP/2, told apart by path.
 //!
-//! Thread per core: each serving thread accepts from the same socket and drives its
-//! connections on its own single-threaded runtime, so a request is decoded, handed to
-//! its topic's writer and answered without waking another serving thread. The
+//! Thread per core (`keel-serve`): connections are handed in turn to serving threads,
+//! each driving its own on a single-threaded runtime, so a request is decoded, handed
+//! to its topic's writer and answered without waking another serving thread. The
 //! topics' writer threads are shared by all of them.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::serve::ListenerExt;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use keel_proto::log::v1::log_server::LogServer;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc::LogService;
@@ -56,86 +52,58 @@ pub async fn serve(
         .merge(grpc)
         .fallback(http::fallback);
 
-    let listener = listener.into_std()?;
-    let mut threads = FuturesUnordered::new();
-    for worker in 0..config.serving_threads() {
-        let (listener, app, stop) = (listener.try_clone(), app.clone(), token.clone());
-        let (finished, finished_rx) = oneshot::channel();
-        let grace = config.shutdown_grace;
-        let spawned = listener.and_then(|listener| {
-            std::thread::Builder::new()
-                .name(format!("keel-log-{worker}"))
-                .spawn(move || {
-                    let _ = finished.send(serve_thread(listener, app, stop, grace));
-                })
-        });
-        if let Err(err) = spawned {
-            token.cancel();
-            return Err(err);
-        }
-        threads.push(finished_rx);
-    }
-
-    let mut failure = tokio::select! {
+    let options = keel_serve::Options {
+        threads: config.workers,
+        max_connections: None,
+        name: "keel-log".into(),
+    };
+    let grace = config.shutdown_grace;
+    let stop = token.clone();
+    let serving = keel_serve::serve(listener, options, token.clone(), move |_, handed| {
+        serve_thread(handed, app.clone(), stop.clone(), grace)
+    });
+    tokio::pin!(serving);
+    let early = tokio::select! {
         () = shutdown => None,
-        // A serving thread that ends before shutdown has failed.
-        Some(ended) = threads.next() => Some(thread_result(ended)),
+        // Serving ended before shutdown: a thread failed.
+        served = &mut serving => Some(served),
     };
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     health_reporter
         .set_not_serving::<LogServer<LogService>>()
         .await;
     token.cancel();
-    while let Some(ended) = threads.next().await {
-        if let Err(err) = thread_result(ended) {
-            failure.get_or_insert(Err(err));
-        }
-    }
+    let served = match early {
+        Some(served) => served,
+        None => serving.await,
+    };
     tokio::task::spawn_blocking(move || topics.close())
         .await
         .map_err(std::io::Error::other)?;
     tracing::info!("log service stopped");
-    failure.unwrap_or(Ok(()))
+    served
 }
 
-fn thread_result(
-    ended: Result<std::io::Result<()>, oneshot::error::RecvError>,
-) -> std::io::Result<()> {
-    ended.unwrap_or_else(|_| Err(std::io::Error::other("a serving thread panicked")))
-}
-
-/// One serving thread: a single-threaded runtime serving `listener` until `stop`,
+/// What one serving thread runs: `app` on the connections handed to it until `stop`,
 /// then for at most `grace` while in-flight requests finish.
-fn serve_thread(
-    listener: std::net::TcpListener,
+async fn serve_thread(
+    handed: keel_serve::Handed,
     app: Router,
     stop: CancellationToken,
     grace: std::time::Duration,
 ) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        // gRPC writes headers, data and trailers separately: without TCP_NODELAY,
-        // Nagle's algorithm holds the trailers until the client's delayed ACK (~40 ms).
-        let listener = TcpListener::from_std(listener)?.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %err, "cannot set TCP_NODELAY on a connection");
-            }
-        });
-        let draining = stop.clone();
-        let server = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { draining.cancelled().await });
-        let deadline = async {
-            stop.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::select! {
-            served = server => served,
-            () = deadline => {
-                tracing::warn!(?grace, "grace period over; dropping the connections still open");
-                Ok(())
-            }
+    let draining = stop.clone();
+    let server =
+        axum::serve(handed, app).with_graceful_shutdown(async move { draining.cancelled().await });
+    let deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = server => served,
+        () = deadline => {
+            tracing::warn!(?grace, "grace period over; dropping the connections still open");
+            Ok(())
         }
-    })
+    }
 }
