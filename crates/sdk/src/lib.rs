@@ -11,6 +11,7 @@
 //!    └─ on shutdown: deregisters, stops accepting, drains in-flight requests
 //!  Discovery::pick("log")  ── answered from the local table, no registry round trip
 //!  log_shipping(...)        ── a tracing layer: log lines to the log service, batched
+//!  log_shipping_discovered  ── the same, to whichever `log` instance discovery offers
 //! ```
 
 mod logship;
@@ -20,7 +21,7 @@ pub use keel_log::Shipper;
 pub use keel_registry::client::{
     Discovery, Picked, Policy, RegistryClient, ServiceInstance, Snapshot, WatchedInstance,
 };
-pub use logship::{LogLayer, LogShipping, log_shipping};
+pub use logship::{LogLayer, LogShipping, log_shipping, log_shipping_discovered};
 pub use runner::{Service, ServiceConfig, ServiceError, stay_registered};
 
 /// Completes on the first SIGINT or SIGTERM: the usual `shutdown` for

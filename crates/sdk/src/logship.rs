@@ -1,12 +1,15 @@
 //! Shipping a service's log lines to the log service.
 //!
-//! [`log_shipping`] returns a `tracing` layer and a handle. The layer formats each
-//! event as one line and hands it to a [`keel_log::Shipper`] for the `logs` topic: a
-//! bounded buffer that never waits, sent in batches, with dropped lines counted.
+//! [`log_shipping`] (a fixed log service) and [`log_shipping_discovered`] (whichever
+//! `log` instance discovery offers at each batch) return a `tracing` layer and a
+//! handle. The layer formats each event as one line and hands it to a
+//! [`keel_log::Shipper`] for the `logs` topic: a bounded buffer that never waits, sent
+//! in batches, with dropped lines counted.
 
 use std::fmt::Write as _;
 
 use keel_log::{Shipper, ShipperStats};
+use keel_registry::client::{Discovery, Policy};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::Context;
 
@@ -24,7 +27,28 @@ pub struct LogLayer {
 /// `log_url` (its base URL) through a buffer of `capacity` lines, and a handle with
 /// its counts. Must be called within a tokio runtime.
 pub fn log_shipping(service: &str, log_url: &str, capacity: usize) -> (LogLayer, LogShipping) {
-    let shipper = Shipper::new(log_url, "logs", capacity);
+    layer(service, Shipper::new(log_url, "logs", capacity))
+}
+
+/// Like [`log_shipping`], but each batch goes to an instance of the `log` service that
+/// `discovery` offers at that moment (in turn, when there are several), so shipping
+/// follows the log service as it moves, restarts or scales. While there is none,
+/// lines are dropped and counted. A service that lists `log` among its requirements
+/// keeps `discovery` current. Must be called within a tokio runtime.
+pub fn log_shipping_discovered(
+    service: &str,
+    discovery: Discovery,
+    capacity: usize,
+) -> (LogLayer, LogShipping) {
+    let resolve = move || {
+        discovery
+            .pick("log", Policy::RoundRobin)
+            .map(|picked| picked.url.clone())
+    };
+    layer(service, Shipper::resolving(resolve, "logs", capacity))
+}
+
+fn layer(service: &str, shipper: Shipper) -> (LogLayer, LogShipping) {
     let stats = shipper.stats().clone();
     (
         LogLayer {

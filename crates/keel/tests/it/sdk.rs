@@ -243,3 +243,71 @@ async fn log_lines_should_reach_the_log_service_and_never_block_when_it_is_down(
     .await;
     assert_eq!(shipping.sent(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_log_shipping_should_follow_the_log_instance_discovery_offers() {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let log_addr = listener.local_addr().unwrap();
+    let config = keel_log::LogServiceConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let (_stop_log, stopped) = oneshot::channel::<()>();
+    tokio::spawn(keel_log::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+
+    let discovery = keel::service::Discovery::default();
+    let (layer, shipping) =
+        keel::service::log_shipping_discovered("grading", discovery.clone(), 1000);
+    let subscriber = std::sync::Arc::new(tracing_subscriber::registry().with(layer));
+
+    // No log instance known yet: lines are dropped and counted, never sent.
+    tracing::subscriber::with_default(subscriber.clone(), || {
+        for i in 0..3 {
+            tracing::info!(i, "before the log service is known");
+        }
+    });
+    eventually("lines without a log instance are dropped", async || {
+        shipping.dropped() == 3
+    })
+    .await;
+    assert_eq!(shipping.sent(), 0);
+
+    discovery.add(keel::service::ServiceInstance {
+        id: "log-1".into(),
+        name: "log".into(),
+        url: format!("http://{log_addr}"),
+    });
+    tracing::subscriber::with_default(subscriber, || {
+        for i in 0..5 {
+            tracing::info!(i, "grade added");
+        }
+    });
+    // The five lines, and one that reports the three dropped before.
+    eventually("the lines reach the discovered log service", async || {
+        shipping.sent() == 6
+    })
+    .await;
+    let mut client = keel_log::Client::connect(&log_addr.to_string())
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    for offset in 0..6 {
+        let line = client.consume("logs", offset).await.unwrap();
+        texts.push(String::from_utf8_lossy(&line.value).into_owned());
+    }
+    let added: Vec<&String> = texts.iter().filter(|t| t.contains("grade added")).collect();
+    assert_eq!(added.len(), 5, "{texts:?}");
+    assert!(
+        added.iter().all(|t| t.starts_with("INFO grading ")),
+        "{texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("3 lines were dropped")),
+        "{texts:?}"
+    );
+}
