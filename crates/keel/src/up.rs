@@ -77,9 +77,19 @@ pub struct UpArgs {
     /// The first portal instance's port; 0 picks a free one.
     #[arg(long, default_value_t = 20005)]
     portal_port: u16,
-    /// How long each part may take to stop before it is killed.
-    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    /// How long each part may take to stop before it is killed (more than 0s).
+    #[arg(long, default_value = "10s", value_parser = parse_grace)]
     grace: Duration,
+}
+
+/// A grace period: a duration longer than zero, since a part given none is killed
+/// before it can deregister or sync its data.
+fn parse_grace(text: &str) -> Result<Duration, String> {
+    let grace = crate::cli::parse_duration(text)?;
+    if grace.is_zero() {
+        return Err("a grace of 0s would kill every part before it deregisters and syncs; give at least e.g. 1s".into());
+    }
+    Ok(grace)
 }
 
 fn parse_instances(text: &str) -> Result<(Demo, usize), String> {
@@ -718,6 +728,13 @@ mod tests {
         assert_eq!(log.addr.to_string(), "127.0.0.1:9");
         assert!(log.admin.is_none());
         assert!(parse_banner("hello").is_none());
+    }
+
+    #[test]
+    fn grace_should_be_longer_than_zero() {
+        assert_eq!(parse_grace("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_grace("0s").unwrap_err().contains("at least"));
+        assert!(parse_grace("soon").unwrap_err().contains("bad duration"));
     }
 
     #[test]
