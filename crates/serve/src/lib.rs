@@ -275,6 +275,14 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    fn options(threads: usize, max_connections: Option<usize>) -> Options {
+        Options {
+            threads,
+            max_connections,
+            name: "test-serve".into(),
+        }
+    }
+
     /// Serves, on each thread, a one-route app that answers with the thread's index.
     async fn start(
         threads: usize,
@@ -287,15 +295,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let options = Options {
-            threads,
-            max_connections,
-            name: "test-serve".into(),
-        };
         let token = stop.clone();
         let task = tokio::spawn(serve(
             listener,
-            options,
+            options(threads, max_connections),
             stop.clone(),
             move |index, handed| {
                 let app = axum::Router::new().route(
@@ -351,13 +354,8 @@ mod tests {
     #[test]
     fn thread_count_should_be_one_per_core_unless_set() {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let options = |threads| Options {
-            threads,
-            max_connections: None,
-            name: "x".into(),
-        };
-        assert_eq!(options(0).thread_count(), cores);
-        assert_eq!(options(3).thread_count(), 3);
+        assert_eq!(options(0, None).thread_count(), cores);
+        assert_eq!(options(3, None).thread_count(), 3);
     }
 
     #[tokio::test]
@@ -408,11 +406,7 @@ mod tests {
         for round in 0..50 {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let stop = CancellationToken::new();
-            let options = Options {
-                threads: 2,
-                max_connections: None,
-                name: "test-serve".into(),
-            };
+            let options = options(2, None);
             let token = stop.clone();
             let serving = tokio::spawn(serve(listener, options, stop.clone(), move |_, _| {
                 let token = token.clone();
@@ -438,11 +432,7 @@ mod tests {
     async fn a_thread_that_stops_early_should_fail_the_whole() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stop = CancellationToken::new();
-        let options = Options {
-            threads: 2,
-            max_connections: None,
-            name: "test-serve".into(),
-        };
+        let options = options(2, None);
         let token = stop.clone();
         let served = serve(listener, options, stop.clone(), move |index, _handed| {
             let token = token.clone();

@@ -20,6 +20,22 @@ fn registry_config() -> RegistryConfig {
 }
 
 /// Runs a registry on `listener`; stopped when the sender is dropped or fired.
+/// A log service on 127.0.0.1:0 in a temp dir; it runs until the returned guard drops.
+async fn start_log_service() -> (SocketAddr, (tempfile::TempDir, oneshot::Sender<()>)) {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = keel_log::LogServiceConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(keel_log::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    (addr, (dir, stop))
+}
+
 fn start_registry(listener: tokio::net::TcpListener) -> oneshot::Sender<()> {
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(keel_registry::run(
@@ -186,17 +202,7 @@ async fn service_should_register_when_the_registry_comes_up_and_again_after_it_r
 async fn log_lines_should_reach_the_log_service_and_never_block_when_it_is_down() {
     use tracing_subscriber::layer::SubscriberExt;
 
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let log_addr = listener.local_addr().unwrap();
-    let config = keel_log::LogServiceConfig {
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    let (_stop_log, stopped) = oneshot::channel::<()>();
-    tokio::spawn(keel_log::run(listener, config, async move {
-        let _ = stopped.await;
-    }));
+    let (log_addr, _log) = start_log_service().await;
 
     let (layer, shipping) =
         keel::service::log_shipping("visit", &format!("http://{log_addr}"), 1000);
@@ -248,17 +254,7 @@ async fn log_lines_should_reach_the_log_service_and_never_block_when_it_is_down(
 async fn discovered_log_shipping_should_follow_the_log_instance_discovery_offers() {
     use tracing_subscriber::layer::SubscriberExt;
 
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let log_addr = listener.local_addr().unwrap();
-    let config = keel_log::LogServiceConfig {
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    let (_stop_log, stopped) = oneshot::channel::<()>();
-    tokio::spawn(keel_log::run(listener, config, async move {
-        let _ = stopped.await;
-    }));
+    let (log_addr, _log) = start_log_service().await;
 
     let discovery = keel::service::Discovery::default();
     let (layer, shipping) =
