@@ -348,27 +348,22 @@ impl Producer for NatsProducer {
         deadline: Instant,
         latencies: &mut Histogram<u64>,
     ) -> anyhow::Result<u64> {
-        let mut in_flight = futures::stream::FuturesOrdered::new();
-        let mut acked = 0;
-        loop {
-            if Instant::now() < deadline && in_flight.len() < window {
-                let sent = Instant::now();
-                let ack = self
-                    .context
-                    .publish(self.subject.clone(), value.clone())
+        let (context, subject) = (&self.context, &self.subject);
+        pipelined(window, deadline, latencies, || {
+            let value = value.clone();
+            async move {
+                let ack = context
+                    .publish(subject.clone(), value)
                     .await
                     .map_err(|err| anyhow::anyhow!("publish: {err}"))?;
-                in_flight.push_back(async move { (ack.await, sent) });
-                continue;
+                Ok(async move {
+                    ack.await
+                        .map(drop)
+                        .map_err(|err| anyhow::anyhow!("publish ack: {err}"))
+                })
             }
-            let Some((ack, sent)) = in_flight.next().await else {
-                break;
-            };
-            ack.map_err(|err| anyhow::anyhow!("publish ack: {err}"))?;
-            latencies.record(micros(sent.elapsed()))?;
-            acked += 1;
-        }
-        Ok(acked)
+        })
+        .await
     }
 }
 
@@ -472,33 +467,23 @@ impl Producer for RedisProducer {
         latencies: &mut Histogram<u64>,
     ) -> anyhow::Result<u64> {
         // The multiplexed connection pipelines concurrent commands on one socket.
-        let mut in_flight = futures::stream::FuturesUnordered::new();
-        let mut acked = 0;
-        loop {
-            if Instant::now() < deadline && in_flight.len() < window {
-                let mut connection = self.connection.clone();
-                let (key, value) = (self.key.clone(), value.clone());
-                let sent = Instant::now();
-                in_flight.push(async move {
-                    let added: redis::RedisResult<String> = redis::cmd("XADD")
+        let (connection, key) = (&self.connection, &self.key);
+        pipelined(window, deadline, latencies, || {
+            let (mut connection, key, value) = (connection.clone(), key.clone(), value.clone());
+            async move {
+                Ok(async move {
+                    let _id: String = redis::cmd("XADD")
                         .arg(&key)
                         .arg("*")
                         .arg("v")
                         .arg(value.as_ref())
                         .query_async(&mut connection)
-                        .await;
-                    (added, sent)
-                });
-                continue;
+                        .await?;
+                    Ok(())
+                })
             }
-            let Some((added, sent)) = in_flight.next().await else {
-                break;
-            };
-            added?;
-            latencies.record(micros(sent.elapsed()))?;
-            acked += 1;
-        }
-        Ok(acked)
+        })
+        .await
     }
 }
 
@@ -677,6 +662,39 @@ impl System for Raw {
         })
         .await?
     }
+}
+
+/// Keeps up to `window` appends in flight until `deadline`, then waits for the rest;
+/// returns how many were acknowledged and records each one's latency. `send` starts one
+/// append (the part a client must wait for before sending the next) and returns the
+/// future of its acknowledgement.
+async fn pipelined<S, A>(
+    window: usize,
+    deadline: Instant,
+    latencies: &mut Histogram<u64>,
+    mut send: impl FnMut() -> S,
+) -> anyhow::Result<u64>
+where
+    S: Future<Output = anyhow::Result<A>>,
+    A: Future<Output = anyhow::Result<()>>,
+{
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut acked = 0;
+    loop {
+        if Instant::now() < deadline && in_flight.len() < window {
+            let sent = Instant::now();
+            let ack = send().await?;
+            in_flight.push(async move { (ack.await, sent) });
+            continue;
+        }
+        let Some((ack, sent)) = in_flight.next().await else {
+            break;
+        };
+        ack?;
+        latencies.record(micros(sent.elapsed()))?;
+        acked += 1;
+    }
+    Ok(acked)
 }
 
 #[cfg(test)]
