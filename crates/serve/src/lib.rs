@@ -61,10 +61,15 @@ struct Accepted {
     slot: Option<OwnedSemaphorePermit>,
 }
 
+/// Connections handed to a serving thread that it has not taken yet. When a thread
+/// falls this far behind, the acceptor waits, and new clients wait in the kernel's
+/// backlog.
+const HANDOFF_QUEUE: usize = 128;
+
 /// The listener of one serving thread: it yields the connections the acceptor hands
 /// this thread, registered with the thread's runtime.
 pub struct Handed {
-    incoming: mpsc::UnboundedReceiver<Accepted>,
+    incoming: mpsc::Receiver<Accepted>,
     local: SocketAddr,
 }
 
@@ -138,7 +143,7 @@ where
     let mut threads = FuturesUnordered::new();
     let mut outlets = Vec::new();
     for index in 0..options.thread_count() {
-        let (outlet, incoming) = mpsc::unbounded_channel();
+        let (outlet, incoming) = mpsc::channel(HANDOFF_QUEUE);
         let handed = Handed { incoming, local };
         let (finished, finished_rx) = oneshot::channel();
         let serve_thread = Arc::clone(&serve_thread);
@@ -182,10 +187,16 @@ where
             }
             accepted = accept(&listener, slots.as_ref()) => {
                 let Some(accepted) = accepted else { continue };
-                if outlets[next % outlets.len()].send(accepted).is_err() {
-                    tracing::warn!(thread = next % outlets.len(), "a serving thread is gone; dropped its connection");
-                }
+                let thread = next % outlets.len();
                 next = next.wrapping_add(1);
+                tokio::select! {
+                    biased;
+                    // A thread that no longer takes connections must not hold up the stop.
+                    () = stop.cancelled() => break,
+                    handed = outlets[thread].send(accepted) => if handed.is_err() {
+                        tracing::warn!(thread, "a serving thread is gone; dropped its connection");
+                    },
+                }
             }
         }
     }
