@@ -79,13 +79,6 @@ pub struct Connection {
     _slot: Option<OwnedSemaphorePermit>,
 }
 
-impl Connection {
-    /// The underlying stream.
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
-    }
-}
-
 impl axum::serve::Listener for Handed {
     type Io = Connection;
     type Addr = SocketAddr;
