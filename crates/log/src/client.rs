@@ -7,8 +7,8 @@ use futures::{Stream, StreamExt};
 use keel_commitlog::{Offset, Record};
 use keel_proto::log::v1 as wire;
 use keel_proto::log::v1::log_client::LogClient;
-use tonic::transport::{Channel, Endpoint};
 
+use crate::channel::{Channel, Target};
 use crate::topic::TopicInfo;
 
 /// How long [`Client::connect`] waits for the service to accept the connection.
@@ -31,9 +31,9 @@ pub enum ClientError {
     Connect {
         /// The address.
         addr: String,
-        /// The transport's error.
+        /// Why: refused, timed out, or the HTTP/2 handshake failed.
         #[source]
-        source: tonic::transport::Error,
+        source: std::io::Error,
     },
     /// The service answered with an error.
     #[error("{} ({:?})", .0.message(), .0.code())]
@@ -46,9 +46,15 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
-/// A connection to a log service.
+/// A connection to a log service: one HTTP/2 connection, on which calls (also
+/// concurrent ones, from clones) are multiplexed. When the connection breaks (the
+/// service restarted), the calls on it fail with `UNAVAILABLE` and the next call
+/// connects again.
 #[derive(Debug, Clone)]
 pub struct Client {
+    addr: String,
+    target: Target,
+    channel: Channel,
     inner: LogClient<Channel>,
 }
 
@@ -68,29 +74,44 @@ impl Client {
     /// [`ClientError::Address`] for an unusable address; [`ClientError::Connect`] when
     /// nothing answers.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
-        let url = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(url).map_err(|err| ClientError::Address {
+        let target = Target::parse(addr).map_err(|reason| ClientError::Address {
             addr: addr.to_owned(),
-            reason: err.to_string(),
+            reason,
         })?;
-        // A host that drops packets must not hang the caller for the OS's minutes.
-        let channel = endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect()
+        let channel = Self::dial(addr, &target).await?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            inner: Self::grpc_client(&target, channel.clone()),
+            target,
+            channel,
+        })
+    }
+
+    // A host that drops packets must not hang the caller for the OS's minutes.
+    async fn dial(addr: &str, target: &Target) -> Result<Channel, ClientError> {
+        Channel::connect(target, CONNECT_TIMEOUT)
             .await
             .map_err(|source| ClientError::Connect {
                 addr: addr.to_owned(),
                 source,
-            })?;
-        Ok(Self {
-            inner: LogClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-        })
+            })
+    }
+
+    fn grpc_client(target: &Target, channel: Channel) -> LogClient<Channel> {
+        LogClient::with_origin(channel, target.origin.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// The generated client, on a live connection: after the connection broke, this
+    /// dials again.
+    async fn ready(&mut self) -> Result<&mut LogClient<Channel>, ClientError> {
+        if self.channel.is_closed() {
+            let channel = Self::dial(&self.addr, &self.target).await?;
+            self.inner = Self::grpc_client(&self.target, channel.clone());
+            self.channel = channel;
+        }
+        Ok(&mut self.inner)
     }
 
     /// Appends one record to `topic` (empty: the default topic); returns its offset.
@@ -110,7 +131,13 @@ impl Client {
             }),
             topic: topic.to_owned(),
         };
-        Ok(self.inner.produce(request).await?.into_inner().offset)
+        Ok(self
+            .ready()
+            .await?
+            .produce(request)
+            .await?
+            .into_inner()
+            .offset)
     }
 
     /// Appends records as one batch; returns their offsets.
@@ -127,7 +154,12 @@ impl Client {
             topic: topic.to_owned(),
             values,
         };
-        let response = self.inner.produce_batch(request).await?.into_inner();
+        let response = self
+            .ready()
+            .await?
+            .produce_batch(request)
+            .await?
+            .into_inner();
         Ok(response.first_offset..response.first_offset + response.count)
     }
 
@@ -141,7 +173,13 @@ impl Client {
             offset,
             topic: topic.to_owned(),
         };
-        let record = self.inner.consume(request).await?.into_inner().record;
+        let record = self
+            .ready()
+            .await?
+            .consume(request)
+            .await?
+            .into_inner()
+            .record;
         record.map(from_wire).ok_or_else(|| {
             tonic::Status::internal("the service sent a response without a record").into()
         })
@@ -166,7 +204,12 @@ impl Client {
             max_bytes,
             follow,
         };
-        let stream = self.inner.consume_batch_stream(request).await?.into_inner();
+        let stream = self
+            .ready()
+            .await?
+            .consume_batch_stream(request)
+            .await?
+            .into_inner();
         Ok(stream.map(|message| {
             message
                 .map(|batch| batch.records.into_iter().map(from_wire).collect())
@@ -180,7 +223,11 @@ impl Client {
     ///
     /// The service's status.
     pub async fn topics(&mut self) -> Result<Vec<TopicInfo>, ClientError> {
-        let response = self.inner.list_topics(wire::ListTopicsRequest {}).await?;
+        let response = self
+            .ready()
+            .await?
+            .list_topics(wire::ListTopicsRequest {})
+            .await?;
         Ok(response
             .into_inner()
             .topics

@@ -22,6 +22,7 @@
 //! This crate owns the service and its client; storage is `keel-commitlog`, wire
 //! types are `keel-proto`. It knows nothing of the registry or the gateway.
 
+mod channel;
 mod client;
 mod config;
 mod error;
@@ -34,6 +35,7 @@ mod tail;
 mod topic;
 mod topics;
 
+pub use channel::{Channel, ResponseBody};
 pub use client::{Client, ClientError};
 pub use config::LogServiceConfig;
 pub use error::ServiceError;

@@ -183,6 +183,67 @@ async fn produce_stream_should_answer_each_record_in_order() {
 }
 
 #[tokio::test]
+async fn a_produce_stream_larger_than_every_window_should_arrive_whole() {
+    // 48 records of 512 KiB: 24 MiB on one stream, far past the HTTP/2 flow-control
+    // windows, so the client must wait for window updates as it sends.
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let record = |i: u8| Bytes::from(vec![i; 512 * 1024]);
+    let requests = futures::stream::iter((0..48).map(move |i| wire::ProduceRequest {
+        record: Some(wire::Record {
+            value: record(i),
+            ..Default::default()
+        }),
+        topic: "big".into(),
+    }));
+    let mut responses = client
+        .grpc()
+        .produce_stream(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = 0;
+    while let Some(response) = responses.next().await {
+        assert_eq!(response.unwrap().offset, acked);
+        acked += 1;
+    }
+    assert_eq!(acked, 48);
+    for i in [0u8, 23, 47] {
+        let value = client.consume("big", u64::from(i)).await.unwrap().value;
+        assert!(value.len() == 512 * 1024 && value.iter().all(|&b| b == i));
+    }
+}
+
+#[tokio::test]
+async fn a_client_should_connect_again_after_the_service_restarts() {
+    let mut server = TestServer::start().await;
+    let addr = server.addr;
+    let mut client = server.client().await;
+    assert_eq!(client.produce("again", "before").await.unwrap(), 0);
+    server.stop().await;
+    let dir = server.take_dir();
+    let _server = TestServer::start_on(addr, config(dir.path())).await;
+    // The call that finds the old connection broken fails as unavailable; one of
+    // the next ones connects again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let offset = loop {
+        match client.produce("again", "after").await {
+            Ok(offset) => break offset,
+            Err(ClientError::Status(status)) if status.code() == Code::Unavailable => {
+                assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    };
+    assert_eq!(offset, 1);
+    assert_eq!(
+        &client.consume("again", 0).await.unwrap().value[..],
+        b"before"
+    );
+}
+
+#[tokio::test]
 async fn consume_stream_should_replay_then_tail_promptly_then_end_on_cancel() {
     let server = TestServer::start().await;
     let mut client = server.client().await;

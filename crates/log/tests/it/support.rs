@@ -39,9 +39,12 @@ impl TestServer {
     }
 
     pub(crate) async fn start_with(config: LogServiceConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), config).await
+    }
+
+    /// Starts on `addr`: port 0, or the address of a server stopped earlier.
+    pub(crate) async fn start_on(addr: SocketAddr, config: LogServiceConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(keel_log::run(listener, config, async move {
