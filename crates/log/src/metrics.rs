@@ -42,6 +42,8 @@ pub(crate) struct TopicMetrics {
     pub(crate) records: AtomicU64,
     pub(crate) bytes: AtomicU64,
     pub(crate) commits: AtomicU64,
+    /// Commits made by a serving thread instead of the writer thread.
+    pub(crate) inline_commits: AtomicU64,
     pub(crate) failed_commits: AtomicU64,
     /// Time of each group commit: the write and, under `always`, the fsync.
     pub(crate) commit_latency: Histogram,
@@ -90,7 +92,7 @@ impl<T> Family<T> {
     }
 }
 
-const COUNTERS: [Family<TopicMetrics>; 5] = [
+const COUNTERS: [Family<TopicMetrics>; 6] = [
     Family {
         name: "keel_log_appended_records_total",
         kind: "counter",
@@ -108,6 +110,12 @@ const COUNTERS: [Family<TopicMetrics>; 5] = [
         kind: "counter",
         help: "Group commits (one write and at most one fsync each).",
         value: |m| m.commits.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_inline_commits_total",
+        kind: "counter",
+        help: "Commits of a lone producer's append made by the serving thread that received it, without the writer thread.",
+        value: |m| m.inline_commits.load(Ordering::Relaxed) as f64,
     },
     Family {
         name: "keel_log_failed_commits_total",

@@ -1,19 +1,30 @@
-//! A topic: one commit log, the single writer thread that owns it, and the signal
-//! that wakes tailing readers.
+//! A topic: one commit log, the writer thread that group-commits to it, and the
+//! signal that wakes tailing readers.
 //!
 //! ```text
 //!  handlers ──append──> bounded queue ──> writer thread: drain all waiting,
 //!                                          append_batch (one write, one sync),
 //!                                          publish next offset ──> watch ──> tails
 //!                                          answer each request with its offsets
+//!  handlers ──append, writer idle, fast disk──> append_batch on the serving thread
 //!  handlers ──read────> Reader (any thread, never waits for the writer)
 //! ```
+//!
+//! An append that finds nothing queued and the writer idle is committed by the
+//! serving thread that received it, when the topic's latest commit served one
+//! request alone and took under [`INLINE_COMMIT_BELOW`]: a lone producer, on a fast
+//! disk. That saves waking the writer thread and being woken back, two context
+//! switches that cost more than a fast sync. As soon as appends overlap, they queue
+//! for the writer and share its syncs, and its commits of several requests keep
+//! them there; a slow sync sends every append to the writer too, so that it never
+//! holds up the other connections of a serving thread.
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_commitlog::{Log, LogConfig, LogError, Offset, Reader, Record, SyncPolicy};
@@ -21,6 +32,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::ServiceError;
 use crate::metrics::TopicMetrics;
+
+/// A commit slower than this sends the topic's appends to the writer thread until a
+/// commit of one request is fast again; see the module doc.
+pub(crate) const INLINE_COMMIT_BELOW: Duration = Duration::from_millis(1);
 
 /// What the writer answers an append with.
 type Reply = Result<Range<Offset>, Arc<LogError>>;
@@ -68,7 +83,7 @@ pub(crate) struct Topic {
     appends: Mutex<Option<mpsc::Sender<Append>>>,
     next: watch::Receiver<Offset>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    metrics: Arc<TopicMetrics>,
+    committer: Arc<Committer>,
 }
 
 impl std::fmt::Debug for Topic {
@@ -101,13 +116,17 @@ impl Topic {
         let max_record_bytes = log.config().max_record_bytes;
         let (next_tx, next) = watch::channel(log.next_offset());
         let (appends, queue) = mpsc::channel(limits.queue_depth.max(1));
-        let metrics = Arc::new(TopicMetrics::default());
-        let writer = Writer {
-            metrics: Arc::clone(&metrics),
-            log,
-            queue,
+        let committer = Arc::new(Committer {
+            log: Mutex::new(Some(log)),
+            writer_busy: AtomicBool::new(false),
+            inline_ok: AtomicBool::new(true),
+            metrics: Arc::new(TopicMetrics::default()),
             next: next_tx,
             topic: name.to_owned(),
+        });
+        let writer = Writer {
+            committer: Arc::clone(&committer),
+            queue,
             max_batch_bytes: limits.max_batch_bytes,
             runtime,
         };
@@ -126,7 +145,7 @@ impl Topic {
             appends: Mutex::new(Some(appends)),
             next,
             writer: Mutex::new(Some(writer)),
-            metrics,
+            committer,
         })
     }
 
@@ -135,11 +154,11 @@ impl Topic {
     }
 
     pub(crate) fn metrics(&self) -> &TopicMetrics {
-        &self.metrics
+        &self.committer.metrics
     }
 
     pub(crate) fn metrics_handle(&self) -> Arc<TopicMetrics> {
-        Arc::clone(&self.metrics)
+        Arc::clone(&self.committer.metrics)
     }
 
     /// Queues values for the writer and returns where their offsets will arrive.
@@ -148,25 +167,8 @@ impl Topic {
         &self,
         values: Vec<Bytes>,
     ) -> Result<oneshot::Receiver<Reply>, ServiceError> {
-        // Reject what the log would reject, before it can fail a whole group commit.
-        if let Some(big) = values
-            .iter()
-            .find(|v| v.len() as u64 > self.max_record_bytes)
-        {
-            return Err(ServiceError::log(
-                &self.name,
-                LogError::RecordTooLarge {
-                    len: big.len(),
-                    max: self.max_record_bytes as u32,
-                },
-            ));
-        }
-        let sender = self
-            .appends
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or(ServiceError::ShuttingDown)?;
+        self.check_sizes(&values)?;
+        let sender = self.sender()?;
         let (reply, offsets) = oneshot::channel();
         let append = Append { values, reply };
         match tokio::time::timeout(self.enqueue_timeout, sender.send(append)).await {
@@ -176,6 +178,31 @@ impl Topic {
                 topic: self.name.clone(),
             }),
         }
+    }
+
+    /// Rejects what the log would reject, before it can fail a whole group commit.
+    fn check_sizes(&self, values: &[Bytes]) -> Result<(), ServiceError> {
+        match values
+            .iter()
+            .find(|v| v.len() as u64 > self.max_record_bytes)
+        {
+            Some(big) => Err(ServiceError::log(
+                &self.name,
+                LogError::RecordTooLarge {
+                    len: big.len(),
+                    max: self.max_record_bytes as u32,
+                },
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Append>, ServiceError> {
+        self.appends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(ServiceError::ShuttingDown)
     }
 
     /// Waits for the offsets of submitted values.
@@ -190,8 +217,17 @@ impl Topic {
         }
     }
 
-    /// Appends values as one batch and returns their offsets, once durable.
+    /// Appends values as one batch and returns their offsets, once durable: on this
+    /// thread when the writer is idle and the disk fast, else through the writer.
     pub(crate) async fn append(&self, values: Vec<Bytes>) -> Result<Range<Offset>, ServiceError> {
+        self.check_sizes(&values)?;
+        let sender = self.sender()?;
+        if sender.capacity() == sender.max_capacity()
+            && let Some(result) = self.committer.try_commit_here(&values)
+        {
+            return result.map_err(|err| ServiceError::log(&self.name, Arc::new(err)));
+        }
+        drop(sender);
         let reply = self.submit(values).await?;
         self.offsets(reply).await
     }
@@ -261,23 +297,102 @@ impl Topic {
     }
 }
 
-/// The writer thread's state.
-struct Writer {
+/// The log and what every commit updates, shared by the writer thread and the
+/// serving threads that commit inline.
+struct Committer {
+    /// `None` once the writer has closed the log.
+    log: Mutex<Option<Log>>,
+    /// Set while the writer thread holds requests it has taken from the queue, so
+    /// that no inline commit gets ahead of them.
+    writer_busy: AtomicBool,
+    /// Whether the latest commit was fast and served one request alone: the sign of
+    /// a lone producer, whose next append may be committed inline.
+    inline_ok: AtomicBool,
     metrics: Arc<TopicMetrics>,
-    log: Log,
-    queue: mpsc::Receiver<Append>,
     next: watch::Sender<Offset>,
     topic: String,
+}
+
+impl Committer {
+    /// Commits `values` on the calling thread if nobody else is committing and the
+    /// latest commit was a lone producer's, and fast; `None` when the caller should
+    /// queue instead.
+    fn try_commit_here(&self, values: &[Bytes]) -> Option<Result<Range<Offset>, LogError>> {
+        if self.writer_busy.load(Ordering::Acquire) || !self.inline_ok.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut log = self.log.try_lock().ok()?;
+        let log = log.as_mut()?;
+        let values: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
+        self.metrics.inline_commits.fetch_add(1, Ordering::Relaxed);
+        Some(self.commit(log, &values, 1))
+    }
+
+    /// Appends `values` as one batch (one write, one sync), counts it, and tells
+    /// tailing readers.
+    fn commit(
+        &self,
+        log: &mut Log,
+        values: &[&[u8]],
+        requests: usize,
+    ) -> Result<Range<Offset>, LogError> {
+        let started = Instant::now();
+        let result = log.append_batch(values);
+        let elapsed = started.elapsed();
+        self.metrics.commit_latency.record(elapsed);
+        self.inline_ok.store(
+            requests == 1 && elapsed < INLINE_COMMIT_BELOW,
+            Ordering::Relaxed,
+        );
+        match &result {
+            Ok(range) => {
+                let bytes: usize = values.iter().map(|v| v.len()).sum();
+                self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .records
+                    .fetch_add(range.end - range.start, Ordering::Relaxed);
+                self.metrics
+                    .bytes
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                self.next.send_replace(range.end);
+                tracing::trace!(
+                    topic = self.topic,
+                    requests,
+                    records = range.end - range.start,
+                    "group commit"
+                );
+            }
+            Err(err) => {
+                self.metrics.failed_commits.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(topic = self.topic, error = %err, "append failed");
+            }
+        }
+        result
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Log>> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    committer: Arc<Committer>,
+    queue: mpsc::Receiver<Append>,
     max_batch_bytes: usize,
     runtime: tokio::runtime::Handle,
 }
 
 impl Writer {
     fn run(mut self) {
-        let idle_sync = match self.log.config().sync {
-            SyncPolicy::Interval(every) => Some(every),
-            _ => None,
-        };
+        let idle_sync = self
+            .committer
+            .lock()
+            .as_ref()
+            .and_then(|log| match log.config().sync {
+                SyncPolicy::Interval(every) => Some(every),
+                _ => None,
+            });
         let mut batch: Vec<Append> = Vec::new();
         loop {
             // Under an interval policy, an idle writer syncs what the last appends left.
@@ -288,8 +403,10 @@ impl Writer {
                 {
                     Ok(first) => first,
                     Err(_) => {
-                        if let Err(err) = self.log.sync() {
-                            tracing::error!(topic = self.topic, error = %err, "interval sync failed");
+                        if let Some(log) = self.committer.lock().as_mut()
+                            && let Err(err) = log.sync()
+                        {
+                            tracing::error!(topic = self.committer.topic, error = %err, "interval sync failed");
                         }
                         continue;
                     }
@@ -297,6 +414,7 @@ impl Writer {
                 None => self.queue.blocking_recv(),
             };
             let Some(first) = first else { break };
+            self.committer.writer_busy.store(true, Ordering::Release);
             let mut bytes: usize = first.values.iter().map(Bytes::len).sum();
             batch.push(first);
             while bytes < self.max_batch_bytes {
@@ -307,11 +425,15 @@ impl Writer {
                 batch.push(more);
             }
             self.commit(&mut batch);
+            self.committer.writer_busy.store(false, Ordering::Release);
         }
-        if let Err(err) = self.log.close() {
-            tracing::error!(topic = self.topic, error = %err, "closing the log failed");
+        let log = self.committer.lock().take();
+        if let Some(log) = log
+            && let Err(err) = log.close()
+        {
+            tracing::error!(topic = self.committer.topic, error = %err, "closing the log failed");
         }
-        tracing::debug!(topic = self.topic, "writer stopped");
+        tracing::debug!(topic = self.committer.topic, "writer stopped");
     }
 
     /// Appends every waiting request as one batch and answers each.
@@ -320,26 +442,16 @@ impl Writer {
             .iter()
             .flat_map(|append| append.values.iter().map(|v| v.as_ref()))
             .collect();
-        let bytes: usize = values.iter().map(|v| v.len()).sum();
-        let started = std::time::Instant::now();
-        let result = self.log.append_batch(&values);
-        self.metrics.commit_latency.record(started.elapsed());
+        let result = match self.committer.lock().as_mut() {
+            Some(log) => self.committer.commit(log, &values, batch.len()),
+            // Only this thread closes the log, after its last commit.
+            None => Err(LogError::Failed {
+                reason: "the log is closed".to_owned(),
+            }),
+        };
         drop(values);
         match result {
             Ok(range) => {
-                use std::sync::atomic::Ordering::Relaxed;
-                self.metrics.commits.fetch_add(1, Relaxed);
-                self.metrics
-                    .records
-                    .fetch_add(range.end - range.start, Relaxed);
-                self.metrics.bytes.fetch_add(bytes as u64, Relaxed);
-                self.next.send_replace(range.end);
-                tracing::trace!(
-                    topic = self.topic,
-                    requests = batch.len(),
-                    records = range.end - range.start,
-                    "group commit"
-                );
                 let mut start = range.start;
                 for append in batch.drain(..) {
                     let end = start + append.values.len() as u64;
@@ -349,10 +461,6 @@ impl Writer {
                 }
             }
             Err(err) => {
-                self.metrics
-                    .failed_commits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(topic = self.topic, error = %err, "append failed");
                 let err = Arc::new(err);
                 for append in batch.drain(..) {
                     let _ = append.reply.send(Err(Arc::clone(&err)));

@@ -256,6 +256,61 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_producer_should_commit_inline_and_overlapping_ones_together() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogServiceConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..LogServiceConfig::default()
+        };
+        let topics = Arc::new(Topics::open(config).await.expect("open"));
+        let topic = topics.get_or_create("lone").await.expect("topic");
+        for i in 0..20u64 {
+            let value = bytes::Bytes::from(format!("v{i}"));
+            assert_eq!(topic.append(vec![value]).await.expect("append"), i..i + 1);
+        }
+        // The first append has no latest commit to judge by: inline from the start.
+        assert_eq!(topic.metrics().inline_commits.load(Relaxed), 20);
+
+        let busy = topics.get_or_create("busy").await.expect("topic");
+        let mut tasks = Vec::new();
+        for producer in 0..32 {
+            let busy = Arc::clone(&busy);
+            tasks.push(tokio::spawn(async move {
+                let mut offsets = Vec::new();
+                for i in 0..10 {
+                    let value = bytes::Bytes::from(format!("{producer}-{i}"));
+                    offsets.push(busy.append(vec![value]).await.expect("append").start);
+                }
+                offsets
+            }));
+        }
+        let mut offsets = Vec::new();
+        for task in tasks {
+            offsets.extend(task.await.expect("producer"));
+        }
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..320).collect::<Vec<_>>(), "dense and unique");
+        let metrics = busy.metrics();
+        assert!(
+            metrics.commits.load(Relaxed) < 320,
+            "overlapping appends share commits"
+        );
+        assert!(metrics.inline_commits.load(Relaxed) < metrics.commits.load(Relaxed));
+        tokio::task::block_in_place(|| topics.close());
+        let lone = keel_commitlog::Log::open(
+            dir.path().join("topics").join("lone"),
+            keel_commitlog::LogConfig::default(),
+        )
+        .expect("reopen");
+        assert_eq!(
+            lone.next_offset(),
+            20,
+            "inline commits are durable and closed"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn closed_topics_should_refuse_appends_as_shutting_down() {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = LogServiceConfig {
