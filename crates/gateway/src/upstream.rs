@@ -85,7 +85,9 @@ impl Upstreams {
         })?
         .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|err| UpstreamError::Connect(io::Error::other(err)))?;
         tokio::spawn(async move {
