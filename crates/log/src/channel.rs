@@ -13,6 +13,11 @@
 //!  caller <──────────── response body (flow control released as read) <────────────┘
 //! ```
 //!
+//! The client's unary calls go through [`Channel::unary`], which also skips the
+//! generated client's generic body and codec layers: the request is encoded into one
+//! buffer and the answer decoded as it arrives. Streaming calls and
+//! [`crate::Client::grpc`] use the generated client over the same connection.
+//!
 //! A request body that is not complete when the call starts (a client stream) is
 //! sent by a spawned task, which keeps at most one message queued past the peer's
 //! flow-control window and stops when the server resets the stream.
@@ -49,6 +54,13 @@ pub(crate) struct Target {
 }
 
 impl Target {
+    /// The absolute URI of a gRPC method, e.g. `/log.v1.Log/Produce`.
+    pub(crate) fn uri(&self, path: &'static str) -> Uri {
+        let mut parts = self.origin.clone().into_parts();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+        Uri::from_parts(parts).unwrap_or_else(|_| self.origin.clone())
+    }
+
     /// Parses `host:port` or an `http://host:port` URL (port 80 when none is given).
     pub(crate) fn parse(addr: &str) -> Result<Self, String> {
         let url = if addr.contains("://") {
@@ -139,6 +151,124 @@ impl Channel {
     /// Whether the connection has ended; calls on it fail with `UNAVAILABLE`.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// The longest unary response accepted: a consume answer carries at most one record,
+/// and records are far smaller than this.
+const MAX_UNARY_RESPONSE: usize = 256 * 1024 * 1024;
+
+impl Channel {
+    /// Makes a unary call: one message each way, then the status in the trailers.
+    /// It does what the generated client does for a unary call, without its generic
+    /// body, codec and buffering layers: one request buffer, sent with the headers;
+    /// the answer is decoded as it arrives.
+    pub(crate) async fn unary<Req, Resp>(
+        &mut self,
+        target: &Target,
+        path: &'static str,
+        request: &Req,
+    ) -> Result<Resp, Status>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let len = request.encoded_len();
+        let mut message = bytes::BytesMut::with_capacity(5 + len);
+        message.extend_from_slice(&[0]);
+        message.extend_from_slice(
+            &u32::try_from(len)
+                .map_err(|_| too_large(len))?
+                .to_be_bytes(),
+        );
+        request
+            .encode(&mut message)
+            .map_err(|err| Status::internal(format!("encoding the request: {err}")))?;
+        let head = http::Request::post(target.uri(path))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(())
+            .map_err(|err| Status::internal(format!("building the request: {err}")))?;
+        poll_fn(|cx| self.send.poll_ready(cx))
+            .await
+            .map_err(|err| status(&err))?;
+        let (response, mut stream) = self
+            .send
+            .send_request(head, false)
+            .map_err(|err| status(&err))?;
+        stream
+            .send_data(message.freeze(), true)
+            .map_err(|err| status(&err))?;
+        let response = response.await.map_err(|err| status(&err))?;
+        let http_status = response.status();
+        // Trailers-only: an error answered with headers alone.
+        if let Some(status) = Status::from_header_map(response.headers()) {
+            return Err(if status.code() == Code::Ok {
+                Status::internal("the service ended the call without a response message")
+            } else {
+                status
+            });
+        }
+        let mut body = response.into_body();
+        let mut received = bytes::BytesMut::new();
+        while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
+            let chunk = chunk.map_err(|err| status(&err))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if received.len() + chunk.len() > MAX_UNARY_RESPONSE + 5 {
+                return Err(too_large(received.len() + chunk.len()));
+            }
+            received.extend_from_slice(&chunk);
+        }
+        let trailers = poll_fn(|cx| body.poll_trailers(cx))
+            .await
+            .map_err(|err| status(&err))?;
+        match trailers.as_ref().and_then(Status::from_header_map) {
+            Some(status) if status.code() == Code::Ok => decode_message(&received),
+            Some(status) => Err(status),
+            None => Err(Status::new(
+                code_of_http_status(http_status),
+                format!("the service answered HTTP {http_status} without a gRPC status"),
+            )),
+        }
+    }
+}
+
+fn too_large(len: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "a message of {len} bytes is over the client's limit"
+    ))
+}
+
+/// The one length-prefixed, uncompressed message of a unary response.
+fn decode_message<Resp: prost::Message + Default>(received: &[u8]) -> Result<Resp, Status> {
+    let malformed =
+        |what: &str| Status::internal(format!("malformed response from the service: {what}"));
+    let (prefix, message) = received
+        .split_first_chunk::<5>()
+        .ok_or_else(|| malformed("no message"))?;
+    if prefix[0] != 0 {
+        return Err(malformed("a compressed message, which was not asked for"));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if message.len() != len {
+        return Err(malformed("the message length does not match its prefix"));
+    }
+    Resp::decode(message).map_err(|err| malformed(&err.to_string()))
+}
+
+/// The gRPC code for an HTTP status that came without a gRPC status (a proxy's
+/// error page, say), as gRPC's HTTP mapping gives it.
+fn code_of_http_status(http_status: http::StatusCode) -> Code {
+    match http_status {
+        http::StatusCode::BAD_REQUEST => Code::Internal,
+        http::StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        http::StatusCode::FORBIDDEN => Code::PermissionDenied,
+        http::StatusCode::NOT_FOUND => Code::Unimplemented,
+        http::StatusCode::TOO_MANY_REQUESTS
+        | http::StatusCode::BAD_GATEWAY
+        | http::StatusCode::SERVICE_UNAVAILABLE
+        | http::StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
+        _ => Code::Unknown,
     }
 }
 
@@ -339,6 +469,46 @@ mod tests {
         assert_eq!(
             Target::parse("http://localhost").unwrap().authority,
             "localhost:80"
+        );
+    }
+
+    #[test]
+    fn unary_responses_should_decode_or_say_what_is_wrong() {
+        use keel_proto::log::v1::ProduceResponse;
+        let mut good = vec![0, 0, 0, 0, 2];
+        good.extend_from_slice(&[0x08, 0x07]); // offset = 7
+        let decoded: ProduceResponse = decode_message(&good).unwrap();
+        assert_eq!(decoded.offset, 7);
+        for (bad, says) in [
+            (&[0u8, 0, 0][..], "no message"),
+            (&[1, 0, 0, 0, 0][..], "compressed"),
+            (&[0, 0, 0, 0, 9, 0x08][..], "length"),
+        ] {
+            let err = decode_message::<ProduceResponse>(bad).unwrap_err();
+            assert_eq!(err.code(), Code::Internal);
+            assert!(err.message().contains(says), "{}", err.message());
+        }
+    }
+
+    #[test]
+    fn http_errors_without_a_grpc_status_should_map_as_grpc_does() {
+        assert_eq!(
+            code_of_http_status(http::StatusCode::SERVICE_UNAVAILABLE),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code_of_http_status(http::StatusCode::NOT_FOUND),
+            Code::Unimplemented
+        );
+        assert_eq!(code_of_http_status(http::StatusCode::OK), Code::Unknown);
+    }
+
+    #[test]
+    fn method_uris_should_be_absolute() {
+        let target = Target::parse("127.0.0.1:9").unwrap();
+        assert_eq!(
+            target.uri("/log.v1.Log/Produce").to_string(),
+            "http://127.0.0.1:9/log.v1.Log/Produce"
         );
     }
 

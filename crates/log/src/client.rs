@@ -114,6 +114,20 @@ impl Client {
         Ok(&mut self.inner)
     }
 
+    /// A unary call on a live connection.
+    async fn call<Req, Resp>(
+        &mut self,
+        path: &'static str,
+        request: &Req,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        self.ready().await?;
+        Ok(self.channel.unary(&self.target, path, request).await?)
+    }
+
     /// Appends one record to `topic` (empty: the default topic); returns its offset.
     ///
     /// # Errors
@@ -131,13 +145,8 @@ impl Client {
             }),
             topic: topic.to_owned(),
         };
-        Ok(self
-            .ready()
-            .await?
-            .produce(request)
-            .await?
-            .into_inner()
-            .offset)
+        let response: wire::ProduceResponse = self.call("/log.v1.Log/Produce", &request).await?;
+        Ok(response.offset)
     }
 
     /// Appends records as one batch; returns their offsets.
@@ -154,12 +163,8 @@ impl Client {
             topic: topic.to_owned(),
             values,
         };
-        let response = self
-            .ready()
-            .await?
-            .produce_batch(request)
-            .await?
-            .into_inner();
+        let response: wire::ProduceBatchResponse =
+            self.call("/log.v1.Log/ProduceBatch", &request).await?;
         Ok(response.first_offset..response.first_offset + response.count)
     }
 
@@ -173,13 +178,8 @@ impl Client {
             offset,
             topic: topic.to_owned(),
         };
-        let record = self
-            .ready()
-            .await?
-            .consume(request)
-            .await?
-            .into_inner()
-            .record;
+        let response: wire::ConsumeResponse = self.call("/log.v1.Log/Consume", &request).await?;
+        let record = response.record;
         record.map(from_wire).ok_or_else(|| {
             tonic::Status::internal("the service sent a response without a record").into()
         })
@@ -223,13 +223,10 @@ impl Client {
     ///
     /// The service's status.
     pub async fn topics(&mut self) -> Result<Vec<TopicInfo>, ClientError> {
-        let response = self
-            .ready()
-            .await?
-            .list_topics(wire::ListTopicsRequest {})
+        let response: wire::ListTopicsResponse = self
+            .call("/log.v1.Log/ListTopics", &wire::ListTopicsRequest {})
             .await?;
         Ok(response
-            .into_inner()
             .topics
             .into_iter()
             .map(|topic| TopicInfo {
