@@ -10,8 +10,9 @@
 //!  handlers ──read────> Reader (any thread, never waits for the writer)
 //! ```
 //!
-//! An append that finds nothing queued and the writer idle is committed by the
-//! serving thread that received it, when the topic's latest commit served one
+//! An append that finds nothing queued, no other append under way (after letting
+//! the requests already at this thread's sockets in) and the writer idle is committed
+//! by the serving thread that received it, when the topic's latest commit served one
 //! request alone and took under [`INLINE_COMMIT_BELOW`]: a lone producer, on a fast
 //! disk. That saves waking the writer thread and being woken back, two context
 //! switches that cost more than a fast sync. As soon as appends overlap, they queue
@@ -21,7 +22,7 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -84,6 +85,24 @@ pub(crate) struct Topic {
     next: watch::Receiver<Offset>,
     writer: Mutex<Option<JoinHandle<()>>>,
     committer: Arc<Committer>,
+    /// Calls of [`Topic::append`] under way.
+    appending: AtomicUsize,
+}
+
+/// Counts an append under way for as long as it is held.
+struct Appending<'a>(&'a AtomicUsize);
+
+impl<'a> Appending<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Topic {
@@ -146,6 +165,7 @@ impl Topic {
             next,
             writer: Mutex::new(Some(writer)),
             committer,
+            appending: AtomicUsize::new(0),
         })
     }
 
@@ -220,12 +240,20 @@ impl Topic {
     /// Appends values as one batch and returns their offsets, once durable: on this
     /// thread when the writer is idle and the disk fast, else through the writer.
     pub(crate) async fn append(&self, values: Vec<Bytes>) -> Result<Range<Offset>, ServiceError> {
+        let _appending = Appending::enter(&self.appending);
         self.check_sizes(&values)?;
         let sender = self.sender()?;
-        if sender.capacity() == sender.max_capacity()
-            && let Some(result) = self.committer.try_commit_here(&values)
-        {
-            return result.map_err(|err| ServiceError::log(&self.name, Arc::new(err)));
+        if self.committer.inline_ok() && sender.capacity() == sender.max_capacity() {
+            // Requests that have already arrived on this thread, unread, must get to
+            // say so before this one blocks the thread: the yield lets the runtime
+            // poll its sockets and run them up to here.
+            tokio::task::yield_now().await;
+            if self.appending.load(Ordering::Acquire) == 1
+                && sender.capacity() == sender.max_capacity()
+                && let Some(result) = self.committer.try_commit_here(&values)
+            {
+                return result.map_err(|err| ServiceError::log(&self.name, Arc::new(err)));
+            }
         }
         drop(sender);
         let reply = self.submit(values).await?;
@@ -314,11 +342,16 @@ struct Committer {
 }
 
 impl Committer {
+    /// Whether the latest commit was a lone producer's, and fast.
+    fn inline_ok(&self) -> bool {
+        self.inline_ok.load(Ordering::Relaxed)
+    }
+
     /// Commits `values` on the calling thread if nobody else is committing and the
     /// latest commit was a lone producer's, and fast; `None` when the caller should
     /// queue instead.
     fn try_commit_here(&self, values: &[Bytes]) -> Option<Result<Range<Offset>, LogError>> {
-        if self.writer_busy.load(Ordering::Acquire) || !self.inline_ok.load(Ordering::Relaxed) {
+        if self.writer_busy.load(Ordering::Acquire) || !self.inline_ok() {
             return None;
         }
         let mut log = self.log.try_lock().ok()?;

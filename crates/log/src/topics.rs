@@ -310,6 +310,44 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn producers_sharing_one_serving_thread_should_not_commit_one_by_one() {
+        // One thread serves every producer: an append committed inline would hold
+        // the others back and take the next turn again, one sync per record.
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogServiceConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..LogServiceConfig::default()
+        };
+        let topics = Topics::open(config).await.expect("open");
+        let topic = topics.get_or_create("shared").await.expect("topic");
+        let producers = (0..16).map(|producer| {
+            let topic = Arc::clone(&topic);
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    let value = bytes::Bytes::from(format!("{producer}-{i}"));
+                    topic.append(vec![value]).await.expect("append");
+                }
+            })
+        });
+        for producer in producers.collect::<Vec<_>>() {
+            producer.await.expect("producer");
+        }
+        let metrics = topic.metrics();
+        assert_eq!(metrics.records.load(Relaxed), 320);
+        assert!(
+            metrics.inline_commits.load(Relaxed) < 160,
+            "{} of 320 appends were committed inline",
+            metrics.inline_commits.load(Relaxed)
+        );
+        assert!(
+            metrics.commits.load(Relaxed) < 320,
+            "appends shared commits"
+        );
+        topics.close();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn closed_topics_should_refuse_appends_as_shutting_down() {
         let dir = tempfile::tempdir().expect("temp dir");
