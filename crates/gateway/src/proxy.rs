@@ -1,8 +1,8 @@
 //! The reverse proxy: route, pick, forward, retry, eject.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     /// Every service name the registry knows (passing or not): tells 404 from 503.
     pub(crate) known: RwLock<BTreeSet<String>>,
     passive: Mutex<HashMap<String, Passive>>,
+    /// Entries in `passive`: while none fails, a request takes no lock for it.
+    failing: AtomicUsize,
     pub(crate) stats: Stats,
     next_id: AtomicU64,
     access_log: Option<keel_log::Shipper>,
@@ -98,6 +100,7 @@ impl Gateway {
                 discovery,
                 known: RwLock::default(),
                 passive: Mutex::default(),
+                failing: AtomicUsize::new(0),
                 stats: Stats::default(),
                 next_id: AtomicU64::new(1),
                 access_log,
@@ -124,16 +127,17 @@ impl Shared {
         }
     }
 
-    /// The instances ejected now (usually none): one lock per attempt.
+    /// The instances ejected now (usually none, and then without a lock).
     fn ejected(&self) -> Vec<String> {
-        let mut passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
-        if passive.is_empty() {
+        if self.failing.load(Ordering::Acquire) == 0 {
             return Vec::new();
         }
+        let mut passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         // An ejection that ran out, with no failure since, is the same as no entry: the
         // map only holds instances failing now, however many come and go.
         passive.retain(|_, p| p.failures > 0 || p.ejected_until.is_some_and(|until| now < until));
+        self.failing.store(passive.len(), Ordering::Release);
         passive
             .iter()
             .filter(|(_, p)| p.ejected_until.is_some_and(|until| now < until))
@@ -142,10 +146,14 @@ impl Shared {
     }
 
     fn record(&self, url: &str, ok: bool) {
+        if ok && self.failing.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let mut passive = self.passive.lock().unwrap_or_else(PoisonError::into_inner);
         if ok {
             // A success clears the record (absent and default are the same state).
             passive.remove(url);
+            self.failing.store(passive.len(), Ordering::Release);
             return;
         }
         let entry = passive.entry(url.to_owned()).or_default();
@@ -156,6 +164,7 @@ impl Shared {
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(url, eject_for = ?self.config.eject_for, "ejecting an instance after consecutive failures");
         }
+        self.failing.store(passive.len(), Ordering::Release);
     }
 
     fn count(&self, status: StatusCode) {
@@ -292,38 +301,44 @@ async fn proxy(
 ) -> Response {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
-    let Some(service) = path
-        .split('/')
-        .nth(1)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-    else {
+    let Some(segment) = path.split('/').nth(1).filter(|s| !s.is_empty()) else {
         return error(
             StatusCode::NOT_FOUND,
             "no_service",
             "no service in the path: use /{service}/...".into(),
         );
     };
-    if keel_registry::validate_service_name(service.clone(), "service").is_err() {
+    let Ok(service) = keel_registry::validate_service_name(segment.to_owned(), "service") else {
         return error(
             StatusCode::NOT_FOUND,
             "unknown_service",
-            format!("no service named {service:?}"),
+            format!("no service named {segment:?}"),
         );
-    }
+    };
     routed.service = Some(service.clone());
-    let known = gateway
-        .known
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .contains(&service);
-    if !known && gateway.discovery.instances(&service).is_empty() {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_service",
-            format!("service {service:?} is not registered"),
-        );
-    }
+    // The first choice, before the body is read: no instance at all is a 404 or a 503.
+    let ejected = gateway.ejected();
+    let Some(first) = gateway
+        .discovery
+        .pick_where(&service, gateway.policy(), |instance| {
+            !ejected.contains(&instance.url)
+        })
+    else {
+        let known = gateway
+            .known
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&service);
+        return if !known && gateway.discovery.instances(&service).is_empty() {
+            error(
+                StatusCode::NOT_FOUND,
+                "unknown_service",
+                format!("service {service:?} is not registered"),
+            )
+        } else {
+            no_healthy_instance(&service)
+        };
+    };
     let stripped = gateway.config.strip_prefix.contains(&service);
     let forward_path = if stripped {
         let rest = &path[service.len() + 1..];
@@ -370,19 +385,27 @@ async fn proxy(
         }
     }
     let idempotent = is_idempotent(&parts.method);
-    let mut tried: HashSet<String> = HashSet::new();
+    // Instances that failed this request; empty unless it is retried.
+    let mut tried: Vec<String> = Vec::new();
     let mut last_failure = None;
+    let mut next = Some(first);
     for attempt in 0..=gateway.config.retries {
-        let ejected = gateway.ejected();
-        let picked = gateway
-            .discovery
-            .pick_where(&service, gateway.policy(), |instance| {
-                !tried.contains(&instance.url) && !ejected.contains(&instance.url)
-            });
-        let Some(picked) = picked else { break };
-        let url = picked.url.clone();
-        tried.insert(url.clone());
-        routed.instance = Some(url.clone());
+        let picked = match next.take() {
+            Some(picked) => picked,
+            None => {
+                let ejected = gateway.ejected();
+                let picked = gateway
+                    .discovery
+                    .pick_where(&service, gateway.policy(), |instance| {
+                        !tried.contains(&instance.url) && !ejected.contains(&instance.url)
+                    });
+                let Some(picked) = picked else { break };
+                picked
+            }
+        };
+        let instance = Arc::clone(&picked.instance);
+        let url = instance.url.as_str();
+        routed.instance = Some(url.to_owned());
         if attempt > 0 {
             gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
@@ -398,7 +421,7 @@ async fn proxy(
         }
         // Origin-form request line and an explicit Host: the connection is to the
         // instance itself, not through a proxy.
-        let without_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+        let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
         let (authority, base_path) = without_scheme
             .split_once('/')
             .map_or((without_scheme, ""), |(a, p)| (a, p));
@@ -432,7 +455,7 @@ async fn proxy(
         .await
         {
             Ok(Ok(response)) => {
-                gateway.record(&url, true);
+                gateway.record(url, true);
                 let (mut parts, body) = response.into_parts();
                 for name in HOP_BY_HOP {
                     parts.headers.remove(name);
@@ -442,7 +465,7 @@ async fn proxy(
                 return Response::from_parts(parts, body);
             }
             Ok(Err(err)) => {
-                gateway.record(&url, false);
+                gateway.record(url, false);
                 // Nothing was sent on a failed connect: safe to retry for any method.
                 let connect = matches!(err, UpstreamError::Connect(_));
                 let retry = payload.replayable() && (connect || idempotent);
@@ -451,9 +474,10 @@ async fn proxy(
                 if !retry {
                     break;
                 }
+                tried.push(url.to_owned());
             }
             Err(_) => {
-                gateway.record(&url, false);
+                gateway.record(url, false);
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
@@ -467,10 +491,58 @@ async fn proxy(
     }
     match last_failure {
         Some(message) => error(StatusCode::BAD_GATEWAY, "upstream_failed", message),
-        None => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_healthy_instance",
-            format!("service {service:?} has no healthy instance"),
-        ),
+        None => no_healthy_instance(&service),
+    }
+}
+
+fn no_healthy_instance(service: &str) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_healthy_instance",
+        format!("service {service:?} has no healthy instance"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(eject_after: u32, eject_for: std::time::Duration) -> Gateway {
+        let config = GatewayConfig {
+            eject_after,
+            eject_for,
+            ..GatewayConfig::default()
+        };
+        Gateway::new(config, Discovery::default())
+    }
+
+    #[test]
+    fn consecutive_failures_should_eject_and_a_success_should_forgive() {
+        let gateway = shared(2, std::time::Duration::from_secs(60));
+        gateway.record("http://a", false);
+        gateway.record("http://a", true);
+        gateway.record("http://a", false);
+        assert!(
+            gateway.ejected().is_empty(),
+            "a success in between resets the count"
+        );
+        gateway.record("http://a", false);
+        assert_eq!(gateway.ejected(), vec!["http://a".to_owned()]);
+        assert_eq!(gateway.stats.ejections.load(Ordering::Relaxed), 1);
+        // Successes of other instances, lock-free or not, leave the ejection alone.
+        gateway.record("http://b", true);
+        assert_eq!(gateway.ejected(), vec!["http://a".to_owned()]);
+    }
+
+    #[test]
+    fn an_ejection_should_end_after_its_cool_down_and_leave_nothing_behind() {
+        let gateway = shared(1, std::time::Duration::ZERO);
+        gateway.record("http://a", false);
+        assert!(
+            gateway.ejected().is_empty(),
+            "a zero cool-down is over at once"
+        );
+        assert_eq!(gateway.failing.load(Ordering::Relaxed), 0);
+        assert!(gateway.passive.lock().unwrap().is_empty());
     }
 }

@@ -32,7 +32,8 @@ pub enum Policy {
 
 #[derive(Debug)]
 struct Entry {
-    instance: ServiceInstance,
+    /// Shared with every [`Picked`] of it: picking copies no strings.
+    instance: Arc<ServiceInstance>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -53,7 +54,7 @@ pub struct Discovery {
 #[derive(Debug)]
 pub struct Picked {
     /// The instance.
-    pub instance: ServiceInstance,
+    pub instance: Arc<ServiceInstance>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -84,7 +85,7 @@ impl Discovery {
         table
             .services
             .get(name)
-            .map(|entries| entries.iter().map(|e| e.instance.clone()).collect())
+            .map(|entries| entries.iter().map(|e| (*e.instance).clone()).collect())
             .unwrap_or_default()
     }
 
@@ -103,18 +104,18 @@ impl Discovery {
     ) -> Option<Picked> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let all = table.services.get(name)?;
-        let entries: Vec<&Entry> = all.iter().filter(|e| allowed(&e.instance)).collect();
-        if entries.is_empty() {
+        // The n-th allowed entry, found without collecting them (this runs per request).
+        let allowed_count = all.iter().filter(|e| allowed(&e.instance)).count();
+        let nth = |n: usize| all.iter().filter(|e| allowed(&e.instance)).nth(n);
+        if allowed_count == 0 {
             return None;
         }
         let entry = match policy {
-            Policy::Random => entries[self.random() % entries.len()],
-            Policy::RoundRobin => {
-                entries[self.turn.fetch_add(1, Ordering::Relaxed) % entries.len()]
-            }
+            Policy::Random => nth(self.random() % allowed_count)?,
+            Policy::RoundRobin => nth(self.turn.fetch_add(1, Ordering::Relaxed) % allowed_count)?,
             Policy::PowerOfTwoChoices => {
-                let a = entries[self.random() % entries.len()];
-                let b = entries[self.random() % entries.len()];
+                let a = nth(self.random() % allowed_count)?;
+                let b = nth(self.random() % allowed_count)?;
                 if b.in_flight.load(Ordering::Relaxed) < a.in_flight.load(Ordering::Relaxed) {
                     b
                 } else {
@@ -124,7 +125,7 @@ impl Discovery {
         };
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(Picked {
-            instance: entry.instance.clone(),
+            instance: Arc::clone(&entry.instance),
             in_flight: Arc::clone(&entry.in_flight),
         })
     }
@@ -151,7 +152,7 @@ impl Discovery {
         let entries = table.services.entry(instance.name.clone()).or_default();
         if !entries.iter().any(|e| e.instance.id == instance.id) {
             entries.push(Entry {
-                instance,
+                instance: Arc::new(instance),
                 in_flight: Arc::default(),
             });
         }
@@ -177,7 +178,7 @@ impl Discovery {
                     .find(|e| e.instance.id == instance.id)
                     .map_or_else(Arc::default, |e| Arc::clone(&e.in_flight));
                 Entry {
-                    instance,
+                    instance: Arc::new(instance),
                     in_flight,
                 }
             })
