@@ -153,29 +153,41 @@ async fn produce_batch_should_return_the_range_and_keep_order() {
     assert_eq!(&client.consume("t", 50).await.unwrap().value[..], b"v49");
 }
 
-#[tokio::test]
-async fn produce_stream_should_answer_each_record_in_order() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    let requests = futures::stream::iter((0..500).map(|i| wire::ProduceRequest {
-        record: Some(wire::Record {
-            value: Bytes::from(format!("s{i}")),
-            ..Default::default()
-        }),
-        topic: "stream".into(),
-    }));
+/// Sends `values` on one ProduceStream to `topic`, checks that the answers come in
+/// order with offsets from 0, and returns how many came.
+async fn produce_stream_in_order(client: &mut Client, topic: &str, values: Vec<Bytes>) -> u64 {
+    let topic = topic.to_owned();
+    let requests =
+        futures::stream::iter(values.into_iter().map(move |value| wire::ProduceRequest {
+            record: Some(wire::Record {
+                value,
+                ..Default::default()
+            }),
+            topic: topic.clone(),
+        }));
     let mut responses = client
         .grpc()
         .produce_stream(requests)
         .await
         .unwrap()
         .into_inner();
-    let mut expected = 0;
+    let mut acked = 0;
     while let Some(response) = responses.next().await {
-        assert_eq!(response.unwrap().offset, expected);
-        expected += 1;
+        assert_eq!(response.unwrap().offset, acked);
+        acked += 1;
     }
-    assert_eq!(expected, 500);
+    acked
+}
+
+#[tokio::test]
+async fn produce_stream_should_answer_each_record_in_order() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let values = (0..500).map(|i| Bytes::from(format!("s{i}"))).collect();
+    assert_eq!(
+        produce_stream_in_order(&mut client, "stream", values).await,
+        500
+    );
     assert_eq!(
         &client.consume("stream", 499).await.unwrap().value[..],
         b"s499"
@@ -188,26 +200,13 @@ async fn a_produce_stream_larger_than_every_window_should_arrive_whole() {
     // windows, so the client must wait for window updates as it sends.
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let record = |i: u8| Bytes::from(vec![i; 512 * 1024]);
-    let requests = futures::stream::iter((0..48).map(move |i| wire::ProduceRequest {
-        record: Some(wire::Record {
-            value: record(i),
-            ..Default::default()
-        }),
-        topic: "big".into(),
-    }));
-    let mut responses = client
-        .grpc()
-        .produce_stream(requests)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut acked = 0;
-    while let Some(response) = responses.next().await {
-        assert_eq!(response.unwrap().offset, acked);
-        acked += 1;
-    }
-    assert_eq!(acked, 48);
+    let values = (0..48u8)
+        .map(|i| Bytes::from(vec![i; 512 * 1024]))
+        .collect();
+    assert_eq!(
+        produce_stream_in_order(&mut client, "big", values).await,
+        48
+    );
     for i in [0u8, 23, 47] {
         let value = client.consume("big", u64::from(i)).await.unwrap().value;
         assert!(value.len() == 512 * 1024 && value.iter().all(|&b| b == i));
