@@ -269,8 +269,11 @@ mod tests {
             let value = bytes::Bytes::from(format!("v{i}"));
             assert_eq!(topic.append(vec![value]).await.expect("append"), i..i + 1);
         }
-        // The first append has no latest commit to judge by: inline from the start.
-        assert_eq!(topic.metrics().inline_commits.load(Relaxed), 20);
+        // One commit per append, and the first, with no latest commit to judge by,
+        // inline; the others are inline unless a sync before them took over 1 ms
+        // (which a busy disk does now and then).
+        assert_eq!(topic.metrics().commits.load(Relaxed), 20);
+        assert!(topic.metrics().inline_commits.load(Relaxed) >= 1);
 
         let busy = topics.get_or_create("busy").await.expect("topic");
         let mut tasks = Vec::new();
