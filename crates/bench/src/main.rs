@@ -50,7 +50,7 @@ struct Common {
     /// Bytes of each record's value.
     #[arg(long, global = true, default_value_t = 100)]
     record_bytes: usize,
-    /// Sync policy of the service this tool starts: always, interval:<d> or never.
+    /// Sync policy of the service this tool starts: always, interval:DURATION (e.g. interval:10ms) or never.
     #[arg(long, global = true, default_value = "always")]
     sync: String,
     /// Drive an already running service instead of starting one.

@@ -6,7 +6,8 @@ use crate::{Offset, Record, Result};
 
 /// An append-only sequence of records addressed by dense offsets.
 ///
-/// The contract, which [`crate::testing`] checks for any implementation:
+/// The contract, which the `testing` module (feature `testing`) checks for any
+/// implementation:
 ///
 /// - **Offsets** are dense and increasing: an append gets [`next_offset`], and
 ///   `next_offset` grows by one per record. Records in `lowest_offset()..next_offset()`

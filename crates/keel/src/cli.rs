@@ -116,7 +116,7 @@ struct ServeArgs {
     /// Address for gRPC and HTTP [default: 127.0.0.1:20002]; port 0 picks a free one.
     #[arg(long, env = "KEEL_LOG_ADDR")]
     addr: Option<String>,
-    /// When appends are forced to disk: always (acknowledge after fsync), interval:<d>
+    /// When appends are forced to disk: always (acknowledge after fsync), interval:DURATION
     /// (e.g. interval:10ms), or never [default: always].
     #[arg(long, env = "KEEL_LOG_SYNC", value_parser = parse_sync)]
     sync: Option<SyncPolicy>,
