@@ -202,7 +202,7 @@ impl Channel {
         let response = response.await.map_err(|err| status(&err))?;
         let http_status = response.status();
         // Trailers-only: an error answered with headers alone.
-        if let Some(status) = Status::from_header_map(response.headers()) {
+        if let Some(status) = grpc_status(response.headers()) {
             return Err(if status.code() == Code::Ok {
                 Status::internal("the service ended the call without a response message")
             } else {
@@ -222,7 +222,7 @@ impl Channel {
         let trailers = poll_fn(|cx| body.poll_trailers(cx))
             .await
             .map_err(|err| status(&err))?;
-        match trailers.as_ref().and_then(Status::from_header_map) {
+        match trailers.as_ref().and_then(grpc_status) {
             Some(status) if status.code() == Code::Ok => decode_message(&received),
             Some(status) => Err(status),
             None => Err(Status::new(
@@ -230,6 +230,26 @@ impl Channel {
                 format!("the service answered HTTP {http_status} without a gRPC status"),
             )),
         }
+    }
+}
+
+/// The gRPC status a response's headers or trailers carry, if any. tonic's parser
+/// panics on a `grpc-status-details-bin` that is not base64; such details, which this
+/// client does not use, are dropped first.
+fn grpc_status(headers: &http::HeaderMap) -> Option<Status> {
+    use base64::Engine as _;
+    const DETAILS: &str = "grpc-status-details-bin";
+    match headers.get(DETAILS) {
+        Some(details)
+            if base64::engine::general_purpose::STANDARD
+                .decode(details.as_bytes())
+                .is_err() =>
+        {
+            let mut headers = headers.clone();
+            headers.remove(DETAILS);
+            Status::from_header_map(&headers)
+        }
+        _ => Status::from_header_map(headers),
     }
 }
 
@@ -488,6 +508,26 @@ mod tests {
             assert_eq!(err.code(), Code::Internal);
             assert!(err.message().contains(says), "{}", err.message());
         }
+    }
+
+    #[test]
+    fn a_status_with_broken_details_should_still_be_read() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+        trailers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("disk%20full"),
+        );
+        trailers.insert(
+            "grpc-status-details-bin",
+            http::HeaderValue::from_static("not base64!"),
+        );
+        let status = grpc_status(&trailers).unwrap();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::Internal, "disk full")
+        );
+        assert!(grpc_status(&http::HeaderMap::new()).is_none());
     }
 
     #[test]
