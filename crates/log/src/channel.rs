@@ -479,6 +479,73 @@ impl Body for ResponseBody {
 mod tests {
     use super::*;
 
+    /// An HTTP/2 server on 127.0.0.1 that answers every request with `status`,
+    /// `body` as one data frame, and one trailer if given.
+    async fn misbehaving_server(
+        status: u16,
+        body: &'static [u8],
+        trailers: Option<(&'static str, &'static str)>,
+    ) -> Target {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(tcp).await.unwrap();
+            while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                let response = http::Response::builder().status(status).body(()).unwrap();
+                let mut send = respond.send_response(response, false).unwrap();
+                send.send_data(Bytes::from_static(body), trailers.is_none())
+                    .unwrap();
+                if let Some((name, value)) = trailers {
+                    let mut map = http::HeaderMap::new();
+                    map.insert(name, http::HeaderValue::from_static(value));
+                    send.send_trailers(map).unwrap();
+                }
+            }
+        });
+        Target::parse(&addr.to_string()).unwrap()
+    }
+
+    async fn produce_against(target: &Target) -> Status {
+        let mut channel = Channel::connect(target, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let request = keel_proto::log::v1::ProduceRequest::default();
+        channel
+            .unary::<_, keel_proto::log::v1::ProduceResponse>(
+                target,
+                "/log.v1.Log/Produce",
+                &request,
+            )
+            .await
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn answers_that_are_not_grpc_should_get_a_clear_status() {
+        // A proxy's 503 page, without any gRPC status: unavailable, saying so.
+        let status = produce_against(&misbehaving_server(503, b"busy", None).await).await;
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("HTTP 503"),
+            "{}",
+            status.message()
+        );
+
+        // A 200 whose message is cut short, then an OK status: malformed.
+        let status = produce_against(
+            &misbehaving_server(200, &[0, 0, 0, 0, 9, 8], Some(("grpc-status", "0"))).await,
+        )
+        .await;
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().contains("length"), "{}", status.message());
+
+        // The service's own error status comes through as it is.
+        let status =
+            produce_against(&misbehaving_server(200, b"", Some(("grpc-status", "8"))).await).await;
+        assert_eq!(status.code(), Code::ResourceExhausted);
+    }
+
     #[test]
     fn targets_should_parse_host_port_and_http_urls() {
         let target = Target::parse("127.0.0.1:9").unwrap();
