@@ -209,19 +209,20 @@ impl Channel {
                 status
             });
         }
-        let mut body = response.into_body();
+        let mut body = ResponseBody::new(response.into_body());
         let mut received = bytes::BytesMut::new();
-        while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
-            let chunk = chunk.map_err(|err| status(&err))?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            if received.len() + chunk.len() > MAX_UNARY_RESPONSE + 5 {
-                return Err(too_large(received.len() + chunk.len()));
+        let mut trailers = None;
+        while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            match frame?.into_data() {
+                Ok(chunk) => {
+                    if received.len() + chunk.len() > MAX_UNARY_RESPONSE + 5 {
+                        return Err(too_large(received.len() + chunk.len()));
+                    }
+                    received.extend_from_slice(&chunk);
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
             }
-            received.extend_from_slice(&chunk);
         }
-        let trailers = poll_fn(|cx| body.poll_trailers(cx))
-            .await
-            .map_err(|err| status(&err))?;
         match trailers.as_ref().and_then(grpc_status) {
             Some(status) if status.code() == Code::Ok => decode_message(&received),
             Some(status) => Err(status),
