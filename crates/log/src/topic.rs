@@ -135,6 +135,10 @@ impl Topic {
         let max_record_bytes = log.config().max_record_bytes;
         let (next_tx, next) = watch::channel(log.next_offset());
         let (appends, queue) = mpsc::channel(limits.queue_depth.max(1));
+        let idle_sync = match log.config().sync {
+            SyncPolicy::Interval(every) => Some(every),
+            _ => None,
+        };
         let committer = Arc::new(Committer {
             log: Mutex::new(Some(log)),
             writer_busy: AtomicBool::new(false),
@@ -145,6 +149,7 @@ impl Topic {
         });
         let writer = Writer {
             committer: Arc::clone(&committer),
+            idle_sync,
             queue,
             max_batch_bytes: limits.max_batch_bytes,
             runtime,
@@ -411,6 +416,9 @@ impl Committer {
 /// The writer thread's state.
 struct Writer {
     committer: Arc<Committer>,
+    /// Under an interval policy, how long an idle writer waits before it syncs
+    /// what the last appends left.
+    idle_sync: Option<Duration>,
     queue: mpsc::Receiver<Append>,
     max_batch_bytes: usize,
     runtime: tokio::runtime::Handle,
@@ -418,18 +426,10 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        let idle_sync = self
-            .committer
-            .lock()
-            .as_ref()
-            .and_then(|log| match log.config().sync {
-                SyncPolicy::Interval(every) => Some(every),
-                _ => None,
-            });
         let mut batch: Vec<Append> = Vec::new();
         loop {
             // Under an interval policy, an idle writer syncs what the last appends left.
-            let first = match idle_sync {
+            let first = match self.idle_sync {
                 Some(every) => match self
                     .runtime
                     .block_on(tokio::time::timeout(every, self.queue.recv()))
