@@ -255,15 +255,20 @@ mod tests {
         }
     }
 
+    /// The topics of a service with the default settings and its data in `dir`.
+    async fn open_in(dir: &std::path::Path) -> Topics {
+        let config = LogServiceConfig {
+            data_dir: dir.to_path_buf(),
+            ..LogServiceConfig::default()
+        };
+        Topics::open(config).await.expect("open")
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lone_producer_should_commit_inline_and_overlapping_ones_together() {
         use std::sync::atomic::Ordering::Relaxed;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = LogServiceConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..LogServiceConfig::default()
-        };
-        let topics = Arc::new(Topics::open(config).await.expect("open"));
+        let topics = Arc::new(open_in(dir.path()).await);
         let topic = topics.get_or_create("lone").await.expect("topic");
         for i in 0..20u64 {
             let value = bytes::Bytes::from(format!("v{i}"));
@@ -319,11 +324,7 @@ mod tests {
         // the others back and take the next turn again, one sync per record.
         use std::sync::atomic::Ordering::Relaxed;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = LogServiceConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..LogServiceConfig::default()
-        };
-        let topics = Topics::open(config).await.expect("open");
+        let topics = open_in(dir.path()).await;
         let topic = topics.get_or_create("shared").await.expect("topic");
         let producers = (0..16).map(|producer| {
             let topic = Arc::clone(&topic);
@@ -354,11 +355,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn closed_topics_should_refuse_appends_as_shutting_down() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = LogServiceConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..LogServiceConfig::default()
-        };
-        let topics = Topics::open(config).await.expect("open");
+        let topics = open_in(dir.path()).await;
         let topic = topics.get("").expect("default topic");
         assert_eq!(
             topic

@@ -19,7 +19,6 @@ fn registry_config() -> RegistryConfig {
     }
 }
 
-/// Runs a registry on `listener`; stopped when the sender is dropped or fired.
 /// A log service on 127.0.0.1:0 in a temp dir; it runs until the returned guard drops.
 async fn start_log_service() -> (SocketAddr, (tempfile::TempDir, oneshot::Sender<()>)) {
     let dir = tempfile::tempdir().unwrap();
@@ -36,6 +35,7 @@ async fn start_log_service() -> (SocketAddr, (tempfile::TempDir, oneshot::Sender
     (addr, (dir, stop))
 }
 
+/// Runs a registry on `listener`; stopped when the sender is dropped or fired.
 fn start_registry(listener: tokio::net::TcpListener) -> oneshot::Sender<()> {
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(keel_registry::run(
