@@ -27,9 +27,14 @@ pub struct GatewayConfig {
     pub registry: String,
     /// How instances are chosen. Default round-robin.
     pub balance: Balance,
-    /// How long an upstream may take to answer with headers before 504. Default 30 s.
+    /// How long an upstream may take to answer with headers before 504, and the most
+    /// it may pause while sending a body. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a client connection may stay open with no request under way, and how
+    /// long a request head may take to arrive. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// How long connecting to an upstream may take. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -67,6 +72,7 @@ impl Default for GatewayConfig {
             registry: "http://127.0.0.1:20000".into(),
             balance: Balance::default(),
             request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(1),
             retries: 2,
             retry_body_bytes: 64 * 1024,
@@ -92,6 +98,7 @@ impl GatewayConfig {
         for (field, value) in [
             ("request_timeout", self.request_timeout),
             ("connect_timeout", self.connect_timeout),
+            ("idle_timeout", self.idle_timeout),
             ("eject_for", self.eject_for),
             ("watch_wait", self.watch_wait),
         ] {

@@ -9,11 +9,13 @@
 //!                   sent requests if idempotent), eject after N failures
 //! ```
 //!
-//! Bodies stream both ways through a keep-alive connection pool. This crate knows the
-//! registry only through its client.
+//! The proxy speaks HTTP/1.1 itself (`http1`): one task per client connection reads a
+//! request, drives a pooled upstream connection and relays the answer, with bodies
+//! streaming both ways through bounded buffers. This crate knows the registry only
+//! through its client.
 
 mod config;
-mod listener;
+mod http1;
 mod proxy;
 mod upstream;
 
@@ -22,9 +24,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use axum::Router;
+use axum::serve::Listener as _;
 use keel_registry::client::{Discovery, RegistryClient, follow};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::{Balance, GatewayConfig};
 use proxy::Gateway;
@@ -94,18 +98,8 @@ pub async fn run(
     };
     let stop = token.clone();
     let serving = keel_serve::serve(listener, options, token.clone(), move |_, handed| {
-        let app = Router::new()
-            .fallback(proxy::handle)
-            .with_state(Arc::new(gateway.for_another_thread()));
-        let stop = stop.clone();
-        async move {
-            axum::serve(
-                handed,
-                app.into_make_service_with_connect_info::<listener::Peer>(),
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-        }
+        let gateway = Arc::new(gateway.for_another_thread());
+        serve_thread(gateway, handed, stop.clone())
     });
     tokio::pin!(serving);
     let early = tokio::select! {
@@ -121,6 +115,32 @@ pub async fn run(
     let _ = watcher.await;
     let _ = admin_server.await;
     served.map_err(|err| format!("serving the gateway failed: {err}"))
+}
+
+/// Serves the connections handed to one thread, each on a task of its own, until
+/// `stop` is cancelled and every connection has finished its exchange under way.
+async fn serve_thread(
+    gateway: Arc<Gateway>,
+    mut handed: keel_serve::Handed,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let connections = TaskTracker::new();
+    loop {
+        let (connection, peer) = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = handed.accept() => accepted,
+        };
+        connections.spawn(proxy::serve_connection(
+            Arc::clone(&gateway),
+            connection,
+            peer,
+            stop.clone(),
+        ));
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
 
 async fn metrics(gateway: Arc<Gateway>) -> String {

@@ -1,34 +1,36 @@
-//! The reverse proxy: route, pick, forward, retry, eject.
+//! The reverse proxy: read a request, route, pick, forward, retry, eject, relay.
+//!
+//! One task serves one client connection, and drives the upstream connection of each
+//! exchange itself: the request is read, sent upstream, and the answer relayed
+//! without another task, channel or thread in between. Bodies stream through buffers
+//! of bounded size.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::io::{IoSlice, Write as _};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
-use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use http_body_util::BodyExt;
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::{Method, StatusCode};
 use keel_registry::client::{Discovery, Policy};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Balance, GatewayConfig};
-use crate::listener::Peer;
-use crate::upstream::{UpstreamError, Upstreams};
+use crate::http1::{
+    Chunked, Framing, HeadError, HeadLimits, Piece, Relay, RequestHead, ResponseHead, own_response,
+    parse_request, parse_response, put_header,
+};
+use crate::upstream::{READ_BUFFER, Upstream, Upstreams};
 
-/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// Room kept free in a read buffer before reading into it.
+const READ_ROOM: usize = 4 * 1024;
+
+/// How much a buffer grows when it needs room: also the most a body moves at once.
+const BODY_CHUNK: usize = 64 * 1024;
 
 /// Counts for `/metrics`.
 #[derive(Debug, Default)]
@@ -67,7 +69,7 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub(crate) struct Gateway {
     shared: Arc<Shared>,
-    upstreams: Arc<Upstreams>,
+    upstreams: Upstreams,
 }
 
 impl std::ops::Deref for Gateway {
@@ -76,15 +78,6 @@ impl std::ops::Deref for Gateway {
     fn deref(&self) -> &Shared {
         &self.shared
     }
-}
-
-/// A gateway error: a status and a JSON body naming the service.
-fn error(status: StatusCode, code: &str, message: String) -> Response {
-    (
-        status,
-        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
-    )
-        .into_response()
 }
 
 impl Gateway {
@@ -167,9 +160,8 @@ impl Shared {
         self.failing.store(passive.len(), Ordering::Release);
     }
 
-    fn count(&self, status: StatusCode) {
-        let class = (status.as_u16() / 100) as usize;
-        if let Some(counter) = self.stats.by_status.get(class) {
+    fn count(&self, status: u16) {
+        if let Some(counter) = self.stats.by_status.get(usize::from(status / 100)) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -182,62 +174,188 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// The request's headers as forwarded: hop-by-hop ones removed (also those the
-/// `Connection` header names), `Host` left to the client, `X-Forwarded-*` and a
-/// request id added.
-fn forwarded_headers(headers: &HeaderMap, peer: SocketAddr, request_id: &str) -> HeaderMap {
-    // Headers the Connection header names are hop-by-hop too (rare: parsed only then).
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .collect();
-    let mut out = HeaderMap::with_capacity(headers.len() + 4);
-    for (name, value) in headers {
-        let hop = HOP_BY_HOP.contains(&name.as_str()) || named.iter().any(|n| n == name.as_str());
-        if !hop && name != header::HOST {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    let peer_ip = peer.ip().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {peer_ip}"),
-        None => peer_ip,
-    };
-    let set = |out: &mut HeaderMap, name: &'static str, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            out.insert(HeaderName::from_static(name), value);
-        }
-    };
-    set(&mut out, "x-forwarded-for", &forwarded_for);
-    set(&mut out, "x-forwarded-proto", "http");
-    if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
-        set(&mut out, "x-forwarded-host", host);
-    }
-    if !out.contains_key("x-request-id") {
-        set(&mut out, "x-request-id", request_id);
-    }
-    out
+/// A connection's scratch space, reused by each request on it.
+#[derive(Default)]
+struct Scratch {
+    /// The request's header lines as forwarded, `X-Forwarded-*` and the id included.
+    headers: Vec<u8>,
+    /// The `X-Forwarded-For` the client sent, if any.
+    forwarded_for: Vec<u8>,
+    /// The `X-Forwarded-Prefix` the client sent, if any.
+    forwarded_prefix: Vec<u8>,
+    /// The `Host` the client sent, if any.
+    host: Vec<u8>,
+    has_request_id: bool,
+    /// The head sent upstream.
+    upstream_head: Vec<u8>,
+    /// The head sent to the client.
+    out: Vec<u8>,
 }
 
-/// The body of a request that may be retried, or the stream of one that may not.
-enum Payload {
-    Buffered(Bytes),
-    Streaming(Option<Body>),
+impl Scratch {
+    fn clear(&mut self) {
+        self.headers.clear();
+        self.forwarded_for.clear();
+        self.forwarded_prefix.clear();
+        self.host.clear();
+        self.has_request_id = false;
+    }
 }
 
-impl Payload {
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            Self::Buffered(bytes) => Some(Body::from(bytes.clone())),
-            Self::Streaming(body) => body.take(),
+/// A request refused by the gateway itself: status, error code, message.
+struct Refusal(StatusCode, &'static str, String);
+
+fn no_healthy_instance(service: &str) -> Refusal {
+    Refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_healthy_instance",
+        format!("service {service:?} has no healthy instance"),
+    )
+}
+
+/// Writes a refusal as the gateway's JSON error.
+fn refusal_response(out: &mut Vec<u8>, refusal: &Refusal, relay: Relay) {
+    let Refusal(status, code, message) = refusal;
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    own_response(out, *status, "application/json", body.as_bytes(), relay);
+}
+
+/// Serves one client connection until it closes, goes idle for the idle timeout, or
+/// `stop` is cancelled (between requests).
+pub(crate) async fn serve_connection<C>(
+    gateway: Arc<Gateway>,
+    mut client: C,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    let mut scratch = Scratch::default();
+    loop {
+        let head = match read_head(&gateway, &mut client, &mut buf, &mut scratch, &stop).await {
+            Ok(Some(head)) => head,
+            Ok(None) => break,
+            Err(err) => {
+                let (status, code) = match &err {
+                    HeadError::TooLarge(_) => (
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "headers_too_large",
+                    ),
+                    HeadError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+                    HeadError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
+                };
+                let (HeadError::TooLarge(message)
+                | HeadError::Invalid(message)
+                | HeadError::Unsupported(message)) = err;
+                gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
+                gateway.count(status.as_u16());
+                let relay = Relay {
+                    http10: false,
+                    keep_alive: false,
+                };
+                refusal_response(&mut scratch.out, &Refusal(status, code, message), relay);
+                let _ = client.write_all(&scratch.out).await;
+                break;
+            }
+        };
+        buf.advance(head.len);
+        let keep_alive = exchange(
+            &gateway,
+            &mut client,
+            &mut buf,
+            &mut scratch,
+            peer,
+            &head,
+            &stop,
+        )
+        .await;
+        if !keep_alive {
+            break;
         }
     }
+    let _ = client.shutdown().await;
+}
 
-    fn replayable(&self) -> bool {
-        matches!(self, Self::Buffered(_))
+/// Reads the next request head into `buf`: `None` when the connection closes or idles
+/// out before one begins, or `stop` is cancelled while none is under way.
+async fn read_head<C>(
+    gateway: &Gateway,
+    client: &mut C,
+    buf: &mut BytesMut,
+    scratch: &mut Scratch,
+    stop: &CancellationToken,
+) -> Result<Option<RequestHead>, HeadError>
+where
+    C: AsyncRead + Unpin,
+{
+    let limits = HeadLimits {
+        header_bytes: gateway.config.max_header_bytes,
+    };
+    loop {
+        if !buf.is_empty() {
+            scratch.clear();
+            let Scratch {
+                headers,
+                forwarded_for,
+                forwarded_prefix,
+                host,
+                has_request_id,
+                ..
+            } = scratch;
+            let parsed = parse_request(
+                buf,
+                limits,
+                |name, value| {
+                    if name.eq_ignore_ascii_case("x-forwarded-for") {
+                        if !forwarded_for.is_empty() {
+                            forwarded_for.extend_from_slice(b", ");
+                        }
+                        forwarded_for.extend_from_slice(value);
+                    } else if name.eq_ignore_ascii_case("x-forwarded-prefix") {
+                        forwarded_prefix.clear();
+                        forwarded_prefix.extend_from_slice(value);
+                    } else if !name.eq_ignore_ascii_case("x-forwarded-proto")
+                        && !name.eq_ignore_ascii_case("x-forwarded-host")
+                    {
+                        *has_request_id |= name.eq_ignore_ascii_case("x-request-id");
+                        put_header(headers, name.as_bytes(), value);
+                    }
+                },
+                host,
+            )?;
+            if parsed.is_some() {
+                return Ok(parsed);
+            }
+        }
+        reserve(buf);
+        let idle = gateway.config.idle_timeout;
+        let read = if buf.is_empty() {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Ok(None),
+                read = tokio::time::timeout(idle, client.read_buf(buf)) => read,
+            }
+        } else {
+            tokio::time::timeout(idle, client.read_buf(buf)).await
+        };
+        match read {
+            Ok(Ok(0) | Err(_)) => return Ok(None),
+            Ok(Ok(_)) => {}
+            Err(_) if buf.is_empty() => return Ok(None),
+            Err(_) => {
+                return Err(HeadError::Invalid(format!(
+                    "the request head did not arrive within {idle:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// Makes room to read into `buf`.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_ROOM {
+        buf.reserve(BODY_CHUNK);
     }
 }
 
@@ -248,89 +366,162 @@ struct Routed {
     instance: Option<String>,
 }
 
-/// Every request the gateway receives.
-pub(crate) async fn handle(
-    State(gateway): State<Arc<Gateway>>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    request: Request,
-) -> Response {
+/// An upstream's answer, its head already written for the client into `Scratch::out`.
+struct Answer {
+    upstream: Upstream,
+    authority: String,
+    head: ResponseHead,
+}
+
+/// One request, from its head to the end of its answer. Returns whether the client
+/// connection stays open.
+async fn exchange<C>(
+    gateway: &Gateway,
+    client: &mut C,
+    buf: &mut BytesMut,
+    scratch: &mut Scratch,
+    peer: SocketAddr,
+    head: &RequestHead,
+    stop: &CancellationToken,
+) -> bool
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
     gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let header_bytes: usize = request
-        .headers()
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len())
-        .sum();
-    if header_bytes > gateway.config.max_header_bytes {
-        let response = error(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            format!(
-                "request headers of {header_bytes} bytes exceed the limit of {}",
-                gateway.config.max_header_bytes
-            ),
-        );
-        gateway.count(response.status());
-        return response;
-    }
     let started = Instant::now();
-    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let request_id = format!("{:016x}", gateway.next_id.fetch_add(1, Ordering::Relaxed));
+    let id = gateway.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut relay = Relay {
+        http10: head.http10,
+        keep_alive: head.keep_alive && !stop.is_cancelled(),
+    };
     let mut routed = Routed::default();
-    let response = proxy(&gateway, peer, request, &request_id, &mut routed).await;
-    gateway.count(response.status());
+    let mut consumed = head.framing == Framing::Empty;
+    let forwarded = forward(
+        gateway,
+        client,
+        buf,
+        scratch,
+        peer,
+        head,
+        id,
+        &mut routed,
+        &mut relay,
+        &mut consumed,
+    )
+    .await;
+    let status = match &forwarded {
+        Ok(answer) => answer.head.status,
+        Err(Refusal(status, ..)) => status.as_u16(),
+    };
+    gateway.count(status);
     if let Some(access_log) = &gateway.access_log {
-        // Time to the response headers; bodies keep streaming after this.
+        // Time to the response head; bodies keep streaming after this.
         access_log.ship(format!(
-            "{method} {path} {} {}us service={} instance={} id={request_id} peer={}",
-            response.status().as_u16(),
+            "{} {} {status} {}us service={} instance={} id={id:016x} peer={}",
+            head.method,
+            head.target.split('?').next().unwrap_or(""),
             started.elapsed().as_micros(),
             routed.service.as_deref().unwrap_or("-"),
             routed.instance.as_deref().unwrap_or("-"),
             peer.ip(),
         ));
     }
-    response
+    match forwarded {
+        Ok(Answer {
+            mut upstream,
+            authority,
+            head: response,
+        }) => {
+            let relayed = relay_body(
+                gateway,
+                client,
+                &scratch.out,
+                &mut upstream,
+                response.framing,
+                relay,
+            )
+            .await;
+            if relayed && response.keep_alive {
+                gateway.upstreams.put(&authority, upstream);
+            }
+            relayed && relay.keep_alive
+        }
+        Err(refusal) => {
+            // A body left unread in the connection ends it.
+            relay.keep_alive &= consumed;
+            refusal_response(&mut scratch.out, &refusal, relay);
+            client.write_all(&scratch.out).await.is_ok() && relay.keep_alive
+        }
+    }
 }
 
-async fn proxy(
+/// The body of a request that may be retried, or the stream of one that may not.
+enum Payload {
+    Buffered(Bytes),
+    Streaming,
+}
+
+/// Why an attempt on one instance failed.
+enum Failure {
+    /// No connection: nothing was sent.
+    Connect(std::io::Error),
+    /// The request was (or may have been) sent, then the exchange failed.
+    Sent(String),
+    /// The client's body broke off or was malformed: nothing to retry.
+    Client(String),
+}
+
+/// Routes the request, sends it to an instance (retrying as the config allows), and
+/// reads the answer's head.
+#[allow(clippy::too_many_arguments)]
+async fn forward<C>(
     gateway: &Gateway,
+    client: &mut C,
+    buf: &mut BytesMut,
+    scratch: &mut Scratch,
     peer: SocketAddr,
-    request: Request,
-    request_id: &str,
+    head: &RequestHead,
+    id: u64,
     routed: &mut Routed,
-) -> Response {
-    let (parts, body) = request.into_parts();
-    let path = parts.uri.path();
+    relay: &mut Relay,
+    consumed: &mut bool,
+) -> Result<Answer, Refusal>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (path, query) = match head.target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (head.target.as_str(), None),
+    };
     let Some(segment) = path.split('/').nth(1).filter(|s| !s.is_empty()) else {
-        return error(
+        return Err(Refusal(
             StatusCode::NOT_FOUND,
             "no_service",
             "no service in the path: use /{service}/...".into(),
-        );
+        ));
     };
     let Ok(service) = keel_registry::validate_service_name(segment.to_owned(), "service") else {
-        return error(
+        return Err(Refusal(
             StatusCode::NOT_FOUND,
             "unknown_service",
             format!("no service named {segment:?}"),
-        );
+        ));
     };
-    routed.service = Some(service.clone());
     // The first choice, before the body is read: no instance at all is a 404 or a 503.
     let ejected = gateway.ejected();
-    let Some(first) = gateway
+    let first = gateway
         .discovery
         .pick_where(&service, gateway.policy(), |instance| {
             !ejected.contains(&instance.url)
-        })
-    else {
+        });
+    let Some(first) = first else {
         let known = gateway
             .known
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(&service);
-        return if !known && gateway.discovery.instances(&service).is_empty() {
-            error(
+        let refusal = if !known && gateway.discovery.instances(&service).is_empty() {
+            Refusal(
                 StatusCode::NOT_FOUND,
                 "unknown_service",
                 format!("service {service:?} is not registered"),
@@ -338,57 +529,84 @@ async fn proxy(
         } else {
             no_healthy_instance(&service)
         };
+        routed.service = Some(service);
+        return Err(refusal);
     };
     let stripped = gateway.config.strip_prefix.contains(&service);
-    let forward_path = if stripped {
+    let target: Cow<'_, str> = if stripped {
         let rest = &path[service.len() + 1..];
-        if rest.is_empty() {
-            "/".to_owned()
-        } else {
-            rest.to_owned()
+        let rest = if rest.is_empty() { "/" } else { rest };
+        match query {
+            Some(query) => Cow::Owned(format!("{rest}?{query}")),
+            None => Cow::Borrowed(rest),
         }
     } else {
-        path.to_owned()
-    };
-    let path_and_query = match parts.uri.query() {
-        Some(query) => format!("{forward_path}?{query}"),
-        None => forward_path,
+        Cow::Borrowed(head.target.as_str())
     };
 
     // A retry needs the body again: small bodies are buffered, large ones stream once.
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-    let mut payload = match declared {
-        Some(len) if len <= gateway.config.retry_body_bytes => match body.collect().await {
-            Ok(collected) => Payload::Buffered(collected.to_bytes()),
-            Err(err) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("reading the request body failed: {err}"),
-                );
+    let payload = match head.framing {
+        Framing::Empty => Payload::Buffered(Bytes::new()),
+        Framing::Length(len) if len <= gateway.config.retry_body_bytes => {
+            continue_if_expected(client, head).await?;
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            while buf.len() < len {
+                buf.reserve(len - buf.len());
+                match client.read_buf(buf).await {
+                    Ok(0) | Err(_) => {
+                        return Err(Refusal(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            format!("the request body ended after {} of {len} bytes", buf.len()),
+                        ));
+                    }
+                    Ok(_) => {}
+                }
             }
-        },
-        None if !chunked => Payload::Buffered(Bytes::new()),
-        _ => Payload::Streaming(Some(body)),
+            *consumed = true;
+            Payload::Buffered(buf.split_to(len).freeze())
+        }
+        Framing::Length(_) | Framing::Chunked | Framing::UntilClose => Payload::Streaming,
     };
 
-    let mut headers = forwarded_headers(&parts.headers, peer, request_id);
+    // The forwarded headers, completed.
+    let headers = &mut scratch.headers;
+    headers.extend_from_slice(b"x-forwarded-for: ");
+    if !scratch.forwarded_for.is_empty() {
+        headers.extend_from_slice(&scratch.forwarded_for);
+        headers.extend_from_slice(b", ");
+    }
+    let _ = write!(headers, "{}\r\nx-forwarded-proto: http\r\n", peer.ip());
+    if !scratch.host.is_empty() {
+        put_header(headers, b"x-forwarded-host", &scratch.host);
+    }
+    if !scratch.has_request_id {
+        let _ = write!(headers, "x-request-id: {id:016x}\r\n");
+    }
     if stripped {
         // Lets the instance build links that go back through the gateway.
-        if let Ok(prefix) = HeaderValue::from_str(&format!("/{service}")) {
-            headers.insert(HeaderName::from_static("x-forwarded-prefix"), prefix);
-        }
+        let _ = write!(headers, "x-forwarded-prefix: /{service}\r\n");
+    } else if !scratch.forwarded_prefix.is_empty() {
+        put_header(headers, b"x-forwarded-prefix", &scratch.forwarded_prefix);
     }
-    let idempotent = is_idempotent(&parts.method);
+    match (&payload, head.framing) {
+        (_, Framing::Empty) => {}
+        (Payload::Buffered(body), _) => {
+            let _ = write!(headers, "content-length: {}\r\n", body.len());
+        }
+        (Payload::Streaming, Framing::Length(len)) => {
+            let _ = write!(headers, "content-length: {len}\r\n");
+        }
+        (Payload::Streaming, _) => headers.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    headers.extend_from_slice(b"\r\n");
+
+    let idempotent = is_idempotent(&head.method);
     // Instances that failed this request; empty unless it is retried.
     let mut tried: Vec<String> = Vec::new();
     let mut last_failure = None;
     let mut next = Some(first);
+    routed.service = Some(service.clone());
     for attempt in 0..=gateway.config.retries {
         let picked = match next.take() {
             Some(picked) => picked,
@@ -409,15 +627,14 @@ async fn proxy(
         if attempt > 0 {
             gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
         }
-        let Some(body) = payload.take() else { break };
         if url.starts_with("https://") {
-            return error(
+            return Err(Refusal(
                 StatusCode::BAD_GATEWAY,
                 "bad_upstream",
                 format!(
                     "instance {url} of {service:?} uses https, which the gateway does not speak to upstreams yet"
                 ),
-            );
+            ));
         }
         // Origin-form request line and an explicit Host: the connection is to the
         // instance itself, not through a proxy.
@@ -425,52 +642,58 @@ async fn proxy(
         let (authority, base_path) = without_scheme
             .split_once('/')
             .map_or((without_scheme, ""), |(a, p)| (a, p));
-        let target = if base_path.is_empty() {
-            path_and_query.clone()
-        } else {
-            format!("/{base_path}{path_and_query}")
-        };
-        let uri: Uri = match target.parse() {
-            Ok(uri) => uri,
-            Err(err) => {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "bad_upstream",
-                    format!("instance {url} of {service:?} has an unusable URL: {err}"),
-                );
-            }
-        };
-        let mut upstream = hyper::Request::new(body);
-        *upstream.method_mut() = parts.method.clone();
-        *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = headers.clone();
-        if let Ok(host) = HeaderValue::from_str(authority) {
-            upstream.headers_mut().insert(header::HOST, host);
+        let request_head = &mut scratch.upstream_head;
+        request_head.clear();
+        request_head.extend_from_slice(head.method.as_str().as_bytes());
+        request_head.push(b' ');
+        if !base_path.is_empty() {
+            request_head.push(b'/');
+            request_head.extend_from_slice(base_path.trim_end_matches('/').as_bytes());
         }
+        let _ = write!(request_head, "{target} HTTP/1.1\r\nhost: {authority}\r\n");
+        request_head.extend_from_slice(&scratch.headers);
 
-        match tokio::time::timeout(
+        let exchanged = tokio::time::timeout(
             gateway.config.request_timeout,
-            gateway.upstreams.send(authority, upstream),
+            attempt_on(
+                gateway,
+                authority,
+                &scratch.upstream_head,
+                &payload,
+                client,
+                buf,
+                head,
+                relay,
+                &mut scratch.out,
+                consumed,
+            ),
         )
-        .await
-        {
-            Ok(Ok(response)) => {
+        .await;
+        match exchanged {
+            Ok(Ok((upstream, response))) => {
                 gateway.record(url, true);
-                let (mut parts, body) = response.into_parts();
-                for name in HOP_BY_HOP {
-                    parts.headers.remove(name);
-                }
-                // The picked guard (in-flight count) lives until the headers are back.
+                // The picked guard (in-flight count) lives until the head is back.
                 drop(picked);
-                return Response::from_parts(parts, body);
+                return Ok(Answer {
+                    upstream,
+                    authority: authority.to_owned(),
+                    head: response,
+                });
+            }
+            Ok(Err(Failure::Client(message))) => {
+                relay.keep_alive = false;
+                return Err(Refusal(StatusCode::BAD_REQUEST, "bad_request", message));
             }
             Ok(Err(err)) => {
                 gateway.record(url, false);
                 // Nothing was sent on a failed connect: safe to retry for any method.
-                let connect = matches!(err, UpstreamError::Connect(_));
-                let retry = payload.replayable() && (connect || idempotent);
-                tracing::debug!(url, error = %err, retry, "upstream failed");
-                last_failure = Some(format!("instance {url} of {service:?} failed: {err}"));
+                let (connect, message) = match err {
+                    Failure::Connect(err) => (true, format!("connect failed: {err}")),
+                    Failure::Sent(message) | Failure::Client(message) => (false, message),
+                };
+                let retry = matches!(payload, Payload::Buffered(_)) && (connect || idempotent);
+                tracing::debug!(url, error = %message, retry, "upstream failed");
+                last_failure = Some(format!("instance {url} of {service:?} failed: {message}"));
                 if !retry {
                     break;
                 }
@@ -478,29 +701,381 @@ async fn proxy(
             }
             Err(_) => {
                 gateway.record(url, false);
-                return error(
+                return Err(Refusal(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
                     format!(
                         "instance {url} of {service:?} did not answer within {:?}",
                         gateway.config.request_timeout
                     ),
-                );
+                ));
             }
         }
     }
-    match last_failure {
-        Some(message) => error(StatusCode::BAD_GATEWAY, "upstream_failed", message),
+    Err(match last_failure {
+        Some(message) => Refusal(StatusCode::BAD_GATEWAY, "upstream_failed", message),
         None => no_healthy_instance(&service),
+    })
+}
+
+/// Answers `100 Continue` to a client that waits for it before sending its body.
+async fn continue_if_expected<C>(client: &mut C, head: &RequestHead) -> Result<(), Refusal>
+where
+    C: AsyncWrite + Unpin,
+{
+    if head.expect_continue && !head.http10 {
+        client
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|err| {
+                Refusal(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("the client connection failed: {err}"),
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// One attempt on one instance: sends the request and reads the answer's head. A
+/// pooled connection that the upstream closed under us, before any answer, is
+/// replaced by a new one for a request that may be sent twice.
+#[allow(clippy::too_many_arguments)]
+async fn attempt_on<C>(
+    gateway: &Gateway,
+    authority: &str,
+    request_head: &[u8],
+    payload: &Payload,
+    client: &mut C,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    relay: &mut Relay,
+    out: &mut Vec<u8>,
+    consumed: &mut bool,
+) -> Result<(Upstream, ResponseHead), Failure>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut upstream = gateway
+        .upstreams
+        .get(authority)
+        .await
+        .map_err(Failure::Connect)?;
+    loop {
+        let sent = match payload {
+            Payload::Buffered(body) => write_both(&mut upstream.stream, request_head, body)
+                .await
+                .map_err(|err| Failure::Sent(format!("sending the request failed: {err}"))),
+            Payload::Streaming => {
+                send_streaming(client, buf, head, &mut upstream, request_head)
+                    .await
+                    .map(|whole| {
+                        *consumed = whole;
+                        // An answer before the whole body: the rest stays unread.
+                        relay.keep_alive &= whole;
+                    })
+            }
+        };
+        let answered = match sent {
+            Ok(()) => read_response_head(&mut upstream, &head.method, relay, out).await,
+            Err(err) => Err(err),
+        };
+        match answered {
+            Ok(response) => return Ok((upstream, response)),
+            Err(Failure::Sent(_))
+                if upstream.reused
+                    && upstream.buf.is_empty()
+                    && matches!(payload, Payload::Buffered(_))
+                    && is_idempotent(&head.method) =>
+            {
+                upstream = gateway
+                    .upstreams
+                    .connect(authority)
+                    .await
+                    .map_err(Failure::Connect)?;
+            }
+            Err(err) => return Err(err),
+        }
     }
 }
 
-fn no_healthy_instance(service: &str) -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no_healthy_instance",
-        format!("service {service:?} has no healthy instance"),
-    )
+/// Sends the request head, then the body as it streams from the client. Returns
+/// whether the whole body went out: the upstream may answer before reading it all,
+/// and then the rest is not sent.
+async fn send_streaming<C>(
+    client: &mut C,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    upstream: &mut Upstream,
+    request_head: &[u8],
+) -> Result<bool, Failure>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut from_upstream, mut to_upstream) = upstream.stream.split();
+    to_upstream
+        .write_all(request_head)
+        .await
+        .map_err(|err| Failure::Sent(format!("sending the request failed: {err}")))?;
+    continue_if_expected(client, head)
+        .await
+        .map_err(|Refusal(.., message)| Failure::Client(message))?;
+    let copy = copy_request_body(client, buf, head.framing, &mut to_upstream);
+    tokio::pin!(copy);
+    reserve(&mut upstream.buf);
+    tokio::select! {
+        biased;
+        copied = &mut copy => copied.map(|()| true),
+        early = from_upstream.read_buf(&mut upstream.buf) => match early {
+            Ok(0) => Err(Failure::Sent("the upstream closed the connection during the request body".into())),
+            Ok(_) => Ok(false),
+            Err(err) => Err(Failure::Sent(format!("reading the answer failed: {err}"))),
+        },
+    }
+}
+
+/// Copies a request body of `framing` from the client (what `buf` holds first) to the
+/// upstream, leaving in `buf` what follows it.
+async fn copy_request_body<C, U>(
+    client: &mut C,
+    buf: &mut BytesMut,
+    framing: Framing,
+    upstream: &mut U,
+) -> Result<(), Failure>
+where
+    C: AsyncRead + Unpin,
+    U: AsyncWrite + Unpin,
+{
+    let mut left = match framing {
+        Framing::Length(len) => len,
+        Framing::Chunked => u64::MAX,
+        Framing::Empty | Framing::UntilClose => return Ok(()),
+    };
+    let mut chunked = Chunked::default();
+    loop {
+        if buf.is_empty() {
+            reserve(buf);
+            match client.read_buf(buf).await {
+                Ok(0) => return Err(Failure::Client("the request body ended early".into())),
+                Ok(_) => {}
+                Err(err) => {
+                    return Err(Failure::Client(format!(
+                        "reading the request body failed: {err}"
+                    )));
+                }
+            }
+        }
+        let take = if framing == Framing::Chunked {
+            body_extent(&mut chunked, buf)
+                .map_err(|err| Failure::Client(format!("malformed chunked request body: {err}")))?
+        } else {
+            usize::try_from(left).unwrap_or(usize::MAX).min(buf.len())
+        };
+        upstream
+            .write_all(&buf[..take])
+            .await
+            .map_err(|err| Failure::Sent(format!("sending the request body failed: {err}")))?;
+        buf.advance(take);
+        left -= take as u64;
+        if left == 0 || chunked.is_done() {
+            return Ok(());
+        }
+    }
+}
+
+/// How many bytes at the start of `buf` belong to the chunked body `state` reads
+/// (framing and data alike), stopping at its end.
+fn body_extent(state: &mut Chunked, buf: &[u8]) -> Result<usize, String> {
+    let mut at = 0;
+    while let Some(piece) = state.next(&buf[at..])? {
+        match piece {
+            Piece::Data(n) | Piece::Framing(n) => at += n,
+            Piece::End(n) => return Ok(at + n),
+        }
+    }
+    Ok(at)
+}
+
+/// Reads the answer's head (past any interim 1xx answers) and writes the client's.
+async fn read_response_head(
+    upstream: &mut Upstream,
+    method: &Method,
+    relay: &mut Relay,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, Failure> {
+    loop {
+        if !upstream.buf.is_empty() {
+            match parse_response(&upstream.buf, method, relay, out) {
+                Ok(Some(response)) => {
+                    upstream.buf.advance(response.len);
+                    match response.status {
+                        101 => {
+                            return Err(Failure::Sent(
+                                "the upstream switched protocols, which the gateway does not relay"
+                                    .into(),
+                            ));
+                        }
+                        100..=199 => continue,
+                        _ => return Ok(response),
+                    }
+                }
+                Ok(None) => {}
+                Err(
+                    HeadError::Invalid(message)
+                    | HeadError::TooLarge(message)
+                    | HeadError::Unsupported(message),
+                ) => return Err(Failure::Sent(message)),
+            }
+        }
+        reserve(&mut upstream.buf);
+        match upstream.stream.read_buf(&mut upstream.buf).await {
+            Ok(0) => {
+                return Err(Failure::Sent(
+                    "the upstream closed the connection before answering".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(err) => return Err(Failure::Sent(format!("reading the answer failed: {err}"))),
+        }
+    }
+}
+
+/// Writes `first` and then `second`, in one system call when the socket takes both.
+async fn write_both<W>(to: &mut W, mut first: &[u8], second: &[u8]) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    if second.is_empty() {
+        return to.write_all(first).await;
+    }
+    let mut second = second;
+    while !first.is_empty() {
+        let n = to
+            .write_vectored(&[IoSlice::new(first), IoSlice::new(second)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < first.len() {
+            first = &first[n..];
+        } else {
+            second = &second[n - first.len()..];
+            first = &[];
+        }
+    }
+    to.write_all(second).await
+}
+
+/// Writes the answer's head (in `client_head`) and relays its body from the upstream.
+/// Returns whether the body went through whole (the upstream connection may then be
+/// reused).
+async fn relay_body<C>(
+    gateway: &Gateway,
+    client: &mut C,
+    client_head: &[u8],
+    upstream: &mut Upstream,
+    framing: Framing,
+    relay: Relay,
+) -> bool
+where
+    C: AsyncWrite + Unpin,
+{
+    if framing == Framing::Chunked && relay.http10 {
+        return client.write_all(client_head).await.is_ok()
+            && relay_decoded(gateway, client, upstream).await;
+    }
+    let mut left = match framing {
+        Framing::Empty => 0,
+        Framing::Length(len) => len,
+        Framing::Chunked | Framing::UntilClose => u64::MAX,
+    };
+    let mut chunked = Chunked::default();
+    // The head goes out with the first bytes of the body when they are here already.
+    let mut head = client_head;
+    loop {
+        if left == 0 || chunked.is_done() {
+            return head.is_empty() || client.write_all(head).await.is_ok();
+        }
+        if upstream.buf.is_empty() {
+            if !head.is_empty() {
+                if client.write_all(head).await.is_err() {
+                    return false;
+                }
+                head = &[];
+            }
+            match read_body(gateway, upstream).await {
+                Some(0) => return framing == Framing::UntilClose,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+        let take = if framing == Framing::Chunked {
+            match body_extent(&mut chunked, &upstream.buf) {
+                Ok(take) => take,
+                Err(err) => {
+                    tracing::debug!(error = %err, "malformed chunked answer");
+                    return false;
+                }
+            }
+        } else {
+            usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(upstream.buf.len())
+        };
+        if write_both(client, head, &upstream.buf[..take])
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        head = &[];
+        upstream.buf.advance(take);
+        left = left.saturating_sub(take as u64);
+    }
+}
+
+/// Relays the data of a chunked body without its framing (for HTTP/1.0 clients, who
+/// read until the connection closes).
+async fn relay_decoded<C>(gateway: &Gateway, client: &mut C, upstream: &mut Upstream) -> bool
+where
+    C: AsyncWrite + Unpin,
+{
+    let mut chunked = Chunked::default();
+    loop {
+        match chunked.next(&upstream.buf) {
+            Ok(Some(Piece::Data(n))) => {
+                if client.write_all(&upstream.buf[..n]).await.is_err() {
+                    return false;
+                }
+                upstream.buf.advance(n);
+            }
+            Ok(Some(Piece::Framing(n))) => upstream.buf.advance(n),
+            Ok(Some(Piece::End(n))) => {
+                upstream.buf.advance(n);
+                return true;
+            }
+            Ok(None) => match read_body(gateway, upstream).await {
+                Some(0) | None => return false,
+                Some(_) => {}
+            },
+            Err(err) => {
+                tracing::debug!(error = %err, "malformed chunked answer");
+                return false;
+            }
+        }
+    }
+}
+
+/// Reads more of an answer's body: `None` when the upstream fails or sends nothing
+/// for the request timeout.
+async fn read_body(gateway: &Gateway, upstream: &mut Upstream) -> Option<usize> {
+    reserve(&mut upstream.buf);
+    let read = upstream.stream.read_buf(&mut upstream.buf);
+    tokio::time::timeout(gateway.config.request_timeout, read)
+        .await
+        .ok()?
+        .ok()
 }
 
 #[cfg(test)]

@@ -1,176 +1,179 @@
-//! A lean HTTP/1.1 client for upstreams: a pool of open connections per upstream
-//! address, each used by one request at a time and returned to the pool when its
-//! response body has ended.
+//! Connections to upstreams: each serving thread keeps a pool of open HTTP/1.1
+//! connections per upstream address. A connection serves one exchange at a time, on
+//! the task of the client request it carries, and goes back to the pool when the
+//! response has been read whole.
 
 use std::collections::HashMap;
 use std::io;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::body::Body;
-use bytes::Bytes;
-use http_body_util::BodyExt as _;
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
+use tokio::net::TcpStream;
 
 /// Idle connections kept per upstream at most.
 const IDLE_PER_UPSTREAM: usize = 256;
 
-/// Why a request did not get a response.
+/// Buffer space an upstream connection starts with (response heads fit in it).
+pub(crate) const READ_BUFFER: usize = 8 * 1024;
+
+/// An open connection to an upstream, with the bytes read from it and not used yet.
 #[derive(Debug)]
-pub(crate) enum UpstreamError {
-    /// No connection could be made: nothing was sent.
-    Connect(io::Error),
-    /// The request was (or may have been) sent, then the exchange failed.
-    Sent(hyper::Error),
+pub(crate) struct Upstream {
+    pub(crate) stream: TcpStream,
+    pub(crate) buf: BytesMut,
+    /// Taken from the pool (it served an exchange before).
+    pub(crate) reused: bool,
 }
 
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Connect(err) => write!(f, "connect failed: {err}"),
-            Self::Sent(err) => write!(f, "{err}"),
-        }
-    }
-}
-
-/// The pool.
+/// The pool of one serving thread.
 #[derive(Debug)]
 pub(crate) struct Upstreams {
-    idle: Mutex<HashMap<String, Vec<SendRequest<Body>>>>,
+    idle: Mutex<HashMap<String, Vec<Upstream>>>,
     connect_timeout: Duration,
 }
 
 impl Upstreams {
-    pub(crate) fn new(connect_timeout: Duration) -> Arc<Self> {
-        Arc::new(Self {
+    pub(crate) fn new(connect_timeout: Duration) -> Self {
+        Self {
             idle: Mutex::default(),
             connect_timeout,
+        }
+    }
+
+    /// An open connection to `authority` (`host:port`): an idle one from the pool if
+    /// there is one still open, else a new one.
+    ///
+    /// # Errors
+    ///
+    /// Connecting failed or took longer than the connect timeout: nothing was sent.
+    pub(crate) async fn get(&self, authority: &str) -> io::Result<Upstream> {
+        if let Some(pooled) = self.pooled(authority) {
+            return Ok(pooled);
+        }
+        self.connect(authority).await
+    }
+
+    /// A new connection to `authority`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Upstreams::get`].
+    pub(crate) async fn connect(&self, authority: &str) -> io::Result<Upstream> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {:?}", self.connect_timeout),
+                )
+            })??;
+        let _ = stream.set_nodelay(true);
+        Ok(Upstream {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            reused: false,
         })
     }
 
-    fn pooled(&self, authority: &str) -> Option<SendRequest<Body>> {
+    fn pooled(&self, authority: &str) -> Option<Upstream> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let senders = idle.get_mut(authority)?;
-        while let Some(sender) = senders.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        let connections = idle.get_mut(authority)?;
+        while let Some(mut upstream) = connections.pop() {
+            if still_open(&upstream.stream) {
+                upstream.reused = true;
+                return Some(upstream);
             }
         }
         None
     }
 
-    fn give_back(&self, authority: String, sender: SendRequest<Body>) {
-        if sender.is_closed() {
+    /// Returns a connection whose last response was read whole and that the upstream
+    /// keeps open.
+    pub(crate) fn put(&self, authority: &str, upstream: Upstream) {
+        if !upstream.buf.is_empty() {
+            // Bytes after the response: the upstream does not speak HTTP/1.1 properly.
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let senders = idle.entry(authority).or_default();
-        if senders.len() < IDLE_PER_UPSTREAM {
-            senders.push(sender);
-        }
-    }
-
-    async fn connect(&self, authority: &str) -> Result<SendRequest<Body>, UpstreamError> {
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(authority),
-        )
-        .await
-        .map_err(|_| {
-            UpstreamError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-        })?
-        .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|err| UpstreamError::Connect(io::Error::other(err)))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
-    }
-
-    /// Sends `request` to `authority` (`host:port`). A pooled connection that turns out
-    /// closed before the request was written is replaced by a fresh one, and the
-    /// request sent again: that is not a failure after sending.
-    pub(crate) async fn send(
-        self: &Arc<Self>,
-        authority: &str,
-        mut request: hyper::Request<Body>,
-    ) -> Result<hyper::Response<Body>, UpstreamError> {
-        loop {
-            let (mut sender, fresh) = match self.pooled(authority) {
-                Some(sender) => (sender, false),
-                None => (self.connect(authority).await?, true),
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    let body = Returning {
-                        inner: body,
-                        slot: Some((Arc::clone(self), authority.to_owned(), sender)),
-                    };
-                    return Ok(hyper::Response::from_parts(parts, Body::new(body.boxed())));
-                }
-                Err(mut failed) => match failed.take_message() {
-                    // Not written: a stale pooled connection. Try again, once fresh.
-                    Some(unsent) if !fresh => request = unsent,
-                    _ => return Err(UpstreamError::Sent(failed.into_error())),
-                },
+        match idle.get_mut(authority) {
+            Some(connections) if connections.len() < IDLE_PER_UPSTREAM => {
+                connections.push(upstream);
+            }
+            Some(_) => {}
+            None => {
+                idle.insert(authority.to_owned(), vec![upstream]);
             }
         }
     }
 }
 
-/// A response body that returns its connection to the pool when it has ended.
-struct Returning {
-    inner: Incoming,
-    slot: Option<(Arc<Upstreams>, String, SendRequest<Body>)>,
-}
-
-impl Returning {
-    fn release(&mut self) {
-        if let Some((pool, authority, sender)) = self.slot.take() {
-            pool.give_back(authority, sender);
-        }
+/// Whether an idle connection is still open: nothing to read on it (an upstream that
+/// closed it left an end of stream there). Costs no system call unless the connection
+/// became readable while idle.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        // Readable: closed, or readiness left from the last read. Look.
+        Poll::Ready(Ok(())) => matches!(
+            stream.try_read(&mut [0u8; 1]),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock
+        ),
     }
 }
 
-impl hyper::body::Body for Returning {
-    type Data = Bytes;
-    type Error = hyper::Error;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.release();
+    #[tokio::test]
+    async fn a_pooled_connection_closed_by_its_upstream_should_not_be_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let pool = Upstreams::new(Duration::from_secs(1));
+
+        let open = pool.get(&authority).await.unwrap();
+        let (mut kept, _) = listener.accept().await.unwrap();
+        let closing = pool.connect(&authority).await.unwrap();
+        let (closed, _) = listener.accept().await.unwrap();
+        pool.put(&authority, open);
+        pool.put(&authority, closing);
+        drop(closed);
+        // The close reaches the pooled connection; wait for it with a deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let readable = pool.idle.lock().unwrap()[&authority].iter().any(|u| {
+                let mut cx = Context::from_waker(Waker::noop());
+                u.stream.poll_read_ready(&mut cx).is_ready()
+            });
+            if readable || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        polled
+
+        // The closed one is skipped; the open one is found and marked reused.
+        let mut reused = pool.get(&authority).await.unwrap();
+        assert!(reused.reused);
+        reused.stream.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        kept.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        assert!(pool.idle.lock().unwrap()[&authority].is_empty());
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Returning {
-    fn drop(&mut self) {
-        // A body read to its end leaves the connection reusable; otherwise it closes.
-        if self.inner.is_end_stream() {
-            self.release();
-        }
+    #[tokio::test]
+    async fn a_connection_with_unread_bytes_should_not_go_back_to_the_pool() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let pool = Upstreams::new(Duration::from_secs(1));
+        let mut upstream = pool.get(&authority).await.unwrap();
+        upstream.buf.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        pool.put(&authority, upstream);
+        assert!(pool.idle.lock().unwrap().get(&authority).is_none());
     }
 }

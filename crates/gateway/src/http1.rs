@@ -1,0 +1,829 @@
+//! HTTP/1.1 on the wire, as the proxy needs it (RFC 9112): message heads parsed with
+//! `httparse`, how a body is delimited, a chunked-coding reader that tells framing
+//! bytes from data without buffering, and the heads the gateway writes.
+
+use std::io::Write as _;
+
+use http::{Method, StatusCode};
+
+/// Header fields in one message head at most; more is 431 (requests) or 502
+/// (responses).
+pub(crate) const MAX_HEADERS: usize = 100;
+
+/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1), plus
+/// the framing headers, which the gateway writes itself.
+const NOT_FORWARDED: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// Whether the gateway drops header `name` when forwarding: hop-by-hop (listed or
+/// named by the message's `Connection` header) or framing.
+pub(crate) fn not_forwarded(name: &str, connection: &[u8]) -> bool {
+    NOT_FORWARDED.iter().any(|n| n.eq_ignore_ascii_case(name))
+        || (!connection.is_empty() && tokens(connection).any(|t| t.eq_ignore_ascii_case(name)))
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(value)
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// How a message's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// The chunked transfer coding.
+    Chunked,
+    /// Everything until the connection closes (responses only).
+    UntilClose,
+}
+
+/// Why a message head was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HeadError {
+    /// More than the allowed header fields or bytes.
+    TooLarge(String),
+    /// Not HTTP/1.x, or framing that cannot be trusted.
+    Invalid(String),
+    /// A transfer coding other than chunked.
+    Unsupported(String),
+}
+
+/// A request head, with what the gateway needs from it owned (the bytes it was parsed
+/// from are reused for the body).
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    pub(crate) method: Method,
+    /// The path and query, as received (origin form; an absolute-form target is cut
+    /// down to its path).
+    pub(crate) target: String,
+    pub(crate) http10: bool,
+    /// Whether the client lets the connection stay open after this exchange.
+    pub(crate) keep_alive: bool,
+    pub(crate) framing: Framing,
+    pub(crate) expect_continue: bool,
+    /// The head's length in the buffer.
+    pub(crate) len: usize,
+}
+
+/// Limits on a request head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadLimits {
+    /// Bytes of header names and values.
+    pub(crate) header_bytes: usize,
+}
+
+impl HeadLimits {
+    /// The most bytes an incomplete head may take before it is refused: the header
+    /// bytes, a generous request line, and the separators.
+    pub(crate) fn buffered(self) -> usize {
+        self.header_bytes + 8 * 1024 + 4 * MAX_HEADERS
+    }
+}
+
+/// Parses the request head at the start of `buf`: `Ok(None)` while it is incomplete.
+/// `forward` gets each header that is to be forwarded (neither hop-by-hop nor framing
+/// nor `Host`); the host is returned for `X-Forwarded-Host`, and `X-Forwarded-For` and
+/// `X-Request-Id` values go through `forward` like any other.
+pub(crate) fn parse_request(
+    buf: &[u8],
+    limits: HeadLimits,
+    mut forward: impl FnMut(&str, &[u8]),
+    host: &mut Vec<u8>,
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > limits.buffered() => {
+            return Err(HeadError::TooLarge(format!(
+                "the request head exceeds {} bytes",
+                limits.buffered()
+            )));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::TooLarge(format!(
+                "more than {MAX_HEADERS} header fields"
+            )));
+        }
+        Err(err) => return Err(HeadError::Invalid(format!("malformed request head: {err}"))),
+    };
+    let header_bytes: usize = request
+        .headers
+        .iter()
+        .map(|h| h.name.len() + h.value.len())
+        .sum();
+    if header_bytes > limits.header_bytes {
+        return Err(HeadError::TooLarge(format!(
+            "request headers of {header_bytes} bytes exceed the limit of {}",
+            limits.header_bytes
+        )));
+    }
+    let http10 = request.version == Some(0);
+    let method = request
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or_else(|| HeadError::Invalid("malformed request method".into()))?;
+    let raw_target = request.path.unwrap_or("/");
+    let target = origin_form(raw_target)
+        .ok_or_else(|| HeadError::Invalid(format!("unusable request target {raw_target:?}")))?
+        .to_owned();
+
+    let mut connection: &[u8] = &[];
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut expect_continue = false;
+    for header in request.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("connection") {
+            connection = header.value;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let value = parse_length(header.value)
+                .ok_or_else(|| HeadError::Invalid("malformed content-length".into()))?;
+            if length.is_some_and(|earlier| earlier != value) {
+                return Err(HeadError::Invalid(
+                    "conflicting content-length values".into(),
+                ));
+            }
+            length = Some(value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if http10 {
+                return Err(HeadError::Invalid(
+                    "transfer-encoding in an HTTP/1.0 request".into(),
+                ));
+            }
+            if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(HeadError::Unsupported(
+                    "only the chunked transfer coding is supported".into(),
+                ));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue = header
+                .value
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case("host") {
+            host.clear();
+            host.extend_from_slice(header.value);
+        }
+    }
+    if chunked && length.is_some() {
+        return Err(HeadError::Invalid(
+            "both content-length and transfer-encoding".into(),
+        ));
+    }
+    for header in request.headers.iter() {
+        let name = header.name;
+        if !name.eq_ignore_ascii_case("host")
+            && !name.eq_ignore_ascii_case("expect")
+            && !not_forwarded(name, connection)
+        {
+            forward(name, header.value);
+        }
+    }
+    let keep_alive = if http10 {
+        has_token(connection, "keep-alive")
+    } else {
+        !has_token(connection, "close")
+    };
+    let framing = match (chunked, length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::Empty,
+    };
+    Ok(Some(RequestHead {
+        method,
+        target,
+        http10,
+        keep_alive,
+        framing,
+        expect_continue,
+        len,
+    }))
+}
+
+/// The path and query of a request target: origin form as is, absolute form cut down
+/// to its path (`/` if it has none). Anything else (`*`, authority form) has none.
+fn origin_form(target: &str) -> Option<&str> {
+    if target.starts_with('/') {
+        return Some(target);
+    }
+    let (scheme, rest) = target.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    Some(rest.find('/').map_or("/", |at| &rest[at..]))
+}
+
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// A response head from an upstream.
+#[derive(Debug)]
+pub(crate) struct ResponseHead {
+    pub(crate) status: u16,
+    /// How the body that follows is delimited.
+    pub(crate) framing: Framing,
+    /// Whether the upstream keeps the connection open after this response.
+    pub(crate) keep_alive: bool,
+    /// The head's length in the buffer.
+    pub(crate) len: usize,
+}
+
+/// How the gateway frames the response it sends on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Relay {
+    /// The client spoke HTTP/1.0 (no chunked coding; keep-alive said explicitly).
+    pub(crate) http10: bool,
+    /// The client connection stays open after this response.
+    pub(crate) keep_alive: bool,
+}
+
+/// Parses the response head at the start of `buf` (`Ok(None)` while incomplete) for a
+/// request with `method`, and writes the head the client gets into `out`: the same
+/// status and headers, hop-by-hop ones removed, framing for `relay`. Returns the head
+/// and the framing the client gets (which differs from the upstream's when the
+/// upstream's cannot be sent on: chunked to an HTTP/1.0 client is sent as data until
+/// close).
+pub(crate) fn parse_response(
+    buf: &[u8],
+    method: &Method,
+    relay: &mut Relay,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > 64 * 1024 => {
+            return Err(HeadError::TooLarge(
+                "the response head exceeds 64 KiB".into(),
+            ));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => {
+            return Err(HeadError::Invalid(format!(
+                "malformed response head: {err}"
+            )));
+        }
+    };
+    let status = response.code.unwrap_or(0);
+    let http10 = response.version == Some(0);
+    let mut connection: &[u8] = &[];
+    let mut length: Option<u64> = None;
+    let mut coded = false;
+    let mut chunked = false;
+    for header in response.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("connection") {
+            connection = header.value;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let value = parse_length(header.value)
+                .ok_or_else(|| HeadError::Invalid("malformed content-length".into()))?;
+            if length.is_some_and(|earlier| earlier != value) {
+                return Err(HeadError::Invalid(
+                    "conflicting content-length values".into(),
+                ));
+            }
+            length = Some(value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            coded = true;
+            // Chunked must be the last coding; the others stay in the data.
+            chunked = tokens(header.value)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+        }
+    }
+    let bodiless = *method == Method::HEAD || status < 200 || status == 204 || status == 304;
+    let framing = if bodiless {
+        Framing::Empty
+    } else if coded && chunked {
+        Framing::Chunked
+    } else if coded {
+        Framing::UntilClose
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    let keep_alive = framing != Framing::UntilClose
+        && if http10 {
+            has_token(connection, "keep-alive")
+        } else {
+            !has_token(connection, "close")
+        };
+    let head = ResponseHead {
+        status,
+        framing,
+        keep_alive,
+        len,
+    };
+    if status < 200 {
+        // Interim: the caller skips it.
+        return Ok(Some(head));
+    }
+
+    // The head the client gets.
+    out.clear();
+    let reason = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .or(response.reason)
+        .unwrap_or("");
+    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    for header in response.headers.iter() {
+        if !not_forwarded(header.name, connection) {
+            put_header(out, header.name.as_bytes(), header.value);
+        }
+    }
+    match framing {
+        Framing::Empty => {
+            // A HEAD or 304 answer tells the length the body would have.
+            if status != 204
+                && let Some(n) = length
+            {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+        }
+        Framing::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        Framing::Chunked if !relay.http10 => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+        }
+        // Chunked to HTTP/1.0, or until close: the client reads until close.
+        Framing::Chunked | Framing::UntilClose => relay.keep_alive = false,
+    }
+    connection_header(out, *relay);
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(head))
+}
+
+/// Ends a head with the `Connection` header the client needs, if any.
+fn connection_header(out: &mut Vec<u8>, relay: Relay) {
+    if !relay.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if relay.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+}
+
+/// Appends `name: value\r\n`.
+pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a whole response of the gateway's own (an error) into `out`.
+pub(crate) fn own_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    content_type: &str,
+    body: &[u8],
+    relay: Relay,
+) {
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    connection_header(out, relay);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+/// What the next bytes of a chunked body are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// The next `n` bytes are data.
+    Data(usize),
+    /// The next `n` bytes are framing (a size line, a chunk's CRLF, trailers).
+    Framing(usize),
+    /// The next `n` bytes are framing and end the body.
+    End(usize),
+}
+
+/// Reads the chunked transfer coding as it streams by, a piece at a time, keeping no
+/// more than its position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Chunked {
+    /// In a chunk size (`digits` read so far).
+    #[default]
+    Size,
+    SizeDigits {
+        size: u64,
+        digits: u8,
+    },
+    /// In chunk extensions, up to CR.
+    Extension {
+        size: u64,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
+    DataCr,
+    DataLf,
+    /// After the last chunk: a trailer field or the final CRLF.
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    /// Whether the body has ended.
+    pub(crate) fn is_done(self) -> bool {
+        self == Self::Done
+    }
+
+    /// The next piece at the start of `input`, or `None` when `input` is empty or the
+    /// body has ended.
+    ///
+    /// # Errors
+    ///
+    /// A message naming what is malformed.
+    pub(crate) fn next(&mut self, input: &[u8]) -> Result<Option<Piece>, String> {
+        if input.is_empty() || self.is_done() {
+            return Ok(None);
+        }
+        if let Self::Data { left } = *self {
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
+            *self = if n as u64 == left {
+                Self::DataCr
+            } else {
+                Self::Data {
+                    left: left - n as u64,
+                }
+            };
+            return Ok(Some(Piece::Data(n)));
+        }
+        for (at, &byte) in input.iter().enumerate() {
+            *self = self.framing_byte(byte)?;
+            match self {
+                Self::Data { .. } => return Ok(Some(Piece::Framing(at + 1))),
+                Self::Done => return Ok(Some(Piece::End(at + 1))),
+                _ => {}
+            }
+        }
+        Ok(Some(Piece::Framing(input.len())))
+    }
+
+    fn framing_byte(self, byte: u8) -> Result<Self, String> {
+        let hex = |b: u8| (b as char).to_digit(16).map(u64::from);
+        Ok(match (self, byte) {
+            (Self::Size, b) => match hex(b) {
+                Some(d) => Self::SizeDigits { size: d, digits: 1 },
+                None => return Err("a chunk size is not hexadecimal".into()),
+            },
+            (Self::SizeDigits { size, digits }, b) if hex(b).is_some() => {
+                if digits >= 15 {
+                    return Err("a chunk size is too large".into());
+                }
+                Self::SizeDigits {
+                    size: size * 16 + hex(b).unwrap_or(0),
+                    digits: digits + 1,
+                }
+            }
+            (Self::SizeDigits { size, .. }, b';' | b' ' | b'\t') => Self::Extension { size },
+            (Self::SizeDigits { size, .. } | Self::Extension { size }, b'\r') => {
+                Self::SizeLf { size }
+            }
+            (Self::Extension { size }, b'\n') => {
+                return Err(format!(
+                    "a bare LF ends the size line of a {size}-byte chunk"
+                ));
+            }
+            (Self::Extension { size }, _) => Self::Extension { size },
+            (Self::SizeLf { size: 0 }, b'\n') => Self::TrailerStart,
+            (Self::SizeLf { size }, b'\n') => Self::Data { left: size },
+            (Self::DataCr, b'\r') => Self::DataLf,
+            (Self::DataLf, b'\n') => Self::Size,
+            (Self::TrailerStart, b'\r') => Self::EndLf,
+            (Self::TrailerStart | Self::Trailer, b'\n') => {
+                return Err("a bare LF in the trailers".into());
+            }
+            (Self::Trailer, b'\r') => Self::TrailerLf,
+            (Self::TrailerStart | Self::Trailer, _) => Self::Trailer,
+            (Self::TrailerLf, b'\n') => Self::TrailerStart,
+            (Self::EndLf, b'\n') => Self::Done,
+            (state, b) => {
+                return Err(format!(
+                    "unexpected byte {:?} in chunked framing ({state:?})",
+                    b as char
+                ));
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: HeadLimits = HeadLimits { header_bytes: 1024 };
+
+    fn request(raw: &str) -> (Result<Option<RequestHead>, HeadError>, Vec<String>, Vec<u8>) {
+        let mut forwarded = Vec::new();
+        let mut host = Vec::new();
+        let parsed = parse_request(
+            raw.as_bytes(),
+            LIMITS,
+            |name, value| {
+                forwarded.push(format!("{name}: {}", String::from_utf8_lossy(value)));
+            },
+            &mut host,
+        );
+        (parsed, forwarded, host)
+    }
+
+    #[test]
+    fn a_request_head_should_keep_end_to_end_headers_and_drop_hop_by_hop_ones() {
+        let (parsed, forwarded, host) = request(
+            "POST /svc/a?b=1 HTTP/1.1\r\nHost: gw\r\nConnection: x-hop, keep-alive\r\nX-Hop: 1\r\n\
+             Keep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\
+             Content-Length: 4\r\nExpect: 100-continue\r\n\r\nbody",
+        );
+        let head = parsed.unwrap().unwrap();
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.target, "/svc/a?b=1");
+        assert_eq!(head.framing, Framing::Length(4));
+        assert!(head.keep_alive && head.expect_continue && !head.http10);
+        assert_eq!(head.len, raw_len_without_body());
+        assert_eq!(forwarded, vec!["X-Kept: yes".to_owned()]);
+        assert_eq!(host, b"gw");
+
+        fn raw_len_without_body() -> usize {
+            "POST /svc/a?b=1 HTTP/1.1\r\nHost: gw\r\nConnection: x-hop, keep-alive\r\nX-Hop: 1\r\n\
+             Keep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\
+             Content-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+                .len()
+        }
+    }
+
+    #[test]
+    fn request_framing_should_follow_rfc_9112() {
+        let framing = |raw: &str| request(raw).0.map(|h| h.map(|h| h.framing));
+        assert_eq!(framing("GET / HTTP/1.1\r\n\r\n"), Ok(Some(Framing::Empty)));
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+            Ok(Some(Framing::Length(0)))
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n"),
+            Ok(Some(Framing::Chunked))
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"),
+            Ok(Some(Framing::Length(3)))
+        );
+        for smuggled in [
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(
+                matches!(framing(smuggled), Err(HeadError::Invalid(_))),
+                "{smuggled:?}"
+            );
+        }
+        assert!(matches!(
+            framing("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Err(HeadError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn keep_alive_should_default_by_version() {
+        let keep = |raw: &str| request(raw).0.unwrap().unwrap().keep_alive;
+        assert!(keep("GET / HTTP/1.1\r\n\r\n"));
+        assert!(!keep("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(!keep("GET / HTTP/1.0\r\n\r\n"));
+        assert!(keep("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn heads_should_be_incomplete_until_the_blank_line_and_refused_past_the_limits() {
+        assert!(matches!(request("GET / HTTP/1.1\r\nA: b\r\n").0, Ok(None)));
+        let big = format!("GET / HTTP/1.1\r\nA: {}\r\n\r\n", "x".repeat(2000));
+        assert!(matches!(request(&big).0, Err(HeadError::TooLarge(_))));
+        let endless = format!("GET / HTTP/1.1\r\nA: {}", "x".repeat(LIMITS.buffered()));
+        assert!(matches!(request(&endless).0, Err(HeadError::TooLarge(_))));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("h{i}: v\r\n")).collect();
+        assert!(matches!(
+            request(&format!("GET / HTTP/1.1\r\n{many}\r\n")).0,
+            Err(HeadError::TooLarge(_))
+        ));
+        assert!(matches!(
+            request("GET / HTTP/2.0\r\n\r\n").0,
+            Err(HeadError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn targets_should_be_cut_to_origin_form() {
+        assert_eq!(origin_form("/a?b"), Some("/a?b"));
+        assert_eq!(origin_form("http://host:1/a/b?c"), Some("/a/b?c"));
+        assert_eq!(origin_form("http://host"), Some("/"));
+        assert_eq!(origin_form("*"), None);
+        assert_eq!(origin_form("host:443"), None);
+    }
+
+    fn response(raw: &str, method: &Method, relay: Relay) -> (ResponseHead, Relay, String) {
+        let mut out = Vec::new();
+        let mut relay = relay;
+        let head = parse_response(raw.as_bytes(), method, &mut relay, &mut out)
+            .unwrap()
+            .unwrap();
+        (head, relay, String::from_utf8(out).unwrap())
+    }
+
+    const KEEP: Relay = Relay {
+        http10: false,
+        keep_alive: true,
+    };
+
+    #[test]
+    fn a_response_head_should_be_relayed_without_hop_by_hop_headers() {
+        let (head, relay, out) = response(
+            "HTTP/1.1 201 Made\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nX-Kept: a\r\n\
+             Content-Length: 2\r\n\r\nok",
+            &Method::POST,
+            KEEP,
+        );
+        assert_eq!((head.status, head.framing), (201, Framing::Length(2)));
+        assert!(head.keep_alive && relay.keep_alive);
+        assert_eq!(
+            out,
+            "HTTP/1.1 201 Created\r\nX-Kept: a\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_framing_should_follow_the_method_and_status() {
+        let framing = |raw: &str, method: &Method| response(raw, method, KEEP).0.framing;
+        let get = &Method::GET;
+        assert_eq!(
+            framing(
+                "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+                &Method::HEAD
+            ),
+            Framing::Empty
+        );
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\n\r\n", get),
+            Framing::Empty
+        );
+        assert_eq!(
+            framing("HTTP/1.1 100 Continue\r\n\r\n", get),
+            Framing::Empty
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+                get
+            ),
+            Framing::Chunked
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", get),
+            Framing::UntilClose
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n", get), Framing::UntilClose);
+        let (head, _, out) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+            &Method::HEAD,
+            KEEP,
+        );
+        assert!(head.keep_alive);
+        assert!(out.contains("content-length: 9\r\n"), "{out}");
+    }
+
+    #[test]
+    fn bodies_until_close_and_chunked_to_http10_should_close_the_client_connection() {
+        let (head, relay, out) = response("HTTP/1.1 200 OK\r\n\r\n", &Method::GET, KEEP);
+        assert!(!head.keep_alive && !relay.keep_alive);
+        assert!(out.ends_with("connection: close\r\n\r\n"), "{out}");
+        let http10 = Relay {
+            http10: true,
+            keep_alive: true,
+        };
+        let (_, relay, out) = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &Method::GET,
+            http10,
+        );
+        assert!(!relay.keep_alive);
+        assert!(!out.contains("chunked"), "{out}");
+        let (_, relay, out) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+            http10,
+        );
+        assert!(relay.keep_alive);
+        assert!(out.ends_with("connection: keep-alive\r\n\r\n"), "{out}");
+    }
+
+    /// Feeds `input` in pieces split at `cuts`, returning the data and whether the end
+    /// was found exactly at the end of the input.
+    fn decode(input: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, bool), String> {
+        let mut state = Chunked::default();
+        let mut data = Vec::new();
+        let mut at = 0;
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        bounds.push(input.len());
+        bounds.sort_unstable();
+        for bound in bounds {
+            while at < bound {
+                match state.next(&input[at..bound])? {
+                    Some(Piece::Data(n)) => {
+                        data.extend_from_slice(&input[at..at + n]);
+                        at += n;
+                    }
+                    Some(Piece::Framing(n)) => at += n,
+                    Some(Piece::End(n)) => {
+                        at += n;
+                        return Ok((data, at == input.len()));
+                    }
+                    None => unreachable!("input left"),
+                }
+            }
+        }
+        Ok((data, false))
+    }
+
+    #[test]
+    fn chunked_framing_errors_should_be_named() {
+        assert!(decode(b"x\r\n", &[]).is_err());
+        assert!(decode(b"3\r\nabcX", &[]).is_err());
+        assert!(decode(b"3;ext\n", &[]).is_err());
+        assert!(decode(b"1234567890abcdef0\r\n", &[]).is_err());
+        assert_eq!(
+            decode(b"3;a=b\r\nabc\r\n0\r\nT: 1\r\n\r\n", &[]),
+            Ok((b"abc".to_vec(), true))
+        );
+        assert_eq!(decode(b"3\r\nab", &[]), Ok((b"ab".to_vec(), false)));
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_bodies_should_decode_to_their_data_however_they_are_cut(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            extension in any::<bool>(),
+            trailer in any::<bool>(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        ) {
+            let mut input = Vec::new();
+            for chunk in &chunks {
+                write!(input, "{:X}{}\r\n", chunk.len(), if extension { ";name=v" } else { "" }).unwrap();
+                input.extend_from_slice(chunk);
+                input.extend_from_slice(b"\r\n");
+            }
+            input.extend_from_slice(b"0\r\n");
+            if trailer {
+                input.extend_from_slice(b"Checksum: 1\r\n");
+            }
+            input.extend_from_slice(b"\r\n");
+            let (data, ended_at_end) = decode(&input, &cuts).unwrap();
+            prop_assert_eq!(data, chunks.concat());
+            prop_assert!(ended_at_end);
+        }
+    }
+}
