@@ -4,3 +4,4 @@
 
 mod proxy;
 mod support;
+mod wire;

@@ -1,0 +1,442 @@
+//! HTTP/1.1 on the wire, with raw clients and scripted upstreams: pipelining, chunked
+//! answers, HTTP/1.0, `Expect: 100-continue`, early answers, malformed requests,
+//! stale pooled connections, idle clients.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{Running, backend, gateway, register, registry, until_routed};
+
+/// How long any single step may take before the test fails instead of hanging.
+const STEP: Duration = Duration::from_secs(10);
+
+/// A raw client connection that reads answers as bytes.
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Self {
+        Self {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).await.unwrap();
+    }
+
+    /// Reads more into the buffer; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(STEP, self.stream.read(&mut chunk))
+            .await
+            .expect("the gateway answers within the step")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8(self.buf[..at].to_vec()).unwrap();
+                self.buf.drain(..at + 2);
+                return line;
+            }
+            assert!(self.fill().await, "the connection closed mid-line");
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "the connection closed mid-body");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Reads one answer; `bodiless` for an answer to HEAD.
+    async fn answer(&mut self, bodiless: bool) -> Answer {
+        let status_line = self.line().await;
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.trim().to_owned(), value.trim().to_owned()));
+        }
+        let mut answer = Answer {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if bodiless || status < 200 || status == 204 || status == 304 {
+            return answer;
+        }
+        if answer
+            .header("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+        {
+            loop {
+                let size = self.line().await;
+                let size = usize::from_str_radix(size.split(';').next().unwrap(), 16).unwrap();
+                if size == 0 {
+                    while !self.line().await.is_empty() {}
+                    break;
+                }
+                let data = self.take(size).await;
+                answer.body.extend_from_slice(&data);
+                assert_eq!(self.take(2).await, b"\r\n");
+            }
+        } else if let Some(length) = answer.header("content-length") {
+            let length = length.parse().unwrap();
+            answer.body = self.take(length).await;
+        } else {
+            while self.fill().await {}
+            answer.body = std::mem::take(&mut self.buf);
+        }
+        answer
+    }
+
+    /// Whether the gateway closes the connection (read returns end of stream) within
+    /// the step.
+    async fn closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(STEP, self.stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}
+
+/// An upstream that answers each request head it reads with `answer(head)`: the bytes
+/// to send and whether to close the connection afterwards (without saying so).
+async fn scripted<F>(answer: F) -> SocketAddr
+where
+    F: Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = std::sync::Arc::clone(&answer);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let (bytes, close) = answer(&head);
+                    if stream.write_all(&bytes).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A gateway routing `service` to `upstream`, answering already.
+async fn routed_to(service: &str, upstream: SocketAddr) -> (Running, Running) {
+    routed_with(service, upstream, |_| {}).await
+}
+
+async fn routed_with(
+    service: &str,
+    upstream: SocketAddr,
+    tune: impl FnOnce(&mut keel_gateway::GatewayConfig),
+) -> (Running, Running) {
+    let registry = registry().await;
+    register(registry.addr, service, upstream).await;
+    let gateway = gateway(registry.addr, tune).await;
+    let deadline = Instant::now() + STEP;
+    loop {
+        let mut client = Client::connect(gateway.addr).await;
+        client
+            .send(format!("GET /{service}/ready HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+            .await;
+        if client.answer(false).await.status != 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{service} never routed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (registry, gateway)
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn pipelined_requests_should_be_answered_in_order_on_one_connection() {
+    let upstream = scripted(|head| {
+        let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+        (ok(&path), false)
+    })
+    .await;
+    let (_registry, gateway) = routed_to("pipe", upstream).await;
+    let mut client = Client::connect(gateway.addr).await;
+    client
+        .send(
+            b"GET /pipe/1 HTTP/1.1\r\nhost: t\r\n\r\nHEAD /pipe/2 HTTP/1.1\r\nhost: t\r\n\r\n\
+              GET /pipe/3 HTTP/1.1\r\nhost: t\r\n\r\n",
+        )
+        .await;
+    assert_eq!(client.answer(false).await.body, b"/pipe/1");
+    let head = client.answer(true).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("content-length"),
+        Some("7"),
+        "HEAD keeps the length"
+    );
+    assert_eq!(client.answer(false).await.body, b"/pipe/3");
+}
+
+const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-upstream: yes\r\n\r\n\
+    5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n";
+
+#[tokio::test]
+async fn a_chunked_answer_should_stream_as_chunks_and_keep_the_connection_open() {
+    let upstream = scripted(|_| (CHUNKED.to_vec(), false)).await;
+    let (_registry, gateway) = routed_to("chunks", upstream).await;
+    let mut client = Client::connect(gateway.addr).await;
+    for _ in 0..3 {
+        client
+            .send(b"GET /chunks/ HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await;
+        let answer = client.answer(false).await;
+        assert_eq!(answer.header("transfer-encoding"), Some("chunked"));
+        assert_eq!(answer.header("x-upstream"), Some("yes"));
+        assert_eq!(answer.body, b"hello, world");
+    }
+}
+
+#[tokio::test]
+async fn an_http10_client_should_get_chunked_data_plain_until_close() {
+    let upstream = scripted(|_| (CHUNKED.to_vec(), false)).await;
+    let (_registry, gateway) = routed_to("old", upstream).await;
+    let mut client = Client::connect(gateway.addr).await;
+    client
+        .send(b"GET /old/ HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        .await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("transfer-encoding"), None);
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert_eq!(answer.body, b"hello, world");
+}
+
+#[tokio::test]
+async fn an_answer_delimited_by_close_should_arrive_whole_and_close_the_client() {
+    let upstream = scripted(|_| (b"HTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec(), true)).await;
+    let (_registry, gateway) = routed_to("eof", upstream).await;
+    let mut client = Client::connect(gateway.addr).await;
+    client.send(b"GET /eof/ HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert_eq!(answer.body, b"until the end");
+}
+
+#[tokio::test]
+async fn a_client_expecting_100_continue_should_get_it_then_the_answer() {
+    let registry = registry().await;
+    let echo = backend("a").await;
+    register(registry.addr, "echo", echo.running.addr).await;
+    let gateway = gateway(registry.addr, |_| {}).await;
+    until_routed(gateway.addr, "echo", 1).await;
+
+    let mut client = Client::connect(gateway.addr).await;
+    client
+        .send(
+            b"PUT /echo/x HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n",
+        )
+        .await;
+    let interim = client.answer(false).await;
+    assert_eq!(interim.status, 100);
+    client.send(b"hello").await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status, 200);
+    let echo: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(echo["body"], "hello");
+    assert!(
+        echo["headers"].get("expect").is_none(),
+        "the gateway answered the expectation itself: {echo}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_or_ambiguous_requests_should_be_400_and_close() {
+    let upstream = scripted(|_| (ok("reached"), false)).await;
+    let (_registry, gateway) = routed_to("strict", upstream).await;
+    for (raw, status) in [
+        (&b"GET /strict/ HTTP/1.1\r\nbad header\r\n\r\n"[..], 400),
+        (
+            b"POST /strict/ HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /strict/ HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /strict/ HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n",
+            501,
+        ),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+    ] {
+        let mut client = Client::connect(gateway.addr).await;
+        client.send(raw).await;
+        let answer = client.answer(false).await;
+        assert_eq!(
+            answer.status,
+            status,
+            "{:?}: {}",
+            String::from_utf8_lossy(raw),
+            String::from_utf8_lossy(&answer.body)
+        );
+        let error: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        assert!(error["error"]["message"].is_string(), "{error}");
+        assert!(client.closed().await);
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_request_body_should_be_400() {
+    let upstream = scripted(|_| (ok("reached"), false)).await;
+    let (_registry, gateway) = routed_to("chunky", upstream).await;
+    let mut client = Client::connect(gateway.addr).await;
+    client
+        .send(b"POST /chunky/ HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+        .await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        String::from_utf8_lossy(&answer.body).contains("chunked"),
+        "{:?}",
+        String::from_utf8_lossy(&answer.body)
+    );
+}
+
+#[tokio::test]
+async fn an_answer_before_the_whole_body_should_be_relayed_and_end_the_client_connection() {
+    // The upstream refuses the upload after its head, then drains until the gateway
+    // hangs up.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let is_upload = buf.starts_with(b"POST");
+                let answer: &[u8] = if is_upload {
+                    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                };
+                let _ = stream.write_all(answer).await;
+                while matches!(stream.read(&mut chunk).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let (_registry, gateway) = routed_to("upload", upstream).await;
+    let mut client = Client::connect(gateway.addr).await;
+    // 10 MiB announced (streamed, past the retry buffer), 1 KiB sent.
+    client
+        .send(b"POST /upload/ HTTP/1.1\r\nhost: t\r\ncontent-length: 10485760\r\n\r\n")
+        .await;
+    client.send(&[b'x'; 1024]).await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.body, b"too big!");
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn pooled_connections_the_upstream_closed_should_not_fail_requests() {
+    // Each connection serves one answer and closes, without saying so.
+    let upstream = scripted(|_| (ok("fresh"), true)).await;
+    let (_registry, gateway) = routed_to("flaky", upstream).await;
+    let mut client = Client::connect(gateway.addr).await;
+    for n in 0..20 {
+        client
+            .send(b"GET /flaky/ HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await;
+        let answer = client.answer(false).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "request {n}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_idle_client_connection_should_be_closed_after_the_idle_timeout() {
+    let upstream = scripted(|_| (ok("hi"), false)).await;
+    let (_registry, gateway) = routed_with("idle", upstream, |config| {
+        config.idle_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut client = Client::connect(gateway.addr).await;
+    client.send(b"GET /idle/ HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    assert_eq!(client.answer(false).await.body, b"hi");
+    let started = Instant::now();
+    assert!(client.closed().await, "the idle connection closes");
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "closed after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+}
