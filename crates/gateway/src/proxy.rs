@@ -330,14 +330,11 @@ where
         }
         reserve(buf);
         let idle = gateway.config.idle_timeout;
-        let read = if buf.is_empty() {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => return Ok(None),
-                read = tokio::time::timeout(idle, client.read_buf(buf)) => read,
-            }
-        } else {
-            tokio::time::timeout(idle, client.read_buf(buf)).await
+        // On shutdown, a head not read whole yet is dropped: nothing was answered.
+        let read = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(None),
+            read = tokio::time::timeout(idle, client.read_buf(buf)) => read,
         };
         match read {
             Ok(Ok(0) | Err(_)) => return Ok(None),
@@ -441,7 +438,9 @@ where
                 relay,
             )
             .await;
-            if relayed && response.keep_alive {
+            // A request body cut short by an early answer leaves the connection
+            // mid-request: it cannot carry another one.
+            if relayed && response.keep_alive && consumed {
                 gateway.upstreams.put(&authority, upstream);
             }
             relayed && relay.keep_alive
@@ -550,17 +549,18 @@ where
         Framing::Length(len) if len <= gateway.config.retry_body_bytes => {
             continue_if_expected(client, head).await?;
             let len = usize::try_from(len).unwrap_or(usize::MAX);
+            let idle = gateway.config.idle_timeout;
             while buf.len() < len {
                 buf.reserve(len - buf.len());
-                match client.read_buf(buf).await {
-                    Ok(0) | Err(_) => {
+                match tokio::time::timeout(idle, client.read_buf(buf)).await {
+                    Ok(Ok(0) | Err(_)) | Err(_) => {
                         return Err(Refusal(
                             StatusCode::BAD_REQUEST,
                             "bad_request",
                             format!("the request body ended after {} of {len} bytes", buf.len()),
                         ));
                     }
-                    Ok(_) => {}
+                    Ok(Ok(_)) => {}
                 }
             }
             *consumed = true;

@@ -362,8 +362,8 @@ async fn a_malformed_chunked_request_body_should_be_400() {
 
 #[tokio::test]
 async fn an_answer_before_the_whole_body_should_be_relayed_and_end_the_client_connection() {
-    // The upstream refuses the upload after its head, then drains until the gateway
-    // hangs up.
+    // The upstream refuses the upload after its head (keeping the connection, as far
+    // as it says), then drains until the gateway hangs up.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -377,18 +377,20 @@ async fn an_answer_before_the_whole_body_should_be_relayed_and_end_the_client_co
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-                let is_upload = buf.starts_with(b"POST");
-                let answer: &[u8] = if is_upload {
-                    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!"
-                } else {
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                };
+                if !buf.starts_with(b"POST") {
+                    let answer =
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                    let _ = stream.write_all(answer).await;
+                    return;
+                }
+                let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!";
                 let _ = stream.write_all(answer).await;
                 while matches!(stream.read(&mut chunk).await, Ok(n) if n > 0) {}
             });
         }
     });
-    let (_registry, gateway) = routed_to("upload", upstream).await;
+    // One serving thread: one pool, which the next client's request draws from.
+    let (_registry, gateway) = routed_with("upload", upstream, |config| config.workers = 1).await;
     let mut client = Client::connect(gateway.addr).await;
     // 10 MiB announced (streamed, past the retry buffer), 1 KiB sent.
     client
@@ -400,6 +402,12 @@ async fn an_answer_before_the_whole_body_should_be_relayed_and_end_the_client_co
     assert_eq!(answer.body, b"too big!");
     assert_eq!(answer.header("connection"), Some("close"));
     assert!(client.closed().await);
+    // The upstream connection was left mid-body: the next request needs another.
+    let mut client = Client::connect(gateway.addr).await;
+    client
+        .send(b"GET /upload/ HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await;
+    assert_eq!(client.answer(false).await.body, b"ok");
 }
 
 #[tokio::test]
