@@ -1,5 +1,6 @@
 //! Memory under a large body, in a test binary of its own: the process's RSS must not
-//! include the allocations of other tests running at the same time.
+//! include the allocations of other tests running at the same time (the tests here
+//! take turns).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -12,8 +13,12 @@ use reqwest::StatusCode;
 use axum::body::Body;
 use support::{backend, gateway, register, registry, until_routed};
 
+/// Held by each test for its whole run: one at a time, so each reads its own growth.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mib_body_should_stream_through_without_buffering() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let registry = registry().await;
     let sink = backend("a").await;
     register(registry.addr, "upload", sink.running.addr).await;
@@ -40,6 +45,56 @@ async fn a_100_mib_body_should_stream_through_without_buffering() {
     assert!(
         grown < 40 * 1024 * 1024,
         "memory grew by {} MiB for a 100 MiB body",
+        grown >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_chunked_answer_should_stream_through_without_buffering() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let registry = registry().await;
+    let size: u64 = 100 * 1024 * 1024;
+    // A source whose answer has no length: it streams chunked through the gateway.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let source = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || async move { streamed_body(size) });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    register(registry.addr, "download", source).await;
+    let gateway = gateway(registry.addr, |_| {}).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while reqwest::get(format!("http://{}/download/", gateway.addr))
+        .await
+        .map_or(true, |r| r.status() != StatusCode::OK)
+    {
+        assert!(std::time::Instant::now() < deadline, "never routed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let before = rss_bytes();
+    let mut response = reqwest::get(format!("http://{}/download/", gateway.addr))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response
+            .headers()
+            .get("transfer-encoding")
+            .and_then(|v| v.to_str().ok()),
+        Some("chunked")
+    );
+    let mut received: u64 = 0;
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        assert!(
+            chunk.iter().all(|&b| b == b'z'),
+            "the data arrives unchanged"
+        );
+        received += chunk.len() as u64;
+    }
+    assert_eq!(received, size, "every byte arrived");
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 40 * 1024 * 1024,
+        "memory grew by {} MiB for a 100 MiB answer",
         grown >> 20
     );
 }
