@@ -150,36 +150,33 @@ pub(crate) fn parse_request(
         .ok_or_else(|| HeadError::Invalid(format!("unusable request target {raw_target:?}")))?
         .to_owned();
 
-    let mut connection: &[u8] = &[];
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
+    let delimiting = Delimiting::scan(request.headers)?;
+    let chunked = delimiting.codings > 0;
+    if chunked && http10 {
+        return Err(HeadError::Invalid(
+            "transfer-encoding in an HTTP/1.0 request".into(),
+        ));
+    }
+    if chunked
+        && (delimiting.codings > 1
+            || !delimiting
+                .last_coding
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(HeadError::Unsupported(
+            "only the chunked transfer coding is supported".into(),
+        ));
+    }
+    if chunked && delimiting.length.is_some() {
+        return Err(HeadError::Invalid(
+            "both content-length and transfer-encoding".into(),
+        ));
+    }
     let mut expect_continue = false;
     for header in request.headers.iter() {
         let name = header.name;
-        if name.eq_ignore_ascii_case("connection") {
-            connection = header.value;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            let value = parse_length(header.value)
-                .ok_or_else(|| HeadError::Invalid("malformed content-length".into()))?;
-            if length.is_some_and(|earlier| earlier != value) {
-                return Err(HeadError::Invalid(
-                    "conflicting content-length values".into(),
-                ));
-            }
-            length = Some(value);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if http10 {
-                return Err(HeadError::Invalid(
-                    "transfer-encoding in an HTTP/1.0 request".into(),
-                ));
-            }
-            if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(HeadError::Unsupported(
-                    "only the chunked transfer coding is supported".into(),
-                ));
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("expect") {
+        if name.eq_ignore_ascii_case("expect") {
             expect_continue = header
                 .value
                 .trim_ascii()
@@ -187,28 +184,12 @@ pub(crate) fn parse_request(
         } else if name.eq_ignore_ascii_case("host") {
             host.clear();
             host.extend_from_slice(header.value);
-        }
-    }
-    if chunked && length.is_some() {
-        return Err(HeadError::Invalid(
-            "both content-length and transfer-encoding".into(),
-        ));
-    }
-    for header in request.headers.iter() {
-        let name = header.name;
-        if !name.eq_ignore_ascii_case("host")
-            && !name.eq_ignore_ascii_case("expect")
-            && !not_forwarded(name, connection)
-        {
+        } else if !not_forwarded(name, delimiting.connection) {
             forward(name, header.value);
         }
     }
-    let keep_alive = if http10 {
-        has_token(connection, "keep-alive")
-    } else {
-        !has_token(connection, "close")
-    };
-    let framing = match (chunked, length) {
+    let keep_alive = delimiting.keep_alive(http10);
+    let framing = match (chunked, delimiting.length) {
         (true, _) => Framing::Chunked,
         (false, Some(n)) => Framing::Length(n),
         (false, None) => Framing::Empty,
@@ -243,6 +224,57 @@ fn parse_length(value: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// What a message's headers say about its delimiting and its connection.
+struct Delimiting<'h> {
+    /// The `Connection` header's value (empty without one).
+    connection: &'h [u8],
+    /// The `Content-Length`, the same in every such header.
+    length: Option<u64>,
+    /// `Transfer-Encoding` headers, and the last one's value.
+    codings: usize,
+    last_coding: &'h [u8],
+}
+
+impl<'h> Delimiting<'h> {
+    fn scan(headers: &[httparse::Header<'h>]) -> Result<Self, HeadError> {
+        let mut found = Self {
+            connection: &[],
+            length: None,
+            codings: 0,
+            last_coding: &[],
+        };
+        for header in headers {
+            let name = header.name;
+            if name.eq_ignore_ascii_case("connection") {
+                found.connection = header.value;
+            } else if name.eq_ignore_ascii_case("content-length") {
+                let value = parse_length(header.value)
+                    .ok_or_else(|| HeadError::Invalid("malformed content-length".into()))?;
+                if found.length.is_some_and(|earlier| earlier != value) {
+                    return Err(HeadError::Invalid(
+                        "conflicting content-length values".into(),
+                    ));
+                }
+                found.length = Some(value);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                found.codings += 1;
+                found.last_coding = header.value;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether the connection stays open after the message: by default in HTTP/1.1,
+    /// only when asked in HTTP/1.0.
+    fn keep_alive(&self, http10: bool) -> bool {
+        if http10 {
+            has_token(self.connection, "keep-alive")
+        } else {
+            !has_token(self.connection, "close")
+        }
+    }
 }
 
 /// A response head from an upstream.
@@ -296,49 +328,28 @@ pub(crate) fn parse_response(
     };
     let status = response.code.unwrap_or(0);
     let http10 = response.version == Some(0);
-    let mut connection: &[u8] = &[];
-    let mut length: Option<u64> = None;
-    let mut coded = false;
-    let mut chunked = false;
-    for header in response.headers.iter() {
-        let name = header.name;
-        if name.eq_ignore_ascii_case("connection") {
-            connection = header.value;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            let value = parse_length(header.value)
-                .ok_or_else(|| HeadError::Invalid("malformed content-length".into()))?;
-            if length.is_some_and(|earlier| earlier != value) {
-                return Err(HeadError::Invalid(
-                    "conflicting content-length values".into(),
-                ));
-            }
-            length = Some(value);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            coded = true;
-            // Chunked must be the last coding; the others stay in the data.
-            chunked = tokens(header.value)
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
-        }
-    }
+    let delimiting = Delimiting::scan(response.headers)?;
+    let connection = delimiting.connection;
+    let length = delimiting.length;
     let bodiless = *method == Method::HEAD || status < 200 || status == 204 || status == 304;
     let framing = if bodiless {
         Framing::Empty
-    } else if coded && chunked {
-        Framing::Chunked
-    } else if coded {
-        Framing::UntilClose
+    } else if delimiting.codings > 0 {
+        // Chunked must be the last coding; the others stay in the data.
+        let chunked = tokens(delimiting.last_coding)
+            .last()
+            .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
     } else if let Some(n) = length {
         Framing::Length(n)
     } else {
         Framing::UntilClose
     };
-    let keep_alive = framing != Framing::UntilClose
-        && if http10 {
-            has_token(connection, "keep-alive")
-        } else {
-            !has_token(connection, "close")
-        };
+    let keep_alive = framing != Framing::UntilClose && delimiting.keep_alive(http10);
     let head = ResponseHead {
         status,
         framing,

@@ -220,135 +220,6 @@ fn refusal_response(out: &mut Vec<u8>, refusal: &Refusal, relay: Relay) {
     own_response(out, *status, "application/json", body.as_bytes(), relay);
 }
 
-/// Serves one client connection until it closes, goes idle for the idle timeout, or
-/// `stop` is cancelled (between requests).
-pub(crate) async fn serve_connection<C>(
-    gateway: Arc<Gateway>,
-    mut client: C,
-    peer: SocketAddr,
-    stop: CancellationToken,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut buf = BytesMut::with_capacity(READ_BUFFER);
-    let mut scratch = Scratch::default();
-    loop {
-        let head = match read_head(&gateway, &mut client, &mut buf, &mut scratch, &stop).await {
-            Ok(Some(head)) => head,
-            Ok(None) => break,
-            Err(err) => {
-                let (status, code) = match &err {
-                    HeadError::TooLarge(_) => (
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "headers_too_large",
-                    ),
-                    HeadError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-                    HeadError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
-                };
-                let (HeadError::TooLarge(message)
-                | HeadError::Invalid(message)
-                | HeadError::Unsupported(message)) = err;
-                gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
-                gateway.count(status.as_u16());
-                let relay = Relay {
-                    http10: false,
-                    keep_alive: false,
-                };
-                refusal_response(&mut scratch.out, &Refusal(status, code, message), relay);
-                let _ = client.write_all(&scratch.out).await;
-                break;
-            }
-        };
-        buf.advance(head.len);
-        let keep_alive = exchange(
-            &gateway,
-            &mut client,
-            &mut buf,
-            &mut scratch,
-            peer,
-            &head,
-            &stop,
-        )
-        .await;
-        if !keep_alive {
-            break;
-        }
-    }
-    let _ = client.shutdown().await;
-}
-
-/// Reads the next request head into `buf`: `None` when the connection closes or idles
-/// out before one begins, or `stop` is cancelled while none is under way.
-async fn read_head<C>(
-    gateway: &Gateway,
-    client: &mut C,
-    buf: &mut BytesMut,
-    scratch: &mut Scratch,
-    stop: &CancellationToken,
-) -> Result<Option<RequestHead>, HeadError>
-where
-    C: AsyncRead + Unpin,
-{
-    let limits = HeadLimits {
-        header_bytes: gateway.config.max_header_bytes,
-    };
-    loop {
-        if !buf.is_empty() {
-            scratch.clear();
-            let Scratch {
-                headers,
-                forwarded_for,
-                forwarded_prefix,
-                host,
-                has_request_id,
-                ..
-            } = scratch;
-            let parsed = parse_request(
-                buf,
-                limits,
-                |name, value| {
-                    if name.eq_ignore_ascii_case("x-forwarded-for") {
-                        if !forwarded_for.is_empty() {
-                            forwarded_for.extend_from_slice(b", ");
-                        }
-                        forwarded_for.extend_from_slice(value);
-                    } else if name.eq_ignore_ascii_case("x-forwarded-prefix") {
-                        forwarded_prefix.clear();
-                        forwarded_prefix.extend_from_slice(value);
-                    } else if !name.eq_ignore_ascii_case("x-forwarded-proto")
-                        && !name.eq_ignore_ascii_case("x-forwarded-host")
-                    {
-                        *has_request_id |= name.eq_ignore_ascii_case("x-request-id");
-                        put_header(headers, name.as_bytes(), value);
-                    }
-                },
-                host,
-            )?;
-            if parsed.is_some() {
-                return Ok(parsed);
-            }
-        }
-        reserve(buf);
-        let idle = gateway.config.idle_timeout;
-        // On shutdown, a head not read whole yet is dropped: nothing was answered.
-        let read = tokio::select! {
-            biased;
-            () = stop.cancelled() => return Ok(None),
-            read = tokio::time::timeout(idle, client.read_buf(buf)) => read,
-        };
-        match read {
-            Ok(Ok(0) | Err(_)) => return Ok(None),
-            Ok(Ok(_)) => {}
-            Err(_) if buf.is_empty() => return Ok(None),
-            Err(_) => {
-                return Err(HeadError::Invalid(format!(
-                    "the request head did not arrive within {idle:?}"
-                )));
-            }
-        }
-    }
-}
-
 /// Makes room to read into `buf`.
 fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_ROOM {
@@ -370,90 +241,6 @@ struct Answer {
     head: ResponseHead,
 }
 
-/// One request, from its head to the end of its answer. Returns whether the client
-/// connection stays open.
-async fn exchange<C>(
-    gateway: &Gateway,
-    client: &mut C,
-    buf: &mut BytesMut,
-    scratch: &mut Scratch,
-    peer: SocketAddr,
-    head: &RequestHead,
-    stop: &CancellationToken,
-) -> bool
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let started = Instant::now();
-    let id = gateway.next_id.fetch_add(1, Ordering::Relaxed);
-    let mut relay = Relay {
-        http10: head.http10,
-        keep_alive: head.keep_alive && !stop.is_cancelled(),
-    };
-    let mut routed = Routed::default();
-    let mut consumed = head.framing == Framing::Empty;
-    let forwarded = forward(
-        gateway,
-        client,
-        buf,
-        scratch,
-        peer,
-        head,
-        id,
-        &mut routed,
-        &mut relay,
-        &mut consumed,
-    )
-    .await;
-    let status = match &forwarded {
-        Ok(answer) => answer.head.status,
-        Err(Refusal(status, ..)) => status.as_u16(),
-    };
-    gateway.count(status);
-    if let Some(access_log) = &gateway.access_log {
-        // Time to the response head; bodies keep streaming after this.
-        access_log.ship(format!(
-            "{} {} {status} {}us service={} instance={} id={id:016x} peer={}",
-            head.method,
-            head.target.split('?').next().unwrap_or(""),
-            started.elapsed().as_micros(),
-            routed.service.as_deref().unwrap_or("-"),
-            routed.instance.as_deref().unwrap_or("-"),
-            peer.ip(),
-        ));
-    }
-    match forwarded {
-        Ok(Answer {
-            mut upstream,
-            authority,
-            head: response,
-        }) => {
-            let relayed = relay_body(
-                gateway,
-                client,
-                &scratch.out,
-                &mut upstream,
-                response.framing,
-                relay,
-            )
-            .await;
-            // A request body cut short by an early answer leaves the connection
-            // mid-request: it cannot carry another one.
-            if relayed && response.keep_alive && consumed {
-                gateway.upstreams.put(&authority, upstream);
-            }
-            relayed && relay.keep_alive
-        }
-        Err(refusal) => {
-            // A body left unread in the connection ends it.
-            relay.keep_alive &= consumed;
-            refusal_response(&mut scratch.out, &refusal, relay);
-            client.write_all(&scratch.out).await.is_ok() && relay.keep_alive
-        }
-    }
-}
-
 /// The body of a request that may be retried, or the stream of one that may not.
 enum Payload {
     Buffered(Bytes),
@@ -470,252 +257,501 @@ enum Failure {
     Client(String),
 }
 
-/// Routes the request, sends it to an instance (retrying as the config allows), and
-/// reads the answer's head.
-#[allow(clippy::too_many_arguments)]
-async fn forward<C>(
-    gateway: &Gateway,
-    client: &mut C,
-    buf: &mut BytesMut,
-    scratch: &mut Scratch,
+/// A client connection: its stream, and the bytes read from it and not used yet.
+struct Client<C> {
+    stream: C,
+    buf: BytesMut,
+}
+
+impl<C: AsyncRead + Unpin> Client<C> {
+    /// The next `len` bytes (a request body), each read arriving within `idle`.
+    async fn take(&mut self, len: usize, idle: std::time::Duration) -> Result<Bytes, Refusal> {
+        while self.buf.len() < len {
+            self.buf.reserve(len - self.buf.len());
+            match tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => {
+                    return Err(Refusal(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!(
+                            "the request body ended after {} of {len} bytes",
+                            self.buf.len()
+                        ),
+                    ));
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        Ok(self.buf.split_to(len).freeze())
+    }
+}
+
+/// One client connection being served, and what each request on it reuses.
+struct Connection<C> {
+    gateway: Arc<Gateway>,
+    client: Client<C>,
+    scratch: Scratch,
     peer: SocketAddr,
-    head: &RequestHead,
+    stop: CancellationToken,
+}
+
+/// One request under way.
+struct Exchange {
+    head: RequestHead,
     id: u64,
-    routed: &mut Routed,
-    relay: &mut Relay,
-    consumed: &mut bool,
-) -> Result<Answer, Refusal>
+    routed: Routed,
+    relay: Relay,
+    /// Whether the request body has been read whole.
+    consumed: bool,
+}
+
+/// Serves one client connection until it closes, goes idle for the idle timeout, or
+/// `stop` is cancelled (between requests).
+pub(crate) async fn serve_connection<C>(
+    gateway: Arc<Gateway>,
+    stream: C,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let connection = Connection {
+        gateway,
+        client: Client {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+        },
+        scratch: Scratch::default(),
+        peer,
+        stop,
+    };
+    connection.serve().await;
+}
+
+impl<C> Connection<C>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let (path, query) = match head.target.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (head.target.as_str(), None),
-    };
-    let Some(segment) = path.split('/').nth(1).filter(|s| !s.is_empty()) else {
-        return Err(Refusal(
-            StatusCode::NOT_FOUND,
-            "no_service",
-            "no service in the path: use /{service}/...".into(),
-        ));
-    };
-    let Ok(service) = keel_registry::validate_service_name(segment.to_owned(), "service") else {
-        return Err(Refusal(
-            StatusCode::NOT_FOUND,
-            "unknown_service",
-            format!("no service named {segment:?}"),
-        ));
-    };
-    // The first choice, before the body is read: no instance at all is a 404 or a 503.
-    let ejected = gateway.ejected();
-    let first = gateway
-        .discovery
-        .pick_where(&service, gateway.policy(), |instance| {
-            !ejected.contains(&instance.url)
-        });
-    let Some(first) = first else {
-        let known = gateway
-            .known
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&service);
-        let refusal = if !known && gateway.discovery.instances(&service).is_empty() {
-            Refusal(
-                StatusCode::NOT_FOUND,
-                "unknown_service",
-                format!("service {service:?} is not registered"),
-            )
-        } else {
-            no_healthy_instance(&service)
-        };
-        routed.service = Some(service);
-        return Err(refusal);
-    };
-    let stripped = gateway.config.strip_prefix.contains(&service);
-    let target: Cow<'_, str> = if stripped {
-        let rest = &path[service.len() + 1..];
-        let rest = if rest.is_empty() { "/" } else { rest };
-        match query {
-            Some(query) => Cow::Owned(format!("{rest}?{query}")),
-            None => Cow::Borrowed(rest),
-        }
-    } else {
-        Cow::Borrowed(head.target.as_str())
-    };
-
-    // A retry needs the body again: small bodies are buffered, large ones stream once.
-    let payload = match head.framing {
-        Framing::Empty => Payload::Buffered(Bytes::new()),
-        Framing::Length(len) if len <= gateway.config.retry_body_bytes => {
-            continue_if_expected(client, head).await?;
-            let len = usize::try_from(len).unwrap_or(usize::MAX);
-            let idle = gateway.config.idle_timeout;
-            while buf.len() < len {
-                buf.reserve(len - buf.len());
-                match tokio::time::timeout(idle, client.read_buf(buf)).await {
-                    Ok(Ok(0) | Err(_)) | Err(_) => {
-                        return Err(Refusal(
-                            StatusCode::BAD_REQUEST,
-                            "bad_request",
-                            format!("the request body ended after {} of {len} bytes", buf.len()),
-                        ));
-                    }
-                    Ok(Ok(_)) => {}
-                }
-            }
-            *consumed = true;
-            Payload::Buffered(buf.split_to(len).freeze())
-        }
-        Framing::Length(_) | Framing::Chunked | Framing::UntilClose => Payload::Streaming,
-    };
-
-    // The forwarded headers, completed.
-    let headers = &mut scratch.headers;
-    headers.extend_from_slice(b"x-forwarded-for: ");
-    if !scratch.forwarded_for.is_empty() {
-        headers.extend_from_slice(&scratch.forwarded_for);
-        headers.extend_from_slice(b", ");
-    }
-    let _ = write!(headers, "{}\r\nx-forwarded-proto: http\r\n", peer.ip());
-    if !scratch.host.is_empty() {
-        put_header(headers, b"x-forwarded-host", &scratch.host);
-    }
-    if !scratch.has_request_id {
-        let _ = write!(headers, "x-request-id: {id:016x}\r\n");
-    }
-    if stripped {
-        // Lets the instance build links that go back through the gateway.
-        let _ = write!(headers, "x-forwarded-prefix: /{service}\r\n");
-    } else if !scratch.forwarded_prefix.is_empty() {
-        put_header(headers, b"x-forwarded-prefix", &scratch.forwarded_prefix);
-    }
-    match (&payload, head.framing) {
-        (_, Framing::Empty) => {}
-        (Payload::Buffered(body), _) => {
-            let _ = write!(headers, "content-length: {}\r\n", body.len());
-        }
-        (Payload::Streaming, Framing::Length(len)) => {
-            let _ = write!(headers, "content-length: {len}\r\n");
-        }
-        (Payload::Streaming, _) => headers.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-    }
-    headers.extend_from_slice(b"\r\n");
-
-    let idempotent = is_idempotent(&head.method);
-    // Instances that failed this request; empty unless it is retried.
-    let mut tried: Vec<String> = Vec::new();
-    let mut last_failure = None;
-    let mut next = Some(first);
-    routed.service = Some(service.clone());
-    for attempt in 0..=gateway.config.retries {
-        let picked = match next.take() {
-            Some(picked) => picked,
-            None => {
-                let ejected = gateway.ejected();
-                let picked = gateway
-                    .discovery
-                    .pick_where(&service, gateway.policy(), |instance| {
-                        !tried.contains(&instance.url) && !ejected.contains(&instance.url)
-                    });
-                let Some(picked) = picked else { break };
-                picked
-            }
-        };
-        let instance = Arc::clone(&picked.instance);
-        let url = instance.url.as_str();
-        routed.instance = Some(url.to_owned());
-        if attempt > 0 {
-            gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
-        }
-        if url.starts_with("https://") {
-            return Err(Refusal(
-                StatusCode::BAD_GATEWAY,
-                "bad_upstream",
-                format!(
-                    "instance {url} of {service:?} uses https, which the gateway does not speak to upstreams yet"
-                ),
-            ));
-        }
-        // Origin-form request line and an explicit Host: the connection is to the
-        // instance itself, not through a proxy.
-        let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-        let (authority, base_path) = without_scheme
-            .split_once('/')
-            .map_or((without_scheme, ""), |(a, p)| (a, p));
-        let request_head = &mut scratch.upstream_head;
-        request_head.clear();
-        request_head.extend_from_slice(head.method.as_str().as_bytes());
-        request_head.push(b' ');
-        if !base_path.is_empty() {
-            request_head.push(b'/');
-            request_head.extend_from_slice(base_path.trim_end_matches('/').as_bytes());
-        }
-        let _ = write!(request_head, "{target} HTTP/1.1\r\nhost: {authority}\r\n");
-        request_head.extend_from_slice(&scratch.headers);
-
-        let exchanged = tokio::time::timeout(
-            gateway.config.request_timeout,
-            attempt_on(
-                gateway,
-                authority,
-                &scratch.upstream_head,
-                &payload,
-                client,
-                buf,
-                head,
-                relay,
-                &mut scratch.out,
-                consumed,
-            ),
-        )
-        .await;
-        match exchanged {
-            Ok(Ok((upstream, response))) => {
-                gateway.record(url, true);
-                // The picked guard (in-flight count) lives until the head is back.
-                drop(picked);
-                return Ok(Answer {
-                    upstream,
-                    authority: authority.to_owned(),
-                    head: response,
-                });
-            }
-            Ok(Err(Failure::Client(message))) => {
-                relay.keep_alive = false;
-                return Err(Refusal(StatusCode::BAD_REQUEST, "bad_request", message));
-            }
-            Ok(Err(err)) => {
-                gateway.record(url, false);
-                // Nothing was sent on a failed connect: safe to retry for any method.
-                let (connect, message) = match err {
-                    Failure::Connect(err) => (true, format!("connect failed: {err}")),
-                    Failure::Sent(message) | Failure::Client(message) => (false, message),
-                };
-                let retry = matches!(payload, Payload::Buffered(_)) && (connect || idempotent);
-                tracing::debug!(url, error = %message, retry, "upstream failed");
-                last_failure = Some(format!("instance {url} of {service:?} failed: {message}"));
-                if !retry {
+    async fn serve(mut self) {
+        loop {
+            let head = match self.read_head().await {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(err) => {
+                    self.refuse_head(err).await;
                     break;
                 }
-                tried.push(url.to_owned());
+            };
+            self.client.buf.advance(head.len);
+            if !self.exchange(head).await {
+                break;
             }
-            Err(_) => {
-                gateway.record(url, false);
+        }
+        let _ = self.client.stream.shutdown().await;
+    }
+
+    /// Answers a request head that was refused; the connection closes after.
+    async fn refuse_head(&mut self, err: HeadError) {
+        let (status, code) = match &err {
+            HeadError::TooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
+            HeadError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            HeadError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
+        };
+        let (HeadError::TooLarge(message)
+        | HeadError::Invalid(message)
+        | HeadError::Unsupported(message)) = err;
+        self.gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.gateway.count(status.as_u16());
+        let relay = Relay {
+            http10: false,
+            keep_alive: false,
+        };
+        let out = &mut self.scratch.out;
+        refusal_response(out, &Refusal(status, code, message), relay);
+        let _ = self.client.stream.write_all(out).await;
+    }
+
+    /// Reads the next request head into `buf`: `None` when the connection closes or idles
+    /// out before one begins, or `stop` is cancelled while none is under way.
+    async fn read_head(&mut self) -> Result<Option<RequestHead>, HeadError> {
+        let Self {
+            gateway,
+            client: Client {
+                stream: client,
+                buf,
+            },
+            scratch,
+            stop,
+            ..
+        } = self;
+        let limits = HeadLimits {
+            header_bytes: gateway.config.max_header_bytes,
+        };
+        loop {
+            if !buf.is_empty() {
+                scratch.clear();
+                let Scratch {
+                    headers,
+                    forwarded_for,
+                    forwarded_prefix,
+                    host,
+                    has_request_id,
+                    ..
+                } = scratch;
+                let parsed = parse_request(
+                    buf,
+                    limits,
+                    |name, value| {
+                        if name.eq_ignore_ascii_case("x-forwarded-for") {
+                            if !forwarded_for.is_empty() {
+                                forwarded_for.extend_from_slice(b", ");
+                            }
+                            forwarded_for.extend_from_slice(value);
+                        } else if name.eq_ignore_ascii_case("x-forwarded-prefix") {
+                            forwarded_prefix.clear();
+                            forwarded_prefix.extend_from_slice(value);
+                        } else if !name.eq_ignore_ascii_case("x-forwarded-proto")
+                            && !name.eq_ignore_ascii_case("x-forwarded-host")
+                        {
+                            *has_request_id |= name.eq_ignore_ascii_case("x-request-id");
+                            put_header(headers, name.as_bytes(), value);
+                        }
+                    },
+                    host,
+                )?;
+                if parsed.is_some() {
+                    return Ok(parsed);
+                }
+            }
+            reserve(buf);
+            let idle = gateway.config.idle_timeout;
+            // On shutdown, a head not read whole yet is dropped: nothing was answered.
+            let read = tokio::select! {
+                biased;
+                () = stop.cancelled() => return Ok(None),
+                read = tokio::time::timeout(idle, client.read_buf(buf)) => read,
+            };
+            match read {
+                Ok(Ok(0) | Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+                Err(_) if buf.is_empty() => return Ok(None),
+                Err(_) => {
+                    return Err(HeadError::Invalid(format!(
+                        "the request head did not arrive within {idle:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One request, from its head to the end of its answer. Returns whether the client
+    /// connection stays open.
+    async fn exchange(&mut self, head: RequestHead) -> bool {
+        self.gateway.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut exchange = Exchange {
+            id: self.gateway.next_id.fetch_add(1, Ordering::Relaxed),
+            routed: Routed::default(),
+            relay: Relay {
+                http10: head.http10,
+                keep_alive: head.keep_alive && !self.stop.is_cancelled(),
+            },
+            consumed: head.framing == Framing::Empty,
+            head,
+        };
+        let forwarded = self.forward(&mut exchange).await;
+        let Self {
+            gateway,
+            client: Client { stream: client, .. },
+            scratch,
+            peer,
+            ..
+        } = self;
+        let Exchange {
+            head,
+            id,
+            routed,
+            mut relay,
+            consumed,
+        } = exchange;
+        let status = match &forwarded {
+            Ok(answer) => answer.head.status,
+            Err(Refusal(status, ..)) => status.as_u16(),
+        };
+        gateway.count(status);
+        if let Some(access_log) = &gateway.access_log {
+            // Time to the response head; bodies keep streaming after this.
+            access_log.ship(format!(
+                "{} {} {status} {}us service={} instance={} id={id:016x} peer={}",
+                head.method,
+                head.target.split('?').next().unwrap_or(""),
+                started.elapsed().as_micros(),
+                routed.service.as_deref().unwrap_or("-"),
+                routed.instance.as_deref().unwrap_or("-"),
+                peer.ip(),
+            ));
+        }
+        match forwarded {
+            Ok(Answer {
+                mut upstream,
+                authority,
+                head: response,
+            }) => {
+                let relayed = relay_body(
+                    gateway,
+                    client,
+                    &scratch.out,
+                    &mut upstream,
+                    response.framing,
+                    relay,
+                )
+                .await;
+                // A request body cut short by an early answer leaves the connection
+                // mid-request: it cannot carry another one.
+                if relayed && response.keep_alive && consumed {
+                    gateway.upstreams.put(&authority, upstream);
+                }
+                relayed && relay.keep_alive
+            }
+            Err(refusal) => {
+                // A body left unread in the connection ends it.
+                relay.keep_alive &= consumed;
+                refusal_response(&mut scratch.out, &refusal, relay);
+                client.write_all(&scratch.out).await.is_ok() && relay.keep_alive
+            }
+        }
+    }
+
+    /// Routes the request, sends it to an instance (retrying as the config allows), and
+    /// reads the answer's head.
+    async fn forward(&mut self, exchange: &mut Exchange) -> Result<Answer, Refusal> {
+        let Self {
+            gateway,
+            client,
+            scratch,
+            peer,
+            ..
+        } = self;
+        let Exchange {
+            head,
+            id,
+            routed,
+            relay,
+            consumed,
+        } = exchange;
+        let (head, id) = (&*head, *id);
+        let (path, query) = match head.target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (head.target.as_str(), None),
+        };
+        let Some(segment) = path.split('/').nth(1).filter(|s| !s.is_empty()) else {
+            return Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "no_service",
+                "no service in the path: use /{service}/...".into(),
+            ));
+        };
+        let Ok(service) = keel_registry::validate_service_name(segment.to_owned(), "service")
+        else {
+            return Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "unknown_service",
+                format!("no service named {segment:?}"),
+            ));
+        };
+        // The first choice, before the body is read: no instance at all is a 404 or a 503.
+        let ejected = gateway.ejected();
+        let first = gateway
+            .discovery
+            .pick_where(&service, gateway.policy(), |instance| {
+                !ejected.contains(&instance.url)
+            });
+        let Some(first) = first else {
+            let known = gateway
+                .known
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&service);
+            let refusal = if !known && gateway.discovery.instances(&service).is_empty() {
+                Refusal(
+                    StatusCode::NOT_FOUND,
+                    "unknown_service",
+                    format!("service {service:?} is not registered"),
+                )
+            } else {
+                no_healthy_instance(&service)
+            };
+            routed.service = Some(service);
+            return Err(refusal);
+        };
+        let stripped = gateway.config.strip_prefix.contains(&service);
+        let target: Cow<'_, str> = if stripped {
+            let rest = &path[service.len() + 1..];
+            let rest = if rest.is_empty() { "/" } else { rest };
+            match query {
+                Some(query) => Cow::Owned(format!("{rest}?{query}")),
+                None => Cow::Borrowed(rest),
+            }
+        } else {
+            Cow::Borrowed(head.target.as_str())
+        };
+
+        // A retry needs the body again: small bodies are buffered, large ones stream once.
+        let payload = match head.framing {
+            Framing::Empty => Payload::Buffered(Bytes::new()),
+            Framing::Length(len) if len <= gateway.config.retry_body_bytes => {
+                continue_if_expected(&mut client.stream, head).await?;
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                let body = client.take(len, gateway.config.idle_timeout).await?;
+                *consumed = true;
+                Payload::Buffered(body)
+            }
+            Framing::Length(_) | Framing::Chunked | Framing::UntilClose => Payload::Streaming,
+        };
+
+        // The forwarded headers, completed.
+        let headers = &mut scratch.headers;
+        headers.extend_from_slice(b"x-forwarded-for: ");
+        if !scratch.forwarded_for.is_empty() {
+            headers.extend_from_slice(&scratch.forwarded_for);
+            headers.extend_from_slice(b", ");
+        }
+        let _ = write!(headers, "{}\r\nx-forwarded-proto: http\r\n", peer.ip());
+        if !scratch.host.is_empty() {
+            put_header(headers, b"x-forwarded-host", &scratch.host);
+        }
+        if !scratch.has_request_id {
+            let _ = write!(headers, "x-request-id: {id:016x}\r\n");
+        }
+        if stripped {
+            // Lets the instance build links that go back through the gateway.
+            let _ = write!(headers, "x-forwarded-prefix: /{service}\r\n");
+        } else if !scratch.forwarded_prefix.is_empty() {
+            put_header(headers, b"x-forwarded-prefix", &scratch.forwarded_prefix);
+        }
+        match (&payload, head.framing) {
+            (_, Framing::Empty) => {}
+            (Payload::Buffered(body), _) => {
+                let _ = write!(headers, "content-length: {}\r\n", body.len());
+            }
+            (Payload::Streaming, Framing::Length(len)) => {
+                let _ = write!(headers, "content-length: {len}\r\n");
+            }
+            (Payload::Streaming, _) => headers.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        headers.extend_from_slice(b"\r\n");
+
+        let idempotent = is_idempotent(&head.method);
+        // Instances that failed this request; empty unless it is retried.
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_failure = None;
+        let mut next = Some(first);
+        routed.service = Some(service.clone());
+        for attempt in 0..=gateway.config.retries {
+            let picked = match next.take() {
+                Some(picked) => picked,
+                None => {
+                    let ejected = gateway.ejected();
+                    let picked =
+                        gateway
+                            .discovery
+                            .pick_where(&service, gateway.policy(), |instance| {
+                                !tried.contains(&instance.url) && !ejected.contains(&instance.url)
+                            });
+                    let Some(picked) = picked else { break };
+                    picked
+                }
+            };
+            let instance = Arc::clone(&picked.instance);
+            let url = instance.url.as_str();
+            routed.instance = Some(url.to_owned());
+            if attempt > 0 {
+                gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            if url.starts_with("https://") {
                 return Err(Refusal(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
+                    StatusCode::BAD_GATEWAY,
+                    "bad_upstream",
                     format!(
-                        "instance {url} of {service:?} did not answer within {:?}",
-                        gateway.config.request_timeout
+                        "instance {url} of {service:?} uses https, which the gateway does not speak to upstreams yet"
                     ),
                 ));
             }
+            // Origin-form request line and an explicit Host: the connection is to the
+            // instance itself, not through a proxy.
+            let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+            let (authority, base_path) = without_scheme
+                .split_once('/')
+                .map_or((without_scheme, ""), |(a, p)| (a, p));
+            let request_head = &mut scratch.upstream_head;
+            request_head.clear();
+            request_head.extend_from_slice(head.method.as_str().as_bytes());
+            request_head.push(b' ');
+            if !base_path.is_empty() {
+                request_head.push(b'/');
+                request_head.extend_from_slice(base_path.trim_end_matches('/').as_bytes());
+            }
+            let _ = write!(request_head, "{target} HTTP/1.1\r\nhost: {authority}\r\n");
+            request_head.extend_from_slice(&scratch.headers);
+
+            let exchanged = tokio::time::timeout(
+                gateway.config.request_timeout,
+                attempt_on(
+                    gateway, authority, &payload, client, head, relay, consumed, scratch,
+                ),
+            )
+            .await;
+            match exchanged {
+                Ok(Ok((upstream, response))) => {
+                    gateway.record(url, true);
+                    // The picked guard (in-flight count) lives until the head is back.
+                    drop(picked);
+                    return Ok(Answer {
+                        upstream,
+                        authority: authority.to_owned(),
+                        head: response,
+                    });
+                }
+                Ok(Err(Failure::Client(message))) => {
+                    relay.keep_alive = false;
+                    return Err(Refusal(StatusCode::BAD_REQUEST, "bad_request", message));
+                }
+                Ok(Err(err)) => {
+                    gateway.record(url, false);
+                    // Nothing was sent on a failed connect: safe to retry for any method.
+                    let (connect, message) = match err {
+                        Failure::Connect(err) => (true, format!("connect failed: {err}")),
+                        Failure::Sent(message) | Failure::Client(message) => (false, message),
+                    };
+                    let retry = matches!(payload, Payload::Buffered(_)) && (connect || idempotent);
+                    tracing::debug!(url, error = %message, retry, "upstream failed");
+                    last_failure = Some(format!("instance {url} of {service:?} failed: {message}"));
+                    if !retry {
+                        break;
+                    }
+                    tried.push(url.to_owned());
+                }
+                Err(_) => {
+                    gateway.record(url, false);
+                    return Err(Refusal(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!(
+                            "instance {url} of {service:?} did not answer within {:?}",
+                            gateway.config.request_timeout
+                        ),
+                    ));
+                }
+            }
         }
+        Err(match last_failure {
+            Some(message) => Refusal(StatusCode::BAD_GATEWAY, "upstream_failed", message),
+            None => no_healthy_instance(&service),
+        })
     }
-    Err(match last_failure {
-        Some(message) => Refusal(StatusCode::BAD_GATEWAY, "upstream_failed", message),
-        None => no_healthy_instance(&service),
-    })
 }
 
 /// Answers `100 Continue` to a client that waits for it before sending its body.
@@ -745,18 +781,17 @@ where
 async fn attempt_on<C>(
     gateway: &Gateway,
     authority: &str,
-    request_head: &[u8],
     payload: &Payload,
-    client: &mut C,
-    buf: &mut BytesMut,
+    client: &mut Client<C>,
     head: &RequestHead,
     relay: &mut Relay,
-    out: &mut Vec<u8>,
     consumed: &mut bool,
+    scratch: &mut Scratch,
 ) -> Result<(Upstream, ResponseHead), Failure>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let (request_head, out) = (&scratch.upstream_head, &mut scratch.out);
     let mut upstream = gateway
         .upstreams
         .get(authority)
@@ -768,7 +803,7 @@ where
                 .await
                 .map_err(|err| Failure::Sent(format!("sending the request failed: {err}"))),
             Payload::Streaming => {
-                send_streaming(client, buf, head, &mut upstream, request_head)
+                send_streaming(client, head, &mut upstream, request_head)
                     .await
                     .map(|whole| {
                         *consumed = whole;
@@ -804,8 +839,7 @@ where
 /// whether the whole body went out: the upstream may answer before reading it all,
 /// and then the rest is not sent.
 async fn send_streaming<C>(
-    client: &mut C,
-    buf: &mut BytesMut,
+    client: &mut Client<C>,
     head: &RequestHead,
     upstream: &mut Upstream,
     request_head: &[u8],
@@ -818,10 +852,10 @@ where
         .write_all(request_head)
         .await
         .map_err(|err| Failure::Sent(format!("sending the request failed: {err}")))?;
-    continue_if_expected(client, head)
+    continue_if_expected(&mut client.stream, head)
         .await
         .map_err(|Refusal(.., message)| Failure::Client(message))?;
-    let copy = copy_request_body(client, buf, head.framing, &mut to_upstream);
+    let copy = copy_request_body(client, head.framing, &mut to_upstream);
     tokio::pin!(copy);
     reserve(&mut upstream.buf);
     tokio::select! {
@@ -838,8 +872,7 @@ where
 /// Copies a request body of `framing` from the client (what `buf` holds first) to the
 /// upstream, leaving in `buf` what follows it.
 async fn copy_request_body<C, U>(
-    client: &mut C,
-    buf: &mut BytesMut,
+    client: &mut Client<C>,
     framing: Framing,
     upstream: &mut U,
 ) -> Result<(), Failure>
@@ -847,6 +880,10 @@ where
     C: AsyncRead + Unpin,
     U: AsyncWrite + Unpin,
 {
+    let Client {
+        stream: client,
+        buf,
+    } = client;
     let mut left = match framing {
         Framing::Length(len) => len,
         Framing::Chunked => u64::MAX,
