@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::{Method, StatusCode};
-use keel_registry::client::{Discovery, Policy};
+use keel_registry::client::{Discovery, Policy, ServiceInstance};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
@@ -231,14 +231,23 @@ fn reserve(buf: &mut BytesMut) {
 #[derive(Default)]
 struct Routed {
     service: Option<String>,
-    instance: Option<String>,
+    instance: Option<Arc<ServiceInstance>>,
 }
 
 /// An upstream's answer, its head already written for the client into `Scratch::out`.
 struct Answer {
     upstream: Upstream,
-    authority: String,
+    /// The instance that answered, whose pool the connection goes back to.
+    instance: Arc<ServiceInstance>,
     head: ResponseHead,
+}
+
+/// An instance URL's `host:port` and base path (without its leading `/`).
+fn split_url(url: &str) -> (&str, &str) {
+    let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    without_scheme
+        .split_once('/')
+        .unwrap_or((without_scheme, ""))
 }
 
 /// The body of a request that may be retried, or the stream of one that may not.
@@ -490,14 +499,17 @@ where
                 head.target.split('?').next().unwrap_or(""),
                 started.elapsed().as_micros(),
                 routed.service.as_deref().unwrap_or("-"),
-                routed.instance.as_deref().unwrap_or("-"),
+                routed
+                    .instance
+                    .as_ref()
+                    .map_or("-", |instance| instance.url.as_str()),
                 peer.ip(),
             ));
         }
         match forwarded {
             Ok(Answer {
                 mut upstream,
-                authority,
+                instance,
                 head: response,
             }) => {
                 let relayed = relay_body(
@@ -512,7 +524,7 @@ where
                 // A request body cut short by an early answer leaves the connection
                 // mid-request: it cannot carry another one.
                 if relayed && response.keep_alive && consumed {
-                    gateway.upstreams.put(&authority, upstream);
+                    gateway.upstreams.put(split_url(&instance.url).0, upstream);
                 }
                 relayed && relay.keep_alive
             }
@@ -649,7 +661,7 @@ where
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure = None;
         let mut next = Some(first);
-        routed.service = Some(service.clone());
+        let service: &str = routed.service.insert(service);
         for attempt in 0..=gateway.config.retries {
             let picked = match next.take() {
                 Some(picked) => picked,
@@ -658,7 +670,7 @@ where
                     let picked =
                         gateway
                             .discovery
-                            .pick_where(&service, gateway.policy(), |instance| {
+                            .pick_where(service, gateway.policy(), |instance| {
                                 !tried.contains(&instance.url) && !ejected.contains(&instance.url)
                             });
                     let Some(picked) = picked else { break };
@@ -667,7 +679,7 @@ where
             };
             let instance = Arc::clone(&picked.instance);
             let url = instance.url.as_str();
-            routed.instance = Some(url.to_owned());
+            routed.instance = Some(Arc::clone(&instance));
             if attempt > 0 {
                 gateway.stats.retries.fetch_add(1, Ordering::Relaxed);
             }
@@ -682,10 +694,7 @@ where
             }
             // Origin-form request line and an explicit Host: the connection is to the
             // instance itself, not through a proxy.
-            let without_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-            let (authority, base_path) = without_scheme
-                .split_once('/')
-                .map_or((without_scheme, ""), |(a, p)| (a, p));
+            let (authority, base_path) = split_url(url);
             let request_head = &mut scratch.upstream_head;
             request_head.clear();
             request_head.extend_from_slice(head.method.as_str().as_bytes());
@@ -711,7 +720,7 @@ where
                     drop(picked);
                     return Ok(Answer {
                         upstream,
-                        authority: authority.to_owned(),
+                        instance,
                         head: response,
                     });
                 }
@@ -749,7 +758,7 @@ where
         }
         Err(match last_failure {
             Some(message) => Refusal(StatusCode::BAD_GATEWAY, "upstream_failed", message),
-            None => no_healthy_instance(&service),
+            None => no_healthy_instance(service),
         })
     }
 }
