@@ -184,19 +184,24 @@ impl fmt::Display for SyncPolicy {
 }
 
 impl FromStr for SyncPolicy {
-    type Err = String;
+    type Err = ParseError;
 
     fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
         match text {
             "always" => Ok(Self::Always),
             "never" => Ok(Self::Never),
             _ => {
-                let every = text.strip_prefix("interval:").ok_or_else(|| {
-                    format!("unknown sync policy {text:?}; expected always, never or interval:<duration> (e.g. interval:10ms)")
-                })?;
+                let every =
+                    text.strip_prefix("interval:")
+                        .ok_or_else(|| ParseError::SyncPolicy {
+                            text: text.to_owned(),
+                        })?;
                 humantime_serde::re::humantime::parse_duration(every)
                     .map(Self::Interval)
-                    .map_err(|err| format!("bad sync interval {every:?}: {err}"))
+                    .map_err(|reason| ParseError::SyncInterval {
+                        text: every.to_owned(),
+                        reason,
+                    })
             }
         }
     }
@@ -230,26 +235,68 @@ pub struct Retention {
     pub age: Option<Duration>,
 }
 
+/// A setting given as text that does not parse: a size or a sync policy.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// A size that does not start with a whole number.
+    #[error("bad size {text:?}: expected a whole number with an optional unit such as 64MiB")]
+    SizeNumber {
+        /// The text as given.
+        text: String,
+    },
+    /// A size with a unit that is not one of the known ones.
+    #[error("bad size unit {unit:?} in {text:?}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")]
+    SizeUnit {
+        /// The text as given.
+        text: String,
+        /// The unit.
+        unit: String,
+    },
+    /// A size larger than 64 bits can count.
+    #[error("size {text:?} does not fit in 64 bits")]
+    SizeOverflow {
+        /// The text as given.
+        text: String,
+    },
+    /// A sync policy that is none of the known ones.
+    #[error(
+        "unknown sync policy {text:?}; expected always, never or interval:<duration> (e.g. interval:10ms)"
+    )]
+    SyncPolicy {
+        /// The text as given.
+        text: String,
+    },
+    /// An `interval:` sync policy whose duration does not parse.
+    #[error("bad sync interval {text:?}: {reason}")]
+    SyncInterval {
+        /// The duration as given.
+        text: String,
+        /// What is wrong with it.
+        reason: humantime_serde::re::humantime::DurationError,
+    },
+}
+
 /// Parses a byte size: a whole number with an optional unit, `B`, `KiB`, `MiB`,
 /// `GiB`, `TiB` (powers of 1024) or `KB`, `MB`, `GB`, `TB` (powers of 1000).
 ///
 /// # Errors
 ///
-/// A message saying what is wrong with `text`.
+/// [`ParseError`] saying what is wrong with `text`.
 ///
 /// ```
 /// assert_eq!(keel_commitlog::parse_size("64MiB"), Ok(64 << 20));
 /// assert_eq!(keel_commitlog::parse_size("1 KB"), Ok(1000));
 /// assert_eq!(keel_commitlog::parse_size("512"), Ok(512));
 /// ```
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+pub fn parse_size(text: &str) -> std::result::Result<u64, ParseError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: u64 = digits.parse().map_err(|_| {
-        format!("bad size {text:?}: expected a whole number with an optional unit such as 64MiB")
+    let number: u64 = digits.parse().map_err(|_| ParseError::SizeNumber {
+        text: text.to_owned(),
     })?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -262,14 +309,17 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         "GB" => 1000 * 1000 * 1000,
         "TB" => 1000 * 1000 * 1000 * 1000,
         other => {
-            return Err(format!(
-                "bad size unit {other:?} in {text:?}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
-            ));
+            return Err(ParseError::SizeUnit {
+                text: text.to_owned(),
+                unit: other.to_owned(),
+            });
         }
     };
     number
         .checked_mul(multiplier)
-        .ok_or_else(|| format!("size {text:?} does not fit in 64 bits"))
+        .ok_or_else(|| ParseError::SizeOverflow {
+            text: text.to_owned(),
+        })
 }
 
 /// Serde for sizes: an integer (bytes) or a string for [`parse_size`].

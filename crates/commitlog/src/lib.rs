@@ -46,7 +46,7 @@ mod shared;
 pub mod testing;
 
 pub use commit_log::CommitLog;
-pub use config::{LogConfig, Retention, SyncPolicy, parse_size};
+pub use config::{LogConfig, ParseError, Retention, SyncPolicy, parse_size};
 pub use error::{Corruption, LogError, Result};
 pub use log::Log;
 pub use reader::{Cursor, Reader};

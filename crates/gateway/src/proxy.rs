@@ -60,7 +60,7 @@ pub(crate) struct Shared {
     failing: AtomicUsize,
     pub(crate) stats: Stats,
     next_id: AtomicU64,
-    access_log: Option<keel_log::Shipper>,
+    access_log: Option<keel_log_client::Shipper>,
 }
 
 /// One serving thread's view of the gateway: the shared state, and its own pool of
@@ -86,7 +86,7 @@ impl Gateway {
         let access_log = config
             .log_service
             .as_deref()
-            .map(|url| keel_log::Shipper::new(url, "access", 8192));
+            .map(|url| keel_log_client::Shipper::new(url, "access", 8192));
         Self {
             shared: Arc::new(Shared {
                 config,

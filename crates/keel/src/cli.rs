@@ -3,6 +3,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -10,8 +11,7 @@ use base64::Engine;
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
-use keel_commitlog::{SyncPolicy, parse_size};
-use keel_log::{Client, LogServiceConfig};
+use keel_log::{Client, LogServiceConfig, SyncPolicy, parse_size};
 
 /// Exit code for an invalid configuration (`EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
@@ -118,7 +118,7 @@ struct ServeArgs {
     addr: Option<String>,
     /// When appends are forced to disk: always (acknowledge after fsync), interval:DURATION
     /// (e.g. interval:10ms), or never [default: always].
-    #[arg(long, env = "KEEL_LOG_SYNC", value_parser = parse_sync)]
+    #[arg(long, env = "KEEL_LOG_SYNC", value_parser = SyncPolicy::from_str)]
     sync: Option<SyncPolicy>,
     /// Largest record accepted, e.g. 1MiB [default: 1MiB].
     #[arg(long, env = "KEEL_LOG_MAX_RECORD_BYTES", value_parser = parse_size)]
@@ -253,10 +253,6 @@ struct ConsumeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
-}
-
-fn parse_sync(text: &str) -> Result<SyncPolicy, String> {
-    text.parse()
 }
 
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {

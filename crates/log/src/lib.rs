@@ -22,27 +22,25 @@
 //! This crate owns the service and its client; storage is `keel-commitlog`, wire
 //! types are `keel-proto`. It knows nothing of the registry or the gateway.
 
-mod channel;
-mod client;
 mod config;
 mod error;
 mod grpc;
 mod http;
 mod metrics;
 mod server;
-mod shipper;
 mod tail;
 mod topic;
 mod topics;
 
-pub use channel::{Channel, ResponseBody};
-pub use client::{Client, ClientError};
 pub use config::LogServiceConfig;
 pub use error::ServiceError;
 pub use grpc::LogService;
+/// The storage settings of a topic, from the commit log.
+pub use keel_commitlog::{LogConfig, ParseError, Retention, SyncPolicy, parse_size};
+pub use keel_log_client::{
+    Channel, Client, ClientError, ResponseBody, Shipper, ShipperStats, TopicInfo,
+};
 pub use server::serve;
-pub use shipper::{Shipper, ShipperStats};
-pub use topic::TopicInfo;
 pub use topics::{MAX_TOPIC_NAME, Topics, validate_topic_name};
 
 /// Opens the topics of `config` and serves them on `listener` until `shutdown`

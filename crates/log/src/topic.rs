@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_commitlog::{Log, LogConfig, LogError, Offset, Reader, Record, SyncPolicy};
+use keel_log_client::TopicInfo;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::ServiceError;
@@ -57,21 +58,6 @@ pub(crate) struct WriterLimits {
     pub(crate) enqueue_timeout: Duration,
     /// The most bytes of values one group commit takes.
     pub(crate) max_batch_bytes: usize,
-}
-
-/// Offsets and sizes of a topic, for listings.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TopicInfo {
-    /// The topic's name.
-    pub name: String,
-    /// Its lowest retained offset.
-    pub lowest_offset: Offset,
-    /// The offset its next record will get.
-    pub next_offset: Offset,
-    /// Bytes of its store files.
-    pub size_bytes: u64,
-    /// Number of segments.
-    pub segments: usize,
 }
 
 /// One topic.

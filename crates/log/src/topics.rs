@@ -6,7 +6,9 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::config::LogServiceConfig;
 use crate::error::ServiceError;
-use crate::topic::{Topic, TopicInfo, WriterLimits};
+use keel_log_client::TopicInfo;
+
+use crate::topic::{Topic, WriterLimits};
 
 /// The longest topic name.
 pub const MAX_TOPIC_NAME: usize = 128;

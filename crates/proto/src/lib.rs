@@ -8,7 +8,7 @@
 pub mod log {
     /// Version 1, compatible with the original log service.
     pub mod v1 {
-        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
         tonic::include_proto!("log.v1");
     }
 }

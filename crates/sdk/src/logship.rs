@@ -3,12 +3,12 @@
 //! [`log_shipping`] (a fixed log service) and [`log_shipping_discovered`] (whichever
 //! `log` instance discovery offers at each batch) return a `tracing` layer and a
 //! handle. The layer formats each event as one line and hands it to a
-//! [`keel_log::Shipper`] for the `logs` topic: a bounded buffer that never waits, sent
+//! [`keel_log_client::Shipper`] for the `logs` topic: a bounded buffer that never waits, sent
 //! in batches, with dropped lines counted.
 
 use std::fmt::Write as _;
 
-use keel_log::{Shipper, ShipperStats};
+use keel_log_client::{Shipper, ShipperStats};
 use keel_registry::client::{Discovery, Policy};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::Context;
@@ -61,9 +61,15 @@ fn layer(service: &str, shipper: Shipper) -> (LogLayer, LogShipping) {
 
 /// Events of the HTTP stack would be shipped by the HTTP stack: a feedback loop.
 fn is_shipping_noise(target: &str) -> bool {
-    ["hyper", "h2", "reqwest", "tower", "keel_log::shipper"]
-        .iter()
-        .any(|prefix| target.starts_with(prefix))
+    [
+        "hyper",
+        "h2",
+        "reqwest",
+        "tower",
+        "keel_log_client::shipper",
+    ]
+    .iter()
+    .any(|prefix| target.starts_with(prefix))
 }
 
 #[derive(Default)]

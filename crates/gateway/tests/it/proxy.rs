@@ -223,64 +223,6 @@ async fn slow_upstream_should_be_504_at_the_configured_timeout() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_request_should_be_in_the_access_log_topic() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let log_addr = listener.local_addr().unwrap();
-    let config = keel_log::LogServiceConfig {
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    let (_stop_log, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(keel_log::run(listener, config, async move {
-        let _ = stopped.await;
-    }));
-
-    let registry = registry().await;
-    let echo = backend("a").await;
-    register(registry.addr, "echo", echo.running.addr).await;
-    let gateway = gateway(registry.addr, |config| {
-        config.log_service = Some(format!("http://{log_addr}"))
-    })
-    .await;
-    until_routed(gateway.addr, "echo", 1).await;
-    reqwest::get(format!("http://{}/echo/logged?q=1", gateway.addr))
-        .await
-        .unwrap();
-    reqwest::get(format!("http://{}/nosuch/x", gateway.addr))
-        .await
-        .unwrap();
-
-    let mut client = keel_log::Client::connect(&log_addr.to_string())
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut lines = Vec::new();
-    while !lines
-        .iter()
-        .any(|l: &String| l.starts_with("GET /nosuch/x 404"))
-    {
-        assert!(Instant::now() < deadline, "access lines missing: {lines:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        lines.clear();
-        let mut offset = 0;
-        while let Ok(record) = client.consume("access", offset).await {
-            lines.push(String::from_utf8_lossy(&record.value).into_owned());
-            offset += 1;
-        }
-    }
-    let logged = lines
-        .iter()
-        .find(|l| l.starts_with("GET /echo/logged 200"))
-        .expect("the proxied request is logged");
-    assert!(
-        logged.contains("service=echo")
-            && logged.contains(&format!("instance=http://{}", echo.running.addr)),
-        "{logged}"
-    );
-}
-
 #[tokio::test]
 async fn oversized_headers_should_be_431() {
     let registry = registry().await;

@@ -4,6 +4,7 @@
 
 mod cli;
 mod crash;
+mod gateway;
 mod sdk;
 mod support;
 mod up;

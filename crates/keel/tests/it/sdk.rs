@@ -8,6 +8,8 @@ use keel::service::{Discovery, Policy, Service, ServiceConfig};
 use keel_registry::RegistryConfig;
 use tokio::sync::oneshot;
 
+use crate::support::{eventually, start_log_service};
+
 fn registry_config() -> RegistryConfig {
     RegistryConfig {
         check_interval: Duration::from_millis(200),
@@ -17,22 +19,6 @@ fn registry_config() -> RegistryConfig {
         deregister_after: Duration::from_millis(600),
         ..RegistryConfig::default()
     }
-}
-
-/// A log service on 127.0.0.1:0 in a temp dir; it runs until the returned guard drops.
-async fn start_log_service() -> (SocketAddr, (tempfile::TempDir, oneshot::Sender<()>)) {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = keel_log::LogServiceConfig {
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(keel_log::run(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    (addr, (dir, stop))
 }
 
 /// Runs a registry on `listener`; stopped when the sender is dropped or fired.
@@ -98,14 +84,6 @@ async fn start_service(name: &str, registry: &str, required: &[&str]) -> Running
         discovery,
         stop: Some(stop),
         task,
-    }
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1,10 +1,10 @@
-//! Running `keel` as a child process.
+//! Running `keel` as a child process, and keel's servers in the test process.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) const KEEL: &str = env!("CARGO_BIN_EXE_keel");
 
@@ -74,13 +74,13 @@ impl Served {
 
     /// Waits for the child to exit, at most `limit`.
     pub(crate) fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + limit;
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "keel did not exit within {limit:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -92,5 +92,33 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A log service on 127.0.0.1:0 in a temp dir; it runs until the returned guard drops.
+pub(crate) async fn start_log_service() -> (
+    std::net::SocketAddr,
+    (tempfile::TempDir, tokio::sync::oneshot::Sender<()>),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = keel_log::LogServiceConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(keel_log::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    (addr, (dir, stop))
+}
+
+/// Polls `check` until it holds, failing the test after 10 s.
+pub(crate) async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -2,14 +2,13 @@
 
 use std::ops::Range;
 
+use crate::{Offset, Record, TopicInfo};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use keel_commitlog::{Offset, Record};
 use keel_proto::log::v1 as wire;
 use keel_proto::log::v1::log_client::LogClient;
 
 use crate::channel::{Channel, Target};
-use crate::topic::TopicInfo;
 
 /// How long [`Client::connect`] waits for the service to accept the connection.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
