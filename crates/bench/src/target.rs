@@ -18,10 +18,11 @@ pub(crate) struct InProcess {
 
 impl InProcess {
     /// Binds 127.0.0.1:0 and runs `serve(listener, stop)` on a new thread.
-    pub(crate) fn start<F, Fut>(name: &str, serve: F) -> anyhow::Result<Self>
+    pub(crate) fn start<F, Fut, E>(name: &str, serve: F) -> anyhow::Result<Self>
     where
         F: FnOnce(tokio::net::TcpListener, oneshot::Receiver<()>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), String>>,
+        Fut: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
     {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
         listener.set_nonblocking(true)?;

@@ -11,7 +11,6 @@
 
 use std::path::PathBuf;
 
-use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -189,7 +188,6 @@ impl IntoResponse for DemoError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
-        let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
-        (status, Json(body)).into_response()
+        keel_serve::http::ErrorBody::new(code, &self.to_string()).response(status)
     }
 }

@@ -61,10 +61,15 @@ impl Portal {
     }
 
     async fn instances(&self) -> Result<Vec<WatchedInstance>, DemoError> {
-        let table = tokio::time::timeout(SOURCE_TIMEOUT, self.registry.services())
-            .await
-            .unwrap_or_else(|_| Err("timed out".into()))
-            .map_err(|err| DemoError::Unavailable(format!("the registry failed: {err}")))?;
+        let table = match tokio::time::timeout(SOURCE_TIMEOUT, self.registry.services()).await {
+            Ok(answer) => answer
+                .map_err(|err| DemoError::Unavailable(format!("the registry failed: {err}")))?,
+            Err(_) => {
+                return Err(DemoError::Unavailable(
+                    "the registry failed: timed out".into(),
+                ));
+            }
+        };
         let mut instances = table.instances;
         instances.sort_by(|a, b| (&a.name, &a.url).cmp(&(&b.name, &b.url)));
         Ok(instances)

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_commitlog::LogConfig;
+use keel_serve::InvalidConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::error::ServiceError;
+use crate::error::LogServiceError;
 use crate::topics::validate_topic_name;
 
 /// Everything the log service needs besides its listener. Every field has a
@@ -75,46 +76,56 @@ impl LogServiceConfig {
     ///
     /// # Errors
     ///
-    /// A message naming the first field out of range and what to change.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`InvalidConfig`] naming the first field out of range and what to change.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         self.log.validate().map_err(|err| match err {
             keel_commitlog::LogError::InvalidConfig { field, message } => {
-                format!("log.{field}: {message}")
+                InvalidConfig::new(field, message).within("log")
             }
-            other => format!("log: {other}"),
+            other => InvalidConfig::new("log", other.to_string()),
         })?;
         for (field, name) in [
             ("default_topic", &self.default_topic),
             ("log_sink_topic", &self.log_sink_topic),
         ] {
-            validate_topic_name(name).map_err(|err: ServiceError| format!("{field}: {err}"))?;
+            validate_topic_name(name)
+                .map_err(|err: LogServiceError| InvalidConfig::new(field, err.to_string()))?;
         }
         let min_body = self.log.max_record_bytes + 1024;
         if self.max_body_bytes < min_body {
-            return Err(format!(
-                "max_body_bytes: {} is smaller than log.max_record_bytes plus 1 KiB of framing ({min_body}); raise it or lower the record limit",
-                self.max_body_bytes
+            return Err(InvalidConfig::new(
+                "max_body_bytes",
+                format!(
+                    "{} is smaller than log.max_record_bytes plus 1 KiB of framing ({min_body}); raise it or lower the record limit",
+                    self.max_body_bytes
+                ),
             ));
         }
         if self.queue_depth == 0 || self.queue_depth > 1 << 20 {
-            return Err(format!(
-                "queue_depth: {} is out of range 1..=1048576",
-                self.queue_depth
+            return Err(InvalidConfig::new(
+                "queue_depth",
+                format!("{} is out of range 1..=1048576", self.queue_depth),
             ));
         }
         if self.max_batch_bytes == 0 {
-            return Err("max_batch_bytes: must be at least 1".into());
+            return Err(InvalidConfig::new("max_batch_bytes", "must be at least 1"));
         }
         if self.consume_max_bytes == 0 || self.consume_max_bytes > self.max_body_bytes {
-            return Err(format!(
-                "consume_max_bytes: {} must be between 1 and max_body_bytes ({})",
-                self.consume_max_bytes, self.max_body_bytes
+            return Err(InvalidConfig::new(
+                "consume_max_bytes",
+                format!(
+                    "{} must be between 1 and max_body_bytes ({})",
+                    self.consume_max_bytes, self.max_body_bytes
+                ),
             ));
         }
         if self.workers > 256 {
-            return Err(format!(
-                "workers: {} is more than the allowed 256 (0 means one per core)",
-                self.workers
+            return Err(InvalidConfig::new(
+                "workers",
+                format!(
+                    "{} is more than the allowed 256 (0 means one per core)",
+                    self.workers
+                ),
             ));
         }
         Ok(())
@@ -181,7 +192,7 @@ mod tests {
         ];
         for (field, config) in cases {
             let err = config.validate().expect_err(field);
-            assert!(err.starts_with(field), "{field}: {err}");
+            assert!(err.to_string().starts_with(field), "{field}: {err}");
         }
     }
 

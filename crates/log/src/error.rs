@@ -6,11 +6,13 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use keel_commitlog::LogError;
+use keel_serve::InvalidConfig;
+use keel_serve::http::{BodyError, ErrorBody};
 
 /// Everything a log service request can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum ServiceError {
+pub enum LogServiceError {
     /// The topic's log refused or failed the operation.
     #[error("topic {topic:?}: {source}")]
     Log {
@@ -54,9 +56,15 @@ pub enum ServiceError {
     /// The server is shutting down and takes no new work.
     #[error("the log service is shutting down")]
     ShuttingDown,
+    /// The service's configuration cannot be used (from [`crate::run`]).
+    #[error(transparent)]
+    InvalidConfig(#[from] InvalidConfig),
+    /// Listening or a serving thread failed (from [`crate::run`]).
+    #[error("serving the log service failed: {0}")]
+    Serve(#[source] Arc<std::io::Error>),
 }
 
-impl ServiceError {
+impl LogServiceError {
     pub(crate) fn log(topic: &str, source: impl Into<Arc<LogError>>) -> Self {
         Self::Log {
             topic: topic.to_owned(),
@@ -79,6 +87,8 @@ impl ServiceError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::Overloaded { .. } => "overloaded",
             Self::ShuttingDown => "shutting_down",
+            Self::InvalidConfig(_) => "invalid_config",
+            Self::Serve(_) => "internal",
         }
     }
 
@@ -96,6 +106,7 @@ impl ServiceError {
             Self::BodyTooLarge { .. } => tonic::Code::InvalidArgument,
             Self::Overloaded { .. } => tonic::Code::ResourceExhausted,
             Self::ShuttingDown => tonic::Code::Unavailable,
+            Self::InvalidConfig(_) | Self::Serve(_) => tonic::Code::Internal,
         }
     }
 
@@ -112,12 +123,13 @@ impl ServiceError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InvalidConfig(_) | Self::Serve(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
-impl From<ServiceError> for tonic::Status {
-    fn from(err: ServiceError) -> Self {
+impl From<LogServiceError> for tonic::Status {
+    fn from(err: LogServiceError) -> Self {
         if err.grpc_code() == tonic::Code::Internal {
             tracing::error!(error = %err, "internal error");
         }
@@ -125,7 +137,7 @@ impl From<ServiceError> for tonic::Status {
     }
 }
 
-impl IntoResponse for ServiceError {
+impl IntoResponse for LogServiceError {
     fn into_response(self) -> Response {
         let status = self.http_status();
         if status.is_server_error() {
@@ -135,11 +147,19 @@ impl IntoResponse for ServiceError {
     }
 }
 
+impl From<BodyError> for LogServiceError {
+    fn from(err: BodyError) -> Self {
+        match err {
+            BodyError::TooLarge { len, max } => Self::BodyTooLarge { len, max },
+            other => Self::BadRequest(other.to_string()),
+        }
+    }
+}
+
 /// The JSON error body every HTTP error uses:
 /// `{"error":{"code":"...","message":"..."}}`.
 pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    (status, axum::Json(body)).into_response()
+    ErrorBody::new(code, message).response(status)
 }
 
 #[cfg(test)]
@@ -148,7 +168,7 @@ mod tests {
 
     #[test]
     fn every_error_should_map_to_its_documented_code_and_status() {
-        let out_of_range = ServiceError::log(
+        let out_of_range = LogServiceError::log(
             "t",
             LogError::OffsetOutOfRange {
                 offset: 5,
@@ -156,8 +176,8 @@ mod tests {
                 next: 3,
             },
         );
-        let too_large = ServiceError::log("t", LogError::RecordTooLarge { len: 9, max: 8 });
-        let io = ServiceError::log(
+        let too_large = LogServiceError::log("t", LogError::RecordTooLarge { len: 9, max: 8 });
+        let io = LogServiceError::log(
             "t",
             LogError::Io {
                 path: "/x".into(),
@@ -184,13 +204,13 @@ mod tests {
                 "internal",
             ),
             (
-                ServiceError::UnknownTopic { topic: "t".into() },
+                LogServiceError::UnknownTopic { topic: "t".into() },
                 tonic::Code::NotFound,
                 StatusCode::NOT_FOUND,
                 "unknown_topic",
             ),
             (
-                ServiceError::InvalidTopic {
+                LogServiceError::InvalidTopic {
                     name: "a/b".into(),
                     reason: "r",
                 },
@@ -199,25 +219,25 @@ mod tests {
                 "invalid_topic",
             ),
             (
-                ServiceError::BadRequest("x".into()),
+                LogServiceError::BadRequest("x".into()),
                 tonic::Code::InvalidArgument,
                 StatusCode::BAD_REQUEST,
                 "bad_request",
             ),
             (
-                ServiceError::BodyTooLarge { len: 9, max: 8 },
+                LogServiceError::BodyTooLarge { len: 9, max: 8 },
                 tonic::Code::InvalidArgument,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
             ),
             (
-                ServiceError::Overloaded { topic: "t".into() },
+                LogServiceError::Overloaded { topic: "t".into() },
                 tonic::Code::ResourceExhausted,
                 StatusCode::TOO_MANY_REQUESTS,
                 "overloaded",
             ),
             (
-                ServiceError::ShuttingDown,
+                LogServiceError::ShuttingDown,
                 tonic::Code::Unavailable,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",

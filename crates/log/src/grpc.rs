@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::ServiceError;
+use crate::error::LogServiceError;
 use crate::tail::{TailSpec, spawn_tail};
 use crate::topics::Topics;
 
@@ -187,7 +187,7 @@ async fn pipeline(
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let done: Result<Range<Offset>, ServiceError> = done;
+                let done: Result<Range<Offset>, LogServiceError> = done;
                 let failed = done.is_err();
                 let answer = done
                     .map(|offsets| wire::ProduceResponse { offset: offsets.start })
@@ -222,12 +222,12 @@ async fn submit(
     topics: &Topics,
     request: wire::ProduceRequest,
 ) -> Result<
-    Pin<Box<dyn std::future::Future<Output = Result<Range<Offset>, ServiceError>> + Send>>,
-    ServiceError,
+    Pin<Box<dyn std::future::Future<Output = Result<Range<Offset>, LogServiceError>> + Send>>,
+    LogServiceError,
 > {
     let record = request
         .record
-        .ok_or_else(|| ServiceError::BadRequest("ProduceRequest.record is required".into()))?;
+        .ok_or_else(|| LogServiceError::BadRequest("ProduceRequest.record is required".into()))?;
     let topic = topics.get_or_create(&request.topic).await?;
     let reply = topic.submit(vec![record.value]).await?;
     Ok(Box::pin(async move { topic.offsets(reply).await }))

@@ -21,14 +21,13 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{ServiceError, json_error};
+use keel_serve::http::read_body;
+
+use crate::error::{LogServiceError, json_error};
 use crate::metrics::render_metrics;
 use crate::tail::{TailSpec, spawn_tail};
 use crate::topics::Topics;
 
-/// Bytes of an oversized body read and thrown away before answering 413, so that
-/// the client is not cut off while it is still sending.
-const DRAIN_LIMIT: u64 = 256 * 1024 * 1024;
 /// Records `GET /v1/topics/{topic}/records` returns when `max` is not given, and at most.
 const DEFAULT_RANGE_RECORDS: u64 = 100;
 const MAX_RANGE_RECORDS: u64 = 10_000;
@@ -81,39 +80,14 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// Reads a body up to `max` bytes. A larger body is drained (up to a limit) and
-/// answered with 413, never with a dropped connection.
-async fn read_body(body: Body, max: u64) -> Result<Bytes, ServiceError> {
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::new();
-    let mut len: u64 = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|err| {
-            ServiceError::BadRequest(format!("reading the request body failed: {err}"))
-        })?;
-        len += chunk.len() as u64;
-        if len > max {
-            while len <= DRAIN_LIMIT {
-                match stream.next().await {
-                    Some(Ok(chunk)) => len += chunk.len() as u64,
-                    _ => break,
-                }
-            }
-            return Err(ServiceError::BodyTooLarge { len, max });
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(buf))
-}
-
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ServiceError> {
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, LogServiceError> {
     serde_json::from_slice(body)
-        .map_err(|err| ServiceError::BadRequest(format!("malformed JSON: {err}")))
+        .map_err(|err| LogServiceError::BadRequest(format!("malformed JSON: {err}")))
 }
 
-fn decode_value(text: &str) -> Result<Bytes, ServiceError> {
+fn decode_value(text: &str) -> Result<Bytes, LogServiceError> {
     BASE64.decode(text).map(Bytes::from).map_err(|err| {
-        ServiceError::BadRequest(format!(
+        LogServiceError::BadRequest(format!(
             "record value is not valid base64 ({err}); values are base64 as Go encodes []byte"
         ))
     })
@@ -171,7 +145,7 @@ struct ConsumeOriginal {
 async fn produce_original(
     State(state): State<AppState>,
     body: Body,
-) -> Result<Response, ServiceError> {
+) -> Result<Response, LogServiceError> {
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ProduceOriginal = parse_json(&body)?;
     let value = decode_value(request.record.value.as_deref().unwrap_or(""))?;
@@ -184,7 +158,7 @@ async fn produce_original(
 async fn consume_original(
     State(state): State<AppState>,
     body: Body,
-) -> Result<Response, ServiceError> {
+) -> Result<Response, LogServiceError> {
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ConsumeOriginal = parse_json(&body)?;
     let record = state.topics.get("")?.read(request.offset).await?;
@@ -195,14 +169,14 @@ async fn consume_original(
 }
 
 /// `POST /log`: a text line for the log-sink topic.
-async fn log_sink(State(state): State<AppState>, body: Body) -> Result<Response, ServiceError> {
+async fn log_sink(State(state): State<AppState>, body: Body) -> Result<Response, LogServiceError> {
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let mut line = &body[..];
     while let [rest @ .., b'\n' | b'\r'] = line {
         line = rest;
     }
     if line.iter().all(u8::is_ascii_whitespace) {
-        return Err(ServiceError::BadRequest(
+        return Err(LogServiceError::BadRequest(
             "empty log line: send the line as the request body".into(),
         ));
     }
@@ -231,7 +205,7 @@ async fn produce_records(
     Path(topic): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ServiceError> {
+) -> Result<Response, LogServiceError> {
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let json = headers
         .get(header::CONTENT_TYPE)
@@ -250,7 +224,7 @@ async fn produce_records(
         vec![body]
     };
     if values.is_empty() {
-        return Err(ServiceError::BadRequest("no records to append".into()));
+        return Err(LogServiceError::BadRequest("no records to append".into()));
     }
     let offsets = state
         .topics
@@ -265,9 +239,9 @@ async fn produce_records(
     .into_response())
 }
 
-fn parse_offset(name: &str, text: &str) -> Result<Offset, ServiceError> {
+fn parse_offset(name: &str, text: &str) -> Result<Offset, LogServiceError> {
     text.parse().map_err(|_| {
-        ServiceError::BadRequest(format!("{name} must be a whole number, got {text:?}"))
+        LogServiceError::BadRequest(format!("{name} must be a whole number, got {text:?}"))
     })
 }
 
@@ -275,7 +249,7 @@ fn parse_offset(name: &str, text: &str) -> Result<Offset, ServiceError> {
 async fn read_one(
     State(state): State<AppState>,
     Path((topic, offset)): Path<(String, String)>,
-) -> Result<Response, ServiceError> {
+) -> Result<Response, LogServiceError> {
     let offset = parse_offset("offset", &offset)?;
     let record = state.topics.get(&topic)?.read(offset).await?;
     Ok(axum::Json(serde_json::json!({ "record": WireRecordOut::full(&record) })).into_response())
@@ -286,7 +260,7 @@ async fn read_range(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, ServiceError> {
+) -> Result<Response, LogServiceError> {
     let topic = state.topics.get(&topic)?;
     let from = query
         .get("from")
@@ -324,7 +298,7 @@ async fn tail_sse(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, ServiceError> {
+) -> Result<Response, LogServiceError> {
     let topic = state.topics.get(&topic)?;
     let from = match query.get("from") {
         Some(from) => parse_offset("from", from)?,
@@ -335,18 +309,20 @@ async fn tail_sse(
         max_bytes: state.topics.config().consume_max_bytes as usize,
         follow: true,
     };
-    let rx = spawn_tail::<Event, ServiceError>(topic, spec, state.shutdown.clone(), 64, |chunk| {
-        chunk
-            .iter()
-            .map(|record| {
-                let data = serde_json::to_string(&WireRecordOut::full(record)).unwrap_or_default();
-                Event::default()
-                    .event("record")
-                    .id(record.offset.to_string())
-                    .data(data)
-            })
-            .collect()
-    });
+    let rx =
+        spawn_tail::<Event, LogServiceError>(topic, spec, state.shutdown.clone(), 64, |chunk| {
+            chunk
+                .iter()
+                .map(|record| {
+                    let data =
+                        serde_json::to_string(&WireRecordOut::full(record)).unwrap_or_default();
+                    Event::default()
+                        .event("record")
+                        .id(record.offset.to_string())
+                        .data(data)
+                })
+                .collect()
+        });
     let events = ReceiverStream::new(rx).map(|item| {
         Ok::<Event, Infallible>(item.unwrap_or_else(|err| {
             Event::default().event("error").data(
@@ -368,16 +344,12 @@ async fn list_topics(State(state): State<AppState>) -> Response {
 /// `GET /healthz`: 200 while serving, 503 once shutdown has begun.
 async fn healthz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
-        return ServiceError::ShuttingDown.into_response();
+        return LogServiceError::ShuttingDown.into_response();
     }
     axum::Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render_metrics(&state.topics),
-    )
-        .into_response()
+    render_metrics(&state.topics).response()
 }

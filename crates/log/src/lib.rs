@@ -16,7 +16,7 @@
 //! - **Reads never wait for the writer**; streaming reads (gRPC streams, Server-Sent
 //!   Events) wait on the topic's next-offset signal when caught up, so an idle tail
 //!   costs nothing.
-//! - **Errors** are [`ServiceError`], mapped to gRPC codes and HTTP statuses in one
+//! - **Errors** are [`LogServiceError`], mapped to gRPC codes and HTTP statuses in one
 //!   place.
 //!
 //! This crate owns the service and its client; storage is `keel-commitlog`, wire
@@ -33,7 +33,7 @@ mod topic;
 mod topics;
 
 pub use config::LogServiceConfig;
-pub use error::ServiceError;
+pub use error::LogServiceError;
 pub use grpc::LogService;
 /// The storage settings of a topic, from the commit log.
 pub use keel_commitlog::{LogConfig, ParseError, Retention, SyncPolicy, parse_size};
@@ -48,15 +48,16 @@ pub use topics::{MAX_TOPIC_NAME, Topics, validate_topic_name};
 ///
 /// # Errors
 ///
-/// A message saying what failed: the config, opening a topic, or the listener.
+/// [`LogServiceError::InvalidConfig`] for a setting out of range; the error of opening
+/// a topic; [`LogServiceError::Serve`] when the listener or a serving thread fails.
 pub async fn run(
     listener: tokio::net::TcpListener,
     config: LogServiceConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), LogServiceError> {
     config.validate()?;
-    let topics = std::sync::Arc::new(Topics::open(config).await.map_err(|err| err.to_string())?);
+    let topics = std::sync::Arc::new(Topics::open(config).await?);
     serve(listener, topics, shutdown)
         .await
-        .map_err(|err| format!("serving the log service failed: {err}"))
+        .map_err(|err| LogServiceError::Serve(std::sync::Arc::new(err)))
 }

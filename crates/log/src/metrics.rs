@@ -3,9 +3,11 @@
 //! Counters are plain atomics owned by each topic (no global registry), so that
 //! several servers in one process, as in tests, keep separate figures.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+use keel_log_client::TopicInfo;
+use keel_serve::http::Prometheus;
 
 use crate::topics::Topics;
 
@@ -75,19 +77,13 @@ struct Family<T> {
 }
 
 impl<T> Family<T> {
-    fn write<'a>(&self, out: &mut String, rows: impl Iterator<Item = (&'a str, &'a T)>)
+    fn write<'a>(&self, out: &mut Prometheus, rows: impl Iterator<Item = (&'a str, &'a T)>)
     where
         T: 'a,
     {
-        let Self {
-            name,
-            kind,
-            help,
-            value,
-        } = self;
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        out.family(self.name, self.kind, self.help);
         for (topic, item) in rows {
-            let _ = writeln!(out, "{name}{{topic=\"{topic}\"}} {}", value(item));
+            out.sample(&[("topic", topic)], (self.value)(item));
         }
     }
 }
@@ -131,7 +127,7 @@ const COUNTERS: [Family<TopicMetrics>; 6] = [
     },
 ];
 
-const GAUGES: [Family<crate::TopicInfo>; 4] = [
+const GAUGES: [Family<TopicInfo>; 4] = [
     Family {
         name: "keel_log_next_offset",
         kind: "gauge",
@@ -159,8 +155,8 @@ const GAUGES: [Family<crate::TopicInfo>; 4] = [
 ];
 
 /// Renders every topic's figures in the Prometheus text format.
-pub(crate) fn render_metrics(topics: &Topics) -> String {
-    let mut out = String::new();
+pub(crate) fn render_metrics(topics: &Topics) -> Prometheus {
+    let mut out = Prometheus::default();
     let all = topics.metrics();
     for family in &COUNTERS {
         family.write(
@@ -175,29 +171,24 @@ pub(crate) fn render_metrics(topics: &Topics) -> String {
             all.iter().map(|(topic, _, info)| (topic.as_str(), info)),
         );
     }
-    let name = "keel_log_commit_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time of a group commit: write, and fsync under the always policy.\n# TYPE {name} histogram"
+    out.family(
+        "keel_log_commit_seconds",
+        "histogram",
+        "Time of a group commit: write, and fsync under the always policy.",
     );
     for (topic, metrics, _) in &all {
         let histogram = &metrics.commit_latency;
         let mut cumulative = 0;
         for (bound, bucket) in BOUNDS.iter().zip(&histogram.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{topic=\"{topic}\",le=\"{bound}\"}} {cumulative}"
-            );
+            let bound = bound.to_string();
+            out.sample_suffixed("_bucket", &[("topic", topic), ("le", &bound)], cumulative);
         }
         let count = histogram.count.load(Ordering::Relaxed);
         let sum = histogram.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{topic=\"{topic}\",le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(out, "{name}_sum{{topic=\"{topic}\"}} {sum}");
-        let _ = writeln!(out, "{name}_count{{topic=\"{topic}\"}} {count}");
+        out.sample_suffixed("_bucket", &[("topic", topic), ("le", "+Inf")], count)
+            .sample_suffixed("_sum", &[("topic", topic)], sum)
+            .sample_suffixed("_count", &[("topic", topic)], count);
     }
     out
 }

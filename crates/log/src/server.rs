@@ -62,21 +62,14 @@ pub async fn serve(
     let serving = keel_serve::serve(listener, options, token.clone(), move |_, handed| {
         serve_thread(handed, app.clone(), stop.clone(), grace)
     });
-    tokio::pin!(serving);
-    let early = tokio::select! {
-        () = shutdown => None,
-        // Serving ended before shutdown: a thread failed.
-        served = &mut serving => Some(served),
-    };
-    tracing::info!("shutting down: no new connections, finishing in-flight requests");
-    health_reporter
-        .set_not_serving::<LogServer<LogService>>()
-        .await;
-    token.cancel();
-    let served = match early {
-        Some(served) => served,
-        None => serving.await,
-    };
+    let served = keel_serve::http::serve_until(serving, shutdown, async || {
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        health_reporter
+            .set_not_serving::<LogServer<LogService>>()
+            .await;
+        token.cancel();
+    })
+    .await;
     tokio::task::spawn_blocking(move || topics.close())
         .await
         .map_err(std::io::Error::other)?;

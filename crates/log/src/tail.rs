@@ -12,7 +12,7 @@ use keel_commitlog::{Offset, Record};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ServiceError;
+use crate::error::LogServiceError;
 use crate::topic::Topic;
 
 /// Where a tail starts and how it reads.
@@ -34,7 +34,7 @@ pub(crate) fn spawn_tail<M, E>(
 ) -> mpsc::Receiver<Result<M, E>>
 where
     M: Send + 'static,
-    E: From<ServiceError> + Send + 'static,
+    E: From<LogServiceError> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(buffer.max(1));
     tokio::spawn(async move {
@@ -52,7 +52,7 @@ async fn run<M, E>(
     shutdown: &CancellationToken,
     tx: &mpsc::Sender<Result<M, E>>,
     to_messages: impl Fn(Vec<Record>) -> Vec<M>,
-) -> Result<(), ServiceError> {
+) -> Result<(), LogServiceError> {
     let _consumer = crate::metrics::ConsumerGuard::new(topic.metrics());
     let mut next = topic.watch_next();
     let mut from = spec.from;

@@ -32,7 +32,7 @@ use keel_commitlog::{Log, LogConfig, LogError, Offset, Reader, Record, SyncPolic
 use keel_log_client::TopicInfo;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::error::ServiceError;
+use crate::error::LogServiceError;
 use crate::metrics::TopicMetrics;
 
 /// A commit slower than this sends the topic's appends to the writer thread until a
@@ -177,27 +177,27 @@ impl Topic {
     pub(crate) async fn submit(
         &self,
         values: Vec<Bytes>,
-    ) -> Result<oneshot::Receiver<Reply>, ServiceError> {
+    ) -> Result<oneshot::Receiver<Reply>, LogServiceError> {
         self.check_sizes(&values)?;
         let sender = self.sender()?;
         let (reply, offsets) = oneshot::channel();
         let append = Append { values, reply };
         match tokio::time::timeout(self.enqueue_timeout, sender.send(append)).await {
             Ok(Ok(())) => Ok(offsets),
-            Ok(Err(_)) => Err(ServiceError::ShuttingDown),
-            Err(_) => Err(ServiceError::Overloaded {
+            Ok(Err(_)) => Err(LogServiceError::ShuttingDown),
+            Err(_) => Err(LogServiceError::Overloaded {
                 topic: self.name.clone(),
             }),
         }
     }
 
     /// Rejects what the log would reject, before it can fail a whole group commit.
-    fn check_sizes(&self, values: &[Bytes]) -> Result<(), ServiceError> {
+    fn check_sizes(&self, values: &[Bytes]) -> Result<(), LogServiceError> {
         match values
             .iter()
             .find(|v| v.len() as u64 > self.max_record_bytes)
         {
-            Some(big) => Err(ServiceError::log(
+            Some(big) => Err(LogServiceError::log(
                 &self.name,
                 LogError::RecordTooLarge {
                     len: big.len(),
@@ -208,29 +208,32 @@ impl Topic {
         }
     }
 
-    fn sender(&self) -> Result<mpsc::Sender<Append>, ServiceError> {
+    fn sender(&self) -> Result<mpsc::Sender<Append>, LogServiceError> {
         self.appends
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or(ServiceError::ShuttingDown)
+            .ok_or(LogServiceError::ShuttingDown)
     }
 
     /// Waits for the offsets of submitted values.
     pub(crate) async fn offsets(
         &self,
         reply: oneshot::Receiver<Reply>,
-    ) -> Result<Range<Offset>, ServiceError> {
+    ) -> Result<Range<Offset>, LogServiceError> {
         match reply.await {
             Ok(Ok(range)) => Ok(range),
-            Ok(Err(err)) => Err(ServiceError::log(&self.name, err)),
-            Err(_) => Err(ServiceError::ShuttingDown),
+            Ok(Err(err)) => Err(LogServiceError::log(&self.name, err)),
+            Err(_) => Err(LogServiceError::ShuttingDown),
         }
     }
 
     /// Appends values as one batch and returns their offsets, once durable: on this
     /// thread when the writer is idle and the disk fast, else through the writer.
-    pub(crate) async fn append(&self, values: Vec<Bytes>) -> Result<Range<Offset>, ServiceError> {
+    pub(crate) async fn append(
+        &self,
+        values: Vec<Bytes>,
+    ) -> Result<Range<Offset>, LogServiceError> {
         let _appending = Appending::enter(&self.appending);
         self.check_sizes(&values)?;
         let sender = self.sender()?;
@@ -243,7 +246,7 @@ impl Topic {
                 && sender.capacity() == sender.max_capacity()
                 && let Some(result) = self.committer.try_commit_here(&values)
             {
-                return result.map_err(|err| ServiceError::log(&self.name, Arc::new(err)));
+                return result.map_err(|err| LogServiceError::log(&self.name, Arc::new(err)));
             }
         }
         drop(sender);
@@ -252,7 +255,7 @@ impl Topic {
     }
 
     /// Reads one record.
-    pub(crate) async fn read(&self, offset: Offset) -> Result<Record, ServiceError> {
+    pub(crate) async fn read(&self, offset: Offset) -> Result<Record, LogServiceError> {
         let reader = self.reader.clone();
         self.blocking(move || reader.read(offset)).await
     }
@@ -262,7 +265,7 @@ impl Topic {
         &self,
         from: Offset,
         max_bytes: usize,
-    ) -> Result<Vec<Record>, ServiceError> {
+    ) -> Result<Vec<Record>, LogServiceError> {
         let reader = self.reader.clone();
         self.blocking(move || reader.read_chunk(from, max_bytes))
             .await
@@ -272,10 +275,10 @@ impl Topic {
     async fn blocking<T: Send + 'static>(
         &self,
         read: impl FnOnce() -> Result<T, LogError> + Send + 'static,
-    ) -> Result<T, ServiceError> {
+    ) -> Result<T, LogServiceError> {
         match tokio::task::spawn_blocking(read).await {
-            Ok(result) => result.map_err(|err| ServiceError::log(&self.name, err)),
-            Err(_) => Err(ServiceError::ShuttingDown),
+            Ok(result) => result.map_err(|err| LogServiceError::log(&self.name, err)),
+            Err(_) => Err(LogServiceError::ShuttingDown),
         }
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::config::LogServiceConfig;
-use crate::error::ServiceError;
+use crate::error::LogServiceError;
 use keel_log_client::TopicInfo;
 
 use crate::topic::{Topic, WriterLimits};
@@ -18,10 +18,10 @@ pub const MAX_TOPIC_NAME: usize = 128;
 ///
 /// # Errors
 ///
-/// [`ServiceError::InvalidTopic`] naming the rule that is broken.
-pub fn validate_topic_name(name: &str) -> Result<(), ServiceError> {
+/// [`LogServiceError::InvalidTopic`] naming the rule that is broken.
+pub fn validate_topic_name(name: &str) -> Result<(), LogServiceError> {
     let invalid = |reason| {
-        Err(ServiceError::InvalidTopic {
+        Err(LogServiceError::InvalidTopic {
             name: name.chars().take(MAX_TOPIC_NAME + 8).collect(),
             reason,
         })
@@ -65,10 +65,10 @@ impl Topics {
     ///
     /// A topic that fails to open (for example a corrupt sealed segment) fails the
     /// whole start: serving some topics while silently missing another would be worse.
-    pub async fn open(config: LogServiceConfig) -> Result<Self, ServiceError> {
+    pub async fn open(config: LogServiceConfig) -> Result<Self, LogServiceError> {
         let root = config.data_dir.join("topics");
         std::fs::create_dir_all(&root).map_err(|source| {
-            ServiceError::log(
+            LogServiceError::log(
                 "",
                 keel_commitlog::LogError::Io {
                     path: root.clone(),
@@ -91,7 +91,7 @@ impl Topics {
         };
         let mut names: Vec<String> = std::fs::read_dir(&topics.root)
             .map_err(|source| {
-                ServiceError::log(
+                LogServiceError::log(
                     "",
                     keel_commitlog::LogError::Io {
                         path: topics.root.clone(),
@@ -123,7 +123,7 @@ impl Topics {
         self.topics.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn open_topic(&self, name: &str) -> Result<Arc<Topic>, ServiceError> {
+    fn open_topic(&self, name: &str) -> Result<Arc<Topic>, LogServiceError> {
         let topic = Topic::open(
             &self.root.join(name),
             name,
@@ -131,7 +131,7 @@ impl Topics {
             &self.limits,
             self.runtime.clone(),
         )
-        .map_err(|err| ServiceError::log(name, err))?;
+        .map_err(|err| LogServiceError::log(name, err))?;
         tracing::info!(topic = name, "opened topic");
         Ok(Arc::new(topic))
     }
@@ -145,13 +145,13 @@ impl Topics {
     ///
     /// # Errors
     ///
-    /// [`ServiceError::InvalidTopic`]; [`ServiceError::UnknownTopic`] when it does not exist.
-    pub(crate) fn get(&self, name: &str) -> Result<Arc<Topic>, ServiceError> {
+    /// [`LogServiceError::InvalidTopic`]; [`LogServiceError::UnknownTopic`] when it does not exist.
+    pub(crate) fn get(&self, name: &str) -> Result<Arc<Topic>, LogServiceError> {
         let name = self.resolve(name)?;
         self.map()
             .get(name)
             .cloned()
-            .ok_or_else(|| ServiceError::UnknownTopic {
+            .ok_or_else(|| LogServiceError::UnknownTopic {
                 topic: name.to_owned(),
             })
     }
@@ -162,9 +162,9 @@ impl Topics {
     /// # Errors
     ///
     /// As [`Topics::get`] when auto-create is off; errors opening a new log.
-    pub(crate) async fn get_or_create(&self, name: &str) -> Result<Arc<Topic>, ServiceError> {
+    pub(crate) async fn get_or_create(&self, name: &str) -> Result<Arc<Topic>, LogServiceError> {
         match self.get(name) {
-            Err(ServiceError::UnknownTopic { topic }) if self.config.auto_create_topics => {
+            Err(LogServiceError::UnknownTopic { topic }) if self.config.auto_create_topics => {
                 let _creating = self.creating.lock().await;
                 if let Some(topic) = self.map().get(&topic) {
                     return Ok(Arc::clone(topic));
@@ -179,8 +179,8 @@ impl Topics {
                         Topic::open(&root, &this_name, config, &limits, runtime)
                     })
                     .await
-                    .map_err(|_| ServiceError::ShuttingDown)?
-                    .map_err(|err| ServiceError::log(&topic, err))?
+                    .map_err(|_| LogServiceError::ShuttingDown)?
+                    .map_err(|err| LogServiceError::log(&topic, err))?
                 };
                 tracing::info!(topic, "created topic");
                 let opened = Arc::new(opened);
@@ -191,7 +191,7 @@ impl Topics {
         }
     }
 
-    fn resolve<'a>(&'a self, name: &'a str) -> Result<&'a str, ServiceError> {
+    fn resolve<'a>(&'a self, name: &'a str) -> Result<&'a str, LogServiceError> {
         if name.is_empty() {
             return Ok(&self.config.default_topic);
         }
@@ -250,7 +250,7 @@ mod tests {
             assert!(
                 matches!(
                     validate_topic_name(bad),
-                    Err(ServiceError::InvalidTopic { .. })
+                    Err(LogServiceError::InvalidTopic { .. })
                 ),
                 "{bad:?}"
             );
@@ -369,7 +369,7 @@ mod tests {
         tokio::task::block_in_place(|| topics.close());
         assert!(matches!(
             topic.append(vec![bytes::Bytes::from_static(b"y")]).await,
-            Err(ServiceError::ShuttingDown)
+            Err(LogServiceError::ShuttingDown)
         ));
         assert_eq!(
             topic.read(0).await.expect("reads still work").value,

@@ -6,11 +6,14 @@
 
 mod discovery;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use discovery::{Discovery, Picked, Policy, ServiceInstance};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::{Registration, RegistryClientError};
 
 /// The registry's answer to a watch: its change index and every instance.
 #[derive(Debug, Clone, Deserialize)]
@@ -81,70 +84,67 @@ impl RegistryClient {
         }
     }
 
-    /// Registers (a canonical registration body); returns, per required service, its
-    /// available instances.
+    /// Registers `registration` (sent in the canonical shape); returns, per required
+    /// service, its available instances.
     ///
     /// # Errors
     ///
-    /// A message when the registry cannot be reached or refuses.
+    /// [`RegistryClientError`]: the registry cannot be reached, refuses, or answers
+    /// nonsense.
     pub async fn register(
         &self,
-        registration: &serde_json::Value,
-    ) -> Result<std::collections::BTreeMap<String, Vec<ServiceInstance>>, String> {
+        registration: &Registration,
+    ) -> Result<BTreeMap<String, Vec<ServiceInstance>>, RegistryClientError> {
+        let url = format!("{}/services", self.base);
         let response = self
             .http
-            .post(format!("{}/services", self.base))
-            .json(registration)
+            .post(&url)
+            .json(&registration.to_canonical_json())
             .timeout(Duration::from_secs(5))
             .send()
             .await
-            .map_err(|err| err.to_string())?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let body = response.text().await.unwrap_or_default();
-            return Err(format!(
-                "registry refused the registration ({status}): {body}"
-            ));
-        }
-        response.json().await.map_err(|err| err.to_string())
+            .map_err(|source| RegistryClientError::Unreachable { url, source })?;
+        let response = refused_unless_success(response, "the registration").await?;
+        response
+            .json()
+            .await
+            .map_err(|source| RegistryClientError::Malformed {
+                what: "the registration",
+                source,
+            })
     }
 
     /// Deregisters instance `id` of `name`.
     ///
     /// # Errors
     ///
-    /// A message when the registry cannot be reached or refuses.
-    pub async fn deregister(&self, name: &str, id: &str) -> Result<(), String> {
+    /// [`RegistryClientError`]: the registry cannot be reached or refuses.
+    pub async fn deregister(&self, name: &str, id: &str) -> Result<(), RegistryClientError> {
+        let url = format!("{}/v1/services/{name}/{id}", self.base);
         let response = self
             .http
-            .delete(format!("{}/v1/services/{name}/{id}", self.base))
+            .delete(&url)
             .timeout(Duration::from_secs(2))
             .send()
             .await
-            .map_err(|err| err.to_string())?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("deregistration refused: {}", response.status()))
-        }
+            .map_err(|source| RegistryClientError::Unreachable { url, source })?;
+        refused_unless_success(response, "the deregistration").await?;
+        Ok(())
     }
 
     /// Every instance the registry knows, with its health (`GET /v1/services`).
     ///
     /// # Errors
     ///
-    /// A message when the registry cannot be reached, refuses, or answers nonsense.
-    pub async fn services(&self) -> Result<Snapshot, String> {
-        self.http
-            .get(format!("{}/v1/services", self.base))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|err| err.to_string())?
-            .json()
-            .await
-            .map_err(|err| err.to_string())
+    /// [`RegistryClientError`]: the registry cannot be reached, refuses, or answers
+    /// nonsense.
+    pub async fn services(&self) -> Result<Snapshot, RegistryClientError> {
+        self.snapshot(
+            format!("{}/v1/services", self.base),
+            Duration::from_secs(5),
+            "the listing",
+        )
+        .await
     }
 
     /// A blocking watch: the registry's state once its index is past `index`, or after
@@ -152,22 +152,54 @@ impl RegistryClient {
     ///
     /// # Errors
     ///
-    /// A message when the registry cannot be reached or answers nonsense.
-    pub async fn watch(&self, index: u64, wait: Duration) -> Result<Snapshot, String> {
+    /// [`RegistryClientError`]: the registry cannot be reached, refuses, or answers
+    /// nonsense.
+    pub async fn watch(&self, index: u64, wait: Duration) -> Result<Snapshot, RegistryClientError> {
         let url = format!(
             "{}/v1/watch?index={index}&wait={}ms",
             self.base,
             wait.as_millis()
         );
+        self.snapshot(url, wait + Duration::from_secs(10), "the watch")
+            .await
+    }
+
+    async fn snapshot(
+        &self,
+        url: String,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Snapshot, RegistryClientError> {
         let response = self
             .http
-            .get(url)
-            .timeout(wait + Duration::from_secs(10))
+            .get(&url)
+            .timeout(timeout)
             .send()
             .await
-            .map_err(|err| err.to_string())?;
-        response.json().await.map_err(|err| err.to_string())
+            .map_err(|source| RegistryClientError::Unreachable { url, source })?;
+        refused_unless_success(response, what)
+            .await?
+            .json()
+            .await
+            .map_err(|source| RegistryClientError::Malformed { what, source })
     }
+}
+
+/// `response` if its status is a success, else [`RegistryClientError::Refused`] with
+/// its body.
+async fn refused_unless_success(
+    response: reqwest::Response,
+    what: &'static str,
+) -> Result<reqwest::Response, RegistryClientError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    Err(RegistryClientError::Refused {
+        what,
+        status: status.as_u16(),
+        body: response.text().await.unwrap_or_default(),
+    })
 }
 
 /// Keeps `discovery` current with every service the registry knows (or only those in

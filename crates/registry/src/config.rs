@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use keel_serve::InvalidConfig;
 use serde::{Deserialize, Serialize};
 
 /// Everything the registry server needs besides its listener. Defaults follow the
@@ -66,8 +67,8 @@ impl RegistryConfig {
     ///
     /// # Errors
     ///
-    /// A message naming the first field out of range.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`InvalidConfig`] naming the first field out of range.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         let positive = [
             ("check_interval", self.check_interval),
             ("check_timeout", self.check_timeout),
@@ -76,19 +77,24 @@ impl RegistryConfig {
         ];
         for (field, value) in positive {
             if value.is_zero() {
-                return Err(format!("{field}: must be longer than zero"));
+                return Err(InvalidConfig::new(field, "must be longer than zero"));
             }
         }
         if self.check_failures == 0 {
-            return Err("check_failures: must be at least 1".into());
+            return Err(InvalidConfig::new("check_failures", "must be at least 1"));
         }
-        if self.check_workers == 0 || self.notify_queue == 0 {
-            return Err("check_workers and notify_queue: must be at least 1".into());
+        for (field, value) in [
+            ("check_workers", self.check_workers),
+            ("notify_queue", self.notify_queue),
+        ] {
+            if value == 0 {
+                return Err(InvalidConfig::new(field, "must be at least 1"));
+            }
         }
         if self.max_body_bytes < 1024 {
-            return Err(format!(
-                "max_body_bytes: {} is below the minimum of 1024",
-                self.max_body_bytes
+            return Err(InvalidConfig::new(
+                "max_body_bytes",
+                format!("{} is below the minimum of 1024", self.max_body_bytes),
             ));
         }
         Ok(())

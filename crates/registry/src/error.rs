@@ -1,7 +1,10 @@
-//! The registry's error type.
+//! The registry's error types: [`RegistryError`] for the server and its state,
+//! [`RegistryClientError`] for its clients.
+
+use keel_serve::InvalidConfig;
 
 /// Everything a registry operation can fail with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
     /// The request is malformed; `field` names what to fix.
@@ -20,6 +23,15 @@ pub enum RegistryError {
         /// The instance id.
         id: String,
     },
+    /// The registry's configuration cannot be used (from [`crate::run`]).
+    #[error(transparent)]
+    InvalidConfig(#[from] InvalidConfig),
+    /// The HTTP client for health checks and notifications could not be built.
+    #[error("building the HTTP client failed: {0}")]
+    HttpClient(#[source] reqwest::Error),
+    /// Serving the HTTP API failed.
+    #[error("serving the registry failed: {0}")]
+    Serve(#[source] std::io::Error),
 }
 
 impl RegistryError {
@@ -35,8 +47,44 @@ impl RegistryError {
         match self {
             Self::BadRequest { .. } => "bad_request",
             Self::UnknownInstance { .. } => "unknown_instance",
+            Self::InvalidConfig(_) => "invalid_config",
+            Self::HttpClient(_) | Self::Serve(_) => "internal",
         }
     }
+}
+
+/// Why a call of [`crate::client::RegistryClient`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryClientError {
+    /// The registry could not be reached, or did not answer in time.
+    #[error("cannot reach the registry at {url}: {source}")]
+    Unreachable {
+        /// The URL called.
+        url: String,
+        /// Why: refused, timed out...
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry answered with an error status.
+    #[error("the registry refused {what} ({status}): {body}")]
+    Refused {
+        /// What was asked: `the registration`, `the deregistration`...
+        what: &'static str,
+        /// The HTTP status.
+        status: u16,
+        /// The registry's error body, as sent.
+        body: String,
+    },
+    /// The registry's answer is not what the API documents.
+    #[error("the registry's answer to {what} is malformed: {source}")]
+    Malformed {
+        /// What was asked.
+        what: &'static str,
+        /// What the decoder said.
+        #[source]
+        source: reqwest::Error,
+    },
 }
 
 /// The result type of this crate.

@@ -18,6 +18,8 @@ use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use keel_serve::http::{BodyError, ErrorBody, Prometheus};
+
 use crate::checker::CheckStats;
 use crate::config::RegistryConfig;
 use crate::error::RegistryError;
@@ -69,11 +71,11 @@ pub(crate) fn router(state: AppState) -> Router {
 }
 
 fn error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
-    let body = match field {
-        Some(field) => json!({"error": {"code": code, "field": field, "message": message}}),
-        None => json!({"error": {"code": code, "message": message}}),
-    };
-    (status, axum::Json(body)).into_response()
+    let body = ErrorBody::new(code, message);
+    match field {
+        Some(field) => body.field(field).response(status),
+        None => body.response(status),
+    }
 }
 
 impl IntoResponse for RegistryError {
@@ -88,43 +90,38 @@ impl IntoResponse for RegistryError {
             Self::UnknownInstance { .. } => {
                 error(StatusCode::NOT_FOUND, self.code(), None, &self.to_string())
             }
+            Self::InvalidConfig(_) | Self::HttpClient(_) | Self::Serve(_) => {
+                tracing::error!(error = %self, "internal error");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    self.code(),
+                    None,
+                    &self.to_string(),
+                )
+            }
         }
     }
 }
 
-/// Reads a body up to the limit; a larger one is 413 (after reading it, so the
-/// client gets the answer).
+/// Reads a body up to the limit; a larger one is 413, a broken one 400, each blaming
+/// the body.
 async fn read_body(body: Body, max: u64) -> Result<Bytes, Response> {
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::new();
-    let mut len: u64 = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|err| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                Some("body"),
-                &err.to_string(),
-            )
-        })?;
-        len += chunk.len() as u64;
-        if len > max {
-            while len < 64 * max {
-                match stream.next().await {
-                    Some(Ok(chunk)) => len += chunk.len() as u64,
-                    _ => break,
-                }
-            }
-            return Err(error(
+    keel_serve::http::read_body(body, max)
+        .await
+        .map_err(|err| match err {
+            BodyError::TooLarge { max, .. } => error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 Some("body"),
                 &format!("request body is larger than the limit of {max} bytes"),
-            ));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(buf))
+            ),
+            other => error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                Some("body"),
+                &other.to_string(),
+            ),
+        })
 }
 
 /// `POST /services`: register; answers the available instances of each required service.
@@ -277,64 +274,43 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let (index, instances) = state.registry.snapshot();
     let passing = instances.iter().filter(|i| i.is_available()).count();
     let notifier = &state.registry.notifier().stats;
-    let lines = [
-        (
-            "keel_registry_instances",
-            "gauge",
-            "Registered instances by health.",
-            format!(
-                "keel_registry_instances{{health=\"passing\"}} {passing}\nkeel_registry_instances{{health=\"critical\"}} {}",
-                instances.len() - passing
-            ),
-        ),
-        (
-            "keel_registry_index",
-            "counter",
-            "The registry's change index.",
-            format!("keel_registry_index {index}"),
-        ),
-        (
-            "keel_registry_checks_total",
-            "counter",
-            "Health checks made.",
-            format!(
-                "keel_registry_checks_total {}",
-                state.checks.checks.load(Ordering::Relaxed)
-            ),
-        ),
-        (
-            "keel_registry_checks_failed_total",
-            "counter",
-            "Health checks that failed.",
-            format!(
-                "keel_registry_checks_failed_total {}",
-                state.checks.failed.load(Ordering::Relaxed)
-            ),
-        ),
-        (
-            "keel_registry_notifications_total",
-            "counter",
-            "Notifications by outcome.",
-            format!(
-                "keel_registry_notifications_total{{outcome=\"delivered\"}} {}\nkeel_registry_notifications_total{{outcome=\"failed\"}} {}\nkeel_registry_notifications_total{{outcome=\"dropped\"}} {}",
-                notifier.delivered.load(Ordering::Relaxed),
-                notifier.failed.load(Ordering::Relaxed),
-                notifier.dropped.load(Ordering::Relaxed),
-            ),
-        ),
-    ];
-    let mut text = String::new();
-    for (name, kind, help, values) in lines {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{values}\n"
-        ));
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        text,
+    let mut out = Prometheus::default();
+    out.family(
+        "keel_registry_instances",
+        "gauge",
+        "Registered instances by health.",
     )
-        .into_response()
+    .sample(&[("health", "passing")], passing)
+    .sample(&[("health", "critical")], instances.len() - passing)
+    .family(
+        "keel_registry_index",
+        "counter",
+        "The registry's change index.",
+    )
+    .sample(&[], index)
+    .family(
+        "keel_registry_checks_total",
+        "counter",
+        "Health checks made.",
+    )
+    .sample(&[], state.checks.checks.load(Ordering::Relaxed))
+    .family(
+        "keel_registry_checks_failed_total",
+        "counter",
+        "Health checks that failed.",
+    )
+    .sample(&[], state.checks.failed.load(Ordering::Relaxed))
+    .family(
+        "keel_registry_notifications_total",
+        "counter",
+        "Notifications by outcome.",
+    );
+    for (outcome, counter) in [
+        ("delivered", &notifier.delivered),
+        ("failed", &notifier.failed),
+        ("dropped", &notifier.dropped),
+    ] {
+        out.sample(&[("outcome", outcome)], counter.load(Ordering::Relaxed));
+    }
+    out.response()
 }

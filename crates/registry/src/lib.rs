@@ -24,7 +24,7 @@ mod server;
 mod state;
 
 pub use config::RegistryConfig;
-pub use error::{RegistryError, Result};
+pub use error::{RegistryClientError, RegistryError, Result};
 pub use registration::{MAX_NAME, Registration, base_url, parse_identity, validate_service_name};
 pub use registry::{Change, Registry};
 pub use server::run;

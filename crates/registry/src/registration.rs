@@ -46,6 +46,29 @@ impl Registration {
             .map_or(self.url.as_str(), |(_, rest)| rest)
     }
 
+    /// The registration in the canonical shape that [`Registration::parse`] reads back
+    /// (what `POST /services` takes; see docs/api/registry.md).
+    pub fn to_canonical_json(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "name": self.name,
+            "addr": self.url,
+            "required_services": self.required_services,
+            "meta": self.meta,
+        });
+        for (key, value) in [
+            ("update_url", &self.update_url),
+            ("heartbeat_url", &self.heartbeat_url),
+        ] {
+            if let Some(value) = value {
+                body[key] = value.as_str().into();
+            }
+        }
+        if let Some(ttl_ms) = self.ttl_ms {
+            body["ttl"] = format!("{ttl_ms}ms").into();
+        }
+        body
+    }
+
     /// Parses a registration body in any accepted shape.
     ///
     /// # Errors
@@ -314,6 +337,21 @@ mod tests {
         assert_eq!(r.ttl_ms, None);
         let ttl = parse(r#"{"name":"x","addr":"h:1","ttl":"15s"}"#).unwrap();
         assert_eq!(ttl.ttl_ms, Some(15_000));
+    }
+
+    #[test]
+    fn canonical_json_should_parse_back_to_the_same_registration() {
+        let full = parse(
+            r#"{"name":"grading","addr":"127.0.0.1:20004","required_services":["log"],
+                "update_url":"127.0.0.1:20004/services","heartbeat_url":"127.0.0.1:20004/health",
+                "meta":{"zone":"a"},"ttl":"1500ms"}"#,
+        )
+        .unwrap();
+        let bare = parse(r#"{"name":"visit","addr":"127.0.0.1:20003"}"#).unwrap();
+        for registration in [full, bare] {
+            let body = registration.to_canonical_json().to_string();
+            assert_eq!(parse(&body).unwrap(), registration, "{body}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checker::{self, CheckStats};
 use crate::config::RegistryConfig;
+use crate::error::RegistryError;
 use crate::http::{AppState, router};
 use crate::notifier::Notifier;
 use crate::registry::Registry;
@@ -19,18 +20,20 @@ use crate::registry::Registry;
 ///
 /// # Errors
 ///
-/// An invalid config, or I/O errors of the listener.
+/// [`RegistryError::InvalidConfig`] for a setting out of range;
+/// [`RegistryError::HttpClient`] and [`RegistryError::Serve`] when starting or serving
+/// fails.
 pub async fn run(
     listener: TcpListener,
     config: RegistryConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), RegistryError> {
     config.validate()?;
     let client = reqwest::Client::builder()
         .connect_timeout(config.check_timeout.min(config.notify_timeout))
         .pool_idle_timeout(Duration::from_secs(30))
         .build()
-        .map_err(|err| format!("building the HTTP client failed: {err}"))?;
+        .map_err(RegistryError::HttpClient)?;
     let notifier = Notifier::new(
         client.clone(),
         config.notify_timeout,
@@ -63,7 +66,7 @@ pub async fn run(
             signal.cancel();
         })
         .await
-        .map_err(|err| format!("serving the registry failed: {err}"))?;
+        .map_err(RegistryError::Serve)?;
     token.cancel();
     let _ = checker.await;
     tracing::info!("registry stopped");

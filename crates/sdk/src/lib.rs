@@ -22,7 +22,7 @@ pub use keel_registry::client::{
     Discovery, Picked, Policy, RegistryClient, ServiceInstance, Snapshot, WatchedInstance,
 };
 pub use logship::{LogLayer, LogShipping, log_shipping, log_shipping_discovered};
-pub use runner::{Service, ServiceConfig, ServiceError, stay_registered};
+pub use runner::{SdkError, Service, ServiceConfig, stay_registered};
 
 /// Completes on the first SIGINT or SIGTERM: the usual `shutdown` for
 /// [`Service::run`] and the servers of the `keel` binary. The handlers are installed

@@ -7,10 +7,10 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::{Method, StatusCode};
 use axum::routing::{any, get};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use keel_registry::client::{Discovery, RegistryClient, ServiceInstance};
+use keel_registry::{Registration, base_url};
 
 /// What a service is and where it finds the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +56,7 @@ impl ServiceConfig {
 /// Why a service could not run.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ServiceError {
+pub enum SdkError {
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -72,6 +72,9 @@ pub enum ServiceError {
     /// The HTTP client could not be built.
     #[error("building the HTTP client failed: {0}")]
     Client(#[source] reqwest::Error),
+    /// The instance's URL cannot be registered.
+    #[error("cannot register: {0}")]
+    Registration(#[source] keel_registry::RegistryError),
 }
 
 /// A service about to run; see the module docs.
@@ -102,21 +105,21 @@ impl Service {
     ///
     /// # Errors
     ///
-    /// [`ServiceError::Bind`] when the address is taken; serving failures.
+    /// [`SdkError::Bind`] when the address is taken; serving failures.
     pub async fn run(
         self,
         router: Router,
         on_bound: impl FnOnce(std::net::SocketAddr),
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<(), SdkError> {
         let Self { config, discovery } = self;
         let listener = tokio::net::TcpListener::bind(&config.addr)
             .await
-            .map_err(|source| ServiceError::Bind {
+            .map_err(|source| SdkError::Bind {
                 addr: config.addr.clone(),
                 source,
             })?;
-        let addr = listener.local_addr().map_err(ServiceError::Serve)?;
+        let addr = listener.local_addr().map_err(SdkError::Serve)?;
         on_bound(addr);
         let url = format!("http://{addr}");
         let client = registry_http(&config)?;
@@ -143,14 +146,12 @@ impl Service {
             );
 
         let token = CancellationToken::new();
-        let registration = json!({
-            "name": config.name,
-            "addr": url,
-            "required_services": config.required_services,
-            "update_url": format!("{url}/services"),
-            "heartbeat_url": format!("{url}/heart-beat"),
-            "meta": config.meta,
-        });
+        let registration = registration(
+            &config,
+            &url,
+            Some(format!("{url}/services")),
+            &format!("{url}/heart-beat"),
+        )?;
         let deregister = registered_until(
             &config,
             registration,
@@ -166,7 +167,7 @@ impl Service {
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            served = server => served.map_err(ServiceError::Serve)?,
+            served = server => served.map_err(SdkError::Serve)?,
             () = drained => tracing::warn!(?grace, "grace period over; dropping open connections"),
         }
         Ok(())
@@ -180,21 +181,15 @@ impl Service {
 ///
 /// # Errors
 ///
-/// [`ServiceError::Client`] when the HTTP client cannot be built.
+/// [`SdkError::Client`] when the HTTP client cannot be built.
 pub async fn stay_registered(
     config: &ServiceConfig,
     url: &str,
     heartbeat_url: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServiceError> {
+) -> Result<(), SdkError> {
     let client = registry_http(config)?;
-    let registration = json!({
-        "name": config.name,
-        "addr": url,
-        "required_services": config.required_services,
-        "heartbeat_url": heartbeat_url,
-        "meta": config.meta,
-    });
+    let registration = registration(config, url, None, heartbeat_url)?;
     registered_until(
         config,
         registration,
@@ -207,12 +202,30 @@ pub async fn stay_registered(
     Ok(())
 }
 
+/// What `config` registers for the instance at `url`.
+fn registration(
+    config: &ServiceConfig,
+    url: &str,
+    update_url: Option<String>,
+    heartbeat_url: &str,
+) -> Result<Registration, SdkError> {
+    Ok(Registration {
+        name: config.name.clone(),
+        url: base_url(url, "addr").map_err(SdkError::Registration)?,
+        required_services: config.required_services.clone(),
+        update_url,
+        heartbeat_url: Some(heartbeat_url.to_owned()),
+        meta: config.meta.clone(),
+        ttl_ms: None,
+    })
+}
+
 /// An HTTP client for the registry whose timeout outlasts a blocking watch.
-fn registry_http(config: &ServiceConfig) -> Result<reqwest::Client, ServiceError> {
+fn registry_http(config: &ServiceConfig) -> Result<reqwest::Client, SdkError> {
     reqwest::Client::builder()
         .timeout(config.watch_wait + Duration::from_secs(10))
         .build()
-        .map_err(ServiceError::Client)
+        .map_err(SdkError::Client)
 }
 
 /// Registers `registration` and keeps it registered (see [`keep_registered`]) from
@@ -220,17 +233,13 @@ fn registry_http(config: &ServiceConfig) -> Result<reqwest::Client, ServiceError
 /// cancelled and the instance is deregistered.
 fn registered_until(
     config: &ServiceConfig,
-    registration: serde_json::Value,
+    registration: Registration,
     client: reqwest::Client,
     discovery: Discovery,
     token: CancellationToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let id = registration["addr"]
-        .as_str()
-        .map(|url| url.split_once("://").map_or(url, |(_, rest)| rest))
-        .unwrap_or_default()
-        .to_owned();
+    let id = registration.id().to_owned();
     let registry = RegistryClient::new(&config.registry, client);
     let keeper = tokio::spawn(keep_registered(
         registry.clone(),
@@ -262,11 +271,11 @@ fn registered_until(
 async fn keep_registered(
     registry: RegistryClient,
     config: ServiceConfig,
-    registration: serde_json::Value,
+    registration: Registration,
     discovery: Discovery,
     stop: CancellationToken,
 ) {
-    let me = registration["addr"].as_str().unwrap_or_default().to_owned();
+    let me = registration.url.clone();
     let mut registered = false;
     let mut index = 0u64;
     let mut backoff = Duration::from_millis(50);

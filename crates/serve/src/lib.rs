@@ -17,6 +17,14 @@
 //! This crate owns the threads, the acceptor and the handing over; what a thread
 //! serves is the caller's: [`serve`] calls it with a [`Handed`] listener, which
 //! `axum::serve` takes like a `TcpListener`.
+//!
+//! It is also the one home of what every keel server does the same way over HTTP
+//! ([`http`]: the JSON error envelope, bounded bodies, Prometheus text, serving until
+//! shutdown) and of the error a component's config validation returns
+//! ([`InvalidConfig`]). It depends on no other keel crate.
+
+pub mod http;
+mod invalid_config;
 
 use std::future::Future;
 use std::io;
@@ -32,6 +40,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+pub use invalid_config::InvalidConfig;
 
 /// How many threads serve, and how many connections may be open at once.
 #[derive(Debug, Clone)]

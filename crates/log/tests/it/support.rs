@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 pub(crate) struct TestServer {
     pub(crate) addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), String>>>,
+    task: Option<JoinHandle<Result<(), keel_log::LogServiceError>>>,
     _dir: Option<tempfile::TempDir>,
 }
 

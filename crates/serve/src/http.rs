@@ -1,0 +1,269 @@
+//! The HTTP plumbing every keel server shares: the JSON error envelope, bounded body
+//! reading, the Prometheus text format, and serving until shutdown.
+//!
+//! Each server maps its own error type to a status and a code; this module only
+//! writes what every server writes the same way, so that a client sees one shape of
+//! error and one behaviour at a body limit whichever part it talks to.
+
+use std::fmt::Write as _;
+use std::future::Future;
+
+use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
+
+/// How much of a body over its limit is read (and dropped) before the 413 is sent,
+/// so that a client still sending gets the answer instead of a reset connection: 64
+/// times the limit, and never more than this. Past it the connection is given up on.
+pub const DRAIN_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// The body of every HTTP error keel answers:
+/// `{"error":{"code":"...","message":"..."}}`, with `"field"` when one input field is
+/// to blame.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorBody<'a> {
+    /// A stable, machine-readable code (`offset_out_of_range`, `bad_request`...).
+    pub code: &'a str,
+    /// What went wrong and what to change, for a person.
+    pub message: &'a str,
+    /// The input field to blame, if one is.
+    pub field: Option<&'a str>,
+}
+
+impl<'a> ErrorBody<'a> {
+    /// An error with a code and a message.
+    pub fn new(code: &'a str, message: &'a str) -> Self {
+        Self {
+            code,
+            message,
+            field: None,
+        }
+    }
+
+    /// The same error, blaming `field`.
+    #[must_use]
+    pub fn field(self, field: &'a str) -> Self {
+        Self {
+            field: Some(field),
+            ..self
+        }
+    }
+
+    /// The JSON text of the envelope.
+    pub fn to_json(&self) -> String {
+        let mut error = serde_json::Map::new();
+        error.insert("code".into(), self.code.into());
+        if let Some(field) = self.field {
+            error.insert("field".into(), field.into());
+        }
+        error.insert("message".into(), self.message.into());
+        serde_json::json!({ "error": error }).to_string()
+    }
+
+    /// An HTTP response with `status` and this envelope as its JSON body.
+    pub fn response(&self, status: StatusCode) -> Response {
+        (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            self.to_json(),
+        )
+            .into_response()
+    }
+}
+
+/// Why [`read_body`] gave up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// The body could not be read: the client went away or sent a malformed body.
+    #[error("reading the request body failed: {0}")]
+    Read(#[source] axum::Error),
+    /// The body is larger than the limit.
+    #[error("request body of {len} bytes is larger than the limit of {max} bytes")]
+    TooLarge {
+        /// The body's size, as far as it was read.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
+/// Reads a whole body of at most `max` bytes. A larger body is read on (and dropped)
+/// up to 64 times `max` or [`DRAIN_LIMIT`], whichever is less, before the error
+/// returns, so that the client gets the 413 rather than a connection reset while it is
+/// still sending.
+///
+/// # Errors
+///
+/// [`BodyError::TooLarge`] past `max`; [`BodyError::Read`] when the body breaks off.
+pub async fn read_body(body: Body, max: u64) -> Result<Bytes, BodyError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut len: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(BodyError::Read)?;
+        len += chunk.len() as u64;
+        if len > max {
+            let drain = max.saturating_mul(64).min(DRAIN_LIMIT);
+            while len <= drain {
+                match stream.next().await {
+                    Some(Ok(chunk)) => len += chunk.len() as u64,
+                    _ => break,
+                }
+            }
+            return Err(BodyError::TooLarge { len, max });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// The content type of the Prometheus text format.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Writes metrics in the Prometheus text format: a family's `# HELP` and `# TYPE`
+/// lines, then its samples.
+///
+/// ```
+/// let mut metrics = keel_serve::http::Prometheus::default();
+/// metrics
+///     .family("keel_requests_total", "counter", "Requests received.")
+///     .sample(&[], 3)
+///     .family("keel_responses_total", "counter", "Responses by class.")
+///     .sample(&[("class", "2xx")], 2);
+/// let text = metrics.finish();
+/// let lines: Vec<&str> = text.lines().collect();
+/// assert_eq!(lines[0], "# HELP keel_requests_total Requests received.");
+/// assert_eq!(lines[1], "# TYPE keel_requests_total counter");
+/// assert_eq!(lines[2], "keel_requests_total 3");
+/// assert_eq!(lines[5], r#"keel_responses_total{class="2xx"} 2"#);
+/// ```
+#[derive(Debug, Default)]
+pub struct Prometheus {
+    out: String,
+    /// The name of the family being written.
+    family: String,
+}
+
+impl Prometheus {
+    /// Starts a family: its name, kind (`counter`, `gauge`, `histogram`) and help.
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        name.clone_into(&mut self.family);
+        self
+    }
+
+    /// A sample of the current family, with its labels.
+    pub fn sample(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) -> &mut Self {
+        self.sample_suffixed("", labels, value)
+    }
+
+    /// A sample whose name is the family's with `suffix` (`_bucket`, `_sum`, `_count`
+    /// of a histogram).
+    pub fn sample_suffixed(
+        &mut self,
+        suffix: &str,
+        labels: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) -> &mut Self {
+        let _ = write!(self.out, "{}{suffix}", self.family);
+        if let Some(((first, value_of_first), rest)) = labels.split_first() {
+            let _ = write!(self.out, "{{{first}=\"{value_of_first}\"");
+            for (label, value) in rest {
+                let _ = write!(self.out, ",{label}=\"{value}\"");
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+        self
+    }
+
+    /// The text written.
+    pub fn finish(self) -> String {
+        self.out
+    }
+
+    /// The text as an HTTP response with the Prometheus content type.
+    pub fn response(self) -> Response {
+        (
+            [(axum::http::header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+            self.out,
+        )
+            .into_response()
+    }
+}
+
+/// Runs `serving` until `shutdown` completes, then `stop` (which tells `serving` to
+/// end: cancel its token, mark the server not ready...), then waits for `serving` to
+/// end and returns what it returned. When `serving` ends first (a serving thread
+/// failed), `stop` still runs, so that the tasks beside it end too.
+pub async fn serve_until<T>(
+    serving: impl Future<Output = T>,
+    shutdown: impl Future<Output = ()>,
+    stop: impl AsyncFnOnce(),
+) -> T {
+    let serving = std::pin::pin!(serving);
+    let mut serving = serving;
+    let early = tokio::select! {
+        () = shutdown => None,
+        served = &mut serving => Some(served),
+    };
+    stop().await;
+    match early {
+        Some(served) => served,
+        None => serving.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_should_hold_the_code_the_message_and_the_field_if_any() {
+        let plain: serde_json::Value =
+            serde_json::from_str(&ErrorBody::new("bad_request", "no \"x\"").to_json()).unwrap();
+        assert_eq!(
+            plain,
+            serde_json::json!({"error": {"code": "bad_request", "message": "no \"x\""}})
+        );
+        let blamed: serde_json::Value =
+            serde_json::from_str(&ErrorBody::new("bad_request", "m").field("name").to_json())
+                .unwrap();
+        assert_eq!(blamed["error"]["field"], "name");
+    }
+
+    #[tokio::test]
+    async fn read_body_should_take_a_body_at_the_limit_and_refuse_one_past_it() {
+        let at = read_body(Body::from(vec![7u8; 16]), 16).await.unwrap();
+        assert_eq!(at.len(), 16);
+        let past = read_body(Body::from(vec![7u8; 17]), 16).await;
+        assert!(
+            matches!(past, Err(BodyError::TooLarge { len: 17, max: 16 })),
+            "{past:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn serve_until_should_stop_serving_on_shutdown_and_when_serving_ends_first() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let serving = {
+            let token = token.clone();
+            async move {
+                token.cancelled().await;
+                "stopped"
+            }
+        };
+        let ended = serve_until(serving, async {}, async || token.cancel()).await;
+        assert_eq!(ended, "stopped");
+
+        let stopped = std::sync::atomic::AtomicBool::new(false);
+        let ended = serve_until(async { "failed" }, std::future::pending(), async || {
+            stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+        .await;
+        assert_eq!(ended, "failed");
+        assert!(stopped.load(std::sync::atomic::Ordering::Relaxed));
+    }
+}
