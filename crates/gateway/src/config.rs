@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use keel_serve::InvalidConfig;
 use serde::{Deserialize, Serialize};
 
 /// How the gateway chooses an instance.
@@ -93,8 +94,8 @@ impl GatewayConfig {
     ///
     /// # Errors
     ///
-    /// A message naming the first field out of range.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`InvalidConfig`] naming the first field out of range.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         for (field, value) in [
             ("request_timeout", self.request_timeout),
             ("connect_timeout", self.connect_timeout),
@@ -103,27 +104,31 @@ impl GatewayConfig {
             ("watch_wait", self.watch_wait),
         ] {
             if value.is_zero() {
-                return Err(format!("{field}: must be longer than zero"));
+                return Err(InvalidConfig::new(field, "must be longer than zero"));
             }
         }
-        if self.max_connections == 0 || self.max_header_bytes < 1024 {
-            return Err(
-                "max_connections must be at least 1 and max_header_bytes at least 1024".into(),
-            );
+        if self.max_connections == 0 {
+            return Err(InvalidConfig::new("max_connections", "must be at least 1"));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(InvalidConfig::new(
+                "max_header_bytes",
+                format!("{} is below the minimum of 1024", self.max_header_bytes),
+            ));
         }
         if self.eject_after == 0 {
-            return Err("eject_after: must be at least 1".into());
+            return Err(InvalidConfig::new("eject_after", "must be at least 1"));
         }
         if self.retries > 10 {
-            return Err(format!(
-                "retries: {} is more than the allowed 10",
-                self.retries
+            return Err(InvalidConfig::new(
+                "retries",
+                format!("{} is more than the allowed 10", self.retries),
             ));
         }
         if self.workers > 256 {
-            return Err(format!(
-                "workers: {} is more than the allowed 256",
-                self.workers
+            return Err(InvalidConfig::new(
+                "workers",
+                format!("{} is more than the allowed 256", self.workers),
             ));
         }
         Ok(())

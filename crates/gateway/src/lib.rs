@@ -15,12 +15,18 @@
 //! through its client.
 
 mod config;
+mod connection;
+mod error;
+mod forward;
+mod forwarded;
+mod gateway;
 mod http1;
-mod proxy;
+mod passive;
+mod relay;
+mod route;
 mod upstream;
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use axum::Router;
@@ -31,27 +37,30 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Balance, GatewayConfig};
-use proxy::Gateway;
+pub use error::{GatewayError, Side, UpstreamError};
+use gateway::Gateway;
 
 /// Serves the gateway on `listener`, and `/healthz` and `/metrics` on `admin`, until
 /// `shutdown` completes.
 ///
 /// # Errors
 ///
-/// An invalid config; I/O errors of the listeners.
+/// [`GatewayError::InvalidConfig`] for a setting out of range;
+/// [`GatewayError::RegistryClient`] and [`GatewayError::Serve`] when starting or
+/// serving fails.
 pub async fn run(
     listener: TcpListener,
     admin: TcpListener,
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), GatewayError> {
     config.validate()?;
     let discovery = Discovery::default();
     let gateway = Arc::new(Gateway::new(config.clone(), discovery.clone()));
     let token = CancellationToken::new();
     let http = reqwest::Client::builder()
         .build()
-        .map_err(|err| format!("building the registry client failed: {err}"))?;
+        .map_err(GatewayError::RegistryClient)?;
     let watcher = {
         let gateway = Arc::clone(&gateway);
         tokio::spawn(follow(
@@ -78,7 +87,7 @@ pub async fn run(
             "/metrics",
             axum::routing::get({
                 let gateway = Arc::clone(&gateway);
-                move || metrics(Arc::clone(&gateway))
+                move || std::future::ready(gateway.metrics().response())
             }),
         );
     let admin_token = token.clone();
@@ -101,20 +110,10 @@ pub async fn run(
         let gateway = Arc::new(gateway.for_another_thread());
         serve_thread(gateway, handed, stop.clone())
     });
-    tokio::pin!(serving);
-    let early = tokio::select! {
-        () = shutdown => None,
-        // Serving ended before shutdown: a thread failed.
-        served = &mut serving => Some(served),
-    };
-    token.cancel();
-    let served = match early {
-        Some(served) => served,
-        None => serving.await,
-    };
+    let served = keel_serve::http::serve_until(serving, shutdown, async || token.cancel()).await;
     let _ = watcher.await;
     let _ = admin_server.await;
-    served.map_err(|err| format!("serving the gateway failed: {err}"))
+    served.map_err(GatewayError::Serve)
 }
 
 /// Serves the connections handed to one thread, each on a task of its own, until
@@ -131,7 +130,7 @@ async fn serve_thread(
             () = stop.cancelled() => break,
             accepted = handed.accept() => accepted,
         };
-        connections.spawn(proxy::serve_connection(
+        connections.spawn(connection::serve_connection(
             Arc::clone(&gateway),
             connection,
             peer,
@@ -141,31 +140,4 @@ async fn serve_thread(
     connections.close();
     connections.wait().await;
     Ok(())
-}
-
-async fn metrics(gateway: Arc<Gateway>) -> String {
-    let stats = &gateway.stats;
-    let mut out = String::from(
-        "# HELP keel_gateway_requests_total Requests received.\n# TYPE keel_gateway_requests_total counter\n",
-    );
-    out.push_str(&format!(
-        "keel_gateway_requests_total {}\n",
-        stats.requests.load(Ordering::Relaxed)
-    ));
-    out.push_str("# HELP keel_gateway_responses_total Responses by status class.\n# TYPE keel_gateway_responses_total counter\n");
-    for (class, counter) in stats.by_status.iter().enumerate().skip(1) {
-        out.push_str(&format!(
-            "keel_gateway_responses_total{{class=\"{class}xx\"}} {}\n",
-            counter.load(Ordering::Relaxed)
-        ));
-    }
-    out.push_str(&format!(
-        "# HELP keel_gateway_retries_total Attempts on another instance.\n# TYPE keel_gateway_retries_total counter\nkeel_gateway_retries_total {}\n",
-        stats.retries.load(Ordering::Relaxed)
-    ));
-    out.push_str(&format!(
-        "# HELP keel_gateway_ejections_total Instances ejected after consecutive failures.\n# TYPE keel_gateway_ejections_total counter\nkeel_gateway_ejections_total {}\n",
-        stats.ejections.load(Ordering::Relaxed)
-    ));
-    out
 }

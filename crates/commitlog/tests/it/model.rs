@@ -74,6 +74,49 @@ fn check_out_of_range<T: std::fmt::Debug>(result: keel_commitlog::Result<T>, mod
     }
 }
 
+/// Reads a chunk from the offset `selector` picks, within `budget` bytes, and checks
+/// it against the model.
+fn check_chunk(current: &Log, model: &Model, selector: u16, budget: u16) {
+    let next = model.values.len() as u64;
+    let from = pick(selector, model.lowest, next);
+    if (model.lowest..=next).contains(&from) {
+        let chunk = current.read_chunk(from, budget.into()).expect("read_chunk");
+        assert_eq!(chunk.is_empty(), from == next);
+        for (i, record) in chunk.iter().enumerate() {
+            assert_eq!(record.offset, from + i as u64);
+            assert_eq!(record.value, model.values[record.offset as usize]);
+        }
+    } else {
+        check_out_of_range(current.read_chunk(from, budget.into()), model);
+    }
+}
+
+/// Applies retention now, or two hours `later`, and moves the model's lowest offset.
+fn apply_retention(current: &mut Log, model: &mut Model, later: bool) {
+    let now = if later {
+        SystemTime::now() + Duration::from_secs(7200)
+    } else {
+        SystemTime::now()
+    };
+    current.apply_retention_at(now).expect("retention");
+    if later {
+        assert_eq!(
+            current.segment_count(),
+            1,
+            "every sealed segment is older than the limit"
+        );
+    } else {
+        assert_eq!(
+            current.lowest_offset(),
+            model.lowest,
+            "nothing is old enough yet"
+        );
+    }
+    let lowest = current.lowest_offset();
+    assert!(lowest >= model.lowest);
+    model.lowest = lowest;
+}
+
 fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut log = Some(Log::open(dir.path(), config()).expect("open"));
@@ -104,19 +147,7 @@ fn run(ops: Vec<Op>) {
                     check_out_of_range(current.read(offset), &model);
                 }
             }
-            Op::Chunk(selector, budget) => {
-                let from = pick(selector, model.lowest, next);
-                if (model.lowest..=next).contains(&from) {
-                    let chunk = current.read_chunk(from, budget.into()).expect("read_chunk");
-                    assert_eq!(chunk.is_empty(), from == next);
-                    for (i, record) in chunk.iter().enumerate() {
-                        assert_eq!(record.offset, from + i as u64);
-                        assert_eq!(record.value, model.values[record.offset as usize]);
-                    }
-                } else {
-                    check_out_of_range(current.read_chunk(from, budget.into()), &model);
-                }
-            }
+            Op::Chunk(selector, budget) => check_chunk(current, &model, selector, budget),
             Op::Reopen => {
                 log.take().expect("open").close().expect("close");
                 let reopened = Log::open(dir.path(), config()).expect("reopen");
@@ -148,30 +179,7 @@ fn run(ops: Vec<Op>) {
                     check_out_of_range(current.truncate_suffix(from), &model);
                 }
             }
-            Op::Retention(later) => {
-                let now = if later {
-                    SystemTime::now() + Duration::from_secs(7200)
-                } else {
-                    SystemTime::now()
-                };
-                current.apply_retention_at(now).expect("retention");
-                if later {
-                    assert_eq!(
-                        current.segment_count(),
-                        1,
-                        "every sealed segment is older than the limit"
-                    );
-                } else {
-                    assert_eq!(
-                        current.lowest_offset(),
-                        model.lowest,
-                        "nothing is old enough yet"
-                    );
-                }
-                let lowest = current.lowest_offset();
-                assert!(lowest >= model.lowest);
-                model.lowest = lowest;
-            }
+            Op::Retention(later) => apply_retention(current, &mut model, later),
         }
         let current = log.as_ref().expect("log is open");
         assert_eq!(

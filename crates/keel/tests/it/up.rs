@@ -177,7 +177,17 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
     }
     let gateway = up.url("gateway").to_owned();
     let http = reqwest::Client::new();
+    every_printed_url_should_answer(&up, &http).await;
+    let count = visits_should_count_up_on_both_instances(&http, &gateway).await;
+    grades_should_be_added_and_bad_ones_refused(&http, &gateway).await;
+    the_portal_should_show_grades_and_add_one(&http, &gateway).await;
+    visit_lines_should_reach_the_logs_topic(&http, up.url("log"), count).await;
+    let new_pid = a_killed_instance_should_cost_no_request(&mut up, &http, &gateway).await;
+    ctrl_c_should_deregister_every_part_and_leave_no_process(up, &http, new_pid).await;
+}
 
+/// Every URL `keel up` printed answers (the gateway's routes once its table is current).
+async fn every_printed_url_should_answer(up: &Up, http: &reqwest::Client) {
     // Every URL it printed answers (the gateway's routes once its table is current).
     assert!(up.urls.len() >= 10, "{:?}", up.urls);
     for url in up.urls.clone() {
@@ -191,7 +201,10 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
         })
         .await;
     }
+}
 
+/// Visits count up, shared by both instances, through the gateway; returns the count.
+async fn visits_should_count_up_on_both_instances(http: &reqwest::Client, gateway: &str) -> u64 {
     // Visits count up, shared by both instances, through the gateway.
     let visit = |http: reqwest::Client, url: String| async move {
         let response = http.get(url).send().await.ok()?;
@@ -218,6 +231,11 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
         "both visit instances served: {instances:?}"
     );
 
+    count
+}
+
+/// A grade can be added and read back; bad input is refused precisely.
+async fn grades_should_be_added_and_bad_ones_refused(http: &reqwest::Client, gateway: &str) {
     // A grade can be added and read back; bad input is refused precisely.
     let grades = format!("{gateway}/grading/students/3/grades");
     let added = http
@@ -257,7 +275,10 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
         .await
         .unwrap();
     assert_eq!(unknown.status(), reqwest::StatusCode::NOT_FOUND);
+}
 
+/// The portal shows the grades, and its form adds one through grading.
+async fn the_portal_should_show_grades_and_add_one(http: &reqwest::Client, gateway: &str) {
     // The portal shows it, and its form adds a grade through grading.
     let page = http
         .get(format!("{gateway}/portal/"))
@@ -285,9 +306,12 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
         form.headers()["location"],
         "/portal/?added=Barbara%20Liskov"
     );
+}
 
+/// The visit log lines (`visit 1` to `visit {count}`) reach the `logs` topic.
+async fn visit_lines_should_reach_the_logs_topic(http: &reqwest::Client, log: &str, count: u64) {
     // The visit log lines reach the `logs` topic.
-    let log = up.url("log").to_owned();
+    let log = log.to_owned();
     eventually(
         Duration::from_secs(10),
         "visit lines in the logs topic",
@@ -314,7 +338,15 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
         },
     )
     .await;
+}
 
+/// One visit instance killed: every request through the gateway still succeeds, and
+/// `keel up` restarts it; returns the new PID.
+async fn a_killed_instance_should_cost_no_request(
+    up: &mut Up,
+    http: &reqwest::Client,
+    gateway: &str,
+) -> u32 {
     // One visit instance killed: every request through the gateway still succeeds.
     signal(up.pid("visit#1"), rustix::process::Signal::KILL);
     for n in 0..100 {
@@ -328,6 +360,16 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
         .and_then(|rest| rest.trim_end_matches(')').parse().ok())
         .unwrap();
 
+    new_pid
+}
+
+/// Ctrl-C: every part deregisters (seen on the registry's stream), then all exit 0
+/// and no process outlives `keel up`.
+async fn ctrl_c_should_deregister_every_part_and_leave_no_process(
+    mut up: Up,
+    http: &reqwest::Client,
+    new_pid: u32,
+) {
     // Ctrl-C: every part deregisters (seen on the registry's stream), then all exit 0.
     let stream = http
         .get(format!("{}/v1/watch/stream", up.url("registry")))

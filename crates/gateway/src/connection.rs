@@ -1,0 +1,300 @@
+//! The connection loop: one task per client connection reads each request head,
+//! runs the exchange (forward, then relay the answer or send the gateway's own
+//! error), writes the access log line, and closes on error, idle timeout or shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use keel_registry::client::ServiceInstance;
+use keel_serve::http::ErrorBody;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::GatewayError;
+use crate::forward::{Answer, Payload};
+use crate::forwarded::Forwarded;
+use crate::gateway::Gateway;
+use crate::http1::{
+    Framing, HeadError, HeadLimits, Relay, RequestHead, own_response, parse_request,
+};
+use crate::relay::{relay_body, reserve};
+use crate::route::split_url;
+use crate::upstream::READ_BUFFER;
+
+/// The client's side of a connection: its stream, and the bytes read from it and not
+/// used yet.
+pub(crate) struct Downstream<C> {
+    pub(crate) stream: C,
+    pub(crate) buf: BytesMut,
+}
+
+impl<C: AsyncRead + Unpin> Downstream<C> {
+    /// The next `len` bytes (a request body), each read arriving within `idle`.
+    pub(crate) async fn take(&mut self, len: usize, idle: Duration) -> Result<Bytes, GatewayError> {
+        while self.buf.len() < len {
+            self.buf.reserve(len - self.buf.len());
+            match tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "the request body ended after {} of {len} bytes",
+                        self.buf.len()
+                    )));
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        Ok(self.buf.split_to(len).freeze())
+    }
+}
+
+/// A connection's buffers, reused by each request on it.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// The request's headers as forwarded.
+    pub(crate) forwarded: Forwarded,
+    /// The head sent upstream.
+    pub(crate) upstream_head: Vec<u8>,
+    /// The head sent to the client.
+    pub(crate) out: Vec<u8>,
+}
+
+/// One request under way.
+pub(crate) struct Exchange {
+    pub(crate) head: RequestHead,
+    pub(crate) id: u64,
+    /// The service routed to, once known (for the access log).
+    pub(crate) service: Option<String>,
+    /// The instance of the latest attempt (for the access log).
+    pub(crate) instance: Option<Arc<ServiceInstance>>,
+    pub(crate) relay: Relay,
+    /// Whether the request body has been read whole.
+    pub(crate) consumed: bool,
+    pub(crate) payload: Payload,
+}
+
+/// One client connection being served, and what each request on it reuses.
+pub(crate) struct ClientConnection<C> {
+    pub(crate) gateway: Arc<Gateway>,
+    pub(crate) downstream: Downstream<C>,
+    pub(crate) scratch: Scratch,
+    pub(crate) peer: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// Serves one client connection until it closes, goes idle for the idle timeout, or
+/// `stop` is cancelled (between requests).
+pub(crate) async fn serve_connection<C>(
+    gateway: Arc<Gateway>,
+    stream: C,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let connection = ClientConnection {
+        gateway,
+        downstream: Downstream {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+        },
+        scratch: Scratch::default(),
+        peer,
+        stop,
+    };
+    connection.serve().await;
+}
+
+impl<C> ClientConnection<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn serve(mut self) {
+        loop {
+            let head = match self.read_head().await {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(err) => {
+                    self.refuse_head(err).await;
+                    break;
+                }
+            };
+            self.downstream.buf.advance(head.len);
+            if !self.exchange(head).await {
+                break;
+            }
+        }
+        let _ = self.downstream.stream.shutdown().await;
+    }
+
+    /// Answers a request head that was refused; the connection closes after.
+    async fn refuse_head(&mut self, err: HeadError) {
+        let err = match err {
+            HeadError::TooLarge(message) => GatewayError::HeadTooLarge(message),
+            HeadError::Invalid(message) => GatewayError::BadRequest(message),
+            HeadError::Unsupported(message) => GatewayError::NotImplemented(message),
+        };
+        self.gateway
+            .stats
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.gateway.stats.count(err.status().as_u16());
+        let relay = Relay {
+            http10: false,
+            keep_alive: false,
+        };
+        write_error(&mut self.scratch.out, &err, relay);
+        let _ = self.downstream.stream.write_all(&self.scratch.out).await;
+    }
+
+    /// Reads the next request head: `None` when the connection closes or idles out
+    /// before one begins, or `stop` is cancelled while none is under way.
+    async fn read_head(&mut self) -> Result<Option<RequestHead>, HeadError> {
+        let limits = HeadLimits {
+            header_bytes: self.gateway.config.max_header_bytes,
+        };
+        let idle = self.gateway.config.idle_timeout;
+        let Downstream { stream, buf } = &mut self.downstream;
+        loop {
+            if !buf.is_empty() {
+                let forwarded = &mut self.scratch.forwarded;
+                forwarded.clear();
+                let mut host = std::mem::take(&mut forwarded.host);
+                let parsed = parse_request(
+                    buf,
+                    limits,
+                    |name, value| forwarded.take(name, value),
+                    &mut host,
+                );
+                forwarded.host = host;
+                if let Some(head) = parsed? {
+                    return Ok(Some(head));
+                }
+            }
+            reserve(buf);
+            // On shutdown, a head not read whole yet is dropped: nothing was answered.
+            let read = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return Ok(None),
+                read = tokio::time::timeout(idle, stream.read_buf(buf)) => read,
+            };
+            match read {
+                Ok(Ok(0) | Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+                Err(_) if buf.is_empty() => return Ok(None),
+                Err(_) => {
+                    return Err(HeadError::Invalid(format!(
+                        "the request head did not arrive within {idle:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One request, from its head to the end of its answer. Returns whether the client
+    /// connection stays open.
+    async fn exchange(&mut self, head: RequestHead) -> bool {
+        self.gateway
+            .stats
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let mut exchange = Exchange {
+            id: self.gateway.next_id(),
+            service: None,
+            instance: None,
+            relay: Relay {
+                http10: head.http10,
+                keep_alive: head.keep_alive && !self.stop.is_cancelled(),
+            },
+            consumed: head.framing == Framing::Empty,
+            payload: Payload::Streaming,
+            head,
+        };
+        let forwarded = self.forward(&mut exchange).await;
+        let status = match &forwarded {
+            Ok(answer) => answer.head.status,
+            Err(err) => err.status().as_u16(),
+        };
+        self.gateway.stats.count(status);
+        self.log_access(&exchange, status, started);
+        match forwarded {
+            Ok(answer) => self.relay(answer, &exchange).await,
+            Err(err) => {
+                // A body left unread in the connection ends it.
+                let mut relay = exchange.relay;
+                relay.keep_alive &= exchange.consumed;
+                write_error(&mut self.scratch.out, &err, relay);
+                self.downstream
+                    .stream
+                    .write_all(&self.scratch.out)
+                    .await
+                    .is_ok()
+                    && relay.keep_alive
+            }
+        }
+    }
+
+    /// Relays the answer's head (written into `scratch.out`) and body; pools the
+    /// upstream connection when it can carry another request. Returns whether the
+    /// client connection stays open.
+    async fn relay(&mut self, answer: Answer, exchange: &Exchange) -> bool {
+        let Answer {
+            mut upstream,
+            instance,
+            head: response,
+        } = answer;
+        let relayed = relay_body(
+            &self.gateway,
+            &mut self.downstream.stream,
+            &self.scratch.out,
+            &mut upstream,
+            response.framing,
+            exchange.relay,
+        )
+        .await;
+        // A request body cut short by an early answer leaves the connection
+        // mid-request: it cannot carry another one.
+        if relayed && response.keep_alive && exchange.consumed {
+            self.gateway
+                .upstreams
+                .put(split_url(&instance.url).0, upstream);
+        }
+        relayed && exchange.relay.keep_alive
+    }
+
+    /// Ships the access log line of `exchange` (time to the response head; bodies keep
+    /// streaming after this).
+    fn log_access(&self, exchange: &Exchange, status: u16, started: Instant) {
+        let Some(access_log) = &self.gateway.access_log else {
+            return;
+        };
+        access_log.ship(format!(
+            "{} {} {status} {}us service={} instance={} id={:016x} peer={}",
+            exchange.head.method,
+            exchange.head.target.split('?').next().unwrap_or(""),
+            started.elapsed().as_micros(),
+            exchange.service.as_deref().unwrap_or("-"),
+            exchange
+                .instance
+                .as_ref()
+                .map_or("-", |instance| instance.url.as_str()),
+            exchange.id,
+            self.peer.ip(),
+        ));
+    }
+}
+
+/// Writes `err` as the gateway's JSON error answer into `out`.
+fn write_error(out: &mut Vec<u8>, err: &GatewayError, relay: Relay) {
+    let message = err.to_string();
+    let body = ErrorBody::new(err.code(), &message).to_json();
+    own_response(
+        out,
+        err.status(),
+        "application/json",
+        body.as_bytes(),
+        relay,
+    );
+}
