@@ -34,11 +34,13 @@
 mod commit_log;
 mod config;
 mod error;
+mod files;
 mod format;
 mod log;
 mod reader;
 mod record;
 mod recovery;
+mod scan;
 mod sealer;
 mod segment;
 mod shared;

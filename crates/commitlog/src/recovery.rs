@@ -16,14 +16,16 @@
 //! finished, is what a crash leaves, and is cut.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::Offset;
 use crate::error::{Corruption, IoContext, LogError, Result};
-use crate::format::{self, FrameError, HEADER_LEN, INDEX_MAGIC, STORE_MAGIC};
+use crate::files::{create_segment, len_of, open_rw, sync_dir};
+use crate::format::{self, HEADER_LEN, INDEX_MAGIC, STORE_MAGIC};
+use crate::scan::{is_zero_filled, scan_store};
 use crate::sealer;
 use crate::segment::{self, Segment, SegmentFiles, Tail};
 
@@ -110,155 +112,6 @@ pub enum IndexProblem {
         /// The file's length in bytes.
         len: u64,
     },
-}
-
-/// The result of reading a store file frame by frame.
-#[derive(Debug)]
-pub(crate) struct Scan {
-    pub(crate) positions: Vec<u32>,
-    /// End of the last valid frame.
-    pub(crate) valid_end: u64,
-    pub(crate) last_timestamp_ms: u64,
-    /// Why the scan stopped before the end of the file, if it did.
-    pub(crate) stop: Option<Corruption>,
-}
-
-const SCAN_BUFFER: usize = 1 << 20;
-
-/// Reads `path` frame by frame from its header on, stopping at `limit` records, at
-/// the end of the file, or at the first frame that is not valid.
-pub(crate) fn scan_store(
-    file: &File,
-    path: &Path,
-    base: Offset,
-    store_len: u64,
-    limit: Option<u64>,
-) -> Result<Scan> {
-    let mut scan = Scan {
-        positions: Vec::new(),
-        valid_end: HEADER_LEN,
-        last_timestamp_ms: 0,
-        stop: None,
-    };
-    let mut buf = vec![0u8; SCAN_BUFFER];
-    // `buf[..filled]` holds the file's bytes from `buf_start` on.
-    let mut buf_start = HEADER_LEN;
-    let mut filled = 0usize;
-    let mut at = 0usize;
-    loop {
-        if limit.is_some_and(|limit| scan.positions.len() as u64 >= limit) {
-            break;
-        }
-        let position = buf_start + at as u64;
-        if position == store_len {
-            break;
-        }
-        match format::decode_frame(&buf[at..filled], base + scan.positions.len() as u64) {
-            Ok(frame) => {
-                scan.positions.push(position as u32);
-                scan.last_timestamp_ms = frame.timestamp_ms;
-                at += frame.len() as usize;
-                scan.valid_end = buf_start + at as u64;
-            }
-            Err(FrameError::Incomplete { frame_len }) => {
-                let needed = frame_len.unwrap_or(format::FRAME_HEADER_LEN as u64);
-                if position + needed > store_len {
-                    scan.stop = Some(Corruption::TruncatedFrame { len: needed });
-                    break;
-                }
-                // Refill from the current position; grow for a frame larger than the buffer.
-                if needed as usize > buf.len() {
-                    buf.resize(needed as usize, 0);
-                }
-                let want = buf.len().min((store_len - position) as usize);
-                file.read_exact_at(&mut buf[..want], position).at(path)?;
-                buf_start = position;
-                filled = want;
-                at = 0;
-            }
-            Err(FrameError::Corrupt(reason)) => {
-                scan.stop = Some(reason);
-                break;
-            }
-        }
-    }
-    Ok(scan)
-}
-
-/// Whether the bytes of `file` from `from` to `to` are all zero: space the writer
-/// preallocated and never wrote, rather than a torn or damaged frame.
-fn is_zero_filled(file: &File, path: &Path, from: u64, to: u64) -> Result<bool> {
-    let mut buf = vec![0u8; SCAN_BUFFER.min((to - from) as usize)];
-    let mut at = from;
-    while at < to {
-        let len = buf.len().min((to - at) as usize);
-        file.read_exact_at(&mut buf[..len], at).at(path)?;
-        if buf[..len].iter().any(|&byte| byte != 0) {
-            return Ok(false);
-        }
-        at += len as u64;
-    }
-    Ok(true)
-}
-
-/// Opens a segment file for reading and writing.
-fn open_rw(path: &Path, create: bool) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(path)
-        .at(path)
-}
-
-fn len_of(file: &File, path: &Path) -> Result<u64> {
-    Ok(file.metadata().at(path)?.len())
-}
-
-/// Creates the two files of a new, empty segment and syncs the directory.
-pub(crate) fn create_segment(dir: &Path, base: Offset) -> Result<SegmentFiles> {
-    let (store_name, index_name) = segment::file_names(base);
-    let store_path = dir.join(store_name);
-    let index_path = dir.join(index_name);
-    let store = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&store_path)
-        .at(&store_path)?;
-    let index = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&index_path)
-        .at(&index_path)?;
-    let written = store
-        .write_all_at(&format::encode_header(STORE_MAGIC, base), 0)
-        .at(&store_path)
-        .and_then(|()| {
-            index
-                .write_all_at(&format::encode_header(INDEX_MAGIC, base), 0)
-                .at(&index_path)
-        })
-        .and_then(|()| sync_dir(dir));
-    if let Err(err) = written {
-        // Leave no half-made segment behind; the caller reports `err`.
-        let _ = fs::remove_file(&store_path);
-        let _ = fs::remove_file(&index_path);
-        return Err(err);
-    }
-    Ok(SegmentFiles {
-        store: Arc::new(store),
-        index: Arc::new(index),
-        store_path,
-        index_path,
-    })
-}
-
-/// Syncs a directory so that file creations and removals in it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
 /// The segments found in a directory, oldest first, with the active one last.

@@ -210,7 +210,7 @@ impl Segment {
     fn locate_by_scan(&self, offset: Offset) -> Result<Location> {
         let relative = offset - self.base;
         let store_len = self.store_len();
-        let scan = crate::recovery::scan_store(
+        let scan = crate::scan::scan_store(
             &self.files.store,
             &self.files.store_path,
             self.base,

@@ -1,0 +1,145 @@
+//! The active segment's files: preallocating the store ahead of the writer, syncing
+//! it, flushing the index, and rolling to a new segment when the active one is full.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Active, Log};
+use crate::error::{IoContext, LogError, Result};
+use crate::files;
+use crate::format::{self, HEADER_LEN};
+use crate::segment::{Segment, Tail};
+
+impl Log {
+    /// Extends the store file, zero-filled, so that it holds at least `end` bytes:
+    /// by `preallocate_bytes` at a time, never past the segment size unless one
+    /// record is larger. A write inside the file's length then changes no metadata
+    /// but the extent state, and its sync is cheaper. A filesystem that cannot
+    /// preallocate, or a full disk, leaves the write to extend the file itself.
+    pub(super) fn preallocate(&mut self, end: u64) {
+        let chunk = self.config.preallocate_bytes;
+        let active = &mut self.active;
+        if chunk == 0 || !self.can_preallocate || end <= active.allocated {
+            return;
+        }
+        let target = (active.allocated + chunk)
+            .min(self.config.segment_bytes)
+            .max(end);
+        let grown = rustix::fs::fallocate(
+            &*active.files.store,
+            rustix::fs::FallocateFlags::empty(),
+            active.allocated,
+            target - active.allocated,
+        );
+        match grown {
+            Ok(()) => {
+                active.allocated = target;
+                active.dirty = true;
+            }
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                self.can_preallocate = false;
+                tracing::debug!(
+                    path = %active.files.store_path.display(),
+                    "the filesystem cannot preallocate; store files grow with each append"
+                );
+            }
+            Err(err) => tracing::warn!(
+                path = %active.files.store_path.display(),
+                error = %err,
+                "preallocating store space failed; appending without it"
+            ),
+        }
+    }
+
+    pub(super) fn sync_store(&mut self) -> Result<()> {
+        if !self.active.dirty {
+            return Ok(());
+        }
+        let files = &self.active.files;
+        let started = Instant::now();
+        if let Err(source) = files.store.sync_data() {
+            // After a failed fsync the kernel may have dropped the dirty pages; a
+            // later fsync could succeed without them. Only recovery can tell.
+            self.failed = Some(format!(
+                "fsync of {} failed: {source}",
+                files.store_path.display()
+            ));
+            return Err(LogError::Io {
+                path: files.store_path.clone(),
+                source,
+            });
+        }
+        tracing::trace!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "synced store"
+        );
+        self.active.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    pub(super) fn flush_index(&mut self) -> Result<()> {
+        let active = &mut self.active;
+        if active.index_pending.is_empty() {
+            return Ok(());
+        }
+        active
+            .files
+            .index
+            .write_all_at(
+                &active.index_pending,
+                format::index_entry_position(active.index_written),
+            )
+            .at(&active.files.index_path)?;
+        active.index_written += (active.index_pending.len() as u64) / format::INDEX_ENTRY_LEN;
+        active.index_pending.clear();
+        Ok(())
+    }
+
+    /// Starts a new segment at the next offset and hands the old one, its index
+    /// complete, to the sealer. The writer does not wait for the old segment's sync;
+    /// recovery copes with a sealed segment that a crash caught before its seal.
+    pub(super) fn roll(&mut self) -> Result<()> {
+        self.flush_index()?;
+        self.active.trim()?;
+        let base = self.active.next();
+        // Create the new segment first: if that fails, the old one stays active and
+        // must not have been flagged durable.
+        let new_files = files::create_segment(&self.shared.dir, base)?;
+        let old_files = self.active.files.clone();
+        let sealed = Arc::new(Segment::sealed(
+            self.active.base,
+            old_files.clone(),
+            self.active.count,
+            self.active.store_len,
+            self.active.segment.last_timestamp_ms(),
+        ));
+        let active = Active::new(
+            base,
+            new_files,
+            Tail {
+                positions: Vec::new(),
+                store_len: HEADER_LEN,
+                last_timestamp_ms: 0,
+            },
+            0,
+            HEADER_LEN,
+        );
+        {
+            let mut segments = self.shared.segments_mut();
+            if let Some(last) = segments.last_mut() {
+                *last = sealed;
+            }
+            segments.push(Arc::clone(&active.segment));
+        }
+        self.active = active;
+        self.sealer.seal(old_files);
+        tracing::debug!(base, "rolled to a new segment");
+        if let Err(err) = self.apply_retention() {
+            // The roll itself succeeded; the next roll or open retries.
+            tracing::warn!(error = %err, "retention after roll failed");
+        }
+        Ok(())
+    }
+}
