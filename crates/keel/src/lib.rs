@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod up;
+mod values;
 
 /// The SDK for writing services against keel (the `keel-sdk` crate).
 pub use keel_sdk as service;

@@ -1,0 +1,246 @@
+//! The serving commands: `keel log serve`, `keel registry serve`, `keel gateway
+//! serve`, `keel demo ...`, each with its configuration layered from defaults, a TOML
+//! file, `KEEL_*` variables and flags, and shutdown on a signal.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use keel_log::LogServiceConfig;
+
+use super::{DemoCommand, Failure, GatewayServeArgs, RegistryServeArgs, ServeArgs};
+
+/// The layout of a keel config file (`--config`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ConfigFile {
+    log: LogServiceConfig,
+    registry: keel_registry::RegistryConfig,
+    gateway: keel_gateway::GatewayConfig,
+}
+
+fn read_config_file(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
+    let Some(path) = path else {
+        return Ok(ConfigFile::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+/// Binds `addr`, with an error that says how to pick another address.
+async fn bind(addr: &str, flag: &str) -> Result<tokio::net::TcpListener, Failure> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {addr}: is another process using it? Choose another with {flag}"
+            )
+        })
+        .map_err(Failure::Run)
+}
+
+fn registry_config(args: &RegistryServeArgs) -> anyhow::Result<keel_registry::RegistryConfig> {
+    let mut config = read_config_file(args.config.as_ref())?.registry;
+    if let Some(addr) = &args.addr {
+        config.addr = addr.clone();
+    }
+    if let Some(every) = args.check_interval {
+        config.check_interval = every;
+    }
+    if let Some(timeout) = args.check_timeout {
+        config.check_timeout = timeout;
+    }
+    if let Some(failures) = args.check_failures {
+        config.check_failures = failures;
+    }
+    if let Some(after) = args.deregister_after {
+        config.deregister_after = after;
+    }
+    if let Err(err) = config.validate() {
+        bail!("registry.{err}");
+    }
+    Ok(config)
+}
+
+fn gateway_config(args: &GatewayServeArgs) -> anyhow::Result<keel_gateway::GatewayConfig> {
+    let mut config = read_config_file(args.config.as_ref())?.gateway;
+    if let Some(addr) = &args.addr {
+        config.addr = addr.clone();
+    }
+    if let Some(registry) = &args.registry {
+        config.registry = registry.clone();
+    }
+    if let Some(timeout) = args.request_timeout {
+        config.request_timeout = timeout;
+    }
+    if !args.strip_prefix.is_empty() {
+        config.strip_prefix = args.strip_prefix.clone();
+    }
+    if let Some(url) = &args.log_service {
+        config.log_service = Some(url.clone());
+    }
+    if let Err(err) = config.validate() {
+        bail!("gateway.{err}");
+    }
+    Ok(config)
+}
+
+pub(super) async fn serve_gateway(args: GatewayServeArgs) -> Result<(), Failure> {
+    let config = gateway_config(&args).map_err(Failure::Config)?;
+    let listener = bind(&config.addr, "--addr or KEEL_GATEWAY_ADDR").await?;
+    let admin = bind(&args.admin_addr, "--admin-addr or KEEL_GATEWAY_ADMIN_ADDR").await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|err| Failure::Run(err.into()))?;
+    let admin_addr = admin.local_addr().map_err(|err| Failure::Run(err.into()))?;
+    let stop = shutdown();
+    println!(
+        "keel gateway listening on {addr} (admin: http://{admin_addr}/metrics), registry {}",
+        config.registry
+    );
+    let _ = std::io::stdout().flush();
+    keel_gateway::run(listener, admin, config, stop)
+        .await
+        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
+}
+
+pub(super) async fn serve_registry(args: RegistryServeArgs) -> Result<(), Failure> {
+    let config = registry_config(&args).map_err(Failure::Config)?;
+    let listener = bind(&config.addr, "--addr or KEEL_REGISTRY_ADDR").await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|err| Failure::Run(err.into()))?;
+    let stop = shutdown();
+    println!("keel registry listening on {addr} (HTTP)");
+    let _ = std::io::stdout().flush();
+    keel_registry::run(listener, config, stop)
+        .await
+        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
+}
+
+fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
+    let mut config = read_config_file(args.config.as_ref())?.log;
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(addr) = &args.addr {
+        config.addr = addr.clone();
+    }
+    if let Some(sync) = args.sync {
+        config.log.sync = sync;
+    }
+    if let Some(bytes) = args.max_record_bytes {
+        config.log.max_record_bytes = bytes;
+        // Keep room for the largest record in a request.
+        config.max_body_bytes = config.max_body_bytes.max(bytes + 64 * 1024);
+    }
+    if let Some(bytes) = args.segment_bytes {
+        config.log.segment_bytes = bytes;
+    }
+    if let Some(bytes) = args.retention_bytes {
+        config.log.retention.bytes = Some(bytes);
+    }
+    if let Some(age) = args.retention_age {
+        config.log.retention.age = Some(age);
+    }
+    if args.no_auto_create {
+        config.auto_create_topics = false;
+    }
+    if let Some(workers) = args.workers {
+        config.workers = workers;
+    }
+    if let Err(err) = config.validate() {
+        bail!("{err}");
+    }
+    Ok(config)
+}
+
+pub(super) async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let config = serve_config(&args).map_err(Failure::Config)?;
+    let listener = bind(&config.addr, "--addr or KEEL_LOG_ADDR").await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|err| Failure::Run(err.into()))?;
+    let stop = shutdown();
+    println!(
+        "keel log service listening on {addr} (gRPC log.v1.Log and HTTP), data in {}",
+        config.data_dir.display()
+    );
+    let _ = std::io::stdout().flush();
+    let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &args.registry {
+        Some(registry) => {
+            let url = format!("http://{addr}");
+            let service = crate::service::ServiceConfig::new("log", url.clone(), registry);
+            Box::pin(async move {
+                // Deregistered before the service stops accepting.
+                let health = format!("{url}/healthz");
+                let registered = crate::service::stay_registered(&service, &url, &health, stop);
+                if let Err(err) = registered.await {
+                    tracing::warn!(%err, "cannot register with the registry");
+                }
+            })
+        }
+        None => Box::pin(stop),
+    };
+    keel_log::run(listener, config, shutdown)
+        .await
+        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
+}
+
+/// Completes when the process should stop: SIGINT or SIGTERM, or, under `keel up`,
+/// when stdin closes (`keel up` is gone, whatever way it ended).
+pub(super) fn shutdown() -> impl Future<Output = ()> + Send + 'static {
+    // Installed now: a signal that arrives before the first poll is not lost.
+    let signalled = crate::service::shutdown_signal();
+    let supervised = std::env::var_os(crate::up::SUPERVISED_ENV).is_some();
+    let (closed, stdin_closed) = tokio::sync::oneshot::channel::<()>();
+    if supervised {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 256];
+            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = closed.send(());
+        });
+    }
+    async move {
+        if supervised {
+            tokio::select! {
+                () = signalled => {}
+                _ = stdin_closed => tracing::info!("stdin closed: the supervisor is gone; stopping"),
+            }
+        } else {
+            signalled.await;
+        }
+    }
+}
+
+pub(super) async fn serve_demo(command: DemoCommand) -> Result<(), Failure> {
+    let (demo, args) = match command {
+        DemoCommand::Visit(args) => (keel_demo::Demo::Visit, args),
+        DemoCommand::Grading(args) => (keel_demo::Demo::Grading, args),
+        DemoCommand::Portal(args) => (keel_demo::Demo::Portal, args),
+    };
+    let addr = args.addr.clone().unwrap_or_else(|| {
+        let port = match demo {
+            keel_demo::Demo::Visit => 20003,
+            keel_demo::Demo::Grading => 20004,
+            keel_demo::Demo::Portal => 20005,
+        };
+        format!("127.0.0.1:{port}")
+    });
+    let config = keel_demo::DemoConfig::new(demo, &addr, &args.registry, args.data_dir);
+    let name = demo.name();
+    keel_demo::run(
+        demo,
+        config,
+        |addr| {
+            println!("keel demo {name} listening on {addr}");
+            let _ = std::io::stdout().flush();
+        },
+        shutdown(),
+    )
+    .await
+    .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
+}
