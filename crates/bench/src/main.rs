@@ -23,14 +23,16 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod compare;
+mod engine;
+mod keel;
+mod peers;
+mod raw;
 mod registry;
 mod report;
-mod scenarios;
 mod target;
 
+use engine::Workload;
 use report::Outcome;
-use scenarios::Load;
 
 #[derive(Debug, Parser)]
 #[command(name = "keel-bench", about = "Load generator for keel's log service")]
@@ -111,9 +113,10 @@ enum Scenario {
         /// Where the system listens.
         #[arg(long, default_value = "")]
         url: String,
-        /// produce:PRODUCERS, stream:PRODUCERS, batch:PRODUCERS or consume:RECORDS.
-        #[arg(long, value_parser = compare::Workload::parse)]
-        workload: compare::Workload,
+        /// produce:PRODUCERS, stream:PRODUCERS, batch:PRODUCERS, consume:RECORDS or
+        /// latency:RATE.
+        #[arg(long, value_parser = Workload::parse)]
+        workload: Workload,
         /// Names this run's topic, stream or key, so runs never share data.
         #[arg(long)]
         run: String,
@@ -151,8 +154,8 @@ fn main() -> anyhow::Result<()> {
             "record_bytes": common.record_bytes,
             "parameters": {
                 "duration_s": common.duration.as_secs_f64(),
-                "batch": compare::BATCH,
-                "window": compare::WINDOW,
+                "batch": engine::BATCH,
+                "window": engine::WINDOW,
                 "url": url,
                 "run": run,
             },
@@ -172,79 +175,94 @@ fn main() -> anyhow::Result<()> {
         })?;
         return finish(&outcomes, &common);
     }
-    let loads = match cli.scenario {
-        Scenario::Produce { clients } => vec![Load::Produce { clients }],
-        Scenario::ProduceStream { window, streams } => {
-            vec![Load::ProduceStream { window, streams }]
-        }
-        Scenario::ProduceBatch { batch, clients } => vec![Load::ProduceBatch { batch, clients }],
-        Scenario::Consume { records } => vec![Load::Consume { records }],
-        Scenario::Latency { rate } => vec![Load::Latency { rate }],
-        Scenario::All => vec![
-            Load::Produce { clients: 1 },
-            Load::Produce { clients: 4 },
-            Load::Produce { clients: 16 },
-            Load::ProduceStream {
-                window: 1024,
-                streams: 1,
-            },
-            Load::ProduceStream {
-                window: 1024,
-                streams: 4,
-            },
-            Load::ProduceBatch {
-                batch: 1000,
-                clients: 1,
-            },
-            Load::ProduceBatch {
-                batch: 1000,
-                clients: 4,
-            },
-            Load::Consume { records: 2_000_000 },
-            Load::Latency { rate: 1000 },
-        ],
+    let workloads = match cli.scenario {
+        Scenario::Produce { clients } => vec![Workload::Produce { producers: clients }],
+        Scenario::ProduceStream { window, streams } => vec![Workload::Stream {
+            producers: streams,
+            window,
+        }],
+        Scenario::ProduceBatch { batch, clients } => vec![Workload::Batch {
+            producers: clients,
+            batch,
+        }],
+        Scenario::Consume { records } => vec![Workload::Consume { records }],
+        Scenario::Latency { rate } => vec![Workload::Latency { rate }],
+        Scenario::All => all_workloads(),
         Scenario::Registry | Scenario::Compare { .. } => Vec::new(),
     };
     let mut outcomes: Vec<Outcome> = Vec::new();
-    for load in loads {
-        eprintln!("running {}", load.name());
+    for (n, workload) in workloads.into_iter().enumerate() {
+        eprintln!("running {}", workload.name());
         let target = target::Target::start(common.addr.as_deref(), sync)?;
-        let outcome = runtime.block_on(scenarios::run(&load, &target.addr, &common))?;
+        let keel = keel::Keel {
+            addr: target.addr.clone(),
+            topic: format!("bench-{n}"),
+        };
+        let (bytes, duration) = (common.record_bytes, common.duration);
+        let outcome = runtime.block_on(engine::run(&keel, workload, bytes, duration))?;
         drop(target);
         outcomes.push(outcome);
     }
     finish(&outcomes, &common)
 }
 
+/// The log service set of `keel-bench all`.
+fn all_workloads() -> Vec<Workload> {
+    let (batch, window) = (engine::BATCH, engine::WINDOW);
+    vec![
+        Workload::Produce { producers: 1 },
+        Workload::Produce { producers: 4 },
+        Workload::Produce { producers: 16 },
+        Workload::Stream {
+            producers: 1,
+            window,
+        },
+        Workload::Stream {
+            producers: 4,
+            window,
+        },
+        Workload::Batch {
+            producers: 1,
+            batch,
+        },
+        Workload::Batch {
+            producers: 4,
+            batch,
+        },
+        Workload::Consume { records: 2_000_000 },
+        Workload::Latency { rate: 1000 },
+    ]
+}
+
 /// Runs `workload` on the system named `system`.
 async fn compare_one(
     system: &str,
     url: &str,
-    workload: compare::Workload,
+    workload: Workload,
     run: &str,
     common: &Common,
 ) -> anyhow::Result<Outcome> {
     let (bytes, duration) = (common.record_bytes, common.duration);
     match system {
         "keel" => {
-            let keel = compare::Keel {
+            let keel = keel::Keel {
                 addr: url.to_owned(),
                 topic: format!("bench-{run}"),
             };
-            compare::run(&keel, workload, bytes, duration).await
+            engine::run(&keel, workload, bytes, duration).await
         }
         "nats" => {
-            let nats = compare::Nats::start(url, run).await?;
-            compare::run(&nats, workload, bytes, duration).await
+            let nats = peers::Nats::start(url, run).await?;
+            engine::run(&nats, workload, bytes, duration).await
         }
         "redis" => {
-            let redis = compare::Redis::start(url, run)?;
-            compare::run(&redis, workload, bytes, duration).await
+            let redis = peers::Redis::start(url, run)?;
+            engine::run(&redis, workload, bytes, duration).await
         }
         "raw" => {
             let dir = tempfile::tempdir_in(std::env::temp_dir()).context("temp dir")?;
-            let raw = compare::Raw::start(dir.path(), bytes)?;
-            compare::run(&raw, workload, bytes, duration).await
+            let raw = raw::Raw::start(dir.path(), bytes)?;
+            engine::run(&raw, workload, bytes, duration).await
         }
         other => anyhow::bail!("unknown system {other:?}: keel, nats, redis or raw"),
     }

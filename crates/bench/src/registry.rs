@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 
 use crate::Common;
+use crate::engine::{histogram, micros};
 use crate::report::Outcome;
 use crate::target::InProcess;
 
@@ -61,14 +62,6 @@ where
         all.add(task.await??)?;
     }
     Ok(all)
-}
-
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")
-}
-
-fn micros(elapsed: Duration) -> u64 {
-    elapsed.as_micros().clamp(1, 60_000_000) as u64
 }
 
 fn instance(service: usize, port: usize) -> serde_json::Value {
