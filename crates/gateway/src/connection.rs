@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use keel_registry::client::ServiceInstance;
@@ -13,40 +13,27 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::GatewayError;
-use crate::forward::{Answer, Payload};
 use crate::forwarded::Forwarded;
 use crate::gateway::Gateway;
 use crate::http1::{
-    Framing, HeadError, HeadLimits, Relay, RequestHead, own_response, parse_request,
+    Framing, HeadError, HeadLimits, Relay, RequestHead, ResponseHead, own_response, parse_request,
 };
-use crate::relay::{relay_body, reserve};
+use crate::relay::{Downstream, relay_body, reserve};
 use crate::route::split_url;
-use crate::upstream::READ_BUFFER;
+use crate::upstream::{READ_BUFFER, Upstream};
 
-/// The client's side of a connection: its stream, and the bytes read from it and not
-/// used yet.
-pub(crate) struct Downstream<C> {
-    pub(crate) stream: C,
-    pub(crate) buf: BytesMut,
+/// The body of a request that may be retried, or the stream of one that may not.
+pub(crate) enum Payload {
+    Buffered(Bytes),
+    Streaming,
 }
 
-impl<C: AsyncRead + Unpin> Downstream<C> {
-    /// The next `len` bytes (a request body), each read arriving within `idle`.
-    pub(crate) async fn take(&mut self, len: usize, idle: Duration) -> Result<Bytes, GatewayError> {
-        while self.buf.len() < len {
-            self.buf.reserve(len - self.buf.len());
-            match tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0) | Err(_)) | Err(_) => {
-                    return Err(GatewayError::BadRequest(format!(
-                        "the request body ended after {} of {len} bytes",
-                        self.buf.len()
-                    )));
-                }
-                Ok(Ok(_)) => {}
-            }
-        }
-        Ok(self.buf.split_to(len).freeze())
-    }
+/// An upstream's answer, its head already written for the client into `Scratch::out`.
+pub(crate) struct Answer {
+    pub(crate) upstream: Upstream,
+    /// The instance that answered, whose pool the connection goes back to.
+    pub(crate) instance: Arc<ServiceInstance>,
+    pub(crate) head: ResponseHead,
 }
 
 /// A connection's buffers, reused by each request on it.

@@ -196,6 +196,20 @@ impl GatewayError {
     }
 }
 
+/// Which end broke an exchange with an instance.
+pub(crate) enum Fault {
+    /// The client: its body broke off or was malformed. Nothing to retry.
+    Downstream(GatewayError),
+    /// The instance, or the connection to it.
+    Upstream(UpstreamError),
+}
+
+impl From<UpstreamError> for Fault {
+    fn from(err: UpstreamError) -> Self {
+        Self::Upstream(err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

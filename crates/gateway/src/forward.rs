@@ -9,41 +9,13 @@ use http::Method;
 use keel_registry::client::ServiceInstance;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::connection::{ClientConnection, Downstream, Exchange};
-use crate::error::{GatewayError, UpstreamError};
+use crate::connection::{Answer, ClientConnection, Exchange, Payload};
+use crate::error::{Fault, GatewayError, UpstreamError};
 use crate::forwarded::BodyFraming;
 use crate::http1::{Framing, HeadError, Relay, RequestHead, ResponseHead, parse_response};
-use crate::relay::{copy_request_body, reserve, write_both};
+use crate::relay::{Downstream, copy_request_body, reserve, write_both};
 use crate::route::{Route, split_url};
 use crate::upstream::Upstream;
-
-/// The body of a request that may be retried, or the stream of one that may not.
-pub(crate) enum Payload {
-    Buffered(Bytes),
-    Streaming,
-}
-
-/// An upstream's answer, its head already written for the client into `Scratch::out`.
-pub(crate) struct Answer {
-    pub(crate) upstream: Upstream,
-    /// The instance that answered, whose pool the connection goes back to.
-    pub(crate) instance: Arc<ServiceInstance>,
-    pub(crate) head: ResponseHead,
-}
-
-/// Which end broke an exchange with an instance.
-pub(crate) enum Fault {
-    /// The client: its body broke off or was malformed. Nothing to retry.
-    Downstream(GatewayError),
-    /// The instance, or the connection to it.
-    Upstream(UpstreamError),
-}
-
-impl From<UpstreamError> for Fault {
-    fn from(err: UpstreamError) -> Self {
-        Self::Upstream(err)
-    }
-}
 
 fn is_idempotent(method: &Method) -> bool {
     matches!(

@@ -3,13 +3,12 @@
 //! buffers of bounded size. Nothing here routes, picks or retries.
 
 use std::io::IoSlice;
+use std::time::Duration;
 
-use bytes::{Buf as _, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::connection::Downstream;
-use crate::error::{GatewayError, UpstreamError};
-use crate::forward::Fault;
+use crate::error::{Fault, GatewayError, UpstreamError};
 use crate::gateway::Gateway;
 use crate::http1::{Chunked, Framing, Piece, Relay};
 use crate::upstream::Upstream;
@@ -19,6 +18,32 @@ const READ_ROOM: usize = 4 * 1024;
 
 /// How much a buffer grows when it needs room: also the most a body moves at once.
 const BODY_CHUNK: usize = 64 * 1024;
+
+/// The client's side of a connection: its stream, and the bytes read from it and not
+/// used yet.
+pub(crate) struct Downstream<C> {
+    pub(crate) stream: C,
+    pub(crate) buf: BytesMut,
+}
+
+impl<C: AsyncRead + Unpin> Downstream<C> {
+    /// The next `len` bytes (a request body), each read arriving within `idle`.
+    pub(crate) async fn take(&mut self, len: usize, idle: Duration) -> Result<Bytes, GatewayError> {
+        while self.buf.len() < len {
+            self.buf.reserve(len - self.buf.len());
+            match tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "the request body ended after {} of {len} bytes",
+                        self.buf.len()
+                    )));
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        Ok(self.buf.split_to(len).freeze())
+    }
+}
 
 /// Makes room to read into `buf`.
 pub(crate) fn reserve(buf: &mut BytesMut) {

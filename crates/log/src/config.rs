@@ -8,7 +8,7 @@ use keel_serve::InvalidConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::LogServiceError;
-use crate::topics::validate_topic_name;
+use crate::topic_name::validate_topic_name;
 
 /// Everything the log service needs besides its listener. Every field has a
 /// default; [`LogServiceConfig::validate`] checks the limits.

@@ -351,5 +351,5 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
-    render_metrics(&state.topics).response()
+    render_metrics(&state.topics.metrics()).response()
 }

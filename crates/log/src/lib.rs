@@ -30,6 +30,7 @@ mod metrics;
 mod server;
 mod tail;
 mod topic;
+mod topic_name;
 mod topics;
 
 pub use config::LogServiceConfig;
@@ -41,7 +42,8 @@ pub use keel_log_client::{
     Channel, Client, ClientError, ResponseBody, Shipper, ShipperStats, TopicInfo,
 };
 pub use server::serve;
-pub use topics::{MAX_TOPIC_NAME, Topics, validate_topic_name};
+pub use topic_name::{MAX_TOPIC_NAME, validate_topic_name};
+pub use topics::Topics;
 
 /// Opens the topics of `config` and serves them on `listener` until `shutdown`
 /// completes (see [`serve`]).

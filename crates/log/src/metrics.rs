@@ -9,8 +9,6 @@ use std::time::Duration;
 use keel_log_client::TopicInfo;
 use keel_serve::http::Prometheus;
 
-use crate::topics::Topics;
-
 /// Upper bounds of the commit latency buckets, in seconds.
 const BOUNDS: [f64; 12] = [
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -154,10 +152,12 @@ const GAUGES: [Family<TopicInfo>; 4] = [
     },
 ];
 
+/// A topic's name, counters and listing, as `Topics::metrics` gives them.
+pub(crate) type TopicFigures = (String, std::sync::Arc<TopicMetrics>, TopicInfo);
+
 /// Renders every topic's figures in the Prometheus text format.
-pub(crate) fn render_metrics(topics: &Topics) -> Prometheus {
+pub(crate) fn render_metrics(all: &[TopicFigures]) -> Prometheus {
     let mut out = Prometheus::default();
-    let all = topics.metrics();
     for family in &COUNTERS {
         family.write(
             &mut out,
@@ -176,7 +176,7 @@ pub(crate) fn render_metrics(topics: &Topics) -> Prometheus {
         "histogram",
         "Time of a group commit: write, and fsync under the always policy.",
     );
-    for (topic, metrics, _) in &all {
+    for (topic, metrics, _) in all {
         let histogram = &metrics.commit_latency;
         let mut cumulative = 0;
         for (bound, bucket) in BOUNDS.iter().zip(&histogram.buckets) {

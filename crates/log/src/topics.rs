@@ -6,43 +6,11 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::config::LogServiceConfig;
 use crate::error::LogServiceError;
+use crate::metrics::TopicFigures;
 use keel_log_client::TopicInfo;
 
 use crate::topic::{Topic, WriterLimits};
-
-/// The longest topic name.
-pub const MAX_TOPIC_NAME: usize = 128;
-
-/// Checks a topic name: 1 to 128 characters of `A-Z a-z 0-9 . _ -`, not starting
-/// with a dot (names are directory names).
-///
-/// # Errors
-///
-/// [`LogServiceError::InvalidTopic`] naming the rule that is broken.
-pub fn validate_topic_name(name: &str) -> Result<(), LogServiceError> {
-    let invalid = |reason| {
-        Err(LogServiceError::InvalidTopic {
-            name: name.chars().take(MAX_TOPIC_NAME + 8).collect(),
-            reason,
-        })
-    };
-    if name.is_empty() {
-        return invalid("it is empty");
-    }
-    if name.len() > MAX_TOPIC_NAME {
-        return invalid("it is longer than 128 characters");
-    }
-    if name.starts_with('.') {
-        return invalid("it starts with a dot");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return invalid("only letters, digits, '.', '_' and '-' are allowed");
-    }
-    Ok(())
-}
+use crate::topic_name::validate_topic_name;
 
 /// The topics of a log service.
 #[derive(Debug)]
@@ -205,7 +173,7 @@ impl Topics {
     }
 
     /// Every topic's counters and offsets, by name.
-    pub(crate) fn metrics(&self) -> Vec<(String, Arc<crate::metrics::TopicMetrics>, TopicInfo)> {
+    pub(crate) fn metrics(&self) -> Vec<TopicFigures> {
         self.map()
             .values()
             .map(|topic| {
@@ -230,32 +198,6 @@ impl Topics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_names_should_be_safe_directory_names() {
-        for good in ["a", "orders", "orders.v2", "a_b-c", &"x".repeat(128)] {
-            assert!(validate_topic_name(good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            ".",
-            "..",
-            ".hidden",
-            "a/b",
-            "a b",
-            "é",
-            "../etc",
-            &"x".repeat(129),
-        ] {
-            assert!(
-                matches!(
-                    validate_topic_name(bad),
-                    Err(LogServiceError::InvalidTopic { .. })
-                ),
-                "{bad:?}"
-            );
-        }
-    }
 
     /// The topics of a service with the default settings and its data in `dir`.
     async fn open_in(dir: &std::path::Path) -> Topics {
