@@ -22,7 +22,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{DemoError, LogService};
+use crate::{DemoError, DiscoveredLog};
 
 /// The kinds of grade.
 pub const KINDS: [&str; 3] = ["test", "quiz", "homework"];
@@ -298,11 +298,11 @@ fn load_students(c: &Connection, only: Option<i64>) -> Result<Vec<Student>, Demo
 #[derive(Clone)]
 struct Grading {
     db: Db,
-    logs: LogService,
+    logs: DiscoveredLog,
 }
 
 /// The grading service's routes over `db`; additions are logged through `logs`.
-pub fn router(db: Db, logs: LogService) -> Router {
+pub fn router(db: Db, logs: DiscoveredLog) -> Router {
     Router::new()
         .route("/students", get(list))
         .route("/students/{id}", get(one))

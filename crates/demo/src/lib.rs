@@ -14,13 +14,13 @@ use std::path::PathBuf;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+mod discovered_log;
 pub mod grading;
 mod html;
-mod logsvc;
 pub mod portal;
 pub mod visit;
 
-pub use logsvc::LogService;
+pub use discovered_log::DiscoveredLog;
 
 /// One of the demo services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +91,7 @@ pub async fn run(
         .timeout(std::time::Duration::from_secs(5))
         .build()
         .map_err(|err| DemoError::Start(err.to_string()))?;
-    let logs = LogService::new(discovery.clone(), http.clone());
+    let logs = DiscoveredLog::new(discovery.clone(), http.clone());
     let me = std::sync::Arc::new(std::sync::OnceLock::new());
     let router = match demo {
         Demo::Visit => visit::router(logs, me.clone()),

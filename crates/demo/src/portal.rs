@@ -19,10 +19,10 @@ use axum::routing::{get, post};
 use keel_sdk::{Discovery, RegistryClient, WatchedInstance};
 use serde_json::json;
 
+use crate::discovered_log::LogLine;
 use crate::grading::{KINDS, Student};
 use crate::html::escape;
-use crate::logsvc::LogLine;
-use crate::{DemoError, LogService, get_json, pick_url};
+use crate::{DemoError, DiscoveredLog, get_json, pick_url};
 
 /// How many lines of the `logs` topic the page shows.
 pub const LOG_LINES: u64 = 50;
@@ -35,7 +35,7 @@ pub struct Portal {
     discovery: Discovery,
     http: reqwest::Client,
     registry: RegistryClient,
-    logs: LogService,
+    logs: DiscoveredLog,
 }
 
 impl Portal {
@@ -44,7 +44,7 @@ impl Portal {
         discovery: Discovery,
         http: reqwest::Client,
         registry: &str,
-        logs: LogService,
+        logs: DiscoveredLog,
     ) -> Self {
         Self {
             discovery,

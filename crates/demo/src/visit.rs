@@ -13,19 +13,19 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::{DemoError, LogService};
+use crate::{DemoError, DiscoveredLog};
 
 /// The topic whose length is the visit count.
 pub const VISITS_TOPIC: &str = "visits";
 
 #[derive(Clone)]
 struct Visit {
-    logs: LogService,
+    logs: DiscoveredLog,
     me: Arc<OnceLock<String>>,
 }
 
 /// The visit service's routes; `me` is set to the instance's address once bound.
-pub fn router(logs: LogService, me: Arc<OnceLock<String>>) -> Router {
+pub fn router(logs: DiscoveredLog, me: Arc<OnceLock<String>>) -> Router {
     Router::new()
         .route("/", get(visit))
         .with_state(Visit { logs, me })

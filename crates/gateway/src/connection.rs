@@ -1,5 +1,5 @@
 //! The connection loop: one task per client connection reads each request head,
-//! runs the exchange (forward, then relay the answer or send the gateway's own
+//! runs the exchange (forward, then relay the response or send the gateway's own
 //! error), writes the access log line, and closes on error, idle timeout or shutdown.
 
 use std::net::SocketAddr;
@@ -28,10 +28,10 @@ pub(crate) enum Payload {
     Streaming,
 }
 
-/// An upstream's answer, its head already written for the client into `Scratch::out`.
-pub(crate) struct Answer {
+/// An upstream's response, its head already written for the client into `Scratch::out`.
+pub(crate) struct UpstreamResponse {
     pub(crate) upstream: Upstream,
-    /// The instance that answered, whose pool the connection goes back to.
+    /// The instance that responded, whose pool the connection goes back to.
     pub(crate) instance: Arc<ServiceInstance>,
     pub(crate) head: ResponseHead,
 }
@@ -160,7 +160,7 @@ where
                 }
             }
             reserve(buf);
-            // On shutdown, a head not read whole yet is dropped: nothing was answered.
+            // On shutdown, a head not read whole yet is dropped: nothing was responded.
             let read = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return Ok(None),
@@ -179,7 +179,7 @@ where
         }
     }
 
-    /// One request, from its head to the end of its answer. Returns whether the client
+    /// One request, from its head to the end of its response. Returns whether the client
     /// connection stays open.
     async fn exchange(&mut self, head: RequestHead) -> bool {
         self.gateway
@@ -201,13 +201,13 @@ where
         };
         let forwarded = self.forward(&mut exchange).await;
         let status = match &forwarded {
-            Ok(answer) => answer.head.status,
+            Ok(response) => response.head.status,
             Err(err) => err.status().as_u16(),
         };
         self.gateway.stats.count(status);
         self.log_access(&exchange, status, started);
         match forwarded {
-            Ok(answer) => self.relay(answer, &exchange).await,
+            Ok(response) => self.relay(response, &exchange).await,
             Err(err) => {
                 // A body left unread in the connection ends it.
                 let mut relay = exchange.relay;
@@ -223,27 +223,27 @@ where
         }
     }
 
-    /// Relays the answer's head (written into `scratch.out`) and body; pools the
+    /// Relays the response's head (written into `scratch.out`) and body; pools the
     /// upstream connection when it can carry another request. Returns whether the
     /// client connection stays open.
-    async fn relay(&mut self, answer: Answer, exchange: &Exchange) -> bool {
-        let Answer {
+    async fn relay(&mut self, response: UpstreamResponse, exchange: &Exchange) -> bool {
+        let UpstreamResponse {
             mut upstream,
             instance,
-            head: response,
-        } = answer;
+            head,
+        } = response;
         let relayed = relay_body(
             &self.gateway,
             &mut self.downstream.stream,
             &self.scratch.out,
             &mut upstream,
-            response.framing,
+            head.framing,
             exchange.relay,
         )
         .await;
-        // A request body cut short by an early answer leaves the connection
+        // A request body cut short by an early response leaves the connection
         // mid-request: it cannot carry another one.
-        if relayed && response.keep_alive && exchange.consumed {
+        if relayed && head.keep_alive && exchange.consumed {
             self.gateway
                 .upstreams
                 .put(split_url(&instance.url).0, upstream);
@@ -273,7 +273,7 @@ where
     }
 }
 
-/// Writes `err` as the gateway's JSON error answer into `out`.
+/// Writes `err` as the gateway's JSON error response into `out`.
 fn write_error(out: &mut Vec<u8>, err: &GatewayError, relay: Relay) {
     let message = err.to_string();
     let body = ErrorBody::new(err.code(), &message).to_json();

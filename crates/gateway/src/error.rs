@@ -106,21 +106,21 @@ pub enum UpstreamError {
     /// Writing a streamed request body failed.
     #[error("sending the request body failed: {0}")]
     SendBody(#[source] std::io::Error),
-    /// Reading the answer failed.
-    #[error("reading the answer failed: {0}")]
+    /// Reading the response failed.
+    #[error("reading the response failed: {0}")]
     Read(#[source] std::io::Error),
     /// The instance closed the connection while the request body was under way.
     #[error("the upstream closed the connection during the request body")]
     ClosedDuringBody,
-    /// The instance closed the connection before its answer's head.
-    #[error("the upstream closed the connection before answering")]
-    ClosedBeforeAnswer,
-    /// The instance answered 101.
+    /// The instance closed the connection before its response's head.
+    #[error("the upstream closed the connection before responding")]
+    ClosedBeforeResponse,
+    /// The instance responded 101.
     #[error("the upstream switched protocols, which the gateway does not relay")]
     SwitchedProtocols,
-    /// The answer's head is malformed or too large.
+    /// The response's head is malformed or too large.
     #[error("{0}")]
-    MalformedAnswer(String),
+    MalformedResponse(String),
 }
 
 impl GatewayError {
@@ -226,8 +226,8 @@ mod tests {
     fn only_a_failed_connect_or_a_sent_idempotent_request_should_be_retried() {
         let refused = || UpstreamError::Connect(std::io::ErrorKind::ConnectionRefused.into());
         assert!(upstream(refused()).retry_safe(false));
-        assert!(upstream(UpstreamError::ClosedBeforeAnswer).retry_safe(true));
-        assert!(!upstream(UpstreamError::ClosedBeforeAnswer).retry_safe(false));
+        assert!(upstream(UpstreamError::ClosedBeforeResponse).retry_safe(true));
+        assert!(!upstream(UpstreamError::ClosedBeforeResponse).retry_safe(false));
         let timeout = GatewayError::UpstreamTimeout {
             url: "http://a".into(),
             service: "s".into(),
@@ -271,7 +271,7 @@ mod tests {
             assert_eq!((err.side(), err.status(), err.code()), (side, status, code));
         }
         assert!(
-            upstream(UpstreamError::ClosedBeforeAnswer)
+            upstream(UpstreamError::ClosedBeforeResponse)
                 .to_string()
                 .starts_with("instance http://a of \"s\" failed: the upstream closed")
         );

@@ -1,5 +1,5 @@
 //! Forwarding one request: route it, read a body small enough to send again, pick an
-//! instance, send, read the answer's head; on failure, record it against the instance
+//! instance, send, read the response's head; on failure, record it against the instance
 //! and try another while that is safe.
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use http::Method;
 use keel_registry::client::ServiceInstance;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::connection::{Answer, ClientConnection, Exchange, Payload};
+use crate::connection::{ClientConnection, Exchange, Payload, UpstreamResponse};
 use crate::error::{Fault, GatewayError, UpstreamError};
 use crate::forwarded::BodyFraming;
 use crate::http1::{Framing, HeadError, Relay, RequestHead, ResponseHead, parse_response};
@@ -29,11 +29,11 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     /// Routes the request, sends it to an instance (retrying as the config allows), and
-    /// reads the answer's head.
+    /// reads the response's head.
     pub(crate) async fn forward(
         &mut self,
         exchange: &mut Exchange,
-    ) -> Result<Answer, GatewayError> {
+    ) -> Result<UpstreamResponse, GatewayError> {
         let route = Route::parse(&exchange.head.target, &self.gateway.config.strip_prefix)?;
         // The first choice, before the body is read: no instance at all is a 404 or a 503.
         let first = self.gateway.pick(&route.service, &[]);
@@ -80,7 +80,7 @@ where
                     self.gateway.ejections.record(&instance.url, true);
                     // The picked guard (in-flight count) lives until the head is back.
                     drop(picked);
-                    return Ok(Answer {
+                    return Ok(UpstreamResponse {
                         upstream,
                         instance,
                         head,
@@ -148,7 +148,7 @@ where
         );
         let timeout = self.gateway.config.request_timeout;
         match tokio::time::timeout(timeout, self.send(authority, exchange)).await {
-            Ok(Ok(answered)) => Ok(answered),
+            Ok(Ok(responded)) => Ok(responded),
             Ok(Err(Fault::Downstream(err))) => {
                 exchange.relay.keep_alive = false;
                 Err(err)
@@ -167,8 +167,8 @@ where
     }
 
     /// Sends the request (its head in `scratch.upstream_head`) to `authority` and reads
-    /// the answer's head. A pooled connection that the upstream closed under us, before
-    /// any answer, is replaced by a new one for a request that may be sent twice.
+    /// the response's head. A pooled connection that the upstream closed under us, before
+    /// any response, is replaced by a new one for a request that may be sent twice.
     async fn send(
         &mut self,
         authority: &str,
@@ -195,12 +195,12 @@ where
                     .await
                     .map(|whole| {
                         exchange.consumed = whole;
-                        // An answer before the whole body: the rest stays unread.
+                        // A response before the whole body: the rest stays unread.
                         exchange.relay.keep_alive &= whole;
                     })
                 }
             };
-            let answered = match sent {
+            let responded = match sent {
                 Ok(()) => read_response_head(
                     &mut upstream,
                     &exchange.head.method,
@@ -211,7 +211,7 @@ where
                 .map_err(Fault::Upstream),
                 Err(err) => Err(err),
             };
-            match answered {
+            match responded {
                 Ok(response) => return Ok((upstream, response)),
                 Err(Fault::Upstream(_))
                     if upstream.reused
@@ -280,7 +280,7 @@ where
     }
 }
 
-/// Reads the answer's head (past any interim 1xx answers) and writes the client's.
+/// Reads the response's head (past any interim 1xx responses) and writes the client's.
 async fn read_response_head(
     upstream: &mut Upstream,
     method: &Method,
@@ -303,12 +303,12 @@ async fn read_response_head(
                     HeadError::Invalid(message)
                     | HeadError::TooLarge(message)
                     | HeadError::Unsupported(message),
-                ) => return Err(UpstreamError::MalformedAnswer(message)),
+                ) => return Err(UpstreamError::MalformedResponse(message)),
             }
         }
         reserve(&mut upstream.buf);
         match upstream.stream.read_buf(&mut upstream.buf).await {
-            Ok(0) => return Err(UpstreamError::ClosedBeforeAnswer),
+            Ok(0) => return Err(UpstreamError::ClosedBeforeResponse),
             Ok(_) => {}
             Err(err) => return Err(UpstreamError::Read(err)),
         }

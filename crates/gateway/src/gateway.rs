@@ -19,12 +19,12 @@ use crate::upstream::Upstreams;
 pub(crate) struct Stats {
     pub(crate) requests: AtomicU64,
     pub(crate) retries: AtomicU64,
-    /// Answers by status class: `[1]` counts 1xx, ..., `[5]` 5xx.
+    /// Responses by status class: `[1]` counts 1xx, ..., `[5]` 5xx.
     by_status: [AtomicU64; 6],
 }
 
 impl Stats {
-    /// Counts an answer with `status`.
+    /// Counts a response with `status`.
     pub(crate) fn count(&self, status: u16) {
         if let Some(counter) = self.by_status.get(usize::from(status / 100)) {
             counter.fetch_add(1, Ordering::Relaxed);

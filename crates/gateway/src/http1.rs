@@ -376,7 +376,7 @@ pub(crate) fn parse_response(
     }
     match framing {
         Framing::Empty => {
-            // A HEAD or 304 answer tells the length the body would have.
+            // A HEAD or 304 response tells the length the body would have.
             if status != 204
                 && let Some(n) = length
             {

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! The proxy speaks HTTP/1.1 itself (`http1`): one task per client connection reads a
-//! request, drives a pooled upstream connection and relays the answer, with bodies
+//! request, drives a pooled upstream connection and relays the response, with bodies
 //! streaming both ways through bounded buffers. This crate knows the registry only
 //! through its client.
 

@@ -1,4 +1,4 @@
-//! Moving bodies: a request body from the client to an instance, an answer's body
+//! Moving bodies: a request body from the client to an instance, a response's body
 //! from the instance to the client (re-framed for HTTP/1.0 clients), through
 //! buffers of bounded size. Nothing here routes, picks or retries.
 
@@ -151,7 +151,7 @@ where
     to.write_all(second).await
 }
 
-/// Writes the answer's head (in `client_head`) and relays its body from the upstream.
+/// Writes the response's head (in `client_head`) and relays its body from the upstream.
 /// Returns whether the body went through whole (the upstream connection may then be
 /// reused).
 pub(crate) async fn relay_body<C>(
@@ -198,7 +198,7 @@ where
             match body_extent(&mut chunked, &upstream.buf) {
                 Ok(take) => take,
                 Err(err) => {
-                    tracing::debug!(error = %err, "malformed chunked answer");
+                    tracing::debug!(error = %err, "malformed chunked response");
                     return false;
                 }
             }
@@ -244,14 +244,14 @@ where
                 Some(_) => {}
             },
             Err(err) => {
-                tracing::debug!(error = %err, "malformed chunked answer");
+                tracing::debug!(error = %err, "malformed chunked response");
                 return false;
             }
         }
     }
 }
 
-/// Reads more of an answer's body: `None` when the upstream fails or sends nothing
+/// Reads more of a response's body: `None` when the upstream fails or sends nothing
 /// for the request timeout.
 async fn read_more(gateway: &Gateway, upstream: &mut Upstream) -> Option<usize> {
     reserve(&mut upstream.buf);

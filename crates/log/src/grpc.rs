@@ -27,12 +27,12 @@ type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send
 
 /// The `log.v1.Log` service over a set of topics.
 #[derive(Debug, Clone)]
-pub struct LogService {
+pub struct LogGrpc {
     topics: Arc<Topics>,
     shutdown: CancellationToken,
 }
 
-impl LogService {
+impl LogGrpc {
     /// A service over `topics`; streams end when `shutdown` is cancelled.
     pub fn new(topics: Arc<Topics>, shutdown: CancellationToken) -> Self {
         Self { topics, shutdown }
@@ -56,7 +56,7 @@ pub(crate) fn to_wire(record: keel_commitlog::Record) -> wire::Record {
 }
 
 #[tonic::async_trait]
-impl Log for LogService {
+impl Log for LogGrpc {
     async fn produce(
         &self,
         request: Request<wire::ProduceRequest>,

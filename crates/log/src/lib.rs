@@ -35,7 +35,7 @@ mod topics;
 
 pub use config::LogServiceConfig;
 pub use error::LogServiceError;
-pub use grpc::LogService;
+pub use grpc::LogGrpc;
 /// The storage settings of a topic, from the commit log.
 pub use keel_commitlog::{LogConfig, ParseError, Retention, SyncPolicy, parse_size};
 pub use keel_log_client::{

@@ -14,7 +14,7 @@ use keel_proto::log::v1::log_server::LogServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::grpc::LogService;
+use crate::grpc::LogGrpc;
 use crate::http;
 use crate::topics::Topics;
 
@@ -36,12 +36,12 @@ pub async fn serve(
     let max_message = config.max_body_bytes as usize;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<LogServer<LogService>>().await;
+    health_reporter.set_serving::<LogServer<LogGrpc>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(std::io::Error::other)?;
-    let log = LogServer::new(LogService::new(Arc::clone(&topics), token.clone()))
+    let log = LogServer::new(LogGrpc::new(Arc::clone(&topics), token.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let grpc = tonic::service::Routes::new(log)
@@ -65,7 +65,7 @@ pub async fn serve(
     let served = keel_serve::http::serve_until(serving, shutdown, async || {
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         health_reporter
-            .set_not_serving::<LogServer<LogService>>()
+            .set_not_serving::<LogServer<LogGrpc>>()
             .await;
         token.cancel();
     })

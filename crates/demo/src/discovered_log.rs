@@ -12,7 +12,7 @@ const LINE_BUFFER: usize = 4096;
 
 /// The log service, wherever discovery says it runs.
 #[derive(Debug, Clone)]
-pub struct LogService {
+pub struct DiscoveredLog {
     discovery: Discovery,
     http: reqwest::Client,
     lines: Shipper,
@@ -52,7 +52,7 @@ struct Records {
     records: Vec<LogLine>,
 }
 
-impl LogService {
+impl DiscoveredLog {
     /// The log service found through `discovery`, called with `http`. Must be called
     /// within a tokio runtime (it starts the line shipper).
     pub fn new(discovery: Discovery, http: reqwest::Client) -> Self {
