@@ -285,3 +285,89 @@ fn write_error(out: &mut Vec<u8>, err: &GatewayError, relay: Relay) {
         relay,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use keel_registry::client::Discovery;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+    use super::*;
+    use crate::config::GatewayConfig;
+
+    /// A connection served on an in-memory pipe; the other end is the client's. The
+    /// gateway knows one instance of `svc` (on a port where nothing listens).
+    fn connected(idle_timeout: Duration) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let config = GatewayConfig {
+            idle_timeout,
+            ..GatewayConfig::default()
+        };
+        let discovery = Discovery::default();
+        let instance = keel_registry::client::ServiceInstance {
+            id: "127.0.0.1:9".into(),
+            name: "svc".into(),
+            url: "http://127.0.0.1:9".into(),
+        };
+        discovery.replace("svc", vec![instance]);
+        let gateway = Arc::new(Gateway::new(config, discovery));
+        let (client, served) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let task = tokio::spawn(serve_connection(
+            gateway,
+            served,
+            peer,
+            CancellationToken::new(),
+        ));
+        (client, task)
+    }
+
+    async fn read_to_end(client: &mut DuplexStream) -> String {
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_nothing_should_be_closed_at_the_idle_timeout() {
+        let started = tokio::time::Instant::now();
+        let (mut client, task) = connected(Duration::from_secs(60));
+        assert_eq!(read_to_end(&mut client).await, "", "closed without a word");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60) && waited < Duration::from_secs(61),
+            "{waited:?}"
+        );
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_stops_arriving_should_get_400_at_the_idle_timeout() {
+        let started = tokio::time::Instant::now();
+        let (mut client, task) = connected(Duration::from_secs(30));
+        client
+            .write_all(b"GET /svc/x HTTP/1.1\r\nhost: t\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_end(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(answer.contains("did not arrive within 30s"), "{answer}");
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_should_get_400_at_the_idle_timeout() {
+        let started = tokio::time::Instant::now();
+        let (mut client, task) = connected(Duration::from_secs(30));
+        client
+            .write_all(b"POST /svc/x HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        let answer = read_to_end(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(answer.contains("ended after 3 of 10 bytes"), "{answer}");
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        task.await.unwrap();
+    }
+}

@@ -259,7 +259,8 @@ async fn connections_over_the_limit_should_wait_until_one_closes() {
         .build()
         .unwrap();
     let url = format!("http://{}/echo/x", gateway.addr);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Connected first, the hog is first in line for the slot, whether or not the
+    // connections of `until_routed` have let go of it yet.
     let hog = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     let waited = client
         .get(&url)

@@ -10,10 +10,12 @@ use tokio::sync::oneshot;
 
 use crate::support::{eventually, start_log_service};
 
+/// Short intervals; a timeout long enough that a busy machine's slow answer is not
+/// taken for a failure (a stopped service refuses connections at once).
 fn registry_config() -> RegistryConfig {
     RegistryConfig {
         check_interval: Duration::from_millis(200),
-        check_timeout: Duration::from_millis(200),
+        check_timeout: Duration::from_secs(5),
         check_failures: 2,
         check_retry_delay: Duration::from_millis(50),
         deregister_after: Duration::from_millis(600),

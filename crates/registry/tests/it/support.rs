@@ -13,14 +13,17 @@ use keel_registry::RegistryConfig;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+/// Short intervals, so that health changes show quickly; generous timeouts, so that a
+/// busy machine's slow answer is never taken for a failure (a failing fake instance
+/// answers 503 at once, it does not time out).
 pub(crate) fn fast_config() -> RegistryConfig {
     RegistryConfig {
         check_interval: Duration::from_millis(200),
-        check_timeout: Duration::from_millis(200),
+        check_timeout: Duration::from_secs(5),
         check_failures: 2,
         check_retry_delay: Duration::from_millis(50),
         deregister_after: Duration::from_millis(600),
-        notify_timeout: Duration::from_millis(300),
+        notify_timeout: Duration::from_secs(5),
         notify_retries: 1,
         ..RegistryConfig::default()
     }
@@ -44,6 +47,21 @@ impl TestRegistry {
 
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Health checks made so far (`keel_registry_checks_total`).
+    pub(crate) async fn checks_made(&self) -> u64 {
+        let metrics = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("keel_registry_checks_total "))
+            .and_then(|count| count.parse().ok())
+            .expect("the checks counter")
     }
 }
 
