@@ -133,7 +133,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let common = cli.common;
-    let sync: keel_commitlog::SyncPolicy = common.sync.parse().map_err(anyhow::Error::msg)?;
+    let sync: keel_log::SyncPolicy = common.sync.parse().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
-use keel_commitlog::{LogConfig, SyncPolicy};
+use keel_log::{LogConfig, SyncPolicy};
 use keel_log::LogServiceConfig;
 use tokio::sync::oneshot;
 
