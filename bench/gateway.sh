@@ -5,6 +5,10 @@
 #
 #   bench/gateway.sh [seconds-per-run] [connections]     (REPS=3 by default)
 #
+# With BASELINE=path/to/another/keel, a second gateway from that binary joins the
+# rounds as target "baseline" (same registry, same backend): a change's before and
+# after measured side by side in one run.
+#
 # The targets take turns, REPS rounds, and each figure is the median round. Every proxy
 # does the work keel's gateway does to a request: X-Forwarded-For, -Proto and -Host and
 # an X-Request-Id are set, the connection to the backend is a kept-alive pool.
@@ -86,8 +90,15 @@ REGISTRY=$(grep -o '127.0.0.1:[0-9]*' "$work/registry.out" | head -1)
 "${CARGO_TARGET_DIR:-target}/release/keel" gateway serve --addr 127.0.0.1:0 --registry "http://$REGISTRY" > "$work/gateway.out" 2>/dev/null & pids+=($!)
 for _ in $(seq 100); do grep -q listening "$work/gateway.out" 2>/dev/null && break; sleep 0.1; done
 GATEWAY=$(grep -o '127.0.0.1:[0-9]*' "$work/gateway.out" | head -1)
+if [ -n "${BASELINE:-}" ]; then
+  "$BASELINE" gateway serve --addr 127.0.0.1:0 --registry "http://$REGISTRY" > "$work/baseline.out" 2>/dev/null & pids+=($!)
+  for _ in $(seq 100); do grep -q listening "$work/baseline.out" 2>/dev/null && break; sleep 0.1; done
+  BASELINE_GATEWAY=$(grep -o '127.0.0.1:[0-9]*' "$work/baseline.out" | head -1)
+fi
 curl -s -X POST "http://$REGISTRY/services" -d "{\"name\":\"bench\",\"addr\":\"127.0.0.1:$BACKEND\"}" >/dev/null
-for _ in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$GATEWAY/bench/")" = 200 ] && break; sleep 0.1; done
+for gateway in "$GATEWAY" ${BASELINE_GATEWAY:-}; do
+  for _ in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$gateway/bench/")" = 200 ] && break; sleep 0.1; done
+done
 
 run() { # name url
   local out
@@ -101,6 +112,7 @@ run() { # name url
 
 targets=("direct http://127.0.0.1:$BACKEND/bench/" "keel http://$GATEWAY/bench/"
   "nginx http://127.0.0.1:$NGINX/bench/" "haproxy http://127.0.0.1:$HAPROXY/bench/")
+if [ -n "${BASELINE_GATEWAY:-}" ]; then targets+=("baseline http://$BASELINE_GATEWAY/bench/"); fi
 rounds="$work/rounds"
 for rep in $(seq "$REPS"); do
   for target in "${targets[@]}"; do

@@ -4,8 +4,8 @@ use std::future::Future;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
-use keel_log::{LogConfig, SyncPolicy};
 use keel_log::LogServiceConfig;
+use keel_log::{LogConfig, SyncPolicy};
 use tokio::sync::oneshot;
 
 /// A server running in this process on its own thread and two-thread runtime, so that

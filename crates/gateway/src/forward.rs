@@ -35,14 +35,21 @@ where
         exchange: &mut Exchange,
     ) -> Result<UpstreamResponse, GatewayError> {
         let route = Route::parse(&exchange.head.target, &self.gateway.config.strip_prefix)?;
+        let forwarded = self.forward_routed(exchange, &route).await;
+        exchange.service = Some(route.service);
+        forwarded
+    }
+
+    /// [`ClientConnection::forward`] once the request is routed.
+    async fn forward_routed(
+        &mut self,
+        exchange: &mut Exchange,
+        route: &Route,
+    ) -> Result<UpstreamResponse, GatewayError> {
         // The first choice, before the body is read: no instance at all is a 404 or a 503.
-        let first = self.gateway.pick(&route.service, &[]);
-        let Some(first) = first else {
-            let err = self.gateway.no_instance(&route.service);
-            exchange.service = Some(route.service);
-            return Err(err);
+        let Some(first) = self.gateway.pick(&route.service, &[]) else {
+            return Err(self.gateway.no_instance(&route.service));
         };
-        exchange.service = Some(route.service.clone());
         self.read_payload(exchange).await?;
         let buffered = match &exchange.payload {
             Payload::Buffered(body) => Some(body.len()),
@@ -51,7 +58,7 @@ where
         self.scratch.forwarded.complete(
             self.peer.ip(),
             exchange.id,
-            &route,
+            route,
             BodyFraming::of(exchange.head.framing, buffered),
         );
 
@@ -75,7 +82,7 @@ where
                     .retries
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            match self.attempt(exchange, &route, &instance).await {
+            match self.attempt(exchange, route, &instance).await {
                 Ok((upstream, head)) => {
                     self.gateway.ejections.record(&instance.url, true);
                     // The picked guard (in-flight count) lives until the head is back.
@@ -103,7 +110,7 @@ where
         }
         Err(
             last_failure.unwrap_or_else(|| GatewayError::NoHealthyInstance {
-                service: route.service,
+                service: route.service.clone(),
             }),
         )
     }
