@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use keel_serve::http::read_body;
+use keel_serve::http::{ErrorBody, read_body};
 
 use crate::error::{LogServiceError, json_error};
 use crate::metrics::render_metrics;
@@ -325,10 +325,10 @@ async fn tail_sse(
         });
     let events = ReceiverStream::new(rx).map(|item| {
         Ok::<Event, Infallible>(item.unwrap_or_else(|err| {
-            Event::default().event("error").data(
-                serde_json::json!({ "error": { "code": err.code(), "message": err.to_string() } })
-                    .to_string(),
-            )
+            let message = err.to_string();
+            Event::default()
+                .event("error")
+                .data(ErrorBody::new(err.code(), &message).to_json())
         }))
     });
     Ok(Sse::new(events)
