@@ -29,13 +29,24 @@ pub struct GatewayConfig {
     /// How instances are chosen. Default round-robin.
     pub balance: Balance,
     /// How long an upstream may take to answer with headers before 504, and the most
-    /// it may pause while sending a body. Default 30 s.
+    /// it may pause while reading a request body or sending a response body. A
+    /// client's slowness never counts here. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// How long a client connection may stay open with no request under way, and how
-    /// long a request head may take to arrive. Default 60 s.
+    /// How long a client connection may stay open with no request under way. Default
+    /// 60 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How long a whole request head may take to arrive, from its first byte, before
+    /// 408: a client trickling a byte at a time cannot hold a connection for longer.
+    /// Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// The most a client may pause while sending a request body before 408. A slow
+    /// client never counts against the instance its request was going to. Default
+    /// 30 s.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
     /// How long connecting to an upstream may take. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -74,6 +85,8 @@ impl Default for GatewayConfig {
             balance: Balance::default(),
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
             retries: 2,
             retry_body_bytes: 64 * 1024,
@@ -100,6 +113,8 @@ impl GatewayConfig {
             ("request_timeout", self.request_timeout),
             ("connect_timeout", self.connect_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("header_timeout", self.header_timeout),
+            ("body_timeout", self.body_timeout),
             ("eject_for", self.eject_for),
             ("watch_wait", self.watch_wait),
         ] {

@@ -116,12 +116,7 @@ where
     }
 
     /// Answers a request head that was refused; the connection closes after.
-    async fn refuse_head(&mut self, err: HeadError) {
-        let err = match err {
-            HeadError::TooLarge(message) => GatewayError::HeadTooLarge(message),
-            HeadError::Invalid(message) => GatewayError::BadRequest(message),
-            HeadError::Unsupported(message) => GatewayError::NotImplemented(message),
-        };
+    async fn refuse_head(&mut self, err: GatewayError) {
         self.gateway
             .stats
             .requests
@@ -136,12 +131,18 @@ where
     }
 
     /// Reads the next request head: `None` when the connection closes or idles out
-    /// before one begins, or `stop` is cancelled while none is under way.
-    async fn read_head(&mut self) -> Result<Option<RequestHead>, HeadError> {
+    /// before one begins, or `stop` is cancelled while none is under way. A head must
+    /// arrive whole within `header_timeout` of its first byte, however the client
+    /// spaces its bytes.
+    async fn read_head(&mut self) -> Result<Option<RequestHead>, GatewayError> {
         let limits = HeadLimits {
             header_bytes: self.gateway.config.max_header_bytes,
         };
-        let idle = self.gateway.config.idle_timeout;
+        let (idle, header_timeout) = (
+            self.gateway.config.idle_timeout,
+            self.gateway.config.header_timeout,
+        );
+        let mut deadline = None;
         let Downstream { stream, buf } = &mut self.downstream;
         loop {
             if !buf.is_empty() {
@@ -155,25 +156,33 @@ where
                     &mut host,
                 );
                 forwarded.host = host;
-                if let Some(head) = parsed? {
+                if let Some(head) = parsed.map_err(refused_head)? {
                     return Ok(Some(head));
                 }
             }
+            let wait = if buf.is_empty() {
+                idle
+            } else {
+                let deadline =
+                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + header_timeout);
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            };
             reserve(buf);
             // On shutdown, a head not read whole yet is dropped: nothing was responded.
             let read = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return Ok(None),
-                read = tokio::time::timeout(idle, stream.read_buf(buf)) => read,
+                read = tokio::time::timeout(wait, stream.read_buf(buf)) => read,
             };
             match read {
                 Ok(Ok(0) | Err(_)) => return Ok(None),
                 Ok(Ok(_)) => {}
                 Err(_) if buf.is_empty() => return Ok(None),
                 Err(_) => {
-                    return Err(HeadError::Invalid(format!(
-                        "the request head did not arrive within {idle:?}"
-                    )));
+                    return Err(GatewayError::RequestTimeout {
+                        part: "head",
+                        after: header_timeout,
+                    });
                 }
             }
         }
@@ -273,6 +282,15 @@ where
     }
 }
 
+/// The error a client sees for a head the parser refused.
+fn refused_head(err: HeadError) -> GatewayError {
+    match err {
+        HeadError::TooLarge(message) => GatewayError::HeadTooLarge(message),
+        HeadError::Invalid(message) => GatewayError::BadRequest(message),
+        HeadError::Unsupported(message) => GatewayError::NotImplemented(message),
+    }
+}
+
 /// Writes `err` as the gateway's JSON error response into `out`.
 fn write_error(out: &mut Vec<u8>, err: &GatewayError, relay: Relay) {
     let message = err.to_string();
@@ -298,11 +316,11 @@ mod tests {
 
     /// A connection served on an in-memory pipe; the other end is the client's. The
     /// gateway knows one instance of `svc` (on a port where nothing listens).
-    fn connected(idle_timeout: Duration) -> (DuplexStream, tokio::task::JoinHandle<()>) {
-        let config = GatewayConfig {
-            idle_timeout,
-            ..GatewayConfig::default()
-        };
+    fn connected(
+        tune: impl FnOnce(&mut GatewayConfig),
+    ) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let mut config = GatewayConfig::default();
+        tune(&mut config);
         let discovery = Discovery::default();
         let instance = keel_registry::client::ServiceInstance {
             id: "127.0.0.1:9".into(),
@@ -331,7 +349,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_sends_nothing_should_be_closed_at_the_idle_timeout() {
         let started = tokio::time::Instant::now();
-        let (mut client, task) = connected(Duration::from_secs(60));
+        let (mut client, task) = connected(|config| config.idle_timeout = Duration::from_secs(60));
         assert_eq!(read_to_end(&mut client).await, "", "closed without a word");
         let waited = started.elapsed();
         assert!(
@@ -342,31 +360,68 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_head_that_stops_arriving_should_get_400_at_the_idle_timeout() {
+    async fn a_head_that_stops_arriving_should_get_408_at_the_header_timeout() {
         let started = tokio::time::Instant::now();
-        let (mut client, task) = connected(Duration::from_secs(30));
+        let (mut client, task) =
+            connected(|config| config.header_timeout = Duration::from_secs(30));
         client
             .write_all(b"GET /svc/x HTTP/1.1\r\nhost: t\r\n")
             .await
             .unwrap();
         let answer = read_to_end(&mut client).await;
-        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-        assert!(answer.contains("did not arrive within 30s"), "{answer}");
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(
+            answer.contains("head did not arrive within 30s"),
+            "{answer}"
+        );
         assert!(started.elapsed() >= Duration::from_secs(30));
         task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_body_that_stops_arriving_should_get_400_at_the_idle_timeout() {
+    async fn issue_15_a_head_trickled_a_byte_at_a_time_should_get_408_at_the_header_deadline() {
         let started = tokio::time::Instant::now();
-        let (mut client, task) = connected(Duration::from_secs(30));
+        let (mut client, task) = connected(|config| {
+            config.idle_timeout = Duration::from_secs(60);
+            config.header_timeout = Duration::from_secs(10);
+        });
+        // One byte every 5 s: each read is well within the idle timeout.
+        let trickle = tokio::spawn(async move {
+            for byte in b"GET /svc/x HTTP/1.1\r\nhost: t\r\nx-pad: aaaaaaaaaaaaaaaaaaaa" {
+                if client.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            client
+        });
+        let mut client = trickle.await.unwrap();
+        let answer = read_to_end(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        let waited = started.elapsed();
+        task.await.unwrap();
+        // The trickle would take 250 s; the head's deadline ends it at 10 s, and the
+        // trickler notices at its next write.
+        assert!(
+            waited <= Duration::from_secs(15),
+            "the connection ended at the header deadline, not when the client gave up: {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_should_get_408_at_the_body_timeout() {
+        let started = tokio::time::Instant::now();
+        let (mut client, task) = connected(|config| config.body_timeout = Duration::from_secs(30));
         client
             .write_all(b"POST /svc/x HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc")
             .await
             .unwrap();
         let answer = read_to_end(&mut client).await;
-        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-        assert!(answer.contains("ended after 3 of 10 bytes"), "{answer}");
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(
+            answer.contains("body did not arrive within 30s"),
+            "{answer}"
+        );
         assert!(started.elapsed() >= Duration::from_secs(30));
         task.await.unwrap();
     }

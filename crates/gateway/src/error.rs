@@ -39,6 +39,15 @@ pub enum GatewayError {
     /// The request uses a feature the gateway does not implement (a transfer coding).
     #[error("{0}")]
     NotImplemented(String),
+    /// The client was too slow: its request head did not arrive within
+    /// `header_timeout`, or its body paused for longer than `body_timeout`.
+    #[error("the request {part} did not arrive within {after:?}")]
+    RequestTimeout {
+        /// `head` or `body`.
+        part: &'static str,
+        /// The timeout.
+        after: Duration,
+    },
     /// The path names no service.
     #[error("no service in the path: use /{{service}}/...")]
     NoService,
@@ -121,6 +130,10 @@ pub enum UpstreamError {
     /// The response's head is malformed or too large.
     #[error("{0}")]
     MalformedResponse(String),
+    /// The instance did not read the request, or did not respond, within the request
+    /// timeout; [`GatewayError::UpstreamTimeout`] says which instance and how long.
+    #[error("timed out")]
+    TimedOut,
 }
 
 impl GatewayError {
@@ -131,6 +144,7 @@ impl GatewayError {
             Self::HeadTooLarge(_)
             | Self::BadRequest(_)
             | Self::NotImplemented(_)
+            | Self::RequestTimeout { .. }
             | Self::NoService
             | Self::InvalidService { .. }
             | Self::UnknownService { .. }
@@ -170,6 +184,7 @@ impl GatewayError {
             Self::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::NoService | Self::InvalidService { .. } | Self::UnknownService { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -186,6 +201,7 @@ impl GatewayError {
             Self::HeadTooLarge(_) => "headers_too_large",
             Self::BadRequest(_) => "bad_request",
             Self::NotImplemented(_) => "not_implemented",
+            Self::RequestTimeout { .. } => "request_timeout",
             Self::NoService => "no_service",
             Self::InvalidService { .. } | Self::UnknownService { .. } => "unknown_service",
             Self::NoHealthyInstance { .. } => "no_healthy_instance",

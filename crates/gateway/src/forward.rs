@@ -2,18 +2,20 @@
 //! instance, send, read the response's head; on failure, record it against the instance
 //! and try another while that is safe.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Buf as _, Bytes};
 use http::Method;
 use keel_registry::client::ServiceInstance;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::time::Instant;
 
 use crate::connection::{ClientConnection, Exchange, Payload, UpstreamResponse};
 use crate::error::{Fault, GatewayError, UpstreamError};
 use crate::forwarded::BodyFraming;
 use crate::http1::{Framing, HeadError, Relay, RequestHead, ResponseHead, parse_response};
-use crate::relay::{Downstream, copy_request_body, reserve, write_both};
+use crate::relay::{Downstream, Pauses, copy_request_body, reserve, write_both};
 use crate::route::{Route, split_url};
 use crate::upstream::Upstream;
 
@@ -122,8 +124,8 @@ where
             Framing::Length(len) if len <= self.gateway.config.retry_body_bytes => {
                 continue_if_expected(&mut self.downstream.stream, &exchange.head).await?;
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
-                let idle = self.gateway.config.idle_timeout;
-                let body = self.downstream.take(len, idle).await?;
+                let pause = self.gateway.config.body_timeout;
+                let body = self.downstream.take(len, pause).await?;
                 exchange.consumed = true;
                 Payload::Buffered(body)
             }
@@ -132,7 +134,9 @@ where
         Ok(())
     }
 
-    /// One attempt on `instance`, within the request timeout.
+    /// One attempt on `instance`. The instance has the request timeout to read the
+    /// request and respond; a client that is slow to send its body is the client's
+    /// failure (408), never the instance's.
     async fn attempt(
         &mut self,
         exchange: &mut Exchange,
@@ -153,22 +157,21 @@ where
             (authority, base_path),
             &mut self.scratch.upstream_head,
         );
-        let timeout = self.gateway.config.request_timeout;
-        match tokio::time::timeout(timeout, self.send(authority, exchange)).await {
-            Ok(Ok(responded)) => Ok(responded),
-            Ok(Err(Fault::Downstream(err))) => {
+        match self.send(authority, exchange).await {
+            Ok(responded) => Ok(responded),
+            Err(Fault::Downstream(err)) => {
                 exchange.relay.keep_alive = false;
                 Err(err)
             }
-            Ok(Err(Fault::Upstream(source))) => Err(GatewayError::Upstream {
+            Err(Fault::Upstream(UpstreamError::TimedOut)) => Err(GatewayError::UpstreamTimeout {
+                url: url.to_owned(),
+                service: route.service.clone(),
+                after: self.gateway.config.request_timeout,
+            }),
+            Err(Fault::Upstream(source)) => Err(GatewayError::Upstream {
                 url: url.to_owned(),
                 service: route.service.clone(),
                 source,
-            }),
-            Err(_) => Err(GatewayError::UpstreamTimeout {
-                url: url.to_owned(),
-                service: route.service.clone(),
-                after: timeout,
             }),
         }
     }
@@ -176,6 +179,11 @@ where
     /// Sends the request (its head in `scratch.upstream_head`) to `authority` and reads
     /// the response's head. A pooled connection that the upstream closed under us, before
     /// any response, is replaced by a new one for a request that may be sent twice.
+    ///
+    /// The instance has the request timeout to take a buffered request and respond; a
+    /// streamed body gives it the request timeout for each write, and again for the
+    /// response once the body is sent, while the client has the body timeout for each
+    /// read.
     async fn send(
         &mut self,
         authority: &str,
@@ -183,36 +191,51 @@ where
     ) -> Result<(Upstream, ResponseHead), Fault> {
         let request_head = &self.scratch.upstream_head;
         let upstreams = &self.gateway.upstreams;
+        let pauses = Pauses {
+            client: self.gateway.config.body_timeout,
+            upstream: self.gateway.config.request_timeout,
+        };
         let mut upstream = upstreams
             .get(authority)
             .await
             .map_err(UpstreamError::Connect)?;
         loop {
+            let deadline = Instant::now() + pauses.upstream;
             let sent = match &exchange.payload {
-                Payload::Buffered(body) => write_both(&mut upstream.stream, request_head, body)
-                    .await
-                    .map_err(|err| Fault::Upstream(UpstreamError::Send(err))),
-                Payload::Streaming => {
-                    send_streaming(
-                        &mut self.downstream,
-                        &exchange.head,
-                        &mut upstream,
-                        request_head,
-                    )
-                    .await
-                    .map(|whole| {
-                        exchange.consumed = whole;
-                        // A response before the whole body: the rest stays unread.
-                        exchange.relay.keep_alive &= whole;
-                    })
-                }
+                Payload::Buffered(body) => by(deadline, async {
+                    write_both(&mut upstream.stream, request_head, body)
+                        .await
+                        .map_err(UpstreamError::Send)
+                })
+                .await
+                .map_err(Fault::Upstream),
+                Payload::Streaming => send_streaming(
+                    &mut self.downstream,
+                    &exchange.head,
+                    &mut upstream,
+                    request_head,
+                    pauses,
+                )
+                .await
+                .map(|whole| {
+                    exchange.consumed = whole;
+                    // A response before the whole body: the rest stays unread.
+                    exchange.relay.keep_alive &= whole;
+                }),
+            };
+            let deadline = match exchange.payload {
+                Payload::Buffered(_) => deadline,
+                Payload::Streaming => Instant::now() + pauses.upstream,
             };
             let responded = match sent {
-                Ok(()) => read_response_head(
-                    &mut upstream,
-                    &exchange.head.method,
-                    &mut exchange.relay,
-                    &mut self.scratch.out,
+                Ok(()) => by(
+                    deadline,
+                    read_response_head(
+                        &mut upstream,
+                        &exchange.head.method,
+                        &mut exchange.relay,
+                        &mut self.scratch.out,
+                    ),
                 )
                 .await
                 .map_err(Fault::Upstream),
@@ -220,8 +243,9 @@ where
             };
             match responded {
                 Ok(response) => return Ok((upstream, response)),
-                Err(Fault::Upstream(_))
-                    if upstream.reused
+                Err(Fault::Upstream(ref err))
+                    if !matches!(err, UpstreamError::TimedOut)
+                        && upstream.reused
                         && upstream.buf.is_empty()
                         && matches!(exchange.payload, Payload::Buffered(_))
                         && is_idempotent(&exchange.head.method) =>
@@ -235,6 +259,16 @@ where
             }
         }
     }
+}
+
+/// What `io` gives if it completes by `deadline`, else [`UpstreamError::TimedOut`].
+async fn by<T>(
+    deadline: Instant,
+    io: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    tokio::time::timeout_at(deadline, io)
+        .await
+        .unwrap_or(Err(UpstreamError::TimedOut))
 }
 
 /// Answers `100 Continue` to a client that waits for it before sending its body.
@@ -261,19 +295,20 @@ async fn send_streaming<C>(
     head: &RequestHead,
     upstream: &mut Upstream,
     request_head: &[u8],
+    pauses: Pauses,
 ) -> Result<bool, Fault>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut from_upstream, mut to_upstream) = upstream.stream.split();
-    to_upstream
-        .write_all(request_head)
+    tokio::time::timeout(pauses.upstream, to_upstream.write_all(request_head))
         .await
+        .map_err(|_| UpstreamError::TimedOut)?
         .map_err(UpstreamError::Send)?;
     continue_if_expected(&mut downstream.stream, head)
         .await
         .map_err(Fault::Downstream)?;
-    let copy = copy_request_body(downstream, head.framing, &mut to_upstream);
+    let copy = copy_request_body(downstream, head.framing, &mut to_upstream, pauses);
     tokio::pin!(copy);
     reserve(&mut upstream.buf);
     tokio::select! {

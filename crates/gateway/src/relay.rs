@@ -27,18 +27,34 @@ pub(crate) struct Downstream<C> {
 }
 
 impl<C: AsyncRead + Unpin> Downstream<C> {
-    /// The next `len` bytes (a request body), each read arriving within `idle`.
-    pub(crate) async fn take(&mut self, len: usize, idle: Duration) -> Result<Bytes, GatewayError> {
+    /// Reads more of a request body, waiting at most `pause` for it: the bytes read, 0
+    /// at the end of the stream.
+    async fn read_body(&mut self, pause: Duration) -> Result<usize, GatewayError> {
+        match tokio::time::timeout(pause, self.stream.read_buf(&mut self.buf)).await {
+            Ok(Ok(read)) => Ok(read),
+            Ok(Err(err)) => Err(GatewayError::BadRequest(format!(
+                "reading the request body failed: {err}"
+            ))),
+            Err(_) => Err(GatewayError::RequestTimeout {
+                part: "body",
+                after: pause,
+            }),
+        }
+    }
+
+    /// The next `len` bytes (a request body), the client pausing at most `pause`.
+    pub(crate) async fn take(
+        &mut self,
+        len: usize,
+        pause: Duration,
+    ) -> Result<Bytes, GatewayError> {
         while self.buf.len() < len {
             self.buf.reserve(len - self.buf.len());
-            match tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0) | Err(_)) | Err(_) => {
-                    return Err(GatewayError::BadRequest(format!(
-                        "the request body ended after {} of {len} bytes",
-                        self.buf.len()
-                    )));
-                }
-                Ok(Ok(_)) => {}
+            if self.read_body(pause).await? == 0 {
+                return Err(GatewayError::BadRequest(format!(
+                    "the request body ended after {} of {len} bytes",
+                    self.buf.len()
+                )));
             }
         }
         Ok(self.buf.split_to(len).freeze())
@@ -52,18 +68,26 @@ pub(crate) fn reserve(buf: &mut BytesMut) {
     }
 }
 
+/// How long each side of a body copy may pause: the client (`body_timeout`, its
+/// fault) and the upstream (`request_timeout`, the instance's).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pauses {
+    pub(crate) client: Duration,
+    pub(crate) upstream: Duration,
+}
+
 /// Copies a request body of `framing` from the client (what its buffer holds first)
 /// to the upstream, leaving in the buffer what follows the body.
 pub(crate) async fn copy_request_body<C, U>(
     downstream: &mut Downstream<C>,
     framing: Framing,
     upstream: &mut U,
+    pauses: Pauses,
 ) -> Result<(), Fault>
 where
     C: AsyncRead + Unpin,
     U: AsyncWrite + Unpin,
 {
-    let Downstream { stream, buf } = downstream;
     let mut left = match framing {
         Framing::Length(len) => len,
         Framing::Chunked => u64::MAX,
@@ -71,22 +95,20 @@ where
     };
     let mut chunked = Chunked::default();
     loop {
-        if buf.is_empty() {
-            reserve(buf);
-            match stream.read_buf(buf).await {
-                Ok(0) => {
-                    return Err(Fault::Downstream(GatewayError::BadRequest(
-                        "the request body ended early".into(),
-                    )));
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    return Err(Fault::Downstream(GatewayError::BadRequest(format!(
-                        "reading the request body failed: {err}"
-                    ))));
-                }
+        if downstream.buf.is_empty() {
+            reserve(&mut downstream.buf);
+            if downstream
+                .read_body(pauses.client)
+                .await
+                .map_err(Fault::Downstream)?
+                == 0
+            {
+                return Err(Fault::Downstream(GatewayError::BadRequest(
+                    "the request body ended early".into(),
+                )));
             }
         }
+        let buf = &mut downstream.buf;
         let take = if framing == Framing::Chunked {
             body_extent(&mut chunked, buf).map_err(|err| {
                 Fault::Downstream(GatewayError::BadRequest(format!(
@@ -96,9 +118,9 @@ where
         } else {
             usize::try_from(left).unwrap_or(usize::MAX).min(buf.len())
         };
-        upstream
-            .write_all(&buf[..take])
+        tokio::time::timeout(pauses.upstream, upstream.write_all(&buf[..take]))
             .await
+            .map_err(|_| UpstreamError::TimedOut)?
             .map_err(UpstreamError::SendBody)?;
         buf.advance(take);
         left -= take as u64;

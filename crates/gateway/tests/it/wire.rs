@@ -448,3 +448,62 @@ async fn an_idle_client_connection_should_be_closed_after_the_idle_timeout() {
         started.elapsed()
     );
 }
+
+/// The gateway's `keel_gateway_ejections_total`.
+async fn ejections(gateway: &Running) -> u64 {
+    let admin = gateway.admin.expect("a gateway has an admin address");
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("keel_gateway_ejections_total "))
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"))
+}
+
+#[tokio::test]
+async fn issue_15_a_slow_upload_should_get_408_and_never_eject_the_instance() {
+    let echo = backend("a").await;
+    let (_registry, gateway) = routed_with("echo", echo.running.addr, |config| {
+        config.body_timeout = Duration::from_millis(300);
+        config.request_timeout = Duration::from_secs(30);
+        config.eject_after = 1;
+    })
+    .await;
+    // Streamed (over the 64 KiB retry buffer) and buffered bodies alike: ten bytes
+    // of the length promised, then nothing.
+    for length in [100_000, 1_000, 100_000] {
+        let mut client = Client::connect(gateway.addr).await;
+        client
+            .send(
+                format!("POST /echo/sink HTTP/1.1\r\nhost: t\r\ncontent-length: {length}\r\n\r\n0123456789")
+                    .as_bytes(),
+            )
+            .await;
+        let answer = client.answer(false).await;
+        assert_eq!(
+            answer.status,
+            408,
+            "{:?}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert!(
+            String::from_utf8_lossy(&answer.body).contains("request_timeout"),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(
+        ejections(&gateway).await,
+        0,
+        "a slow client is not the instance's failure"
+    );
+    let mut client = Client::connect(gateway.addr).await;
+    client
+        .send(b"GET /echo/after HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await;
+    assert_eq!(client.answer(false).await.status, 200);
+}
