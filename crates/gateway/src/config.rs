@@ -47,6 +47,11 @@ pub struct GatewayConfig {
     /// 30 s.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// How long a client may stop reading a response before the gateway gives up on it
+    /// and closes both its connection and the upstream's (nginx's `send_timeout`).
+    /// Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// How long connecting to an upstream may take. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -87,6 +92,7 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(1),
             retries: 2,
             retry_body_bytes: 64 * 1024,
@@ -115,6 +121,7 @@ impl GatewayConfig {
             ("idle_timeout", self.idle_timeout),
             ("header_timeout", self.header_timeout),
             ("body_timeout", self.body_timeout),
+            ("send_timeout", self.send_timeout),
             ("eject_for", self.eject_for),
             ("watch_wait", self.watch_wait),
         ] {

@@ -18,7 +18,7 @@ use crate::gateway::Gateway;
 use crate::http1::{
     Framing, HeadError, HeadLimits, Relay, RequestHead, ResponseHead, own_response, parse_request,
 };
-use crate::relay::{Downstream, relay_body, reserve};
+use crate::relay::{Downstream, relay_body, reserve, send_to_client};
 use crate::route::split_url;
 use crate::upstream::{READ_BUFFER, Upstream};
 
@@ -127,7 +127,8 @@ where
             keep_alive: false,
         };
         write_error(&mut self.scratch.out, &err, relay);
-        let _ = self.downstream.stream.write_all(&self.scratch.out).await;
+        let limit = self.gateway.config.send_timeout;
+        send_to_client(&mut self.downstream.stream, &self.scratch.out, limit).await;
     }
 
     /// Reads the next request head: `None` when the connection closes or idles out
@@ -222,11 +223,8 @@ where
                 let mut relay = exchange.relay;
                 relay.keep_alive &= exchange.consumed;
                 write_error(&mut self.scratch.out, &err, relay);
-                self.downstream
-                    .stream
-                    .write_all(&self.scratch.out)
-                    .await
-                    .is_ok()
+                let limit = self.gateway.config.send_timeout;
+                send_to_client(&mut self.downstream.stream, &self.scratch.out, limit).await
                     && relay.keep_alive
             }
         }

@@ -2,7 +2,9 @@
 //! from the instance to the client (re-framed for HTTP/1.0 clients), through
 //! buffers of bounded size. Nothing here routes, picks or retries.
 
+use std::future::Future;
 use std::io::IoSlice;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
@@ -59,6 +61,27 @@ impl<C: AsyncRead + Unpin> Downstream<C> {
         }
         Ok(self.buf.split_to(len).freeze())
     }
+}
+
+/// What `io` gives, or `None` when it takes longer than `limit`. The timer is armed
+/// only when `io` does not complete at its first poll: most writes to a client go
+/// straight into its socket buffer, and those pay for no timer.
+pub(crate) async fn within<F: Future>(limit: Duration, io: F) -> Option<F::Output> {
+    let mut io = std::pin::pin!(io);
+    let first = std::future::poll_fn(|cx| Poll::Ready(io.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => tokio::time::timeout(limit, io).await.ok(),
+    }
+}
+
+/// Writes all of `bytes` to a client, which has `limit` to take them: false when the
+/// write fails or the client stops reading for that long.
+pub(crate) async fn send_to_client<C>(client: &mut C, bytes: &[u8], limit: Duration) -> bool
+where
+    C: AsyncWrite + Unpin,
+{
+    matches!(within(limit, client.write_all(bytes)).await, Some(Ok(())))
 }
 
 /// Makes room to read into `buf`.
@@ -187,8 +210,9 @@ pub(crate) async fn relay_body<C>(
 where
     C: AsyncWrite + Unpin,
 {
+    let limit = gateway.config.send_timeout;
     if framing == Framing::Chunked && relay.http10 {
-        return client.write_all(client_head).await.is_ok()
+        return send_to_client(client, client_head, limit).await
             && relay_decoded(gateway, client, upstream).await;
     }
     let mut left = match framing {
@@ -201,11 +225,11 @@ where
     let mut head = client_head;
     loop {
         if left == 0 || chunked.is_done() {
-            return head.is_empty() || client.write_all(head).await.is_ok();
+            return head.is_empty() || send_to_client(client, head, limit).await;
         }
         if upstream.buf.is_empty() {
             if !head.is_empty() {
-                if client.write_all(head).await.is_err() {
+                if !send_to_client(client, head, limit).await {
                     return false;
                 }
                 head = &[];
@@ -229,10 +253,10 @@ where
                 .unwrap_or(usize::MAX)
                 .min(upstream.buf.len())
         };
-        if write_both(client, head, &upstream.buf[..take])
-            .await
-            .is_err()
-        {
+        if !matches!(
+            within(limit, write_both(client, head, &upstream.buf[..take])).await,
+            Some(Ok(()))
+        ) {
             return false;
         }
         head = &[];
@@ -251,7 +275,7 @@ where
     loop {
         match chunked.next(&upstream.buf) {
             Ok(Some(Piece::Data(n))) => {
-                if client.write_all(&upstream.buf[..n]).await.is_err() {
+                if !send_to_client(client, &upstream.buf[..n], gateway.config.send_timeout).await {
                     return false;
                 }
                 upstream.buf.advance(n);

@@ -507,3 +507,65 @@ async fn issue_15_a_slow_upload_should_get_408_and_never_eject_the_instance() {
         .await;
     assert_eq!(client.answer(false).await.status, 200);
 }
+
+#[tokio::test]
+async fn issue_15_a_client_that_stops_reading_should_not_hold_its_upstream_connection() {
+    // An upstream that sends a 64 MiB answer and says when its connection is gone.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (gone, upstream_gone) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let gone = gone.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if String::from_utf8_lossy(&head).contains("/ready") {
+                    let _ = stream.write_all(&ok("ready")).await;
+                    return;
+                }
+                let total = 64 * 1024 * 1024;
+                let mut out =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n").into_bytes();
+                out.resize(out.len() + total, b'x');
+                let _ = stream.write_all(&out).await;
+                let _ = gone.send(());
+            });
+        }
+    });
+    let (_registry, gateway) = routed_with("big", upstream, |config| {
+        config.send_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut client = Client::connect(gateway.addr).await;
+    client
+        .send(b"GET /big/file HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await;
+    // The client reads nothing. Its socket buffers fill, the gateway's writes block,
+    // and past the send timeout the gateway lets go of both connections: the
+    // upstream's write of its answer ends (failed, or cut short).
+    let mut upstream_gone = upstream_gone;
+    tokio::time::timeout(STEP, upstream_gone.recv())
+        .await
+        .expect("the gateway let go of the upstream connection");
+    // What the client's buffers held, and then the end: the answer was cut short.
+    let mut received = client.buf.len();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(STEP, client.stream.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => received += n,
+            Err(_) => panic!("the client connection is still open after {received} bytes"),
+        }
+    }
+    assert!(
+        received < 64 * 1024 * 1024,
+        "{received} bytes: the answer was cut short"
+    );
+}
