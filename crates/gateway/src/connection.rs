@@ -158,7 +158,7 @@ where
                 );
                 forwarded.host = host;
                 if let Some(head) = parsed.map_err(refused_head)? {
-                    return Ok(Some(head));
+                    return one_host(head).map(Some);
                 }
             }
             let wait = if buf.is_empty() {
@@ -277,6 +277,18 @@ where
             exchange.id,
             self.peer.ip(),
         ));
+    }
+}
+
+/// `head` if it names its host once: HTTP/1.1 requires exactly one `Host` header, and
+/// HTTP/1.0 allows at most one (RFC 9112 §3.2).
+fn one_host(head: RequestHead) -> Result<RequestHead, GatewayError> {
+    match head.hosts {
+        0 if !head.http10 => Err(GatewayError::BadRequest(
+            "no Host header: an HTTP/1.1 request must name its host".into(),
+        )),
+        0 | 1 => Ok(head),
+        _ => Err(GatewayError::BadRequest("more than one Host header".into())),
     }
 }
 

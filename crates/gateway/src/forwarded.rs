@@ -17,8 +17,6 @@ pub(crate) struct Forwarded {
     headers: Vec<u8>,
     /// The `X-Forwarded-For` the client sent, if any.
     forwarded_for: Vec<u8>,
-    /// The `X-Forwarded-Prefix` the client sent, if any.
-    forwarded_prefix: Vec<u8>,
     has_request_id: bool,
     /// The `Host` the client sent, if any: the parser fills it in.
     pub(crate) host: Vec<u8>,
@@ -53,25 +51,24 @@ impl Forwarded {
     pub(crate) fn clear(&mut self) {
         self.headers.clear();
         self.forwarded_for.clear();
-        self.forwarded_prefix.clear();
         self.host.clear();
         self.has_request_id = false;
     }
 
-    /// Takes one header of the client's request: `X-Forwarded-For` and
-    /// `X-Forwarded-Prefix` are kept to be extended, `X-Forwarded-Proto` and
-    /// `X-Forwarded-Host` dropped (the gateway sets them), the rest forwarded as sent.
+    /// Takes one header of the client's request: `X-Forwarded-For` is kept to be
+    /// extended; `X-Forwarded-Proto`, `-Host` and `-Prefix` and `Forwarded` are dropped,
+    /// so that what the instance reads in them is the gateway's word, never the
+    /// client's; the rest is forwarded as sent.
     pub(crate) fn take(&mut self, name: &str, value: &[u8]) {
         if name.eq_ignore_ascii_case("x-forwarded-for") {
             if !self.forwarded_for.is_empty() {
                 self.forwarded_for.extend_from_slice(b", ");
             }
             self.forwarded_for.extend_from_slice(value);
-        } else if name.eq_ignore_ascii_case("x-forwarded-prefix") {
-            self.forwarded_prefix.clear();
-            self.forwarded_prefix.extend_from_slice(value);
         } else if !name.eq_ignore_ascii_case("x-forwarded-proto")
             && !name.eq_ignore_ascii_case("x-forwarded-host")
+            && !name.eq_ignore_ascii_case("x-forwarded-prefix")
+            && !name.eq_ignore_ascii_case("forwarded")
         {
             self.has_request_id |= name.eq_ignore_ascii_case("x-request-id");
             put_header(&mut self.headers, name.as_bytes(), value);
@@ -97,8 +94,6 @@ impl Forwarded {
         if route.stripped {
             // Lets the instance build links that go back through the gateway.
             let _ = write!(headers, "x-forwarded-prefix: /{}\r\n", route.service);
-        } else if !self.forwarded_prefix.is_empty() {
-            put_header(headers, b"x-forwarded-prefix", &self.forwarded_prefix);
         }
         match body {
             BodyFraming::None => {}
@@ -202,22 +197,20 @@ mod tests {
     }
 
     #[test]
-    fn a_stripped_prefix_should_be_announced_in_x_forwarded_prefix() {
-        let stripped = completed(
-            &[("X-Forwarded-Prefix", "/old")],
-            &route(true),
-            BodyFraming::None,
-        );
+    fn a_stripped_prefix_should_be_announced_and_the_clients_forwarding_headers_dropped() {
+        let sent = [("X-Forwarded-Prefix", "/old"), ("Forwarded", "for=1.2.3.4")];
+        let stripped = completed(&sent, &route(true), BodyFraming::None);
         assert!(
             stripped.contains("x-forwarded-prefix: /svc\r\n"),
             "{stripped}"
         );
-        let kept = completed(
-            &[("X-Forwarded-Prefix", "/old")],
-            &route(false),
-            BodyFraming::None,
+        assert!(!stripped.contains("/old"), "{stripped}");
+        let plain = completed(&sent, &route(false), BodyFraming::None);
+        assert!(
+            !plain.to_ascii_lowercase().contains("forwarded-prefix")
+                && !plain.contains("for=1.2.3.4"),
+            "{plain}"
         );
-        assert!(kept.contains("x-forwarded-prefix: /old\r\n"), "{kept}");
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub(crate) struct RequestHead {
     pub(crate) keep_alive: bool,
     pub(crate) framing: Framing,
     pub(crate) expect_continue: bool,
+    /// How many `Host` headers the request has (RFC 9112 §3.2: exactly one in
+    /// HTTP/1.1).
+    pub(crate) hosts: u8,
     /// The head's length in the buffer.
     pub(crate) len: usize,
 }
@@ -114,13 +117,17 @@ pub(crate) fn parse_request(
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > limits.buffered() => {
+        // Bounded whole, however it arrived: in one read, a long request line too.
+        Ok(httparse::Status::Complete(len)) if len <= limits.buffered() => len,
+        Ok(httparse::Status::Complete(_) | httparse::Status::Partial)
+            if buf.len() > limits.buffered() =>
+        {
             return Err(HeadError::TooLarge(format!(
                 "the request head exceeds {} bytes",
                 limits.buffered()
             )));
         }
+        Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
             return Err(HeadError::TooLarge(format!(
@@ -129,6 +136,11 @@ pub(crate) fn parse_request(
         }
         Err(err) => return Err(HeadError::Invalid(format!("malformed request head: {err}"))),
     };
+    if has_bare_lf(&buf[..len]) {
+        return Err(HeadError::Invalid(
+            "a line of the request head ends in a bare LF; lines end with CRLF".into(),
+        ));
+    }
     let header_bytes: usize = request
         .headers
         .iter()
@@ -151,37 +163,24 @@ pub(crate) fn parse_request(
         .to_owned();
 
     let delimiting = Delimiting::scan(request.headers)?;
-    let chunked = delimiting.codings > 0;
-    if chunked && http10 {
-        return Err(HeadError::Invalid(
-            "transfer-encoding in an HTTP/1.0 request".into(),
-        ));
-    }
-    if chunked
-        && (delimiting.codings > 1
-            || !delimiting
-                .last_coding
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked"))
-    {
-        return Err(HeadError::Unsupported(
-            "only the chunked transfer coding is supported".into(),
-        ));
-    }
-    if chunked && delimiting.length.is_some() {
-        return Err(HeadError::Invalid(
-            "both content-length and transfer-encoding".into(),
-        ));
-    }
+    let framing = delimiting.request_framing(http10)?;
     let mut expect_continue = false;
+    let mut hosts = 0u8;
     for header in request.headers.iter() {
         let name = header.name;
+        if name.contains('_') {
+            // `Content_Length` and the like mean nothing here, and an upstream that
+            // reads `_` as `-` would frame the request differently: dropped, as nginx
+            // does by default.
+            continue;
+        }
         if name.eq_ignore_ascii_case("expect") {
             expect_continue = header
                 .value
                 .trim_ascii()
                 .eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case("host") {
+            hosts = hosts.saturating_add(1);
             host.clear();
             host.extend_from_slice(header.value);
         } else if !not_forwarded(name, delimiting.connection) {
@@ -189,11 +188,6 @@ pub(crate) fn parse_request(
         }
     }
     let keep_alive = delimiting.keep_alive(http10);
-    let framing = match (chunked, delimiting.length) {
-        (true, _) => Framing::Chunked,
-        (false, Some(n)) => Framing::Length(n),
-        (false, None) => Framing::Empty,
-    };
     Ok(Some(RequestHead {
         method,
         target,
@@ -201,8 +195,16 @@ pub(crate) fn parse_request(
         keep_alive,
         framing,
         expect_continue,
+        hosts,
         len,
     }))
+}
+
+/// Whether a line of `head` ends in a LF with no CR before it.
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(at, &byte)| byte == b'\n' && (at == 0 || head[at - 1] != b'\r'))
 }
 
 /// The path and query of a request target: origin form as is, absolute form cut down
@@ -238,6 +240,39 @@ struct Delimiting<'h> {
 }
 
 impl<'h> Delimiting<'h> {
+    /// How a request with these headers is framed (RFC 9112 §6.3), or why it cannot
+    /// be trusted: both a length and a coding, a coding in HTTP/1.0, a coding other
+    /// than chunked.
+    fn request_framing(&self, http10: bool) -> Result<Framing, HeadError> {
+        let chunked = self.codings > 0;
+        if chunked && http10 {
+            return Err(HeadError::Invalid(
+                "transfer-encoding in an HTTP/1.0 request".into(),
+            ));
+        }
+        if chunked
+            && (self.codings > 1
+                || !self
+                    .last_coding
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked"))
+        {
+            return Err(HeadError::Unsupported(
+                "only the chunked transfer coding is supported".into(),
+            ));
+        }
+        if chunked && self.length.is_some() {
+            return Err(HeadError::Invalid(
+                "both content-length and transfer-encoding".into(),
+            ));
+        }
+        Ok(match (chunked, self.length) {
+            (true, _) => Framing::Chunked,
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => Framing::Empty,
+        })
+    }
+
     fn scan(headers: &[httparse::Header<'h>]) -> Result<Self, HeadError> {
         let mut found = Self {
             connection: &[],
@@ -435,133 +470,7 @@ pub(crate) fn own_response(
     out.extend_from_slice(body);
 }
 
-/// What the next bytes of a chunked body are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Piece {
-    /// The next `n` bytes are data.
-    Data(usize),
-    /// The next `n` bytes are framing (a size line, a chunk's CRLF, trailers).
-    Framing(usize),
-    /// The next `n` bytes are framing and end the body.
-    End(usize),
-}
-
-/// Reads the chunked transfer coding as it streams by, a piece at a time, keeping no
-/// more than its position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Chunked {
-    /// In a chunk size (`digits` read so far).
-    #[default]
-    Size,
-    SizeDigits {
-        size: u64,
-        digits: u8,
-    },
-    /// In chunk extensions, up to CR.
-    Extension {
-        size: u64,
-    },
-    SizeLf {
-        size: u64,
-    },
-    Data {
-        left: u64,
-    },
-    DataCr,
-    DataLf,
-    /// After the last chunk: a trailer field or the final CRLF.
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    EndLf,
-    Done,
-}
-
-impl Chunked {
-    /// Whether the body has ended.
-    pub(crate) fn is_done(self) -> bool {
-        self == Self::Done
-    }
-
-    /// The next piece at the start of `input`, or `None` when `input` is empty or the
-    /// body has ended.
-    ///
-    /// # Errors
-    ///
-    /// A message naming what is malformed.
-    pub(crate) fn next(&mut self, input: &[u8]) -> Result<Option<Piece>, String> {
-        if input.is_empty() || self.is_done() {
-            return Ok(None);
-        }
-        if let Self::Data { left } = *self {
-            let n = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
-            *self = if n as u64 == left {
-                Self::DataCr
-            } else {
-                Self::Data {
-                    left: left - n as u64,
-                }
-            };
-            return Ok(Some(Piece::Data(n)));
-        }
-        for (at, &byte) in input.iter().enumerate() {
-            *self = self.framing_byte(byte)?;
-            match self {
-                Self::Data { .. } => return Ok(Some(Piece::Framing(at + 1))),
-                Self::Done => return Ok(Some(Piece::End(at + 1))),
-                _ => {}
-            }
-        }
-        Ok(Some(Piece::Framing(input.len())))
-    }
-
-    fn framing_byte(self, byte: u8) -> Result<Self, String> {
-        let hex = |b: u8| (b as char).to_digit(16).map(u64::from);
-        Ok(match (self, byte) {
-            (Self::Size, b) => match hex(b) {
-                Some(d) => Self::SizeDigits { size: d, digits: 1 },
-                None => return Err("a chunk size is not hexadecimal".into()),
-            },
-            (Self::SizeDigits { size, digits }, b) if hex(b).is_some() => {
-                if digits >= 15 {
-                    return Err("a chunk size is too large".into());
-                }
-                Self::SizeDigits {
-                    size: size * 16 + hex(b).unwrap_or(0),
-                    digits: digits + 1,
-                }
-            }
-            (Self::SizeDigits { size, .. }, b';' | b' ' | b'\t') => Self::Extension { size },
-            (Self::SizeDigits { size, .. } | Self::Extension { size }, b'\r') => {
-                Self::SizeLf { size }
-            }
-            (Self::Extension { size }, b'\n') => {
-                return Err(format!(
-                    "a bare LF ends the size line of a {size}-byte chunk"
-                ));
-            }
-            (Self::Extension { size }, _) => Self::Extension { size },
-            (Self::SizeLf { size: 0 }, b'\n') => Self::TrailerStart,
-            (Self::SizeLf { size }, b'\n') => Self::Data { left: size },
-            (Self::DataCr, b'\r') => Self::DataLf,
-            (Self::DataLf, b'\n') => Self::Size,
-            (Self::TrailerStart, b'\r') => Self::EndLf,
-            (Self::TrailerStart | Self::Trailer, b'\n') => {
-                return Err("a bare LF in the trailers".into());
-            }
-            (Self::Trailer, b'\r') => Self::TrailerLf,
-            (Self::TrailerStart | Self::Trailer, _) => Self::Trailer,
-            (Self::TrailerLf, b'\n') => Self::TrailerStart,
-            (Self::EndLf, b'\n') => Self::Done,
-            (state, b) => {
-                return Err(format!(
-                    "unexpected byte {:?} in chunked framing ({state:?})",
-                    b as char
-                ));
-            }
-        })
-    }
-}
+pub(crate) use crate::chunked::{Chunked, Piece};
 
 #[cfg(test)]
 #[path = "http1_tests.rs"]

@@ -14,6 +14,7 @@
 //! streaming both ways through bounded buffers. This crate knows the registry only
 //! through its client.
 
+mod chunked;
 mod config;
 mod connection;
 mod error;

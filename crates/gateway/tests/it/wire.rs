@@ -349,7 +349,7 @@ async fn a_malformed_chunked_request_body_should_be_400() {
     let (_registry, gateway) = routed_to("chunky", upstream).await;
     let mut client = Client::connect(gateway.addr).await;
     client
-        .send(b"POST /chunky/ HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+        .send(b"POST /chunky/ HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
         .await;
     let answer = client.answer(false).await;
     assert_eq!(answer.status, 400);
@@ -567,5 +567,81 @@ async fn issue_15_a_client_that_stops_reading_should_not_hold_its_upstream_conne
     assert!(
         received < 64 * 1024 * 1024,
         "{received} bytes: the answer was cut short"
+    );
+}
+
+#[tokio::test]
+async fn issue_15_heads_the_gateway_cannot_trust_should_be_refused() {
+    let upstream = scripted(|_| (ok("reached"), false)).await;
+    let (_registry, gateway) = routed_to("strict", upstream).await;
+    let long_line = format!(
+        "GET /strict/{} HTTP/1.1\r\nhost: t\r\n\r\n",
+        "a".repeat(30 * 1024)
+    );
+    for (raw, status) in [
+        (&b"GET /strict/ HTTP/1.1\r\nx: y\r\n\r\n"[..], 400),
+        (b"GET /strict/ HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", 400),
+        (b"GET /strict/ HTTP/1.1\nhost: t\n\n", 400),
+        (b"GET /strict/ HTTP/1.1\r\nhost: t\nx: y\r\n\r\n", 400),
+        // A 30 KiB request line arriving in one write.
+        (long_line.as_bytes(), 431),
+        (
+            b"POST /strict/ HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5;\x01\x7f\"garbage\r\nhello\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /strict/ HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nGET /strict/x HTTP/1.1\r\n\r\n",
+            400,
+        ),
+    ] {
+        let mut client = Client::connect(gateway.addr).await;
+        client.send(raw).await;
+        let answer = client.answer(false).await;
+        assert_eq!(
+            answer.status,
+            status,
+            "{:?}: {:?}",
+            String::from_utf8_lossy(&raw[..raw.len().min(80)]),
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    // HTTP/1.0 may leave the host out.
+    let mut client = Client::connect(gateway.addr).await;
+    client.send(b"GET /strict/ HTTP/1.0\r\n\r\n").await;
+    assert_eq!(client.answer(false).await.status, 200);
+}
+
+#[tokio::test]
+async fn issue_15_the_instance_should_never_see_forwarding_headers_or_underscored_names_from_the_client()
+ {
+    // The upstream answers with the head it received.
+    let upstream = scripted(|head| (ok(head), false)).await;
+    let (_registry, gateway) = routed_to("echo", upstream).await;
+    let mut client = Client::connect(gateway.addr).await;
+    client
+        .send(
+            b"POST /echo/x HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nContent_Length: 999\r\n\
+              Transfer_Encoding: chunked\r\nForwarded: for=6.6.6.6;host=evil\r\n\
+              X-Forwarded-Prefix: /evil\r\nX-Forwarded-Host: evil\r\nX-Kept: yes\r\n\r\nhello",
+        )
+        .await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status, 200);
+    let seen = String::from_utf8_lossy(&answer.body).to_ascii_lowercase();
+    for absent in [
+        "content_length",
+        "transfer_encoding",
+        "forwarded: for=6.6.6.6",
+        "x-forwarded-prefix",
+        "evil",
+    ] {
+        assert!(
+            !seen.contains(absent),
+            "{absent} reached the instance: {seen}"
+        );
+    }
+    assert!(
+        seen.contains("x-kept: yes") && seen.contains("content-length: 5"),
+        "{seen}"
     );
 }
