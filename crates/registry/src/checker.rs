@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::RegistryConfig;
 use crate::registry::{Registry, now_ms};
@@ -37,6 +38,7 @@ pub(crate) async fn run(
 ) {
     let pool = Arc::new(Semaphore::new(config.check_workers));
     let in_flight: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    let running = TaskTracker::new();
     let mut checks = tokio::time::interval(config.check_interval);
     checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut reaps = tokio::time::interval(Duration::from_secs(1).min(config.check_interval));
@@ -48,7 +50,7 @@ pub(crate) async fn run(
         .unwrap_or(u64::MAX);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             _ = reaps.tick() => {
                 let _ = registry.apply(Command::Reap { now_ms: now_ms(), deregister_after_ms });
             }
@@ -58,25 +60,79 @@ pub(crate) async fn run(
                     if !in_flight.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone()) {
                         continue;
                     }
-                    let Ok(permit) = Arc::clone(&pool).acquire_owned().await else { return };
-                    let (registry, client, config, stats, in_flight) =
-                        (Arc::clone(&registry), client.clone(), config.clone(), Arc::clone(&stats), Arc::clone(&in_flight));
-                    tokio::spawn(async move {
-                        let passing = probe(&client, &url, &config).await;
-                        stats.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if !passing {
-                            stats.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            tracing::info!(service = name, instance = id, url, "health check failed");
+                    let check = Check {
+                        registry: Arc::clone(&registry),
+                        client: client.clone(),
+                        config: config.clone(),
+                        stats: Arc::clone(&stats),
+                        name,
+                        id,
+                        url,
+                    };
+                    let (pool, in_flight, stop) =
+                        (Arc::clone(&pool), Arc::clone(&in_flight), shutdown.clone());
+                    // Waiting for a worker happens in the check's own task, never in
+                    // this loop: reaping and shutdown do not wait behind slow checks.
+                    running.spawn(async move {
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            () = check.run(&pool) => {}
                         }
-                        let health = if passing { Health::Passing } else { Health::Critical };
-                        // The instance may have gone meanwhile: nothing to record then.
-                        let _ = registry.apply(Command::SetHealth { name, id, health, at_ms: now_ms() });
                         in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
-                        drop(permit);
                     });
                 }
             }
         }
+    }
+    running.close();
+    running.wait().await;
+}
+
+/// One health check of one instance.
+struct Check {
+    registry: Arc<Registry>,
+    client: reqwest::Client,
+    config: RegistryConfig,
+    stats: Arc<CheckStats>,
+    name: String,
+    id: String,
+    url: String,
+}
+
+impl Check {
+    /// Takes a worker from `pool`, probes, and records the health.
+    async fn run(self, pool: &Semaphore) {
+        let Ok(_permit) = pool.acquire().await else {
+            return;
+        };
+        let passing = probe(&self.client, &self.url, &self.config).await;
+        self.stats
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !passing {
+            self.stats
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                service = self.name,
+                instance = self.id,
+                url = self.url,
+                "health check failed"
+            );
+        }
+        let health = if passing {
+            Health::Passing
+        } else {
+            Health::Critical
+        };
+        let (name, id) = (self.name, self.id);
+        // The instance may have gone meanwhile: nothing to record then.
+        let _ = self.registry.apply(Command::SetHealth {
+            name,
+            id,
+            health,
+            at_ms: now_ms(),
+        });
     }
 }
 

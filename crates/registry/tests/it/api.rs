@@ -490,3 +490,39 @@ async fn shutdown_should_end_open_watch_streams_instead_of_waiting_for_them() {
         chunk.unwrap();
     }
 }
+
+#[tokio::test]
+async fn issue_15_slow_checks_should_delay_neither_ttl_reaping_nor_shutdown() {
+    // A heartbeat URL that accepts connections and never answers.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole = black_hole.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = black_hole.accept().await {
+            held.push(connection);
+        }
+    });
+    let registry = TestRegistry::start(RegistryConfig {
+        check_workers: 2,
+        check_timeout: Duration::from_secs(60),
+        check_failures: 1,
+        check_interval: Duration::from_millis(100),
+        ..fast_config()
+    })
+    .await;
+    // Ten times more silent instances than check workers: their checks take a minute.
+    for port in 0..20 {
+        let body = json!({"name": "silent", "addr": format!("127.0.0.1:{}", 10_000 + port),
+            "heartbeat_url": format!("http://{hole}/health")});
+        register(&registry, &body).await;
+    }
+    let worker = json!({"name": "worker", "addr": "127.0.0.1:9", "ttl": "1s"});
+    register(&registry, &worker).await;
+    eventually("the TTL instance turns critical on time", async || {
+        available(&registry, "worker").await.is_empty()
+    })
+    .await;
+    // Shutdown does not wait for the checks under way.
+    registry.stop_within(Duration::from_secs(5)).await;
+    held.abort();
+}

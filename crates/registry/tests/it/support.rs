@@ -31,7 +31,8 @@ pub(crate) fn fast_config() -> RegistryConfig {
 
 pub(crate) struct TestRegistry {
     pub(crate) addr: SocketAddr,
-    _stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<Result<(), keel_registry::RegistryError>>,
 }
 
 impl TestRegistry {
@@ -39,10 +40,21 @@ impl TestRegistry {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(keel_registry::run(listener, config, async move {
+        let served = tokio::spawn(keel_registry::run(listener, config, async move {
             let _ = stopped.await;
         }));
-        Self { addr, _stop: stop }
+        Self { addr, stop, served }
+    }
+
+    /// Shuts the registry down and waits for it to stop, failing the test past
+    /// `limit`.
+    pub(crate) async fn stop_within(self, limit: Duration) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(limit, self.served)
+            .await
+            .unwrap_or_else(|_| panic!("the registry did not stop within {limit:?}"))
+            .unwrap()
+            .unwrap();
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
