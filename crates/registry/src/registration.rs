@@ -201,7 +201,10 @@ pub fn validate_service_name(text: String, field: &'static str) -> Result<String
     if text.is_empty() {
         return Err(RegistryError::bad_request(field, "missing or empty"));
     }
+    // A name is a path segment at the gateway (`/{service}/...`): `.` and `..` would
+    // be read as "here" and "up" by anything that normalizes paths.
     if text.len() > MAX_NAME
+        || text.starts_with('.')
         || !text
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -209,7 +212,7 @@ pub fn validate_service_name(text: String, field: &'static str) -> Result<String
         return Err(RegistryError::bad_request(
             field,
             format!(
-                "{text:?} is not a service name: use 1 to {MAX_NAME} letters, digits, '.', '_' or '-'"
+                "{text:?} is not a service name: use 1 to {MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.'"
             ),
         ));
     }
@@ -291,6 +294,15 @@ pub fn base_url(text: &str, field: &'static str) -> Result<String, RegistryError
         Some(port) => format!("{host}:{port}"),
         None => host.to_owned(),
     };
+    // The path goes into the gateway's request line as is: only the characters a URL
+    // path may hold (RFC 3986 pchar, `/`, percent escapes), no query, no fragment, and
+    // never a control byte.
+    if !path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b))
+    {
+        return Err(bad());
+    }
     let path = path.trim_end_matches('/');
     Ok(if path.is_empty() {
         format!("{scheme}://{authority}")

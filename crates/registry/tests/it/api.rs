@@ -526,3 +526,40 @@ async fn issue_15_slow_checks_should_delay_neither_ttl_reaping_nor_shutdown() {
     registry.stop_within(Duration::from_secs(5)).await;
     held.abort();
 }
+
+#[tokio::test]
+async fn issue_15_control_bytes_in_urls_and_dot_names_should_be_refused() {
+    let registry = TestRegistry::start(fast_config()).await;
+    for (body, field) in [
+        (json!({"name": "..", "addr": "127.0.0.1:9"}), "name"),
+        (json!({"name": ".hidden", "addr": "127.0.0.1:9"}), "name"),
+        (json!({"name": "x", "addr": "127.0.0.1:9/a\u{0}b"}), "addr"),
+        (
+            json!({"name": "x", "addr": "http://127.0.0.1:9/a b HTTP/1.1\r\nx:"}),
+            "addr",
+        ),
+        (
+            json!({"name": "x", "addr": "127.0.0.1:9", "heartbeat_url": "http://127.0.0.1:9/h\u{1}"}),
+            "heartbeat_url",
+        ),
+        (
+            json!({"Name": "x", "Addr": "127.0.0.1:9", "RequiredServices": [".."]}),
+            "RequiredServices",
+        ),
+        (
+            json!({"ServiceName": "x", "ServiceURL": "http://127.0.0.1:9/\u{7f}"}),
+            "ServiceURL",
+        ),
+    ] {
+        let response = http()
+            .post(registry.url("/services"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["field"], field, "{body}: {error}");
+    }
+    assert!(available(&registry, "x").await.is_empty());
+}
