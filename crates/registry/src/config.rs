@@ -38,6 +38,10 @@ pub struct RegistryConfig {
     pub notify_queue: usize,
     /// The largest request body. Default 64 KiB.
     pub max_body_bytes: u64,
+    /// Instances the registry holds at most; a registration of one more is 507
+    /// `registry_full` (updating a registered instance is always accepted). Default
+    /// 10 000.
+    pub max_instances: usize,
     /// The longest a blocking watch may wait. Default 5 min.
     #[serde(with = "humantime_serde")]
     pub max_watch_wait: Duration,
@@ -57,6 +61,7 @@ impl Default for RegistryConfig {
             notify_retries: 3,
             notify_queue: 1024,
             max_body_bytes: 64 * 1024,
+            max_instances: 10_000,
             max_watch_wait: Duration::from_secs(300),
         }
     }
@@ -86,6 +91,7 @@ impl RegistryConfig {
         for (field, value) in [
             ("check_workers", self.check_workers),
             ("notify_queue", self.notify_queue),
+            ("max_instances", self.max_instances),
         ] {
             if value == 0 {
                 return Err(InvalidConfig::new(field, "must be at least 1"));

@@ -23,6 +23,15 @@ pub enum RegistryError {
         /// The instance id.
         id: String,
     },
+    /// The registry holds `max_instances` instances already and this registration
+    /// would add one more.
+    #[error(
+        "the registry holds its maximum of {max} instances (max_instances); deregister some or raise the limit"
+    )]
+    Full {
+        /// The limit.
+        max: usize,
+    },
     /// The registry's configuration cannot be used (from [`crate::run`]).
     #[error(transparent)]
     InvalidConfig(#[from] InvalidConfig),
@@ -47,6 +56,7 @@ impl RegistryError {
         match self {
             Self::BadRequest { .. } => "bad_request",
             Self::UnknownInstance { .. } => "unknown_instance",
+            Self::Full { .. } => "registry_full",
             Self::InvalidConfig(_) => "invalid_config",
             Self::HttpClient(_) | Self::Serve(_) => "internal",
         }

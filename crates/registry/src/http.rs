@@ -90,6 +90,12 @@ impl IntoResponse for RegistryError {
             Self::UnknownInstance { .. } => {
                 error(StatusCode::NOT_FOUND, self.code(), None, &self.to_string())
             }
+            Self::Full { .. } => error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                self.code(),
+                None,
+                &self.to_string(),
+            ),
             Self::InvalidConfig(_) | Self::HttpClient(_) | Self::Serve(_) => {
                 tracing::error!(error = %self, "internal error");
                 error(

@@ -25,7 +25,10 @@ mod state;
 
 pub use config::RegistryConfig;
 pub use error::{RegistryClientError, RegistryError, Result};
-pub use registration::{MAX_NAME, Registration, base_url, parse_identity, validate_service_name};
+pub use registration::{
+    MAX_META_BYTES, MAX_NAME, MAX_REQUIRED, MAX_URL, Registration, base_url, parse_identity,
+    validate_service_name,
+};
 pub use registry::{Change, Registry};
 pub use server::run;
 pub use state::{Command, Event, Health, Instance, RegistryState};

@@ -15,6 +15,15 @@ use crate::error::RegistryError;
 /// The longest service name.
 pub const MAX_NAME: usize = 128;
 
+/// The longest URL (`addr`, `update_url`, `heartbeat_url`), in bytes.
+pub const MAX_URL: usize = 2048;
+
+/// The most bytes of metadata (keys and values together) one instance may carry.
+pub const MAX_META_BYTES: usize = 4096;
+
+/// The most services one instance may require.
+pub const MAX_REQUIRED: usize = 64;
+
 /// A validated registration, whatever shape it came in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
@@ -106,6 +115,16 @@ impl Registration {
             Some(meta) => serde_json::from_value(meta.clone())
                 .map_err(|_| RegistryError::bad_request("meta", "expected an object of strings"))?,
         };
+        let meta_bytes: usize = meta
+            .iter()
+            .map(|(k, v): (&String, &String)| k.len() + v.len())
+            .sum();
+        if meta_bytes > MAX_META_BYTES {
+            return Err(RegistryError::bad_request(
+                "meta",
+                format!("{meta_bytes} bytes of keys and values; at most {MAX_META_BYTES}"),
+            ));
+        }
         let ttl_ms = string(object, "ttl")?
             .map(|text| {
                 humantime::parse_duration(&text)
@@ -233,6 +252,12 @@ fn names(
             ));
         }
     };
+    if list.len() > MAX_REQUIRED {
+        return Err(RegistryError::bad_request(
+            field,
+            format!("{} services; at most {MAX_REQUIRED}", list.len()),
+        ));
+    }
     let mut names = Vec::with_capacity(list.len());
     for item in list {
         let text = item
@@ -265,6 +290,12 @@ pub fn base_url(text: &str, field: &'static str) -> Result<String, RegistryError
         )
     };
     let text = text.trim();
+    if text.len() > MAX_URL {
+        return Err(RegistryError::bad_request(
+            field,
+            format!("a URL of {} bytes; at most {MAX_URL}", text.len()),
+        ));
+    }
     let (scheme, rest, explicit) = match text.split_once("://") {
         Some((scheme @ ("http" | "https"), rest)) => (scheme, rest, true),
         Some(_) => return Err(bad()),

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
-use crate::error::Result;
+use crate::error::{RegistryError, Result};
 use crate::notifier::{Delivery, Notifier};
 use crate::registration::Registration;
 use crate::state::{Command, Event, Instance, RegistryState};
@@ -29,6 +29,8 @@ pub struct Change {
 #[derive(Debug)]
 pub struct Registry {
     state: RwLock<RegistryState>,
+    /// Instances the registry holds at most.
+    max_instances: usize,
     index: watch::Sender<u64>,
     changes: broadcast::Sender<Change>,
     notifier: Notifier,
@@ -42,9 +44,10 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Registry {
-    pub(crate) fn new(notifier: Notifier) -> Self {
+    pub(crate) fn new(notifier: Notifier, max_instances: usize) -> Self {
         Self {
             state: RwLock::new(RegistryState::default()),
+            max_instances,
             index: watch::channel(0).0,
             changes: broadcast::channel(1024).0,
             notifier,
@@ -106,6 +109,17 @@ impl Registry {
     ///
     /// As [`RegistryState::apply`].
     pub fn register(&self, registration: Registration) -> Result<BTreeMap<String, Vec<Instance>>> {
+        {
+            let state = self.state();
+            let known = state
+                .instance(&registration.name, registration.id())
+                .is_some();
+            if !known && state.all().count() >= self.max_instances {
+                return Err(RegistryError::Full {
+                    max: self.max_instances,
+                });
+            }
+        }
         let required = registration.required_services.clone();
         let update_url = registration.update_url.clone();
         self.apply(Command::Register {

@@ -40,7 +40,7 @@ pub async fn run(
         config.notify_retries,
         config.notify_queue,
     );
-    let registry = Arc::new(Registry::new(notifier));
+    let registry = Arc::new(Registry::new(notifier, config.max_instances));
     let checks = Arc::new(CheckStats::default());
     let token = CancellationToken::new();
     let checker = tokio::spawn(checker::run(

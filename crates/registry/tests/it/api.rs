@@ -563,3 +563,51 @@ async fn issue_15_control_bytes_in_urls_and_dot_names_should_be_refused() {
     }
     assert!(available(&registry, "x").await.is_empty());
 }
+
+#[tokio::test]
+async fn issue_15_registrations_should_be_bounded() {
+    let registry = TestRegistry::start(RegistryConfig {
+        max_instances: 3,
+        ..fast_config()
+    })
+    .await;
+    let post = async |body: &Value| {
+        let response = http()
+            .post(registry.url("/services"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    for port in 1..=3 {
+        let body = json!({"name": "many", "addr": format!("127.0.0.1:{port}")});
+        assert_eq!(post(&body).await.0, StatusCode::OK);
+    }
+    let (status, error) = post(&json!({"name": "many", "addr": "127.0.0.1:4"})).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::INSUFFICIENT_STORAGE, Some("registry_full")),
+        "{error}"
+    );
+    // An instance already registered may always register again.
+    let again = json!({"name": "many", "addr": "127.0.0.1:2", "meta": {"v": "2"}});
+    assert_eq!(post(&again).await.0, StatusCode::OK);
+    assert_eq!(available(&registry, "many").await.len(), 3);
+
+    let big_meta = json!({"name": "many", "addr": "127.0.0.1:1", "meta": {"k": "v".repeat(5000)}});
+    let long_url = json!({"name": "many", "addr": format!("127.0.0.1:1/{}", "p".repeat(3000))});
+    let many_required: Vec<String> = (0..65).map(|i| format!("s{i}")).collect();
+    let required =
+        json!({"name": "many", "addr": "127.0.0.1:1", "required_services": many_required});
+    for (body, field) in [
+        (big_meta, "meta"),
+        (long_url, "addr"),
+        (required, "required_services"),
+    ] {
+        let (status, error) = post(&body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+        assert_eq!(error["error"]["field"], field, "{error}");
+    }
+}
