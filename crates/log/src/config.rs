@@ -28,6 +28,9 @@ pub struct LogServiceConfig {
     /// Create a topic on its first write; when off, writing to an unknown topic is
     /// `NOT_FOUND`. Default on.
     pub auto_create_topics: bool,
+    /// Topics the service holds at most; creating one more is `RESOURCE_EXHAUSTED`
+    /// (HTTP 507, `too_many_topics`). Default 1024.
+    pub max_topics: usize,
     /// The largest HTTP body or gRPC message accepted. Default 8 MiB.
     pub max_body_bytes: u64,
     /// Appends that may wait for a topic's writer. Default 1024.
@@ -59,6 +62,7 @@ impl Default for LogServiceConfig {
             default_topic: "default".into(),
             log_sink_topic: "logs".into(),
             auto_create_topics: true,
+            max_topics: 1024,
             max_body_bytes: 8 * 1024 * 1024,
             queue_depth: 1024,
             enqueue_timeout: Duration::from_secs(5),
@@ -105,6 +109,12 @@ impl LogServiceConfig {
             return Err(InvalidConfig::new(
                 "queue_depth",
                 format!("{} is out of range 1..=1048576", self.queue_depth),
+            ));
+        }
+        if self.max_topics < 2 {
+            return Err(InvalidConfig::new(
+                "max_topics",
+                "must be at least 2: the default topic and the log sink",
             ));
         }
         if self.max_batch_bytes == 0 {

@@ -53,6 +53,16 @@ pub enum LogServiceError {
         /// The topic.
         topic: String,
     },
+    /// Creating the topic would make more than `max_topics`.
+    #[error(
+        "topic {topic:?} cannot be created: the service has its maximum of {max} topics (max_topics); use an existing topic or raise the limit"
+    )]
+    TooManyTopics {
+        /// The topic asked for.
+        topic: String,
+        /// The limit.
+        max: usize,
+    },
     /// The server is shutting down and takes no new work.
     #[error("the log service is shutting down")]
     ShuttingDown,
@@ -86,6 +96,7 @@ impl LogServiceError {
             Self::BadRequest(_) => "bad_request",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::Overloaded { .. } => "overloaded",
+            Self::TooManyTopics { .. } => "too_many_topics",
             Self::ShuttingDown => "shutting_down",
             Self::InvalidConfig(_) => "invalid_config",
             Self::Serve(_) => "internal",
@@ -104,7 +115,7 @@ impl LogServiceError {
             Self::UnknownTopic { .. } => tonic::Code::NotFound,
             Self::InvalidTopic { .. } | Self::BadRequest(_) => tonic::Code::InvalidArgument,
             Self::BodyTooLarge { .. } => tonic::Code::InvalidArgument,
-            Self::Overloaded { .. } => tonic::Code::ResourceExhausted,
+            Self::Overloaded { .. } | Self::TooManyTopics { .. } => tonic::Code::ResourceExhausted,
             Self::ShuttingDown => tonic::Code::Unavailable,
             Self::InvalidConfig(_) | Self::Serve(_) => tonic::Code::Internal,
         }
@@ -122,6 +133,7 @@ impl LogServiceError {
             Self::InvalidTopic { .. } | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyTopics { .. } => StatusCode::INSUFFICIENT_STORAGE,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidConfig(_) | Self::Serve(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

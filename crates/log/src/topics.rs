@@ -129,13 +129,20 @@ impl Topics {
     ///
     /// # Errors
     ///
-    /// As [`Topics::get`] when auto-create is off; errors opening a new log.
+    /// As [`Topics::get`] when auto-create is off; [`LogServiceError::TooManyTopics`]
+    /// past `max_topics`; errors opening a new log.
     pub(crate) async fn get_or_create(&self, name: &str) -> Result<Arc<Topic>, LogServiceError> {
         match self.get(name) {
             Err(LogServiceError::UnknownTopic { topic }) if self.config.auto_create_topics => {
                 let _creating = self.creating.lock().await;
                 if let Some(topic) = self.map().get(&topic) {
                     return Ok(Arc::clone(topic));
+                }
+                // Each topic holds threads, files and preallocated space: a client
+                // creating topics without end must not exhaust the process.
+                let max = self.config.max_topics;
+                if self.map().len() >= max {
+                    return Err(LogServiceError::TooManyTopics { topic, max });
                 }
                 let opened = {
                     let this_name = topic.clone();

@@ -299,3 +299,41 @@ async fn healthz_and_metrics_should_report_the_service() {
     );
     assert!(metrics.contains("# TYPE keel_log_commit_seconds histogram"));
 }
+
+#[tokio::test]
+async fn issue_15_topic_creation_should_stop_at_max_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(keel_log::LogServiceConfig {
+        max_topics: 3,
+        ..crate::support::config(dir.path())
+    })
+    .await;
+    let client = http();
+    // The default topic and the log sink exist from the start: one more fits.
+    let first = client
+        .post(server.url("/v1/topics/first/records"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let message = expect_error(
+        client
+            .post(server.url("/v1/topics/second/records"))
+            .body("x"),
+        StatusCode::INSUFFICIENT_STORAGE,
+        "too_many_topics",
+    )
+    .await;
+    assert!(message.contains("max_topics"), "{message}");
+    // The topics there keep taking records.
+    let again = client
+        .post(server.url("/v1/topics/first/records"))
+        .body("y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let topics = json_of(client.get(server.url("/v1/topics"))).await;
+    assert_eq!(topics["topics"].as_array().unwrap().len(), 3, "{topics}");
+}
