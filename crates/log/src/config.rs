@@ -28,6 +28,13 @@ pub struct LogServiceConfig {
     /// Create a topic on its first write; when off, writing to an unknown topic is
     /// `NOT_FOUND`. Default on.
     pub auto_create_topics: bool,
+    /// Connections open at once; more wait in the accept backlog until one closes.
+    /// Default 4096.
+    pub max_connections: usize,
+    /// How long an HTTP/1.1 request head may take to arrive before the connection is
+    /// closed. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
     /// Topics the service holds at most; creating one more is `RESOURCE_EXHAUSTED`
     /// (HTTP 507, `too_many_topics`). Default 1024.
     pub max_topics: usize,
@@ -63,6 +70,8 @@ impl Default for LogServiceConfig {
             log_sink_topic: "logs".into(),
             auto_create_topics: true,
             max_topics: 1024,
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
             max_body_bytes: 8 * 1024 * 1024,
             queue_depth: 1024,
             enqueue_timeout: Duration::from_secs(5),
@@ -109,6 +118,15 @@ impl LogServiceConfig {
             return Err(InvalidConfig::new(
                 "queue_depth",
                 format!("{} is out of range 1..=1048576", self.queue_depth),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(InvalidConfig::new("max_connections", "must be at least 1"));
+        }
+        if self.header_timeout.is_zero() {
+            return Err(InvalidConfig::new(
+                "header_timeout",
+                "must be longer than zero",
             ));
         }
         if self.max_topics < 2 {

@@ -54,13 +54,18 @@ pub async fn serve(
 
     let options = keel_serve::Options {
         threads: config.workers,
-        max_connections: None,
+        max_connections: Some(config.max_connections),
         name: "keel-log".into(),
+    };
+    let limits = keel_serve::AppLimits {
+        header_timeout: config.header_timeout,
+        // The acceptor holds the connection limit for every serving thread.
+        max_connections: None,
     };
     let grace = config.shutdown_grace;
     let stop = token.clone();
     let serving = keel_serve::serve(listener, options, token.clone(), move |_, handed| {
-        serve_thread(handed, app.clone(), stop.clone(), grace)
+        serve_thread(handed, app.clone(), limits, stop.clone(), grace)
     });
     let served = keel_serve::http::serve_until(serving, shutdown, async || {
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -82,18 +87,17 @@ pub async fn serve(
 async fn serve_thread(
     handed: keel_serve::Handed,
     app: Router,
+    limits: keel_serve::AppLimits,
     stop: CancellationToken,
     grace: std::time::Duration,
 ) -> std::io::Result<()> {
-    let draining = stop.clone();
-    let server =
-        axum::serve(handed, app).with_graceful_shutdown(async move { draining.cancelled().await });
+    let server = keel_serve::serve_app(handed, app, limits, stop.clone());
     let deadline = async {
         stop.cancelled().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        served = server => served,
+        () = server => Ok(()),
         () = deadline => {
             tracing::warn!(?grace, "grace period over; dropping the connections still open");
             Ok(())

@@ -38,6 +38,13 @@ pub struct RegistryConfig {
     pub notify_queue: usize,
     /// The largest request body. Default 64 KiB.
     pub max_body_bytes: u64,
+    /// Connections open at once; more wait in the accept backlog until one closes.
+    /// Default 1024.
+    pub max_connections: usize,
+    /// How long a request head may take to arrive before the connection is closed.
+    /// Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
     /// Instances the registry holds at most; a registration of one more is 507
     /// `registry_full` (updating a registered instance is always accepted). Default
     /// 10 000.
@@ -62,6 +69,8 @@ impl Default for RegistryConfig {
             notify_queue: 1024,
             max_body_bytes: 64 * 1024,
             max_instances: 10_000,
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
             max_watch_wait: Duration::from_secs(300),
         }
     }
@@ -79,6 +88,7 @@ impl RegistryConfig {
             ("check_timeout", self.check_timeout),
             ("notify_timeout", self.notify_timeout),
             ("max_watch_wait", self.max_watch_wait),
+            ("header_timeout", self.header_timeout),
         ];
         for (field, value) in positive {
             if value.is_zero() {
@@ -92,6 +102,7 @@ impl RegistryConfig {
             ("check_workers", self.check_workers),
             ("notify_queue", self.notify_queue),
             ("max_instances", self.max_instances),
+            ("max_connections", self.max_connections),
         ] {
             if value == 0 {
                 return Err(InvalidConfig::new(field, "must be at least 1"));

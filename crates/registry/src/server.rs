@@ -50,6 +50,10 @@ pub async fn run(
         Arc::clone(&checks),
         token.clone(),
     ));
+    let limits = keel_serve::AppLimits {
+        header_timeout: config.header_timeout,
+        max_connections: Some(config.max_connections),
+    };
     let app = router(AppState {
         registry,
         config,
@@ -59,15 +63,8 @@ pub async fn run(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let signal = token.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            signal.cancel();
-        })
-        .await
-        .map_err(RegistryError::Serve)?;
-    token.cancel();
+    let serving = keel_serve::serve_app(listener, app, limits, token.clone());
+    keel_serve::http::serve_until(serving, shutdown, async || token.cancel()).await;
     let _ = checker.await;
     tracing::info!("registry stopped");
     Ok(())

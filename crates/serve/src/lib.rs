@@ -23,6 +23,7 @@
 //! shutdown) and of the error a component's config validation returns
 //! ([`InvalidConfig`]). It depends on no other keel crate.
 
+mod app;
 pub mod http;
 mod invalid_config;
 
@@ -41,6 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub use app::{AppLimits, serve_app};
 pub use invalid_config::InvalidConfig;
 
 /// How many threads serve, and how many connections may be open at once.

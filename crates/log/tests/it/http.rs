@@ -337,3 +337,81 @@ async fn issue_15_topic_creation_should_stop_at_max_topics() {
     let topics = json_of(client.get(server.url("/v1/topics"))).await;
     assert_eq!(topics["topics"].as_array().unwrap().len(), 3, "{topics}");
 }
+
+/// Whether the server closes `stream` (end of stream or a reset, after any answer)
+/// within ten seconds.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn issue_15_half_sent_heads_should_be_closed_at_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(keel_log::LogServiceConfig {
+        header_timeout: Duration::from_millis(300),
+        ..crate::support::config(dir.path())
+    })
+    .await;
+    let mut half_sent = Vec::new();
+    for _ in 0..5 {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n")
+            .await
+            .unwrap();
+        half_sent.push(stream);
+    }
+    for stream in &mut half_sent {
+        assert!(
+            closed_by_server(stream).await,
+            "a half-sent head holds its connection"
+        );
+    }
+    let healthy = http().get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(healthy.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn issue_15_connections_past_max_connections_should_wait_for_a_free_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(keel_log::LogServiceConfig {
+        max_connections: 2,
+        ..crate::support::config(dir.path())
+    })
+    .await;
+    let hogs = [
+        tokio::net::TcpStream::connect(server.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(server.addr).await.unwrap(),
+    ];
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let waited = client
+        .get(server.url("/healthz"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(
+        waited.is_err(),
+        "a third connection is not served while two are open"
+    );
+    drop(hogs);
+    let served = client
+        .get(server.url("/healthz"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+}

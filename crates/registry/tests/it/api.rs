@@ -611,3 +611,56 @@ async fn issue_15_registrations_should_be_bounded() {
         assert_eq!(error["error"]["field"], field, "{error}");
     }
 }
+
+#[tokio::test]
+async fn issue_15_half_sent_heads_and_extra_connections_should_not_hold_the_registry() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let registry = TestRegistry::start(RegistryConfig {
+        header_timeout: Duration::from_millis(300),
+        max_connections: 4,
+        ..fast_config()
+    })
+    .await;
+    // Half-sent heads are closed at the header timeout.
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(registry.addr).await.unwrap();
+        stream
+            .write_all(b"POST /services HTTP/1.1\r\nhost: t\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("a half-sent head holds its connection"),
+            }
+        }
+    }
+    // Past max_connections, a client waits until a connection closes.
+    let hogs: Vec<_> =
+        futures::future::join_all((0..4).map(|_| tokio::net::TcpStream::connect(registry.addr)))
+            .await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let waited = client
+        .get(registry.url("/healthz"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(
+        waited.is_err(),
+        "a fifth connection is not served while four are open"
+    );
+    drop(hogs);
+    let served = client
+        .get(registry.url("/healthz"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+}
