@@ -105,7 +105,10 @@ async fn send_batches(
     let mut reported = 0;
     while queue.recv_many(&mut batch, BATCH).await > 0 {
         let dropped = stats.dropped();
-        if dropped > reported {
+        // The report of earlier drops is the shipper's own line: when it cannot be
+        // delivered either it is written anew next time, never counted as a drop.
+        let reporting = dropped > reported;
+        if reporting {
             batch.push(format!(
                 "WARN keel line shipping: {} lines were dropped",
                 dropped - reported
@@ -133,9 +136,8 @@ async fn send_batches(
                 reported = dropped;
             }
             _ => {
-                stats
-                    .dropped
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let lines = batch.len() - usize::from(reporting);
+                stats.dropped.fetch_add(lines as u64, Ordering::Relaxed);
                 // Do not hammer a log service that is down; lines keep being counted.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -147,6 +149,24 @@ async fn send_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drop_count_should_be_exact_however_lines_are_batched() {
+        let shipper = Shipper::resolving(|| None, "logs", 16);
+        shipper.ship("first".into());
+        while shipper.stats().dropped() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The next batch carries the report of the first drop as well: when that
+        // fails too, only the two lines count.
+        shipper.ship("second".into());
+        shipper.ship("third".into());
+        while shipper.stats().dropped() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(shipper.stats().dropped(), 3);
+    }
 
     #[tokio::test]
     async fn lines_should_be_dropped_and_counted_while_no_log_service_is_known() {
