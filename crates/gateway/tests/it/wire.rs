@@ -143,12 +143,22 @@ async fn scripted<F>(answer: F) -> SocketAddr
 where
     F: Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static,
 {
+    scripted_reporting(answer).await.0
+}
+
+/// [`scripted`], also saying each time the writing of an answer it closes after has
+/// ended, whole or cut short.
+async fn scripted_reporting<F>(answer: F) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>)
+where
+    F: Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let answer = std::sync::Arc::new(answer);
+    let (ended, endings) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let answer = std::sync::Arc::clone(&answer);
+            let (answer, ended) = (std::sync::Arc::clone(&answer), ended.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -163,14 +173,18 @@ where
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end + 4);
                     let (bytes, close) = answer(&head);
-                    if stream.write_all(&bytes).await.is_err() || close {
+                    let written = stream.write_all(&bytes).await;
+                    if close {
+                        let _ = ended.send(());
+                    }
+                    if written.is_err() || close {
                         return;
                     }
                 }
             });
         }
     });
-    addr
+    (addr, endings)
 }
 
 /// A gateway routing `service` to `upstream`, answering already.
@@ -510,35 +524,17 @@ async fn issue_15_a_slow_upload_should_get_408_and_never_eject_the_instance() {
 
 #[tokio::test]
 async fn issue_15_a_client_that_stops_reading_should_not_hold_its_upstream_connection() {
-    // An upstream that sends a 64 MiB answer and says when its connection is gone.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    let (gone, upstream_gone) = tokio::sync::mpsc::unbounded_channel::<()>();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let gone = gone.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut chunk = [0u8; 4096];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                if String::from_utf8_lossy(&head).contains("/ready") {
-                    let _ = stream.write_all(&ok("ready")).await;
-                    return;
-                }
-                let total = 64 * 1024 * 1024;
-                let mut out =
-                    format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n").into_bytes();
-                out.resize(out.len() + total, b'x');
-                let _ = stream.write_all(&out).await;
-                let _ = gone.send(());
-            });
+    // An upstream that sends a 64 MiB answer and says when its writing ended.
+    let (upstream, mut upstream_gone) = scripted_reporting(|head| {
+        if head.contains("/ready") {
+            return (ok("ready"), false);
         }
-    });
+        let total = 64 * 1024 * 1024;
+        let mut out = format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n").into_bytes();
+        out.resize(out.len() + total, b'x');
+        (out, true)
+    })
+    .await;
     let (_registry, gateway) = routed_with("big", upstream, |config| {
         config.send_timeout = Duration::from_millis(300);
     })
@@ -550,7 +546,6 @@ async fn issue_15_a_client_that_stops_reading_should_not_hold_its_upstream_conne
     // The client reads nothing. Its socket buffers fill, the gateway's writes block,
     // and past the send timeout the gateway lets go of both connections: the
     // upstream's write of its answer ends (failed, or cut short).
-    let mut upstream_gone = upstream_gone;
     tokio::time::timeout(STEP, upstream_gone.recv())
         .await
         .expect("the gateway let go of the upstream connection");

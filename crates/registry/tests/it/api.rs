@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use keel_registry::RegistryConfig;
 
-use crate::support::{Instance, TestRegistry, fast_config};
+use crate::support::{BlackHole, Instance, TestRegistry, fast_config};
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -222,14 +222,7 @@ async fn unreachable_dependent_should_not_delay_the_others() {
     })
     .await;
     // A dependent whose update URL accepts connections and never answers.
-    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ghost_addr = black_hole.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((connection, _)) = black_hole.accept().await {
-            held.push(connection);
-        }
-    });
+    let (ghost_addr, _hole) = BlackHole::start().await;
     let ghost = json!({"name": "ghost", "addr": ghost_addr.to_string(), "required_services": ["log"],
         "update_url": format!("http://{ghost_addr}/services")});
     register(&registry, &ghost).await;
@@ -238,7 +231,6 @@ async fn unreachable_dependent_should_not_delay_the_others() {
     let log = Instance::start().await;
     register(&registry, &log.dialect_a("log", &[])).await;
     assert_eq!(visit.next().await.0, Method::POST);
-    held.abort();
 }
 
 #[tokio::test]
@@ -494,14 +486,7 @@ async fn shutdown_should_end_open_watch_streams_instead_of_waiting_for_them() {
 #[tokio::test]
 async fn issue_15_slow_checks_should_delay_neither_ttl_reaping_nor_shutdown() {
     // A heartbeat URL that accepts connections and never answers.
-    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hole = black_hole.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((connection, _)) = black_hole.accept().await {
-            held.push(connection);
-        }
-    });
+    let (hole, _hole) = BlackHole::start().await;
     let registry = TestRegistry::start(RegistryConfig {
         check_workers: 2,
         check_timeout: Duration::from_secs(60),
@@ -524,7 +509,6 @@ async fn issue_15_slow_checks_should_delay_neither_ttl_reaping_nor_shutdown() {
     .await;
     // Shutdown does not wait for the checks under way.
     registry.stop_within(Duration::from_secs(5)).await;
-    held.abort();
 }
 
 #[tokio::test]

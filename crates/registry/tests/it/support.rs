@@ -148,3 +148,28 @@ impl Instance {
         serde_json::json!({"Name": name, "Addr": self.addr.to_string(), "RequiredServices": required})
     }
 }
+
+/// A listener that accepts connections and never answers on them; it stops when
+/// dropped.
+pub(crate) struct BlackHole(tokio::task::JoinHandle<()>);
+
+impl BlackHole {
+    /// Its address, and the guard that keeps it running.
+    pub(crate) async fn start() -> (SocketAddr, Self) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = listener.accept().await {
+                held.push(connection);
+            }
+        });
+        (addr, Self(task))
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
