@@ -28,6 +28,16 @@ pub enum LogServiceError {
         /// The topic.
         topic: String,
     },
+    /// The topic's log failed to open when the service started.
+    #[error(
+        "topic {topic:?} is unavailable: its log failed to open ({source}); repair or remove its directory and restart the service"
+    )]
+    TopicUnavailable {
+        /// The topic.
+        topic: String,
+        /// Why it failed to open.
+        source: Arc<LogError>,
+    },
     /// A topic name breaks the naming rules.
     #[error("invalid topic name {name:?}: {reason}")]
     InvalidTopic {
@@ -92,6 +102,7 @@ impl LogServiceError {
                 _ => "internal",
             },
             Self::UnknownTopic { .. } => "unknown_topic",
+            Self::TopicUnavailable { .. } => "topic_unavailable",
             Self::InvalidTopic { .. } => "invalid_topic",
             Self::BadRequest(_) => "bad_request",
             Self::BodyTooLarge { .. } => "body_too_large",
@@ -113,6 +124,7 @@ impl LogServiceError {
                 _ => tonic::Code::Internal,
             },
             Self::UnknownTopic { .. } => tonic::Code::NotFound,
+            Self::TopicUnavailable { .. } => tonic::Code::Unavailable,
             Self::InvalidTopic { .. } | Self::BadRequest(_) => tonic::Code::InvalidArgument,
             Self::BodyTooLarge { .. } => tonic::Code::InvalidArgument,
             Self::Overloaded { .. } | Self::TooManyTopics { .. } => tonic::Code::ResourceExhausted,
@@ -130,6 +142,7 @@ impl LogServiceError {
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Self::UnknownTopic { .. } => StatusCode::NOT_FOUND,
+            Self::TopicUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidTopic { .. } | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,

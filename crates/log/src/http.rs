@@ -346,10 +346,17 @@ async fn healthz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return LogServiceError::ShuttingDown.into_response();
     }
-    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+    let unavailable: Vec<&str> = state.topics.unavailable().collect();
+    if unavailable.is_empty() {
+        return axum::Json(serde_json::json!({ "status": "ok" })).into_response();
+    }
+    // Serving, so still 200: the other topics work. The listed ones need an operator.
+    axum::Json(serde_json::json!({ "status": "degraded", "unavailable_topics": unavailable }))
+        .into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
-    render_metrics(&state.topics.metrics()).response()
+    let unavailable = state.topics.unavailable().count();
+    render_metrics(&state.topics.metrics(), unavailable).response()
 }

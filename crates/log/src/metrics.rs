@@ -156,8 +156,14 @@ const GAUGES: [Family<TopicInfo>; 4] = [
 pub(crate) type TopicFigures = (String, std::sync::Arc<TopicMetrics>, TopicInfo);
 
 /// Renders every topic's figures in the Prometheus text format.
-pub(crate) fn render_metrics(all: &[TopicFigures]) -> Prometheus {
+pub(crate) fn render_metrics(all: &[TopicFigures], unavailable: usize) -> Prometheus {
     let mut out = Prometheus::default();
+    out.family(
+        "keel_log_unavailable_topics",
+        "gauge",
+        "Topics whose logs failed to open at start.",
+    )
+    .sample(&[], unavailable);
     for family in &COUNTERS {
         family.write(
             &mut out,

@@ -19,6 +19,9 @@ pub struct Topics {
     config: LogServiceConfig,
     limits: WriterLimits,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Topics whose logs failed to open at start, with why: they answer
+    /// `topic_unavailable` until an operator repairs them and restarts.
+    unavailable: BTreeMap<String, Arc<keel_commitlog::LogError>>,
     /// Serializes topic creation, so two first writes cannot open one log twice.
     creating: tokio::sync::Mutex<()>,
     runtime: tokio::runtime::Handle,
@@ -29,10 +32,14 @@ impl Topics {
     /// topics. Async because the topics' writers use the runtime's timers; opening
     /// runs recovery, which reads the active segments.
     ///
+    /// A topic that fails to open (a corrupt sealed segment, say) does not stop the
+    /// others: it is logged as an error, listed by `/healthz` and the
+    /// `keel_log_unavailable_topics` gauge, and answers `topic_unavailable` naming the
+    /// cause until it is repaired and the service restarted.
+    ///
     /// # Errors
     ///
-    /// A topic that fails to open (for example a corrupt sealed segment) fails the
-    /// whole start: serving some topics while silently missing another would be worse.
+    /// The topics directory cannot be created or read.
     pub async fn open(config: LogServiceConfig) -> Result<Self, LogServiceError> {
         let root = config.data_dir.join("topics");
         std::fs::create_dir_all(&root).map_err(|source| {
@@ -49,10 +56,11 @@ impl Topics {
             enqueue_timeout: config.enqueue_timeout,
             max_batch_bytes: config.max_batch_bytes as usize,
         };
-        let topics = Self {
+        let mut topics = Self {
             root,
             limits,
             topics: RwLock::new(BTreeMap::new()),
+            unavailable: BTreeMap::new(),
             creating: tokio::sync::Mutex::new(()),
             runtime: tokio::runtime::Handle::current(),
             config,
@@ -75,9 +83,18 @@ impl Topics {
         names.push(topics.config.default_topic.clone());
         names.push(topics.config.log_sink_topic.clone());
         for name in names {
-            if !topics.map().contains_key(&name) {
-                let topic = topics.open_topic(&name)?;
-                topics.map_mut().insert(name, topic);
+            if topics.map().contains_key(&name) || topics.unavailable.contains_key(&name) {
+                continue;
+            }
+            match topics.open_topic(&name) {
+                Ok(topic) => {
+                    topics.map_mut().insert(name, topic);
+                }
+                Err(LogServiceError::Log { source, .. }) => {
+                    tracing::error!(topic = name, error = %source, "topic unavailable: it failed to open; the other topics serve");
+                    topics.unavailable.insert(name, source);
+                }
+                Err(other) => return Err(other),
             }
         }
         Ok(topics)
@@ -116,6 +133,12 @@ impl Topics {
     /// [`LogServiceError::InvalidTopic`]; [`LogServiceError::UnknownTopic`] when it does not exist.
     pub(crate) fn get(&self, name: &str) -> Result<Arc<Topic>, LogServiceError> {
         let name = self.resolve(name)?;
+        if let Some(source) = self.unavailable.get(name) {
+            return Err(LogServiceError::TopicUnavailable {
+                topic: name.to_owned(),
+                source: Arc::clone(source),
+            });
+        }
         self.map()
             .get(name)
             .cloned()
@@ -172,6 +195,11 @@ impl Topics {
         }
         validate_topic_name(name)?;
         Ok(name)
+    }
+
+    /// The topics that failed to open at start, by name.
+    pub fn unavailable(&self) -> impl Iterator<Item = &str> {
+        self.unavailable.keys().map(String::as_str)
     }
 
     /// Every topic with its offsets and size, by name.

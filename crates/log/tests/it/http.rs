@@ -415,3 +415,56 @@ async fn issue_15_connections_past_max_connections_should_wait_for_a_free_slot()
         .unwrap();
     assert_eq!(served.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn issue_15_a_topic_that_cannot_open_should_not_stop_the_others() {
+    let mut server = TestServer::start().await;
+    let client = http();
+    for topic in ["good", "bad"] {
+        let appended = client
+            .post(server.url(&format!("/v1/topics/{topic}/records")))
+            .body("kept")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(appended.status(), StatusCode::OK);
+    }
+    server.stop().await;
+    let dir = server.take_dir();
+    // The bad topic's only segment gets a store header of another format.
+    let store = dir.path().join("topics/bad/00000000000000000000.log");
+    let mut bytes = std::fs::read(&store).unwrap();
+    bytes[..4].copy_from_slice(b"JUNK");
+    std::fs::write(&store, bytes).unwrap();
+
+    let server = TestServer::start_on(server.addr, crate::support::config(dir.path())).await;
+    let good = json_of(client.get(server.url("/v1/topics/good/records/0"))).await;
+    assert_eq!(good["record"]["text"], "kept", "{good}");
+    let message = expect_error(
+        client.get(server.url("/v1/topics/bad/records/0")),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "topic_unavailable",
+    )
+    .await;
+    assert!(message.contains("00000000000000000000.log"), "{message}");
+    expect_error(
+        client.post(server.url("/v1/topics/bad/records")).body("x"),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "topic_unavailable",
+    )
+    .await;
+    let health = json_of(client.get(server.url("/healthz"))).await;
+    assert_eq!(health["unavailable_topics"], json!(["bad"]), "{health}");
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("keel_log_unavailable_topics 1"),
+        "{metrics}"
+    );
+}
