@@ -27,6 +27,9 @@ mod relay;
 mod route;
 mod upstream;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::future::Future;
 use std::sync::{Arc, PoisonError};
 

@@ -23,6 +23,9 @@ mod registry;
 mod server;
 mod state;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use config::RegistryConfig;
 pub use error::{RegistryClientError, RegistryError, Result};
 pub use registration::{

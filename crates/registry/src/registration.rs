@@ -129,7 +129,7 @@ impl Registration {
             .map(|text| {
                 humantime::parse_duration(&text)
                     .ok()
-                    .filter(|ttl| !ttl.is_zero())
+                    .filter(|ttl| ttl.as_millis() > 0)
                     .map(|ttl| ttl.as_millis().try_into().unwrap_or(u64::MAX))
                     .ok_or_else(|| {
                         RegistryError::bad_request(
@@ -380,6 +380,20 @@ mod tests {
         assert_eq!(r.ttl_ms, None);
         let ttl = parse(r#"{"name":"x","addr":"h:1","ttl":"15s"}"#).unwrap();
         assert_eq!(ttl.ttl_ms, Some(15_000));
+    }
+
+    #[test]
+    fn issue_15_a_ttl_under_a_millisecond_should_be_refused() {
+        // Found by fuzzing: "1us" was taken as a TTL of 0 ms, which the canonical
+        // form then wrote as "0ms" and refused to read back.
+        let err = parse(r#"{"name":"x","addr":"h:1","ttl":"1us"}"#).unwrap_err();
+        assert_eq!(field_of(err), "ttl");
+        assert_eq!(
+            parse(r#"{"name":"x","addr":"h:1","ttl":"1ms"}"#)
+                .unwrap()
+                .ttl_ms,
+            Some(1)
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! ([`InvalidConfig`]). It depends on no other keel crate.
 
 mod app;
+pub mod fuzz;
 pub mod http;
 mod invalid_config;
 

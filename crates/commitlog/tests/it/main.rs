@@ -4,6 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod crash;
+mod fuzz;
 mod log;
 mod model;
 mod support;
