@@ -21,6 +21,9 @@ pub const MAX_URL: usize = 2048;
 /// The most bytes of metadata (keys and values together) one instance may carry.
 pub const MAX_META_BYTES: usize = 4096;
 
+/// The longest TTL an instance may ask for.
+const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// The most services one instance may require.
 pub const MAX_REQUIRED: usize = 64;
 
@@ -129,12 +132,12 @@ impl Registration {
             .map(|text| {
                 humantime::parse_duration(&text)
                     .ok()
-                    .filter(|ttl| ttl.as_millis() > 0)
+                    .filter(|ttl| ttl.as_millis() > 0 && *ttl <= MAX_TTL)
                     .map(|ttl| ttl.as_millis().try_into().unwrap_or(u64::MAX))
                     .ok_or_else(|| {
                         RegistryError::bad_request(
                             "ttl",
-                            format!("{text:?} is not a duration such as \"15s\""),
+                            format!("{text:?} is not a duration from 1ms to 24h such as \"15s\""),
                         )
                     })
             })
@@ -314,10 +317,21 @@ pub fn base_url(text: &str, field: &'static str) -> Result<String, RegistryError
         _ if explicit => (authority, None),
         _ => return Err(bad()),
     };
-    let host_ok = !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    // A name or an IPv4 address, or an IPv6 address in brackets.
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => {
+            !v6.is_empty()
+                && v6
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        }
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+        }
+    };
     if !host_ok || text.chars().any(char::is_whitespace) {
         return Err(bad());
     }
@@ -383,11 +397,22 @@ mod tests {
     }
 
     #[test]
-    fn issue_15_a_ttl_under_a_millisecond_should_be_refused() {
-        // Found by fuzzing: "1us" was taken as a TTL of 0 ms, which the canonical
-        // form then wrote as "0ms" and refused to read back.
-        let err = parse(r#"{"name":"x","addr":"h:1","ttl":"1us"}"#).unwrap_err();
-        assert_eq!(field_of(err), "ttl");
+    fn issue_15_ttls_and_hosts_found_by_fuzzing_should_be_refused() {
+        // "1us" was taken as a TTL of 0 ms, which the canonical form then wrote as
+        // "0ms" and refused to read back; a TTL of centuries overflowed on the way
+        // back; a host with a stray bracket was taken for a name.
+        for ttl in ["1us", "12121212121215s", "25h"] {
+            let body = format!(r#"{{"name":"x","addr":"h:1","ttl":"{ttl}"}}"#);
+            assert_eq!(field_of(parse(&body).unwrap_err()), "ttl", "{ttl}");
+        }
+        for addr in ["102].0.0.1:9", "[::1:9", "[]:9", "a[b]:9"] {
+            let body = format!(r#"{{"name":"x","addr":"{addr}"}}"#);
+            assert_eq!(field_of(parse(&body).unwrap_err()), "addr", "{addr}");
+        }
+        assert_eq!(
+            parse(r#"{"name":"x","addr":"[::1]:9"}"#).unwrap().url,
+            "http://[::1]:9"
+        );
         assert_eq!(
             parse(r#"{"name":"x","addr":"h:1","ttl":"1ms"}"#)
                 .unwrap()
