@@ -162,8 +162,9 @@ impl Registration {
         let url = base_url(&addr, "Addr")?;
         Ok(Self {
             name,
-            update_url: Some(format!("{url}/services")),
-            heartbeat_url: Some(format!("{url}/heart-beat")),
+            // Derived URLs are held to the same rules as given ones.
+            update_url: Some(base_url(&format!("{url}/services"), "Addr")?),
+            heartbeat_url: Some(base_url(&format!("{url}/heart-beat"), "Addr")?),
             url,
             required_services: names(object, "RequiredServices")?,
             meta: BTreeMap::new(),
@@ -317,21 +318,23 @@ pub fn base_url(text: &str, field: &'static str) -> Result<String, RegistryError
         _ if explicit => (authority, None),
         _ => return Err(bad()),
     };
-    // A name or an IPv4 address, or an IPv6 address in brackets.
-    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        Some(v6) => {
-            !v6.is_empty()
-                && v6
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
-        }
-        None => {
-            !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
-        }
-    };
+    // A name or an IPv4 address, or an IPv6 address in brackets; no longer than a DNS
+    // name may be.
+    let host_ok = host.len() <= 253
+        && match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => {
+                !v6.is_empty()
+                    && v6
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+            }
+            None => {
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+            }
+        };
     if !host_ok || text.chars().any(char::is_whitespace) {
         return Err(bad());
     }
@@ -405,7 +408,8 @@ mod tests {
             let body = format!(r#"{{"name":"x","addr":"h:1","ttl":"{ttl}"}}"#);
             assert_eq!(field_of(parse(&body).unwrap_err()), "ttl", "{ttl}");
         }
-        for addr in ["102].0.0.1:9", "[::1:9", "[]:9", "a[b]:9"] {
+        let long_host = format!("{}:9", "h".repeat(254));
+        for addr in ["102].0.0.1:9", "[::1:9", "[]:9", "a[b]:9", &long_host] {
             let body = format!(r#"{{"name":"x","addr":"{addr}"}}"#);
             assert_eq!(field_of(parse(&body).unwrap_err()), "addr", "{addr}");
         }
@@ -413,6 +417,9 @@ mod tests {
             parse(r#"{"name":"x","addr":"[::1]:9"}"#).unwrap().url,
             "http://[::1]:9"
         );
+        // Dialect A derives its update and heartbeat URLs: they keep to the limits too.
+        let long_path = format!(r#"{{"Name":"x","Addr":"h:9/{}"}}"#, "p".repeat(2030));
+        assert_eq!(field_of(parse(&long_path).unwrap_err()), "Addr");
         assert_eq!(
             parse(r#"{"name":"x","addr":"h:1","ttl":"1ms"}"#)
                 .unwrap()
