@@ -186,7 +186,36 @@ fn read_u64(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        // Fuzzing the frame decoder: any bytes, whole frames damaged or not, never a
+        // panic, and a frame found is within the bytes and carries the offset asked
+        // for. `PROPTEST_CASES=10000000` runs it long by hand.
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes_should_decode_to_a_frame_within_them_or_an_error(
+            value in proptest::collection::vec(any::<u8>(), 0..64),
+            damage in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            cut in any::<usize>(),
+            offset in 0u64..4,
+        ) {
+            let mut bytes = Vec::new();
+            encode_frame(&mut bytes, 2, 1_700_000_000_000, &value);
+            for (at, byte) in damage {
+                let at = at % bytes.len();
+                bytes[at] = byte;
+            }
+            bytes.truncate(cut % (bytes.len() + 1));
+            if let Ok(frame) = decode_frame(&bytes, offset) {
+                prop_assert!(frame.len() <= bytes.len() as u64);
+                prop_assert_eq!(offset, 2);
+            }
+        }
+    }
 
     fn frame_of(offset: Offset, value: &[u8]) -> Vec<u8> {
         let mut buf = Vec::new();
