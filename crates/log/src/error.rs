@@ -95,6 +95,7 @@ impl LogServiceError {
     /// A stable, machine-readable code for the error.
     pub fn code(&self) -> &'static str {
         match self {
+            Self::Log { source, .. } if is_storage_full(source) => "storage_full",
             Self::Log { source, .. } => match source.as_ref() {
                 LogError::OffsetOutOfRange { .. } => "offset_out_of_range",
                 LogError::RecordTooLarge { .. } => "record_too_large",
@@ -117,6 +118,7 @@ impl LogServiceError {
     /// The gRPC status code for the error.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
+            Self::Log { source, .. } if is_storage_full(source) => tonic::Code::ResourceExhausted,
             Self::Log { source, .. } => match source.as_ref() {
                 LogError::OffsetOutOfRange { .. } => tonic::Code::OutOfRange,
                 LogError::RecordTooLarge { .. } => tonic::Code::InvalidArgument,
@@ -136,6 +138,7 @@ impl LogServiceError {
     /// The HTTP status for the error.
     pub fn http_status(&self) -> StatusCode {
         match self {
+            Self::Log { source, .. } if is_storage_full(source) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Log { source, .. } => match source.as_ref() {
                 LogError::OffsetOutOfRange { .. } => StatusCode::NOT_FOUND,
                 LogError::RecordTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -170,6 +173,12 @@ impl IntoResponse for LogServiceError {
         }
         json_error(status, self.code(), &self.to_string())
     }
+}
+
+/// Whether the log failed because its disk is full (`ENOSPC`): the write was undone,
+/// nothing acknowledged is lost, and the client may retry once space is freed.
+pub(crate) fn is_storage_full(err: &LogError) -> bool {
+    matches!(err, LogError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
 }
 
 impl From<BodyError> for LogServiceError {

@@ -45,6 +45,8 @@ pub(crate) struct TopicMetrics {
     /// Commits made by a serving thread instead of the writer thread.
     pub(crate) inline_commits: AtomicU64,
     pub(crate) failed_commits: AtomicU64,
+    /// Commits that failed because the disk was full.
+    pub(crate) storage_full: AtomicU64,
     /// Time of each group commit: the write and, under `always`, the fsync.
     pub(crate) commit_latency: Histogram,
     pub(crate) consumers: AtomicI64,
@@ -86,7 +88,7 @@ impl<T> Family<T> {
     }
 }
 
-const COUNTERS: [Family<TopicMetrics>; 6] = [
+const COUNTERS: [Family<TopicMetrics>; 7] = [
     Family {
         name: "keel_log_appended_records_total",
         kind: "counter",
@@ -116,6 +118,12 @@ const COUNTERS: [Family<TopicMetrics>; 6] = [
         kind: "counter",
         help: "Group commits that failed.",
         value: |m| m.failed_commits.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_storage_full_total",
+        kind: "counter",
+        help: "Group commits refused because the disk was full (undone; retry once space is freed).",
+        value: |m| m.storage_full.load(Ordering::Relaxed) as f64,
     },
     Family {
         name: "keel_log_consumers",

@@ -391,6 +391,9 @@ impl Committer {
             }
             Err(err) => {
                 self.metrics.failed_commits.fetch_add(1, Ordering::Relaxed);
+                if crate::error::is_storage_full(err) {
+                    self.metrics.storage_full.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::error!(topic = self.topic, error = %err, "append failed");
             }
         }

@@ -468,3 +468,94 @@ async fn issue_15_a_topic_that_cannot_open_should_not_stop_the_others() {
         "{metrics}"
     );
 }
+
+/// A tmpfs of a few hundred KiB on a temp dir, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` where mounting is not allowed (it needs root).
+    fn mount() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k", "keel-test-disk"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        mounted.then_some(Self { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn issue_15_a_full_disk_should_answer_507_storage_full_and_lose_nothing() {
+    let Some(disk) = SmallDisk::mount() else {
+        eprintln!(
+            "skipping issue_15_a_full_disk_should_answer_507_storage_full_and_lose_nothing: cannot mount a tmpfs here (needs root)"
+        );
+        return;
+    };
+    let mut config = crate::support::config(disk.dir.path());
+    config.log.preallocate_bytes = 0;
+    let server = TestServer::start_with(config).await;
+    let client = http();
+    let url = server.url("/v1/topics/t/records");
+    let mut acknowledged = 0;
+    let full = loop {
+        assert!(
+            acknowledged < 100,
+            "a 512 KiB disk took 100 records of 64 KiB"
+        );
+        let response = client
+            .post(&url)
+            .body(vec![b'r'; 64 * 1024])
+            .send()
+            .await
+            .unwrap();
+        if response.status() != StatusCode::OK {
+            break response;
+        }
+        acknowledged += 1;
+    };
+    assert_eq!(full.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let body: Value = full.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "storage_full", "{body}");
+    // Retryable: the write was undone and the topic takes the next request as usual.
+    expect_error(
+        client.post(&url).body(vec![b'r'; 64 * 1024]),
+        StatusCode::INSUFFICIENT_STORAGE,
+        "storage_full",
+    )
+    .await;
+    for offset in 0..acknowledged {
+        let record = client
+            .get(server.url(&format!("/v1/topics/t/records/{offset}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(record.status(), StatusCode::OK, "record {offset}");
+    }
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("keel_log_storage_full_total{topic=\"t\"} 2"),
+        "{metrics}"
+    );
+    drop(server);
+}
