@@ -38,9 +38,6 @@ pub enum RegistryError {
     /// The HTTP client for health checks and notifications could not be built.
     #[error("building the HTTP client failed: {0}")]
     HttpClient(#[source] reqwest::Error),
-    /// Serving the HTTP API failed.
-    #[error("serving the registry failed: {0}")]
-    Serve(#[source] std::io::Error),
 }
 
 impl RegistryError {
@@ -58,7 +55,7 @@ impl RegistryError {
             Self::UnknownInstance { .. } => "unknown_instance",
             Self::Full { .. } => "registry_full",
             Self::InvalidConfig(_) => "invalid_config",
-            Self::HttpClient(_) | Self::Serve(_) => "internal",
+            Self::HttpClient(_) => "internal",
         }
     }
 }

@@ -96,7 +96,7 @@ impl IntoResponse for RegistryError {
                 None,
                 &self.to_string(),
             ),
-            Self::InvalidConfig(_) | Self::HttpClient(_) | Self::Serve(_) => {
+            Self::InvalidConfig(_) | Self::HttpClient(_) => {
                 tracing::error!(error = %self, "internal error");
                 error(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -21,8 +21,8 @@ use crate::registry::Registry;
 /// # Errors
 ///
 /// [`RegistryError::InvalidConfig`] for a setting out of range;
-/// [`RegistryError::HttpClient`] and [`RegistryError::Serve`] when starting or serving
-/// fails.
+/// [`RegistryError::HttpClient`] when the health checker's HTTP client cannot be
+/// built.
 pub async fn run(
     listener: TcpListener,
     config: RegistryConfig,
