@@ -114,7 +114,7 @@ impl Registry {
             let known = state
                 .instance(&registration.name, registration.id())
                 .is_some();
-            if !known && state.all().count() >= self.max_instances {
+            if !known && state.len() >= self.max_instances {
                 return Err(RegistryError::Full {
                     max: self.max_instances,
                 });

@@ -315,6 +315,16 @@ impl RegistryState {
             .collect()
     }
 
+    /// How many instances are registered, of every service.
+    pub fn len(&self) -> usize {
+        self.services.values().map(BTreeMap::len).sum()
+    }
+
+    /// Whether no instance is registered.
+    pub fn is_empty(&self) -> bool {
+        self.services.values().all(BTreeMap::is_empty)
+    }
+
     /// Every instance of every service, by service name then id.
     pub fn all(&self) -> impl Iterator<Item = &Instance> {
         self.services.values().flat_map(BTreeMap::values)

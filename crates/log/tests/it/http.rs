@@ -37,6 +37,18 @@ async fn expect_error(request: reqwest::RequestBuilder, status: StatusCode, code
     message
 }
 
+/// The service's `/metrics` text.
+async fn metrics_of(client: &reqwest::Client, server: &TestServer) -> String {
+    client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn json_of(request: reqwest::RequestBuilder) -> Value {
     let response = request.send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -281,14 +293,7 @@ async fn healthz_and_metrics_should_report_the_service() {
         .send()
         .await
         .unwrap();
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&client, &server).await;
     assert!(
         metrics.contains("keel_log_appended_records_total{topic=\"logs\"} 1"),
         "{metrics}"
@@ -455,14 +460,7 @@ async fn issue_15_a_topic_that_cannot_open_should_not_stop_the_others() {
     .await;
     let health = json_of(client.get(server.url("/healthz"))).await;
     assert_eq!(health["unavailable_topics"], json!(["bad"]), "{health}");
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&client, &server).await;
     assert!(
         metrics.contains("keel_log_unavailable_topics 1"),
         "{metrics}"
@@ -545,14 +543,7 @@ async fn issue_15_a_full_disk_should_answer_507_storage_full_and_lose_nothing() 
             .unwrap();
         assert_eq!(record.status(), StatusCode::OK, "record {offset}");
     }
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&client, &server).await;
     assert!(
         metrics.contains("keel_log_storage_full_total{topic=\"t\"} 2"),
         "{metrics}"
