@@ -153,8 +153,9 @@ pub enum Corruption {
         /// The store position the entry holds.
         position: u32,
     },
-    /// A sealed segment holds fewer records than its successor's base implies.
-    #[error("sealed segment ends after {found} records, expected {expected}")]
+    /// A segment holds fewer records than its index lists, or than its successor's
+    /// base implies.
+    #[error("segment ends after {found} records, expected {expected}")]
     MissingRecords {
         /// The records the segment should hold.
         expected: u64,

@@ -24,6 +24,9 @@ mod trim;
 const LOCK_FILE: &str = "LOCK";
 /// Pending index entries of the active segment are written out at this size.
 const INDEX_FLUSH_BYTES: usize = 64 * 1024;
+/// Index entries of records not yet synced wait for a sync (an entry on disk vouches
+/// that its record was synced); past this size the writer syncs to write them out.
+const UNSYNCED_INDEX_BYTES: usize = 1024 * 1024;
 
 /// A durable, segmented, append-only log of records in one directory.
 ///
@@ -78,9 +81,12 @@ struct Active {
     base: Offset,
     count: u64,
     store_len: u64,
+    /// Records whose frames were synced (or found on disk by recovery, which syncs
+    /// them): the index file may hold entries for these only.
+    synced: u64,
     /// Entries already in the index file.
     index_written: u64,
-    /// Encoded entries not yet written to the index file.
+    /// Encoded entries not yet written to the index file, from `index_written` on.
     index_pending: Vec<u8>,
     /// Length of the store file: `store_len` plus zero-filled space allocated
     /// ahead of the writer (see [`LogConfig::preallocate_bytes`]).
@@ -106,6 +112,7 @@ impl Active {
             base,
             count,
             store_len,
+            synced: count,
             index_written,
             index_pending: Vec::new(),
             allocated: allocated.max(store_len),
@@ -131,6 +138,12 @@ impl Active {
         self.base + self.count
     }
 
+    /// Bytes of pending index entries whose records are not synced yet.
+    fn unsynced_index_bytes(&self) -> usize {
+        let unsynced = self.count - self.synced.max(self.index_written);
+        (unsynced * format::INDEX_ENTRY_LEN) as usize
+    }
+
     /// Whether one more frame of `frame_len` bytes fits, given `extra` records of
     /// `extra_bytes` already planned for this segment. An empty segment takes any
     /// record, so a record larger than `segment_bytes` still has a home.
@@ -152,11 +165,29 @@ impl Log {
     /// another `Log` has the directory; [`LogError::Corrupt`] for damage inside a
     /// sealed segment; I/O errors.
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Self> {
+        Self::open_in(dir.as_ref(), config, recovery::Mode::Refuse)
+    }
+
+    /// Opens the log in `dir` like [`Log::open`], but where `open` would fail with
+    /// [`LogError::Corrupt`], cuts the log at the first damaged record instead: that
+    /// record and every later one are dropped, and their offsets will be handed out
+    /// again. [`Log::recovery`] says what was cut. This is an operator's decision
+    /// (`keel log repair`), never an automatic one: the records it drops may have
+    /// been acknowledged.
+    ///
+    /// # Errors
+    ///
+    /// As [`Log::open`], except for damage to records: a store header that is not
+    /// this format's is still refused.
+    pub fn open_repairing(dir: impl AsRef<Path>, config: LogConfig) -> Result<Self> {
+        Self::open_in(dir.as_ref(), config, recovery::Mode::Repair)
+    }
+
+    fn open_in(dir: &Path, config: LogConfig, mode: recovery::Mode) -> Result<Self> {
         config.validate()?;
-        let dir = dir.as_ref();
         fs::create_dir_all(dir).at(dir)?;
         let lock = lock_dir(dir)?;
-        let opened = recovery::open_dir(dir)?;
+        let opened = recovery::open_dir(dir, mode)?;
 
         let last_timestamp_ms = opened
             .sealed
@@ -296,6 +327,9 @@ impl Log {
             return Ok(first..first);
         }
         if self.active.index_pending.len() >= INDEX_FLUSH_BYTES {
+            if self.active.unsynced_index_bytes() >= UNSYNCED_INDEX_BYTES {
+                self.sync_store()?;
+            }
             self.flush_index()?;
         }
         let timestamp_ms = self.timestamp();
@@ -327,8 +361,8 @@ impl Log {
     /// I/O errors; after a failed sync the log refuses writes ([`LogError::Failed`]).
     pub fn sync(&mut self) -> Result<()> {
         self.check_writable()?;
-        self.flush_index()?;
-        self.sync_store()
+        self.sync_store()?;
+        self.flush_index()
     }
 
     /// Flushes and syncs everything and releases the directory.
@@ -355,14 +389,14 @@ impl Log {
         self.closed = true;
         self.sealer.finish();
         self.check_writable()?;
+        self.active.trim()?;
+        self.sync_store()?;
         self.flush_index()?;
         self.active
             .files
             .index
             .sync_data()
-            .at(&self.active.files.index_path)?;
-        self.active.trim()?;
-        self.sync_store()
+            .at(&self.active.files.index_path)
     }
 
     fn check_writable(&mut self) -> Result<()> {
@@ -432,7 +466,8 @@ impl Log {
             });
         }
         active.dirty = true;
-        if self.config.sync == SyncPolicy::Always {
+        let synced = self.config.sync == SyncPolicy::Always;
+        if synced {
             self.sync_store()?;
         }
 
@@ -450,6 +485,9 @@ impl Log {
         }
         active.count += self.positions.len() as u64;
         active.store_len = store_len;
+        if synced {
+            active.synced = active.count;
+        }
         self.shared.set_next(active.next());
         tracing::trace!(
             next_offset = active.next(),

@@ -12,8 +12,13 @@
 //!
 //! A segment flagged durable by the sealer was synced whole, so damage inside it is
 //! not a crash shape but corruption: the log refuses to open rather than guess.
-//! Damage at the end of the active segment, or of a sealed segment the sealer had not
-//! finished, is what a crash leaves, and is cut.
+//! The same holds for any record the index lists: the writer writes an index entry
+//! only after its record was synced, so damage before a listed record is corruption
+//! too, wherever it is. Damage past the last listed record of the active segment, or
+//! of a sealed segment the sealer had not finished, is what a crash leaves, and is cut.
+//!
+//! [`Mode::Repair`] is the operator's way out of a corruption error: it cuts the log
+//! at the first damage, whatever vouched for the records after it.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -25,7 +30,7 @@ use crate::Offset;
 use crate::error::{Corruption, IoContext, LogError, Result};
 use crate::files::{create_segment, len_of, open_rw, sync_dir};
 use crate::format::{self, HEADER_LEN, INDEX_MAGIC, STORE_MAGIC};
-use crate::scan::{is_zero_filled, scan_store};
+use crate::scan::{Scan, is_zero_filled, scan_store};
 use crate::sealer;
 use crate::segment::{self, Segment, SegmentFiles, Tail};
 
@@ -131,8 +136,17 @@ pub(crate) struct ActiveParts {
     pub(crate) allocated: u64,
 }
 
+/// How recovery treats damage that is not a crash shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Refuse to open: [`LogError::Corrupt`] names the file and position.
+    Refuse,
+    /// Cut the log at the first damage: the records from there on are dropped.
+    Repair,
+}
+
 /// Finds, checks and repairs the segments in `dir`.
-pub(crate) fn open_dir(dir: &Path) -> Result<Opened> {
+pub(crate) fn open_dir(dir: &Path, mode: Mode) -> Result<Opened> {
     let mut report = RecoveryReport::default();
     let mut found: BTreeMap<Offset, (bool, bool)> = BTreeMap::new();
     for entry in fs::read_dir(dir).at(dir)? {
@@ -186,7 +200,7 @@ pub(crate) fn open_dir(dir: &Path) -> Result<Opened> {
     let mut active_base = active_base;
     for (i, &base) in sealed_bases.iter().enumerate() {
         let next_base = bases[i + 1];
-        match open_sealed(dir, base, next_base - base, &mut report)? {
+        match open_sealed(dir, base, next_base - base, mode, &mut report)? {
             Some(segment) => sealed.push(Arc::new(segment)),
             None => {
                 // A crash cut this segment before the sealer made it durable, so the
@@ -211,7 +225,7 @@ pub(crate) fn open_dir(dir: &Path) -> Result<Opened> {
             }
         }
     }
-    let active = open_active(dir, active_base, &mut report)?;
+    let active = open_active(dir, active_base, mode, &mut report)?;
     report.segments = sealed.len() + 1;
     Ok(Opened {
         sealed,
@@ -274,6 +288,7 @@ fn open_sealed(
     dir: &Path,
     base: Offset,
     count: u64,
+    mode: Mode,
     report: &mut RecoveryReport,
 ) -> Result<Option<Segment>> {
     let (files, index_existed) = open_files(dir, base)?;
@@ -314,8 +329,14 @@ fn open_sealed(
         store_len = scan.valid_end;
     }
     let complete = scan.stop.is_none() && found == count && scan.valid_end == store_len;
-    if !complete && !durable {
-        return Ok(None);
+    if !complete {
+        if mode == Mode::Repair {
+            return Ok(None);
+        }
+        if !durable {
+            check_unvouched(&files, &scan)?;
+            return Ok(None);
+        }
     }
     if let Some(reason) = scan.stop {
         return Err(LogError::Corrupt {
@@ -433,7 +454,12 @@ fn quick_check_sealed(
     }
 }
 
-fn open_active(dir: &Path, base: Offset, report: &mut RecoveryReport) -> Result<ActiveParts> {
+fn open_active(
+    dir: &Path,
+    base: Offset,
+    mode: Mode,
+    report: &mut RecoveryReport,
+) -> Result<ActiveParts> {
     let (files, index_existed) = open_files(dir, base)?;
     let mut store_len = len_of(&files.store, &files.store_path)?;
     if store_len < HEADER_LEN {
@@ -458,6 +484,9 @@ fn open_active(dir: &Path, base: Offset, report: &mut RecoveryReport) -> Result<
     // No record limit: a lowered `segment_max_records` must never cut data; the
     // writer rolls on its next append instead.
     let scan = scan_store(&files.store, &files.store_path, base, store_len, None)?;
+    if mode == Mode::Refuse && index_existed {
+        check_unvouched(&files, &scan)?;
+    }
     let next_offset = base + scan.positions.len() as u64;
     let mut allocated = store_len;
     let preallocated = scan.valid_end < store_len
@@ -492,6 +521,9 @@ fn open_active(dir: &Path, base: Offset, report: &mut RecoveryReport) -> Result<
         Some(IndexProblem::Missing)
     };
     if let Some(problem) = problem {
+        // The rewritten entries vouch for every record found, which a crash may have
+        // left in the page cache only: sync them first.
+        files.store.sync_data().at(&files.store_path)?;
         rewrite_index(&files, base, &scan.positions)?;
         if matches!(problem, IndexProblem::Short { .. }) {
             tracing::debug!(path = %files.index_path.display(), ?problem, "completed trailing index");
@@ -513,6 +545,60 @@ fn open_active(dir: &Path, base: Offset, report: &mut RecoveryReport) -> Result<
         },
         allocated,
     })
+}
+
+/// Fails with [`LogError::Corrupt`] when the index lists a record the scan did not
+/// find: the writer wrote that entry after the record was synced, so the damage that
+/// stopped the scan cannot be a torn write.
+fn check_unvouched(files: &SegmentFiles, scan: &Scan) -> Result<()> {
+    let found = scan.positions.len() as u64;
+    let listed = listed_records(files)?;
+    if listed <= found {
+        return Ok(());
+    }
+    tracing::error!(
+        path = %files.store_path.display(),
+        position = scan.valid_end,
+        listed,
+        found,
+        "records the index lists as synced are damaged or missing"
+    );
+    Err(LogError::Corrupt {
+        path: files.store_path.clone(),
+        position: scan.valid_end,
+        reason: scan.stop.clone().unwrap_or(Corruption::MissingRecords {
+            expected: listed,
+            found,
+        }),
+    })
+}
+
+/// How many leading entries of an index file are well formed: entry `i` holds
+/// relative offset `i` and a position in the store after the previous one. A store
+/// that is shorter than the positions says records are missing, so the store's
+/// length is not part of the check.
+fn listed_records(files: &SegmentFiles) -> Result<u64> {
+    let len = len_of(&files.index, &files.index_path)?;
+    if len <= HEADER_LEN {
+        return Ok(0);
+    }
+    let mut body = vec![0u8; (len - HEADER_LEN) as usize];
+    files
+        .index
+        .read_exact_at(&mut body, HEADER_LEN)
+        .at(&files.index_path)?;
+    let mut previous = 0u64;
+    let mut listed = 0u64;
+    for entry in body.chunks_exact(format::INDEX_ENTRY_LEN as usize) {
+        let (relative, position) = format::decode_index_entry(entry);
+        let position = u64::from(position);
+        if u64::from(relative) != listed || position < HEADER_LEN.max(previous + 1) {
+            break;
+        }
+        previous = position;
+        listed += 1;
+    }
+    Ok(listed)
 }
 
 /// Compares an index file with the positions a scan found; `None` when it matches.

@@ -103,6 +103,23 @@ struct DemoArgs {
 enum LogCommand {
     /// Run the log service: gRPC (log.v1.Log) and HTTP/JSON on one address.
     Serve(ServeArgs),
+    /// Cut a corrupt topic at its first damaged record, so that the service can
+    /// open it again. Run it only with the service stopped, on a topic the service
+    /// reports `topic_unavailable` because of corrupt data: the damaged record and
+    /// every later one are dropped, and their offsets will be handed out again.
+    /// Prints what was cut. Copy the topic's directory first to keep the evidence.
+    Repair(RepairArgs),
+}
+
+/// Settings of `keel log repair`.
+#[derive(Debug, Args)]
+struct RepairArgs {
+    /// The log service's data directory (the one `keel log serve` runs with).
+    #[arg(long, env = "KEEL_LOG_DATA_DIR", default_value = "keel-data/log")]
+    data_dir: PathBuf,
+    /// The topic to repair.
+    #[arg(long)]
+    topic: String,
 }
 
 /// Settings of `keel log serve`. Each flag overrides the config file and has a
@@ -292,6 +309,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Log {
                 command: LogCommand::Serve(args),
             } => tokio::spawn(serve(args)),
+            Command::Log {
+                command: LogCommand::Repair(args),
+            } => return repair(&args).map_err(Failure::Run),
             Command::Registry {
                 command: RegistryCommand::Serve(args),
             } => tokio::spawn(serve_registry(args)),
@@ -324,6 +344,29 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// `keel log repair`: cuts a topic at its first damage and says what was cut.
+fn repair(args: &RepairArgs) -> anyhow::Result<()> {
+    let report = keel_log::repair_topic(&args.data_dir, &args.topic)?;
+    if report.truncations.is_empty() && report.removed_files.is_empty() {
+        println!("topic {}: no damage found; nothing was cut", args.topic);
+    }
+    for cut in &report.truncations {
+        println!(
+            "topic {}: cut {} at byte {} ({} bytes: {}); the topic now ends before offset {}",
+            args.topic,
+            cut.path.display(),
+            cut.position,
+            cut.bytes_cut,
+            cut.reason,
+            cut.next_offset
+        );
+    }
+    for path in &report.removed_files {
+        println!("topic {}: removed {}", args.topic, path.display());
+    }
+    Ok(())
 }
 
 /// An error and its causes on one line, leaving out a cause its parent's message

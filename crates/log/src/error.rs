@@ -30,7 +30,7 @@ pub enum LogServiceError {
     },
     /// The topic's log failed to open when the service started.
     #[error(
-        "topic {topic:?} is unavailable: its log failed to open ({source}); repair or remove its directory and restart the service"
+        "topic {topic:?} is unavailable: its log failed to open ({source}); stop the service, then repair it (`keel log repair --topic {topic}` cuts it at the damage) or remove its directory, and restart"
     )]
     TopicUnavailable {
         /// The topic.

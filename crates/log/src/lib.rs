@@ -37,13 +37,15 @@ pub use config::LogServiceConfig;
 pub use error::LogServiceError;
 pub use grpc::LogGrpc;
 /// The storage settings of a topic, from the commit log.
-pub use keel_commitlog::{LogConfig, ParseError, Retention, SyncPolicy, parse_size};
+pub use keel_commitlog::{
+    LogConfig, ParseError, RecoveryReport, Retention, SyncPolicy, Truncation, parse_size,
+};
 pub use keel_log_client::{
     Channel, Client, ClientError, ResponseBody, Shipper, ShipperStats, TopicInfo,
 };
 pub use server::serve;
 pub use topic_name::{MAX_TOPIC_NAME, validate_topic_name};
-pub use topics::Topics;
+pub use topics::{Topics, repair_topic};
 
 /// Opens the topics of `config` and serves them on `listener` until `shutdown`
 /// completes (see [`serve`]).

@@ -230,6 +230,35 @@ impl Topics {
     }
 }
 
+/// Cuts the log of topic `name` under `data_dir` at its first damaged record, for a
+/// topic the service reports unavailable because its log is corrupt: the damaged
+/// record and every later one are dropped, and their offsets will be handed out
+/// again. Returns what was cut. The service must not be running on `data_dir`
+/// (the topic's directory lock keeps it out).
+///
+/// # Errors
+///
+/// [`LogServiceError::InvalidTopic`]; [`LogServiceError::UnknownTopic`] when the
+/// topic has no directory; the log's error when it cannot be opened even so (its
+/// directory is locked, a file header is of another format, an I/O error).
+pub fn repair_topic(
+    data_dir: &std::path::Path,
+    name: &str,
+) -> Result<keel_commitlog::RecoveryReport, LogServiceError> {
+    validate_topic_name(name)?;
+    let dir = data_dir.join("topics").join(name);
+    if !dir.is_dir() {
+        return Err(LogServiceError::UnknownTopic {
+            topic: name.to_owned(),
+        });
+    }
+    let log = keel_commitlog::Log::open_repairing(&dir, keel_commitlog::LogConfig::default())
+        .map_err(|err| LogServiceError::log(name, err))?;
+    let report = log.recovery().clone();
+    log.close().map_err(|err| LogServiceError::log(name, err))?;
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,32 +75,45 @@ impl Log {
             "synced store"
         );
         self.active.dirty = false;
+        self.active.synced = self.active.count;
         self.last_sync = Instant::now();
         Ok(())
     }
 
+    /// Writes the pending index entries of synced records. An entry on disk vouches
+    /// that its record was synced: recovery takes damage before a vouched record for
+    /// corruption, not for a torn write. Entries of unsynced records wait.
     pub(super) fn flush_index(&mut self) -> Result<()> {
         let active = &mut self.active;
-        if active.index_pending.is_empty() {
+        let ready = active.synced.saturating_sub(active.index_written);
+        if ready == 0 {
             return Ok(());
         }
+        let bytes = (ready * format::INDEX_ENTRY_LEN) as usize;
         active
             .files
             .index
             .write_all_at(
-                &active.index_pending,
+                &active.index_pending[..bytes],
                 format::index_entry_position(active.index_written),
             )
             .at(&active.files.index_path)?;
-        active.index_written += (active.index_pending.len() as u64) / format::INDEX_ENTRY_LEN;
-        active.index_pending.clear();
+        active.index_written += ready;
+        active.index_pending.drain(..bytes);
         Ok(())
     }
 
     /// Starts a new segment at the next offset and hands the old one, its index
-    /// complete, to the sealer. The writer does not wait for the old segment's sync;
-    /// recovery copes with a sealed segment that a crash caught before its seal.
+    /// complete, to the sealer. The writer does not wait for the seal (the sync of the
+    /// index and the durable flag); recovery copes with a sealed segment that a crash
+    /// caught before its seal.
     pub(super) fn roll(&mut self) -> Result<()> {
+        // The old segment's index must be whole, and its entries may only vouch for
+        // synced records: records not synced yet (under `interval` or `never`) are
+        // synced here, which is the sealer's first step anyway.
+        if self.active.synced < self.active.count {
+            self.sync_store()?;
+        }
         self.flush_index()?;
         self.active.trim()?;
         let base = self.active.next();

@@ -112,13 +112,15 @@ impl Log {
             for segment in segments[k + 1..].iter().rev() {
                 remove_segment_files(segment.files())?;
             }
-            files.store.set_len(new_len).at(&files.store_path)?;
+            // The index first: an entry that outlived its record would vouch for a
+            // record that is gone, which recovery takes for corruption.
             files
                 .index
                 .set_len(format::index_entry_position(index_written))
                 .at(&files.index_path)?;
-            files.store.sync_data().at(&files.store_path)?;
             files.index.sync_data().at(&files.index_path)?;
+            files.store.set_len(new_len).at(&files.store_path)?;
+            files.store.sync_data().at(&files.store_path)?;
             files::sync_dir(&self.shared.dir)
         })();
         if let Err(err) = result {

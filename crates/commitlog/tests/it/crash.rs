@@ -569,6 +569,9 @@ fn given_sealed_segment_torn_before_its_seal_should_end_the_log_in_it() {
         clear_durable_flag(dir.path(), 10);
         clear_durable_flag(dir.path(), 20);
         set_len(&store(dir.path(), 10), cut);
+        // Neither the torn records nor their index entries reached the disk (the
+        // writer writes an entry only after its record was synced).
+        set_len(&index(dir.path(), 10), 16 + 8 * 4);
         let mut log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
         let report = log.recovery().clone();
         assert_eq!(log.next_offset(), 14, "cut at {cut}");
@@ -591,16 +594,24 @@ fn given_sealed_segment_torn_before_its_seal_should_end_the_log_in_it() {
 }
 
 #[test]
-fn given_bit_flip_in_a_sealed_segment_not_yet_flagged_should_cut_there() {
+fn issue_15_given_bit_flip_in_a_listed_record_of_a_sealed_segment_not_yet_flagged_should_refuse_to_open()
+ {
     let dir = unsealed_log();
     clear_durable_flag(dir.path(), 10);
     let start: u64 = 16 + (10..12).map(|o| 24 + value(o).len() as u64).sum::<u64>();
     edit(&store(dir.path(), 10), |bytes| {
         bytes[start as usize + 30] ^= 0x40
     });
-    let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
-    assert_eq!(log.next_offset(), 12);
+    match Log::open(dir.path(), config(SyncPolicy::Never)) {
+        Err(LogError::Corrupt { path, position, .. }) => {
+            assert_eq!((path, position), (store(dir.path(), 10), start));
+        }
+        other => panic!("the index lists records 12..20 as synced: {other:?}"),
+    }
+    let log = Log::open_repairing(dir.path(), config(SyncPolicy::Never)).expect("repair");
+    assert_eq!(log.next_offset(), 12, "the repair cuts at the damage");
     assert_holds(&log, 12);
+    assert!(!store(dir.path(), 20).exists() && !store(dir.path(), 30).exists());
 }
 
 #[test]
@@ -622,4 +633,80 @@ fn given_truncate_suffix_into_a_sealed_segment_should_clear_its_durable_flag() {
     let log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("open");
     assert_eq!(log.next_offset(), 15);
     assert_holds(&log, 15);
+}
+
+/// Offsets 25..30 of the pristine log were synced and their index entries written;
+/// a damaged byte anywhere in them is bit rot, not a torn write.
+#[test]
+fn issue_15_given_bit_flip_in_any_record_the_index_lists_should_refuse_to_open_naming_file_and_position()
+ {
+    let pristine = pristine();
+    let path = store(pristine.path(), ACTIVE_BASE);
+    for byte in frame_start(ACTIVE_BASE)..frame_start(SYNCED) {
+        let dir = copy_of(pristine.path());
+        let path = store(dir.path(), ACTIVE_BASE);
+        edit(&path, |bytes| bytes[byte as usize] ^= 1 << (byte % 8));
+        let damaged = ACTIVE_BASE
+            + active_frame_ends()
+                .iter()
+                .filter(|&&end| end <= byte)
+                .count() as u64;
+        for attempt in ["first open", "second open"] {
+            match Log::open(dir.path(), config(SyncPolicy::Always)) {
+                Err(LogError::Corrupt {
+                    path: p, position, ..
+                }) => assert_eq!(
+                    (p, position),
+                    (path.clone(), frame_start(damaged)),
+                    "{attempt}, flip in byte {byte}"
+                ),
+                other => panic!("{attempt}, flip in byte {byte}: expected Corrupt, got {other:?}"),
+            }
+        }
+        let log = Log::open_repairing(dir.path(), config(SyncPolicy::Always)).expect("repair");
+        assert_eq!(log.next_offset(), damaged, "the repair cuts at the damage");
+        assert_eq!(log.recovery().truncations.len(), 1);
+        assert_holds(&log, damaged);
+    }
+    assert!(path.exists());
+}
+
+#[test]
+fn issue_15_given_store_cut_before_records_the_index_lists_should_refuse_to_open() {
+    let dir = copy_of(pristine().path());
+    let path = store(dir.path(), ACTIVE_BASE);
+    set_len(&path, frame_start(28));
+    match Log::open(dir.path(), config(SyncPolicy::Always)) {
+        Err(LogError::Corrupt {
+            path: p,
+            position,
+            reason: Corruption::MissingRecords { expected, found },
+        }) => {
+            assert_eq!((p, position), (path, frame_start(28)));
+            assert_eq!((expected, found), (5, 3), "records of the active segment");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn issue_15_index_entries_of_unsynced_records_should_wait_for_their_sync() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = LogConfig {
+        segment_bytes: 64 << 20,
+        segment_max_records: 1 << 20,
+        ..config(SyncPolicy::Never)
+    };
+    let mut log = Log::open(dir.path(), config).expect("open");
+    let values: Vec<Vec<u8>> = (0..20_000).map(value).collect();
+    for chunk in values.chunks(100) {
+        log.append_batch(chunk).expect("append");
+    }
+    let entries = |dir: &Path| (fs::metadata(index(dir, 0)).expect("index").len() - 16) / 8;
+    assert_eq!(entries(dir.path()), 0, "no record is synced yet");
+    log.sync().expect("sync");
+    assert_eq!(entries(dir.path()), 20_000, "a sync writes their entries");
+    log.append(b"one more").expect("append");
+    log.sync().expect("sync");
+    assert_eq!(entries(dir.path()), 20_001);
 }
