@@ -34,6 +34,7 @@
 mod commit_log;
 mod config;
 mod error;
+mod fault;
 mod files;
 mod format;
 mod log;
@@ -50,6 +51,8 @@ pub mod testing;
 pub use commit_log::CommitLog;
 pub use config::{LogConfig, ParseError, Retention, SyncPolicy, parse_size};
 pub use error::{Corruption, LogError, Result};
+#[cfg(feature = "testing")]
+pub use fault::{SyncFaults, fail_syncs_under};
 pub use log::Log;
 pub use reader::{Cursor, Reader};
 pub use record::Record;

@@ -84,6 +84,8 @@ struct Active {
     /// Records whose frames were synced (or found on disk by recovery, which syncs
     /// them): the index file may hold entries for these only.
     synced: u64,
+    /// Bytes of the store that were synced: where a failed sync cuts it back to.
+    synced_len: u64,
     /// Entries already in the index file.
     index_written: u64,
     /// Encoded entries not yet written to the index file, from `index_written` on.
@@ -113,6 +115,7 @@ impl Active {
             count,
             store_len,
             synced: count,
+            synced_len: store_len,
             index_written,
             index_pending: Vec::new(),
             allocated: allocated.max(store_len),
@@ -238,6 +241,16 @@ impl Log {
     /// What opening the log found and repaired.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.report
+    }
+
+    /// Why the log refuses writes, once a failure left the disk in a state it cannot
+    /// vouch for (a failed sync, say); `None` while it takes writes. A failed log
+    /// stays failed until it is opened again.
+    pub fn failure(&mut self) -> Option<&str> {
+        if self.failed.is_none() {
+            self.failed = self.sealer.error();
+        }
+        self.failed.as_deref()
     }
 
     /// The configuration the log was opened with.
@@ -487,6 +500,7 @@ impl Log {
         active.store_len = store_len;
         if synced {
             active.synced = active.count;
+            active.synced_len = active.store_len;
         }
         self.shared.set_next(active.next());
         tracing::trace!(

@@ -157,6 +157,16 @@ impl Segment {
         }
     }
 
+    /// Takes back the records of an active segment from `count` on, whose frames end
+    /// at `store_len`: readers no longer see them.
+    pub(crate) fn unpublish(&self, count: usize, store_len: u64) {
+        if let State::Active(tail) = &self.state {
+            let mut tail = tail.write().unwrap_or_else(PoisonError::into_inner);
+            tail.positions.truncate(count);
+            tail.store_len = store_len;
+        }
+    }
+
     /// A copy of the first `count` positions of an active segment.
     pub(crate) fn positions(&self, count: usize) -> Vec<u32> {
         match &self.state {

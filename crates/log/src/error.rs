@@ -100,6 +100,7 @@ impl LogServiceError {
                 LogError::OffsetOutOfRange { .. } => "offset_out_of_range",
                 LogError::RecordTooLarge { .. } => "record_too_large",
                 LogError::Corrupt { .. } => "corrupt",
+                LogError::Failed { .. } => "storage_failed",
                 _ => "internal",
             },
             Self::UnknownTopic { .. } => "unknown_topic",
@@ -123,6 +124,7 @@ impl LogServiceError {
                 LogError::OffsetOutOfRange { .. } => tonic::Code::OutOfRange,
                 LogError::RecordTooLarge { .. } => tonic::Code::InvalidArgument,
                 LogError::Corrupt { .. } => tonic::Code::DataLoss,
+                LogError::Failed { .. } => tonic::Code::Unavailable,
                 _ => tonic::Code::Internal,
             },
             Self::UnknownTopic { .. } => tonic::Code::NotFound,
@@ -142,6 +144,7 @@ impl LogServiceError {
             Self::Log { source, .. } => match source.as_ref() {
                 LogError::OffsetOutOfRange { .. } => StatusCode::NOT_FOUND,
                 LogError::RecordTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                LogError::Failed { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Self::UnknownTopic { .. } => StatusCode::NOT_FOUND,

@@ -347,16 +347,22 @@ async fn healthz(State(state): State<AppState>) -> Response {
         return LogServiceError::ShuttingDown.into_response();
     }
     let unavailable: Vec<&str> = state.topics.unavailable().collect();
-    if unavailable.is_empty() {
+    let failed = state.topics.failed();
+    if unavailable.is_empty() && failed.is_empty() {
         return axum::Json(serde_json::json!({ "status": "ok" })).into_response();
     }
     // Serving, so still 200: the other topics work. The listed ones need an operator.
-    axum::Json(serde_json::json!({ "status": "degraded", "unavailable_topics": unavailable }))
-        .into_response()
+    axum::Json(serde_json::json!({
+        "status": "degraded",
+        "unavailable_topics": unavailable,
+        "failed_topics": failed,
+    }))
+    .into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
     let unavailable = state.topics.unavailable().count();
-    render_metrics(&state.topics.metrics(), unavailable).response()
+    let failed = state.topics.failed().len();
+    render_metrics(&state.topics.metrics(), unavailable, failed).response()
 }

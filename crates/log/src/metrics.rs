@@ -164,7 +164,11 @@ const GAUGES: [Family<TopicInfo>; 4] = [
 pub(crate) type TopicFigures = (String, std::sync::Arc<TopicMetrics>, TopicInfo);
 
 /// Renders every topic's figures in the Prometheus text format.
-pub(crate) fn render_metrics(all: &[TopicFigures], unavailable: usize) -> Prometheus {
+pub(crate) fn render_metrics(
+    all: &[TopicFigures],
+    unavailable: usize,
+    failed: usize,
+) -> Prometheus {
     let mut out = Prometheus::default();
     out.family(
         "keel_log_unavailable_topics",
@@ -172,6 +176,12 @@ pub(crate) fn render_metrics(all: &[TopicFigures], unavailable: usize) -> Promet
         "Topics whose logs failed to open at start.",
     )
     .sample(&[], unavailable);
+    out.family(
+        "keel_log_failed_topics",
+        "gauge",
+        "Topics whose logs failed while serving (a failed fsync) and refuse writes until a restart.",
+    )
+    .sample(&[], failed);
     for family in &COUNTERS {
         family.write(
             &mut out,

@@ -23,7 +23,7 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -106,7 +106,6 @@ impl Topic {
         name: &str,
         config: LogConfig,
         limits: &WriterLimits,
-        runtime: tokio::runtime::Handle,
     ) -> Result<Self, LogError> {
         let log = Log::open(dir, config)?;
         let report = log.recovery();
@@ -132,13 +131,13 @@ impl Topic {
             metrics: Arc::new(TopicMetrics::default()),
             next: next_tx,
             topic: name.to_owned(),
+            failure: OnceLock::new(),
         });
         let writer = Writer {
             committer: Arc::clone(&committer),
             idle_sync,
             queue,
             max_batch_bytes: limits.max_batch_bytes,
-            runtime,
         };
         let writer = std::thread::Builder::new()
             .name(format!("keel-writer-{name}"))
@@ -162,6 +161,11 @@ impl Topic {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Why the topic refuses writes, once its log has failed.
+    pub(crate) fn failure(&self) -> Option<&str> {
+        self.committer.failure.get().map(String::as_str)
     }
 
     pub(crate) fn metrics(&self) -> &TopicMetrics {
@@ -333,6 +337,9 @@ struct Committer {
     metrics: Arc<TopicMetrics>,
     next: watch::Sender<Offset>,
     topic: String,
+    /// Why the log refuses writes, once it does (a failed fsync): the topic is dead
+    /// until the service is restarted.
+    failure: OnceLock<String>,
 }
 
 impl Committer {
@@ -395,9 +402,28 @@ impl Committer {
                     self.metrics.storage_full.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::error!(topic = self.topic, error = %err, "append failed");
+                if let Some(reason) = self.note_failure(log) {
+                    // The error that killed the topic says so, as every later one will.
+                    return Err(LogError::Failed { reason });
+                }
             }
         }
         result
+    }
+
+    /// Marks the topic dead when its log has failed, and tells tailing readers where
+    /// the log now ends (a failed sync takes back the records it did not sync).
+    fn note_failure(&self, log: &mut Log) -> Option<String> {
+        let reason = log.failure()?.to_owned();
+        if self.failure.set(reason.clone()).is_ok() {
+            tracing::error!(
+                topic = self.topic,
+                reason,
+                "topic failed: it refuses writes until the service is restarted"
+            );
+            self.next.send_replace(log.next_offset());
+        }
+        Some(reason)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Log>> {
@@ -413,18 +439,32 @@ struct Writer {
     idle_sync: Option<Duration>,
     queue: mpsc::Receiver<Append>,
     max_batch_bytes: usize,
-    runtime: tokio::runtime::Handle,
 }
 
 impl Writer {
     fn run(mut self) {
+        // Under an interval policy the writer waits for appends with a timeout, on a
+        // timer of its own: this thread is not the service runtime's, and must not
+        // depend on that runtime still running when the last sender goes away.
+        let timer = match self.idle_sync {
+            Some(_) => match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(timer) => Some(timer),
+                Err(err) => {
+                    tracing::error!(topic = self.committer.topic, error = %err, "cannot start the idle-sync timer; the topic syncs only on appends");
+                    None
+                }
+            },
+            None => None,
+        };
         let mut batch: Vec<Append> = Vec::new();
         loop {
             // Under an interval policy, an idle writer syncs what the last appends left.
-            let first = match self.idle_sync {
-                Some(every) => match self
-                    .runtime
-                    .block_on(tokio::time::timeout(every, self.queue.recv()))
+            let first = match (self.idle_sync, &timer) {
+                (Some(every), Some(timer)) => match timer
+                    .block_on(async { tokio::time::timeout(every, self.queue.recv()).await })
                 {
                     Ok(first) => first,
                     Err(_) => {
@@ -432,11 +472,12 @@ impl Writer {
                             && let Err(err) = log.sync()
                         {
                             tracing::error!(topic = self.committer.topic, error = %err, "interval sync failed");
+                            self.committer.note_failure(log);
                         }
                         continue;
                     }
                 },
-                None => self.queue.blocking_recv(),
+                _ => self.queue.blocking_recv(),
             };
             let Some(first) = first else { break };
             self.committer.writer_busy.store(true, Ordering::Release);

@@ -24,13 +24,11 @@ pub struct Topics {
     unavailable: BTreeMap<String, Arc<keel_commitlog::LogError>>,
     /// Serializes topic creation, so two first writes cannot open one log twice.
     creating: tokio::sync::Mutex<()>,
-    runtime: tokio::runtime::Handle,
 }
 
 impl Topics {
     /// Opens every topic found under the data directory, and the default and log-sink
-    /// topics. Async because the topics' writers use the runtime's timers; opening
-    /// runs recovery, which reads the active segments.
+    /// topics. Opening runs recovery, which reads the active segments.
     ///
     /// A topic that fails to open (a corrupt sealed segment, say) does not stop the
     /// others: it is logged as an error, listed by `/healthz` and the
@@ -62,7 +60,6 @@ impl Topics {
             topics: RwLock::new(BTreeMap::new()),
             unavailable: BTreeMap::new(),
             creating: tokio::sync::Mutex::new(()),
-            runtime: tokio::runtime::Handle::current(),
             config,
         };
         let mut names: Vec<String> = std::fs::read_dir(&topics.root)
@@ -114,7 +111,6 @@ impl Topics {
             name,
             self.config.log.clone(),
             &self.limits,
-            self.runtime.clone(),
         )
         .map_err(|err| LogServiceError::log(name, err))?;
         tracing::info!(topic = name, "opened topic");
@@ -172,9 +168,8 @@ impl Topics {
                     let root = self.root.join(&topic);
                     let config = self.config.log.clone();
                     let limits = self.limits.clone();
-                    let runtime = self.runtime.clone();
                     tokio::task::spawn_blocking(move || {
-                        Topic::open(&root, &this_name, config, &limits, runtime)
+                        Topic::open(&root, &this_name, config, &limits)
                     })
                     .await
                     .map_err(|_| LogServiceError::ShuttingDown)?
@@ -200,6 +195,16 @@ impl Topics {
     /// The topics that failed to open at start, by name.
     pub fn unavailable(&self) -> impl Iterator<Item = &str> {
         self.unavailable.keys().map(String::as_str)
+    }
+
+    /// The topics whose logs failed while serving (a failed fsync), by name: they
+    /// refuse writes until the service is restarted.
+    pub fn failed(&self) -> Vec<String> {
+        self.map()
+            .values()
+            .filter(|topic| topic.failure().is_some())
+            .map(|topic| topic.name().to_owned())
+            .collect()
     }
 
     /// Every topic with its offsets and size, by name.

@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use super::{Active, Log};
 use crate::error::{IoContext, LogError, Result};
-use crate::files;
 use crate::format::{self, HEADER_LEN};
 use crate::segment::{Segment, Tail};
+use crate::{fault, files};
 
 impl Log {
     /// Extends the store file, zero-filled, so that it holds at least `end` bytes:
@@ -58,17 +58,15 @@ impl Log {
         }
         let files = &self.active.files;
         let started = Instant::now();
-        if let Err(source) = files.store.sync_data() {
-            // After a failed fsync the kernel may have dropped the dirty pages; a
-            // later fsync could succeed without them. Only recovery can tell.
+        if let Err(source) = fault::sync_data(&files.store, &files.store_path) {
+            let path = files.store_path.clone();
+            let cut = self.drop_unsynced();
             self.failed = Some(format!(
-                "fsync of {} failed: {source}",
-                files.store_path.display()
+                "fsync of {} failed: {source}; {cut}; the log refuses writes until it is opened again",
+                path.display()
             ));
-            return Err(LogError::Io {
-                path: files.store_path.clone(),
-                source,
-            });
+            tracing::error!(path = %path.display(), error = %source, cut, "fsync failed");
+            return Err(LogError::Io { path, source });
         }
         tracing::trace!(
             elapsed_us = started.elapsed().as_micros() as u64,
@@ -76,8 +74,36 @@ impl Log {
         );
         self.active.dirty = false;
         self.active.synced = self.active.count;
+        self.active.synced_len = self.active.store_len;
         self.last_sync = Instant::now();
         Ok(())
+    }
+
+    /// After a failed sync, takes back every record that was not synced: from
+    /// readers, and from the store file. The kernel may have dropped those pages (or
+    /// kept them in memory, marked clean, never to be written): serving them, or
+    /// building on them after a restart, would acknowledge records that a power loss
+    /// then cuts. Says what it did.
+    fn drop_unsynced(&mut self) -> String {
+        let active = &mut self.active;
+        let from = active.base + active.synced;
+        active
+            .segment
+            .unpublish(active.synced as usize, active.synced_len);
+        let unsynced_entries = active.synced.saturating_sub(active.index_written);
+        active
+            .index_pending
+            .truncate((unsynced_entries * format::INDEX_ENTRY_LEN) as usize);
+        active.count = active.synced;
+        active.store_len = active.synced_len;
+        active.allocated = active.synced_len;
+        self.shared.set_next(from);
+        match active.files.store.set_len(active.synced_len) {
+            Ok(()) => format!("the records from offset {from} on, which were not synced, were cut"),
+            Err(err) => format!(
+                "cutting the records from offset {from} on, which were not synced, failed too ({err}): they may reappear when the log is opened again, yet be gone from the disk"
+            ),
+        }
     }
 
     /// Writes the pending index entries of synced records. An entry on disk vouches

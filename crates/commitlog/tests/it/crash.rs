@@ -710,3 +710,87 @@ fn issue_15_index_entries_of_unsynced_records_should_wait_for_their_sync() {
     log.sync().expect("sync");
     assert_eq!(entries(dir.path()), 20_001);
 }
+
+fn synced_log(sync: SyncPolicy) -> (tempfile::TempDir, Log, u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = Log::open(
+        dir.path(),
+        LogConfig {
+            preallocate_bytes: 0,
+            ..config(sync)
+        },
+    )
+    .expect("open");
+    for offset in 0..10 {
+        log.append(&value(offset)).expect("append");
+    }
+    log.sync().expect("sync");
+    let len = fs::metadata(store(dir.path(), 0)).expect("store").len();
+    (dir, log, len)
+}
+
+/// fsyncgate: after a failed fsync the kernel may have dropped the unsynced pages, so
+/// the log must not serve them, nor leave them in the file for the next open.
+#[test]
+fn issue_15_a_failed_fsync_should_cut_the_unsynced_records_and_refuse_writes() {
+    let (dir, mut log, synced_len) = synced_log(SyncPolicy::Never);
+    for offset in 10..15 {
+        log.append(&value(offset)).expect("append");
+    }
+    assert_eq!(
+        log.read(12).expect("readable before the sync").value,
+        value(12)
+    );
+
+    let faults = keel_commitlog::fail_syncs_under(dir.path());
+    match log.sync() {
+        Err(LogError::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(5)),
+        other => panic!("expected EIO, got {other:?}"),
+    }
+    assert_eq!(log.next_offset(), 10, "the unsynced records are taken back");
+    assert!(matches!(
+        log.read(12),
+        Err(LogError::OffsetOutOfRange { next: 10, .. })
+    ));
+    assert_eq!(log.read(9).expect("synced records stay").value, value(9));
+    assert_eq!(
+        fs::metadata(store(dir.path(), 0)).expect("store").len(),
+        synced_len,
+        "cut from the file too"
+    );
+    let reason = log.failure().expect("failed").to_owned();
+    assert!(reason.contains("from offset 10 on"), "{reason}");
+    assert!(matches!(log.append(b"more"), Err(LogError::Failed { .. })));
+    drop(faults);
+    drop(log);
+
+    let mut log = Log::open(dir.path(), config(SyncPolicy::Never)).expect("reopen");
+    assert_holds(&log, 10);
+    assert_eq!(log.append(&value(10)).expect("append"), 10);
+}
+
+#[test]
+fn issue_15_a_failed_fsync_under_always_should_acknowledge_nothing_and_keep_the_file_at_its_synced_length()
+ {
+    let (dir, mut log, synced_len) = synced_log(SyncPolicy::Always);
+    let faults = keel_commitlog::fail_syncs_under(dir.path());
+    assert!(matches!(log.append(b"lost"), Err(LogError::Io { .. })));
+    assert!(matches!(
+        log.append(b"refused"),
+        Err(LogError::Failed { .. })
+    ));
+    assert_eq!(log.next_offset(), 10);
+    assert_eq!(
+        fs::metadata(store(dir.path(), 0)).expect("store").len(),
+        synced_len
+    );
+    drop(faults);
+    drop(log);
+    let log = Log::open(dir.path(), config(SyncPolicy::Always)).expect("reopen");
+    assert_holds(&log, 10);
+    assert!(
+        log.recovery().truncations.is_empty(),
+        "{:?}",
+        log.recovery()
+    );
+}

@@ -550,3 +550,118 @@ async fn issue_15_a_full_disk_should_answer_507_storage_full_and_lose_nothing() 
     );
     drop(server);
 }
+
+/// fsyncgate, through the service: a failed fsync kills the topic (503
+/// `storage_failed`, listed by /healthz and a gauge) instead of serving records the
+/// disk may have dropped; the other topics serve; a restart brings it back at its
+/// synced length.
+#[tokio::test]
+async fn issue_15_a_failed_fsync_should_mark_the_topic_failed_and_keep_only_synced_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::config(dir.path());
+    // Syncs come only from rolls: 4 KiB segments, and an interval that never ends.
+    config.log.sync = keel_log::SyncPolicy::Interval(Duration::from_secs(3600));
+    config.log.segment_bytes = 4096;
+    let mut server = TestServer::start_with(config.clone()).await;
+    let client = http();
+    let url = server.url("/v1/topics/t/records");
+    // Offsets 0..3 fill segment 0; offset 3 rolls (syncing 0..3) into segment 3,
+    // where it and offsets 4 and 5 stay unsynced.
+    for (offset, len) in [(0, 1000), (1, 1000), (2, 1000), (3, 1000), (4, 10), (5, 10)] {
+        let body = json_of(client.post(&url).body("r".repeat(len))).await;
+        assert_eq!(body["first_offset"], offset, "{body}");
+    }
+    json_of(
+        client
+            .post(server.url("/v1/topics/other/records"))
+            .body("kept"),
+    )
+    .await;
+
+    let faults = keel_commitlog::fail_syncs_under(&dir.path().join("topics").join("t"));
+    // This one rolls again, and the roll's sync fails.
+    let message = expect_error(
+        client.post(&url).body("r".repeat(3000)),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_failed",
+    )
+    .await;
+    assert!(
+        message.contains("fsync") && message.contains("from offset 3 on"),
+        "{message}"
+    );
+    expect_error(
+        client.post(&url).body("later"),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_failed",
+    )
+    .await;
+    let topics = json_of(client.get(server.url("/v1/topics"))).await;
+    let topic = topics["topics"]
+        .as_array()
+        .and_then(|all| all.iter().find(|topic| topic["name"] == "t"))
+        .cloned();
+    assert_eq!(
+        topic.as_ref().map(|topic| topic["next_offset"].clone()),
+        Some(json!(3)),
+        "only synced records stay: {topics}"
+    );
+    expect_error(
+        client.get(server.url("/v1/topics/t/records/4")),
+        StatusCode::NOT_FOUND,
+        "offset_out_of_range",
+    )
+    .await;
+    let health = json_of(client.get(server.url("/healthz"))).await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["failed_topics"], json!(["t"]), "{health}");
+    let metrics = metrics_of(&client, &server).await;
+    assert!(metrics.contains("keel_log_failed_topics 1"), "{metrics}");
+    json_of(
+        client
+            .post(server.url("/v1/topics/other/records"))
+            .body("still"),
+    )
+    .await;
+
+    server.stop().await;
+    drop(faults);
+    let server = TestServer::start_with(config).await;
+    let body = json_of(
+        client
+            .post(server.url("/v1/topics/t/records"))
+            .body("again"),
+    )
+    .await;
+    assert_eq!(body["first_offset"], 3, "{body}");
+    let health = json_of(client.get(server.url("/healthz"))).await;
+    assert_eq!(health["status"], "ok", "{health}");
+}
+
+/// Under an interval policy the service serves, and an idle topic is synced within
+/// the interval: its index file (written only for synced records) gains the entries.
+#[tokio::test]
+async fn given_interval_sync_policy_an_idle_topic_should_be_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::config(dir.path());
+    config.log.sync = keel_log::SyncPolicy::Interval(Duration::from_millis(50));
+    let server = TestServer::start_with(config).await;
+    let client = http();
+    for i in 0..3 {
+        let body = json_of(client.post(server.url("/v1/topics/t/records")).body("idle")).await;
+        assert_eq!(body["first_offset"], i, "{body}");
+    }
+    let index = dir.path().join("topics/t/00000000000000000000.index");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entries = (std::fs::metadata(&index).unwrap().len() - 16) / 8;
+        if entries == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle topic was not synced: {entries} index entries"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

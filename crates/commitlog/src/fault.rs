@@ -1,0 +1,62 @@
+//! Where the writer syncs its store: through here, so that tests can make a sync
+//! fail the way a failing disk does (feature `testing`: [`fail_syncs_under`]).
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// `fdatasync` of a store file, or the failure a test injected for its path.
+pub(crate) fn sync_data(file: &File, path: &Path) -> io::Result<()> {
+    #[cfg(feature = "testing")]
+    if injected::fails(path) {
+        return Err(io::Error::from_raw_os_error(
+            rustix::io::Errno::IO.raw_os_error(),
+        ));
+    }
+    let _ = path;
+    file.sync_data()
+}
+
+#[cfg(feature = "testing")]
+pub use injected::{SyncFaults, fail_syncs_under};
+
+#[cfg(feature = "testing")]
+mod injected {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, PoisonError};
+
+    static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// While held, every sync of a store file under a directory fails with `EIO`.
+    #[derive(Debug)]
+    #[must_use = "the fault lasts while the guard lives"]
+    pub struct SyncFaults {
+        dir: PathBuf,
+    }
+
+    /// Makes every store sync under `dir` fail with `EIO` (as a disk that lost the
+    /// writes would) until the returned guard is dropped. Other directories, and so
+    /// tests running beside this one, are not affected.
+    pub fn fail_syncs_under(dir: &Path) -> SyncFaults {
+        let dir = dir.to_path_buf();
+        lock().push(dir.clone());
+        SyncFaults { dir }
+    }
+
+    impl Drop for SyncFaults {
+        fn drop(&mut self) {
+            let mut failing = lock();
+            if let Some(at) = failing.iter().position(|dir| *dir == self.dir) {
+                failing.swap_remove(at);
+            }
+        }
+    }
+
+    pub(super) fn fails(path: &Path) -> bool {
+        lock().iter().any(|dir| path.starts_with(dir))
+    }
+
+    fn lock() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+        FAILING.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
