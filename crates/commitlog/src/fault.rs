@@ -1,5 +1,6 @@
-//! Where the writer syncs its store: through here, so that tests can make a sync
-//! fail the way a failing disk does (feature `testing`: [`fail_syncs_under`]).
+//! Where the writer syncs its store and its directories: through here, so that tests
+//! can make a sync fail the way a failing disk does, and see which directories were
+//! synced (feature `testing`: [`fail_syncs_under`], [`synced_dirs_under`]).
 
 use std::fs::File;
 use std::io;
@@ -17,8 +18,16 @@ pub(crate) fn sync_data(file: &File, path: &Path) -> io::Result<()> {
     file.sync_data()
 }
 
+/// `fsync` of a directory, so that the entries created or removed in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir).and_then(|dir| dir.sync_all())?;
+    #[cfg(feature = "testing")]
+    injected::record_dir_sync(dir);
+    Ok(())
+}
+
 #[cfg(feature = "testing")]
-pub use injected::{SyncFaults, fail_syncs_under};
+pub use injected::{SyncFaults, fail_syncs_under, synced_dirs_under};
 
 #[cfg(feature = "testing")]
 mod injected {
@@ -26,6 +35,26 @@ mod injected {
     use std::sync::{Mutex, PoisonError};
 
     static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static SYNCED_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub(super) fn record_dir_sync(dir: &Path) {
+        SYNCED_DIRS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(dir.to_path_buf());
+    }
+
+    /// Every directory synced so far that is `dir` or under it, in the order they
+    /// were synced (with repeats).
+    pub fn synced_dirs_under(dir: &Path) -> Vec<PathBuf> {
+        SYNCED_DIRS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|synced| synced.starts_with(dir))
+            .cloned()
+            .collect()
+    }
 
     /// While held, every sync of a store file under a directory fails with `EIO`.
     #[derive(Debug)]

@@ -68,5 +68,29 @@ pub(crate) fn create_segment(dir: &Path, base: Offset) -> Result<SegmentFiles> {
 
 /// Syncs a directory so that file creations and removals in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+    crate::fault::sync_dir(dir).at(dir)
+}
+
+/// Creates `dir` and its missing parents, and syncs the parent of each directory it
+/// created, so that a crash cannot lose the new entries (and with them a log whose
+/// records were acknowledged).
+///
+/// # Errors
+///
+/// [`crate::LogError::Io`] naming the directory that could not be created or synced.
+pub fn create_dir_durably(dir: &Path) -> Result<()> {
+    let mut created = Vec::new();
+    let mut at = Some(dir);
+    while let Some(path) = at.filter(|path| !path.as_os_str().is_empty() && !path.exists()) {
+        created.push(path);
+        at = path.parent();
+    }
+    fs::create_dir_all(dir).at(dir)?;
+    for path in created {
+        match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
 }

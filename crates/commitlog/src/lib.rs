@@ -52,7 +52,8 @@ pub use commit_log::CommitLog;
 pub use config::{LogConfig, ParseError, Retention, SyncPolicy, parse_size};
 pub use error::{Corruption, LogError, Result};
 #[cfg(feature = "testing")]
-pub use fault::{SyncFaults, fail_syncs_under};
+pub use fault::{SyncFaults, fail_syncs_under, synced_dirs_under};
+pub use files::create_dir_durably;
 pub use log::Log;
 pub use reader::{Cursor, Reader};
 pub use record::Record;

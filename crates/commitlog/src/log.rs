@@ -188,7 +188,7 @@ impl Log {
 
     fn open_in(dir: &Path, config: LogConfig, mode: recovery::Mode) -> Result<Self> {
         config.validate()?;
-        fs::create_dir_all(dir).at(dir)?;
+        crate::files::create_dir_durably(dir)?;
         let lock = lock_dir(dir)?;
         let opened = recovery::open_dir(dir, mode)?;
 

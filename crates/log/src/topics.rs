@@ -40,15 +40,7 @@ impl Topics {
     /// The topics directory cannot be created or read.
     pub async fn open(config: LogServiceConfig) -> Result<Self, LogServiceError> {
         let root = config.data_dir.join("topics");
-        std::fs::create_dir_all(&root).map_err(|source| {
-            LogServiceError::log(
-                "",
-                keel_commitlog::LogError::Io {
-                    path: root.clone(),
-                    source,
-                },
-            )
-        })?;
+        keel_commitlog::create_dir_durably(&root).map_err(|err| LogServiceError::log("", err))?;
         let limits = WriterLimits {
             queue_depth: config.queue_depth,
             enqueue_timeout: config.enqueue_timeout,

@@ -794,3 +794,26 @@ fn issue_15_a_failed_fsync_under_always_should_acknowledge_nothing_and_keep_the_
         log.recovery()
     );
 }
+
+/// A new log's directory entry, and those of any directory made for it, must be
+/// durable before its first record is acknowledged.
+#[test]
+fn issue_15_opening_a_new_log_should_sync_the_parent_of_every_directory_it_creates() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let dir = root.path().join("a").join("b").join("log");
+    let mut log = Log::open(&dir, config(SyncPolicy::Always)).expect("open");
+    log.append(b"first").expect("append");
+    let synced = keel_commitlog::synced_dirs_under(root.path());
+    for parent in [
+        root.path().to_path_buf(),
+        root.path().join("a"),
+        root.path().join("a").join("b"),
+        dir.clone(),
+    ] {
+        assert!(
+            synced.contains(&parent),
+            "{} not synced: {synced:?}",
+            parent.display()
+        );
+    }
+}

@@ -665,3 +665,32 @@ async fn given_interval_sync_policy_an_idle_topic_should_be_synced() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A topic created by its first write is durable before that write is acknowledged:
+/// its directory, `topics/` and the data directory were each synced in their parent.
+#[tokio::test]
+async fn issue_15_a_new_topic_should_sync_every_parent_directory_before_its_first_ack() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let server = TestServer::start_with(crate::support::config(&data)).await;
+    let client = http();
+    json_of(
+        client
+            .post(server.url("/v1/topics/fresh/records"))
+            .body("first"),
+    )
+    .await;
+    let synced = keel_commitlog::synced_dirs_under(root.path());
+    for dir in [
+        root.path().to_path_buf(),
+        data.clone(),
+        data.join("topics"),
+        data.join("topics").join("fresh"),
+    ] {
+        assert!(
+            synced.contains(&dir),
+            "{} not synced: {synced:?}",
+            dir.display()
+        );
+    }
+}
