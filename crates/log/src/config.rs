@@ -51,6 +51,14 @@ pub struct LogServiceConfig {
     /// Bytes of records per message of a batched stream when the client asks for
     /// none. Default 1 MiB.
     pub consume_max_bytes: u64,
+    /// Bytes one streaming reader (a tail, `ConsumeStream`, `ConsumeBatchStream`) may
+    /// have read ahead of its connection (or one record, when a record is larger);
+    /// half of it caps the records per message of a batched stream. A reader that
+    /// stops reading holds no more. Default 1 MiB.
+    pub read_ahead_bytes: u64,
+    /// Bytes all streaming readers together may have read ahead; when they hold it
+    /// all, readers wait for room. Default 64 MiB.
+    pub read_ahead_total_bytes: u64,
     /// How long shutdown waits for in-flight requests. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -77,6 +85,8 @@ impl Default for LogServiceConfig {
             enqueue_timeout: Duration::from_secs(5),
             max_batch_bytes: 4 * 1024 * 1024,
             consume_max_bytes: 1024 * 1024,
+            read_ahead_bytes: 1024 * 1024,
+            read_ahead_total_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             workers: 0,
             log: LogConfig::default(),
@@ -144,6 +154,24 @@ impl LogServiceConfig {
                 format!(
                     "{} must be between 1 and max_body_bytes ({})",
                     self.consume_max_bytes, self.max_body_bytes
+                ),
+            ));
+        }
+        if self.read_ahead_bytes < 1024 || self.read_ahead_bytes > self.read_ahead_total_bytes {
+            return Err(InvalidConfig::new(
+                "read_ahead_bytes",
+                format!(
+                    "{} must be between 1KiB and read_ahead_total_bytes ({})",
+                    self.read_ahead_bytes, self.read_ahead_total_bytes
+                ),
+            ));
+        }
+        if self.read_ahead_total_bytes > u64::from(u32::MAX) {
+            return Err(InvalidConfig::new(
+                "read_ahead_total_bytes",
+                format!(
+                    "{} is more than the allowed 4GiB",
+                    self.read_ahead_total_bytes
                 ),
             ));
         }

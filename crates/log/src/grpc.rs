@@ -97,15 +97,14 @@ impl Log for LogGrpc {
             max_bytes: self.max_bytes(0),
             follow: true,
         };
-        let rx = spawn_tail(topic, spec, self.shutdown.clone(), STREAM_BUFFER, |chunk| {
-            chunk
-                .into_iter()
-                .map(|record| wire::ConsumeResponse {
-                    record: Some(to_wire(record)),
+        let records = spawn_tail(topic, spec, self.shutdown.clone(), self.topics.read_ahead())
+            .records()
+            .map(|record| {
+                Ok(wire::ConsumeResponse {
+                    record: Some(to_wire(record?)),
                 })
-                .collect()
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            });
+        Ok(Response::new(Box::pin(records)))
     }
 
     type ProduceStreamStream = BoxStream<wire::ProduceResponse>;
@@ -146,12 +145,13 @@ impl Log for LogGrpc {
             max_bytes: self.max_bytes(request.max_bytes),
             follow: request.follow,
         };
-        let rx = spawn_tail(topic, spec, self.shutdown.clone(), STREAM_BUFFER, |chunk| {
-            vec![wire::ConsumeBatchResponse {
-                records: chunk.into_iter().map(to_wire).collect(),
-            }]
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let batches =
+            spawn_tail(topic, spec, self.shutdown.clone(), self.topics.read_ahead()).map(|chunk| {
+                Ok(wire::ConsumeBatchResponse {
+                    records: chunk?.into_iter().map(to_wire).collect(),
+                })
+            });
+        Ok(Response::new(Box::pin(batches)))
     }
 
     async fn list_topics(

@@ -18,13 +18,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::StreamExt;
 use keel_commitlog::{Offset, Record};
 use serde::{Deserialize, Serialize};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use keel_serve::http::{ErrorBody, read_body};
 
 use crate::error::{LogServiceError, json_error};
-use crate::metrics::render_metrics;
+use crate::metrics::{ServiceFigures, render_metrics};
 use crate::tail::{TailSpec, spawn_tail};
 use crate::topics::Topics;
 
@@ -273,10 +272,12 @@ async fn read_range(
         .transpose()?
         .unwrap_or(DEFAULT_RANGE_RECORDS)
         .min(MAX_RANGE_RECORDS);
-    let budget = state.topics.config().consume_max_bytes as usize;
+    // One response holds at most `consume_max_bytes` of values (and always at least
+    // one record): a client pages on with `next_offset`.
+    let mut budget = state.topics.config().consume_max_bytes as usize;
     let mut records = Vec::new();
     let mut next = from;
-    while (records.len() as u64) < max {
+    while (records.len() as u64) < max && budget > 0 {
         let chunk = topic.read_chunk(next, budget).await?;
         if chunk.is_empty() {
             break;
@@ -285,11 +286,26 @@ async fn read_range(
             .into_iter()
             .take((max - records.len() as u64) as usize)
         {
+            if !records.is_empty() && record.value.len() > budget {
+                budget = 0;
+                break;
+            }
+            budget = budget.saturating_sub(record.value.len());
             next = record.offset + 1;
             records.push(WireRecordOut::full(&record));
         }
     }
-    Ok(axum::Json(serde_json::json!({ "records": records, "next_offset": next })).into_response())
+    // Serialized straight from the records: no JSON tree copies them once more.
+    #[derive(Serialize)]
+    struct Range {
+        records: Vec<WireRecordOut>,
+        next_offset: Offset,
+    }
+    Ok(axum::Json(Range {
+        records,
+        next_offset: next,
+    })
+    .into_response())
 }
 
 /// `GET /v1/topics/{topic}/tail?from=N`: Server-Sent Events, one per record, from
@@ -309,27 +325,30 @@ async fn tail_sse(
         max_bytes: state.topics.config().consume_max_bytes as usize,
         follow: true,
     };
-    let rx =
-        spawn_tail::<Event, LogServiceError>(topic, spec, state.shutdown.clone(), 64, |chunk| {
-            chunk
-                .iter()
-                .map(|record| {
-                    let data =
-                        serde_json::to_string(&WireRecordOut::full(record)).unwrap_or_default();
-                    Event::default()
-                        .event("record")
-                        .id(record.offset.to_string())
-                        .data(data)
-                })
-                .collect()
-        });
-    let events = ReceiverStream::new(rx).map(|item| {
-        Ok::<Event, Infallible>(item.unwrap_or_else(|err| {
-            let message = err.to_string();
-            Event::default()
-                .event("error")
-                .data(ErrorBody::new(err.code(), &message).to_json())
-        }))
+    // Each event is encoded only when the connection is ready to write it.
+    let events = spawn_tail(
+        topic,
+        spec,
+        state.shutdown.clone(),
+        state.topics.read_ahead(),
+    )
+    .records()
+    .map(|record| {
+        Ok::<Event, Infallible>(match record {
+            Ok(record) => {
+                let data = serde_json::to_string(&WireRecordOut::full(&record)).unwrap_or_default();
+                Event::default()
+                    .event("record")
+                    .id(record.offset.to_string())
+                    .data(data)
+            }
+            Err(err) => {
+                let message = err.to_string();
+                Event::default()
+                    .event("error")
+                    .data(ErrorBody::new(err.code(), &message).to_json())
+            }
+        })
     });
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
@@ -362,7 +381,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
-    let unavailable = state.topics.unavailable().count();
-    let failed = state.topics.failed().len();
-    render_metrics(&state.topics.metrics(), unavailable, failed).response()
+    let service = ServiceFigures {
+        unavailable_topics: state.topics.unavailable().count(),
+        failed_topics: state.topics.failed().len(),
+        read_ahead_bytes: state.topics.read_ahead().held(),
+    };
+    render_metrics(&state.topics.metrics(), &service).response()
 }

@@ -163,25 +163,34 @@ const GAUGES: [Family<TopicInfo>; 4] = [
 /// A topic's name, counters and listing, as `Topics::metrics` gives them.
 pub(crate) type TopicFigures = (String, std::sync::Arc<TopicMetrics>, TopicInfo);
 
+/// The service's own figures, beside the topics'.
+pub(crate) struct ServiceFigures {
+    pub(crate) unavailable_topics: usize,
+    pub(crate) failed_topics: usize,
+    pub(crate) read_ahead_bytes: usize,
+}
+
 /// Renders every topic's figures in the Prometheus text format.
-pub(crate) fn render_metrics(
-    all: &[TopicFigures],
-    unavailable: usize,
-    failed: usize,
-) -> Prometheus {
+pub(crate) fn render_metrics(all: &[TopicFigures], service: &ServiceFigures) -> Prometheus {
     let mut out = Prometheus::default();
     out.family(
         "keel_log_unavailable_topics",
         "gauge",
         "Topics whose logs failed to open at start.",
     )
-    .sample(&[], unavailable);
+    .sample(&[], service.unavailable_topics);
     out.family(
         "keel_log_failed_topics",
         "gauge",
         "Topics whose logs failed while serving (a failed fsync) and refuse writes until a restart.",
     )
-    .sample(&[], failed);
+    .sample(&[], service.failed_topics);
+    out.family(
+        "keel_log_read_ahead_bytes",
+        "gauge",
+        "Bytes streaming readers have read and their connections not yet taken.",
+    )
+    .sample(&[], service.read_ahead_bytes);
     for family in &COUNTERS {
         family.write(
             &mut out,

@@ -55,6 +55,8 @@ pub async fn serve(
     let options = keel_serve::Options {
         threads: config.workers,
         max_connections: Some(config.max_connections),
+        // hyper cannot say when a connection waits for a request: none is shed.
+        shed: Arc::default(),
         name: "keel-log".into(),
     };
     let limits = keel_serve::AppLimits {

@@ -9,6 +9,7 @@ use crate::error::LogServiceError;
 use crate::metrics::TopicFigures;
 use keel_log_client::TopicInfo;
 
+use crate::tail::ReadAhead;
 use crate::topic::{Topic, WriterLimits};
 use crate::topic_name::validate_topic_name;
 
@@ -24,6 +25,8 @@ pub struct Topics {
     unavailable: BTreeMap<String, Arc<keel_commitlog::LogError>>,
     /// Serializes topic creation, so two first writes cannot open one log twice.
     creating: tokio::sync::Mutex<()>,
+    /// The memory bound of streaming readers.
+    read_ahead: ReadAhead,
 }
 
 impl Topics {
@@ -52,6 +55,10 @@ impl Topics {
             topics: RwLock::new(BTreeMap::new()),
             unavailable: BTreeMap::new(),
             creating: tokio::sync::Mutex::new(()),
+            read_ahead: ReadAhead::new(
+                config.read_ahead_bytes as usize,
+                config.read_ahead_total_bytes as usize,
+            ),
             config,
         };
         let mut names: Vec<String> = std::fs::read_dir(&topics.root)
@@ -107,6 +114,11 @@ impl Topics {
         .map_err(|err| LogServiceError::log(name, err))?;
         tracing::info!(topic = name, "opened topic");
         Ok(Arc::new(topic))
+    }
+
+    /// The memory bound of streaming readers.
+    pub(crate) fn read_ahead(&self) -> &ReadAhead {
+        &self.read_ahead
     }
 
     /// The configuration the service runs with.

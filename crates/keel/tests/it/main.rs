@@ -5,6 +5,7 @@
 mod cli;
 mod crash;
 mod gateway;
+mod readers;
 mod sdk;
 mod support;
 mod up;

@@ -35,7 +35,10 @@ impl Served {
 
     /// Runs `keel ARGS` and waits for the address it prints first.
     pub(crate) fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(KEEL)
+        // KEEL_TEST_BINARY runs these tests against another build (a release one, to
+        // measure it).
+        let binary = std::env::var("KEEL_TEST_BINARY").unwrap_or_else(|_| KEEL.to_owned());
+        let mut child = Command::new(binary)
             .args(args)
             .env("KEEL_LOG_LEVEL", "warn")
             .envs(env.iter().copied())
