@@ -68,19 +68,25 @@ pub(crate) struct ClientConnection<C> {
     pub(crate) scratch: Scratch,
     pub(crate) peer: SocketAddr,
     stop: CancellationToken,
+    /// Marks the connection waiting while no request is under way, when a new client
+    /// may have its slot.
+    idle: keel_serve::Idle,
 }
 
-/// Serves one client connection until it closes, goes idle for the idle timeout, or
-/// `stop` is cancelled (between requests).
+/// Serves one client connection until it closes, goes idle for the idle timeout,
+/// `stop` is cancelled (between requests), or a new client takes its slot while it
+/// waits for a request (`idle`).
 pub(crate) async fn serve_connection<C>(
     gateway: Arc<Gateway>,
     stream: C,
     peer: SocketAddr,
     stop: CancellationToken,
+    idle: keel_serve::Idle,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let connection = ClientConnection {
+        idle,
         gateway,
         downstream: Downstream {
             stream,
@@ -145,6 +151,7 @@ where
         );
         let mut deadline = None;
         let Downstream { stream, buf } = &mut self.downstream;
+        self.idle.waiting();
         loop {
             if !buf.is_empty() {
                 let forwarded = &mut self.scratch.forwarded;
@@ -158,6 +165,7 @@ where
                 );
                 forwarded.host = host;
                 if let Some(head) = parsed.map_err(refused_head)? {
+                    self.idle.working();
                     return one_host(head).map(Some);
                 }
             }
@@ -170,9 +178,12 @@ where
             };
             reserve(buf);
             // On shutdown, a head not read whole yet is dropped: nothing was responded.
+            // So is it when a new client needs this connection's slot: a request that
+            // has not arrived whole in all the time the others took is not served.
             let read = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return Ok(None),
+                () = self.idle.shed() => return Ok(None),
                 read = tokio::time::timeout(wait, stream.read_buf(buf)) => read,
             };
             match read {
@@ -346,6 +357,7 @@ mod tests {
             served,
             peer,
             CancellationToken::new(),
+            keel_serve::Idle::unlimited(),
         ));
         (client, task)
     }

@@ -19,6 +19,9 @@ use crate::upstream::Upstreams;
 pub(crate) struct Stats {
     pub(crate) requests: AtomicU64,
     pub(crate) retries: AtomicU64,
+    /// Client connections closed, while waiting for a request, to make room for a
+    /// new client at `max_connections`.
+    pub(crate) shed: Arc<AtomicU64>,
     /// Responses by status class: `[1]` counts 1xx, ..., `[5]` 5xx.
     by_status: [AtomicU64; 6],
 }
@@ -156,7 +159,13 @@ impl Shared {
             "counter",
             "Instances ejected after consecutive failures.",
         )
-        .sample(&[], self.ejections.count());
+        .sample(&[], self.ejections.count())
+        .family(
+            "keel_gateway_connections_shed_total",
+            "counter",
+            "Client connections closed while waiting for a request, to make room for a new client at max_connections.",
+        )
+        .sample(&[], stats.shed.load(Ordering::Relaxed));
         out
     }
 }

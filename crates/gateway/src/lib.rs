@@ -107,6 +107,7 @@ pub async fn run(
     let options = keel_serve::Options {
         threads: config.workers,
         max_connections: Some(config.max_connections),
+        shed: Arc::clone(&gateway.stats.shed),
         name: "keel-gateway".into(),
     };
     let stop = token.clone();
@@ -129,16 +130,18 @@ async fn serve_thread(
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
     loop {
-        let (connection, peer) = tokio::select! {
+        let (mut connection, peer) = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             accepted = handed.accept() => accepted,
         };
+        let idle = connection.take_idle();
         connections.spawn(connection::serve_connection(
             Arc::clone(&gateway),
             connection,
             peer,
             stop.clone(),
+            idle,
         ));
     }
     connections.close();

@@ -27,6 +27,7 @@ mod app;
 pub mod fuzz;
 pub mod http;
 mod invalid_config;
+mod roster;
 
 use std::future::Future;
 use std::io;
@@ -45,14 +46,20 @@ use tokio_util::sync::CancellationToken;
 
 pub use app::{AppLimits, serve_app};
 pub use invalid_config::InvalidConfig;
+pub use roster::Idle;
+use roster::Roster;
 
 /// How many threads serve, and how many connections may be open at once.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Serving threads; 0 means one per core.
     pub threads: usize,
-    /// Connections open at once across all threads; `None` for no limit.
+    /// Connections open at once across all threads; `None` for no limit. At the
+    /// limit, a new client takes the slot of the connection that has waited longest
+    /// for a request (see [`Idle`]), or waits for one.
     pub max_connections: Option<usize>,
+    /// Counts the connections closed to make room for new ones.
+    pub shed: Arc<std::sync::atomic::AtomicU64>,
     /// Prefix of the threads' names (`<name>-0`, `<name>-1`, ...).
     pub name: String,
 }
@@ -72,6 +79,7 @@ struct Accepted {
     stream: std::net::TcpStream,
     peer: SocketAddr,
     slot: Option<OwnedSemaphorePermit>,
+    idle: Idle,
 }
 
 /// Connections handed to a serving thread that it has not taken yet. When a thread
@@ -90,6 +98,15 @@ pub struct Handed {
 pub struct Connection {
     stream: TcpStream,
     _slot: Option<OwnedSemaphorePermit>,
+    idle: Option<Idle>,
+}
+
+impl Connection {
+    /// The connection's say in shedding (see [`Idle`]), for a server that can tell
+    /// when it waits for a request; keep it as long as the connection.
+    pub fn take_idle(&mut self) -> Idle {
+        self.idle.take().unwrap_or_else(Idle::unlimited)
+    }
 }
 
 impl axum::serve::Listener for Handed {
@@ -109,6 +126,7 @@ impl axum::serve::Listener for Handed {
                     let connection = Connection {
                         stream,
                         _slot: accepted.slot,
+                        idle: Some(accepted.idle),
                     };
                     return (connection, accepted.peer);
                 }
@@ -173,6 +191,7 @@ where
     let slots = options
         .max_connections
         .map(|n| Arc::new(Semaphore::new(n.max(1))));
+    let roster = Arc::new(Roster::new(Arc::clone(&options.shed)));
     let mut failure = None;
     let mut next = 0usize;
     loop {
@@ -191,7 +210,7 @@ where
                 }
                 break;
             }
-            accepted = accept(&listener, slots.as_ref()) => {
+            accepted = accept(&listener, slots.as_ref(), &roster) => {
                 let Some(accepted) = accepted else { continue };
                 let thread = next % outlets.len();
                 next = next.wrapping_add(1);
@@ -219,20 +238,48 @@ fn thread_result(ended: Result<io::Result<()>, oneshot::error::RecvError>) -> io
     ended.unwrap_or_else(|_| Err(io::Error::other("a serving thread panicked")))
 }
 
-/// Takes a connection slot (when there is a limit), then a connection. `None` after a
-/// failed accept (out of file descriptors and the like), after a pause, as axum does.
-async fn accept(listener: &TcpListener, slots: Option<&Arc<Semaphore>>) -> Option<Accepted> {
-    let slot = match slots {
-        Some(slots) => Some(Arc::clone(slots).acquire_owned().await.ok()?),
-        None => None,
+/// Takes a connection and a slot for it (when there is a limit). When every slot is
+/// taken, a client that arrives has the connection waiting longest for a request
+/// closed, and takes its slot; with none waiting, it waits for a slot (one such
+/// client at most: the others wait in the kernel's backlog). `None` after a failed
+/// accept (out of file descriptors and the like), after a pause, as axum does.
+async fn accept(
+    listener: &TcpListener,
+    slots: Option<&Arc<Semaphore>>,
+    roster: &Arc<Roster>,
+) -> Option<Accepted> {
+    let (slot, accepted) = match slots {
+        None => (None, listener.accept().await),
+        Some(slots) => match Arc::clone(slots).try_acquire_owned() {
+            Ok(slot) => (Some(slot), listener.accept().await),
+            Err(_) => {
+                let accepted = tokio::select! {
+                    slot = Arc::clone(slots).acquire_owned() => {
+                        (Some(slot.ok()?), listener.accept().await)
+                    }
+                    accepted = listener.accept() => {
+                        if accepted.is_ok() && roster.shed_oldest() {
+                            tracing::debug!("every connection slot was taken: closed the connection idle longest");
+                        }
+                        (Some(Arc::clone(slots).acquire_owned().await.ok()?), accepted)
+                    }
+                };
+                accepted
+            }
+        },
     };
-    match listener.accept().await {
+    match accepted {
         Ok((stream, peer)) => {
             if let Err(err) = stream.set_nodelay(true) {
                 tracing::warn!(error = %err, "cannot set TCP_NODELAY on a connection");
             }
             match stream.into_std() {
-                Ok(stream) => Some(Accepted { stream, peer, slot }),
+                Ok(stream) => Some(Accepted {
+                    stream,
+                    peer,
+                    slot,
+                    idle: roster.enroll(),
+                }),
                 Err(err) => {
                     tracing::warn!(error = %err, "handing a connection over failed");
                     None
@@ -296,6 +343,7 @@ mod tests {
         Options {
             threads,
             max_connections,
+            shed: Arc::default(),
             name: "test-serve".into(),
         }
     }
