@@ -640,3 +640,93 @@ async fn issue_15_the_instance_should_never_see_forwarding_headers_or_underscore
         "{seen}"
     );
 }
+
+/// Slowloris: clients that trickle request heads a byte at a time hold every
+/// connection slot, and reconnect when closed. Each legitimate client still gets its
+/// answer at once: it takes the slot of the connection that has waited longest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_15_slowloris_holding_every_connection_should_not_keep_legitimate_clients_out() {
+    const SLOTS: usize = 20;
+    let upstream = scripted(|_| (ok("served"), false)).await;
+    let (_registry, gateway) = routed_with("loris", upstream, |config| {
+        config.max_connections = SLOTS;
+    })
+    .await;
+    let addr = gateway.addr;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let attackers: Vec<_> = (0..SLOTS)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let head =
+                    b"GET /loris/never HTTP/1.1\r\nhost: t\r\nx-pad: aaaaaaaaaaaaaaaaaaaaaaaa";
+                while !stop.is_cancelled() {
+                    let Ok(stream) = TcpStream::connect(addr).await else {
+                        continue;
+                    };
+                    let (mut reader, mut writer) = stream.into_split();
+                    let trickle = async {
+                        for byte in head.iter().cycle() {
+                            if writer.write_all(&[*byte]).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    };
+                    // Reconnect as soon as the gateway closes this one.
+                    let mut byte = [0u8; 1];
+                    tokio::select! {
+                        () = trickle => {}
+                        _ = reader.read(&mut byte) => {}
+                        () = stop.cancelled() => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    // Every slot is taken once the attackers' connections are accepted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut latencies = Vec::new();
+    for _ in 0..100 {
+        let started = Instant::now();
+        let mut client = Client::connect(addr).await;
+        client
+            .send(b"GET /loris/x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+            .await;
+        let answer = tokio::time::timeout(Duration::from_secs(5), client.answer(false))
+            .await
+            .expect("a legitimate client is answered while attackers hold every slot");
+        assert_eq!(answer.status, 200);
+        latencies.push(started.elapsed());
+        // Room for the attackers to take every slot again.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    for attacker in attackers {
+        attacker.await.unwrap();
+    }
+    latencies.sort();
+    eprintln!(
+        "legitimate requests under slowloris: p50 {:?}, p99 {:?}, max {:?}",
+        latencies[49], latencies[98], latencies[99]
+    );
+    let admin = gateway.admin.expect("a gateway has an admin address");
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let shed: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("keel_gateway_connections_shed_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no shed counter in {metrics}"));
+    eprintln!("connections shed: {shed}");
+    assert!(
+        shed >= 50,
+        "legitimate clients took the slots of waiting attackers: {shed}"
+    );
+}
