@@ -73,7 +73,9 @@ pub struct GatewayConfig {
     pub watch_wait: Duration,
     /// The log service's URL for the access log (topic `access`); none: no access log.
     pub log_service: Option<String>,
-    /// Connections open at once; more wait to be accepted. Default 4096.
+    /// Connections open at once. At the limit, a new client takes the slot of the
+    /// connection that has waited longest for a request (it is closed); when every
+    /// connection is mid-request, more wait to be accepted. Default 4096.
     pub max_connections: usize,
     /// Bytes of request headers (names and values) accepted; more is 431. Default 16 KiB.
     pub max_header_bytes: usize,
