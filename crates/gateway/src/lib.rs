@@ -106,7 +106,13 @@ pub async fn run(
     // another thread.
     let options = keel_serve::Options {
         threads: config.workers,
-        max_connections: Some(config.max_connections),
+        // A client connection may hold an upstream connection too.
+        max_connections: Some(keel_serve::connections_within_fd_limit(
+            config.max_connections,
+            2,
+            64,
+            "gateway",
+        )),
         shed: Arc::clone(&gateway.stats.shed),
         name: "keel-gateway".into(),
     };

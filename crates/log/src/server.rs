@@ -54,7 +54,13 @@ pub async fn serve(
 
     let options = keel_serve::Options {
         threads: config.workers,
-        max_connections: Some(config.max_connections),
+        // Each topic keeps a few files open (two per segment, and its lock).
+        max_connections: Some(keel_serve::connections_within_fd_limit(
+            config.max_connections,
+            1,
+            3 * config.max_topics + 64,
+            "log service",
+        )),
         // hyper cannot say when a connection waits for a request: none is shed.
         shed: Arc::default(),
         name: "keel-log".into(),

@@ -52,7 +52,13 @@ pub async fn run(
     ));
     let limits = keel_serve::AppLimits {
         header_timeout: config.header_timeout,
-        max_connections: Some(config.max_connections),
+        // Each check may hold an outbound connection beside the served ones.
+        max_connections: Some(keel_serve::connections_within_fd_limit(
+            config.max_connections,
+            1,
+            config.check_workers + 64,
+            "registry",
+        )),
     };
     let app = router(AppState {
         registry,

@@ -1,9 +1,14 @@
 //! Serving an axum app on a listener with the limits a server facing the network
 //! needs, which `axum::serve` does not set: a deadline for each request head (hyper's
-//! `header_read_timeout`, which needs a timer) and, optionally, a cap on open
-//! connections. HTTP/1.1 and HTTP/2 (gRPC) share the listener.
+//! `header_read_timeout`, which needs a timer), the same deadline for a connection's
+//! first byte (hyper waits for it without one, to tell HTTP/1.1 from HTTP/2) and,
+//! optionally, a cap on open connections. HTTP/1.1 and HTTP/2 (gRPC) share the
+//! listener.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,6 +16,7 @@ use axum::serve::Listener;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,11 +69,21 @@ where
         let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
         let stop = stop.clone();
+        let header_timeout = limits.header_timeout;
         connections.spawn(async move {
+            let (io, heard) = Heard::new(io);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             let mut connection = std::pin::pin!(connection);
+            // A client that sends nothing at all is dropped at the header deadline.
+            let silent = async {
+                tokio::time::sleep(header_timeout).await;
+                if heard.load(Ordering::Acquire) {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = connection.as_mut() => {}
+                () = silent => {}
                 () = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
@@ -78,4 +94,66 @@ where
     }
     connections.close();
     connections.wait().await;
+}
+
+/// A connection that says whether any byte has arrived on it.
+struct Heard<IO> {
+    io: IO,
+    heard: Arc<AtomicBool>,
+}
+
+impl<IO> Heard<IO> {
+    fn new(io: IO) -> (Self, Arc<AtomicBool>) {
+        let heard = Arc::new(AtomicBool::new(false));
+        let watched = Self {
+            io,
+            heard: Arc::clone(&heard),
+        };
+        (watched, heard)
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Heard<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Release);
+        }
+        read
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Heard<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }

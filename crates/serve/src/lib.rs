@@ -24,6 +24,7 @@
 //! ([`InvalidConfig`]). It depends on no other keel crate.
 
 mod app;
+mod fd_limit;
 pub mod fuzz;
 pub mod http;
 mod invalid_config;
@@ -45,6 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use app::{AppLimits, serve_app};
+pub use fd_limit::connections_within_fd_limit;
 pub use invalid_config::InvalidConfig;
 pub use roster::Idle;
 use roster::Roster;
@@ -287,8 +289,12 @@ async fn accept(
             }
         }
         Err(err) => {
+            // Out of descriptors (EMFILE, ENFILE) lasts until connections close: pause
+            // long enough not to spin, nor to fill the log with this line.
+            let out_of_files = matches!(err.raw_os_error(), Some(23 | 24));
             tracing::warn!(error = %err, "accepting a connection failed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let pause = if out_of_files { 1000 } else { 50 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
             None
         }
     }

@@ -5,6 +5,7 @@
 mod cli;
 mod crash;
 mod gateway;
+mod limits;
 mod readers;
 mod sdk;
 mod support;

@@ -387,6 +387,21 @@ async fn issue_15_half_sent_heads_should_be_closed_at_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn issue_15_a_connection_that_sends_nothing_should_be_closed_at_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(keel_log::LogServiceConfig {
+        header_timeout: Duration::from_millis(300),
+        ..crate::support::config(dir.path())
+    })
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    assert!(
+        closed_by_server(&mut silent).await,
+        "a connection that never sends a byte holds its slot"
+    );
+}
+
+#[tokio::test]
 async fn issue_15_connections_past_max_connections_should_wait_for_a_free_slot() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(keel_log::LogServiceConfig {

@@ -622,14 +622,39 @@ async fn issue_15_half_sent_heads_and_extra_connections_should_not_hold_the_regi
             }
         }
     }
-    // Past max_connections, a client waits until a connection closes.
-    let hogs: Vec<_> =
-        futures::future::join_all((0..4).map(|_| tokio::net::TcpStream::connect(registry.addr)))
-            .await;
+    // So is a connection that sends nothing at all.
+    let mut silent = tokio::net::TcpStream::connect(registry.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a connection that never sends a byte holds its slot: {closed:?}"
+    );
+    // Past max_connections, a client waits until a connection closes: four blocking
+    // watches hold every slot.
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
+    let state: Value = client
+        .get(registry.url("/v1/services"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let index = state["index"].as_u64().unwrap();
+    let mut hogs = Vec::new();
+    for _ in 0..4 {
+        let mut hog = tokio::net::TcpStream::connect(registry.addr).await.unwrap();
+        hog.write_all(
+            format!("GET /v1/watch?index={index}&wait=20s HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        hogs.push(hog);
+    }
     let waited = client
         .get(registry.url("/healthz"))
         .timeout(Duration::from_millis(500))
