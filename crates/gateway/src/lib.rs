@@ -74,11 +74,12 @@ pub async fn run(
             config.watch_wait,
             std::time::Duration::from_secs(2),
             token.clone(),
-            move |snapshot| {
-                *gateway
+            move |known| {
+                gateway
                     .known
                     .write()
-                    .unwrap_or_else(PoisonError::into_inner) = snapshot.services();
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone_from(known);
             },
         ))
     };

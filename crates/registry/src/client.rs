@@ -15,13 +15,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Registration, RegistryClientError};
 
-/// The registry's answer to a watch: its change index and every instance.
+/// The registry's answer to a listing or a watch: its change index and every
+/// instance, or (from [`RegistryClient::watch`]) the instances of the services that
+/// changed.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Snapshot {
     /// The change index.
     pub index: u64,
-    /// Every instance.
+    /// Every instance, or those of the `changed` services.
     pub instances: Vec<WatchedInstance>,
+    /// The services that changed since the index asked about, when the answer is a
+    /// delta (`full` false): a listed service with no instance here is gone, and a
+    /// service not listed is as it was. `None` for the whole table.
+    #[serde(default)]
+    pub changed: Option<Vec<String>>,
+    /// Whether this is the whole table: services not in it are gone.
+    #[serde(default = "whole")]
+    pub full: bool,
+}
+
+fn whole() -> bool {
+    true
 }
 
 /// An instance as a watch reports it.
@@ -65,6 +79,34 @@ impl Snapshot {
     /// Every service name in the snapshot.
     pub fn services(&self) -> std::collections::BTreeSet<String> {
         self.instances.iter().map(|i| i.name.clone()).collect()
+    }
+
+    /// Whether the snapshot says anything about `name`: it is the whole table, or
+    /// `name` changed.
+    pub fn covers(&self, name: &str) -> bool {
+        self.full
+            || self
+                .changed
+                .as_ref()
+                .is_none_or(|changed| changed.iter().any(|c| c == name))
+    }
+
+    /// Applies the snapshot to `known`, the names of every service the registry
+    /// has (passing or not): replaced by a whole table, updated by a delta.
+    pub fn update_known(&self, known: &mut std::collections::BTreeSet<String>) {
+        match &self.changed {
+            Some(changed) if !self.full => {
+                let present = self.services();
+                for name in changed {
+                    if present.contains(name) {
+                        known.insert(name.clone());
+                    } else {
+                        known.remove(name);
+                    }
+                }
+            }
+            _ => *known = self.services(),
+        }
     }
 }
 
@@ -147,8 +189,9 @@ impl RegistryClient {
         .await
     }
 
-    /// A blocking watch: the registry's state once its index is past `index`, or after
-    /// `wait`.
+    /// A blocking watch: what changed once the registry's index is past `index`, or
+    /// after `wait`: the services changed since `index` ([`Snapshot::changed`]), or
+    /// the whole table for index 0 (or one the registry no longer knows).
     ///
     /// # Errors
     ///
@@ -156,7 +199,7 @@ impl RegistryClient {
     /// nonsense.
     pub async fn watch(&self, index: u64, wait: Duration) -> Result<Snapshot, RegistryClientError> {
         let url = format!(
-            "{}/v1/watch?index={index}&wait={}ms",
+            "{}/v1/watch?index={index}&wait={}ms&changes=true",
             self.base,
             wait.as_millis()
         );
@@ -203,9 +246,10 @@ async fn refused_unless_success(
 }
 
 /// Keeps `discovery` current with every service the registry knows (or only those in
-/// `services`, when given) until `stop`, calling `on_snapshot` with each answer.
-/// Survives registry restarts: after an error it waits (backing off up to
-/// `max_backoff`) and starts over from index 0.
+/// `services`, when given) until `stop`, calling `on_change` with the names of every
+/// service the registry has (passing or not) after each answer. Each answer carries
+/// only the services that changed. Survives registry restarts: after an error it
+/// waits (backing off up to `max_backoff`) and starts over from index 0.
 pub async fn follow(
     client: RegistryClient,
     discovery: Discovery,
@@ -213,9 +257,10 @@ pub async fn follow(
     wait: Duration,
     max_backoff: Duration,
     stop: CancellationToken,
-    mut on_snapshot: impl FnMut(&Snapshot) + Send,
+    mut on_change: impl FnMut(&std::collections::BTreeSet<String>) + Send,
 ) {
     let mut index = 0;
+    let mut known = std::collections::BTreeSet::new();
     let mut backoff = Duration::from_millis(50);
     while !stop.is_cancelled() {
         let answer = tokio::select! {
@@ -233,11 +278,12 @@ pub async fn follow(
                         .chain(discovery.services())
                         .collect::<Vec<_>>(),
                 };
-                for name in names {
-                    discovery.replace(&name, snapshot.passing(&name));
+                for name in names.iter().filter(|name| snapshot.covers(name)) {
+                    discovery.replace(name, snapshot.passing(name));
                 }
                 index = snapshot.index;
-                on_snapshot(&snapshot);
+                snapshot.update_known(&mut known);
+                on_change(&known);
             }
             Err(err) => {
                 tracing::debug!(error = %err, "registry watch failed; retrying");

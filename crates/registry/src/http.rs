@@ -218,7 +218,8 @@ async fn list_service(
 }
 
 /// `GET /v1/watch?index=N&wait=30s`: answers as soon as the change index passes `N`,
-/// or when `wait` is over, with the index and every instance.
+/// or when `wait` is over, with the index and every instance. With `changes=true`,
+/// only the services changed since `N` (see [`crate::Delta`]).
 async fn watch(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -248,12 +249,25 @@ async fn watch(
         }
     }
     .min(state.config.max_watch_wait);
+    let changes = query
+        .get("changes")
+        .is_some_and(|v| v == "true" || v == "1");
     let mut index = state.registry.watch_index();
     tokio::select! {
         _ = tokio::time::timeout(wait, index.wait_for(|&current| current > after)) => {}
         () = state.stopping.cancelled() => {}
     }
-    list_all(State(state)).await
+    if !changes {
+        return list_all(State(state)).await;
+    }
+    let delta = state.registry.changes_since(after);
+    axum::Json(json!({
+        "index": delta.index,
+        "full": delta.full,
+        "changed": delta.changed,
+        "instances": delta.instances,
+    }))
+    .into_response()
 }
 
 /// `GET /v1/watch/stream`: Server-Sent Events, one per availability change.

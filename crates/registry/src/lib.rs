@@ -34,4 +34,4 @@ pub use registration::{
 };
 pub use registry::{Change, Registry};
 pub use server::run;
-pub use state::{Command, Event, Health, Instance, RegistryState};
+pub use state::{Command, Delta, Event, Health, Instance, RegistryState};

@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, watch};
 use crate::error::{RegistryError, Result};
 use crate::notifier::{Delivery, Notifier};
 use crate::registration::Registration;
-use crate::state::{Command, Event, Instance, RegistryState};
+use crate::state::{Command, Delta, Event, Instance, RegistryState};
 
 /// One availability change, as watchers see it.
 #[derive(Debug, Clone, Serialize)]
@@ -142,6 +142,11 @@ impl Registry {
     pub fn snapshot(&self) -> (u64, Vec<Instance>) {
         let state = self.state();
         (state.index(), state.all().cloned().collect())
+    }
+
+    /// What changed since index `after` (see [`RegistryState::changes_since`]).
+    pub fn changes_since(&self, after: u64) -> Delta {
+        self.state().changes_since(after)
     }
 
     /// The instances of a service: the available ones, or all with `all`.

@@ -133,13 +133,38 @@ impl Event {
     }
 }
 
+/// Services whose last instance left that the state still remembers for watchers,
+/// beyond those it holds; older ones are forgotten, and a watcher that last looked
+/// before the forgetting gets the whole table.
+const REMEMBERED_REMOVALS: usize = 1024;
+
+/// What changed since an index, for a watcher (see [`RegistryState::changes_since`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The change index now.
+    pub index: u64,
+    /// Whether this is the whole table (the watcher's index is 0, too old, or from
+    /// before a restart): services not in it are gone.
+    pub full: bool,
+    /// The services that changed (every service, when `full`); one with no instance
+    /// left in `instances` is gone.
+    pub changed: Vec<String>,
+    /// Every instance of the changed services.
+    pub instances: Vec<Instance>,
+}
+
 /// The registry's state.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryState {
     /// By service name, then id: iteration is deterministic.
     services: BTreeMap<String, BTreeMap<String, Instance>>,
-    /// Grows by one with every command that changes anything (for watches).
+    /// Grows by one with every command that changes what watchers see.
     index: u64,
+    /// The index of each service's latest change, for watchers' deltas.
+    modified: BTreeMap<String, u64>,
+    /// Changes at or below this index may have been forgotten (see
+    /// [`REMEMBERED_REMOVALS`]).
+    forgotten: u64,
 }
 
 impl RegistryState {
@@ -156,11 +181,14 @@ impl RegistryState {
     /// registered; the state is unchanged.
     pub fn apply(&mut self, command: Command) -> Result<Vec<Event>> {
         let mut events = Vec::new();
+        // The services whose instances, as watchers see them, change.
+        let mut touched = Vec::new();
         let changed = match command {
             Command::Register {
                 registration,
                 at_ms,
             } => {
+                touched.push(registration.name.clone());
                 self.register(registration, at_ms, &mut events);
                 true
             }
@@ -169,6 +197,7 @@ impl RegistryState {
                 if instance.is_available() {
                     events.push(Event::Unavailable(instance));
                 }
+                touched.push(name);
                 true
             }
             Command::SetHealth {
@@ -183,18 +212,77 @@ impl RegistryState {
             Command::Heartbeat { name, id, at_ms } => {
                 let instance = self.get_mut(&name, &id)?;
                 instance.last_seen_ms = at_ms;
-                set_health(instance, Health::Passing, at_ms, &mut events);
-                true
+                // A sign of life that changes no health changes nothing a watcher sees.
+                set_health(instance, Health::Passing, at_ms, &mut events)
             }
             Command::Reap {
                 now_ms,
                 deregister_after_ms,
-            } => self.reap(now_ms, deregister_after_ms, &mut events),
+            } => self.reap(now_ms, deregister_after_ms, &mut events, &mut touched),
         };
         if changed {
             self.index += 1;
+            let index = self.index;
+            touched.extend(events.iter().map(|event| event.instance().name.clone()));
+            for name in touched {
+                self.modified.insert(name, index);
+            }
+            self.forget_old_removals();
         }
         Ok(events)
+    }
+
+    /// What a watcher that has seen the state at index `after` needs: the services
+    /// changed since, with their instances; or the whole table when `after` is 0,
+    /// older than what the state remembers, or ahead of the state (the registry
+    /// restarted since).
+    pub fn changes_since(&self, after: u64) -> Delta {
+        if after == 0 || after < self.forgotten || after > self.index {
+            return Delta {
+                index: self.index,
+                full: true,
+                changed: self.services.keys().cloned().collect(),
+                instances: self.all().cloned().collect(),
+            };
+        }
+        let changed: Vec<String> = self
+            .modified
+            .iter()
+            .filter(|(_, index)| **index > after)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let instances = changed
+            .iter()
+            .flat_map(|name| self.instances(name))
+            .cloned()
+            .collect();
+        Delta {
+            index: self.index,
+            full: false,
+            changed,
+            instances,
+        }
+    }
+
+    /// Forgets the removals of services changed longest ago once more than
+    /// [`REMEMBERED_REMOVALS`] are remembered, so that names come and go without the
+    /// state growing.
+    fn forget_old_removals(&mut self) {
+        if self.modified.len() <= self.services.len() + REMEMBERED_REMOVALS {
+            return;
+        }
+        let mut gone: Vec<(u64, String)> = self
+            .modified
+            .iter()
+            .filter(|(name, _)| !self.services.contains_key(*name))
+            .map(|(name, &index)| (index, name.clone()))
+            .collect();
+        gone.sort_unstable();
+        let excess = gone.len().saturating_sub(REMEMBERED_REMOVALS / 2);
+        for (index, name) in gone.into_iter().take(excess) {
+            self.forgotten = self.forgotten.max(index);
+            self.modified.remove(&name);
+        }
     }
 
     fn register(&mut self, registration: Registration, at_ms: u64, events: &mut Vec<Event>) {
@@ -242,7 +330,13 @@ impl RegistryState {
         }
     }
 
-    fn reap(&mut self, now_ms: u64, deregister_after_ms: u64, events: &mut Vec<Event>) -> bool {
+    fn reap(
+        &mut self,
+        now_ms: u64,
+        deregister_after_ms: u64,
+        events: &mut Vec<Event>,
+        touched: &mut Vec<String>,
+    ) -> bool {
         let mut changed = false;
         let mut removed = Vec::new();
         for instances in self.services.values_mut() {
@@ -264,6 +358,7 @@ impl RegistryState {
             // Already unavailable (critical), so no event; the removal is a change.
             if self.remove(&name, &id).is_ok() {
                 changed = true;
+                touched.push(name);
             }
         }
         changed

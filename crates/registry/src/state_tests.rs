@@ -287,3 +287,93 @@ fn the_same_commands_should_give_the_same_state() {
         "b@2 missed its TTL and was reaped: {snapshot}"
     );
 }
+
+fn deregister(state: &mut RegistryState, name: &str, port: u16) {
+    state
+        .apply(Command::Deregister {
+            name: name.into(),
+            id: format!("127.0.0.1:{port}"),
+        })
+        .expect("deregister");
+}
+
+#[test]
+fn issue_15_a_watcher_should_get_only_the_services_changed_since_its_index() {
+    let mut state = RegistryState::default();
+    register(&mut state, "log", 1, 100);
+    register(&mut state, "grading", 2, 100);
+    register(&mut state, "visit", 3, 100);
+
+    let first = state.changes_since(0);
+    assert!(first.full, "index 0 gets the whole table");
+    assert_eq!(first.changed, ["grading", "log", "visit"]);
+    assert_eq!(first.instances.len(), 3);
+
+    let seen = state.index();
+    set(&mut state, "log", 1, Health::Critical, 200);
+    deregister(&mut state, "visit", 3);
+    let delta = state.changes_since(seen);
+    assert!(!delta.full);
+    assert_eq!(delta.changed, ["log", "visit"], "grading did not change");
+    assert_eq!(ids(&delta.instances), ["127.0.0.1:1"], "visit is gone");
+    assert_eq!(delta.index, state.index());
+
+    let nothing = state.changes_since(state.index());
+    assert!(!nothing.full && nothing.changed.is_empty() && nothing.instances.is_empty());
+    let restarted = state.changes_since(state.index() + 10);
+    assert!(
+        restarted.full,
+        "an index from before a restart gets the whole table"
+    );
+}
+
+#[test]
+fn issue_15_a_heartbeat_that_changes_no_health_should_wake_no_watcher() {
+    let mut state = RegistryState::default();
+    let mut registration = registration("ttl", 1, &[]);
+    registration.ttl_ms = Some(1000);
+    state
+        .apply(Command::Register {
+            registration,
+            at_ms: 100,
+        })
+        .expect("register");
+    let index = state.index();
+    state
+        .apply(Command::Heartbeat {
+            name: "ttl".into(),
+            id: "127.0.0.1:1".into(),
+            at_ms: 500,
+        })
+        .expect("heartbeat");
+    assert_eq!(state.index(), index);
+    assert_eq!(
+        state.instance("ttl", "127.0.0.1:1").map(|i| i.last_seen_ms),
+        Some(500)
+    );
+}
+
+#[test]
+fn issue_15_names_that_come_and_go_should_not_grow_the_state_and_old_watchers_resync() {
+    let mut state = RegistryState::default();
+    register(&mut state, "stays", 1, 100);
+    let early = state.index();
+    for n in 0..3000u16 {
+        let name = format!("gone-{n}");
+        register(&mut state, &name, 2, 100);
+        deregister(&mut state, &name, 2);
+    }
+    assert!(
+        state.modified.len() <= 1 + REMEMBERED_REMOVALS,
+        "{} services remembered",
+        state.modified.len()
+    );
+    assert!(
+        state.changes_since(early).full,
+        "a watcher from before the forgetting resyncs"
+    );
+    let recent = state.index() - 2;
+    let delta = state.changes_since(recent);
+    assert!(!delta.full);
+    assert_eq!(delta.changed, ["gone-2999"]);
+}

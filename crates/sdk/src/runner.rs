@@ -292,12 +292,17 @@ async fn keep_registered(
                     }
                     index = snapshot.index;
                     for name in &config.required_services {
-                        discovery.replace(name, snapshot.passing(name));
+                        if snapshot.covers(name) {
+                            discovery.replace(name, snapshot.passing(name));
+                        }
                     }
-                    if !snapshot
-                        .instances
-                        .iter()
-                        .any(|i| i.name == config.name && i.url == me)
+                    // A watch answer says only what changed: look for this instance
+                    // when its service did.
+                    if snapshot.covers(&config.name)
+                        && !snapshot
+                            .instances
+                            .iter()
+                            .any(|i| i.name == config.name && i.url == me)
                     {
                         tracing::info!(
                             service = config.name,

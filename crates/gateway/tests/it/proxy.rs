@@ -246,8 +246,9 @@ async fn oversized_headers_should_be_431() {
     );
 }
 
+/// A connection mid-request is never shed: past the limit, a new one waits.
 #[tokio::test]
-async fn connections_over_the_limit_should_wait_until_one_closes() {
+async fn connections_over_the_limit_should_wait_while_every_one_is_mid_request() {
     let registry = registry().await;
     let echo = backend("a").await;
     register(registry.addr, "echo", echo.running.addr).await;
@@ -260,8 +261,21 @@ async fn connections_over_the_limit_should_wait_until_one_closes() {
         .unwrap();
     let url = format!("http://{}/echo/x", gateway.addr);
     // Connected first, the hog is first in line for the slot, whether or not the
-    // connections of `until_routed` have let go of it yet.
-    let hog = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    // connections of `until_routed` have let go of it yet; its request takes 3 s.
+    let before = echo.hits.load(std::sync::atomic::Ordering::Relaxed);
+    let mut hog = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut hog, b"GET /echo/slow HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // Mid-request once the backend has it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while echo.hits.load(std::sync::atomic::Ordering::Relaxed) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hog's request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let waited = client
         .get(&url)
         .timeout(Duration::from_millis(500))

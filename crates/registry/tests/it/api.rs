@@ -673,3 +673,54 @@ async fn issue_15_half_sent_heads_and_extra_connections_should_not_hold_the_regi
         .unwrap();
     assert_eq!(served.status(), StatusCode::OK);
 }
+
+/// A change to one service sends watchers that service, not the whole table.
+#[tokio::test]
+async fn issue_15_a_watch_should_carry_the_changed_service_not_the_whole_table() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let padding = "m".repeat(3000);
+    for n in 0..50 {
+        register(
+            &registry,
+            &json!({
+                "name": format!("bulky-{n}"),
+                "addr": format!("127.0.0.1:{}", 1000 + n),
+                "meta": {"padding": padding},
+            }),
+        )
+        .await;
+    }
+    let full = http()
+        .get(registry.url("/v1/watch?index=0&changes=true"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let full: Value = serde_json::from_slice(&full).unwrap();
+    assert_eq!(full["full"], true);
+    assert_eq!(full["instances"].as_array().unwrap().len(), 50);
+    let index = full["index"].as_u64().unwrap();
+
+    let watch = tokio::spawn({
+        let url = registry.url(&format!("/v1/watch?index={index}&wait=20s&changes=true"));
+        async move { http().get(url).send().await.unwrap().bytes().await.unwrap() }
+    });
+    register(
+        &registry,
+        &json!({"name": "late", "addr": "127.0.0.1:2000"}),
+    )
+    .await;
+    let answer = watch.await.unwrap();
+    assert!(
+        answer.len() < 2048,
+        "one small service changed, yet the watch carried {} bytes",
+        answer.len()
+    );
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["full"], false, "{answer}");
+    assert_eq!(answer["changed"], json!(["late"]), "{answer}");
+    assert_eq!(answer["instances"][0]["name"], "late", "{answer}");
+    assert_eq!(answer["index"], index + 1, "{answer}");
+}
