@@ -194,7 +194,7 @@ mod tests {
         // Fuzzing the frame decoder: any bytes, whole frames damaged or not, never a
         // panic, and a frame found is within the bytes and carries the offset asked
         // for. `PROPTEST_CASES=10000000` runs it long by hand.
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: cases(2000), ..ProptestConfig::default() })]
 
         #[test]
         fn any_bytes_should_decode_to_a_frame_within_them_or_an_error(
@@ -215,6 +215,15 @@ mod tests {
                 prop_assert_eq!(offset, 2);
             }
         }
+    }
+
+    /// `PROPTEST_CASES` when set (a long run by hand), else `default`: a config that
+    /// names its cases would otherwise ignore the variable.
+    fn cases(default: u32) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default)
     }
 
     fn frame_of(offset: Offset, value: &[u8]) -> Vec<u8> {

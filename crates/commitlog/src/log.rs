@@ -209,7 +209,7 @@ impl Log {
         let mut segments = opened.sealed;
         segments.push(Arc::clone(&active.segment));
         let shared = Arc::new(Shared::new(dir.to_path_buf(), segments, next));
-        let sealer = Sealer::start(dir)?;
+        let sealer = Sealer::new();
 
         let mut log = Self {
             shared,

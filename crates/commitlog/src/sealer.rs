@@ -6,10 +6,12 @@
 //! segment (damage in it is corruption); an unflagged sealed segment may have been
 //! cut short by a crash and is scanned and, if torn, cut like an active one.
 //!
-//! The queue holds [`QUEUE`] segments; a writer that outruns the disk by more than
-//! that waits at its next roll, which bounds how much sealed data is at risk.
+//! The thread runs only while there is work: it starts at a roll and ends when the
+//! queue is empty, so a log that is not rolling costs no thread. The queue holds
+//! [`QUEUE`] segments; a writer that outruns the disk by more than that waits at its
+//! next roll, which bounds how much sealed data is at risk.
 
-use std::sync::mpsc::{self, SyncSender};
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -22,9 +24,12 @@ const QUEUE: usize = 2;
 
 #[derive(Debug, Default)]
 struct Progress {
+    waiting: VecDeque<SegmentFiles>,
     queued: u64,
     done: u64,
     error: Option<String>,
+    /// Whether a sealing thread is at work (it ends when `waiting` is empty).
+    running: bool,
 }
 
 #[derive(Debug, Default)]
@@ -37,55 +42,106 @@ impl State {
     fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn wait<'a>(
+        &self,
+        progress: std::sync::MutexGuard<'a, Progress>,
+    ) -> std::sync::MutexGuard<'a, Progress> {
+        self.changed
+            .wait(progress)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Seals what waits, then ends the thread.
+    fn work(&self) {
+        let _ending = Ending(self);
+        let mut progress = self.progress();
+        while let Some(files) = progress.waiting.pop_front() {
+            drop(progress);
+            let result = seal_now(&files);
+            progress = self.progress();
+            progress.done += 1;
+            if let Err(err) = result {
+                tracing::error!(store = %files.store_path.display(), error = %err, "sealing segment failed");
+                progress.error.get_or_insert_with(|| {
+                    format!("sealing {} failed: {err}", files.store_path.display())
+                });
+            }
+            self.changed.notify_all();
+        }
+        progress.running = false;
+        self.changed.notify_all();
+    }
+}
+
+/// Settles the books when a sealing thread panics, so that nobody waits for it.
+struct Ending<'a>(&'a State);
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut progress = self.0.progress();
+            progress.waiting.clear();
+            progress.done = progress.queued;
+            progress.running = false;
+            progress
+                .error
+                .get_or_insert_with(|| "the sealer thread panicked".into());
+            self.0.changed.notify_all();
+        }
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Sealer {
-    jobs: Option<SyncSender<SegmentFiles>>,
-    thread: Option<JoinHandle<()>>,
     state: Arc<State>,
+    /// The latest sealing thread, joined before the next starts and at the end.
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Sealer {
-    pub(crate) fn start(dir: &std::path::Path) -> Result<Self> {
-        let (jobs, queue) = mpsc::sync_channel::<SegmentFiles>(QUEUE);
-        let state = Arc::new(State::default());
-        let worker = Arc::clone(&state);
-        let thread = std::thread::Builder::new()
-            .name("keel-sealer".into())
-            .spawn(move || {
-                for files in queue {
-                    let result = seal_now(&files);
-                    let mut progress = worker.progress();
-                    progress.done += 1;
-                    if let Err(err) = result {
-                        tracing::error!(store = %files.store_path.display(), error = %err, "sealing segment failed");
-                        progress.error.get_or_insert_with(|| format!("sealing {} failed: {err}", files.store_path.display()));
-                    }
-                    worker.changed.notify_all();
-                }
-            })
-            .at(dir)?;
-        Ok(Self {
-            jobs: Some(jobs),
-            thread: Some(thread),
-            state,
-        })
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Arc::default(),
+            thread: None,
+        }
     }
 
-    /// Queues a segment whose index is fully written; blocks while the queue is full.
-    pub(crate) fn seal(&self, files: SegmentFiles) {
-        self.state.progress().queued += 1;
-        let sent = self
-            .jobs
-            .as_ref()
-            .is_some_and(|jobs| jobs.send(files).is_ok());
-        if !sent {
-            let mut progress = self.state.progress();
-            progress.done += 1;
-            progress
-                .error
-                .get_or_insert_with(|| "the sealer thread has stopped".into());
+    /// Queues a segment whose index is fully written, starting a sealing thread if
+    /// none is at work; blocks while the queue is full.
+    pub(crate) fn seal(&mut self, files: SegmentFiles) {
+        let mut progress = self.state.progress();
+        while progress.waiting.len() >= QUEUE {
+            progress = self.state.wait(progress);
+        }
+        progress.waiting.push_back(files);
+        progress.queued += 1;
+        if progress.running {
+            return;
+        }
+        progress.running = true;
+        drop(progress);
+        // The previous thread has ended (it cleared `running`): reap it.
+        if let Some(previous) = self.thread.take() {
+            self.join(previous);
+        }
+        let state = Arc::clone(&self.state);
+        match std::thread::Builder::new()
+            .name("keel-sealer".into())
+            .spawn(move || state.work())
+        {
+            Ok(thread) => self.thread = Some(thread),
+            Err(err) => {
+                let mut progress = self.state.progress();
+                progress.running = false;
+                let abandoned = progress.waiting.len() as u64;
+                progress.waiting.clear();
+                progress.done += abandoned;
+                progress
+                    .error
+                    .get_or_insert_with(|| format!("cannot start the sealer thread: {err}"));
+                self.state.changed.notify_all();
+            }
         }
     }
 
@@ -93,11 +149,7 @@ impl Sealer {
     pub(crate) fn wait_idle(&self) {
         let mut progress = self.state.progress();
         while progress.done < progress.queued {
-            progress = self
-                .state
-                .changed
-                .wait(progress)
-                .unwrap_or_else(PoisonError::into_inner);
+            progress = self.state.wait(progress);
         }
     }
 
@@ -106,12 +158,22 @@ impl Sealer {
         self.state.progress().error.clone()
     }
 
-    /// Seals what is queued and stops the thread.
+    /// Whether a sealing thread is at work now.
+    #[cfg(test)]
+    pub(crate) fn is_running(&self) -> bool {
+        self.state.progress().running
+    }
+
+    /// Seals what is queued and ends the thread.
     pub(crate) fn finish(&mut self) {
-        self.jobs = None;
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
+        self.wait_idle();
+        if let Some(thread) = self.thread.take() {
+            self.join(thread);
+        }
+    }
+
+    fn join(&self, thread: JoinHandle<()>) {
+        if thread.join().is_err() {
             self.state
                 .progress()
                 .error
@@ -143,4 +205,33 @@ pub(crate) fn set_durable(files: &SegmentFiles, durable: bool) -> Result<()> {
         .index
         .write_all_at(&[flags], format::INDEX_FLAGS_POSITION)
         .at(&files.index_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sealing_thread_should_run_only_while_segments_wait() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut sealer = Sealer::new();
+        assert!(!sealer.is_running(), "no thread before the first roll");
+        for base in [0, 10, 20] {
+            let files = crate::files::create_segment(dir.path(), base).expect("segment");
+            sealer.seal(files);
+        }
+        sealer.wait_idle();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sealer.is_running() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the thread never ended"
+            );
+            std::thread::yield_now();
+        }
+        assert!(sealer.error().is_none());
+        let index = std::fs::read(dir.path().join("00000000000000000010.index")).expect("index");
+        assert!(format::is_durable(&index), "sealed and flagged");
+        sealer.finish();
+    }
 }

@@ -100,7 +100,9 @@ impl std::fmt::Debug for Topic {
 }
 
 impl Topic {
-    /// Opens (recovering) the topic's log in `dir` and starts its writer thread.
+    /// Opens (recovering) the topic's log in `dir`. Its writer thread starts with the
+    /// first queued append and ends when the topic has been idle a while
+    /// ([`WRITER_LINGER`]): an idle topic costs no thread.
     pub(crate) fn open(
         dir: &Path,
         name: &str,
@@ -132,20 +134,11 @@ impl Topic {
             next: next_tx,
             topic: name.to_owned(),
             failure: OnceLock::new(),
-        });
-        let writer = Writer {
-            committer: Arc::clone(&committer),
+            parked: Mutex::new(Some(queue)),
+            writing: AtomicBool::new(false),
             idle_sync,
-            queue,
             max_batch_bytes: limits.max_batch_bytes,
-        };
-        let writer = std::thread::Builder::new()
-            .name(format!("keel-writer-{name}"))
-            .spawn(move || writer.run())
-            .map_err(|source| LogError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        });
         Ok(Self {
             name: name.to_owned(),
             reader,
@@ -153,7 +146,7 @@ impl Topic {
             enqueue_timeout: limits.enqueue_timeout,
             appends: Mutex::new(Some(appends)),
             next,
-            writer: Mutex::new(Some(writer)),
+            writer: Mutex::new(None),
             committer,
             appending: AtomicUsize::new(0),
         })
@@ -187,11 +180,57 @@ impl Topic {
         let (reply, offsets) = oneshot::channel();
         let append = Append { values, reply };
         match tokio::time::timeout(self.enqueue_timeout, sender.send(append)).await {
-            Ok(Ok(())) => Ok(offsets),
+            Ok(Ok(())) => {
+                self.ensure_writer();
+                Ok(offsets)
+            }
             Ok(Err(_)) => Err(LogServiceError::ShuttingDown),
             Err(_) => Err(LogServiceError::Overloaded {
                 topic: self.name.clone(),
             }),
+        }
+    }
+
+    /// Starts a writer thread unless one is at work. The writer that parks the queue
+    /// clears `writing` after parking it, so whoever sets `writing` finds it parked.
+    fn ensure_writer(&self) {
+        let committer = &self.committer;
+        if committer.writing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(queue) = committer
+            .parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            // The writer closed the log for good.
+            return;
+        };
+        let mut handle = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        // The previous writer has parked the queue: it is ending, or has ended.
+        if let Some(previous) = handle.take()
+            && previous.join().is_err()
+        {
+            tracing::error!(topic = self.name, "writer thread panicked");
+        }
+        let writer = Writer {
+            committer: Arc::clone(committer),
+            queue,
+        };
+        match std::thread::Builder::new()
+            .name(format!("keel-writer-{}", self.name))
+            .spawn(move || writer.run())
+        {
+            Ok(thread) => *handle = Some(thread),
+            Err(err) => {
+                // The queue went with the closure; appends waiting in it get an error
+                // when their reply is dropped, and the topic says why.
+                tracing::error!(topic = self.name, error = %err, "cannot start the topic's writer thread");
+                let _ = committer
+                    .failure
+                    .set(format!("cannot start the writer thread: {err}"));
+            }
         }
     }
 
@@ -250,6 +289,10 @@ impl Topic {
                 && sender.capacity() == sender.max_capacity()
                 && let Some(result) = self.committer.try_commit_here(&values)
             {
+                if self.committer.idle_sync.is_some() {
+                    // Under an interval policy a writer syncs what this left, once idle.
+                    self.ensure_writer();
+                }
                 return result.map_err(|err| LogServiceError::log(&self.name, Arc::new(err)));
             }
         }
@@ -310,6 +353,8 @@ impl Topic {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
+        // A writer drains the queue, then, finding it closed, closes the log.
+        self.ensure_writer();
         let writer = self
             .writer
             .lock()
@@ -340,6 +385,14 @@ struct Committer {
     /// Why the log refuses writes, once it does (a failed fsync): the topic is dead
     /// until the service is restarted.
     failure: OnceLock<String>,
+    /// The queue of appends while no writer thread holds it.
+    parked: Mutex<Option<mpsc::Receiver<Append>>>,
+    /// Whether a writer thread is at work (or starting).
+    writing: AtomicBool,
+    /// Under an interval policy, how long an idle writer waits before it syncs what
+    /// the last appends left.
+    idle_sync: Option<Duration>,
+    max_batch_bytes: usize,
 }
 
 impl Committer {
@@ -431,59 +484,88 @@ impl Committer {
     }
 }
 
-/// The writer thread's state.
+/// How long a writer thread waits for the next append before it ends.
+pub(crate) const WRITER_LINGER: Duration = Duration::from_secs(2);
+
+/// A writer thread's state: the queue, while it holds it.
 struct Writer {
     committer: Arc<Committer>,
-    /// Under an interval policy, how long an idle writer waits before it syncs
-    /// what the last appends left.
-    idle_sync: Option<Duration>,
     queue: mpsc::Receiver<Append>,
-    max_batch_bytes: usize,
+}
+
+/// What a writer's wait for appends ended with.
+enum Woken {
+    Append(Append),
+    Closed,
+    Idle,
 }
 
 impl Writer {
     fn run(mut self) {
-        // Under an interval policy the writer waits for appends with a timeout, on a
-        // timer of its own: this thread is not the service runtime's, and must not
-        // depend on that runtime still running when the last sender goes away.
-        let timer = match self.idle_sync {
-            Some(_) => match tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-            {
-                Ok(timer) => Some(timer),
-                Err(err) => {
-                    tracing::error!(topic = self.committer.topic, error = %err, "cannot start the idle-sync timer; the topic syncs only on appends");
-                    None
-                }
-            },
-            None => None,
+        // The writer waits for appends with a timeout, on a timer of its own: this
+        // thread is not the service runtime's, and must not depend on that runtime
+        // still running when the last sender goes away.
+        let timer = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(timer) => Some(timer),
+            Err(err) => {
+                tracing::error!(topic = self.committer.topic, error = %err, "cannot start the writer's timer; it waits without one");
+                None
+            }
         };
         let mut batch: Vec<Append> = Vec::new();
+        let mut active = Instant::now();
+        // Under an interval policy, what started this writer may have left unsynced
+        // records (an inline commit does).
+        let mut synced = self.committer.idle_sync.is_none();
         loop {
-            // Under an interval policy, an idle writer syncs what the last appends left.
-            let first = match (self.idle_sync, &timer) {
-                (Some(every), Some(timer)) => match timer
-                    .block_on(async { tokio::time::timeout(every, self.queue.recv()).await })
-                {
-                    Ok(first) => first,
-                    Err(_) => {
-                        if let Some(log) = self.committer.lock().as_mut()
-                            && let Err(err) = log.sync()
-                        {
-                            tracing::error!(topic = self.committer.topic, error = %err, "interval sync failed");
-                            self.committer.note_failure(log);
-                        }
-                        continue;
-                    }
-                },
-                _ => self.queue.blocking_recv(),
+            // Under an interval policy, an idle writer syncs what the last appends
+            // left; idle for WRITER_LINGER, it ends.
+            let wait = match self.committer.idle_sync {
+                Some(every) if !synced => every.min(WRITER_LINGER),
+                _ => WRITER_LINGER,
             };
-            let Some(first) = first else { break };
+            let wait = wait
+                .saturating_sub(active.elapsed())
+                .max(Duration::from_millis(1));
+            let woken = match &timer {
+                Some(timer) => timer.block_on(async {
+                    match tokio::time::timeout(wait, self.queue.recv()).await {
+                        Ok(Some(first)) => Woken::Append(first),
+                        Ok(None) => Woken::Closed,
+                        Err(_) => Woken::Idle,
+                    }
+                }),
+                None => self
+                    .queue
+                    .blocking_recv()
+                    .map_or(Woken::Closed, Woken::Append),
+            };
+            let first = match woken {
+                Woken::Append(first) => first,
+                Woken::Closed => break,
+                Woken::Idle => {
+                    if !synced
+                        && self
+                            .committer
+                            .idle_sync
+                            .is_some_and(|every| active.elapsed() >= every.min(WRITER_LINGER))
+                    {
+                        self.sync();
+                        synced = true;
+                    }
+                    if active.elapsed() >= WRITER_LINGER && self.park() {
+                        return;
+                    }
+                    continue;
+                }
+            };
             self.committer.writer_busy.store(true, Ordering::Release);
             let mut bytes: usize = first.values.iter().map(Bytes::len).sum();
             batch.push(first);
-            while bytes < self.max_batch_bytes {
+            while bytes < self.committer.max_batch_bytes {
                 let Ok(more) = self.queue.try_recv() else {
                     break;
                 };
@@ -492,6 +574,8 @@ impl Writer {
             }
             self.commit(&mut batch);
             self.committer.writer_busy.store(false, Ordering::Release);
+            active = Instant::now();
+            synced = self.committer.idle_sync.is_none();
         }
         let log = self.committer.lock().take();
         if let Some(log) = log
@@ -500,6 +584,43 @@ impl Writer {
             tracing::error!(topic = self.committer.topic, error = %err, "closing the log failed");
         }
         tracing::debug!(topic = self.committer.topic, "writer stopped");
+    }
+
+    /// Syncs what the last appends left (interval policy).
+    fn sync(&self) {
+        if let Some(log) = self.committer.lock().as_mut()
+            && let Err(err) = log.sync()
+        {
+            tracing::error!(topic = self.committer.topic, error = %err, "interval sync failed");
+            self.committer.note_failure(log);
+        }
+    }
+
+    /// Hands the queue back and ends, unless an append arrived meanwhile that no
+    /// new writer will take: then it keeps the queue and goes on (`false`).
+    fn park(&mut self) -> bool {
+        // A queue of no channel stands in while this writer holds none.
+        let (_, placeholder) = mpsc::channel(1);
+        let queue = std::mem::replace(&mut self.queue, placeholder);
+        let committer = &self.committer;
+        let mut parked = committer
+            .parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *parked = Some(queue);
+        committer.writing.store(false, Ordering::Release);
+        // An append queued after the last look, by a producer that saw `writing`
+        // still set, would wait for nobody: look again.
+        let waiting = parked.as_ref().is_some_and(|queue| !queue.is_empty());
+        if waiting
+            && !committer.writing.swap(true, Ordering::AcqRel)
+            && let Some(queue) = parked.take()
+        {
+            self.queue = queue;
+            return false;
+        }
+        tracing::trace!(topic = committer.topic, "writer idle: thread ended");
+        true
     }
 
     /// Appends every waiting request as one batch and answers each.

@@ -242,8 +242,8 @@ fn thread_result(ended: Result<io::Result<()>, oneshot::error::RecvError>) -> io
 
 /// Takes a connection and a slot for it (when there is a limit). When every slot is
 /// taken, a client that arrives has the connection waiting longest for a request
-/// closed, and takes its slot; with none waiting, it waits for a slot (one such
-/// client at most: the others wait in the kernel's backlog). `None` after a failed
+/// closed, and takes its slot (see [`take_a_slot`]); meanwhile the others wait in the
+/// kernel's backlog. `None` after a failed
 /// accept (out of file descriptors and the like), after a pause, as axum does.
 async fn accept(
     listener: &TcpListener,
@@ -260,10 +260,11 @@ async fn accept(
                         (Some(slot.ok()?), listener.accept().await)
                     }
                     accepted = listener.accept() => {
-                        if accepted.is_ok() && roster.shed_oldest() {
-                            tracing::debug!("every connection slot was taken: closed the connection idle longest");
+                        if accepted.is_err() {
+                            (None, accepted)
+                        } else {
+                            (Some(take_a_slot(slots, roster).await?), accepted)
                         }
-                        (Some(Arc::clone(slots).acquire_owned().await.ok()?), accepted)
                     }
                 };
                 accepted
@@ -299,6 +300,24 @@ async fn accept(
         }
     }
 }
+
+/// A slot for a client that found every slot taken: the slot of the connection
+/// waiting longest for a request, as soon as one has waited long enough to be shed,
+/// or the first slot another connection gives back.
+async fn take_a_slot(slots: &Arc<Semaphore>, roster: &Roster) -> Option<OwnedSemaphorePermit> {
+    loop {
+        if roster.shed_oldest() {
+            tracing::debug!("every connection slot was taken: closed the connection idle longest");
+        }
+        tokio::select! {
+            slot = Arc::clone(slots).acquire_owned() => return slot.ok(),
+            () = tokio::time::sleep(SHED_RETRY) => {}
+        }
+    }
+}
+
+/// How often a client waiting for a slot looks again for a connection to shed.
+const SHED_RETRY: Duration = Duration::from_millis(20);
 
 impl AsyncRead for Connection {
     fn poll_read(

@@ -5,12 +5,13 @@
 //! marks it waiting ([`Idle::waiting`]) while no request is under way: from the
 //! start, between keep-alive requests, and while a request head trickles in (a
 //! server that cannot tell, such as one that hands its connections to hyper, never
-//! marks them, and they are never shed). When a
-//! new client finds every slot taken, the acceptor closes the connection that has
-//! been waiting longest ([`Idle::shed`] resolves for it), and the new one takes its
-//! slot. A slow-header attacker holding every slot therefore delays legitimate
-//! clients by one round trip, not forever; a connection mid-request is never shed.
-//! Marking costs two atomic stores per request; the acceptor scans the connections
+//! marks them, and they are never shed). When a new client finds every slot taken,
+//! the acceptor closes the connection that has been waiting longest ([`Idle::shed`]
+//! resolves for it), and the new one takes its slot. A connection mid-request is
+//! never shed, nor one that has waited less than [`SHED_AFTER_MS`] (so that clients
+//! that reconnect at once cannot shed one another in a loop). A slow-header attacker
+//! holding every slot therefore delays a legitimate client by at most that, not
+//! until the header deadline. Marking costs two atomic stores per request; the acceptor scans the connections
 //! only when every slot is taken.
 
 use std::collections::HashMap;
@@ -22,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 /// A marker for "not waiting" in [`State::waiting_since`].
 const WORKING: u64 = 0;
+/// How long a connection waits before it may be shed: a client's request head
+/// arrives well within it, and clients that reconnect as soon as they are shed cannot
+/// shed one another in a loop.
+const SHED_AFTER_MS: u64 = 100;
 
 #[derive(Debug)]
 struct State {
@@ -66,16 +71,18 @@ impl Roster {
         }
     }
 
-    /// Closes the connection that has waited longest for a request; `false` when
-    /// every connection is working.
+    /// Closes the connection that has waited longest for a request, if it has waited
+    /// at least [`SHED_AFTER_MS`]; `false` when none has.
     pub(crate) fn shed_oldest(&self) -> bool {
+        let now = self.now();
         let oldest = self
             .lock()
             .values()
             .filter(|state| !state.shed.is_cancelled())
             .filter_map(|state| {
                 let since = state.waiting_since.load(Ordering::Acquire);
-                (since != WORKING).then_some((since, state))
+                (since != WORKING && now.saturating_sub(since) >= SHED_AFTER_MS)
+                    .then_some((since, state))
             })
             .min_by_key(|(since, _)| *since)
             .map(|(_, state)| Arc::clone(state));
@@ -166,10 +173,11 @@ mod tests {
         let third = roster.enroll();
         assert!(!roster.shed_oldest(), "no connection said it waits");
         first.waiting();
-        std::thread::sleep(std::time::Duration::from_millis(3));
         second.waiting();
         std::thread::sleep(std::time::Duration::from_millis(3));
         third.waiting();
+        assert!(!roster.shed_oldest(), "none has waited long enough");
+        std::thread::sleep(std::time::Duration::from_millis(SHED_AFTER_MS));
         first.working();
         assert!(roster.shed_oldest());
         assert!(second.state.shed.is_cancelled(), "second waited longest");
@@ -190,7 +198,7 @@ mod tests {
         let roster = Arc::new(Roster::new(Arc::default()));
         let slow = roster.enroll();
         slow.waiting();
-        std::thread::sleep(std::time::Duration::from_millis(3));
+        std::thread::sleep(std::time::Duration::from_millis(SHED_AFTER_MS));
         let fresh = roster.enroll();
         fresh.waiting();
         slow.waiting(); // more bytes of the same head

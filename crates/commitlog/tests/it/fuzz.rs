@@ -21,6 +21,15 @@ enum Damage {
     Extend(Vec<u8>),
 }
 
+/// `PROPTEST_CASES` when set (a long run by hand), else `default`: a config that
+/// names its cases would otherwise ignore the variable.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
 fn damage() -> impl Strategy<Value = (usize, Damage)> {
     let bytes = proptest::collection::vec(any::<u8>(), 1..64);
     (
@@ -34,7 +43,7 @@ fn damage() -> impl Strategy<Value = (usize, Damage)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(64), ..ProptestConfig::default() })]
 
     #[test]
     fn damaged_files_should_open_or_fail_cleanly_and_never_serve_garbage(

@@ -81,3 +81,46 @@ fn issue_15_at_a_low_open_files_limit_the_log_service_should_fit_its_connections
         "the service ran out of descriptors: {stderr}"
     );
 }
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+/// 200 topics created in a burst, then left idle: they cost no thread each once
+/// their writers have lingered (two threads per topic, for life, exhausted the
+/// process before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_15_idle_topics_should_cost_no_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = crate::support::Served::start(dir.path(), &["--sync", "never"]);
+    let pid = served.child.id();
+    let client = reqwest::Client::new();
+    let baseline = threads_of(pid);
+    let writes: Vec<_> = (0..200)
+        .map(|n| {
+            let request = client
+                .post(format!("http://{}/v1/topics/idle-{n}/records", served.addr))
+                .body(format!("record of topic {n}"));
+            tokio::spawn(async move { request.send().await.unwrap().status() })
+        })
+        .collect();
+    for write in writes {
+        assert_eq!(write.await.unwrap(), reqwest::StatusCode::OK);
+    }
+    let busiest = threads_of(pid);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = threads_of(pid);
+        if now <= baseline + 8 {
+            eprintln!("threads: {baseline} before, {busiest} after the burst, {now} once idle");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "200 idle topics still hold {now} threads ({baseline} before)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
