@@ -575,9 +575,10 @@ fn lock_dir(dir: &Path) -> Result<File> {
 
 /// Removes a segment's store, then its index: a crash in between leaves an index
 /// with no store, which the next open removes.
-fn remove_segment_files(files: &SegmentFiles) -> Result<()> {
-    fs::remove_file(&files.store_path).at(&files.store_path)?;
-    fs::remove_file(&files.index_path).at(&files.index_path)
+fn remove_segment_files(segment: &Segment) -> Result<()> {
+    let (store_path, index_path) = segment.paths();
+    fs::remove_file(store_path).at(store_path)?;
+    fs::remove_file(index_path).at(index_path)
 }
 
 fn millis_since_epoch(time: SystemTime) -> u64 {

@@ -8,11 +8,12 @@
 //! `Segment` value over the same files, so a reader that holds the old one keeps a
 //! consistent view.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use bytes::Bytes;
 
@@ -69,11 +70,69 @@ enum State {
     Active(RwLock<Tail>),
 }
 
+/// Sealed segments whose files are open at once, in the whole process: reading an
+/// old segment opens its two files, and the segment opened longest ago beyond this
+/// many closes them. A log of thousands of segments thus holds a handful of file
+/// descriptors, not two per segment for life.
+const OPEN_SEALED_SEGMENTS: usize = 64;
+
+/// Sealed segments with open files, oldest opened first.
+static OPEN_SEALED: Mutex<VecDeque<Weak<LazyFiles>>> = Mutex::new(VecDeque::new());
+
+/// A segment's files, opened when a read needs them. The active segment's stay open;
+/// a sealed segment's are closed when [`OPEN_SEALED_SEGMENTS`] others were opened
+/// since (a read under way keeps its handles until it ends).
+#[derive(Debug)]
+pub(crate) struct LazyFiles {
+    pub(crate) store_path: PathBuf,
+    pub(crate) index_path: PathBuf,
+    handles: Mutex<Option<SegmentFiles>>,
+    /// Whether the files may be closed (a sealed segment's).
+    evictable: bool,
+}
+
+impl LazyFiles {
+    /// The segment's files, opening them if they are closed.
+    pub(crate) fn open(self: &Arc<Self>) -> Result<SegmentFiles> {
+        let mut handles = self.handles.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(files) = &*handles {
+            return Ok(files.clone());
+        }
+        let files = SegmentFiles {
+            store: Arc::new(crate::files::open_rw(&self.store_path, false)?),
+            index: Arc::new(crate::files::open_rw(&self.index_path, false)?),
+            store_path: self.store_path.clone(),
+            index_path: self.index_path.clone(),
+        };
+        *handles = Some(files.clone());
+        drop(handles);
+        if self.evictable {
+            let evicted = {
+                let mut open = OPEN_SEALED.lock().unwrap_or_else(PoisonError::into_inner);
+                open.retain(|files| files.strong_count() > 0);
+                open.push_back(Arc::downgrade(self));
+                let excess = open.len().saturating_sub(OPEN_SEALED_SEGMENTS);
+                open.drain(..excess).collect::<Vec<_>>()
+            };
+            for files in evicted.iter().filter_map(Weak::upgrade) {
+                files.close();
+            }
+        }
+        Ok(files)
+    }
+
+    /// Closes the files (reads under way keep theirs until they end).
+    fn close(&self) {
+        *self.handles.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+}
+
 /// One segment as readers see it.
 #[derive(Debug)]
 pub(crate) struct Segment {
     base: Offset,
-    files: SegmentFiles,
+    files: Arc<LazyFiles>,
     state: State,
 }
 
@@ -92,9 +151,15 @@ impl Segment {
         store_len: u64,
         last_timestamp_ms: u64,
     ) -> Self {
+        // The handles given are closed now; a read opens them again.
         Self {
             base,
-            files,
+            files: Arc::new(LazyFiles {
+                store_path: files.store_path,
+                index_path: files.index_path,
+                handles: Mutex::new(None),
+                evictable: true,
+            }),
             state: State::Sealed {
                 count,
                 store_len,
@@ -106,7 +171,12 @@ impl Segment {
     pub(crate) fn active(base: Offset, files: SegmentFiles, tail: Tail) -> Self {
         Self {
             base,
-            files,
+            files: Arc::new(LazyFiles {
+                store_path: files.store_path.clone(),
+                index_path: files.index_path.clone(),
+                handles: Mutex::new(Some(files)),
+                evictable: false,
+            }),
             state: State::Active(RwLock::new(tail)),
         }
     }
@@ -115,8 +185,14 @@ impl Segment {
         self.base
     }
 
-    pub(crate) fn files(&self) -> &SegmentFiles {
-        &self.files
+    /// The segment's files, opened if they were closed.
+    pub(crate) fn open_files(&self) -> Result<SegmentFiles> {
+        self.files.open()
+    }
+
+    /// The paths of the segment's store and index files.
+    pub(crate) fn paths(&self) -> (&Path, &Path) {
+        (&self.files.store_path, &self.files.index_path)
     }
 
     /// The offset after this segment's last record.
@@ -220,8 +296,9 @@ impl Segment {
     fn locate_by_scan(&self, offset: Offset) -> Result<Location> {
         let relative = offset - self.base;
         let store_len = self.store_len();
+        let files = self.files.open()?;
         let scan = crate::scan::scan_store(
-            &self.files.store,
+            &files.store,
             &self.files.store_path,
             self.base,
             store_len,
@@ -344,7 +421,8 @@ impl Segment {
                 let mut raw = [0u8; 2 * INDEX_ENTRY_LEN as usize];
                 let raw = &mut raw[..entries * INDEX_ENTRY_LEN as usize];
                 let at = format::index_entry_position(relative);
-                read_exact_at(&self.files.index, raw, at, &self.files.index_path)?;
+                let files = self.files.open()?;
+                read_exact_at(&files.index, raw, at, &self.files.index_path)?;
                 let position = self.check_entry(raw, relative, *store_len)?;
                 let end = if entries == 2 {
                     self.check_entry(&raw[INDEX_ENTRY_LEN as usize..], relative + 1, *store_len)?
@@ -386,7 +464,8 @@ impl Segment {
     }
 
     fn read_store(&self, buf: &mut [u8], position: u64) -> Result<()> {
-        match self.files.store.read_exact_at(buf, position) {
+        let files = self.files.open()?;
+        match files.store.read_exact_at(buf, position) {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => Err(self.corrupt(
                 position,

@@ -67,7 +67,7 @@ impl Log {
         let k = segments.partition_point(|s| s.base() <= from) - 1;
         let target = Arc::clone(&segments[k]);
         let keep = from - target.base();
-        let files = target.files().clone();
+        let files = target.open_files()?;
 
         // Where the kept records lie, and where the first dropped one starts.
         let (positions, new_len, index_written) = if k == segments.len() - 1 {
@@ -110,7 +110,7 @@ impl Log {
                 files.index.sync_data().at(&files.index_path)?;
             }
             for segment in segments[k + 1..].iter().rev() {
-                remove_segment_files(segment.files())?;
+                remove_segment_files(segment)?;
             }
             // The index first: an entry that outlived its record would vouch for a
             // record that is gone, which recovery takes for corruption.
@@ -202,7 +202,7 @@ impl Log {
         }
         let dropped: Vec<Arc<Segment>> = self.shared.segments_mut().drain(..count).collect();
         for segment in &dropped {
-            remove_segment_files(segment.files())?;
+            remove_segment_files(segment)?;
         }
         files::sync_dir(&self.shared.dir)?;
         tracing::info!(

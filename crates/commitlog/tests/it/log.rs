@@ -474,3 +474,43 @@ fn given_preallocation_off_the_store_should_grow_with_each_append() {
         16 + (0..3).map(|o| 24 + value(o).len() as u64).sum::<u64>()
     );
 }
+
+/// Open descriptors of this process on files under `dir`.
+fn fds_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
+}
+
+/// Thousands of segments must not hold two descriptors each for life (a log of
+/// 6223 segments once held 12 473): sealed segments open their files to be read,
+/// and only the latest few stay open.
+#[test]
+fn issue_15_sealed_segments_should_not_each_hold_open_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = dir.path().canonicalize().expect("canonical");
+    let config = LogConfig {
+        segment_max_records: 4,
+        ..crate::support::tiny()
+    };
+    let log = filled(&dir, config.clone(), 1200, 4);
+    assert_eq!(log.segment_count(), 300);
+    log.close().expect("close");
+
+    let log = Log::open(&dir, config).expect("reopen");
+    assert!(
+        fds_under(&dir) <= 4,
+        "after opening: {} descriptors",
+        fds_under(&dir)
+    );
+    assert_holds(&log, 1200);
+    let open = fds_under(&dir);
+    eprintln!("after reading 300 segments: {open} descriptors");
+    assert!(
+        open <= 2 * 64 + 4,
+        "reading every segment left {open} descriptors open"
+    );
+}
