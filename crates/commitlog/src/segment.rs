@@ -125,7 +125,6 @@ impl LazyFiles {
     fn close(&self) {
         *self.handles.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
-
 }
 
 /// One segment as readers see it.

@@ -30,6 +30,8 @@ use crate::topics::Topics;
 /// Records `GET /v1/topics/{topic}/records` returns when `max` is not given, and at most.
 const DEFAULT_RANGE_RECORDS: u64 = 100;
 const MAX_RANGE_RECORDS: u64 = 10_000;
+/// The largest value a tail event or a listed record also carries as `text`.
+const LISTED_TEXT_MAX: usize = 64 * 1024;
 
 #[derive(Clone)]
 struct AppState {
@@ -117,6 +119,20 @@ impl WireRecordOut {
             offset: record.offset,
             timestamp_ms: None,
             text: None,
+        }
+    }
+
+    /// As [`WireRecordOut::full`], with `text` only for values up to
+    /// [`LISTED_TEXT_MAX`]: a tail event or a listing is held in memory whole until
+    /// its connection takes it, and nobody reads a megabyte line off a listing.
+    fn listed(record: &Record) -> Self {
+        Self {
+            value: BASE64.encode(&record.value),
+            offset: record.offset,
+            timestamp_ms: Some(record.timestamp_ms),
+            text: (record.value.len() <= LISTED_TEXT_MAX)
+                .then(|| std::str::from_utf8(&record.value).ok().map(str::to_owned))
+                .flatten(),
         }
     }
 
@@ -292,20 +308,34 @@ async fn read_range(
             }
             budget = budget.saturating_sub(record.value.len());
             next = record.offset + 1;
-            records.push(WireRecordOut::full(&record));
+            records.push(WireRecordOut::listed(&record));
         }
     }
-    // Serialized straight from the records: no JSON tree copies them once more.
+    // Serialized straight from the records into a buffer of about the right size: no
+    // JSON tree, nor a buffer grown by doubling, copies them once more.
     #[derive(Serialize)]
     struct Range {
         records: Vec<WireRecordOut>,
         next_offset: Offset,
     }
-    Ok(axum::Json(Range {
-        records,
-        next_offset: next,
-    })
-    .into_response())
+    let size: usize = records
+        .iter()
+        .map(|r| r.value.len() + r.text.as_ref().map_or(0, |t| t.len() + t.len() / 8) + 96)
+        .sum();
+    let mut body = Vec::with_capacity(size + 64);
+    serde_json::to_writer(
+        &mut body,
+        &Range {
+            records,
+            next_offset: next,
+        },
+    )
+    .map_err(|err| LogServiceError::Serve(std::sync::Arc::new(std::io::Error::other(err))))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// `GET /v1/topics/{topic}/tail?from=N`: Server-Sent Events, one per record, from
@@ -336,11 +366,16 @@ async fn tail_sse(
     .map(|record| {
         Ok::<Event, Infallible>(match record {
             Ok(record) => {
-                let data = serde_json::to_string(&WireRecordOut::full(&record)).unwrap_or_default();
-                Event::default()
+                // Serialized straight into the event: no copy of it on the side.
+                let event = Event::default()
                     .event("record")
-                    .id(record.offset.to_string())
-                    .data(data)
+                    .id(record.offset.to_string());
+                match event.json_data(WireRecordOut::listed(&record)) {
+                    Ok(event) => event,
+                    Err(err) => Event::default().event("error").data(
+                        ErrorBody::new("internal", &format!("encoding a record: {err}")).to_json(),
+                    ),
+                }
             }
             Err(err) => {
                 let message = err.to_string();

@@ -11,10 +11,13 @@ use crate::format::{self, HEADER_LEN};
 use crate::segment::{Segment, Tail};
 use crate::{fault, files};
 
+/// The first space a segment preallocates.
+const MIN_PREALLOCATE: u64 = 64 * 1024;
+
 impl Log {
     /// Extends the store file, zero-filled, so that it holds at least `end` bytes:
-    /// by `preallocate_bytes` at a time, never past the segment size unless one
-    /// record is larger. A write inside the file's length then changes no metadata
+    /// by what it holds already (at least 64 KiB), at most `preallocate_bytes` at a
+    /// time, never past the segment size unless one record is larger. A write inside the file's length then changes no metadata
     /// but the extent state, and its sync is cheaper. A filesystem that cannot
     /// preallocate, or a full disk, leaves the write to extend the file itself.
     pub(super) fn preallocate(&mut self, end: u64) {
@@ -23,7 +26,10 @@ impl Log {
         if chunk == 0 || !self.can_preallocate || end <= active.allocated {
             return;
         }
-        let target = (active.allocated + chunk)
+        // A young segment grows its space by what it holds (at least 64 KiB), up to
+        // `preallocate_bytes`: a topic that took one record costs 64 KiB, not 4 MiB.
+        let step = chunk.min(active.allocated.max(MIN_PREALLOCATE));
+        let target = (active.allocated + step)
             .min(self.config.segment_bytes)
             .max(end);
         let grown = rustix::fs::fallocate(

@@ -52,11 +52,8 @@ async fn issue_15_stalled_readers_should_hold_bounded_memory() {
     let mut client = Client::connect(&served.addr).await.unwrap();
     let (idle, _) = rss(pid);
     let record = bytes::Bytes::from(vec![b'm'; 1_000_000]);
-    for _ in 0..20 {
-        client
-            .produce_batch("big", vec![record.clone(); 5])
-            .await
-            .unwrap();
+    for _ in 0..100 {
+        client.produce("big", record.clone()).await.unwrap();
     }
     let (before, _) = rss(pid);
 
