@@ -101,24 +101,25 @@ struct WireRecordIn {
     value: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A record as the HTTP API answers it: `value` in base64, `offset`, and (but in the
+/// original API) `timestamp_ms` and `text`, the value as text when it is UTF-8. The
+/// value is encoded as it is written out, with no copy of it on the side.
+#[derive(Debug)]
 struct WireRecordOut {
-    value: String,
+    value: Bytes,
     offset: Offset,
-    #[serde(skip_serializing_if = "Option::is_none")]
     timestamp_ms: Option<u64>,
-    /// The value as text, when it is UTF-8 (for people reading a tail).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<String>,
+    /// Whether to add `text` (when the value is UTF-8).
+    text: bool,
 }
 
 impl WireRecordOut {
     fn original(record: &Record) -> Self {
         Self {
-            value: BASE64.encode(&record.value),
+            value: record.value.clone(),
             offset: record.offset,
             timestamp_ms: None,
-            text: None,
+            text: false,
         }
     }
 
@@ -127,22 +128,56 @@ impl WireRecordOut {
     /// its connection takes it, and nobody reads a megabyte line off a listing.
     fn listed(record: &Record) -> Self {
         Self {
-            value: BASE64.encode(&record.value),
-            offset: record.offset,
-            timestamp_ms: Some(record.timestamp_ms),
-            text: (record.value.len() <= LISTED_TEXT_MAX)
-                .then(|| std::str::from_utf8(&record.value).ok().map(str::to_owned))
-                .flatten(),
+            text: record.value.len() <= LISTED_TEXT_MAX,
+            ..Self::full(record)
         }
     }
 
     fn full(record: &Record) -> Self {
         Self {
-            value: BASE64.encode(&record.value),
+            value: record.value.clone(),
             offset: record.offset,
             timestamp_ms: Some(record.timestamp_ms),
-            text: std::str::from_utf8(&record.value).ok().map(str::to_owned),
+            text: true,
         }
+    }
+
+    /// About how many bytes of JSON the record takes.
+    fn json_len(&self) -> usize {
+        self.value.len() * 4 / 3
+            + if self.text {
+                self.value.len() * 9 / 8
+            } else {
+                0
+            }
+            + 96
+    }
+}
+
+impl Serialize for WireRecordOut {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("value", &Base64Out(&self.value))?;
+        map.serialize_entry("offset", &self.offset)?;
+        if let Some(timestamp_ms) = self.timestamp_ms {
+            map.serialize_entry("timestamp_ms", &timestamp_ms)?;
+        }
+        if self.text
+            && let Ok(text) = std::str::from_utf8(&self.value)
+        {
+            map.serialize_entry("text", text)?;
+        }
+        map.end()
+    }
+}
+
+/// Bytes serialized as a base64 string, encoded straight into the output.
+struct Base64Out<'a>(&'a [u8]);
+
+impl Serialize for Base64Out<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&base64::display::Base64Display::new(self.0, &BASE64))
     }
 }
 
@@ -318,10 +353,7 @@ async fn read_range(
         records: Vec<WireRecordOut>,
         next_offset: Offset,
     }
-    let size: usize = records
-        .iter()
-        .map(|r| r.value.len() + r.text.as_ref().map_or(0, |t| t.len() + t.len() / 8) + 96)
-        .sum();
+    let size: usize = records.iter().map(WireRecordOut::json_len).sum();
     let mut body = Vec::with_capacity(size + 64);
     serde_json::to_writer(
         &mut body,
@@ -366,12 +398,18 @@ async fn tail_sse(
     .map(|record| {
         Ok::<Event, Infallible>(match record {
             Ok(record) => {
-                // Serialized straight into the event: no copy of it on the side.
-                let event = Event::default()
-                    .event("record")
-                    .id(record.offset.to_string());
-                match event.json_data(WireRecordOut::listed(&record)) {
-                    Ok(event) => event,
+                // Serialized into a buffer of its size (the event, held until the
+                // connection takes it, copies it once, exactly).
+                let out = WireRecordOut::listed(&record);
+                let mut json = Vec::with_capacity(out.json_len());
+                let encoded = serde_json::to_writer(&mut json, &out)
+                    .map_err(|err| err.to_string())
+                    .and_then(|()| String::from_utf8(json).map_err(|err| err.to_string()));
+                match encoded {
+                    Ok(data) => Event::default()
+                        .event("record")
+                        .id(record.offset.to_string())
+                        .data(data),
                     Err(err) => Event::default().event("error").data(
                         ErrorBody::new("internal", &format!("encoding a record: {err}")).to_json(),
                     ),
