@@ -34,6 +34,17 @@ pub(crate) const INDEX_FLAGS_POSITION: u64 = 5;
 /// Index flag: the segment was synced when it was sealed, and is complete.
 pub(crate) const FLAG_DURABLE: u8 = 1;
 
+/// Index flag: every entry in the index was written after its record was synced,
+/// so an entry vouches for its record (kept by a writer under the `always` policy).
+pub(crate) const FLAG_VOUCHED: u8 = 2;
+
+/// Whether an index header (already checked) carries the vouched flag.
+pub(crate) fn is_vouched(header: &[u8]) -> bool {
+    header
+        .get(INDEX_FLAGS_POSITION as usize)
+        .is_some_and(|flags| flags & FLAG_VOUCHED != 0)
+}
+
 /// Whether an index header (already checked) carries the durable flag.
 pub(crate) fn is_durable(header: &[u8]) -> bool {
     header

@@ -12,7 +12,7 @@ use crate::error::{IoContext, LogError, Result};
 use crate::format;
 use crate::reader::Reader;
 use crate::recovery::{self, RecoveryReport};
-use crate::sealer::Sealer;
+use crate::sealer::{self, Sealer};
 use crate::segment::{Segment, SegmentFiles, Tail};
 use crate::shared::Shared;
 use crate::{LogConfig, Offset, Record, SyncPolicy};
@@ -24,9 +24,6 @@ mod trim;
 const LOCK_FILE: &str = "LOCK";
 /// Pending index entries of the active segment are written out at this size.
 const INDEX_FLUSH_BYTES: usize = 64 * 1024;
-/// Index entries of records not yet synced wait for a sync (an entry on disk vouches
-/// that its record was synced); past this size the writer syncs to write them out.
-const UNSYNCED_INDEX_BYTES: usize = 1024 * 1024;
 
 /// A durable, segmented, append-only log of records in one directory.
 ///
@@ -81,8 +78,7 @@ struct Active {
     base: Offset,
     count: u64,
     store_len: u64,
-    /// Records whose frames were synced (or found on disk by recovery, which syncs
-    /// them): the index file may hold entries for these only.
+    /// Records whose frames were synced (or found on disk by recovery).
     synced: u64,
     /// Bytes of the store that were synced: where a failed sync cuts it back to.
     synced_len: u64,
@@ -139,12 +135,6 @@ impl Active {
 
     fn next(&self) -> Offset {
         self.base + self.count
-    }
-
-    /// Bytes of pending index entries whose records are not synced yet.
-    fn unsynced_index_bytes(&self) -> usize {
-        let unsynced = self.count - self.synced.max(self.index_written);
-        (unsynced * format::INDEX_ENTRY_LEN) as usize
     }
 
     /// Whether one more frame of `frame_len` bytes fits, given `extra` records of
@@ -226,6 +216,7 @@ impl Log {
             closed: false,
             _lock: lock,
         };
+        log.set_vouching()?;
         log.apply_retention()?;
         tracing::info!(
             dir = %dir.display(),
@@ -236,6 +227,21 @@ impl Log {
             "opened log"
         );
         Ok(log)
+    }
+
+    /// Marks whether the active segment's index vouches for its records: under the
+    /// `always` policy every entry is written after its record was synced (those found
+    /// by recovery are synced here first); under another policy entries run ahead of
+    /// syncs, and the mark is cleared, durably, before any is written.
+    fn set_vouching(&mut self) -> Result<()> {
+        let files = &self.active.files;
+        if self.config.sync == SyncPolicy::Always {
+            files.store.sync_data().at(&files.store_path)?;
+            sealer::update_flags(files, format::FLAG_VOUCHED, 0)
+        } else {
+            sealer::update_flags(files, 0, format::FLAG_VOUCHED)?;
+            files.index.sync_data().at(&files.index_path)
+        }
     }
 
     /// What opening the log found and repaired.
@@ -340,9 +346,6 @@ impl Log {
             return Ok(first..first);
         }
         if self.active.index_pending.len() >= INDEX_FLUSH_BYTES {
-            if self.active.unsynced_index_bytes() >= UNSYNCED_INDEX_BYTES {
-                self.sync_store()?;
-            }
             self.flush_index()?;
         }
         let timestamp_ms = self.timestamp();
@@ -374,8 +377,8 @@ impl Log {
     /// I/O errors; after a failed sync the log refuses writes ([`LogError::Failed`]).
     pub fn sync(&mut self) -> Result<()> {
         self.check_writable()?;
-        self.sync_store()?;
-        self.flush_index()
+        self.flush_index()?;
+        self.sync_store()
     }
 
     /// Flushes and syncs everything and releases the directory.
@@ -402,14 +405,14 @@ impl Log {
         self.closed = true;
         self.sealer.finish();
         self.check_writable()?;
-        self.active.trim()?;
-        self.sync_store()?;
         self.flush_index()?;
         self.active
             .files
             .index
             .sync_data()
-            .at(&self.active.files.index_path)
+            .at(&self.active.files.index_path)?;
+        self.active.trim()?;
+        self.sync_store()
     }
 
     fn check_writable(&mut self) -> Result<()> {

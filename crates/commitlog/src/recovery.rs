@@ -12,10 +12,12 @@
 //!
 //! A segment flagged durable by the sealer was synced whole, so damage inside it is
 //! not a crash shape but corruption: the log refuses to open rather than guess.
-//! The same holds for any record the index lists: the writer writes an index entry
-//! only after its record was synced, so damage before a listed record is corruption
-//! too, wherever it is. Damage past the last listed record of the active segment, or
-//! of a sealed segment the sealer had not finished, is what a crash leaves, and is cut.
+//! The same holds for any record a *vouched* index lists (the flag a writer under the
+//! `always` policy keeps: it writes each entry only after its record was synced), so
+//! damage before a listed record is corruption too, wherever it is. Damage past the
+//! last listed record of the active segment, or of a sealed segment the sealer had
+//! not finished, or anywhere in one whose index is not vouched, is what a crash may
+//! leave, and is cut.
 //!
 //! [`Mode::Repair`] is the operator's way out of a corruption error: it cuts the log
 //! at the first damage, whatever vouched for the records after it.
@@ -334,7 +336,9 @@ fn open_sealed(
             return Ok(None);
         }
         if !durable {
-            check_unvouched(&files, &scan)?;
+            if index_existed && index_is_vouched(&files, base)? {
+                check_unvouched(&files, &scan)?;
+            }
             return Ok(None);
         }
     }
@@ -390,6 +394,21 @@ fn open_sealed(
         store_len,
         scan.last_timestamp_ms,
     )))
+}
+
+/// Whether the index says each of its entries was written after its record was
+/// synced (the `always` policy).
+fn index_is_vouched(files: &SegmentFiles, base: Offset) -> Result<bool> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    let len = len_of(&files.index, &files.index_path)?.min(HEADER_LEN) as usize;
+    files
+        .index
+        .read_exact_at(&mut header[..len], 0)
+        .at(&files.index_path)?;
+    Ok(
+        format::check_header(&header[..len], INDEX_MAGIC, base).is_ok()
+            && format::is_vouched(&header),
+    )
 }
 
 fn index_is_durable(files: &SegmentFiles, base: Offset) -> Result<bool> {
@@ -484,7 +503,7 @@ fn open_active(
     // No record limit: a lowered `segment_max_records` must never cut data; the
     // writer rolls on its next append instead.
     let scan = scan_store(&files.store, &files.store_path, base, store_len, None)?;
-    if mode == Mode::Refuse && index_existed {
+    if mode == Mode::Refuse && index_existed && index_is_vouched(&files, base)? {
         check_unvouched(&files, &scan)?;
     }
     let next_offset = base + scan.positions.len() as u64;

@@ -199,11 +199,30 @@ pub(crate) fn seal_now(files: &SegmentFiles) -> Result<()> {
 
 /// Sets or clears the durable flag in a segment's index header.
 pub(crate) fn set_durable(files: &SegmentFiles, durable: bool) -> Result<()> {
+    if durable {
+        // Synced whole: every entry vouches for its record too.
+        update_flags(files, format::FLAG_DURABLE | format::FLAG_VOUCHED, 0)
+    } else {
+        update_flags(files, 0, format::FLAG_DURABLE)
+    }
+}
+
+/// Sets the flags in `set` and clears those in `clear` in a segment's index header,
+/// keeping the others.
+pub(crate) fn update_flags(files: &SegmentFiles, set: u8, clear: u8) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let flags = if durable { format::FLAG_DURABLE } else { 0 };
+    let mut flags = [0u8];
     files
         .index
-        .write_all_at(&[flags], format::INDEX_FLAGS_POSITION)
+        .read_exact_at(&mut flags, format::INDEX_FLAGS_POSITION)
+        .at(&files.index_path)?;
+    let updated = (flags[0] | set) & !clear;
+    if updated == flags[0] {
+        return Ok(());
+    }
+    files
+        .index
+        .write_all_at(&[updated], format::INDEX_FLAGS_POSITION)
         .at(&files.index_path)
 }
 

@@ -9,7 +9,7 @@ use super::{Active, Log};
 use crate::error::{IoContext, LogError, Result};
 use crate::format::{self, HEADER_LEN};
 use crate::segment::{Segment, Tail};
-use crate::{fault, files};
+use crate::{SyncPolicy, fault, files, sealer};
 
 /// The first space a segment preallocates.
 const MIN_PREALLOCATE: u64 = 64 * 1024;
@@ -96,10 +96,19 @@ impl Log {
         active
             .segment
             .unpublish(active.synced as usize, active.synced_len);
-        let unsynced_entries = active.synced.saturating_sub(active.index_written);
+        // Entries of the records taken back go too (under a policy other than
+        // `always` some may be in the index file already).
+        if active.index_written > active.synced {
+            active.index_written = active.synced;
+            let _ = active
+                .files
+                .index
+                .set_len(format::index_entry_position(active.synced));
+        }
+        let kept_entries = active.synced - active.index_written;
         active
             .index_pending
-            .truncate((unsynced_entries * format::INDEX_ENTRY_LEN) as usize);
+            .truncate((kept_entries * format::INDEX_ENTRY_LEN) as usize);
         active.count = active.synced;
         active.store_len = active.synced_len;
         active.allocated = active.synced_len;
@@ -112,26 +121,23 @@ impl Log {
         }
     }
 
-    /// Writes the pending index entries of synced records. An entry on disk vouches
-    /// that its record was synced: recovery takes damage before a vouched record for
-    /// corruption, not for a torn write. Entries of unsynced records wait.
+    /// Writes the pending index entries. Under the `always` policy every one is of a
+    /// synced record (the index vouches for them); under another, they may run ahead.
     pub(super) fn flush_index(&mut self) -> Result<()> {
         let active = &mut self.active;
-        let ready = active.synced.saturating_sub(active.index_written);
-        if ready == 0 {
+        if active.index_pending.is_empty() {
             return Ok(());
         }
-        let bytes = (ready * format::INDEX_ENTRY_LEN) as usize;
         active
             .files
             .index
             .write_all_at(
-                &active.index_pending[..bytes],
+                &active.index_pending,
                 format::index_entry_position(active.index_written),
             )
             .at(&active.files.index_path)?;
-        active.index_written += ready;
-        active.index_pending.drain(..bytes);
+        active.index_written += (active.index_pending.len() as u64) / format::INDEX_ENTRY_LEN;
+        active.index_pending.clear();
         Ok(())
     }
 
@@ -140,18 +146,16 @@ impl Log {
     /// index and the durable flag); recovery copes with a sealed segment that a crash
     /// caught before its seal.
     pub(super) fn roll(&mut self) -> Result<()> {
-        // The old segment's index must be whole, and its entries may only vouch for
-        // synced records: records not synced yet (under `interval` or `never`) are
-        // synced here, which is the sealer's first step anyway.
-        if self.active.synced < self.active.count {
-            self.sync_store()?;
-        }
         self.flush_index()?;
         self.active.trim()?;
         let base = self.active.next();
         // Create the new segment first: if that fails, the old one stays active and
         // must not have been flagged durable.
         let new_files = files::create_segment(&self.shared.dir, base)?;
+        if self.config.sync == SyncPolicy::Always {
+            // An empty index vouches for every entry it will get.
+            sealer::update_flags(&new_files, format::FLAG_VOUCHED, 0)?;
+        }
         let old_files = self.active.files.clone();
         let sealed = Arc::new(Segment::sealed(
             self.active.base,

@@ -121,6 +121,13 @@ impl Log {
             files.index.sync_data().at(&files.index_path)?;
             files.store.set_len(new_len).at(&files.store_path)?;
             files.store.sync_data().at(&files.store_path)?;
+            // What is left was synced: under `always` the index vouches for it.
+            if self.config.sync == crate::SyncPolicy::Always {
+                sealer::update_flags(&files, format::FLAG_VOUCHED, 0)?;
+            } else {
+                sealer::update_flags(&files, 0, format::FLAG_VOUCHED)?;
+            }
+            files.index.sync_data().at(&files.index_path)?;
             files::sync_dir(&self.shared.dir)
         })();
         if let Err(err) = result {
