@@ -399,29 +399,24 @@ fn open_sealed(
 /// Whether the index says each of its entries was written after its record was
 /// synced (the `always` policy).
 fn index_is_vouched(files: &SegmentFiles, base: Offset) -> Result<bool> {
-    let mut header = [0u8; HEADER_LEN as usize];
-    let len = len_of(&files.index, &files.index_path)?.min(HEADER_LEN) as usize;
-    files
-        .index
-        .read_exact_at(&mut header[..len], 0)
-        .at(&files.index_path)?;
-    Ok(
-        format::check_header(&header[..len], INDEX_MAGIC, base).is_ok()
-            && format::is_vouched(&header),
-    )
+    Ok(index_header(files, base)?.is_some_and(|header| format::is_vouched(&header)))
 }
 
 fn index_is_durable(files: &SegmentFiles, base: Offset) -> Result<bool> {
+    Ok(index_header(files, base)?.is_some_and(|header| format::is_durable(&header)))
+}
+
+/// The header of an index file; `None` when it is not valid.
+fn index_header(files: &SegmentFiles, base: Offset) -> Result<Option<[u8; HEADER_LEN as usize]>> {
     let mut header = [0u8; HEADER_LEN as usize];
     let len = len_of(&files.index, &files.index_path)?.min(HEADER_LEN) as usize;
     files
         .index
         .read_exact_at(&mut header[..len], 0)
         .at(&files.index_path)?;
-    Ok(
-        format::check_header(&header[..len], INDEX_MAGIC, base).is_ok()
-            && format::is_durable(&header),
-    )
+    Ok(format::check_header(&header[..len], INDEX_MAGIC, base)
+        .is_ok()
+        .then_some(header))
 }
 
 /// Checks a sealed segment in constant time: index length, first and last entry,

@@ -465,6 +465,11 @@ async fn an_idle_client_connection_should_be_closed_after_the_idle_timeout() {
 
 /// The gateway's `keel_gateway_ejections_total`.
 async fn ejections(gateway: &Running) -> u64 {
+    counter(gateway, "keel_gateway_ejections_total").await
+}
+
+/// A counter of the gateway's `/metrics`, without labels.
+async fn counter(gateway: &Running, name: &str) -> u64 {
     let admin = gateway.admin.expect("a gateway has an admin address");
     let metrics = reqwest::get(format!("http://{admin}/metrics"))
         .await
@@ -474,9 +479,9 @@ async fn ejections(gateway: &Running) -> u64 {
         .unwrap();
     metrics
         .lines()
-        .find_map(|line| line.strip_prefix("keel_gateway_ejections_total "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|count| count.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"))
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
 #[tokio::test]
@@ -712,18 +717,7 @@ async fn issue_15_slowloris_holding_every_connection_should_not_keep_legitimate_
         "legitimate requests under slowloris: p50 {:?}, p99 {:?}, max {:?}",
         latencies[49], latencies[98], latencies[99]
     );
-    let admin = gateway.admin.expect("a gateway has an admin address");
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let shed: u64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("keel_gateway_connections_shed_total "))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no shed counter in {metrics}"));
+    let shed = counter(&gateway, "keel_gateway_connections_shed_total").await;
     eprintln!("connections shed: {shed}");
     assert!(
         shed >= 50,
