@@ -348,7 +348,13 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// `keel log repair`: cuts a topic at its first damage and says what was cut.
 fn repair(args: &RepairArgs) -> anyhow::Result<()> {
-    let report = keel_log::repair_topic(&args.data_dir, &args.topic)?;
+    let report = keel_log::repair_topic(&args.data_dir, &args.topic).map_err(|err| match err {
+        keel_log::LogServiceError::UnknownTopic { topic } => anyhow::anyhow!(
+            "no topic {topic:?} under {}: is --data-dir the one the service runs with?",
+            args.data_dir.join("topics").display()
+        ),
+        other => other.into(),
+    })?;
     if report.truncations.is_empty() && report.removed_files.is_empty() {
         println!("topic {}: no damage found; nothing was cut", args.topic);
     }

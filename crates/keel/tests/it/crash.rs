@@ -135,6 +135,15 @@ async fn issue_15_a_bit_flip_in_an_acknowledged_record_should_make_the_topic_una
         "{said}"
     );
 
+    let missing = std::process::Command::new(crate::support::KEEL)
+        .args(["log", "repair", "--topic", "nosuch", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(said.contains("no topic \"nosuch\""), "{said}");
+
     let served = Served::start(dir.path(), &[]);
     let mut client = Client::connect(&served.addr).await.unwrap();
     let record = client.consume("flip", 4).await.unwrap();
