@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::support::{
-    backend, crashing_backend, gateway, register, registry, until_closed, until_routed,
+    backend, counter, crashing_backend, gateway, register, registry, until_closed, until_routed,
 };
 
 async fn error_code(response: reqwest::Response) -> (StatusCode, String, String) {
@@ -354,18 +354,11 @@ async fn admin_address_should_serve_health_and_metrics() {
         .unwrap();
     assert_eq!(health["status"], "ok");
     let count = async |class: &str| -> u64 {
-        let metrics = reqwest::get(format!("http://{admin}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let prefix = format!("keel_gateway_responses_total{{class=\"{class}\"}} ");
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("{metrics}"));
-        line[prefix.len()..].parse::<u64>().unwrap()
+        counter(
+            &gateway,
+            &format!("keel_gateway_responses_total{{class=\"{class}\"}}"),
+        )
+        .await
     };
     let (ok, missing) = (count("2xx").await, count("4xx").await);
     reqwest::get(format!("http://{}/echo/x", gateway.addr))

@@ -214,3 +214,20 @@ pub(crate) async fn until_closed(addr: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A counter of the gateway's admin `/metrics`: `name` is the sample's name with its
+/// labels, as written (`keel_gateway_responses_total{class="2xx"}`).
+pub(crate) async fn counter(gateway: &Running, name: &str) -> u64 {
+    let admin = gateway.admin.expect("a gateway has an admin address");
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}

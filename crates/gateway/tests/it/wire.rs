@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{Running, backend, gateway, register, registry, until_routed};
+use crate::support::{Running, backend, counter, gateway, register, registry, until_routed};
 
 /// How long any single step may take before the test fails instead of hanging.
 const STEP: Duration = Duration::from_secs(10);
@@ -466,22 +466,6 @@ async fn an_idle_client_connection_should_be_closed_after_the_idle_timeout() {
 /// The gateway's `keel_gateway_ejections_total`.
 async fn ejections(gateway: &Running) -> u64 {
     counter(gateway, "keel_gateway_ejections_total").await
-}
-
-/// A counter of the gateway's `/metrics`, without labels.
-async fn counter(gateway: &Running, name: &str) -> u64 {
-    let admin = gateway.admin.expect("a gateway has an admin address");
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|count| count.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
 #[tokio::test]
