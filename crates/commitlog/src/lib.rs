@@ -45,6 +45,7 @@ mod scan;
 mod sealer;
 mod segment;
 mod shared;
+mod syncer;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -58,6 +59,7 @@ pub use log::Log;
 pub use reader::{Cursor, Reader};
 pub use record::Record;
 pub use recovery::{IndexProblem, IndexRebuild, RecoveryReport, Truncation};
+pub use syncer::Syncer;
 
 /// The position of a record in a log.
 pub type Offset = u64;

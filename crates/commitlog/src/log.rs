@@ -15,6 +15,7 @@ use crate::recovery::{self, RecoveryReport};
 use crate::sealer::{self, Sealer};
 use crate::segment::{Segment, SegmentFiles, Tail};
 use crate::shared::Shared;
+use crate::syncer::Syncer;
 use crate::{LogConfig, Offset, Record, SyncPolicy};
 
 mod roll;
@@ -254,7 +255,7 @@ impl Log {
     /// stays failed until it is opened again.
     pub fn failure(&mut self) -> Option<&str> {
         if self.failed.is_none() {
-            self.failed = self.sealer.error();
+            self.failed = self.sealer.error().or_else(|| self.shared.failure());
         }
         self.failed.as_deref()
     }
@@ -267,6 +268,13 @@ impl Log {
     /// The directory of the log.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
+    }
+
+    /// A handle that syncs this log from another thread (see [`Syncer`]).
+    pub fn syncer(&self) -> Syncer {
+        Syncer {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// A handle for reading from other threads.
@@ -417,7 +425,7 @@ impl Log {
 
     fn check_writable(&mut self) -> Result<()> {
         if self.failed.is_none() {
-            self.failed = self.sealer.error();
+            self.failed = self.sealer.error().or_else(|| self.shared.failure());
         }
         match &self.failed {
             Some(reason) => Err(LogError::Failed {

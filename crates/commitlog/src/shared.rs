@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 
 use crate::error::{LogError, Result};
 use crate::segment::Segment;
@@ -17,14 +19,22 @@ pub(crate) struct Shared {
     segments: RwLock<Vec<Arc<Segment>>>,
     /// Published after the records below it are readable.
     next: AtomicU64,
+    /// Below this offset every record is durable, as far as a [`crate::Syncer`]
+    /// knows. Held across a sync and across a truncation, so the two take turns.
+    durable: Mutex<Offset>,
+    /// Why a sync from another thread failed; the writer then refuses writes.
+    failure: OnceLock<String>,
 }
 
 impl Shared {
     pub(crate) fn new(dir: PathBuf, segments: Vec<Arc<Segment>>, next: Offset) -> Self {
+        let segments_for_durable = segments.clone();
         Self {
             dir,
             segments: RwLock::new(segments),
             next: AtomicU64::new(next),
+            durable: Mutex::new(lowest_of(&segments_for_durable, next)),
+            failure: OnceLock::new(),
         }
     }
 
@@ -40,6 +50,21 @@ impl Shared {
 
     pub(crate) fn next(&self) -> Offset {
         self.next.load(Ordering::Acquire)
+    }
+
+    /// The durable mark; see [`crate::Syncer`].
+    pub(crate) fn durable(&self) -> MutexGuard<'_, Offset> {
+        self.durable.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks the log failed (the first reason wins).
+    pub(crate) fn fail(&self, reason: String) {
+        let _ = self.failure.set(reason);
+    }
+
+    /// Why a sync from another thread failed, if one did.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failure.get().cloned()
     }
 
     pub(crate) fn set_next(&self, next: Offset) {
@@ -102,4 +127,9 @@ impl Shared {
             .read_chunk(from, max_bytes, next)
             .map_err(|err| self.global_range(err))
     }
+}
+
+/// The lowest offset of a log made of `segments`, or `next` when it has none.
+fn lowest_of(segments: &[Arc<Segment>], next: Offset) -> Offset {
+    segments.first().map_or(next, |segment| segment.base())
 }

@@ -60,8 +60,11 @@ impl Log {
         if from == next {
             return Ok(());
         }
-        // No seal may be in flight on a segment this is about to change.
+        // No seal may be in flight on a segment this is about to change, nor a sync
+        // from another thread.
         self.sealer.wait_idle();
+        let shared = Arc::clone(&self.shared);
+        let mut durable = shared.durable();
         self.check_writable()?;
         let segments: Vec<Arc<Segment>> = self.shared.segments().clone();
         let k = segments.partition_point(|s| s.base() <= from) - 1;
@@ -152,9 +155,70 @@ impl Log {
             shared_segments.push(Arc::clone(&active.segment));
         }
         self.shared.set_next(from);
+        *durable = (*durable).min(from);
         self.active = active;
         self.last_timestamp_ms = last_timestamp_ms;
         tracing::info!(from, dropped = next - from, "truncated log suffix");
+        Ok(())
+    }
+
+    /// Drops every record and starts the log over, empty, at `next`: the next append
+    /// gets `next`, and `lowest_offset() == next_offset() == next`. A consensus log
+    /// does this when it takes a snapshot that is newer than all it holds. Segments
+    /// are deleted newest first and the new one is created after, each step synced,
+    /// so that a crash part way leaves an older prefix of the log (or an empty log),
+    /// never a log with a hole. Readers reading at the same time may get errors.
+    ///
+    /// # Errors
+    ///
+    /// [`LogError::Failed`] after an earlier write failure; I/O errors (the log then
+    /// refuses writes until it is opened again).
+    pub fn reset(&mut self, next: Offset) -> Result<()> {
+        self.check_writable()?;
+        if self.lowest_offset() == next && self.active.next() == next {
+            return Ok(());
+        }
+        self.sealer.wait_idle();
+        let shared = Arc::clone(&self.shared);
+        let mut durable = shared.durable();
+        self.check_writable()?;
+        let segments: Vec<Arc<Segment>> = self.shared.segments().clone();
+        let dir = self.shared.dir.clone();
+        let vouched = self.config.sync == crate::SyncPolicy::Always;
+        let created = (|| {
+            for segment in segments.iter().rev() {
+                remove_segment_files(segment)?;
+            }
+            files::sync_dir(&dir)?;
+            let files = files::create_segment(&dir, next)?;
+            if vouched {
+                sealer::update_flags(&files, format::FLAG_VOUCHED, 0)?;
+            }
+            Ok(files)
+        })();
+        let files = match created {
+            Ok(files) => files,
+            Err(err) => {
+                self.failed = Some(format!("reset({next}) failed: {err}"));
+                return Err(err);
+            }
+        };
+        let tail = Tail {
+            positions: Vec::new(),
+            store_len: HEADER_LEN,
+            last_timestamp_ms: self.last_timestamp_ms,
+        };
+        let active = Active::new(next, files, tail, 0, HEADER_LEN);
+        {
+            let mut shared_segments = self.shared.segments_mut();
+            shared_segments.clear();
+            shared_segments.push(Arc::clone(&active.segment));
+        }
+        self.shared.set_next(next);
+        // The new segment's file and the directory were synced.
+        *durable = next;
+        self.active = active;
+        tracing::info!(next, "reset the log");
         Ok(())
     }
 

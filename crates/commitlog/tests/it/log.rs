@@ -342,6 +342,43 @@ fn given_truncate_suffix_at_a_segment_base_should_leave_an_empty_active_segment(
 }
 
 #[test]
+fn given_reset_past_the_end_should_start_over_empty_there_and_survive_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = filled(dir.path(), tiny(), 100, 7);
+    let reader = log.reader();
+    log.reset(250).expect("reset");
+    assert_eq!((log.lowest_offset(), log.next_offset()), (250, 250));
+    assert_eq!((reader.lowest_offset(), reader.next_offset()), (250, 250));
+    assert!(matches!(
+        log.read(10),
+        Err(LogError::OffsetOutOfRange { offset: 10, .. })
+    ));
+    assert_eq!(log.append(b"after").expect("append"), 250);
+    log.close().expect("close");
+    let stores = segment_files(dir.path())
+        .iter()
+        .filter(|n| n.ends_with(".log"))
+        .count();
+    assert_eq!(stores, 1, "only the new segment is left");
+    let log = Log::open(dir.path(), tiny()).expect("reopen");
+    assert!(log.recovery().is_clean(), "{:?}", log.recovery());
+    assert_eq!((log.lowest_offset(), log.next_offset()), (250, 251));
+    assert_eq!(&log.read(250).expect("read").value[..], b"after");
+}
+
+#[test]
+fn given_reset_to_an_offset_inside_the_log_should_drop_everything_not_only_the_tail() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = filled(dir.path(), tiny(), 100, 3);
+    log.reset(48).expect("reset");
+    assert_eq!((log.lowest_offset(), log.next_offset()), (48, 48));
+    assert_eq!(log.append(b"again").expect("append"), 48);
+    drop(log);
+    let log = Log::open(dir.path(), tiny()).expect("reopen");
+    assert_eq!((log.lowest_offset(), log.next_offset()), (48, 49));
+}
+
+#[test]
 fn given_lowered_segment_max_records_when_reopened_should_keep_all_and_roll_next() {
     let dir = tempfile::tempdir().expect("temp dir");
     let wide = LogConfig {
@@ -535,4 +572,36 @@ fn issue_15_preallocation_should_grow_with_the_segment() {
         len <= records + 4 * 1024 * 1024,
         "at most one step ahead: {len}"
     );
+}
+
+#[test]
+fn given_a_syncer_on_another_thread_should_mark_durable_what_was_published_and_lower_the_mark_on_truncation()
+ {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = filled(dir.path(), tiny(), 40, 5);
+    let syncer = log.syncer();
+    let on_thread = syncer.clone();
+    let durable = std::thread::spawn(move || on_thread.sync().expect("sync"))
+        .join()
+        .expect("syncer thread");
+    assert_eq!(durable, 40, "every published record, across segments");
+    assert_eq!(syncer.durable(), 40);
+    log.append_batch(&[value(40), value(41)]).expect("append");
+    assert_eq!(syncer.durable(), 40, "appends are not durable until synced");
+    log.truncate_suffix(30).expect("truncate");
+    assert_eq!(syncer.durable(), 30, "a cut lowers the mark");
+    log.append(&value(30)).expect("append");
+    assert_eq!(syncer.sync().expect("sync"), 31);
+}
+
+#[test]
+fn given_a_failed_sync_from_another_thread_the_writer_should_refuse_writes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = filled(dir.path(), tiny(), 10, 5);
+    let syncer = log.syncer();
+    let faults = keel_commitlog::fail_syncs_under(dir.path());
+    assert!(matches!(syncer.sync(), Err(LogError::Io { .. })));
+    assert!(matches!(log.append(b"more"), Err(LogError::Failed { .. })));
+    assert!(matches!(syncer.sync(), Err(LogError::Failed { .. })));
+    drop(faults);
 }
