@@ -7,7 +7,10 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = [root.join("log/v1/log.proto")];
+    let files = [
+        root.join("log/v1/log.proto"),
+        root.join("keel/raft/v1/raft.proto"),
+    ];
     println!("cargo:rerun-if-changed={}", root.display());
 
     let descriptors = protox::compile(&files, [&root])?;

@@ -13,5 +13,14 @@ pub mod log {
     }
 }
 
+/// Raft between keel nodes, package `keel.raft.v1`.
+pub mod raft {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("keel.raft.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every keel proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

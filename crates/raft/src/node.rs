@@ -1,0 +1,160 @@
+//! Starting a Raft node: its storage, its openraft instance, and the service that
+//! other nodes call.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::RaftStoreError;
+use crate::{
+    LogStore, LogStoreConfig, Machine, NetworkFactory, Node, NodeId, Raft, RaftService,
+    StateMachine,
+};
+
+/// The timing and snapshot settings of a node; the defaults fit a LAN or one machine.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// How often the leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// A follower that hears no leader for a random time in this range starts an
+    /// election. Failover takes about this long.
+    pub election_timeout: (Duration, Duration),
+    /// Take a snapshot (a checkpoint of the state machine) after this many entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the Raft log below a snapshot, so that a follower a little
+    /// behind catches up from the log rather than from a snapshot.
+    pub keep_below_snapshot: u64,
+    /// How long one attempt at sending a snapshot may take; an attempt cut short
+    /// is resumed by the next one.
+    pub snapshot_attempt: Duration,
+    /// The Raft log's storage.
+    pub log: LogStoreConfig,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
+            snapshot_every: 20_000,
+            keep_below_snapshot: 5_000,
+            snapshot_attempt: Duration::from_secs(30),
+            log: LogStoreConfig::default(),
+        }
+    }
+}
+
+impl NodeSettings {
+    /// openraft's configuration for these settings.
+    ///
+    /// # Errors
+    ///
+    /// The settings are inconsistent (an election timeout not above the heartbeat).
+    pub fn raft_config(&self, cluster: &str) -> Result<openraft::Config, String> {
+        let millis = |d: Duration| d.as_millis().try_into().unwrap_or(u64::MAX);
+        openraft::Config {
+            cluster_name: cluster.to_owned(),
+            heartbeat_interval: millis(self.heartbeat),
+            election_timeout_min: millis(self.election_timeout.0),
+            election_timeout_max: millis(self.election_timeout.1),
+            install_snapshot_timeout: millis(self.snapshot_attempt),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_below_snapshot,
+            // Entries carry batches already; a few per message keep messages small.
+            max_payload_entries: 64,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|err| err.to_string())
+    }
+}
+
+/// A running Raft node: the handle to drive it and the service to serve to peers.
+#[derive(Clone)]
+pub struct RaftNode {
+    /// The openraft node.
+    pub raft: Raft,
+    /// `keel.raft.v1.Raft` for this node, to add to its gRPC server.
+    pub service: RaftService,
+    /// This node's id.
+    pub id: NodeId,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The settings do not make a valid Raft configuration.
+    #[error("raft settings: {0}")]
+    Settings(String),
+    /// The node's storage failed to open.
+    #[error(transparent)]
+    Storage(#[from] RaftStoreError),
+    /// openraft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+impl RaftNode {
+    /// Opens node `id`'s storage under `dir` (`dir/log`, `dir/snapshots`) and starts
+    /// it; `open` builds the state machine from the latest snapshot's summary.
+    ///
+    /// # Errors
+    ///
+    /// See [`StartError`].
+    pub async fn start<S: StateMachine>(
+        id: NodeId,
+        cluster: &str,
+        dir: &Path,
+        settings: &NodeSettings,
+        open: impl FnOnce(Option<&[u8]>) -> io::Result<S>,
+    ) -> Result<Self, StartError> {
+        let config = Arc::new(
+            settings
+                .raft_config(cluster)
+                .map_err(StartError::Settings)?,
+        );
+        let log = LogStore::open(&dir.join("log"), &settings.log)?;
+        let snapshots = dir.join("snapshots");
+        let machine = Machine::open(&snapshots, open)?;
+        let raft = Raft::new(id, config, NetworkFactory::default(), log, machine)
+            .await
+            .map_err(|err| StartError::Raft(err.to_string()))?;
+        let service = RaftService::new(raft.clone(), &snapshots);
+        Ok(Self { raft, service, id })
+    }
+
+    /// Forms a cluster of `members` unless this node's log says it is in one: every
+    /// member may call this with the same list, in any order, as often as it
+    /// restarts (openraft makes the same first entry on each).
+    ///
+    /// # Errors
+    ///
+    /// openraft refused for a reason other than "already initialized".
+    pub async fn bootstrap(&self, members: &BTreeMap<NodeId, Node>) -> Result<(), StartError> {
+        if self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|err| StartError::Raft(err.to_string()))?
+        {
+            return Ok(());
+        }
+        match self.raft.initialize(members.clone()).await {
+            Ok(()) => Ok(()),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::InitializeError::NotAllowed(_),
+            )) => Ok(()),
+            Err(err) => Err(StartError::Raft(err.to_string())),
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The server side of Raft between nodes: `keel.raft.v1.Raft`, which hands each
+//! message to the local openraft node. Snapshots arrive into an `incoming-`
+//! directory, chunk by checksummed chunk, and are installed once complete; an
+//! interrupted transfer keeps what arrived, and the leader resumes from there.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use keel_proto::raft::v1 as pb;
+use openraft::storage::Snapshot;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::snapshot::{Snapshots, checked_name};
+use crate::{Manifest, Raft, SnapshotFiles, Vote, wire};
+
+/// `keel.raft.v1.Raft` for one node; add it to the node's gRPC server with
+/// [`RaftService::into_server`].
+#[derive(Clone)]
+pub struct RaftService {
+    raft: Raft,
+    snapshots: PathBuf,
+}
+
+impl std::fmt::Debug for RaftService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftService")
+            .field("snapshots", &self.snapshots)
+            .finish_non_exhaustive()
+    }
+}
+
+const MANIFEST: &str = "manifest.json";
+
+impl RaftService {
+    /// The service of `raft`, whose snapshots live in `snapshots`.
+    pub fn new(raft: Raft, snapshots: &Path) -> Self {
+        Self {
+            raft,
+            snapshots: snapshots.to_path_buf(),
+        }
+    }
+
+    /// As a tonic service, taking messages of any size (entries carry batches).
+    pub fn into_server(self) -> pb::raft_server::RaftServer<Self> {
+        pb::raft_server::RaftServer::new(self)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    fn snapshots(&self) -> Result<Snapshots, Status> {
+        Snapshots::open(&self.snapshots).map_err(|err| Status::internal(err.to_string()))
+    }
+
+    /// Where a snapshot is received, and its manifest there if a transfer began.
+    fn incoming(&self, id: &str) -> Result<(SnapshotFiles, Option<Manifest>), Status> {
+        let incoming = self
+            .snapshots()?
+            .incoming(id)
+            .map_err(|err| Status::internal(err.to_string()))?;
+        let manifest = fs::read(incoming.dir.join(MANIFEST))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        Ok((incoming, manifest))
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<pb::JsonMessage, Status> {
+    serde_json::to_vec(value)
+        .map(|json| pb::JsonMessage {
+            json: Bytes::from(json),
+        })
+        .map_err(|err| Status::internal(err.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Status> {
+    serde_json::from_slice(bytes)
+        .map_err(|err| Status::invalid_argument(format!("{what} does not parse: {err}")))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendResponse>, Status> {
+        let rpc = wire::append_request_from(request.into_inner())
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let response = self
+            .raft
+            .append_entries(rpc)
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        Ok(Response::new(wire::append_response_to(&response)))
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::JsonMessage>,
+    ) -> Result<Response<pb::JsonMessage>, Status> {
+        let rpc = parse(&request.into_inner().json, "the vote request")?;
+        let response = self
+            .raft
+            .vote(rpc)
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        json(&response).map(Response::new)
+    }
+
+    async fn snapshot_status(
+        &self,
+        request: Request<pb::SnapshotStatusRequest>,
+    ) -> Result<Response<pb::SnapshotStatusResponse>, Status> {
+        let (incoming, manifest) = self.incoming(&request.into_inner().snapshot_id)?;
+        let received = manifest
+            .map(|manifest| {
+                manifest
+                    .files
+                    .iter()
+                    .map(|file| {
+                        fs::metadata(incoming.data_path(&file.name))
+                            .map_or(0, |meta| meta.len().min(file.len))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Response::new(pb::SnapshotStatusResponse { received }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::JsonMessage>, Status> {
+        let mut stream = request.into_inner();
+        let Some(pb::SnapshotChunk {
+            part: Some(pb::snapshot_chunk::Part::Header(header)),
+        }) = stream.message().await?
+        else {
+            return Err(Status::invalid_argument(
+                "a snapshot transfer must start with its header",
+            ));
+        };
+        let vote: Vote = parse(&header.vote_json, "the vote")?;
+        let manifest: Manifest = parse(&header.manifest_json, "the manifest")?;
+        if header.state.len() as u64 != manifest.state_len {
+            return Err(Status::invalid_argument(
+                "the state summary is not as long as the manifest says",
+            ));
+        }
+        let (mut incoming, earlier) = self.incoming(&manifest.meta.snapshot_id)?;
+        let receiving = Receiving::start(&incoming, &manifest, earlier.as_ref(), &header.state)
+            .map_err(|err| Status::internal(err.to_string()))?;
+        let mut done = false;
+        while let Some(chunk) = stream.message().await? {
+            match chunk.part {
+                Some(pb::snapshot_chunk::Part::Data(data)) => receiving.write(&data)?,
+                Some(pb::snapshot_chunk::Part::Done(_)) => {
+                    done = true;
+                    break;
+                }
+                _ => return Err(Status::invalid_argument("a second snapshot header")),
+            }
+        }
+        if !done {
+            return Err(Status::aborted(
+                "the snapshot transfer ended before it was complete; what arrived is kept",
+            ));
+        }
+        receiving.check_complete()?;
+        incoming.manifest = Some(manifest.clone());
+        let response = self
+            .raft
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta: manifest.meta.clone(),
+                    snapshot: Box::new(incoming),
+                },
+            )
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        json(&response).map(Response::new)
+    }
+}
+
+/// A snapshot being written into its `incoming-` directory.
+struct Receiving<'a> {
+    incoming: &'a SnapshotFiles,
+    manifest: &'a Manifest,
+    paths: Vec<PathBuf>,
+}
+
+impl<'a> Receiving<'a> {
+    /// Prepares the directory: what an earlier transfer of the same snapshot left is
+    /// kept, anything else is cleared.
+    fn start(
+        incoming: &'a SnapshotFiles,
+        manifest: &'a Manifest,
+        earlier: Option<&Manifest>,
+        state: &[u8],
+    ) -> Result<Self, crate::RaftStoreError> {
+        use crate::error::AtPath;
+        if earlier != Some(manifest) {
+            let data = incoming.data_dir();
+            fs::remove_dir_all(&data).at(&data)?;
+            fs::create_dir_all(&data).at(&data)?;
+        }
+        let mut paths = Vec::with_capacity(manifest.files.len());
+        for file in &manifest.files {
+            checked_name(&file.name, &incoming.dir)?;
+            let path = incoming.data_path(&file.name);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).at(parent)?;
+            }
+            paths.push(path);
+        }
+        crate::meta::write_durably(&incoming.dir.join("state"), state)?;
+        let bytes =
+            serde_json::to_vec_pretty(manifest).map_err(|err| crate::RaftStoreError::Invalid {
+                path: incoming.dir.join(MANIFEST),
+                reason: err.to_string(),
+            })?;
+        crate::meta::write_durably(&incoming.dir.join(MANIFEST), &bytes)?;
+        Ok(Self {
+            incoming,
+            manifest,
+            paths,
+        })
+    }
+
+    fn write(&self, chunk: &pb::FileChunk) -> Result<(), Status> {
+        let index = chunk.file as usize;
+        let (Some(file), Some(path)) = (self.manifest.files.get(index), self.paths.get(index))
+        else {
+            return Err(Status::invalid_argument(format!(
+                "a chunk of file {index}, which the manifest does not list"
+            )));
+        };
+        if crc32c::crc32c(&chunk.data) != chunk.crc32c {
+            return Err(Status::data_loss(format!(
+                "a chunk of {} at {} fails its checksum",
+                file.name, chunk.offset
+            )));
+        }
+        let end = chunk.offset + chunk.data.len() as u64;
+        if end > file.len {
+            return Err(Status::invalid_argument(format!(
+                "a chunk of {} ends at {end}, past its length {}",
+                file.name, file.len
+            )));
+        }
+        let handle = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|err| Status::internal(format!("{}: {err}", path.display())))?;
+        let have = handle
+            .metadata()
+            .map_err(|err| Status::internal(format!("{}: {err}", path.display())))?
+            .len();
+        if chunk.offset > have {
+            return Err(Status::invalid_argument(format!(
+                "a chunk of {} at {}, past the {have} bytes received",
+                file.name, chunk.offset
+            )));
+        }
+        handle
+            .write_all_at(&chunk.data, chunk.offset)
+            .and_then(|()| {
+                if end == file.len {
+                    handle.sync_all()
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|err| Status::internal(format!("{}: {err}", path.display())))
+    }
+
+    fn check_complete(&self) -> Result<(), Status> {
+        for (file, path) in self.manifest.files.iter().zip(&self.paths) {
+            let have = fs::metadata(path).map_or(0, |meta| meta.len());
+            if have != file.len {
+                return Err(Status::data_loss(format!(
+                    "{} arrived with {have} of its {} bytes",
+                    file.name, file.len
+                )));
+            }
+        }
+        let _ = self.incoming;
+        Ok(())
+    }
+}

@@ -1,0 +1,235 @@
+//! Three (and four) real Raft nodes on loopback, each with its gRPC server, its
+//! storage in a temp dir and the file state machine: replication, failover,
+//! restart, and a new node catching up from a snapshot.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_raft::{Command, Node, NodeId, NodeSettings, Raft, RaftNode};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::support::{FileMachine, commands_of};
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(20));
+
+fn settings() -> NodeSettings {
+    NodeSettings {
+        heartbeat: Duration::from_millis(50),
+        election_timeout: (Duration::from_millis(200), Duration::from_millis(400)),
+        snapshot_every: 1_000_000,
+        keep_below_snapshot: 0,
+        ..NodeSettings::default()
+    }
+}
+
+struct TestNode {
+    id: NodeId,
+    addr: String,
+    dir: PathBuf,
+    raft: Raft,
+    server: JoinHandle<()>,
+}
+
+impl TestNode {
+    async fn start(id: NodeId, listener: TcpListener, root: &Path) -> Self {
+        let addr = listener.local_addr().expect("addr").to_string();
+        let dir = root.join(format!("node-{id}"));
+        let state = dir.join("state");
+        let node = RaftNode::start(id, "test", &dir.join("raft"), &settings(), |summary| {
+            FileMachine::open(&state, summary)
+        })
+        .await
+        .expect("start node");
+        let service = node.service.clone().into_server();
+        let server = tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        Self {
+            id,
+            addr,
+            dir,
+            raft: node.raft,
+            server,
+        }
+    }
+
+    async fn restart(id: NodeId, addr: &str, root: &Path) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("rebind");
+        Self::start(id, listener, root).await
+    }
+
+    /// Stops the node the way a crash would, as far as its peers can tell.
+    async fn kill(self) {
+        self.server.abort();
+        let _ = self.server.await;
+        let _ = self.raft.shutdown().await;
+    }
+
+    fn commands(&self) -> Vec<Bytes> {
+        commands_of(&self.dir.join("state")).expect("read commands")
+    }
+
+    async fn wait_applied(&self, index: u64) {
+        self.raft
+            .wait(WAIT)
+            .applied_index_at_least(Some(index), format!("node {} applies {index}", self.id))
+            .await
+            .expect("applied in time");
+    }
+}
+
+async fn listeners(count: usize) -> Vec<TcpListener> {
+    let mut all = Vec::new();
+    for _ in 0..count {
+        all.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    all
+}
+
+async fn three_nodes(root: &Path) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for (listener, id) in listeners(3).await.into_iter().zip(1..) {
+        nodes.push(TestNode::start(id, listener, root).await);
+    }
+    let members: BTreeMap<NodeId, Node> = nodes
+        .iter()
+        .map(|n| (n.id, Node::new(n.addr.clone())))
+        .collect();
+    // Every node bootstraps with the same list, as `--peers` does.
+    for node in &nodes {
+        RaftNode {
+            raft: node.raft.clone(),
+            service: keel_raft::RaftService::new(node.raft.clone(), &node.dir),
+            id: node.id,
+        }
+        .bootstrap(&members)
+        .await
+        .expect("bootstrap");
+    }
+    nodes
+}
+
+async fn leader_of(nodes: &[TestNode]) -> NodeId {
+    let metrics = nodes[0]
+        .raft
+        .wait(WAIT)
+        .metrics(|m| m.current_leader.is_some(), "a leader")
+        .await
+        .expect("a leader in time");
+    metrics.current_leader.expect("leader")
+}
+
+async fn write(raft: &Raft, text: String) -> u64 {
+    raft.client_write(Command(Bytes::from(text)))
+        .await
+        .expect("write")
+        .log_id
+        .index
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_should_replicate_fail_over_and_catch_up() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut nodes = three_nodes(root.path()).await;
+    let leader = leader_of(&nodes).await;
+    let leader_at = nodes.iter().position(|n| n.id == leader).expect("leader");
+
+    let mut last = 0;
+    for i in 0..50 {
+        last = write(&nodes[leader_at].raft, format!("a{i}")).await;
+    }
+    for node in &nodes {
+        node.wait_applied(last).await;
+    }
+    let expected: Vec<Bytes> = (0..50).map(|i| Bytes::from(format!("a{i}"))).collect();
+    for node in &nodes {
+        assert_eq!(node.commands(), expected, "node {}", node.id);
+    }
+
+    // A follower does not take writes itself: it names the leader.
+    let follower_at = (leader_at + 1) % 3;
+    let refused = nodes[follower_at]
+        .raft
+        .client_write(Command(Bytes::from_static(b"to a follower")))
+        .await
+        .expect_err("a follower forwards");
+    assert_eq!(
+        refused.forward_to_leader().and_then(|f| f.leader_id),
+        Some(leader)
+    );
+
+    // The leader dies; the two others elect a new one and go on.
+    let dead = nodes.remove(leader_at);
+    let dead_addr = dead.addr.clone();
+    dead.kill().await;
+    let new_leader = nodes[0]
+        .raft
+        .wait(WAIT)
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| l != leader),
+            "a new leader",
+        )
+        .await
+        .expect("a new leader in time")
+        .current_leader
+        .expect("leader");
+    let at = nodes
+        .iter()
+        .position(|n| n.id == new_leader)
+        .expect("new leader");
+    for i in 0..20 {
+        last = write(&nodes[at].raft, format!("b{i}")).await;
+    }
+
+    // The old leader comes back with its data and catches up from the log.
+    let back = TestNode::restart(leader, &dead_addr, root.path()).await;
+    back.wait_applied(last).await;
+    let mut expected = expected;
+    expected.extend((0..20).map(|i| Bytes::from(format!("b{i}"))));
+    assert_eq!(back.commands(), expected);
+    nodes.push(back);
+
+    // A snapshot, the log purged below it: a new node can only catch up from the
+    // snapshot's files.
+    let leader_raft = nodes[at].raft.clone();
+    leader_raft.trigger().snapshot().await.expect("snapshot");
+    leader_raft
+        .wait(WAIT)
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= last),
+            "a snapshot",
+        )
+        .await
+        .expect("snapshot in time");
+    leader_raft
+        .wait(WAIT)
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= last), "purged")
+        .await
+        .expect("purged in time");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let newcomer = TestNode::start(4, listener, root.path()).await;
+    leader_raft
+        .add_learner(4, Node::new(newcomer.addr.clone()), true)
+        .await
+        .expect("add learner");
+    newcomer.wait_applied(last).await;
+    assert_eq!(newcomer.commands(), expected, "installed from the snapshot");
+    let more = write(&leader_raft, "after the snapshot".to_owned()).await;
+    newcomer.wait_applied(more).await;
+    assert_eq!(
+        newcomer.commands().last(),
+        Some(&Bytes::from_static(b"after the snapshot"))
+    );
+
+    for node in nodes {
+        node.kill().await;
+    }
+    newcomer.kill().await;
+}
