@@ -116,35 +116,61 @@ async fn three_nodes(root: &Path) -> Vec<TestNode> {
     nodes
 }
 
+/// The node that is leader by its own account.
 async fn leader_of(nodes: &[TestNode]) -> NodeId {
-    let metrics = nodes[0]
-        .raft
-        .wait(WAIT)
-        .metrics(|m| m.current_leader.is_some(), "a leader")
-        .await
-        .expect("a leader in time");
-    metrics.current_leader.expect("leader")
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        for node in nodes {
+            let metrics = node.raft.metrics().borrow().clone();
+            if metrics.state == openraft::ServerState::Leader {
+                return node.id;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
-async fn write(raft: &Raft, text: String) -> u64 {
-    raft.client_write(Command(Bytes::from(text)))
-        .await
-        .expect("write")
-        .log_id
-        .index
+/// Writes through whichever node leads, following "forward to leader" answers as a
+/// client does (leadership may move while a cluster settles).
+async fn write(nodes: &[TestNode], text: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut at = 0;
+    loop {
+        match nodes[at]
+            .raft
+            .client_write(Command(Bytes::from(text.to_owned())))
+            .await
+        {
+            Ok(written) => return written.log_id.index,
+            Err(err) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no leader took {text}: {err}"
+                );
+                let leader = err.forward_to_leader().and_then(|f| f.leader_id);
+                match leader.and_then(|id| nodes.iter().position(|n| n.id == id)) {
+                    Some(leader_at) => at = leader_at,
+                    None => {
+                        at = (at + 1) % nodes.len();
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_should_replicate_fail_over_and_catch_up() {
     let root = tempfile::tempdir().expect("temp dir");
     let mut nodes = three_nodes(root.path()).await;
-    let leader = leader_of(&nodes).await;
-    let leader_at = nodes.iter().position(|n| n.id == leader).expect("leader");
-
     let mut last = 0;
     for i in 0..50 {
-        last = write(&nodes[leader_at].raft, format!("a{i}")).await;
+        last = write(&nodes, &format!("a{i}")).await;
     }
+    let leader = leader_of(&nodes).await;
+    let leader_at = nodes.iter().position(|n| n.id == leader).expect("leader");
     for node in &nodes {
         node.wait_applied(last).await;
     }
@@ -180,12 +206,9 @@ async fn three_nodes_should_replicate_fail_over_and_catch_up() {
         .expect("a new leader in time")
         .current_leader
         .expect("leader");
-    let at = nodes
-        .iter()
-        .position(|n| n.id == new_leader)
-        .expect("new leader");
+    assert_ne!(new_leader, leader);
     for i in 0..20 {
-        last = write(&nodes[at].raft, format!("b{i}")).await;
+        last = write(&nodes, &format!("b{i}")).await;
     }
 
     // The old leader comes back with its data and catches up from the log.
@@ -198,6 +221,11 @@ async fn three_nodes_should_replicate_fail_over_and_catch_up() {
 
     // A snapshot, the log purged below it: a new node can only catch up from the
     // snapshot's files.
+    let leader_now = leader_of(&nodes).await;
+    let at = nodes
+        .iter()
+        .position(|n| n.id == leader_now)
+        .expect("leader");
     let leader_raft = nodes[at].raft.clone();
     leader_raft.trigger().snapshot().await.expect("snapshot");
     leader_raft
@@ -221,7 +249,7 @@ async fn three_nodes_should_replicate_fail_over_and_catch_up() {
         .expect("add learner");
     newcomer.wait_applied(last).await;
     assert_eq!(newcomer.commands(), expected, "installed from the snapshot");
-    let more = write(&leader_raft, "after the snapshot".to_owned()).await;
+    let more = write(&nodes, "after the snapshot").await;
     newcomer.wait_applied(more).await;
     assert_eq!(
         newcomer.commands().last(),
