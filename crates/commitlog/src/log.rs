@@ -3,7 +3,7 @@
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -341,6 +341,30 @@ impl Log {
     /// [`LogError::RecordTooLarge`] when any value is over the limit (nothing is
     /// appended); [`LogError::Failed`] after an earlier write failure; I/O errors.
     pub fn append_batch<V: AsRef<[u8]>>(&mut self, values: &[V]) -> Result<Range<Offset>> {
+        self.append_batch_with(values, None)
+    }
+
+    /// Appends records like [`Log::append_batch`], stamped with `timestamp_ms`
+    /// instead of the clock (raised to the newest record's timestamp, so timestamps
+    /// never go back). Replicas that apply the same appends stamp the same
+    /// timestamps.
+    ///
+    /// # Errors
+    ///
+    /// As [`Log::append_batch`].
+    pub fn append_batch_at<V: AsRef<[u8]>>(
+        &mut self,
+        values: &[V],
+        timestamp_ms: u64,
+    ) -> Result<Range<Offset>> {
+        self.append_batch_with(values, Some(timestamp_ms))
+    }
+
+    fn append_batch_with<V: AsRef<[u8]>>(
+        &mut self,
+        values: &[V],
+        timestamp_ms: Option<u64>,
+    ) -> Result<Range<Offset>> {
         self.check_writable()?;
         let max = self.config.max_record_bytes;
         if let Some(big) = values.iter().find(|v| v.as_ref().len() as u64 > max) {
@@ -356,7 +380,13 @@ impl Log {
         if self.active.index_pending.len() >= INDEX_FLUSH_BYTES {
             self.flush_index()?;
         }
-        let timestamp_ms = self.timestamp();
+        let timestamp_ms = match timestamp_ms {
+            Some(at) => {
+                self.last_timestamp_ms = self.last_timestamp_ms.max(at);
+                self.last_timestamp_ms
+            }
+            None => self.timestamp(),
+        };
 
         let mut rest = values;
         while let Some(head) = rest.first() {
@@ -387,6 +417,31 @@ impl Log {
         self.check_writable()?;
         self.flush_index()?;
         self.sync_store()
+    }
+
+    /// Syncs every record, and lists the files that hold them with their lengths
+    /// now, oldest segment first: each store file and its index file. Records are
+    /// only ever added past these lengths (until [`Log::truncate_suffix`] or
+    /// [`Log::reset`]), so a path and a length fix a file's content, bar the flag
+    /// byte of an index header, which a seal sets. This is how a state machine
+    /// built on logs describes a checkpoint.
+    ///
+    /// # Errors
+    ///
+    /// As [`Log::sync`]; a file's length cannot be read.
+    pub fn checkpoint_files(&mut self) -> Result<Vec<(PathBuf, u64)>> {
+        self.sync()?;
+        self.sealer.wait_idle();
+        self.check_writable()?;
+        let segments = self.shared.segments().clone();
+        let mut files = Vec::with_capacity(segments.len() * 2);
+        for segment in &segments {
+            let (store, index) = segment.paths();
+            let index_len = fs::metadata(index).at(index)?.len();
+            files.push((store.to_path_buf(), segment.store_len()));
+            files.push((index.to_path_buf(), index_len));
+        }
+        Ok(files)
     }
 
     /// Flushes and syncs everything and releases the directory.

@@ -605,3 +605,39 @@ fn given_a_failed_sync_from_another_thread_the_writer_should_refuse_writes() {
     assert!(matches!(syncer.sync(), Err(LogError::Failed { .. })));
     drop(faults);
 }
+
+#[test]
+fn given_a_timestamp_appends_should_carry_it_and_never_go_back_in_time() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = Log::open(dir.path(), tiny()).expect("open");
+    log.append_batch_at(&[b"a", b"b"], 5_000).expect("append");
+    log.append_batch_at(&[b"c"], 4_000).expect("append");
+    let stamps: Vec<u64> = (0..3)
+        .map(|offset| log.read(offset).expect("read").timestamp_ms)
+        .collect();
+    assert_eq!(stamps, [5_000, 5_000, 5_000]);
+    log.append_batch_at(&[b"d"], 6_000).expect("append");
+    assert_eq!(log.read(3).expect("read").timestamp_ms, 6_000);
+}
+
+#[test]
+fn given_checkpoint_files_they_should_list_every_segment_with_lengths_that_hold_its_records() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut log = filled(dir.path(), tiny(), 100, 3);
+    let files = log.checkpoint_files().expect("checkpoint");
+    assert_eq!(
+        files.len(),
+        log.segment_count() * 2,
+        "a store and an index each"
+    );
+    // Copies of the files at those lengths open as the same log.
+    let copy = tempfile::tempdir().expect("temp dir");
+    for (path, len) in &files {
+        let bytes = std::fs::read(path).expect("read");
+        let name = path.file_name().expect("name");
+        std::fs::write(copy.path().join(name), &bytes[..*len as usize]).expect("copy");
+    }
+    log.append(&value(100)).expect("appends go on after");
+    let copied = Log::open(copy.path(), tiny()).expect("open the copy");
+    assert_holds(&copied, 100);
+}
