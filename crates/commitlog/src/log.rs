@@ -380,13 +380,7 @@ impl Log {
         if self.active.index_pending.len() >= INDEX_FLUSH_BYTES {
             self.flush_index()?;
         }
-        let timestamp_ms = match timestamp_ms {
-            Some(at) => {
-                self.last_timestamp_ms = self.last_timestamp_ms.max(at);
-                self.last_timestamp_ms
-            }
-            None => self.timestamp(),
-        };
+        let timestamp_ms = self.timestamp(timestamp_ms);
 
         let mut rest = values;
         while let Some(head) = rest.first() {
@@ -490,9 +484,10 @@ impl Log {
         }
     }
 
-    /// A timestamp for new records: now, but never before the newest record.
-    fn timestamp(&mut self) -> u64 {
-        self.last_timestamp_ms = millis_since_epoch(SystemTime::now()).max(self.last_timestamp_ms);
+    /// A timestamp for new records: `at`, or now, but never before the newest record.
+    fn timestamp(&mut self, at: Option<u64>) -> u64 {
+        let at = at.unwrap_or_else(|| millis_since_epoch(SystemTime::now()));
+        self.last_timestamp_ms = at.max(self.last_timestamp_ms);
         self.last_timestamp_ms
     }
 

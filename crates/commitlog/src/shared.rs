@@ -28,12 +28,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(dir: PathBuf, segments: Vec<Arc<Segment>>, next: Offset) -> Self {
-        let segments_for_durable = segments.clone();
+        let lowest = segments.first().map_or(next, |segment| segment.base());
         Self {
             dir,
             segments: RwLock::new(segments),
             next: AtomicU64::new(next),
-            durable: Mutex::new(lowest_of(&segments_for_durable, next)),
+            durable: Mutex::new(lowest),
             failure: OnceLock::new(),
         }
     }
@@ -127,9 +127,4 @@ impl Shared {
             .read_chunk(from, max_bytes, next)
             .map_err(|err| self.global_range(err))
     }
-}
-
-/// The lowest offset of a log made of `segments`, or `next` when it has none.
-fn lowest_of(segments: &[Arc<Segment>], next: Offset) -> Offset {
-    segments.first().map_or(next, |segment| segment.base())
 }

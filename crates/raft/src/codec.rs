@@ -23,15 +23,16 @@ const COMMAND: u8 = 1;
 const MEMBERSHIP: u8 = 2;
 
 /// The bytes before the payload.
-pub(crate) const HEADER_LEN: usize = 1 + 8 + 8 + 8;
+const HEADER_LEN: usize = 1 + 8 + 8 + 8;
 
-/// Appends the encoding of `entry` to `out`.
-pub(crate) fn encode(entry: &Entry, out: &mut Vec<u8>) -> Result<(), RaftStoreError> {
-    let kind = match &entry.payload {
-        EntryPayload::Blank => BLANK,
-        EntryPayload::Normal(_) => COMMAND,
-        EntryPayload::Membership(_) => MEMBERSHIP,
+/// The encoding of `entry`.
+pub(crate) fn to_bytes(entry: &Entry) -> Result<Vec<u8>, RaftStoreError> {
+    let (kind, payload_len) = match &entry.payload {
+        EntryPayload::Blank => (BLANK, 0),
+        EntryPayload::Normal(command) => (COMMAND, command.0.len()),
+        EntryPayload::Membership(_) => (MEMBERSHIP, 128),
     };
+    let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
     out.push(kind);
     out.extend_from_slice(&entry.log_id.leader_id.term.to_le_bytes());
     out.extend_from_slice(&entry.log_id.leader_id.node_id.to_le_bytes());
@@ -39,28 +40,13 @@ pub(crate) fn encode(entry: &Entry, out: &mut Vec<u8>) -> Result<(), RaftStoreEr
     match &entry.payload {
         EntryPayload::Blank => {}
         EntryPayload::Normal(command) => out.extend_from_slice(&command.0),
-        EntryPayload::Membership(membership) => serde_json::to_writer(&mut *out, membership)
+        EntryPayload::Membership(membership) => serde_json::to_writer(&mut out, membership)
             .map_err(|err| RaftStoreError::BadEntry {
                 index: entry.log_id.index,
                 reason: format!("cannot encode its membership: {err}"),
             })?,
     }
-    Ok(())
-}
-
-/// The encoding of `entry`.
-pub(crate) fn to_bytes(entry: &Entry) -> Result<Vec<u8>, RaftStoreError> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload_hint(entry));
-    encode(entry, &mut out)?;
     Ok(out)
-}
-
-fn payload_hint(entry: &Entry) -> usize {
-    match &entry.payload {
-        EntryPayload::Normal(command) => command.0.len(),
-        EntryPayload::Membership(_) => 128,
-        EntryPayload::Blank => 0,
-    }
 }
 
 /// Decodes an entry; `at` is where it was found (its expected index), for errors.
@@ -95,8 +81,9 @@ pub(crate) fn decode(at: u64, mut bytes: Bytes) -> Result<Entry, RaftStoreError>
 
 /// Decodes an entry wherever it was found (one received from another node).
 pub(crate) fn decode_any(bytes: Bytes) -> Result<Entry, RaftStoreError> {
+    const INDEX_AT: usize = 1 + 8 + 8;
     let index = bytes
-        .get(17..25)
+        .get(INDEX_AT..HEADER_LEN)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u64::from_le_bytes);
     decode(index, bytes)

@@ -27,6 +27,9 @@ pub enum RaftStoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A message from another node that does not make sense.
+    #[error("a message from another node: {0}")]
+    BadMessage(String),
     /// A Raft log record that is not an entry of this format.
     #[error("raft log entry at index {index}: {reason}")]
     BadEntry {

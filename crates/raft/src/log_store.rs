@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
-use bytes::Bytes;
 use keel_commitlog::{Log, LogConfig, Reader, SyncPolicy, Syncer};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogId, RaftLogReader};
@@ -65,8 +64,6 @@ pub struct LogStore {
     last: Option<LogId>,
     /// Appends waiting to be made durable.
     flushes: mpsc::Sender<Flush>,
-    /// Reused encoding buffers.
-    encoded: Vec<Vec<u8>>,
 }
 
 impl Debug for LogStore {
@@ -79,11 +76,18 @@ impl Debug for LogStore {
     }
 }
 
-/// An append written and waiting for the sync that makes it durable.
-struct Flush {
-    /// The offset after the append's last entry.
-    end: u64,
-    callback: LogFlushed<TypeConfig>,
+/// What the sync thread is asked to do, in order.
+enum Flush {
+    /// An append written and waiting for the sync that makes it durable.
+    Append {
+        /// The offset after the append's last entry.
+        end: u64,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// Answer once every append queued before this one has been reported: the
+    /// writer waits for it before cutting entries, so that no append is reported
+    /// flushed after its entries were cut.
+    Barrier(mpsc::Sender<()>),
 }
 
 /// Reads the Raft log from any task; it sees every entry appended, never a purged one.
@@ -138,13 +142,15 @@ impl LogReader {
         Ok(entries)
     }
 
-    /// The raw bytes of the entry at `index`, as stored and as sent between nodes.
-    ///
-    /// # Errors
-    ///
-    /// The commit log fails to read it (out of range among others).
-    pub fn entry_bytes(&self, index: u64) -> Result<Bytes, RaftStoreError> {
-        Ok(self.reader.read(index)?.value)
+    /// The log id of the entry at `index`, which the log must hold.
+    fn log_id_at(&self, index: u64) -> Result<LogId, RaftStoreError> {
+        self.entries(index..=index)?
+            .first()
+            .map(|entry| *entry.get_log_id())
+            .ok_or_else(|| RaftStoreError::BadEntry {
+                index,
+                reason: "the log does not hold it".to_owned(),
+            })
     }
 }
 
@@ -190,16 +196,7 @@ impl LogStore {
             first: Arc::new(AtomicU64::new(first)),
         };
         let last = match log.next_offset() {
-            next if next > first => Some(
-                *reader
-                    .entries(next - 1..next)?
-                    .first()
-                    .ok_or_else(|| RaftStoreError::BadEntry {
-                        index: next - 1,
-                        reason: "the last entry cannot be read".to_owned(),
-                    })?
-                    .get_log_id(),
-            ),
+            next if next > first => Some(reader.log_id_at(next - 1)?),
             _ => meta.purged,
         };
         let flushes = spawn_sync_thread(log.syncer())?;
@@ -217,76 +214,56 @@ impl LogStore {
             meta,
             last,
             flushes,
-            encoded: Vec::new(),
         })
-    }
-
-    /// A reader of this log.
-    pub fn reader(&self) -> LogReader {
-        self.reader.clone()
     }
 
     fn append_now(
         &mut self,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Result<Option<u64>, RaftStoreError> {
-        let mut count = 0;
+        let mut encoded = Vec::new();
         let mut last = None;
         for entry in entries {
-            if self.encoded.len() == count {
-                self.encoded.push(Vec::new());
-            }
-            let buf = &mut self.encoded[count];
-            buf.clear();
-            codec::encode(&entry, buf)?;
-            if count == 0
+            if last.is_none()
                 && self.log.lowest_offset() == self.log.next_offset()
                 && entry.log_id.index != self.log.next_offset()
             {
-                // An empty log may start anywhere (openraft's suite starts at 1).
+                // An empty log may start anywhere (openraft's suite starts at 1, and
+                // appends below a purge that it made on an empty log).
                 self.log.reset(entry.log_id.index)?;
             }
-            let expected = self.log.next_offset() + count as u64;
+            let expected = self.log.next_offset() + encoded.len() as u64;
             if entry.log_id.index != expected {
                 return Err(RaftStoreError::BadEntry {
                     index: entry.log_id.index,
                     reason: format!("appended where entry {expected} belongs"),
                 });
             }
+            encoded.push(codec::to_bytes(&entry)?);
             last = Some(entry.log_id);
-            count += 1;
         }
         let Some(last) = last else {
             return Ok(None);
         };
-        let range = self.log.append_batch(&self.encoded[..count])?;
-        // Keep the buffers of an ordinary batch, not those of a huge one.
-        if self.encoded.len() > 1024 {
-            self.encoded.truncate(1024);
-        }
-        self.encoded
-            .iter_mut()
-            .filter(|buf| buf.capacity() > 1 << 20)
-            .for_each(|buf| *buf = Vec::new());
+        let range = self.log.append_batch(&encoded)?;
         self.last = Some(last);
         Ok(Some(range.end))
     }
 
+    /// Waits until the sync thread has reported every append queued so far.
+    fn settle_flushes(&self) {
+        let (done, settled) = mpsc::channel();
+        if self.flushes.send(Flush::Barrier(done)).is_ok() {
+            let _ = settled.recv();
+        }
+    }
+
     fn truncate_now(&mut self, from: u64) -> Result<(), RaftStoreError> {
+        self.settle_flushes();
         let first = self.reader.first.load(Ordering::Acquire);
         self.log.truncate_suffix(from.max(first))?;
         self.last = if from > first {
-            Some(
-                *self
-                    .reader
-                    .entries(from - 1..from)?
-                    .first()
-                    .ok_or_else(|| RaftStoreError::BadEntry {
-                        index: from - 1,
-                        reason: "the entry before the cut cannot be read".to_owned(),
-                    })?
-                    .get_log_id(),
-            )
+            Some(self.reader.log_id_at(from - 1)?)
         } else {
             self.meta.purged
         };
@@ -301,6 +278,7 @@ impl LogStore {
         let first = upto.index + 1;
         self.reader.first.store(first, Ordering::Release);
         if first > self.log.next_offset() {
+            self.settle_flushes();
             self.log.reset(first)?;
             self.last = Some(upto);
         } else {
@@ -320,26 +298,25 @@ fn spawn_sync_thread(syncer: Syncer) -> Result<mpsc::Sender<Flush>, RaftStoreErr
             while let Ok(first) = waiting.recv() {
                 let mut group = vec![first];
                 group.extend(waiting.try_iter());
-                match syncer.sync() {
-                    Ok(durable) => {
-                        for flush in group {
-                            let result = if flush.end <= durable {
-                                Ok(())
-                            } else {
-                                Err(std::io::Error::other(format!(
-                                    "raft log entries below {} were cut before they were synced",
-                                    flush.end
-                                )))
-                            };
-                            flush.callback.log_io_completed(result);
+                // Entries are cut only after a barrier queued behind their appends
+                // is answered: every append here still has its entries.
+                let synced = syncer.sync();
+                if let Err(err) = &synced {
+                    tracing::error!(error = %err, "syncing the raft log failed");
+                }
+                for flush in group {
+                    match flush {
+                        Flush::Append { end, callback } => {
+                            callback.log_io_completed(match &synced {
+                                Ok(durable) if end <= *durable => Ok(()),
+                                Ok(durable) => Err(std::io::Error::other(format!(
+                                    "raft log entries below {end} were synced only below {durable}"
+                                ))),
+                                Err(err) => Err(std::io::Error::other(err.to_string())),
+                            });
                         }
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "syncing the raft log failed");
-                        for flush in group {
-                            flush
-                                .callback
-                                .log_io_completed(Err(std::io::Error::other(err.to_string())));
+                        Flush::Barrier(done) => {
+                            let _ = done.send(());
                         }
                     }
                 }
@@ -399,8 +376,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         match self.append_now(entries) {
             Ok(Some(end)) => {
-                if let Err(mpsc::SendError(flush)) = self.flushes.send(Flush { end, callback }) {
-                    flush.callback.log_io_completed(Err(std::io::Error::other(
+                if let Err(mpsc::SendError(Flush::Append { callback, .. })) =
+                    self.flushes.send(Flush::Append { end, callback })
+                {
+                    callback.log_io_completed(Err(std::io::Error::other(
                         "the raft log sync thread is gone",
                     )));
                 }

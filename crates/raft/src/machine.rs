@@ -4,7 +4,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership};
@@ -75,7 +74,7 @@ pub struct Machine<S> {
     snapshots: Snapshots,
     current: Option<SnapshotFiles>,
     /// Tells snapshot ids built in the same applied state apart.
-    built: AtomicU64,
+    built: u64,
 }
 
 impl<S> std::fmt::Debug for Machine<S> {
@@ -124,7 +123,7 @@ impl<S: StateMachine> Machine<S> {
             membership,
             snapshots,
             current,
-            built: AtomicU64::new(0),
+            built: 0,
         })
     }
 
@@ -143,7 +142,8 @@ impl<S: StateMachine> Machine<S> {
             .machine
             .checkpoint()
             .map_err(|err| RaftStoreError::io("state machine checkpoint", err))?;
-        let n = self.built.fetch_add(1, Ordering::Relaxed);
+        let n = self.built;
+        self.built += 1;
         let snapshot_id = match self.applied {
             Some(id) => format!(
                 "{}-{}-{}-{n}",
@@ -245,7 +245,8 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFiles>, StorageError> {
-        let n = self.built.fetch_add(1, Ordering::Relaxed);
+        let n = self.built;
+        self.built += 1;
         self.snapshots
             .incoming(&format!("local-{n}"))
             .map(Box::new)
@@ -260,18 +261,15 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
         snapshot: Box<SnapshotFiles>,
     ) -> Result<(), StorageError> {
         let installed = (|| {
-            let manifest = match &snapshot.manifest {
-                Some(manifest) if manifest.meta == *meta => manifest.clone(),
-                Some(manifest) => crate::Manifest {
-                    meta: meta.clone(),
-                    ..manifest.clone()
-                },
-                None => {
-                    return Err(RaftStoreError::Invalid {
-                        path: snapshot.dir.clone(),
-                        reason: "a snapshot without a manifest".to_owned(),
-                    });
-                }
+            let Some(manifest) = &snapshot.manifest else {
+                return Err(RaftStoreError::Invalid {
+                    path: snapshot.dir.clone(),
+                    reason: "a snapshot without a manifest".to_owned(),
+                });
+            };
+            let manifest = crate::Manifest {
+                meta: meta.clone(),
+                ..manifest.clone()
             };
             let adopted = self.snapshots.adopt(&snapshot, &manifest)?;
             let state = adopted.state()?;

@@ -231,12 +231,13 @@ impl Network {
             }
             for (i, file) in manifest.files.iter().enumerate() {
                 let mut at = resume_from[i].min(file.len);
+                let mut reader = files.open_at(file, at).map_err(|err| err.to_string())?;
                 while at < file.len {
                     let mut buf = vec![0; SNAPSHOT_CHUNK_BYTES.min((file.len - at) as usize)];
-                    let n = files
-                        .read_at(file, at, &mut buf)
-                        .map_err(|err| err.to_string())?;
-                    buf.truncate(n);
+                    std::io::Read::read_exact(&mut reader, &mut buf).map_err(|err| {
+                        format!("{} at {at}: {err}", files.data_path(&file.name).display())
+                    })?;
+                    let n = buf.len();
                     let chunk = pb::FileChunk {
                         file: i as u32,
                         offset: at,

@@ -3,7 +3,7 @@
 //! directory, chunk by checksummed chunk, and are installed once complete; an
 //! interrupted transfer keeps what arrived, and the leader resumes from there.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -53,16 +53,11 @@ impl RaftService {
         Snapshots::open(&self.snapshots).map_err(|err| Status::internal(err.to_string()))
     }
 
-    /// Where a snapshot is received, and its manifest there if a transfer began.
-    fn incoming(&self, id: &str) -> Result<(SnapshotFiles, Option<Manifest>), Status> {
-        let incoming = self
-            .snapshots()?
-            .incoming(id)
-            .map_err(|err| Status::internal(err.to_string()))?;
-        let manifest = fs::read(incoming.dir.join(MANIFEST))
+    /// The manifest of an earlier transfer of a snapshot into `incoming`, if one began.
+    fn earlier(incoming: &SnapshotFiles) -> Option<Manifest> {
+        fs::read(incoming.dir.join(MANIFEST))
             .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-        Ok((incoming, manifest))
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
     }
 }
 
@@ -112,8 +107,10 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::SnapshotStatusRequest>,
     ) -> Result<Response<pb::SnapshotStatusResponse>, Status> {
-        let (incoming, manifest) = self.incoming(&request.into_inner().snapshot_id)?;
-        let received = manifest
+        let incoming = self
+            .snapshots()?
+            .incoming_dir(&request.into_inner().snapshot_id);
+        let received = Self::earlier(&incoming)
             .map(|manifest| {
                 manifest
                     .files
@@ -148,8 +145,12 @@ impl pb::raft_server::Raft for RaftService {
                 "the state summary is not as long as the manifest says",
             ));
         }
-        let (mut incoming, earlier) = self.incoming(&manifest.meta.snapshot_id)?;
-        let receiving = Receiving::start(&incoming, &manifest, earlier.as_ref(), &header.state)
+        let mut incoming = self
+            .snapshots()?
+            .incoming(&manifest.meta.snapshot_id)
+            .map_err(|err| Status::internal(err.to_string()))?;
+        let earlier = Self::earlier(&incoming);
+        let mut receiving = Receiving::start(&incoming, &manifest, earlier.as_ref(), &header.state)
             .map_err(|err| Status::internal(err.to_string()))?;
         let mut done = false;
         while let Some(chunk) = stream.message().await? {
@@ -186,16 +187,17 @@ impl pb::raft_server::Raft for RaftService {
 
 /// A snapshot being written into its `incoming-` directory.
 struct Receiving<'a> {
-    incoming: &'a SnapshotFiles,
     manifest: &'a Manifest,
     paths: Vec<PathBuf>,
+    /// Each file, opened at its first chunk, with the bytes it holds.
+    files: Vec<Option<(fs::File, u64)>>,
 }
 
 impl<'a> Receiving<'a> {
     /// Prepares the directory: what an earlier transfer of the same snapshot left is
     /// kept, anything else is cleared.
     fn start(
-        incoming: &'a SnapshotFiles,
+        incoming: &SnapshotFiles,
         manifest: &'a Manifest,
         earlier: Option<&Manifest>,
         state: &[u8],
@@ -223,13 +225,13 @@ impl<'a> Receiving<'a> {
             })?;
         crate::meta::write_durably(&incoming.dir.join(MANIFEST), &bytes)?;
         Ok(Self {
-            incoming,
             manifest,
+            files: paths.iter().map(|_| None).collect(),
             paths,
         })
     }
 
-    fn write(&self, chunk: &pb::FileChunk) -> Result<(), Status> {
+    fn write(&mut self, chunk: &pb::FileChunk) -> Result<(), Status> {
         let index = chunk.file as usize;
         let (Some(file), Some(path)) = (self.manifest.files.get(index), self.paths.get(index))
         else {
@@ -250,17 +252,21 @@ impl<'a> Receiving<'a> {
                 file.name, file.len
             )));
         }
-        let handle = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|err| Status::internal(format!("{}: {err}", path.display())))?;
-        let have = handle
-            .metadata()
-            .map_err(|err| Status::internal(format!("{}: {err}", path.display())))?
-            .len();
-        if chunk.offset > have {
+        let failed = |err: std::io::Error| Status::internal(format!("{}: {err}", path.display()));
+        let (handle, have) = match &mut self.files[index] {
+            Some(open) => open,
+            slot @ None => {
+                let handle = fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(failed)?;
+                let have = handle.metadata().map_err(failed)?.len();
+                slot.insert((handle, have))
+            }
+        };
+        if chunk.offset > *have {
             return Err(Status::invalid_argument(format!(
                 "a chunk of {} at {}, past the {have} bytes received",
                 file.name, chunk.offset
@@ -268,14 +274,12 @@ impl<'a> Receiving<'a> {
         }
         handle
             .write_all_at(&chunk.data, chunk.offset)
-            .and_then(|()| {
-                if end == file.len {
-                    handle.sync_all()
-                } else {
-                    Ok(())
-                }
-            })
-            .map_err(|err| Status::internal(format!("{}: {err}", path.display())))
+            .map_err(failed)?;
+        *have = (*have).max(end);
+        if end == file.len {
+            handle.sync_all().map_err(failed)?;
+        }
+        Ok(())
     }
 
     fn check_complete(&self) -> Result<(), Status> {
@@ -288,7 +292,6 @@ impl<'a> Receiving<'a> {
                 )));
             }
         }
-        let _ = self.incoming;
         Ok(())
     }
 }

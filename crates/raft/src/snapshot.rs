@@ -90,24 +90,17 @@ impl SnapshotFiles {
         Ok(state)
     }
 
-    /// Reads up to `buf.len()` bytes of a file of the snapshot from `at`, never past
-    /// the length the manifest gives it; returns how many.
+    /// A file of the snapshot, opened and positioned at `at`, reading no further
+    /// than the length the manifest gives it.
     ///
     /// # Errors
     ///
-    /// The file cannot be read.
-    pub fn read_at(
-        &self,
-        file: &ManifestFile,
-        at: u64,
-        buf: &mut [u8],
-    ) -> Result<usize, RaftStoreError> {
+    /// The file cannot be opened.
+    pub fn open_at(&self, file: &ManifestFile, at: u64) -> Result<impl Read, RaftStoreError> {
         let path = self.data_path(&file.name);
-        let want = (file.len.saturating_sub(at)).min(buf.len() as u64) as usize;
         let mut handle = fs::File::open(&path).at(&path)?;
         handle.seek(SeekFrom::Start(at)).at(&path)?;
-        handle.read_exact(&mut buf[..want]).at(&path)?;
-        Ok(want)
+        Ok(handle.take(file.len.saturating_sub(at)))
     }
 }
 
@@ -125,15 +118,21 @@ impl Snapshots {
         })
     }
 
+    /// The directory of the latest complete snapshot, if there is one.
+    fn current_dir(&self) -> Result<Option<PathBuf>, RaftStoreError> {
+        let path = self.root.join(CURRENT);
+        match fs::read_to_string(&path) {
+            Ok(id) => Ok(Some(self.root.join(id.trim()))),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(RaftStoreError::io(path, err)),
+        }
+    }
+
     /// The latest complete snapshot, if there is one.
     pub(crate) fn current(&self) -> Result<Option<SnapshotFiles>, RaftStoreError> {
-        let path = self.root.join(CURRENT);
-        let id = match fs::read_to_string(&path) {
-            Ok(id) => id.trim().to_owned(),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(RaftStoreError::io(path, err)),
+        let Some(dir) = self.current_dir()? else {
+            return Ok(None);
         };
-        let dir = self.root.join(&id);
         let manifest_path = dir.join(MANIFEST);
         let bytes = fs::read(&manifest_path).at(&manifest_path)?;
         let manifest: Manifest =
@@ -147,14 +146,19 @@ impl Snapshots {
         }))
     }
 
-    /// A fresh directory to receive a snapshot into.
-    pub(crate) fn incoming(&self, id: &str) -> Result<SnapshotFiles, RaftStoreError> {
-        let dir = self.root.join(format!("incoming-{}", safe_id(id)));
-        fs::create_dir_all(dir.join(DATA)).at(&dir)?;
-        Ok(SnapshotFiles {
-            dir,
+    /// Where a snapshot is received (nothing is created).
+    pub(crate) fn incoming_dir(&self, id: &str) -> SnapshotFiles {
+        SnapshotFiles {
+            dir: self.root.join(format!("incoming-{}", safe_id(id))),
             manifest: None,
-        })
+        }
+    }
+
+    /// A directory to receive a snapshot into, created if need be.
+    pub(crate) fn incoming(&self, id: &str) -> Result<SnapshotFiles, RaftStoreError> {
+        let incoming = self.incoming_dir(id);
+        fs::create_dir_all(incoming.data_dir()).at(&incoming.dir)?;
+        Ok(incoming)
     }
 
     /// Makes a snapshot of `files` (each `(name, source path, len)`) and `state`,
@@ -194,32 +198,21 @@ impl Snapshots {
     }
 
     /// Takes a snapshot that lies elsewhere (another node's, or one received into an
-    /// `incoming-` directory), checking every file against the manifest, and makes it
-    /// the current one.
+    /// `incoming-` directory, whose files the receiver has checked against the
+    /// manifest) and makes it the current one.
     pub(crate) fn adopt(
         &self,
         snapshot: &SnapshotFiles,
         manifest: &Manifest,
     ) -> Result<SnapshotFiles, RaftStoreError> {
         let state = snapshot.state()?;
-        if snapshot.dir.parent() == Some(self.root.as_path())
+        let received = snapshot.dir.parent() == Some(self.root.as_path())
             && snapshot
                 .dir
                 .file_name()
                 .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with("incoming-"))
-        {
-            for file in &manifest.files {
-                checked_name(&file.name, &snapshot.dir)?;
-                let path = snapshot.data_path(&file.name);
-                let len = fs::metadata(&path).at(&path)?.len();
-                if len != file.len {
-                    return Err(RaftStoreError::Invalid {
-                        path,
-                        reason: format!("{len} bytes where the manifest says {}", file.len),
-                    });
-                }
-            }
+                .is_some_and(|name| name.starts_with("incoming-"));
+        if received {
             return self.finish(&snapshot.dir, manifest, &state);
         }
         let files: Vec<(String, PathBuf, u64)> = manifest
@@ -251,9 +244,9 @@ impl Snapshots {
             fs::remove_dir_all(&dir).at(&dir)?;
         }
         fs::rename(staging, &dir).at(&dir)?;
-        let previous = self.current().ok().flatten();
+        let previous = self.current_dir().ok().flatten();
         write_durably(&self.root.join(CURRENT), id.as_bytes())?;
-        self.remove_all_but(&[Some(dir.clone()), previous.map(|p| p.dir)]);
+        self.remove_all_but(&[Some(dir.clone()), previous]);
         Ok(SnapshotFiles {
             dir,
             manifest: Some(manifest.clone()),

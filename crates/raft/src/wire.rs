@@ -58,13 +58,9 @@ pub(crate) fn append_request_to(
 pub(crate) fn append_request_from(
     request: pb::AppendRequest,
 ) -> Result<AppendEntriesRequest<TypeConfig>, RaftStoreError> {
-    let vote = request
-        .vote
-        .as_ref()
-        .map(vote_from)
-        .ok_or(RaftStoreError::BadEntry {
-            index: 0,
-            reason: "an append request without a vote".to_owned(),
+    let vote =
+        request.vote.as_ref().map(vote_from).ok_or_else(|| {
+            RaftStoreError::BadMessage("an append request without a vote".to_owned())
         })?;
     let entries = request
         .entries

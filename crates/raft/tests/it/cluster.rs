@@ -29,6 +29,7 @@ struct TestNode {
     id: NodeId,
     addr: String,
     dir: PathBuf,
+    node: RaftNode,
     raft: Raft,
     server: JoinHandle<()>,
 }
@@ -55,7 +56,8 @@ impl TestNode {
             id,
             addr,
             dir,
-            raft: node.raft,
+            raft: node.raft.clone(),
+            node,
             server,
         }
     }
@@ -104,14 +106,7 @@ async fn three_nodes(root: &Path) -> Vec<TestNode> {
         .collect();
     // Every node bootstraps with the same list, as `--peers` does.
     for node in &nodes {
-        RaftNode {
-            raft: node.raft.clone(),
-            service: keel_raft::RaftService::new(node.raft.clone(), &node.dir),
-            id: node.id,
-        }
-        .bootstrap(&members)
-        .await
-        .expect("bootstrap");
+        node.node.bootstrap(&members).await.expect("bootstrap");
     }
     nodes
 }
@@ -260,4 +255,141 @@ async fn three_nodes_should_replicate_fail_over_and_catch_up() {
         node.kill().await;
     }
     newcomer.kill().await;
+}
+
+mod transfer {
+    //! A snapshot sent by hand, chunk by chunk, to see the receiver keep what
+    //! arrived, refuse damaged or misplaced chunks, and install once complete.
+
+    use super::*;
+    use keel_proto::raft::v1 as pb;
+    use keel_raft::{LogId, Manifest, ManifestFile, SnapshotMeta, Vote};
+    use pb::raft_client::RaftClient;
+    use pb::snapshot_chunk::Part;
+
+    const MIB: usize = 1024 * 1024;
+
+    fn header(manifest: &Manifest, state: &[u8]) -> pb::SnapshotChunk {
+        pb::SnapshotChunk {
+            part: Some(Part::Header(pb::SnapshotHeader {
+                vote_json: serde_json::to_vec(&Vote::new_committed(1, 2))
+                    .expect("json")
+                    .into(),
+                manifest_json: serde_json::to_vec(manifest).expect("json").into(),
+                state: Bytes::copy_from_slice(state),
+            })),
+        }
+    }
+
+    fn chunk(data: &[u8], offset: usize) -> pb::SnapshotChunk {
+        let data = &data[offset..(offset + MIB).min(data.len())];
+        pb::SnapshotChunk {
+            part: Some(Part::Data(pb::FileChunk {
+                file: 0,
+                offset: offset as u64,
+                data: Bytes::copy_from_slice(data),
+                crc32c: crc32c::crc32c(data),
+            })),
+        }
+    }
+
+    async fn send(
+        client: &mut RaftClient<tonic::transport::Channel>,
+        parts: Vec<pb::SnapshotChunk>,
+    ) -> Result<pb::JsonMessage, tonic::Status> {
+        client
+            .install_snapshot(tokio_stream::iter(parts))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn received(client: &mut RaftClient<tonic::transport::Channel>, id: &str) -> Vec<u64> {
+        client
+            .snapshot_status(pb::SnapshotStatusRequest {
+                snapshot_id: id.to_owned(),
+            })
+            .await
+            .expect("status")
+            .into_inner()
+            .received
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_transfer_should_resume_refuse_bad_chunks_and_install_when_complete() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = TestNode::start(1, listener, root.path()).await;
+        let mut client = RaftClient::connect(format!("http://{}", node.addr))
+            .await
+            .expect("connect");
+
+        // The file machine's file: 3000 commands of about 1 KiB, 3 MiB in all.
+        let commands: Vec<Bytes> = (0..3000)
+            .map(|i| Bytes::from(format!("{i:05}{}", "x".repeat(1000))))
+            .collect();
+        let mut data = Vec::new();
+        for command in &commands {
+            data.extend_from_slice(&(command.len() as u32).to_le_bytes());
+            data.extend_from_slice(command);
+        }
+        let state = (data.len() as u64).to_le_bytes();
+        let last = LogId::new(openraft::CommittedLeaderId::new(1, 2), 3000);
+        let manifest = Manifest {
+            meta: SnapshotMeta {
+                last_log_id: Some(last),
+                last_membership: openraft::StoredMembership::default(),
+                snapshot_id: "1-2-3000-0".to_owned(),
+            },
+            files: vec![ManifestFile {
+                name: "commands".to_owned(),
+                len: data.len() as u64,
+            }],
+            state_len: state.len() as u64,
+        };
+        let id = manifest.meta.snapshot_id.clone();
+        assert!(received(&mut client, &id).await.is_empty(), "nothing yet");
+
+        // Cut short after the first MiB: the receiver keeps it.
+        let cut = send(
+            &mut client,
+            vec![header(&manifest, &state), chunk(&data, 0)],
+        )
+        .await
+        .expect_err("incomplete");
+        assert_eq!(cut.code(), tonic::Code::Aborted, "{cut}");
+        assert_eq!(received(&mut client, &id).await, [MIB as u64]);
+
+        // A chunk that fails its checksum, and one past what arrived, are refused.
+        let mut damaged = chunk(&data, MIB);
+        if let Some(Part::Data(file)) = &mut damaged.part {
+            file.crc32c ^= 1;
+        }
+        let refused = send(&mut client, vec![header(&manifest, &state), damaged])
+            .await
+            .expect_err("damaged");
+        assert_eq!(refused.code(), tonic::Code::DataLoss, "{refused}");
+        let gap = send(
+            &mut client,
+            vec![header(&manifest, &state), chunk(&data, 2 * MIB)],
+        )
+        .await
+        .expect_err("a gap");
+        assert_eq!(gap.code(), tonic::Code::InvalidArgument, "{gap}");
+        assert_eq!(received(&mut client, &id).await, [MIB as u64]);
+
+        // Resumed from the first MiB on, it completes and is installed.
+        let mut parts = vec![header(&manifest, &state)];
+        parts.extend((MIB..data.len()).step_by(MIB).map(|at| chunk(&data, at)));
+        parts.push(pb::SnapshotChunk {
+            part: Some(Part::Done(true)),
+        });
+        send(&mut client, parts).await.expect("installed");
+        node.raft
+            .wait(WAIT)
+            .metrics(|m| m.last_applied == Some(last), "applied the snapshot")
+            .await
+            .expect("in time");
+        assert_eq!(node.commands(), commands);
+        node.kill().await;
+    }
 }
