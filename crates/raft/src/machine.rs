@@ -142,14 +142,20 @@ impl<S: StateMachine> Machine<S> {
             .machine
             .checkpoint()
             .map_err(|err| RaftStoreError::io("state machine checkpoint", err))?;
+        // Unique across restarts too: two snapshots of one applied state may hold
+        // different files (retention ran between them), and a receiver resumes a
+        // transfer by id.
+        let made_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis());
         let n = self.built;
         self.built += 1;
         let snapshot_id = match self.applied {
             Some(id) => format!(
-                "{}-{}-{}-{n}",
+                "{}-{}-{}-{made_ms}-{n}",
                 id.leader_id.term, id.leader_id.node_id, id.index
             ),
-            None => format!("0-0-none-{n}"),
+            None => format!("0-0-none-{made_ms}-{n}"),
         };
         let meta = SnapshotMeta {
             last_log_id: self.applied,

@@ -239,13 +239,23 @@ impl Snapshots {
         })?;
         write_durably(&staging.join(MANIFEST), &bytes)?;
         sync_tree(&staging.join(DATA))?;
-        let dir = self.root.join(&id);
-        if dir.exists() {
-            fs::remove_dir_all(&dir).at(&dir)?;
-        }
+        // A name no directory has: the current snapshot may carry the same id (a
+        // leader sending its snapshot again), and it stays whole until `CURRENT`
+        // names the new one.
+        let name = (0..)
+            .map(|k| {
+                if k == 0 {
+                    id.clone()
+                } else {
+                    format!("{id}.{k}")
+                }
+            })
+            .find(|name| !self.root.join(name).exists())
+            .unwrap_or(id);
+        let dir = self.root.join(&name);
         fs::rename(staging, &dir).at(&dir)?;
         let previous = self.current_dir().ok().flatten();
-        write_durably(&self.root.join(CURRENT), id.as_bytes())?;
+        write_durably(&self.root.join(CURRENT), name.as_bytes())?;
         self.remove_all_but(&[Some(dir.clone()), previous]);
         Ok(SnapshotFiles {
             dir,

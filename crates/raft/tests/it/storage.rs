@@ -145,6 +145,32 @@ fn a_machine_should_reopen_at_its_last_snapshot_and_an_entry_out_of_place_is_ref
         assert_eq!(commands.len(), 10);
         assert_eq!(commands[9], Bytes::from_static(b"command 9"));
 
+        // A snapshot of the same applied state after a restart gets an id of its
+        // own; installing a snapshot with the current one's id keeps the current one
+        // whole until the new one is in place.
+        let again = machine
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("snapshot again");
+        assert_eq!(again.meta.last_log_id, snapshot.meta.last_log_id);
+        assert_ne!(again.meta.snapshot_id, snapshot.meta.snapshot_id);
+        let current = machine
+            .get_current_snapshot()
+            .await
+            .expect("current")
+            .expect("a snapshot");
+        machine
+            .install_snapshot(&current.meta, current.snapshot)
+            .await
+            .expect("install a snapshot with the current id");
+        drop(machine);
+        let machine = Machine::open(&snapshots, |s| FileMachine::open(&state_dir, s))
+            .expect("reopen after installing");
+        assert_eq!(machine.applied(), Some(log_id(1, 9)));
+        assert_eq!(machine.state().commands().expect("read").len(), 10);
+
         let mut store = LogStore::open(&dir.path().join("raft"), &small()).expect("log");
         store
             .blocking_append((0..3).map(|i| command(1, i)))
