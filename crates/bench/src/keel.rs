@@ -107,6 +107,7 @@ async fn stream_records(
                         ..Default::default()
                     }),
                     topic: topic.clone(),
+                    ..Default::default()
                 };
                 if let Ok(mut queue) = sent_at.lock() {
                     queue.push_back(Instant::now());

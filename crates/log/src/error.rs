@@ -76,6 +76,21 @@ pub enum LogServiceError {
     /// The server is shutting down and takes no new work.
     #[error("the log service is shutting down")]
     ShuttingDown,
+    /// A replica could not get the write committed: no leader is known, or the
+    /// leader could not be reached or lost its leadership. Whether the write was
+    /// stored is unknown; retry it (with its producer sequence, it is stored once).
+    #[error("the cluster cannot take writes now: {0}; retry")]
+    Unavailable(String),
+    /// A producer retried an append older than the appends the cluster remembers
+    /// of it, so it cannot tell whether it is a duplicate.
+    #[error(
+        "the producer's sequence is older than the latest {window} it appended (latest: {latest}); the append was not stored and cannot be retried under that sequence",
+        window = crate::replica::PRODUCER_WINDOW
+    )]
+    SequenceTooOld {
+        /// The newest sequence the producer has appended.
+        latest: u64,
+    },
     /// The service's configuration cannot be used (from [`crate::run`]).
     #[error(transparent)]
     InvalidConfig(#[from] InvalidConfig),
@@ -111,6 +126,8 @@ impl LogServiceError {
             Self::Overloaded { .. } => "overloaded",
             Self::TooManyTopics { .. } => "too_many_topics",
             Self::ShuttingDown => "shutting_down",
+            Self::Unavailable(_) => "unavailable",
+            Self::SequenceTooOld { .. } => "sequence_too_old",
             Self::InvalidConfig(_) => "invalid_config",
             Self::Serve(_) => "internal",
         }
@@ -132,7 +149,8 @@ impl LogServiceError {
             Self::InvalidTopic { .. } | Self::BadRequest(_) => tonic::Code::InvalidArgument,
             Self::BodyTooLarge { .. } => tonic::Code::InvalidArgument,
             Self::Overloaded { .. } | Self::TooManyTopics { .. } => tonic::Code::ResourceExhausted,
-            Self::ShuttingDown => tonic::Code::Unavailable,
+            Self::ShuttingDown | Self::Unavailable(_) => tonic::Code::Unavailable,
+            Self::SequenceTooOld { .. } => tonic::Code::FailedPrecondition,
             Self::InvalidConfig(_) | Self::Serve(_) => tonic::Code::Internal,
         }
     }
@@ -153,7 +171,8 @@ impl LogServiceError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TooManyTopics { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::SequenceTooOld { .. } => StatusCode::CONFLICT,
             Self::InvalidConfig(_) | Self::Serve(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -30,12 +30,25 @@ type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send
 pub struct LogGrpc {
     topics: Arc<Topics>,
     shutdown: CancellationToken,
+    /// A single node's address, for `GetServers`.
+    local_addr: Option<String>,
 }
 
 impl LogGrpc {
     /// A service over `topics`; streams end when `shutdown` is cancelled.
     pub fn new(topics: Arc<Topics>, shutdown: CancellationToken) -> Self {
-        Self { topics, shutdown }
+        Self {
+            topics,
+            shutdown,
+            local_addr: None,
+        }
+    }
+
+    /// Names `addr` as a single node's address in `GetServers`.
+    #[must_use]
+    pub fn with_local_addr(mut self, addr: String) -> Self {
+        self.local_addr = Some(addr);
+        self
     }
 
     fn max_bytes(&self, asked: u32) -> usize {
@@ -65,8 +78,11 @@ impl Log for LogGrpc {
         let record = request
             .record
             .ok_or_else(|| Status::invalid_argument("ProduceRequest.record is required"))?;
-        let topic = self.topics.get_or_create(&request.topic).await?;
-        let offsets = topic.append(vec![record.value]).await?;
+        let tag = tag(request.producer_id, request.sequence);
+        let offsets = self
+            .topics
+            .append(&request.topic, vec![record.value], tag)
+            .await?;
         Ok(Response::new(wire::ProduceResponse {
             offset: offsets.start,
         }))
@@ -77,6 +93,9 @@ impl Log for LogGrpc {
         request: Request<wire::ConsumeRequest>,
     ) -> Result<Response<wire::ConsumeResponse>, Status> {
         let request = request.into_inner();
+        if request.linearizable {
+            self.topics.read_barrier().await?;
+        }
         let topic = self.topics.get(&request.topic)?;
         let record = topic.read(request.offset).await?;
         Ok(Response::new(wire::ConsumeResponse {
@@ -124,8 +143,11 @@ impl Log for LogGrpc {
         request: Request<wire::ProduceBatchRequest>,
     ) -> Result<Response<wire::ProduceBatchResponse>, Status> {
         let request = request.into_inner();
-        let topic = self.topics.get_or_create(&request.topic).await?;
-        let offsets = topic.append(request.values).await?;
+        let tag = tag(request.producer_id, request.sequence);
+        let offsets = self
+            .topics
+            .append(&request.topic, request.values, tag)
+            .await?;
         Ok(Response::new(wire::ProduceBatchResponse {
             first_offset: offsets.start,
             count: offsets.end - offsets.start,
@@ -172,6 +194,41 @@ impl Log for LogGrpc {
             .collect();
         Ok(Response::new(wire::ListTopicsResponse { topics }))
     }
+
+    async fn get_servers(
+        &self,
+        _request: Request<wire::GetServersRequest>,
+    ) -> Result<Response<wire::GetServersResponse>, Status> {
+        let servers = match self.topics.replication() {
+            Some(replication) => {
+                let metrics = replication.writer.raft().metrics().borrow().clone();
+                metrics
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .map(|(id, node)| wire::Server {
+                        id: id.to_string(),
+                        rpc_addr: node.addr.clone(),
+                        is_leader: metrics.current_leader == Some(*id),
+                    })
+                    .collect()
+            }
+            None => vec![wire::Server {
+                id: "1".into(),
+                rpc_addr: self.local_addr.clone().unwrap_or_default(),
+                is_leader: true,
+            }],
+        };
+        Ok(Response::new(wire::GetServersResponse { servers }))
+    }
+}
+
+/// An idempotent producer's tag, when the request carries one.
+fn tag(producer_id: u64, sequence: u64) -> Option<crate::replica::ProducerSeq> {
+    (producer_id != 0).then_some(crate::replica::ProducerSeq {
+        producer: producer_id,
+        sequence,
+    })
 }
 
 /// Runs one `ProduceStream`: appends each request as it arrives (many may wait for
@@ -221,14 +278,10 @@ async fn pipeline(
 async fn submit(
     topics: &Topics,
     request: wire::ProduceRequest,
-) -> Result<
-    Pin<Box<dyn std::future::Future<Output = Result<Range<Offset>, LogServiceError>> + Send>>,
-    LogServiceError,
-> {
+) -> Result<crate::topics::Acked, LogServiceError> {
     let record = request
         .record
         .ok_or_else(|| LogServiceError::BadRequest("ProduceRequest.record is required".into()))?;
-    let topic = topics.get_or_create(&request.topic).await?;
-    let reply = topic.submit(vec![record.value]).await?;
-    Ok(Box::pin(async move { topic.offsets(reply).await }))
+    let tag = tag(request.producer_id, request.sequence);
+    topics.submit(&request.topic, vec![record.value], tag).await
 }

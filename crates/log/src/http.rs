@@ -52,6 +52,7 @@ pub(crate) fn router(topics: Arc<Topics>, shutdown: CancellationToken) -> Router
         .route("/v1/topics/{topic}/records/{offset}", get(read_one))
         .route("/v1/topics/{topic}/tail", get(tail_sse))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AppState { topics, shutdown })
@@ -199,8 +200,7 @@ async fn produce_original(
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ProduceOriginal = parse_json(&body)?;
     let value = decode_value(request.record.value.as_deref().unwrap_or(""))?;
-    let topic = state.topics.get_or_create("").await?;
-    let offsets = topic.append(vec![value]).await?;
+    let offsets = state.topics.append("", vec![value], None).await?;
     Ok(axum::Json(serde_json::json!({ "offset": offsets.start })).into_response())
 }
 
@@ -232,13 +232,47 @@ async fn log_sink(State(state): State<AppState>, body: Body) -> Result<Response,
     }
     let value = body.slice_ref(line);
     let sink = state.topics.config().log_sink_topic.clone();
-    let offsets = state
-        .topics
-        .get_or_create(&sink)
-        .await?
-        .append(vec![value])
-        .await?;
+    let offsets = state.topics.append(&sink, vec![value], None).await?;
     Ok(axum::Json(serde_json::json!({ "offset": offsets.start })).into_response())
+}
+
+/// The header naming an idempotent producer (a non-zero integer).
+pub(crate) const PRODUCER_HEADER: &str = "keel-producer";
+/// The header with the producer's sequence number of the append.
+pub(crate) const SEQUENCE_HEADER: &str = "keel-sequence";
+
+/// The producer tag of a request: both headers or neither.
+fn producer_tag(
+    headers: &HeaderMap,
+) -> Result<Option<crate::replica::ProducerSeq>, LogServiceError> {
+    let number = |name: &str| -> Result<Option<u64>, LogServiceError> {
+        headers
+            .get(name)
+            .map(|value| {
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        LogServiceError::BadRequest(format!(
+                            "header {name} is not an unsigned integer"
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    match (number(PRODUCER_HEADER)?, number(SEQUENCE_HEADER)?) {
+        (None, None) => Ok(None),
+        (Some(0), _) => Err(LogServiceError::BadRequest(format!(
+            "header {PRODUCER_HEADER} must not be 0"
+        ))),
+        (Some(producer), Some(sequence)) => {
+            Ok(Some(crate::replica::ProducerSeq { producer, sequence }))
+        }
+        _ => Err(LogServiceError::BadRequest(format!(
+            "headers {PRODUCER_HEADER} and {SEQUENCE_HEADER} go together"
+        ))),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,12 +310,8 @@ async fn produce_records(
     if values.is_empty() {
         return Err(LogServiceError::BadRequest("no records to append".into()));
     }
-    let offsets = state
-        .topics
-        .get_or_create(&topic)
-        .await?
-        .append(values)
-        .await?;
+    let tag = producer_tag(&headers)?;
+    let offsets = state.topics.append(&topic, values, tag).await?;
     Ok(axum::Json(serde_json::json!({
         "first_offset": offsets.start,
         "count": offsets.end - offsets.start,
@@ -299,10 +329,28 @@ fn parse_offset(name: &str, text: &str) -> Result<Offset, LogServiceError> {
 async fn read_one(
     State(state): State<AppState>,
     Path((topic, offset)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, LogServiceError> {
     let offset = parse_offset("offset", &offset)?;
+    consistency(&state, &query).await?;
     let record = state.topics.get(&topic)?.read(offset).await?;
     Ok(axum::Json(serde_json::json!({ "record": WireRecordOut::full(&record) })).into_response())
+}
+
+/// Honours `?consistency=linearizable` (wait until this node has applied every
+/// write acknowledged before the request); `?consistency=local`, the default,
+/// reads what this node has applied.
+async fn consistency(
+    state: &AppState,
+    query: &HashMap<String, String>,
+) -> Result<(), LogServiceError> {
+    match query.get("consistency").map(String::as_str) {
+        None | Some("local") => Ok(()),
+        Some("linearizable") => state.topics.read_barrier().await,
+        Some(other) => Err(LogServiceError::BadRequest(format!(
+            "consistency {other:?} is neither \"local\" nor \"linearizable\""
+        ))),
+    }
 }
 
 /// `GET /v1/topics/{topic}/records?from=N&max=M`.
@@ -311,6 +359,7 @@ async fn read_range(
     Path(topic): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, LogServiceError> {
+    consistency(&state, &query).await?;
     let topic = state.topics.get(&topic)?;
     let from = query
         .get("from")
@@ -450,6 +499,23 @@ async fn healthz(State(state): State<AppState>) -> Response {
         "failed_topics": failed,
     }))
     .into_response()
+}
+
+/// `GET /readyz`: 200 when the node serves current data: a single node always; a
+/// cluster node once it knows a leader and has applied what was committed when it
+/// started. 503 with the reason otherwise.
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return LogServiceError::ShuttingDown.into_response();
+    }
+    let ready = match state.topics.replication() {
+        Some(replication) => replication.ready().await,
+        None => Ok(()),
+    };
+    match ready {
+        Err(reason) => json_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &reason),
+        Ok(()) => axum::Json(serde_json::json!({ "status": "ready" })).into_response(),
+    }
 }
 
 /// `GET /metrics`: Prometheus text format.

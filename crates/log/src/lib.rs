@@ -22,11 +22,13 @@
 //! This crate owns the service and its client; storage is `keel-commitlog`, wire
 //! types are `keel-proto`. It knows nothing of the registry or the gateway.
 
+pub mod cluster;
 mod config;
 mod error;
 mod grpc;
 mod http;
 mod metrics;
+pub mod replica;
 mod server;
 mod tail;
 mod topic;
@@ -43,7 +45,7 @@ pub use keel_commitlog::{
 pub use keel_log_client::{
     Channel, Client, ClientError, ResponseBody, Shipper, ShipperStats, TopicInfo,
 };
-pub use server::serve;
+pub use server::{serve, serve_node};
 pub use topic_name::{MAX_TOPIC_NAME, validate_topic_name};
 pub use topics::{Topics, repair_topic};
 

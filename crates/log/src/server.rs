@@ -31,6 +31,35 @@ pub async fn serve(
     topics: Arc<Topics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, topics, None, shutdown).await
+}
+
+/// Serves a cluster node: its replicated topics, with its Raft service
+/// (`keel.raft.v1.Raft`) on the same listener (see [`serve`]). The Raft node stops
+/// after the last request is served.
+///
+/// # Errors
+///
+/// As [`serve`].
+pub async fn serve_node(
+    listener: TcpListener,
+    node: crate::cluster::ClusterNode,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let raft = node.raft.raft.clone();
+    let served = serve_with(listener, node.topics, Some(node.raft.service), shutdown).await;
+    if let Err(err) = raft.shutdown().await {
+        tracing::warn!(error = %err, "stopping the Raft node failed");
+    }
+    served
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    topics: Arc<Topics>,
+    raft: Option<keel_raft::RaftService>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let token = CancellationToken::new();
     let config = topics.config().clone();
     let max_message = config.max_body_bytes as usize;
@@ -41,13 +70,20 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(std::io::Error::other)?;
-    let log = LogServer::new(LogGrpc::new(Arc::clone(&topics), token.clone()))
+    let mut service = LogGrpc::new(Arc::clone(&topics), token.clone());
+    if let Ok(addr) = listener.local_addr() {
+        service = service.with_local_addr(addr.to_string());
+    }
+    let log = LogServer::new(service)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let grpc = tonic::service::Routes::new(log)
+    let mut routes = tonic::service::Routes::new(log)
         .add_service(health)
-        .add_service(reflection)
-        .into_axum_router();
+        .add_service(reflection);
+    if let Some(raft) = raft {
+        routes = routes.add_service(raft.into_server());
+    }
+    let grpc = routes.into_axum_router();
     let app = http::router(Arc::clone(&topics), token.clone())
         .merge(grpc)
         .fallback(http::fallback);

@@ -21,7 +21,7 @@
 //! holds up the other connections of a serving thread.
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
@@ -344,6 +344,51 @@ impl Topic {
         }
     }
 
+    /// Appends `values` stamped `timestamp_ms`, as a replica applies a command: at
+    /// once, on this thread, synced only as the log's policy says (a replica's topics
+    /// sync at checkpoints).
+    pub(crate) fn apply(
+        &self,
+        values: &[&[u8]],
+        timestamp_ms: u64,
+    ) -> Result<Range<Offset>, LogError> {
+        let mut log = self.committer.lock();
+        let log = log.as_mut().ok_or_else(closed)?;
+        self.committer.commit(log, values, 1, Some(timestamp_ms))
+    }
+
+    /// Syncs the topic and lists the files that hold its records, with their lengths
+    /// (see `Log::checkpoint_files`).
+    pub(crate) fn checkpoint_files(&self) -> Result<Vec<(PathBuf, u64)>, LogError> {
+        let mut log = self.committer.lock();
+        let log = log.as_mut().ok_or_else(closed)?;
+        let files = log.checkpoint_files();
+        if files.is_err() {
+            self.committer.note_failure(log);
+        }
+        files
+    }
+
+    /// Cuts the topic back to end at `next`, as a replica reopening at a checkpoint
+    /// does; the log holding fewer records than that is damage, and an error.
+    pub(crate) fn truncate_to(&self, next: Offset) -> Result<(), LogError> {
+        let mut log = self.committer.lock();
+        let log = log.as_mut().ok_or_else(closed)?;
+        let holds = log.next_offset();
+        if holds < next {
+            return Err(LogError::Failed {
+                reason: format!(
+                    "the topic holds records up to offset {holds}, short of the {next} its last checkpoint made durable: the replica is damaged"
+                ),
+            });
+        }
+        if holds > next {
+            log.truncate_suffix(next)?;
+            self.committer.next.send_replace(next);
+        }
+        Ok(())
+    }
+
     /// Stops taking appends, lets the writer finish what is queued, sync and close
     /// the log, and waits for it.
     pub(crate) fn close(&self) {
@@ -365,6 +410,13 @@ impl Topic {
         {
             tracing::error!(topic = self.name, "writer thread panicked");
         }
+    }
+}
+
+/// The error of a write to a topic whose log has been closed.
+fn closed() -> LogError {
+    LogError::Failed {
+        reason: "the log is closed".to_owned(),
     }
 }
 
@@ -412,7 +464,7 @@ impl Committer {
         let log = log.as_mut()?;
         let values: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
         self.metrics.inline_commits.fetch_add(1, Ordering::Relaxed);
-        Some(self.commit(log, &values, 1))
+        Some(self.commit(log, &values, 1, None))
     }
 
     /// Appends `values` as one batch (one write, one sync), counts it, and tells
@@ -422,9 +474,13 @@ impl Committer {
         log: &mut Log,
         values: &[&[u8]],
         requests: usize,
+        timestamp_ms: Option<u64>,
     ) -> Result<Range<Offset>, LogError> {
         let started = Instant::now();
-        let result = log.append_batch(values);
+        let result = match timestamp_ms {
+            Some(at) => log.append_batch_at(values, at),
+            None => log.append_batch(values),
+        };
         let elapsed = started.elapsed();
         self.metrics.commit_latency.record(elapsed);
         self.inline_ok.store(
@@ -630,7 +686,7 @@ impl Writer {
             .flat_map(|append| append.values.iter().map(|v| v.as_ref()))
             .collect();
         let result = match self.committer.lock().as_mut() {
-            Some(log) => self.committer.commit(log, &values, batch.len()),
+            Some(log) => self.committer.commit(log, &values, batch.len(), None),
             // Only this thread closes the log, after its last commit.
             None => Err(LogError::Failed {
                 reason: "the log is closed".to_owned(),

@@ -4,9 +4,16 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use std::ops::Range;
+
+use bytes::Bytes;
+use keel_commitlog::Offset;
+
+use crate::cluster::Replication;
 use crate::config::LogServiceConfig;
 use crate::error::LogServiceError;
 use crate::metrics::TopicFigures;
+use crate::replica::{ProducerSeq, Summary};
 use keel_log_client::TopicInfo;
 
 use crate::tail::ReadAhead;
@@ -27,7 +34,15 @@ pub struct Topics {
     creating: tokio::sync::Mutex<()>,
     /// The memory bound of streaming readers.
     read_ahead: ReadAhead,
+    /// Set on a replica: writes go through Raft, and only applying commits them.
+    replication: std::sync::OnceLock<Replication>,
+    replica: bool,
 }
+
+/// What a write of records gives back: their offsets, once acknowledged.
+pub(crate) type Acked = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Range<Offset>, LogServiceError>> + Send>,
+>;
 
 impl Topics {
     /// Opens every topic found under the data directory, and the default and log-sink
@@ -60,6 +75,8 @@ impl Topics {
                 config.read_ahead_total_bytes as usize,
             ),
             config,
+            replication: std::sync::OnceLock::new(),
+            replica: false,
         };
         let mut names: Vec<String> = std::fs::read_dir(&topics.root)
             .map_err(|source| {
@@ -188,6 +205,282 @@ impl Topics {
         }
     }
 
+    /// Appends `values` to topic `name` (created on first write when auto-create is
+    /// on) and returns their offsets once acknowledged: durable on this node, or on
+    /// a replica, committed by a majority.
+    ///
+    /// # Errors
+    ///
+    /// As [`Topics::get_or_create`]; the topic's log failed; on a replica, no leader
+    /// or a lost leadership ([`LogServiceError::Unavailable`]) and a producer
+    /// sequence too old to tell whether it is a duplicate.
+    pub(crate) async fn append(
+        &self,
+        name: &str,
+        values: Vec<Bytes>,
+        tag: Option<ProducerSeq>,
+    ) -> Result<Range<Offset>, LogServiceError> {
+        if self.replica {
+            let acked = self.submit(name, values, tag).await?;
+            return acked.await;
+        }
+        self.get_or_create(name).await?.append(values).await
+    }
+
+    /// Hands `values` on for appending to topic `name` and returns the future of
+    /// their offsets: writes submitted one after another are appended in that order.
+    ///
+    /// # Errors
+    ///
+    /// As [`Topics::append`], for what is known before the write is handed on.
+    pub(crate) async fn submit(
+        &self,
+        name: &str,
+        values: Vec<Bytes>,
+        tag: Option<ProducerSeq>,
+    ) -> Result<Acked, LogServiceError> {
+        if !self.replica {
+            let topic = self.get_or_create(name).await?;
+            let reply = topic.submit(values).await?;
+            return Ok(Box::pin(async move { topic.offsets(reply).await }));
+        }
+        let name = self.resolve(name)?.to_owned();
+        self.check_replica_write(&name, &values)?;
+        let replication = self
+            .replication
+            .get()
+            .ok_or(LogServiceError::ShuttingDown)?;
+        replication.proposer.submit(name, values, tag).await
+    }
+
+    /// What a replica refuses before proposing a write: records over the size
+    /// limit, and a new topic past the limit or with auto-create off.
+    fn check_replica_write(&self, name: &str, values: &[Bytes]) -> Result<(), LogServiceError> {
+        let max = self.config.log.max_record_bytes;
+        if let Some(big) = values.iter().find(|v| v.len() as u64 > max) {
+            return Err(LogServiceError::log(
+                name,
+                keel_commitlog::LogError::RecordTooLarge {
+                    len: big.len(),
+                    max: max as u32,
+                },
+            ));
+        }
+        let topics = self.map();
+        if !topics.contains_key(name) {
+            if !self.config.auto_create_topics {
+                return Err(LogServiceError::UnknownTopic {
+                    topic: name.to_owned(),
+                });
+            }
+            if topics.len() >= self.config.max_topics {
+                return Err(LogServiceError::TooManyTopics {
+                    topic: name.to_owned(),
+                    max: self.config.max_topics,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the topics of a replica at its last checkpoint (`None`: none yet): each
+    /// topic of `summary` cut back to the offset the checkpoint made durable, every
+    /// other topic removed (Raft applies what came after again). Records are synced
+    /// only at checkpoints.
+    ///
+    /// # Errors
+    ///
+    /// The topics directory cannot be read or changed; a topic fails to open, or
+    /// holds fewer records than the checkpoint made durable (a damaged replica).
+    pub(crate) fn open_replica(
+        mut config: LogServiceConfig,
+        summary: Option<&Summary>,
+    ) -> Result<Self, LogServiceError> {
+        let root = config.data_dir.join("topics");
+        keel_commitlog::create_dir_durably(&root).map_err(|err| LogServiceError::log("", err))?;
+        config.log.sync = keel_commitlog::SyncPolicy::Never;
+        let topics = Self {
+            root,
+            limits: WriterLimits {
+                queue_depth: config.queue_depth,
+                enqueue_timeout: config.enqueue_timeout,
+                max_batch_bytes: config.max_batch_bytes as usize,
+            },
+            topics: RwLock::new(BTreeMap::new()),
+            unavailable: BTreeMap::new(),
+            creating: tokio::sync::Mutex::new(()),
+            read_ahead: ReadAhead::new(
+                config.read_ahead_bytes as usize,
+                config.read_ahead_total_bytes as usize,
+            ),
+            config,
+            replication: std::sync::OnceLock::new(),
+            replica: true,
+        };
+        topics.load_replica(summary)?;
+        Ok(topics)
+    }
+
+    /// Opens the topics found on disk as `summary` says (see [`Topics::open_replica`]).
+    fn load_replica(&self, summary: Option<&Summary>) -> Result<(), LogServiceError> {
+        let io = |err: std::io::Error| {
+            LogServiceError::log(
+                "",
+                keel_commitlog::LogError::Io {
+                    path: self.root.clone(),
+                    source: err,
+                },
+            )
+        };
+        for entry in std::fs::read_dir(&self.root).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.path().is_dir() || validate_topic_name(&name).is_err() {
+                continue;
+            }
+            match summary.and_then(|summary| summary.topics.get(&name)) {
+                Some(&next) => {
+                    let topic = self.open_topic(&name)?;
+                    topic
+                        .truncate_to(next)
+                        .map_err(|err| LogServiceError::log(&name, err))?;
+                    self.map_mut().insert(name, topic);
+                }
+                None => {
+                    // Made after the checkpoint: applying the Raft log makes it again.
+                    std::fs::remove_dir_all(entry.path()).map_err(io)?;
+                }
+            }
+        }
+        if let Some(summary) = summary
+            && let Some(missing) = summary
+                .topics
+                .keys()
+                .find(|name| !self.map().contains_key(*name))
+        {
+            return Err(LogServiceError::log(
+                missing,
+                keel_commitlog::LogError::Failed {
+                    reason: "the topic's directory is missing, though the last checkpoint holds it: the replica is damaged".into(),
+                },
+            ));
+        }
+        // Every replica has them, as a single node does, so that reading them
+        // before the first write finds an empty topic.
+        for name in [&self.config.default_topic, &self.config.log_sink_topic] {
+            self.replica_topic(name)?;
+        }
+        Ok(())
+    }
+
+    /// The topic a replica applies a command to, created (empty) if new.
+    ///
+    /// # Errors
+    ///
+    /// Its log cannot be created.
+    pub(crate) fn replica_topic(&self, name: &str) -> Result<Arc<Topic>, LogServiceError> {
+        if let Some(topic) = self.map().get(name) {
+            return Ok(Arc::clone(topic));
+        }
+        let topic = self.open_topic(name)?;
+        self.map_mut().insert(name.to_owned(), Arc::clone(&topic));
+        Ok(topic)
+    }
+
+    /// Every topic of a replica, by name.
+    pub(crate) fn replica_topics(&self) -> Vec<(String, Arc<Topic>)> {
+        self.map()
+            .iter()
+            .map(|(name, topic)| (name.clone(), Arc::clone(topic)))
+            .collect()
+    }
+
+    /// Replaces every topic of a replica with a snapshot's: its topic directories
+    /// under `from` are linked in (copied where links are refused), and opened as
+    /// `summary` says.
+    ///
+    /// # Errors
+    ///
+    /// Reading, removing or linking files failed; a topic fails to open.
+    pub(crate) fn replace_replica(
+        &self,
+        from: &std::path::Path,
+        summary: &Summary,
+    ) -> Result<(), LogServiceError> {
+        let old: Vec<Arc<Topic>> = std::mem::take(&mut *self.map_mut()).into_values().collect();
+        for topic in old {
+            topic.close();
+        }
+        let io = |path: &std::path::Path, err: std::io::Error| {
+            LogServiceError::log(
+                "",
+                keel_commitlog::LogError::Io {
+                    path: path.to_path_buf(),
+                    source: err,
+                },
+            )
+        };
+        std::fs::remove_dir_all(&self.root).map_err(|err| io(&self.root, err))?;
+        keel_commitlog::create_dir_durably(&self.root)
+            .map_err(|err| LogServiceError::log("", err))?;
+        for name in summary.topics.keys() {
+            validate_topic_name(name)?;
+            let source = from.join(name);
+            let target = self.root.join(name);
+            std::fs::create_dir(&target).map_err(|err| io(&target, err))?;
+            if source.is_dir() {
+                for file in std::fs::read_dir(&source).map_err(|err| io(&source, err))? {
+                    let file = file.map_err(|err| io(&source, err))?.path();
+                    let Some(file_name) = file.file_name() else {
+                        continue;
+                    };
+                    let to = target.join(file_name);
+                    if std::fs::hard_link(&file, &to).is_err() {
+                        std::fs::copy(&file, &to).map_err(|err| io(&to, err))?;
+                        std::fs::File::open(&to)
+                            .and_then(|copy| copy.sync_all())
+                            .map_err(|err| io(&to, err))?;
+                    }
+                }
+            }
+            sync_dir(&target).map_err(|err| io(&target, err))?;
+        }
+        sync_dir(&self.root).map_err(|err| io(&self.root, err))?;
+        self.load_replica(Some(summary))
+    }
+
+    /// Sends a replica's writes through Raft from now on.
+    pub(crate) fn set_replication(&self, replication: Replication) {
+        let _ = self.replication.set(replication);
+    }
+
+    /// A replica's node, once it runs.
+    pub(crate) fn replication(&self) -> Option<&Replication> {
+        self.replication.get()
+    }
+
+    /// Waits until this node has applied every write acknowledged before the call
+    /// (a no-op on a single node, where every acknowledged write is applied).
+    ///
+    /// # Errors
+    ///
+    /// [`LogServiceError::Unavailable`] when the cluster cannot confirm it in time.
+    pub(crate) async fn read_barrier(&self) -> Result<(), LogServiceError> {
+        match self.replication.get() {
+            Some(replication) => replication
+                .writer
+                .read_barrier(std::time::Duration::from_secs(5))
+                .await
+                .map_err(|err| LogServiceError::Unavailable(err.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether these are a replica's topics, written through Raft.
+    pub fn is_replica(&self) -> bool {
+        self.replica
+    }
+
     fn resolve<'a>(&'a self, name: &'a str) -> Result<&'a str, LogServiceError> {
         if name.is_empty() {
             return Ok(&self.config.default_topic);
@@ -237,6 +530,11 @@ impl Topics {
             topic.close();
         }
     }
+}
+
+/// Makes a directory's entries durable.
+fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Cuts the log of topic `name` under `data_dir` at its first damaged record, for a

@@ -25,6 +25,7 @@
 //! This crate knows no topic and no service: a state machine is anything that
 //! implements [`StateMachine`] over opaque [`Command`] bytes.
 
+pub mod cluster;
 mod codec;
 mod error;
 mod log_store;
@@ -35,6 +36,7 @@ mod node;
 mod service;
 mod snapshot;
 mod wire;
+mod writer;
 
 pub use error::RaftStoreError;
 pub use log_store::{LogReader, LogStore, LogStoreConfig};
@@ -43,6 +45,7 @@ pub use network::{Network, NetworkFactory, SNAPSHOT_CHUNK_BYTES};
 pub use node::{NodeSettings, RaftNode, StartError};
 pub use service::RaftService;
 pub use snapshot::{Manifest, ManifestFile, SnapshotFiles, SnapshotMeta};
+pub use writer::{Pending, WriteError, Writer};
 
 /// A node's id in a cluster.
 pub type NodeId = u64;

@@ -33,6 +33,9 @@ impl std::fmt::Debug for RaftService {
 
 const MANIFEST: &str = "manifest.json";
 
+/// Replies to forwarded commands that may wait to be sent back.
+const FORWARD_REPLIES: usize = 1024;
+
 impl RaftService {
     /// The service of `raft`, whose snapshots live in `snapshots`.
     pub fn new(raft: Raft, snapshots: &Path) -> Self {
@@ -76,6 +79,91 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, 
 
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
+    type ForwardStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ForwardReply, Status>>;
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<pb::ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        let mut requests = request.into_inner();
+        let (replies, stream) = tokio::sync::mpsc::channel(FORWARD_REPLIES);
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            // Proposed in the order read; answered as each is applied.
+            while let Ok(Some(request)) = requests.message().await {
+                let id = request.id;
+                let proposed = raft.client_write_ff(crate::Command(request.command)).await;
+                let replies = replies.clone();
+                match proposed {
+                    Ok(receiver) => {
+                        tokio::spawn(async move {
+                            let result = match crate::writer::written(receiver.await) {
+                                Ok(reply) => pb::forward_reply::Result::Reply(reply.0),
+                                Err(err) => pb::forward_reply::Result::Error(pb::ForwardError {
+                                    not_leader: false,
+                                    message: err.to_string(),
+                                }),
+                            };
+                            let _ = replies
+                                .send(Ok(pb::ForwardReply {
+                                    id,
+                                    result: Some(result),
+                                }))
+                                .await;
+                        });
+                    }
+                    Err(fatal) => {
+                        let _ = replies
+                            .send(Err(Status::unavailable(fatal.to_string())))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            stream,
+        )))
+    }
+
+    async fn read_index(
+        &self,
+        _request: Request<pb::ReadIndexRequest>,
+    ) -> Result<Response<pb::ReadIndexResponse>, Status> {
+        if self.raft.metrics().borrow().state != openraft::ServerState::Leader {
+            return Err(Status::failed_precondition("not the leader"));
+        }
+        crate::writer::read_index(&self.raft)
+            .await
+            .map(|index| Response::new(pb::ReadIndexResponse { index }))
+            .map_err(|err| Status::unavailable(err.to_string()))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let request = request.into_inner();
+        crate::cluster::add_node(&self.raft, request.node_id, &request.addr, request.learner)
+            .await?;
+        Ok(Response::new(crate::cluster::status(&self.raft)))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        crate::cluster::remove_node(&self.raft, request.into_inner().node_id).await?;
+        Ok(Response::new(crate::cluster::status(&self.raft)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        Ok(Response::new(crate::cluster::status(&self.raft)))
+    }
+
     async fn append_entries(
         &self,
         request: Request<pb::AppendRequest>,

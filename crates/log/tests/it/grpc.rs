@@ -84,6 +84,7 @@ async fn errors_should_map_to_precise_codes() {
         .produce(wire::ProduceRequest {
             record: None,
             topic: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -164,6 +165,7 @@ async fn produce_stream_in_order(client: &mut Client, topic: &str, values: Vec<B
                 ..Default::default()
             }),
             topic: topic.clone(),
+            ..Default::default()
         }));
     let mut responses = client
         .grpc()
@@ -254,6 +256,7 @@ async fn consume_stream_should_replay_then_tail_promptly_then_end_on_cancel() {
         .consume_stream(wire::ConsumeRequest {
             offset: 1,
             topic: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -289,6 +292,7 @@ async fn consume_stream_from_a_future_offset_should_wait_for_it() {
         .consume_stream(wire::ConsumeRequest {
             offset: 2,
             topic: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -363,6 +367,7 @@ async fn shutdown_should_end_open_tails_and_stop_within_the_grace_period() {
         .consume_stream(wire::ConsumeRequest {
             offset: 0,
             topic: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -2,6 +2,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod cluster;
 mod compat;
 mod grpc;
 mod http;
