@@ -13,6 +13,7 @@ use crate::values::parse_duration;
 use records::{consume, produce};
 use serve::{serve, serve_demo, serve_gateway, serve_registry, shutdown};
 
+mod cluster;
 mod records;
 mod serve;
 
@@ -63,11 +64,64 @@ enum Command {
     /// Start the whole system locally (registry, log service, gateway, demo
     /// services), supervised, until Ctrl-C.
     Up(crate::up::UpArgs),
+    /// Look at and change a replicated log service cluster.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Run one demo service alone (`keel up` runs them all).
     Demo {
         #[command(subcommand)]
         demo: DemoCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Members, voters and learners, the leader, the term, the commit and applied
+    /// index, and how far each member lags the leader.
+    Status(ClusterArgs),
+    /// Add a node (started with --join, or with --node-id alone): as a learner
+    /// until it has caught up, then as a voter.
+    AddNode(AddNodeArgs),
+    /// Remove a node, voter or learner. A removed node cannot come back under its
+    /// id with its old data; wipe it and add it under a new id.
+    RemoveNode(RemoveNodeArgs),
+}
+
+/// Where the cluster is.
+#[derive(Debug, Args)]
+struct ClusterArgs {
+    /// Any of the cluster's nodes (several, comma-separated: the first that answers).
+    #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
+    addr: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct AddNodeArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The new node's id.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    node_id: u64,
+    /// The new node's address (its --advertise or --addr).
+    #[arg(long)]
+    node_addr: String,
+    /// Keep it a learner: it replicates but does not vote.
+    #[arg(long)]
+    learner: bool,
+}
+
+#[derive(Debug, Args)]
+struct RemoveNodeArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The node to remove.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    node_id: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,7 +156,7 @@ struct DemoArgs {
 #[derive(Debug, Subcommand)]
 enum LogCommand {
     /// Run the log service: gRPC (log.v1.Log) and HTTP/JSON on one address.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Cut a corrupt topic at its first damaged record, so that the service can
     /// open it again. Run it only with the service stopped, on a topic the service
     /// reports `topic_unavailable` because of corrupt data: the damaged record and
@@ -162,6 +216,27 @@ struct ServeArgs {
     /// so services that require `log` find it; checked through /healthz.
     #[arg(long, env = "KEEL_LOG_REGISTRY")]
     registry: Option<String>,
+    /// Run as node N of a replicated cluster (with --peers or --join). Ids are
+    /// unique and never reused: a node that lost its data rejoins under a new id.
+    #[arg(long, env = "KEEL_LOG_NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    node_id: Option<u64>,
+    /// Form a cluster of these nodes: ID=HOST:PORT,... with this node among them.
+    /// Give every node the same list; start them in any order.
+    #[arg(
+        long,
+        env = "KEEL_LOG_PEERS",
+        conflicts_with = "join",
+        requires = "node_id"
+    )]
+    peers: Option<String>,
+    /// Join the running cluster that has a member at HOST:PORT: this node is added
+    /// once it has caught up (through a snapshot of the topics' files if needed).
+    #[arg(long, env = "KEEL_LOG_JOIN", requires = "node_id")]
+    join: Option<String>,
+    /// The address other nodes and clients reach this node at [default: the one in
+    /// --peers, else --addr]; set it when listening on 0.0.0.0.
+    #[arg(long, env = "KEEL_LOG_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,7 +307,8 @@ struct GatewayServeArgs {
 
 #[derive(Debug, Args)]
 struct ProduceArgs {
-    /// The log service.
+    /// The log service (a cluster's nodes, comma-separated: writes go to the
+    /// leader, and follow it when it changes).
     #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
     addr: String,
     /// The topic [default: the service's default topic].
@@ -255,7 +331,7 @@ enum Format {
 
 #[derive(Debug, Args)]
 struct ConsumeArgs {
-    /// The log service.
+    /// The log service (a cluster's nodes, comma-separated).
     #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
     addr: String,
     /// The topic [default: the service's default topic].
@@ -308,7 +384,7 @@ pub fn run(cli: Cli) -> ExitCode {
         let server = match cli.command {
             Command::Log {
                 command: LogCommand::Serve(args),
-            } => tokio::spawn(serve(args)),
+            } => tokio::spawn(serve(*args)),
             Command::Log {
                 command: LogCommand::Repair(args),
             } => return repair(&args).map_err(Failure::Run),
@@ -325,6 +401,9 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Command::Demo { demo } => tokio::spawn(serve_demo(demo)),
             Command::Produce(args) => return produce(args).await.map_err(Failure::Run),
+            Command::Cluster { command } => {
+                return cluster::run(command).await.map_err(Failure::Run);
+            }
             Command::Consume(args) => return consume(args).await.map_err(Failure::Run),
         };
         server.await.unwrap_or_else(|err| {

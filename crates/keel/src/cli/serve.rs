@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use keel_log::LogServiceConfig;
+use keel_log::cluster::{ClusterOptions, Membership};
 
 use super::{DemoCommand, Failure, GatewayServeArgs, RegistryServeArgs, ServeArgs};
 
@@ -156,17 +157,75 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
     Ok(config)
 }
 
+/// The cluster settings of `keel log serve`, when it runs as a node.
+fn cluster_options(
+    args: &ServeArgs,
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<Option<ClusterOptions>> {
+    let Some(node_id) = args.node_id else {
+        return Ok(None);
+    };
+    let membership = match (&args.peers, &args.join) {
+        (Some(peers), None) => Membership::Peers(
+            keel_log::cluster::parse_peers(peers)
+                .map_err(|err| anyhow::anyhow!("--peers: {err}"))?,
+        ),
+        (None, Some(join)) => Membership::Join(join.clone()),
+        _ => bail!("--node-id needs --peers (form a cluster) or --join (grow a running one)"),
+    };
+    let advertise = match (&args.advertise, &membership) {
+        (Some(advertise), _) => advertise.clone(),
+        (None, Membership::Peers(peers)) => peers
+            .get(&node_id)
+            .cloned()
+            .with_context(|| format!("--peers does not name this node ({node_id})"))?,
+        (None, Membership::Join(_)) => bound.to_string(),
+    };
+    if bound.port()
+        != advertise
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0)
+    {
+        tracing::warn!(%bound, advertise, "this node listens on another port than the one the cluster knows it by");
+    }
+    if args.sync.is_some() {
+        tracing::warn!(
+            "--sync does not apply to a cluster node: every acknowledged write is fsynced in the Raft log of a majority"
+        );
+    }
+    Ok(Some(ClusterOptions {
+        node_id,
+        advertise,
+        membership,
+        settings: keel_raft::NodeSettings::default(),
+    }))
+}
+
 pub(super) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = serve_config(&args).map_err(Failure::Config)?;
+    if args.node_id.is_some() && args.peers.is_none() && args.join.is_none() {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "--node-id needs --peers (form a cluster) or --join (grow a running one)"
+        )));
+    }
     let listener = bind(&config.addr, "--addr or KEEL_LOG_ADDR").await?;
     let addr = listener
         .local_addr()
         .map_err(|err| Failure::Run(err.into()))?;
+    let cluster = cluster_options(&args, addr).map_err(Failure::Config)?;
     let stop = shutdown();
-    println!(
-        "keel log service listening on {addr} (gRPC log.v1.Log and HTTP), data in {}",
-        config.data_dir.display()
-    );
+    match &cluster {
+        Some(cluster) => println!(
+            "keel log service node {} listening on {addr} (gRPC log.v1.Log, keel.raft.v1.Raft and HTTP), data in {}",
+            cluster.node_id,
+            config.data_dir.display()
+        ),
+        None => println!(
+            "keel log service listening on {addr} (gRPC log.v1.Log and HTTP), data in {}",
+            config.data_dir.display()
+        ),
+    }
     let _ = std::io::stdout().flush();
     let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &args.registry {
         Some(registry) => {
@@ -183,9 +242,26 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), Failure> {
         }
         None => Box::pin(stop),
     };
-    keel_log::run(listener, config, shutdown)
+    let Some(cluster) = cluster else {
+        return keel_log::run(listener, config, shutdown)
+            .await
+            .map_err(|err| Failure::Run(anyhow::anyhow!(err)));
+    };
+    let node = keel_log::cluster::start(config, &cluster)
         .await
-        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
+        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))?;
+    if let Membership::Join(via) = &cluster.membership {
+        let joining = node.clone();
+        let (via, advertise) = (via.clone(), cluster.advertise.clone());
+        tokio::spawn(async move {
+            if let Err(err) = joining.join(&via, &advertise).await {
+                tracing::error!(error = %err, "cannot join the cluster");
+            }
+        });
+    }
+    keel_log::serve_node(listener, node, shutdown)
+        .await
+        .map_err(|err| Failure::Run(err.into()))
 }
 
 /// Completes when the process should stop: SIGINT or SIGTERM, or, under `keel up`,
