@@ -7,6 +7,7 @@ mod crash;
 mod gateway;
 mod limits;
 mod readers;
+mod replication;
 mod sdk;
 mod support;
 mod up;
