@@ -24,6 +24,7 @@ use clap::{Args, Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod engine;
+mod failover;
 mod keel;
 mod peers;
 mod raw;
@@ -123,6 +124,23 @@ enum Scenario {
         /// A label for the system in the results (e.g. redis-always).
         #[arg(long)]
         label: Option<String>,
+        /// Replicas of the run's NATS stream (3 on a 3-node NATS cluster). A keel
+        /// cluster is given by all its addresses in --url (a,b,c).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+    },
+    /// A 3-node cluster of `keel log serve` processes under a steady produce load:
+    /// kill the leader with SIGKILL, time until the next acknowledged write; restart
+    /// it, and again.
+    Failover {
+        /// The keel binary to run the nodes with.
+        #[arg(long, default_value = "target/release/keel")]
+        keel: String,
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Closed-loop producers (unary Produce, idempotent, following the leader).
+        #[arg(long, default_value_t = 4)]
+        producers: usize,
     },
 }
 
@@ -145,9 +163,11 @@ fn main() -> anyhow::Result<()> {
         workload,
         run,
         label,
+        replicas,
     } = &cli.scenario
     {
-        let outcome = runtime.block_on(compare_one(system, url, *workload, run, &common))?;
+        let outcome =
+            runtime.block_on(compare_one(system, url, *workload, run, *replicas, &common))?;
         let line = serde_json::json!({
             "system": label.as_deref().unwrap_or(system),
             "workload": workload.name(),
@@ -158,12 +178,21 @@ fn main() -> anyhow::Result<()> {
                 "window": engine::WINDOW,
                 "url": url,
                 "run": run,
+                "replicas": replicas,
             },
             "machine": report::Machine::read(),
             "result": outcome,
         });
         println!("{line}");
         return Ok(());
+    }
+    if let Scenario::Failover {
+        keel,
+        trials,
+        producers,
+    } = &cli.scenario
+    {
+        return failover_report(&runtime, keel, *trials, *producers, &common);
     }
     if let Scenario::Registry = cli.scenario {
         let outcomes = runtime.block_on(async {
@@ -188,7 +217,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Consume { records } => vec![Workload::Consume { records }],
         Scenario::Latency { rate } => vec![Workload::Latency { rate }],
         Scenario::All => all_workloads(),
-        Scenario::Registry | Scenario::Compare { .. } => Vec::new(),
+        Scenario::Registry | Scenario::Compare { .. } | Scenario::Failover { .. } => Vec::new(),
     };
     let mut outcomes: Vec<Outcome> = Vec::new();
     for (n, workload) in workloads.into_iter().enumerate() {
@@ -204,6 +233,30 @@ fn main() -> anyhow::Result<()> {
         outcomes.push(outcome);
     }
     finish(&outcomes, &common)
+}
+
+/// Runs the failover scenario and prints (and with --json, writes) its figures.
+fn failover_report(
+    runtime: &tokio::runtime::Runtime,
+    keel: &str,
+    trials: usize,
+    producers: usize,
+    common: &Common,
+) -> anyhow::Result<()> {
+    let failover = runtime.block_on(failover::run(keel, trials, producers, common.record_bytes))?;
+    println!(
+        "failover over {} trials ({} producers): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        failover.trials.len(),
+        failover.producers,
+        failover.p50_ms,
+        failover.p99_ms,
+        failover.max_ms
+    );
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&failover)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The log service set of `keel-bench all`.
@@ -240,6 +293,7 @@ async fn compare_one(
     url: &str,
     workload: Workload,
     run: &str,
+    replicas: usize,
     common: &Common,
 ) -> anyhow::Result<Outcome> {
     let (bytes, duration) = (common.record_bytes, common.duration);
@@ -252,7 +306,7 @@ async fn compare_one(
             engine::run(&keel, workload, bytes, duration).await
         }
         "nats" => {
-            let nats = peers::Nats::start(url, run).await?;
+            let nats = peers::Nats::start(url, run, replicas).await?;
             engine::run(&nats, workload, bytes, duration).await
         }
         "redis" => {

@@ -18,8 +18,8 @@ pub(crate) struct Nats {
 }
 
 impl Nats {
-    /// Connects and creates the run's stream (`storage: file`, one replica).
-    pub(crate) async fn start(url: &str, run: &str) -> anyhow::Result<Self> {
+    /// Connects and creates the run's stream (`storage: file`, `replicas` copies).
+    pub(crate) async fn start(url: &str, run: &str, replicas: usize) -> anyhow::Result<Self> {
         let client = async_nats::connect(url)
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
@@ -31,6 +31,7 @@ impl Nats {
                 name: stream.clone(),
                 subjects: vec![subject.clone()],
                 storage: async_nats::jetstream::stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await

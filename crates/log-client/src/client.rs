@@ -294,7 +294,7 @@ impl Client {
         Resp: prost::Message + Default,
     {
         let deadline = tokio::time::Instant::now() + self.retry_for;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Duration::from_millis(25);
         loop {
             let result = match self.ready().await {
                 Ok(_) => self
@@ -308,7 +308,7 @@ impl Client {
                 Err(err) if retriable(&err) && tokio::time::Instant::now() + backoff < deadline => {
                     tracing::debug!(addr = self.addr, error = %err, "retrying on the cluster");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
                     self.recover().await;
                 }
                 other => return other,

@@ -18,8 +18,9 @@ use crate::{
 pub struct NodeSettings {
     /// How often the leader sends heartbeats.
     pub heartbeat: Duration,
-    /// A follower that hears no leader for a random time in this range starts an
-    /// election. Failover takes about this long.
+    /// A follower that hears no leader for a random time in this range (drawn once
+    /// per process) starts an election, after the leader's lease (the upper bound)
+    /// has run out too: failover takes the upper bound plus a draw from the range.
     pub election_timeout: (Duration, Duration),
     /// Take a snapshot (a checkpoint of the state machine) after this many entries.
     pub snapshot_every: u64,
@@ -36,8 +37,8 @@ pub struct NodeSettings {
 impl Default for NodeSettings {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_millis(100),
-            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
+            heartbeat: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(150), Duration::from_millis(250)),
             snapshot_every: 20_000,
             keep_below_snapshot: 5_000,
             snapshot_attempt: Duration::from_secs(30),

@@ -41,6 +41,10 @@ pub enum WriteError {
     /// This node's Raft has stopped (it is shutting down, or its storage failed).
     #[error("raft stopped: {0}")]
     Stopped(String),
+    /// The command never reached the leader (no connection to it could be made),
+    /// so it was not written: a writer submits it again to the next leader itself.
+    #[error("the leader could not be reached: {0}")]
+    Undelivered(String),
 }
 
 /// What a submitted command's reply arrives through.
@@ -117,9 +121,66 @@ impl Writer {
                     let _ = reply.send(written(receiver.await));
                 });
             }
-            Route::Leader(leader, addr) => self.forward(leader, addr, command, reply),
+            Route::Leader(leader, addr) => {
+                let (forwarded, answer) = oneshot::channel();
+                self.forward(leader, addr, command.clone(), forwarded);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let result = match answer.await {
+                        Ok(Err(WriteError::Undelivered(why))) => {
+                            this.submit_past(leader, command, why).await
+                        }
+                        Ok(result) => result,
+                        Err(_) => Err(WriteError::Unavailable("the write was dropped".into())),
+                    };
+                    let _ = reply.send(result);
+                });
+            }
         }
         Ok(pending)
+    }
+
+    /// Submits again a command that could not be delivered to `failed`, once another
+    /// node leads (or, at the end of the leader wait, to `failed` once more).
+    async fn submit_past(
+        &self,
+        failed: NodeId,
+        command: Command,
+        why: String,
+    ) -> Result<Reply, WriteError> {
+        let mut metrics = self.inner.raft.metrics();
+        let deadline = tokio::time::Instant::now() + self.inner.leader_wait;
+        loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            if leader.is_some_and(|leader| leader != failed) {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(WriteError::Stopped("raft has shut down".into())),
+                Err(_) => break,
+            }
+        }
+        let (reply, pending) = oneshot::channel();
+        match self.route().await? {
+            Route::Here => {
+                let receiver = self
+                    .inner
+                    .raft
+                    .client_write_ff(command)
+                    .await
+                    .map_err(|err| WriteError::Stopped(err.to_string()))?;
+                return written(receiver.await);
+            }
+            Route::Leader(leader, addr) => self.forward(leader, addr, command, reply),
+        }
+        match pending.await {
+            Ok(Err(WriteError::Undelivered(again))) => Err(WriteError::Unavailable(format!(
+                "the leader could not be reached ({why}), nor the next ({again})"
+            ))),
+            Ok(result) => result,
+            Err(_) => Err(WriteError::Unavailable("the write was dropped".into())),
+        }
     }
 
     /// Submits `command` and waits for its reply.
@@ -314,27 +375,24 @@ impl Forwarder {
         let waiting: Waiting = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing);
-        let task = run_stream(
-            RaftClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-            stream,
-            Arc::clone(&waiting),
-            addr.clone(),
-        );
+        let task = run_stream(channel, stream, Arc::clone(&waiting), addr.clone());
         let flag = Arc::clone(&alive);
         let waiting_now = Arc::clone(&waiting);
         let failed_addr = addr.clone();
         tokio::spawn(async move {
-            let why = task.await;
+            let ended = task.await;
             flag.store(false, Ordering::Release);
+            let (why, failed): (String, fn(String) -> WriteError) = match ended {
+                Ended::Unreached(why) => (why, WriteError::Undelivered),
+                Ended::Lost(why) => (why, WriteError::Unavailable),
+            };
             let lost: Vec<_> = waiting_now
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .drain()
                 .collect();
             if !lost.is_empty() {
-                tracing::warn!(
+                tracing::info!(
                     leader = failed_addr,
                     commands = lost.len(),
                     reason = why,
@@ -342,7 +400,7 @@ impl Forwarder {
                 );
             }
             for (_, reply) in lost {
-                let _ = reply.send(Err(WriteError::Unavailable(format!(
+                let _ = reply.send(Err(failed(format!(
                     "forwarding to the leader at {failed_addr}: {why}"
                 ))));
             }
@@ -384,16 +442,39 @@ impl Forwarder {
     }
 }
 
+/// Why a forwarding stream ended.
+enum Ended {
+    /// No connection to the leader could be made: nothing was sent.
+    Unreached(String),
+    /// The stream broke, or the leader closed it: what was sent may be written.
+    Lost(String),
+}
+
 /// Runs a forwarding stream until it ends; returns why it ended.
 async fn run_stream(
-    mut client: RaftClient<Channel>,
+    mut channel: Channel,
     requests: impl tokio_stream::Stream<Item = pb::ForwardRequest> + Send + 'static,
     waiting: Waiting,
     addr: String,
-) -> String {
+) -> Ended {
+    // Connected first, so that a leader that cannot be reached is told apart from
+    // one that may have taken the commands before the stream broke.
+    let ready = std::future::poll_fn(|cx| {
+        tonic::codegen::Service::<tonic::codegen::http::Request<tonic::body::Body>>::poll_ready(
+            &mut channel,
+            cx,
+        )
+    })
+    .await;
+    if let Err(err) = ready {
+        return Ended::Unreached(format!("{addr}: {err}"));
+    }
+    let mut client = RaftClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
     let mut replies = match client.forward(requests).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return format!("{addr}: {}", status.message()),
+        Err(status) => return Ended::Lost(format!("{addr}: {}", status.message())),
     };
     loop {
         match replies.message().await {
@@ -414,8 +495,8 @@ async fn run_stream(
                 };
                 let _ = waiter.send(result);
             }
-            Ok(None) => return "the leader closed the stream".to_owned(),
-            Err(status) => return status.message().to_owned(),
+            Ok(None) => return Ended::Lost("the leader closed the stream".to_owned()),
+            Err(status) => return Ended::Lost(status.message().to_owned()),
         }
     }
 }
