@@ -5,6 +5,7 @@
 #
 #   bench/compare.sh                 # writes the peer section of docs/benchmarks.md
 #   REPS=5 DURATION=3s bench/compare.sh
+#   bench/compare.sh --cluster       # replicated: see bench/cluster.sh
 #
 # Installs nats-server and redis-server with apt-get when missing. Debian's nats-server
 # (2.9) cannot fsync before it acknowledges, so a second NATS row runs a current
@@ -13,6 +14,9 @@
 # dir; every server is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --cluster ]; then
+  exec bench/cluster.sh
+fi
 
 REPS=${REPS:-3}
 DURATION=${DURATION:-2s}

@@ -26,16 +26,25 @@ impl Nats {
         let context = async_nats::jetstream::new(client);
         let stream = format!("BENCH_{run}");
         let subject = format!("bench.{run}");
-        context
-            .get_or_create_stream(async_nats::jetstream::stream::Config {
-                name: stream.clone(),
-                subjects: vec![subject.clone()],
-                storage: async_nats::jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|err| anyhow::anyhow!("creating stream {stream}: {err}"))?;
+        let config = async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![subject.clone()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        // A cluster that has just started elects its JetStream leader first.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match context.get_or_create_stream(config.clone()).await {
+                Ok(_) => break,
+                Err(err) if std::time::Instant::now() < deadline => {
+                    drop(err);
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(err) => anyhow::bail!("creating stream {stream}: {err}"),
+            }
+        }
         Ok(Self {
             context,
             stream,
