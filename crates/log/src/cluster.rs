@@ -163,9 +163,16 @@ pub async fn start(
         &options.settings,
         |summary| {
             let summary = summary.map(Summary::decode).transpose()?;
-            let topics = Arc::new(
-                Topics::open_replica(config, summary.as_ref()).map_err(std::io::Error::other)?,
-            );
+            let topics =
+                Topics::open_replica(config.clone(), summary.as_ref()).map_err(
+                    |err| match err {
+                        LogServiceError::DamagedReplica { .. } => {
+                            keel_raft::Damaged(err.to_string()).into_io()
+                        }
+                        other => std::io::Error::other(other),
+                    },
+                )?;
+            let topics = Arc::new(topics);
             opened = Some(Arc::clone(&topics));
             Ok(TopicMachine::new(topics, summary.as_ref()))
         },
@@ -228,7 +235,13 @@ fn refuse_single_node_data(data_dir: &Path, raft_dir: &Path) -> Result<(), LogSe
 /// when the node started.
 async fn catch_up(topics: Arc<Topics>, writer: Writer) {
     loop {
-        match writer.read_barrier(Duration::from_secs(60)).await {
+        // The index is asked with a short timeout (an election may be under way);
+        // applying up to it may take long (a snapshot to receive).
+        let caught_up = match writer.read_index(Duration::from_secs(2)).await {
+            Ok(index) => writer.wait_applied(index, Duration::from_secs(3600)).await,
+            Err(err) => Err(err),
+        };
+        match caught_up {
             Ok(()) => {
                 if let Some(replication) = topics.replication() {
                     replication.caught_up.store(true, Ordering::Release);

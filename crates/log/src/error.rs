@@ -81,6 +81,15 @@ pub enum LogServiceError {
     /// stored is unknown; retry it (with its producer sequence, it is stored once).
     #[error("the cluster cannot take writes now: {0}; retry")]
     Unavailable(String),
+    /// A replica's topic failed its checksums or lost records its last checkpoint
+    /// made durable: the node discards its state and re-replicates it.
+    #[error("topic {topic:?} of this replica is damaged: {reason}")]
+    DamagedReplica {
+        /// The topic.
+        topic: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A producer retried an append older than the appends the cluster remembers
     /// of it, so it cannot tell whether it is a duplicate.
     #[error(
@@ -127,6 +136,7 @@ impl LogServiceError {
             Self::TooManyTopics { .. } => "too_many_topics",
             Self::ShuttingDown => "shutting_down",
             Self::Unavailable(_) => "unavailable",
+            Self::DamagedReplica { .. } => "corrupt",
             Self::SequenceTooOld { .. } => "sequence_too_old",
             Self::InvalidConfig(_) => "invalid_config",
             Self::Serve(_) => "internal",
@@ -151,6 +161,7 @@ impl LogServiceError {
             Self::Overloaded { .. } | Self::TooManyTopics { .. } => tonic::Code::ResourceExhausted,
             Self::ShuttingDown | Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::SequenceTooOld { .. } => tonic::Code::FailedPrecondition,
+            Self::DamagedReplica { .. } => tonic::Code::DataLoss,
             Self::InvalidConfig(_) | Self::Serve(_) => tonic::Code::Internal,
         }
     }
@@ -173,6 +184,7 @@ impl LogServiceError {
             Self::TooManyTopics { .. } => StatusCode::INSUFFICIENT_STORAGE,
             Self::ShuttingDown | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::SequenceTooOld { .. } => StatusCode::CONFLICT,
+            Self::DamagedReplica { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::InvalidConfig(_) | Self::Serve(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -370,19 +370,11 @@ impl Topic {
     }
 
     /// Cuts the topic back to end at `next`, as a replica reopening at a checkpoint
-    /// does; the log holding fewer records than that is damage, and an error.
+    /// does (a log that ends before `next` is left as it is: the caller checks).
     pub(crate) fn truncate_to(&self, next: Offset) -> Result<(), LogError> {
         let mut log = self.committer.lock();
         let log = log.as_mut().ok_or_else(closed)?;
-        let holds = log.next_offset();
-        if holds < next {
-            return Err(LogError::Failed {
-                reason: format!(
-                    "the topic holds records up to offset {holds}, short of the {next} its last checkpoint made durable: the replica is damaged"
-                ),
-            });
-        }
-        if holds > next {
+        if log.next_offset() > next {
             log.truncate_suffix(next)?;
             self.committer.next.send_replace(next);
         }

@@ -340,7 +340,29 @@ impl Topics {
             }
             match summary.and_then(|summary| summary.topics.get(&name)) {
                 Some(&next) => {
-                    let topic = self.open_topic(&name)?;
+                    let topic = match self.open_topic(&name) {
+                        Err(LogServiceError::Log { source, .. })
+                            if matches!(
+                                source.as_ref(),
+                                keel_commitlog::LogError::Corrupt { .. }
+                            ) =>
+                        {
+                            return Err(LogServiceError::DamagedReplica {
+                                topic: name,
+                                reason: source.to_string(),
+                            });
+                        }
+                        other => other?,
+                    };
+                    let holds = topic.info().next_offset;
+                    if holds < next {
+                        return Err(LogServiceError::DamagedReplica {
+                            topic: name,
+                            reason: format!(
+                                "it holds records up to offset {holds}, short of the {next} its last checkpoint made durable"
+                            ),
+                        });
+                    }
                     topic
                         .truncate_to(next)
                         .map_err(|err| LogServiceError::log(&name, err))?;
@@ -358,12 +380,10 @@ impl Topics {
                 .keys()
                 .find(|name| !self.map().contains_key(*name))
         {
-            return Err(LogServiceError::log(
-                missing,
-                keel_commitlog::LogError::Failed {
-                    reason: "the topic's directory is missing, though the last checkpoint holds it: the replica is damaged".into(),
-                },
-            ));
+            return Err(LogServiceError::DamagedReplica {
+                topic: missing.clone(),
+                reason: "its directory is missing, though the last checkpoint holds it".into(),
+            });
         }
         // Every replica has them, as a single node does, so that reading them
         // before the first write finds an empty topic.

@@ -11,8 +11,9 @@ use tonic::Status;
 
 use crate::{Node, NodeId, Raft, wire};
 
-/// What node `raft` knows of the cluster now.
-pub fn status(raft: &Raft) -> pb::ClusterStatus {
+/// What node `raft` knows of the cluster now; `damaged`: whether its replica is
+/// damaged and catching up.
+pub fn status(raft: &Raft, damaged: bool) -> pb::ClusterStatus {
     let metrics = raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -56,6 +57,7 @@ pub fn status(raft: &Raft) -> pb::ClusterStatus {
         applied: metrics.last_applied.as_ref().map(wire::log_id_to),
         snapshot: metrics.snapshot.as_ref().map(wire::log_id_to),
         members,
+        damaged,
     }
 }
 

@@ -30,6 +30,9 @@ pub enum RaftStoreError {
     /// A message from another node that does not make sense.
     #[error("a message from another node: {0}")]
     BadMessage(String),
+    /// The state machine's files are damaged (see `Damaged`).
+    #[error("{0}")]
+    Damaged(String),
     /// A Raft log record that is not an entry of this format.
     #[error("raft log entry at index {index}: {reason}")]
     BadEntry {

@@ -27,6 +27,7 @@
 
 pub mod cluster;
 mod codec;
+mod damage;
 mod error;
 mod log_store;
 mod machine;
@@ -38,6 +39,7 @@ mod snapshot;
 mod wire;
 mod writer;
 
+pub use damage::{DamageMark, Damaged};
 pub use error::RaftStoreError;
 pub use log_store::{LogReader, LogStore, LogStoreConfig};
 pub use machine::{Checkpoint, CheckpointFile, Machine, StateMachine};

@@ -27,6 +27,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogId, RaftLogReader};
 
 use crate::codec;
+use crate::damage::DamageMark;
 use crate::error::RaftStoreError;
 use crate::meta::Meta;
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote};
@@ -64,6 +65,8 @@ pub struct LogStore {
     last: Option<LogId>,
     /// Appends waiting to be made durable.
     flushes: mpsc::Sender<Flush>,
+    /// Set while the log may miss entries it acknowledged.
+    damage: DamageMark,
 }
 
 impl Debug for LogStore {
@@ -173,7 +176,8 @@ impl LogStore {
     /// does not decode.
     pub fn open(dir: &Path, config: &LogStoreConfig) -> Result<Self, RaftStoreError> {
         keel_commitlog::create_dir_durably(dir)?;
-        let meta = Meta::load(dir)?;
+        let mut meta = Meta::load(dir)?;
+        let damage = DamageMark::load(dir);
         let log_config = LogConfig {
             max_record_bytes: config.max_entry_bytes,
             segment_bytes: config.segment_bytes,
@@ -181,10 +185,38 @@ impl LogStore {
             sync: SyncPolicy::Never,
             ..LogConfig::default()
         };
-        let mut log = Log::open(dir.join("log"), log_config)?;
+        let mut log = match Log::open(dir.join("log"), log_config.clone()) {
+            Ok(log) => log,
+            Err(err @ keel_commitlog::LogError::Corrupt { .. }) => {
+                // Entries it acknowledged may be among those cut: it re-replicates them.
+                let log = Log::open_repairing(dir.join("log"), log_config)?;
+                damage.set(&format!(
+                    "the raft log failed its checksums and was cut: {err}"
+                ))?;
+                log
+            }
+            Err(err) => return Err(err.into()),
+        };
         let report = log.recovery();
         if !report.is_clean() {
             tracing::warn!(?report, "the raft log recovered from an unclean shutdown");
+        }
+        if !report.truncations.is_empty() && !damage.is_set() {
+            // A crash of the process loses nothing written; a cut record is a torn
+            // write of a power loss or damage, and may have been acknowledged.
+            damage.set(&format!(
+                "recovery cut the raft log at offset {}",
+                report.truncations[0].next_offset
+            ))?;
+        }
+        if damage.is_set()
+            && let Some(vote) = meta.vote
+            && vote.is_committed()
+        {
+            // Not the leader it was: a committed vote for itself would make it lead
+            // again at start, with a log that may miss entries.
+            meta.vote = Some(Vote::new(vote.leader_id.term, vote.leader_id.node_id));
+            meta.store(dir)?;
         }
         let first = meta.purged.map_or(0, |purged| purged.index + 1);
         if log.next_offset() < first || log.lowest_offset() > first {
@@ -214,7 +246,38 @@ impl LogStore {
             meta,
             last,
             flushes,
+            damage,
         })
+    }
+
+    /// Whether the log may miss entries it acknowledged (see [`DamageMark`]).
+    pub fn damage(&self) -> DamageMark {
+        self.damage.clone()
+    }
+
+    /// Discards the Raft log in `dir`, as a node whose state machine is damaged does
+    /// before it re-replicates everything: the entries and the purge point go, the
+    /// vote stays (a node never votes twice in a term), not committed, and the node
+    /// is marked damaged.
+    ///
+    /// # Errors
+    ///
+    /// The files cannot be removed or written.
+    pub fn discard(dir: &Path, why: &str) -> Result<(), RaftStoreError> {
+        let log = dir.join("log");
+        match std::fs::remove_dir_all(&log) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(RaftStoreError::io(&log, err)),
+        }
+        keel_commitlog::create_dir_durably(dir)?;
+        let mut meta = Meta::load(dir)?;
+        meta.purged = None;
+        meta.vote = meta
+            .vote
+            .map(|vote| Vote::new(vote.leader_id.term, vote.leader_id.node_id));
+        meta.store(dir)?;
+        DamageMark::load(dir).set(why)
     }
 
     fn append_now(

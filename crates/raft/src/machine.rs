@@ -96,14 +96,18 @@ impl<S: StateMachine> Machine<S> {
     /// The snapshot directory cannot be read, or `open` fails.
     pub fn open(
         dir: &Path,
-        open: impl FnOnce(Option<&[u8]>) -> io::Result<S>,
+        open: &mut impl FnMut(Option<&[u8]>) -> io::Result<S>,
     ) -> Result<Self, RaftStoreError> {
+        let failed = |err: io::Error| match crate::Damaged::of(&err) {
+            Some(damage) => RaftStoreError::Damaged(damage.to_string()),
+            None => RaftStoreError::io(dir, err),
+        };
         let snapshots = Snapshots::open(dir)?;
         let current = snapshots.current()?;
         let (machine, applied, membership) = match &current {
             Some(snapshot) => {
                 let state = snapshot.state()?;
-                let machine = open(Some(&state)).map_err(|err| RaftStoreError::io(dir, err))?;
+                let machine = open(Some(&state)).map_err(failed)?;
                 let meta = snapshot
                     .manifest
                     .as_ref()
@@ -112,7 +116,7 @@ impl<S: StateMachine> Machine<S> {
                 (machine, meta.last_log_id, meta.last_membership)
             }
             None => (
-                open(None).map_err(|err| RaftStoreError::io(dir, err))?,
+                open(None).map_err(failed)?,
                 None,
                 StoredMembership::default(),
             ),

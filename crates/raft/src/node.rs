@@ -81,6 +81,8 @@ pub struct RaftNode {
     pub service: RaftService,
     /// This node's id.
     pub id: NodeId,
+    /// Set while this node may miss entries it acknowledged: it does not vote.
+    pub damage: crate::DamageMark,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -88,6 +90,41 @@ impl std::fmt::Debug for RaftNode {
         f.debug_struct("RaftNode")
             .field("id", &self.id)
             .finish_non_exhaustive()
+    }
+}
+
+/// Removes everything in `dir` (a damaged node's snapshots).
+fn discard_dir(dir: &Path) -> Result<(), RaftStoreError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(RaftStoreError::io(dir, err)),
+    }
+}
+
+/// Clears a damaged node's mark once it has applied everything the leader had
+/// committed when asked (ReadIndex): from then on its log holds every committed
+/// entry, and its vote is safe again.
+async fn clear_when_caught_up(raft: Raft, id: NodeId, damage: crate::DamageMark) {
+    let writer = crate::Writer::new(raft, id, Duration::from_secs(2));
+    loop {
+        let caught_up = match writer.read_index(Duration::from_secs(2)).await {
+            Ok(index) => writer.wait_applied(index, Duration::from_secs(3600)).await,
+            Err(err) => Err(err),
+        };
+        match caught_up {
+            Ok(()) => {
+                if let Err(err) = damage.clear() {
+                    tracing::error!(error = %err, "cannot clear the damage mark");
+                }
+                return;
+            }
+            Err(crate::WriteError::Stopped(_)) => return,
+            Err(err) => {
+                tracing::debug!(error = %err, "the damaged node has not caught up yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 }
 
@@ -117,21 +154,43 @@ impl RaftNode {
         cluster: &str,
         dir: &Path,
         settings: &NodeSettings,
-        open: impl FnOnce(Option<&[u8]>) -> io::Result<S>,
+        mut open: impl FnMut(Option<&[u8]>) -> io::Result<S>,
     ) -> Result<Self, StartError> {
         let config = Arc::new(
             settings
                 .raft_config(cluster)
                 .map_err(StartError::Settings)?,
         );
-        let log = LogStore::open(&dir.join("log"), &settings.log)?;
         let snapshots = dir.join("snapshots");
-        let machine = Machine::open(&snapshots, open)?;
+        let machine = match Machine::open(&snapshots, &mut open) {
+            Err(RaftStoreError::Damaged(why)) => {
+                // Its files cannot be trusted, nor the log that replays onto them:
+                // start empty, and take everything from the leader again.
+                tracing::error!(
+                    reason = why,
+                    "the state machine is damaged: discarding this node's state to re-replicate it"
+                );
+                LogStore::discard(&dir.join("log"), &why)?;
+                discard_dir(&snapshots)?;
+                Machine::open(&snapshots, &mut open)?
+            }
+            other => other?,
+        };
+        let log = LogStore::open(&dir.join("log"), &settings.log)?;
+        let damage = log.damage();
         let raft = Raft::new(id, config, NetworkFactory::default(), log, machine)
             .await
             .map_err(|err| StartError::Raft(err.to_string()))?;
-        let service = RaftService::new(raft.clone(), &snapshots);
-        Ok(Self { raft, service, id })
+        let service = RaftService::new(raft.clone(), &snapshots).with_damage(damage.clone());
+        if damage.is_set() {
+            tokio::spawn(clear_when_caught_up(raft.clone(), id, damage.clone()));
+        }
+        Ok(Self {
+            raft,
+            service,
+            id,
+            damage,
+        })
     }
 
     /// Forms a cluster of `members` unless this node's log says it is in one: every

@@ -21,6 +21,7 @@ use crate::{Manifest, Raft, SnapshotFiles, Vote, wire};
 pub struct RaftService {
     raft: Raft,
     snapshots: PathBuf,
+    damage: Option<crate::DamageMark>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -42,7 +43,19 @@ impl RaftService {
         Self {
             raft,
             snapshots: snapshots.to_path_buf(),
+            damage: None,
         }
+    }
+
+    /// Refuses votes while `damage` is set.
+    #[must_use]
+    pub fn with_damage(mut self, damage: crate::DamageMark) -> Self {
+        self.damage = Some(damage);
+        self
+    }
+
+    fn damaged(&self) -> bool {
+        self.damage.as_ref().is_some_and(crate::DamageMark::is_set)
     }
 
     /// As a tonic service, taking messages of any size (entries carry batches).
@@ -146,7 +159,10 @@ impl pb::raft_server::Raft for RaftService {
         let request = request.into_inner();
         crate::cluster::add_node(&self.raft, request.node_id, &request.addr, request.learner)
             .await?;
-        Ok(Response::new(crate::cluster::status(&self.raft)))
+        Ok(Response::new(crate::cluster::status(
+            &self.raft,
+            self.damaged(),
+        )))
     }
 
     async fn remove_node(
@@ -154,14 +170,20 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         crate::cluster::remove_node(&self.raft, request.into_inner().node_id).await?;
-        Ok(Response::new(crate::cluster::status(&self.raft)))
+        Ok(Response::new(crate::cluster::status(
+            &self.raft,
+            self.damaged(),
+        )))
     }
 
     async fn status(
         &self,
         _request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        Ok(Response::new(crate::cluster::status(&self.raft)))
+        Ok(Response::new(crate::cluster::status(
+            &self.raft,
+            self.damaged(),
+        )))
     }
 
     async fn append_entries(
@@ -182,6 +204,11 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::JsonMessage>,
     ) -> Result<Response<pb::JsonMessage>, Status> {
+        if self.damaged() {
+            return Err(Status::unavailable(
+                "this node's replica was damaged and may miss entries: it votes again once it has caught up with the leader",
+            ));
+        }
         let rpc = parse(&request.into_inner().json, "the vote request")?;
         let response = self
             .raft

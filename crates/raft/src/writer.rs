@@ -204,6 +204,17 @@ impl Writer {
     /// No leader, or the leader could not confirm its leadership, or this node did
     /// not catch up within `timeout`.
     pub async fn read_barrier(&self, timeout: Duration) -> Result<(), WriteError> {
+        let index = self.read_index(timeout).await?;
+        self.wait_applied(index, timeout).await
+    }
+
+    /// The index every write acknowledged before the call is at or below, from the
+    /// leader, once it has confirmed with a quorum that it still leads (ReadIndex).
+    ///
+    /// # Errors
+    ///
+    /// No leader, or the leader could not confirm its leadership within `timeout`.
+    pub async fn read_index(&self, timeout: Duration) -> Result<u64, WriteError> {
         let index = match self.route().await? {
             Route::Here => read_index(&self.inner.raft).await?,
             Route::Leader(_, addr) => {
@@ -225,6 +236,15 @@ impl Writer {
                 }
             }
         };
+        Ok(index)
+    }
+
+    /// Waits until this node has applied the entry at `index`.
+    ///
+    /// # Errors
+    ///
+    /// It did not within `timeout`; Raft stopped.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), WriteError> {
         self.inner
             .raft
             .wait(Some(timeout))

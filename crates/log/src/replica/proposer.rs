@@ -16,6 +16,11 @@ use super::command::{Append, Outcome, ProducerSeq, Request, decode_reply};
 use crate::error::LogServiceError;
 use crate::topics::Acked;
 
+/// Commands proposed and not yet answered, at most. While that many are in flight,
+/// writes gather in the queue and go out together in the next commands: the busier
+/// the node, the bigger its commands, and the fewer Raft entries per record.
+pub(crate) const COMMANDS_IN_FLIGHT: usize = 4;
+
 /// One write waiting for its command.
 struct Write {
     topic: String,
@@ -32,8 +37,8 @@ pub(crate) struct Proposer {
 
 impl Proposer {
     /// Starts the task that proposes through `writer`: each command carries up to
-    /// `max_batch_bytes` of values; at most `queue_depth` commands await their
-    /// commit, each for at most `commit_timeout`.
+    /// `max_batch_bytes` of values; at most [`COMMANDS_IN_FLIGHT`] commands await
+    /// their commit, each for at most `commit_timeout`.
     pub(crate) fn start(
         writer: Writer,
         queue_depth: usize,
@@ -45,7 +50,7 @@ impl Proposer {
         let limits = Limits {
             max_batch_bytes,
             commit_timeout,
-            in_flight: Arc::new(Semaphore::new(queue_depth.max(1))),
+            in_flight: Arc::new(Semaphore::new(COMMANDS_IN_FLIGHT)),
         };
         tokio::spawn(propose(writer, writes, limits));
         Self {

@@ -474,3 +474,110 @@ async fn a_removed_voter_should_leave_the_majority_to_the_others() {
         Some(cluster.node(leader).addr.to_string())
     );
 }
+
+/// Flips bytes in the middle of `file`, as a failing disk would.
+fn corrupt_middle(file: &Path) {
+    use std::os::unix::fs::FileExt;
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .expect("open file to corrupt");
+    let len = handle.metadata().expect("metadata").len();
+    assert!(
+        len > 200,
+        "{} is too short to corrupt: {len} bytes",
+        file.display()
+    );
+    let mut bytes = [0u8; 16];
+    handle.read_exact_at(&mut bytes, len / 2).expect("read");
+    for byte in &mut bytes {
+        *byte ^= 0xA5;
+    }
+    handle.write_all_at(&bytes, len / 2).expect("write");
+    handle.sync_all().expect("sync");
+}
+
+async fn status_of(node: &Node) -> keel_proto::raft::v1::ClusterStatus {
+    keel_log::cluster::admin(&node.addr.to_string())
+        .await
+        .expect("admin")
+        .status(keel_proto::raft::v1::ClusterStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_16_a_damaged_replica_should_re_replicate_and_vote_only_once_caught_up() {
+    let mut cluster = Cluster::start(3).await;
+    let mut client = Client::connect(&cluster.addrs()).await.expect("connect");
+    for i in 0..100u64 {
+        assert_eq!(
+            client
+                .produce("t", format!("record {i}"))
+                .await
+                .expect("produce"),
+            i
+        );
+    }
+    let leader = cluster.leader().await;
+    let expected = read_all(cluster.node(leader), "t", 100).await;
+    let followers: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.id != leader)
+        .map(|n| n.id)
+        .collect();
+
+    // One follower's topic files, the other's Raft log: each fails its checksums.
+    let (topic_damaged, log_damaged) = (followers[0], followers[1]);
+    read_all(cluster.node(topic_damaged), "t", 100).await;
+    read_all(cluster.node(log_damaged), "t", 100).await;
+    cluster.node_mut(topic_damaged).stop().await;
+    cluster.node_mut(log_damaged).stop().await;
+    let topic_file = cluster
+        .node(topic_damaged)
+        .dir
+        .join("topics/t/00000000000000000000.log");
+    corrupt_middle(&topic_file);
+    let raft_file = cluster
+        .node(log_damaged)
+        .dir
+        .join("raft/log/log/00000000000000000000.log");
+    corrupt_middle(&raft_file);
+
+    for id in [topic_damaged, log_damaged] {
+        cluster.node_mut(id).restart().await;
+    }
+    for id in [topic_damaged, log_damaged] {
+        let node = cluster.node(id);
+        wait_ready(node).await;
+        assert_eq!(
+            read_all(node, "t", 100).await,
+            expected,
+            "node {id} re-replicated"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while status_of(node).await.damaged {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {id} still damaged"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Caught up, they vote again: the cluster survives losing its leader.
+    cluster.node_mut(leader).stop().await;
+    let mut client = Client::connect(&format!(
+        "{},{}",
+        cluster.node(topic_damaged).addr,
+        cluster.node(log_damaged).addr
+    ))
+    .await
+    .expect("connect");
+    assert_eq!(
+        client.produce("t", "after").await.expect("a new leader"),
+        100
+    );
+}

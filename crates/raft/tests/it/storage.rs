@@ -116,7 +116,7 @@ fn a_machine_should_reopen_at_its_last_snapshot_and_an_entry_out_of_place_is_ref
     let snapshots = dir.path().join("snapshots");
     runtime().block_on(async {
         let mut machine =
-            Machine::open(&snapshots, |s| FileMachine::open(&state_dir, s)).expect("open");
+            Machine::open(&snapshots, &mut |s| FileMachine::open(&state_dir, s)).expect("open");
         machine
             .apply((0..10).map(|i| command(1, i)))
             .await
@@ -138,7 +138,7 @@ fn a_machine_should_reopen_at_its_last_snapshot_and_an_entry_out_of_place_is_ref
         drop(machine);
 
         let mut machine =
-            Machine::open(&snapshots, |s| FileMachine::open(&state_dir, s)).expect("reopen");
+            Machine::open(&snapshots, &mut |s| FileMachine::open(&state_dir, s)).expect("reopen");
         let (applied, _) = machine.applied_state().await.expect("applied");
         assert_eq!(applied, Some(log_id(1, 9)));
         let commands = machine.state().commands().expect("read");
@@ -166,7 +166,7 @@ fn a_machine_should_reopen_at_its_last_snapshot_and_an_entry_out_of_place_is_ref
             .await
             .expect("install a snapshot with the current id");
         drop(machine);
-        let machine = Machine::open(&snapshots, |s| FileMachine::open(&state_dir, s))
+        let machine = Machine::open(&snapshots, &mut |s| FileMachine::open(&state_dir, s))
             .expect("reopen after installing");
         assert_eq!(machine.applied(), Some(log_id(1, 9)));
         assert_eq!(machine.state().commands().expect("read").len(), 10);
@@ -184,5 +184,47 @@ fn a_machine_should_reopen_at_its_last_snapshot_and_an_entry_out_of_place_is_ref
             err.to_string().contains("appended where entry 3 belongs"),
             "{err}"
         );
+    });
+}
+
+#[test]
+fn a_log_that_fails_its_checksums_should_be_cut_and_stay_marked_damaged_across_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    runtime().block_on(async {
+        let mut store = LogStore::open(dir.path(), &small()).expect("open");
+        store
+            .blocking_append((0..20u64).map(|i| command(1, i)))
+            .await
+            .expect("append");
+        store
+            .save_vote(&Vote::new_committed(1, 1))
+            .await
+            .expect("vote");
+        assert!(!store.damage().is_set());
+        drop(store);
+
+        // Damage in the middle of the active segment: a record it acknowledged.
+        let file = dir.path().join("log/00000000000000000000.log");
+        let bytes = std::fs::read(&file).expect("read");
+        let mut damaged = bytes.clone();
+        let middle = bytes.len() / 2;
+        for byte in &mut damaged[middle..middle + 8] {
+            *byte ^= 0xFF;
+        }
+        std::fs::write(&file, &damaged).expect("write");
+
+        let mut store = LogStore::open(dir.path(), &small()).expect("reopen");
+        assert!(store.damage().is_set(), "a cut log is damaged");
+        let state = store.get_log_state().await.expect("state");
+        let last = state.last_log_id.expect("a prefix is kept").index;
+        assert!(last < 19, "the log was cut before the damage, at {last}");
+        assert_eq!(
+            store.read_vote().await.expect("vote"),
+            Some(Vote::new(1, 1)),
+            "the vote stays, no longer committed: the node does not lead again at start"
+        );
+        drop(store);
+        let store = LogStore::open(dir.path(), &small()).expect("reopen");
+        assert!(store.damage().is_set(), "the mark survives a restart");
     });
 }

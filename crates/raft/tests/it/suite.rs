@@ -18,7 +18,7 @@ impl StoreBuilder<TypeConfig, LogStore, Machine<FileMachine>, TempDir> for Build
         };
         let log = LogStore::open(&dir.path().join("raft"), &config).expect("open log store");
         let state_dir = dir.path().join("state");
-        let machine = Machine::open(&dir.path().join("snapshots"), |summary| {
+        let machine = Machine::open(&dir.path().join("snapshots"), &mut |summary| {
             FileMachine::open(&state_dir, summary)
         })
         .expect("open machine");
