@@ -81,8 +81,9 @@ enum ClusterCommand {
     /// Members, voters and learners, the leader, the term, the commit and applied
     /// index, and how far each member lags the leader.
     Status(ClusterArgs),
-    /// Add a node (started with --join, or with --node-id alone): as a learner
-    /// until it has caught up, then as a voter.
+    /// Add a node started with --node-id alone (one started with --join adds
+    /// itself): as a learner until it has caught up, then (unless --learner) as a
+    /// voter.
     AddNode(AddNodeArgs),
     /// Remove a node, voter or learner. A removed node cannot come back under its
     /// id with its old data; wipe it and add it under a new id.
@@ -216,8 +217,9 @@ struct ServeArgs {
     /// so services that require `log` find it; checked through /healthz.
     #[arg(long, env = "KEEL_LOG_REGISTRY")]
     registry: Option<String>,
-    /// Run as node N of a replicated cluster (with --peers or --join). Ids are
-    /// unique and never reused: a node that lost its data rejoins under a new id.
+    /// Run as node N of a replicated cluster: with --peers or --join, or alone to
+    /// wait until `keel cluster add-node` adds it. Ids are unique and never reused:
+    /// a node that lost its data rejoins under a new id.
     #[arg(long, env = "KEEL_LOG_NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
     node_id: Option<u64>,
     /// Form a cluster of these nodes: ID=HOST:PORT,... with this node among them.

@@ -31,6 +31,9 @@ pub enum Membership {
     /// Grow a running cluster: ask the node at this address (any member) to add
     /// this one, which it does once this node has caught up.
     Join(String),
+    /// Wait, a member of nothing, until an operator adds this node (`keel cluster
+    /// add-node`).
+    Wait,
 }
 
 /// A node's place in a cluster.

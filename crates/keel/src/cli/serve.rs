@@ -171,7 +171,8 @@ fn cluster_options(
                 .map_err(|err| anyhow::anyhow!("--peers: {err}"))?,
         ),
         (None, Some(join)) => Membership::Join(join.clone()),
-        _ => bail!("--node-id needs --peers (form a cluster) or --join (grow a running one)"),
+        (None, None) => Membership::Wait,
+        (Some(_), Some(_)) => bail!("--peers and --join exclude each other"),
     };
     let advertise = match (&args.advertise, &membership) {
         (Some(advertise), _) => advertise.clone(),
@@ -179,7 +180,7 @@ fn cluster_options(
             .get(&node_id)
             .cloned()
             .with_context(|| format!("--peers does not name this node ({node_id})"))?,
-        (None, Membership::Join(_)) => bound.to_string(),
+        (None, Membership::Join(_) | Membership::Wait) => bound.to_string(),
     };
     if bound.port()
         != advertise
@@ -204,11 +205,6 @@ fn cluster_options(
 
 pub(super) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = serve_config(&args).map_err(Failure::Config)?;
-    if args.node_id.is_some() && args.peers.is_none() && args.join.is_none() {
-        return Err(Failure::Config(anyhow::anyhow!(
-            "--node-id needs --peers (form a cluster) or --join (grow a running one)"
-        )));
-    }
     let listener = bind(&config.addr, "--addr or KEEL_LOG_ADDR").await?;
     let addr = listener
         .local_addr()
