@@ -203,6 +203,10 @@ async fn run(
                 }
                 () = shutdown.cancelled() => return Ok(()),
                 () = tx.closed() => return Ok(()),
+                () = topic.retired() => return Err(LogServiceError::Unavailable(format!(
+                    "topic {:?} was replaced by a snapshot from the leader; subscribe again from offset {from}",
+                    topic.name()
+                ))),
             }
         }
         // A client that stops reading waits here, holding no more than its budget.

@@ -73,6 +73,8 @@ pub(crate) struct Topic {
     committer: Arc<Committer>,
     /// Calls of [`Topic::append`] under way.
     appending: AtomicUsize,
+    /// Cancelled when a snapshot replaced this topic (on a replica): its tails end.
+    retired: tokio_util::sync::CancellationToken,
 }
 
 /// Counts an append under way for as long as it is held.
@@ -149,6 +151,7 @@ impl Topic {
             writer: Mutex::new(None),
             committer,
             appending: AtomicUsize::new(0),
+            retired: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -327,6 +330,17 @@ impl Topic {
             Ok(result) => result.map_err(|err| LogServiceError::log(&self.name, err)),
             Err(_) => Err(LogServiceError::ShuttingDown),
         }
+    }
+
+    /// Ends the tails of this topic: a snapshot replaced it (they subscribe again,
+    /// to the topic that took its place).
+    pub(crate) fn retire(&self) {
+        self.retired.cancel();
+    }
+
+    /// Completes once the topic has been replaced.
+    pub(crate) async fn retired(&self) {
+        self.retired.cancelled().await;
     }
 
     /// A receiver of the topic's next offset, which changes after every append.

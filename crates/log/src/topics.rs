@@ -430,6 +430,7 @@ impl Topics {
         let old: Vec<Arc<Topic>> = std::mem::take(&mut *self.map_mut()).into_values().collect();
         for topic in old {
             topic.close();
+            topic.retire();
         }
         let io = |path: &std::path::Path, err: std::io::Error| {
             LogServiceError::log(
