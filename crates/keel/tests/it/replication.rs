@@ -218,3 +218,59 @@ async fn issue_16_a_killed_leader_should_lose_no_acknowledged_record() {
     assert!(copies.windows(2).all(|w| w[0] == w[1]), "the nodes differ");
     assert_eq!(copies[0].len(), acked.len(), "only acknowledged records");
 }
+
+/// Runs `keel ARGS` to completion and returns its stdout.
+fn keel(args: &[&str]) -> String {
+    let output = std::process::Command::new(crate::support::KEEL)
+        .args(args)
+        .env("KEEL_LOG_LEVEL", "warn")
+        .output()
+        .expect("run keel");
+    assert!(
+        output.status.success(),
+        "keel {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_cluster_should_show_the_members_and_remove_one() {
+    let cluster = Cluster::start(3);
+    cluster.wait_ready().await;
+    let leader = cluster.leader().await;
+    let addrs = cluster.addrs();
+    let status: serde_json::Value =
+        serde_json::from_str(&keel(&["cluster", "status", "--addr", &addrs, "--json"]))
+            .expect("status is JSON");
+    assert_eq!(status["leader_id"], leader);
+    assert_eq!(status["members"].as_array().expect("members").len(), 3);
+    let table = keel(&["cluster", "status", "--addr", &addrs]);
+    assert!(
+        table.contains(&format!("leader:    node {leader}")),
+        "{table}"
+    );
+
+    let leaving = (1..=3u64).find(|id| *id != leader).expect("a follower");
+    let after: serde_json::Value = serde_json::from_str(&keel(&[
+        "cluster",
+        "remove-node",
+        "--addr",
+        &addrs,
+        "--node-id",
+        &leaving.to_string(),
+        "--json",
+    ]))
+    .expect("JSON");
+    let members: Vec<u64> = after["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["node_id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(members.len(), 2);
+    assert!(!members.contains(&leaving), "{members:?}");
+    // Writes go on through the two that remain.
+    let mut client = Client::connect(&addrs).await.expect("connect");
+    assert_eq!(client.produce("after", "x").await.expect("produce"), 0);
+}
