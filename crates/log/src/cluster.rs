@@ -237,27 +237,11 @@ fn refuse_single_node_data(data_dir: &Path, raft_dir: &Path) -> Result<(), LogSe
 /// Marks the node caught up once it has applied what the leader had committed
 /// when the node started.
 async fn catch_up(topics: Arc<Topics>, writer: Writer) {
-    loop {
-        // The index is asked with a short timeout (an election may be under way);
-        // applying up to it may take long (a snapshot to receive).
-        let caught_up = match writer.read_index(Duration::from_secs(2)).await {
-            Ok(index) => writer.wait_applied(index, Duration::from_secs(3600)).await,
-            Err(err) => Err(err),
-        };
-        match caught_up {
-            Ok(()) => {
-                if let Some(replication) = topics.replication() {
-                    replication.caught_up.store(true, Ordering::Release);
-                }
-                tracing::info!("caught up with the cluster: ready");
-                return;
-            }
-            Err(keel_raft::WriteError::Stopped(_)) => return,
-            Err(err) => {
-                tracing::debug!(error = %err, "not caught up yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+    if writer.catch_up().await.is_ok() {
+        if let Some(replication) = topics.replication() {
+            replication.caught_up.store(true, Ordering::Release);
         }
+        tracing::info!("caught up with the cluster: ready");
     }
 }
 

@@ -57,27 +57,7 @@ impl Topics {
     ///
     /// The topics directory cannot be created or read.
     pub async fn open(config: LogServiceConfig) -> Result<Self, LogServiceError> {
-        let root = config.data_dir.join("topics");
-        keel_commitlog::create_dir_durably(&root).map_err(|err| LogServiceError::log("", err))?;
-        let limits = WriterLimits {
-            queue_depth: config.queue_depth,
-            enqueue_timeout: config.enqueue_timeout,
-            max_batch_bytes: config.max_batch_bytes as usize,
-        };
-        let mut topics = Self {
-            root,
-            limits,
-            topics: RwLock::new(BTreeMap::new()),
-            unavailable: BTreeMap::new(),
-            creating: tokio::sync::Mutex::new(()),
-            read_ahead: ReadAhead::new(
-                config.read_ahead_bytes as usize,
-                config.read_ahead_total_bytes as usize,
-            ),
-            config,
-            replication: std::sync::OnceLock::new(),
-            replica: false,
-        };
+        let mut topics = Self::empty(config, false)?;
         let mut names: Vec<String> = std::fs::read_dir(&topics.root)
             .map_err(|source| {
                 LogServiceError::log(
@@ -296,10 +276,17 @@ impl Topics {
         mut config: LogServiceConfig,
         summary: Option<&Summary>,
     ) -> Result<Self, LogServiceError> {
+        config.log.sync = keel_commitlog::SyncPolicy::Never;
+        let topics = Self::empty(config, true)?;
+        topics.load_replica(summary)?;
+        Ok(topics)
+    }
+
+    /// No topic yet, in the topics directory of `config` (created if missing).
+    fn empty(config: LogServiceConfig, replica: bool) -> Result<Self, LogServiceError> {
         let root = config.data_dir.join("topics");
         keel_commitlog::create_dir_durably(&root).map_err(|err| LogServiceError::log("", err))?;
-        config.log.sync = keel_commitlog::SyncPolicy::Never;
-        let topics = Self {
+        Ok(Self {
             root,
             limits: WriterLimits {
                 queue_depth: config.queue_depth,
@@ -315,10 +302,8 @@ impl Topics {
             ),
             config,
             replication: std::sync::OnceLock::new(),
-            replica: true,
-        };
-        topics.load_replica(summary)?;
-        Ok(topics)
+            replica,
+        })
     }
 
     /// Opens the topics found on disk as `summary` says (see [`Topics::open_replica`]).

@@ -107,24 +107,10 @@ fn discard_dir(dir: &Path) -> Result<(), RaftStoreError> {
 /// entry, and its vote is safe again.
 async fn clear_when_caught_up(raft: Raft, id: NodeId, damage: crate::DamageMark) {
     let writer = crate::Writer::new(raft, id, Duration::from_secs(2));
-    loop {
-        let caught_up = match writer.read_index(Duration::from_secs(2)).await {
-            Ok(index) => writer.wait_applied(index, Duration::from_secs(3600)).await,
-            Err(err) => Err(err),
-        };
-        match caught_up {
-            Ok(()) => {
-                if let Err(err) = damage.clear() {
-                    tracing::error!(error = %err, "cannot clear the damage mark");
-                }
-                return;
-            }
-            Err(crate::WriteError::Stopped(_)) => return,
-            Err(err) => {
-                tracing::debug!(error = %err, "the damaged node has not caught up yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+    if writer.catch_up().await.is_ok()
+        && let Err(err) = damage.clear()
+    {
+        tracing::error!(error = %err, "cannot clear the damage mark");
     }
 }
 

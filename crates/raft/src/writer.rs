@@ -47,6 +47,9 @@ pub enum WriteError {
     Undelivered(String),
 }
 
+/// Where openraft answers a command proposed on this node.
+type Answer = <openraft::impls::OneshotResponder<crate::TypeConfig> as openraft::raft::responder::Responder<crate::TypeConfig>>::Receiver;
+
 /// What a submitted command's reply arrives through.
 pub type Pending = oneshot::Receiver<Result<Reply, WriteError>>;
 
@@ -111,12 +114,7 @@ impl Writer {
         let (reply, pending) = oneshot::channel();
         match self.route().await? {
             Route::Here => {
-                let receiver = self
-                    .inner
-                    .raft
-                    .client_write_ff(command)
-                    .await
-                    .map_err(|err| WriteError::Stopped(err.to_string()))?;
+                let receiver = self.propose(command).await?;
                 tokio::spawn(async move {
                     let _ = reply.send(written(receiver.await));
                 });
@@ -163,15 +161,7 @@ impl Writer {
         }
         let (reply, pending) = oneshot::channel();
         match self.route().await? {
-            Route::Here => {
-                let receiver = self
-                    .inner
-                    .raft
-                    .client_write_ff(command)
-                    .await
-                    .map_err(|err| WriteError::Stopped(err.to_string()))?;
-                return written(receiver.await);
-            }
+            Route::Here => return written(self.propose(command).await?.await),
             Route::Leader(leader, addr) => self.forward(leader, addr, command, reply),
         }
         match pending.await {
@@ -180,6 +170,39 @@ impl Writer {
             ))),
             Ok(result) => result,
             Err(_) => Err(WriteError::Unavailable("the write was dropped".into())),
+        }
+    }
+
+    /// Proposes `command` on this node, which leads; returns where openraft answers.
+    async fn propose(&self, command: Command) -> Result<Answer, WriteError> {
+        self.inner
+            .raft
+            .client_write_ff(command)
+            .await
+            .map_err(|err| WriteError::Stopped(err.to_string()))
+    }
+
+    /// Waits until this node has applied everything the leader had committed when
+    /// it asked, asking again (with a short timeout: an election may be under way)
+    /// until it has; applying may take long (a snapshot to receive).
+    ///
+    /// # Errors
+    ///
+    /// Only [`WriteError::Stopped`]: this node's Raft stopped first.
+    pub async fn catch_up(&self) -> Result<(), WriteError> {
+        loop {
+            let caught_up = match self.read_index(Duration::from_secs(2)).await {
+                Ok(index) => self.wait_applied(index, Duration::from_secs(3600)).await,
+                Err(err) => Err(err),
+            };
+            match caught_up {
+                Ok(()) => return Ok(()),
+                Err(err @ WriteError::Stopped(_)) => return Err(err),
+                Err(err) => {
+                    tracing::debug!(error = %err, "not caught up yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
     }
 
