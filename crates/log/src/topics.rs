@@ -674,6 +674,59 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tail_of_a_topic_a_snapshot_replaced_should_end_and_say_where_to_resume() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogServiceConfig {
+            data_dir: dir.path().join("node"),
+            ..LogServiceConfig::default()
+        };
+        let topics = Topics::open_replica(config, None).expect("open replica");
+        let topic = topics.replica_topic("t").expect("topic");
+        topic.apply(&[b"a".as_slice(), b"b"], 1).expect("apply");
+
+        // A snapshot of the same topic, further on: five records.
+        let snapshot = dir.path().join("snapshot");
+        let mut log =
+            keel_commitlog::Log::open(snapshot.join("t"), keel_commitlog::LogConfig::default())
+                .expect("snapshot log");
+        log.append_batch(&[b"a".as_slice(), b"b", b"c", b"d", b"e"])
+            .expect("append");
+        log.close().expect("close");
+        let summary = Summary {
+            topics: BTreeMap::from([("t".to_owned(), 5)]),
+            producers: Vec::new(),
+        };
+
+        let spec = crate::tail::TailSpec {
+            from: 2,
+            max_bytes: 1024,
+            follow: true,
+        };
+        let mut tail = crate::tail::spawn_tail(
+            Arc::clone(&topic),
+            spec,
+            tokio_util::sync::CancellationToken::new(),
+            topics.read_ahead(),
+        );
+        tokio::task::block_in_place(|| topics.replace_replica(&snapshot, &summary))
+            .expect("install");
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), tail.next())
+            .await
+            .expect("the tail ends")
+            .expect("with an item");
+        match ended {
+            Err(LogServiceError::Unavailable(message)) => {
+                assert!(message.contains("offset 2"), "{message}");
+            }
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
+        let replaced = topics.get("t").expect("the new topic");
+        assert_eq!(replaced.info().next_offset, 5);
+        tokio::task::block_in_place(|| topics.close());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn closed_topics_should_refuse_appends_as_shutting_down() {
         let dir = tempfile::tempdir().expect("temp dir");
         let topics = open_in(dir.path()).await;
