@@ -50,8 +50,10 @@ pub enum WriteError {
 /// Where openraft answers a command proposed on this node.
 type Answer = <openraft::impls::OneshotResponder<crate::TypeConfig> as openraft::raft::responder::Responder<crate::TypeConfig>>::Receiver;
 
-/// What a submitted command's reply arrives through.
-pub type Pending = oneshot::Receiver<Result<Reply, WriteError>>;
+/// A submitted command's reply, to await: it makes progress only while polled
+/// (no task of its own), so a caller awaiting many polls them together.
+pub type Pending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, WriteError>> + Send>>;
 
 /// Submits commands on a node, leader or not; cheap to clone.
 #[derive(Clone)]
@@ -111,31 +113,26 @@ impl Writer {
     ///
     /// No leader became known within the wait; this node's Raft has stopped.
     pub async fn submit(&self, command: Command) -> Result<Pending, WriteError> {
-        let (reply, pending) = oneshot::channel();
         match self.route().await? {
             Route::Here => {
                 let receiver = self.propose(command).await?;
-                tokio::spawn(async move {
-                    let _ = reply.send(written(receiver.await));
-                });
+                Ok(Box::pin(async move { written(receiver.await) }))
             }
             Route::Leader(leader, addr) => {
                 let (forwarded, answer) = oneshot::channel();
                 self.forward(leader, addr, command.clone(), forwarded);
                 let this = self.clone();
-                tokio::spawn(async move {
-                    let result = match answer.await {
+                Ok(Box::pin(async move {
+                    match answer.await {
                         Ok(Err(WriteError::Undelivered(why))) => {
                             this.submit_past(leader, command, why).await
                         }
                         Ok(result) => result,
                         Err(_) => Err(WriteError::Unavailable("the write was dropped".into())),
-                    };
-                    let _ = reply.send(result);
-                });
+                    }
+                }))
             }
         }
-        Ok(pending)
     }
 
     /// Submits again a command that could not be delivered to `failed`, once another
@@ -212,10 +209,7 @@ impl Writer {
     ///
     /// As [`Writer::submit`], and the command's own failure.
     pub async fn write(&self, command: Command) -> Result<Reply, WriteError> {
-        let pending = self.submit(command).await?;
-        pending
-            .await
-            .unwrap_or_else(|_| Err(WriteError::Unavailable("the write was dropped".into())))
+        self.submit(command).await?.await
     }
 
     /// Waits until this node has applied every write acknowledged (by any node)

@@ -4,13 +4,13 @@
 //! Replies come back as commands are applied, and are split among the writes.
 
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use keel_commitlog::Offset;
 use keel_raft::{Command, WriteError, Writer};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::command::{Append, Outcome, ProducerSeq, Request, decode_reply};
 use crate::error::LogServiceError;
@@ -50,7 +50,6 @@ impl Proposer {
         let limits = Limits {
             max_batch_bytes,
             commit_timeout,
-            in_flight: Arc::new(Semaphore::new(COMMANDS_IN_FLIGHT)),
         };
         tokio::spawn(propose(writer, writes, limits));
         Self {
@@ -86,7 +85,6 @@ impl Proposer {
 struct Limits {
     max_batch_bytes: usize,
     commit_timeout: Duration,
-    in_flight: Arc<Semaphore>,
 }
 
 /// The proposing task: runs until every sender is gone.
@@ -94,47 +92,53 @@ async fn propose(writer: Writer, mut writes: mpsc::Receiver<Write>, limits: Limi
     let Limits {
         max_batch_bytes,
         commit_timeout,
-        in_flight,
     } = limits;
-    while let Some(first) = writes.recv().await {
-        let mut bytes = size(&first);
-        let mut groups: Vec<(String, Vec<Write>)> = Vec::new();
-        add(&mut groups, first);
-        while bytes < max_batch_bytes {
-            let Ok(more) = writes.try_recv() else { break };
-            bytes += size(&more);
-            add(&mut groups, more);
-        }
-        for (topic, group) in groups {
-            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
-                return;
-            };
-            let (requests, replies): (Vec<Request>, Vec<_>) =
-                group.into_iter().map(|w| (w.request, w.reply)).unzip();
-            let command = Append {
-                timestamp_ms: now_ms(),
-                topic,
-                requests,
-            }
-            .encode();
-            match writer.submit(Command(command)).await {
-                Ok(pending) => {
-                    tokio::spawn(async move {
-                        let result = match tokio::time::timeout(commit_timeout, pending).await {
-                            Ok(Ok(result)) => result,
-                            Ok(Err(_)) => {
-                                Err(WriteError::Unavailable("the write was dropped".into()))
-                            }
-                            Err(_) => Err(WriteError::Unavailable(format!(
-                                "the write was not committed within {commit_timeout:?}: no majority answers the leader"
-                            ))),
-                        };
-                        answer(result, replies);
-                        drop(permit);
-                    });
+    // The commands awaiting their commit, polled here: their answers are handed
+    // out by this task, with no task of their own.
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            first = writes.recv(), if open && in_flight.len() < COMMANDS_IN_FLIGHT => {
+                let Some(first) = first else {
+                    open = false;
+                    continue;
+                };
+                let mut bytes = size(&first);
+                let mut groups: Vec<(String, Vec<Write>)> = Vec::new();
+                add(&mut groups, first);
+                while bytes < max_batch_bytes {
+                    let Ok(more) = writes.try_recv() else { break };
+                    bytes += size(&more);
+                    add(&mut groups, more);
                 }
-                Err(err) => answer(Err(err), replies),
+                for (topic, group) in groups {
+                    let (requests, replies): (Vec<Request>, Vec<_>) =
+                        group.into_iter().map(|w| (w.request, w.reply)).unzip();
+                    let command = Append {
+                        timestamp_ms: now_ms(),
+                        topic,
+                        requests,
+                    }
+                    .encode();
+                    match writer.submit(Command(command)).await {
+                        Ok(pending) => in_flight.push(async move {
+                            let result = tokio::time::timeout(commit_timeout, pending)
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(WriteError::Unavailable(format!(
+                                        "the write was not committed within {commit_timeout:?}: no majority answers the leader"
+                                    )))
+                                });
+                            answer(result, replies);
+                        }),
+                        Err(err) => answer(Err(err), replies),
+                    }
+                }
             }
+            else => return,
         }
     }
 }
