@@ -267,6 +267,9 @@ impl ClusterNode {
         };
         let mut target = addr.to_owned();
         let mut attempt = 0u32;
+        // Retried until it is a member (the cluster may not be up yet), less often
+        // the longer it takes.
+        let mut pause = Duration::from_millis(200);
         while !is_member() {
             attempt += 1;
             match crate::cluster::admin(&target).await {
@@ -301,7 +304,8 @@ impl ClusterNode {
                     tracing::info!(attempt, via = target, reason = %err, "cannot reach the cluster yet; retrying")
                 }
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
         }
         Ok(())
     }

@@ -239,19 +239,7 @@ impl Topic {
 
     /// Rejects what the log would reject, before it can fail a whole group commit.
     fn check_sizes(&self, values: &[Bytes]) -> Result<(), LogServiceError> {
-        match values
-            .iter()
-            .find(|v| v.len() as u64 > self.max_record_bytes)
-        {
-            Some(big) => Err(LogServiceError::log(
-                &self.name,
-                LogError::RecordTooLarge {
-                    len: big.len(),
-                    max: self.max_record_bytes as u32,
-                },
-            )),
-            None => Ok(()),
-        }
+        check_record_sizes(&self.name, values, self.max_record_bytes)
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Append>, LogServiceError> {
@@ -416,6 +404,24 @@ impl Topic {
         {
             tracing::error!(topic = self.name, "writer thread panicked");
         }
+    }
+}
+
+/// Refuses values of topic `name` that are over `max` bytes, as its log would.
+pub(crate) fn check_record_sizes(
+    name: &str,
+    values: &[Bytes],
+    max: u64,
+) -> Result<(), LogServiceError> {
+    match values.iter().find(|v| v.len() as u64 > max) {
+        Some(big) => Err(LogServiceError::log(
+            name,
+            LogError::RecordTooLarge {
+                len: big.len(),
+                max: max as u32,
+            },
+        )),
+        None => Ok(()),
     }
 }
 

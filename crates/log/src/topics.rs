@@ -236,16 +236,7 @@ impl Topics {
     /// What a replica refuses before proposing a write: records over the size
     /// limit, and a new topic past the limit or with auto-create off.
     fn check_replica_write(&self, name: &str, values: &[Bytes]) -> Result<(), LogServiceError> {
-        let max = self.config.log.max_record_bytes;
-        if let Some(big) = values.iter().find(|v| v.len() as u64 > max) {
-            return Err(LogServiceError::log(
-                name,
-                keel_commitlog::LogError::RecordTooLarge {
-                    len: big.len(),
-                    max: max as u32,
-                },
-            ));
-        }
+        crate::topic::check_record_sizes(name, values, self.config.log.max_record_bytes)?;
         let topics = self.map();
         if !topics.contains_key(name) {
             if !self.config.auto_create_topics {

@@ -395,11 +395,15 @@ pub(crate) async fn read_index(raft: &Raft) -> Result<u64, WriteError> {
 /// Replies awaited on one stream, by request id.
 type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, WriteError>>>>>;
 
+/// Commands that may wait to be sent on one forwarding stream; past this, a
+/// command is refused as unavailable rather than queued without bound.
+const FORWARD_QUEUE: usize = 1024;
+
 /// One open stream of forwarded commands to a leader.
 struct Forwarder {
     leader: NodeId,
     addr: String,
-    requests: mpsc::UnboundedSender<pb::ForwardRequest>,
+    requests: mpsc::Sender<pb::ForwardRequest>,
     waiting: Waiting,
     next_id: AtomicU64,
     /// Cleared when the stream fails: the next command opens another.
@@ -408,10 +412,10 @@ struct Forwarder {
 
 impl Forwarder {
     fn open(leader: NodeId, addr: String, channel: Channel) -> Self {
-        let (requests, outgoing) = mpsc::unbounded_channel();
+        let (requests, outgoing) = mpsc::channel(FORWARD_QUEUE);
         let waiting: Waiting = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(outgoing);
         let task = run_stream(channel, stream, Arc::clone(&waiting), addr.clone());
         let flag = Arc::clone(&alive);
         let waiting_now = Arc::clone(&waiting);
@@ -462,19 +466,24 @@ impl Forwarder {
             id,
             command: command.0,
         };
-        if self.requests.send(request).is_err() {
-            self.alive.store(false, Ordering::Release);
-            if let Some(reply) = self
-                .waiting
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id)
-            {
-                let _ = reply.send(Err(WriteError::Unavailable(format!(
-                    "the stream to the leader at {} has closed",
-                    self.addr
-                ))));
+        let refused = match self.requests.try_send(request) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => format!(
+                "{FORWARD_QUEUE} commands already wait to be sent to the leader at {}",
+                self.addr
+            ),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.alive.store(false, Ordering::Release);
+                format!("the stream to the leader at {} has closed", self.addr)
             }
+        };
+        if let Some(reply) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)
+        {
+            let _ = reply.send(Err(WriteError::Unavailable(refused)));
         }
     }
 }

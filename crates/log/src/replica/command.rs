@@ -20,7 +20,7 @@ const VERSION: u8 = 1;
 const APPEND: u8 = 1;
 
 /// A producer's tag on an append: who, and the how-manieth of its appends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ProducerSeq {
     /// Not 0 (0 means untagged).
     pub(crate) producer: u64,

@@ -166,13 +166,15 @@ impl TopicMachine {
         let mut next = start;
         let mut outcomes = Vec::with_capacity(append.requests.len());
         let mut values: Vec<&[u8]> = Vec::new();
+        // The tagged appends this command adds, in order, and where each is in it:
+        // a command may hold thousands of a stream's writes.
         let mut fresh: Vec<(ProducerSeq, Range<Offset>)> = Vec::new();
+        let mut in_command: HashMap<ProducerSeq, usize> = HashMap::new();
         for request in &append.requests {
             if let Some(tag) = request.tag {
-                let earlier = fresh
-                    .iter()
-                    .find(|(seen, _)| *seen == tag)
-                    .map(|(_, range)| Outcome::Duplicate(range.clone()));
+                let earlier = in_command
+                    .get(&tag)
+                    .map(|&at| Outcome::Duplicate(fresh[at].1.clone()));
                 if let Some(outcome) = earlier.or_else(|| self.producers.check(tag)) {
                     outcomes.push(outcome);
                     continue;
@@ -182,6 +184,7 @@ impl TopicMachine {
             next = range.end;
             values.extend(request.values.iter().map(Bytes::as_ref));
             if let Some(tag) = request.tag {
+                in_command.insert(tag, fresh.len());
                 fresh.push((tag, range.clone()));
             }
             outcomes.push(Outcome::Appended(range));
