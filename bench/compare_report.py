@@ -115,15 +115,19 @@ def main():
             cells.append(f"{medians['keel'] / medians[peer]:.2f}" if peer in medians else "-")
         lines.append(f"| {workload} | {size} B | " + " | ".join(cells) + " |")
     lines += ["", END]
-    section = "\n".join(lines) + "\n"
+    write_section(out_path, BEGIN, END, "\n".join(lines) + "\n")
 
+
+def write_section(out_path, begin, end, section):
+    """Replaces the part of out_path between the markers begin and end (which
+    section starts and ends with) by section, or appends it; prints it."""
     try:
         text = open(out_path).read()
     except FileNotFoundError:
         text = "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        before = text[: text.index(BEGIN)]
-        after = text[text.index(END) + len(END):].lstrip("\n")
+    if begin in text and end in text:
+        before = text[: text.index(begin)]
+        after = text[text.index(end) + len(end):].lstrip("\n")
         text = before + section + ("\n" + after if after else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
