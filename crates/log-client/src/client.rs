@@ -113,6 +113,14 @@ fn from_wire(record: wire::Record) -> Record {
     }
 }
 
+/// The wait before the first retry of a call the cluster could not take.
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+
+/// The longest wait between retries. An election takes a few hundred milliseconds;
+/// asking at least this often finds the new leader soon after it is elected, for a
+/// few small calls per client while there is none.
+const MAX_RETRY_WAIT: Duration = Duration::from_millis(50);
+
 /// Whether a call that failed so is worth retrying elsewhere or later.
 fn retriable(err: &ClientError) -> bool {
     match err {
@@ -294,7 +302,7 @@ impl Client {
         Resp: prost::Message + Default,
     {
         let deadline = tokio::time::Instant::now() + self.retry_for;
-        let mut backoff = Duration::from_millis(25);
+        let mut backoff = FIRST_RETRY;
         loop {
             let result = match self.ready().await {
                 Ok(_) => self
@@ -308,7 +316,7 @@ impl Client {
                 Err(err) if retriable(&err) && tokio::time::Instant::now() + backoff < deadline => {
                     tracing::debug!(addr = self.addr, error = %err, "retrying on the cluster");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                    backoff = (backoff * 2).min(MAX_RETRY_WAIT);
                     self.recover().await;
                 }
                 other => return other,

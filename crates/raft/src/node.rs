@@ -37,8 +37,8 @@ pub struct NodeSettings {
 impl Default for NodeSettings {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_millis(50),
-            election_timeout: (Duration::from_millis(150), Duration::from_millis(250)),
+            heartbeat: Duration::from_millis(30),
+            election_timeout: (Duration::from_millis(100), Duration::from_millis(160)),
             snapshot_every: 20_000,
             keep_below_snapshot: 5_000,
             snapshot_attempt: Duration::from_secs(30),
