@@ -90,7 +90,7 @@ def main():
         "following the leader); the leader is killed with SIGKILL, and the time from the kill to "
         "the next acknowledged write is taken (answers already on the wire, within 10 ms, do not "
         "count); the killed node restarts and catches up before the next trial. Default timeouts "
-        "(heartbeat 50 ms, election 150–250 ms).",
+        "(heartbeat 30 ms, election 100–160 ms).",
         "",
         "| p50 | p99 | max |",
         "| --- | --- | --- |",

@@ -509,7 +509,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         return LogServiceError::ShuttingDown.into_response();
     }
     let ready = match state.topics.replication() {
-        Some(replication) => replication.ready().await,
+        Some(replication) => replication.readiness.ready().await,
         None => Ok(()),
     };
     match ready {

@@ -31,6 +31,7 @@ mod damage;
 mod error;
 mod log_store;
 mod machine;
+pub mod membership;
 mod meta;
 mod network;
 mod node;

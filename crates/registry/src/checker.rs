@@ -8,6 +8,12 @@
 //! round does not grow with the number of instances. Every second, TTL instances
 //! that missed their heartbeat turn critical and instances critical for longer than
 //! `deregister_after` are removed.
+//!
+//! Only a registry that leads checks and reaps (a single one always does), and it
+//! records only changes of health, so a cluster's Raft log holds verdicts, not
+//! checks. A node that takes the lead starts from scratch: every instance passes
+//! until its own checks fail `check_failures` times, and no TTL runs out before a
+//! full TTL after it took the lead.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -52,9 +58,21 @@ pub(crate) async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = reaps.tick() => {
-                let _ = registry.apply(Command::Reap { now_ms: now_ms(), deregister_after_ms });
+                let Some(grace_from_ms) = registry.leading_since() else {
+                    continue;
+                };
+                let now_ms = now_ms();
+                if registry.reap_due(now_ms, config.deregister_after, grace_from_ms) {
+                    let reap = Command::Reap { now_ms, deregister_after_ms, grace_from_ms };
+                    if let Err(err) = registry.execute(reap).await {
+                        tracing::warn!(error = %err, "reaping failed; retrying at the next round");
+                    }
+                }
             }
             _ = checks.tick() => {
+                if registry.leading_since().is_none() {
+                    continue;
+                }
                 for (name, id, url) in registry.check_targets() {
                     let key = (name.clone(), id.clone());
                     if !in_flight.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone()) {
@@ -125,14 +143,24 @@ impl Check {
         } else {
             Health::Critical
         };
+        // Only a change is recorded; the instance may have gone meanwhile, and this
+        // registry may have stopped leading.
+        if self.registry.health(&self.name, &self.id) == Some(health)
+            || self.registry.leading_since().is_none()
+        {
+            return;
+        }
         let (name, id) = (self.name, self.id);
-        // The instance may have gone meanwhile: nothing to record then.
-        let _ = self.registry.apply(Command::SetHealth {
+        let verdict = Command::SetHealth {
             name,
             id,
             health,
             at_ms: now_ms(),
-        });
+        };
+        match self.registry.execute(verdict).await {
+            Ok(_) | Err(crate::RegistryError::UnknownInstance { .. }) => {}
+            Err(err) => tracing::warn!(error = %err, "recording a health verdict failed"),
+        }
     }
 }
 

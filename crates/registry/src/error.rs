@@ -38,6 +38,15 @@ pub enum RegistryError {
     /// The HTTP client for health checks and notifications could not be built.
     #[error("building the HTTP client failed: {0}")]
     HttpClient(#[source] reqwest::Error),
+    /// A cluster node could not have the change committed (no leader, no majority,
+    /// or not in time: it may still be committed), or could not confirm a
+    /// linearizable read. Worth retrying, on this node or another.
+    #[error("the registry cluster is unavailable: {0}")]
+    Unavailable(String),
+    /// A cluster node cannot take its place in the cluster (its membership flags
+    /// or its Raft storage).
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl RegistryError {
@@ -55,7 +64,8 @@ impl RegistryError {
             Self::UnknownInstance { .. } => "unknown_instance",
             Self::Full { .. } => "registry_full",
             Self::InvalidConfig(_) => "invalid_config",
-            Self::HttpClient(_) => "internal",
+            Self::HttpClient(_) | Self::Cluster(_) => "internal",
+            Self::Unavailable(_) => "unavailable",
         }
     }
 }

@@ -37,8 +37,10 @@ pub(crate) struct AppState {
     pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
-pub(crate) fn router(state: AppState) -> Router {
-    Router::new()
+/// The registry's routes; `extra` (a cluster node's Raft service) is served beside
+/// them.
+pub(crate) fn router(state: AppState, extra: Option<Router>) -> Router {
+    let mut routes = Router::new()
         .route("/services", post(register).delete(deregister))
         .route("/v1/services", get(list_all))
         .route("/v1/services/{name}", get(list_service))
@@ -50,7 +52,13 @@ pub(crate) fn router(state: AppState) -> Router {
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .with_state(state);
+    if let Some(extra) = extra {
+        routes = routes.merge(extra);
+    }
+    routes
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -67,7 +75,6 @@ pub(crate) fn router(state: AppState) -> Router {
                 "this route does not take that method",
             )
         })
-        .with_state(state)
 }
 
 fn error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
@@ -96,7 +103,13 @@ impl IntoResponse for RegistryError {
                 None,
                 &self.to_string(),
             ),
-            Self::InvalidConfig(_) | Self::HttpClient(_) => {
+            Self::Unavailable(_) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                self.code(),
+                None,
+                &self.to_string(),
+            ),
+            Self::InvalidConfig(_) | Self::HttpClient(_) | Self::Cluster(_) => {
                 tracing::error!(error = %self, "internal error");
                 error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -145,7 +158,7 @@ async fn register(State(state): State<AppState>, body: Body) -> Response {
         url = registration.url,
         "registered"
     );
-    match state.registry.register(registration) {
+    match state.registry.register(registration).await {
         Ok(answer) => axum::Json(answer).into_response(),
         Err(err) => err.into_response(),
     }
@@ -158,7 +171,7 @@ async fn deregister(State(state): State<AppState>, body: Body) -> Response {
         Err(response) => return response,
     };
     match parse_identity(&body) {
-        Ok((name, id)) => remove(&state, name, id),
+        Ok((name, id)) => remove(&state, name, id).await,
         Err(err) => err.into_response(),
     }
 }
@@ -167,14 +180,15 @@ async fn deregister_by_path(
     State(state): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Response {
-    remove(&state, name, id)
+    remove(&state, name, id).await
 }
 
-fn remove(state: &AppState, name: String, id: String) -> Response {
-    match state.registry.apply(Command::Deregister {
+async fn remove(state: &AppState, name: String, id: String) -> Response {
+    let command = Command::Deregister {
         name: name.clone(),
         id: id.clone(),
-    }) {
+    };
+    match state.registry.execute(command).await {
         Ok(_) => {
             tracing::info!(service = name, instance = id, "deregistered");
             axum::Json(json!({"deregistered": {"name": name, "id": id}})).into_response()
@@ -188,18 +202,63 @@ async fn heartbeat(
     State(state): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Response {
-    match state.registry.apply(Command::Heartbeat {
+    let command = Command::Heartbeat {
         name,
         id,
         at_ms: now_ms(),
-    }) {
+    };
+    match state.registry.execute(command).await {
         Ok(_) => axum::Json(json!({"health": Health::Passing})).into_response(),
         Err(err) => err.into_response(),
     }
 }
 
+/// `GET /readyz`: 200 when the registry serves: always for a single one; for a
+/// cluster node, once it knows a leader and has applied what was committed when it
+/// started. 503 with the reason otherwise.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = match state.registry.replication() {
+        Some(replication) => replication.readiness.ready().await,
+        None => Ok(()),
+    };
+    match ready {
+        Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
+        Err(reason) => error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", None, &reason),
+    }
+}
+
+/// With `?consistent` (or `consistent=true`), waits until this node has applied
+/// every change acknowledged before the request (a linearizable read); otherwise
+/// answers from what it has applied.
+async fn consistent_if_asked(
+    state: &AppState,
+    query: &HashMap<String, String>,
+) -> Result<(), Response> {
+    let asked = query
+        .get("consistent")
+        .is_some_and(|v| v.is_empty() || v == "true" || v == "1");
+    if asked {
+        state
+            .registry
+            .read_barrier()
+            .await
+            .map_err(IntoResponse::into_response)?;
+    }
+    Ok(())
+}
+
 /// `GET /v1/services`: every instance with its health.
-async fn list_all(State(state): State<AppState>) -> Response {
+async fn list_all(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(response) = consistent_if_asked(&state, &query).await {
+        return response;
+    }
+    everything(&state)
+}
+
+fn everything(state: &AppState) -> Response {
     let (index, instances) = state.registry.snapshot();
     axum::Json(json!({"index": index, "instances": instances})).into_response()
 }
@@ -212,6 +271,9 @@ async fn list_service(
 ) -> Response {
     if let Err(err) = validate_service_name(name.clone(), "name") {
         return err.into_response();
+    }
+    if let Err(response) = consistent_if_asked(&state, &query).await {
+        return response;
     }
     let all = query.get("all").is_some_and(|v| v == "true" || v == "1");
     axum::Json(state.registry.instances(&name, all)).into_response()
@@ -258,7 +320,7 @@ async fn watch(
         () = state.stopping.cancelled() => {}
     }
     if !changes {
-        return list_all(State(state)).await;
+        return everything(&state);
     }
     let delta = state.registry.changes_since(after);
     axum::Json(json!({

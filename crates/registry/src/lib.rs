@@ -9,6 +9,9 @@
 //! - [`run`] serves it: the HTTP API (`POST`/`DELETE /services`, discovery, watches),
 //!   active health checks by a bounded pool, and notifications to dependents, each
 //!   dependent with its own ordered queue, outside any lock.
+//! - [`replica`] and [`run_node`] run it as a node of a Raft cluster: every change
+//!   committed by a majority before it is acknowledged, lookups from every node, and
+//!   health checks and notifications from the leader alone.
 //!
 //! This crate knows nothing of the log service or the gateway.
 
@@ -20,6 +23,7 @@ mod http;
 mod notifier;
 mod registration;
 mod registry;
+pub mod replica;
 mod server;
 mod state;
 
@@ -28,10 +32,11 @@ mod fuzz_tests;
 
 pub use config::RegistryConfig;
 pub use error::{RegistryClientError, RegistryError, Result};
+pub use notifier::INDEX_HEADER;
 pub use registration::{
     MAX_META_BYTES, MAX_NAME, MAX_REQUIRED, MAX_URL, Registration, base_url, parse_identity,
     validate_service_name,
 };
-pub use registry::{Change, Registry};
-pub use server::run;
+pub use registry::{Applied, Change, Registry, Required};
+pub use server::{run, run_node};
 pub use state::{Command, Delta, Event, Health, Instance, RegistryState};

@@ -1,5 +1,7 @@
 //! Telling dependents that an instance they require appeared (`POST`) or went
-//! (`DELETE`), with the instance as JSON.
+//! (`DELETE`), with the instance as JSON and the registry's change index in the
+//! `Keel-Index` header (a notification sent again, after a leader change, carries
+//! the same index: a dependent drops what it has seen).
 //!
 //! Each dependent's update URL has its own queue and worker: deliveries to one
 //! dependent keep their order (a "gone" never overtakes the "appeared" before it),
@@ -26,10 +28,15 @@ pub(crate) struct Delivery {
     url: String,
     method: Method,
     instance: Instance,
+    /// The change index of the change it tells of.
+    index: u64,
 }
 
+/// The header that carries a notification's change index.
+pub const INDEX_HEADER: &str = "keel-index";
+
 impl Delivery {
-    pub(crate) fn new(url: String, event: &Event) -> Self {
+    pub(crate) fn new(url: String, event: &Event, index: u64) -> Self {
         let (method, instance) = match event {
             Event::Available(instance) => (Method::POST, instance.clone()),
             Event::Unavailable(instance) => (Method::DELETE, instance.clone()),
@@ -38,6 +45,7 @@ impl Delivery {
             url,
             method,
             instance,
+            index,
         }
     }
 }
@@ -123,6 +131,7 @@ impl Notifier {
             let sent = self
                 .client
                 .request(delivery.method.clone(), &delivery.url)
+                .header(INDEX_HEADER, delivery.index)
                 .json(&delivery.instance)
                 .timeout(self.timeout)
                 .send()
@@ -196,7 +205,7 @@ mod tests {
         let url = "http://127.0.0.1:1/services".to_owned();
         let event = Event::Available(instance());
 
-        notifier.deliver(Delivery::new(url.clone(), &event));
+        notifier.deliver(Delivery::new(url.clone(), &event, 1));
         assert_eq!(queues(&notifier), 1);
         until("the first delivery", || {
             notifier.stats.failed.load(Ordering::Relaxed) == 1
@@ -205,7 +214,7 @@ mod tests {
         until("the idle worker leaves", || queues(&notifier) == 0).await;
 
         // A later delivery to the same dependent starts a new worker and is sent.
-        notifier.deliver(Delivery::new(url, &event));
+        notifier.deliver(Delivery::new(url, &event, 2));
         assert_eq!(queues(&notifier), 1);
         until("the second delivery", || {
             notifier.stats.failed.load(Ordering::Relaxed) == 2

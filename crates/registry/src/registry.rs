@@ -1,9 +1,13 @@
 //! [`Registry`]: the state machine behind a lock, with what changes fan out to:
 //! watchers (a change index and a stream of changes) and dependents (notifications).
+//!
+//! A single registry applies commands itself. A cluster node proposes them through
+//! Raft ([`crate::replica`]), and every node applies what is committed; only the
+//! leader notifies dependents and runs health checks.
 
 use std::collections::BTreeMap;
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -11,7 +15,21 @@ use tokio::sync::{broadcast, watch};
 use crate::error::{RegistryError, Result};
 use crate::notifier::{Delivery, Notifier};
 use crate::registration::Registration;
-use crate::state::{Command, Delta, Event, Instance, RegistryState};
+use crate::replica::Replication;
+use crate::state::{Command, Delta, Event, Health, Instance, RegistryState};
+
+/// The available instances of each service a registration requires.
+pub type Required = BTreeMap<String, Vec<Instance>>;
+
+/// What applying a command did.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// The availability changes.
+    pub events: Vec<Event>,
+    /// For a registration, the answer to it: the available instances of each
+    /// service it requires.
+    pub required: Option<Required>,
+}
 
 /// One availability change, as watchers see it.
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +52,11 @@ pub struct Registry {
     index: watch::Sender<u64>,
     changes: broadcast::Sender<Change>,
     notifier: Notifier,
+    /// Set on a cluster node: commands go through Raft.
+    replication: OnceLock<Replication>,
+    /// Since when (ms since the epoch) this registry leads: it notifies dependents
+    /// and checks health only then. A single registry leads from its start.
+    leading_since: watch::Sender<Option<u64>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -51,7 +74,53 @@ impl Registry {
             index: watch::channel(0).0,
             changes: broadcast::channel(1024).0,
             notifier,
+            replication: OnceLock::new(),
+            leading_since: watch::channel(Some(now_ms())).0,
         }
+    }
+
+    /// Makes this registry a cluster node's: commands go through `replication`, and
+    /// it leads only when told so ([`Registry::set_leading`]).
+    pub(crate) fn set_replication(&self, replication: Replication) {
+        self.leading_since.send_replace(None);
+        let _ = self.replication.set(replication);
+    }
+
+    pub(crate) fn replication(&self) -> Option<&Replication> {
+        self.replication.get()
+    }
+
+    /// Records whether this node leads; taking the lead starts its grace period.
+    pub(crate) fn set_leading(&self, leads: bool) {
+        self.leading_since
+            .send_if_modified(|since| match (leads, *since) {
+                (true, None) => {
+                    *since = Some(now_ms());
+                    true
+                }
+                (false, Some(_)) => {
+                    *since = None;
+                    true
+                }
+                _ => false,
+            });
+    }
+
+    /// Since when this registry leads, if it does.
+    pub fn leading_since(&self) -> Option<u64> {
+        *self.leading_since.borrow()
+    }
+
+    /// Replaces the whole state (a cluster node opening or installing a snapshot).
+    pub(crate) fn replace_state(&self, state: RegistryState) {
+        let index = state.index();
+        *self.state_mut() = state;
+        self.index.send_replace(index);
+    }
+
+    /// The whole state, encoded (a cluster node's checkpoint).
+    pub(crate) fn encode_state(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(&*self.state())
     }
 
     fn state(&self) -> RwLockReadGuard<'_, RegistryState> {
@@ -62,25 +131,76 @@ impl Registry {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Applies a command, then tells watchers and dependents what changed.
+    /// Carries out a command: applies it here, or on a cluster node proposes it
+    /// and returns once it is committed and applied by the leader.
+    ///
+    /// # Errors
+    ///
+    /// As [`RegistryState::apply`]; [`RegistryError::Unavailable`] when the cluster
+    /// could not commit it in time (it may still be committed).
+    pub async fn execute(&self, command: Command) -> Result<Applied> {
+        match self.replication() {
+            None => self.apply(command),
+            Some(replication) => replication.propose(&command).await,
+        }
+    }
+
+    /// Waits until this node has applied every change acknowledged before the
+    /// call, by any node: a linearizable read follows. A no-op on a single registry.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::Unavailable`]: no leader confirmed, or this node lags.
+    pub async fn read_barrier(&self) -> Result<()> {
+        match self.replication() {
+            None => Ok(()),
+            Some(replication) => replication.read_barrier().await,
+        }
+    }
+
+    /// Applies a command, then tells watchers what changed and (when this registry
+    /// leads) dependents.
     ///
     /// # Errors
     ///
     /// As [`RegistryState::apply`].
-    pub fn apply(&self, command: Command) -> Result<Vec<Event>> {
-        let (events, deliveries, index) = {
+    pub fn apply(&self, command: Command) -> Result<Applied> {
+        // A new instance that takes notifications is told of what it requires, as it
+        // would have been had it registered before them.
+        let registered = match &command {
+            Command::Register { registration, .. } => Some((
+                registration.required_services.clone(),
+                registration.update_url.clone(),
+            )),
+            _ => None,
+        };
+        let (events, required, deliveries, index) = {
             let mut state = self.state_mut();
             let events = state.apply(command)?;
+            let index = state.index();
             let mut deliveries = Vec::new();
             for event in &events {
                 let instance = event.instance();
                 for dependent in state.dependents(&instance.name) {
                     if let Some(url) = dependent.update_url {
-                        deliveries.push(Delivery::new(url, event));
+                        deliveries.push(Delivery::new(url, event, index));
                     }
                 }
             }
-            (events, deliveries, state.index())
+            let required = registered.map(|(required, update_url)| {
+                let answer = state.required_by(&required);
+                if let Some(url) = update_url {
+                    for instance in answer.values().flatten() {
+                        deliveries.push(Delivery::new(
+                            url.clone(),
+                            &Event::Available(instance.clone()),
+                            index,
+                        ));
+                    }
+                }
+                answer
+            });
+            (events, required, deliveries, index)
         };
         self.index.send_replace(index);
         for event in &events {
@@ -95,10 +215,12 @@ impl Registry {
                 instance,
             });
         }
-        for delivery in deliveries {
-            self.notifier.deliver(delivery);
+        if self.leading_since().is_some() {
+            for delivery in deliveries {
+                self.notifier.deliver(delivery);
+            }
         }
-        Ok(events)
+        Ok(Applied { events, required })
     }
 
     /// Registers (or updates) an instance and returns, for each service it requires,
@@ -107,8 +229,9 @@ impl Registry {
     ///
     /// # Errors
     ///
-    /// As [`RegistryState::apply`].
-    pub fn register(&self, registration: Registration) -> Result<BTreeMap<String, Vec<Instance>>> {
+    /// As [`Registry::execute`]; [`RegistryError::Full`] when a new instance would
+    /// pass the limit (on a cluster, judged by this node's state).
+    pub async fn register(&self, registration: Registration) -> Result<Required> {
         {
             let state = self.state();
             let known = state
@@ -120,22 +243,29 @@ impl Registry {
                 });
             }
         }
-        let required = registration.required_services.clone();
-        let update_url = registration.update_url.clone();
-        self.apply(Command::Register {
-            registration,
-            at_ms: now_ms(),
-        })?;
-        let answer = self.state().required_by(&required);
-        if let Some(url) = update_url {
-            for instance in answer.values().flatten() {
-                self.notifier.deliver(Delivery::new(
-                    url.clone(),
-                    &Event::Available(instance.clone()),
-                ));
-            }
-        }
-        Ok(answer)
+        let applied = self
+            .execute(Command::Register {
+                registration,
+                at_ms: now_ms(),
+            })
+            .await?;
+        Ok(applied.required.unwrap_or_default())
+    }
+
+    /// An instance's health, if it is registered.
+    pub(crate) fn health(&self, name: &str, id: &str) -> Option<Health> {
+        self.state().instance(name, id).map(|i| i.health)
+    }
+
+    /// Whether a reap at these times would change anything.
+    pub(crate) fn reap_due(
+        &self,
+        now_ms: u64,
+        deregister_after: Duration,
+        grace_from_ms: u64,
+    ) -> bool {
+        let after = deregister_after.as_millis().try_into().unwrap_or(u64::MAX);
+        self.state().reap_due(now_ms, after, grace_from_ms)
     }
 
     /// The change index and every instance.

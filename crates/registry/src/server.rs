@@ -14,6 +14,29 @@ use crate::error::RegistryError;
 use crate::http::{AppState, router};
 use crate::notifier::Notifier;
 use crate::registry::Registry;
+use crate::replica::RegistryNode;
+
+/// The registry of `config` and the HTTP client of its checks and notifications.
+pub(crate) fn build(
+    config: &RegistryConfig,
+) -> Result<(Arc<Registry>, reqwest::Client), RegistryError> {
+    config.validate()?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(config.check_timeout.min(config.notify_timeout))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(RegistryError::HttpClient)?;
+    let notifier = Notifier::new(
+        client.clone(),
+        config.notify_timeout,
+        config.notify_retries,
+        config.notify_queue,
+    );
+    Ok((
+        Arc::new(Registry::new(notifier, config.max_instances)),
+        client,
+    ))
+}
 
 /// Serves the registry on `listener` until `shutdown` completes; health checks and
 /// notifications run meanwhile.
@@ -28,19 +51,44 @@ pub async fn run(
     config: RegistryConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RegistryError> {
-    config.validate()?;
-    let client = reqwest::Client::builder()
-        .connect_timeout(config.check_timeout.min(config.notify_timeout))
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(RegistryError::HttpClient)?;
-    let notifier = Notifier::new(
-        client.clone(),
-        config.notify_timeout,
-        config.notify_retries,
-        config.notify_queue,
-    );
-    let registry = Arc::new(Registry::new(notifier, config.max_instances));
+    let (registry, client) = build(&config)?;
+    serve(listener, config, registry, client, None, shutdown).await;
+    Ok(())
+}
+
+/// Serves a cluster node (see [`crate::replica::start`]): its registry, with its
+/// Raft service (`keel.raft.v1.Raft`, gRPC) on the same listener. Only while the
+/// node leads does it check health and notify. The Raft node stops after the last
+/// request is served.
+pub async fn run_node(
+    listener: TcpListener,
+    config: RegistryConfig,
+    node: RegistryNode,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let raft = node.raft.raft.clone();
+    serve(
+        listener,
+        config,
+        node.registry,
+        node.client,
+        Some(node.raft.service),
+        shutdown,
+    )
+    .await;
+    if let Err(err) = raft.shutdown().await {
+        tracing::warn!(error = %err, "stopping the Raft node failed");
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    config: RegistryConfig,
+    registry: Arc<Registry>,
+    client: reqwest::Client,
+    raft: Option<keel_raft::RaftService>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let checks = Arc::new(CheckStats::default());
     let token = CancellationToken::new();
     let checker = tokio::spawn(checker::run(
@@ -60,12 +108,16 @@ pub async fn run(
             "registry",
         )),
     };
-    let app = router(AppState {
-        registry,
-        config,
-        checks,
-        stopping: token.clone(),
-    });
+    let raft = raft.map(|raft| tonic::service::Routes::new(raft.into_server()).into_axum_router());
+    let app = router(
+        AppState {
+            registry,
+            config,
+            checks,
+            stopping: token.clone(),
+        },
+        raft,
+    );
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
@@ -73,5 +125,4 @@ pub async fn run(
     keel_serve::http::serve_until(serving, shutdown, async || token.cancel()).await;
     let _ = checker.await;
     tracing::info!("registry stopped");
-    Ok(())
 }

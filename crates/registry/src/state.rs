@@ -12,13 +12,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{RegistryError, Result};
 use crate::registration::Registration;
 
 /// An instance's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     /// Serving; returned by discovery.
@@ -29,7 +29,7 @@ pub enum Health {
 }
 
 /// A registered instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
     /// Unique within its service: the URL without its scheme.
     pub id: String,
@@ -68,8 +68,9 @@ impl Instance {
     }
 }
 
-/// A change to the registry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A change to the registry; replicated as JSON (`{"register": {...}}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Registers an instance, or updates it if the same name and id are registered.
     Register {
@@ -112,6 +113,10 @@ pub enum Command {
         now_ms: u64,
         /// How long an instance may stay critical.
         deregister_after_ms: u64,
+        /// No TTL runs out before this time plus the TTL: a registry that took over
+        /// (a new leader) first gives every instance a full TTL to heartbeat to it.
+        #[serde(default)]
+        grace_from_ms: u64,
     },
 }
 
@@ -153,8 +158,8 @@ pub struct Delta {
     pub instances: Vec<Instance>,
 }
 
-/// The registry's state.
-#[derive(Debug, Clone, Default)]
+/// The registry's state; serialized whole as a cluster's snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryState {
     /// By service name, then id: iteration is deterministic.
     services: BTreeMap<String, BTreeMap<String, Instance>>,
@@ -218,7 +223,16 @@ impl RegistryState {
             Command::Reap {
                 now_ms,
                 deregister_after_ms,
-            } => self.reap(now_ms, deregister_after_ms, &mut events, &mut touched),
+                grace_from_ms,
+            } => self.reap(
+                Reaping {
+                    now_ms,
+                    deregister_after_ms,
+                    grace_from_ms,
+                },
+                &mut events,
+                &mut touched,
+            ),
         };
         if changed {
             self.index += 1;
@@ -330,10 +344,21 @@ impl RegistryState {
         }
     }
 
+    /// Whether a [`Command::Reap`] with these times would change anything: a
+    /// registry proposes one only then.
+    pub fn reap_due(&self, now_ms: u64, deregister_after_ms: u64, grace_from_ms: u64) -> bool {
+        let reaping = Reaping {
+            now_ms,
+            deregister_after_ms,
+            grace_from_ms,
+        };
+        self.all()
+            .any(|i| reaping.ttl_ran_out(i) || reaping.critical_too_long(i))
+    }
+
     fn reap(
         &mut self,
-        now_ms: u64,
-        deregister_after_ms: u64,
+        reaping: Reaping,
         events: &mut Vec<Event>,
         touched: &mut Vec<String>,
     ) -> bool {
@@ -341,15 +366,10 @@ impl RegistryState {
         let mut removed = Vec::new();
         for instances in self.services.values_mut() {
             for instance in instances.values_mut() {
-                if let Some(ttl) = instance.ttl_ms
-                    && instance.health == Health::Passing
-                    && now_ms.saturating_sub(instance.last_seen_ms) > ttl
-                {
-                    changed |= set_health(instance, Health::Critical, now_ms, events);
+                if reaping.ttl_ran_out(instance) {
+                    changed |= set_health(instance, Health::Critical, reaping.now_ms, events);
                 }
-                if let Some(since) = instance.critical_since_ms
-                    && now_ms.saturating_sub(since) >= deregister_after_ms
-                {
+                if reaping.critical_too_long(instance) {
                     removed.push((instance.name.clone(), instance.id.clone()));
                 }
             }
@@ -440,6 +460,35 @@ impl RegistryState {
             .iter()
             .map(|name| (name.clone(), self.available(name)))
             .collect()
+    }
+}
+
+/// The times a [`Command::Reap`] judges instances by.
+#[derive(Debug, Clone, Copy)]
+struct Reaping {
+    now_ms: u64,
+    deregister_after_ms: u64,
+    grace_from_ms: u64,
+}
+
+impl Reaping {
+    /// A passing TTL instance whose last sign of life (or the grace's start) is
+    /// older than its TTL.
+    fn ttl_ran_out(self, instance: &Instance) -> bool {
+        instance.ttl_ms.is_some_and(|ttl| {
+            instance.health == Health::Passing
+                && self
+                    .now_ms
+                    .saturating_sub(instance.last_seen_ms.max(self.grace_from_ms))
+                    > ttl
+        })
+    }
+
+    /// An instance critical for at least the deregister-after period.
+    fn critical_too_long(self, instance: &Instance) -> bool {
+        instance
+            .critical_since_ms
+            .is_some_and(|since| self.now_ms.saturating_sub(since) >= self.deregister_after_ms)
     }
 }
 

@@ -149,6 +149,7 @@ fn reap_should_remove_instances_critical_for_long_enough_and_only_those() {
     let reap = |now_ms| Command::Reap {
         now_ms,
         deregister_after_ms: 5_000,
+        grace_from_ms: 0,
     };
     assert!(state.apply(reap(5_999)).unwrap().is_empty());
     assert_eq!(state.instances("log").count(), 2, "not yet");
@@ -192,6 +193,7 @@ fn ttl_instances_should_turn_critical_without_heartbeats_and_revive_with_one() {
     let reap = |now_ms| Command::Reap {
         now_ms,
         deregister_after_ms: 60_000,
+        grace_from_ms: 0,
     };
     assert!(
         state.apply(reap(1_800)).unwrap().is_empty(),
@@ -260,6 +262,7 @@ fn the_same_commands_should_give_the_same_state() {
         Command::Reap {
             now_ms: 20,
             deregister_after_ms: 5,
+            grace_from_ms: 0,
         },
         Command::Register {
             registration: registration("b", 3, &[]),
@@ -268,6 +271,7 @@ fn the_same_commands_should_give_the_same_state() {
         Command::Reap {
             now_ms: 30,
             deregister_after_ms: 5,
+            grace_from_ms: 0,
         },
     ];
     let run = || {
