@@ -93,7 +93,8 @@ enum ClusterCommand {
 /// Where the cluster is.
 #[derive(Debug, Args)]
 struct ClusterArgs {
-    /// Any of the cluster's nodes (several, comma-separated: the first that answers).
+    /// Any of the cluster's nodes, log service or registry (several,
+    /// comma-separated: the first that answers).
     #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
     addr: String,
     /// Print JSON instead of a table.
@@ -270,6 +271,61 @@ struct RegistryServeArgs {
     /// How long an instance may stay critical before it is removed [default: 60s].
     #[arg(long, env = "KEEL_REGISTRY_DEREGISTER_AFTER", value_parser = parse_duration)]
     deregister_after: Option<Duration>,
+    /// Where a cluster node keeps its Raft log and snapshots [default:
+    /// keel-data/registry]. A single registry keeps nothing on disk.
+    #[arg(long, env = "KEEL_REGISTRY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Run as node N of a replicated registry: with --peers or --join, or alone to
+    /// wait until `keel cluster add-node` adds it. Ids are unique and never reused:
+    /// a node that lost its data rejoins under a new id.
+    #[arg(long, env = "KEEL_REGISTRY_NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    node_id: Option<u64>,
+    /// Form a cluster of these nodes: ID=HOST:PORT,... with this node among them.
+    /// Give every node the same list; start them in any order.
+    #[arg(
+        long,
+        env = "KEEL_REGISTRY_PEERS",
+        conflicts_with = "join",
+        requires = "node_id"
+    )]
+    peers: Option<String>,
+    /// Join the running registry cluster that has a member at HOST:PORT.
+    #[arg(long, env = "KEEL_REGISTRY_JOIN", requires = "node_id")]
+    join: Option<String>,
+    /// The address other nodes reach this node at [default: the one in --peers,
+    /// else --addr]; set it when listening on 0.0.0.0.
+    #[arg(long, env = "KEEL_REGISTRY_ADVERTISE")]
+    advertise: Option<String>,
+}
+
+/// The cluster flags of a serving command, whichever service it serves.
+struct NodeFlags<'a> {
+    node_id: Option<u64>,
+    peers: Option<&'a String>,
+    join: Option<&'a String>,
+    advertise: Option<&'a String>,
+}
+
+impl ServeArgs {
+    fn node_flags(&self) -> NodeFlags<'_> {
+        NodeFlags {
+            node_id: self.node_id,
+            peers: self.peers.as_ref(),
+            join: self.join.as_ref(),
+            advertise: self.advertise.as_ref(),
+        }
+    }
+}
+
+impl RegistryServeArgs {
+    fn node_flags(&self) -> NodeFlags<'_> {
+        NodeFlags {
+            node_id: self.node_id,
+            peers: self.peers.as_ref(),
+            join: self.join.as_ref(),
+            advertise: self.advertise.as_ref(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

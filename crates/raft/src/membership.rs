@@ -244,7 +244,8 @@ pub async fn join(node: &RaftNode, addr: &str, advertise: &str) -> Result<(), St
     Ok(())
 }
 
-/// A client of the `keel.raft.v1.Raft` service at `addr`.
+/// A client of the `keel.raft.v1.Raft` service at `addr` (`host:port`, or an
+/// `http://` URL).
 ///
 /// # Errors
 ///
@@ -252,6 +253,10 @@ pub async fn join(node: &RaftNode, addr: &str, advertise: &str) -> Result<(), St
 pub async fn admin(
     addr: &str,
 ) -> Result<pb::raft_client::RaftClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let addr = addr
+        .strip_prefix("http://")
+        .unwrap_or(addr)
+        .trim_end_matches('/');
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2));
     Ok(pb::raft_client::RaftClient::new(endpoint.connect().await?))

@@ -381,3 +381,76 @@ fn issue_15_names_that_come_and_go_should_not_grow_the_state_and_old_watchers_re
     assert!(!delta.full);
     assert_eq!(delta.changed, ["gone-2999"]);
 }
+
+#[test]
+fn issue_17_a_new_leaders_grace_should_hold_back_ttl_expiry_and_reap_due_should_agree() {
+    let mut state = RegistryState::default();
+    let registration = Registration {
+        ttl_ms: Some(1_000),
+        ..registration("visit", 3, &[])
+    };
+    state
+        .apply(Command::Register {
+            registration,
+            at_ms: 0,
+        })
+        .unwrap();
+    let reap = |now_ms, grace_from_ms| Command::Reap {
+        now_ms,
+        deregister_after_ms: 60_000,
+        grace_from_ms,
+    };
+    // The heartbeats of the last second went to a leader that died: the next one
+    // took over at 5 000 and gives the instance a full TTL from then.
+    assert!(!state.reap_due(5_500, 60_000, 5_000));
+    assert!(state.apply(reap(5_500, 5_000)).unwrap().is_empty());
+    assert!(state.reap_due(6_001, 60_000, 5_000));
+    let events = state.apply(reap(6_001, 5_000)).unwrap();
+    assert!(matches!(events.as_slice(), [Event::Unavailable(_)]));
+    assert!(!state.reap_due(6_002, 60_000, 5_000), "already critical");
+    assert!(
+        state.reap_due(66_001, 60_000, 5_000),
+        "critical long enough to go"
+    );
+}
+
+#[test]
+fn issue_17_the_state_and_commands_should_survive_their_encoding() {
+    let mut state = RegistryState::default();
+    register(&mut state, "log", 1, 10);
+    register(&mut state, "visit", 2, 20);
+    set(&mut state, "visit", 2, Health::Critical, 30);
+    state
+        .apply(Command::Deregister {
+            name: "log".into(),
+            id: "127.0.0.1:1".into(),
+        })
+        .unwrap();
+    let bytes = serde_json::to_vec(&state).unwrap();
+    let back: RegistryState = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(back, state);
+    assert_eq!(back.changes_since(1), state.changes_since(1));
+
+    for command in [
+        Command::Register {
+            registration: Registration {
+                ttl_ms: Some(5),
+                ..registration("grading", 4, &["log"])
+            },
+            at_ms: 7,
+        },
+        Command::Heartbeat {
+            name: "grading".into(),
+            id: "127.0.0.1:4".into(),
+            at_ms: 8,
+        },
+        Command::Reap {
+            now_ms: 9,
+            deregister_after_ms: 10,
+            grace_from_ms: 11,
+        },
+    ] {
+        let bytes = serde_json::to_vec(&command).unwrap();
+        assert_eq!(serde_json::from_slice::<Command>(&bytes).unwrap(), command);
+    }
+}

@@ -1,5 +1,5 @@
 //! `keel cluster status|add-node|remove-node`: operator commands on a replicated
-//! log service, sent to the leader (found through any node).
+//! log service or registry, sent to the leader (found through any node).
 
 use anyhow::{Context, bail};
 use keel_proto::raft::v1 as pb;
@@ -18,12 +18,12 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
 async fn any_status(addr: &str) -> anyhow::Result<(String, pb::ClusterStatus)> {
     let mut errors = Vec::new();
     for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        match keel_log::cluster::admin(one).await {
+        match keel_raft::membership::admin(one).await {
             Ok(mut client) => match client.status(pb::ClusterStatusRequest {}).await {
                 Ok(status) => return Ok((one.to_owned(), status.into_inner())),
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
                     errors.push(format!(
-                        "{one}: a single-node log service, not a cluster node"
+                        "{one}: a single node (log service or registry), not a cluster node"
                     ));
                 }
                 Err(status) => errors.push(format!("{one}: {}", status.message())),
@@ -145,7 +145,7 @@ async fn add_node(args: &AddNodeArgs) -> anyhow::Result<()> {
         "adding node {} at {}: it becomes a voter once it has caught up…",
         args.node_id, args.node_addr
     );
-    let status = keel_log::cluster::admin(&leader)
+    let status = keel_raft::membership::admin(&leader)
         .await?
         .add_node(pb::AddNodeRequest {
             node_id: args.node_id,
@@ -160,7 +160,7 @@ async fn add_node(args: &AddNodeArgs) -> anyhow::Result<()> {
 
 async fn remove_node(args: &RemoveNodeArgs) -> anyhow::Result<()> {
     let (leader, _) = leader_status(&args.cluster.addr).await?;
-    let status = keel_log::cluster::admin(&leader)
+    let status = keel_raft::membership::admin(&leader)
         .await?
         .remove_node(pb::RemoveNodeRequest {
             node_id: args.node_id,

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use keel_log::LogServiceConfig;
-use keel_log::cluster::{ClusterOptions, Membership};
+use keel_raft::membership::{ClusterOptions, Membership};
 
-use super::{DemoCommand, Failure, GatewayServeArgs, RegistryServeArgs, ServeArgs};
+use super::{DemoCommand, Failure, GatewayServeArgs, NodeFlags, RegistryServeArgs, ServeArgs};
 
 /// The layout of a keel config file (`--config`).
 #[derive(Debug, Default, serde::Deserialize)]
@@ -112,12 +112,39 @@ pub(super) async fn serve_registry(args: RegistryServeArgs) -> Result<(), Failur
     let addr = listener
         .local_addr()
         .map_err(|err| Failure::Run(err.into()))?;
+    let cluster = cluster_options(&args.node_flags(), addr).map_err(Failure::Config)?;
     let stop = shutdown();
-    println!("keel registry listening on {addr} (HTTP)");
+    let Some(cluster) = cluster else {
+        println!("keel registry listening on {addr} (HTTP)");
+        let _ = std::io::stdout().flush();
+        return keel_registry::run(listener, config, stop)
+            .await
+            .map_err(|err| Failure::Run(anyhow::anyhow!(err)));
+    };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("keel-data/registry"));
+    println!(
+        "keel registry node {} listening on {addr} (HTTP and gRPC keel.raft.v1.Raft), data in {}",
+        cluster.node_id,
+        data_dir.display()
+    );
     let _ = std::io::stdout().flush();
-    keel_registry::run(listener, config, stop)
+    let node = keel_registry::replica::start(&config, &data_dir, &cluster)
         .await
-        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))
+        .map_err(|err| Failure::Run(anyhow::anyhow!(err)))?;
+    if let Membership::Join(via) = &cluster.membership {
+        let joining = node.clone();
+        let (via, advertise) = (via.clone(), cluster.advertise.clone());
+        tokio::spawn(async move {
+            if let Err(err) = joining.join(&via, &advertise).await {
+                tracing::error!(error = %err, "cannot join the cluster");
+            }
+        });
+    }
+    keel_registry::run_node(listener, config, node, stop).await;
+    Ok(())
 }
 
 fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
@@ -157,24 +184,24 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
     Ok(config)
 }
 
-/// The cluster settings of `keel log serve`, when it runs as a node.
+/// The cluster settings of a serving command, when it runs as a node.
 fn cluster_options(
-    args: &ServeArgs,
+    args: &NodeFlags<'_>,
     bound: std::net::SocketAddr,
 ) -> anyhow::Result<Option<ClusterOptions>> {
     let Some(node_id) = args.node_id else {
         return Ok(None);
     };
-    let membership = match (&args.peers, &args.join) {
+    let membership = match (args.peers, args.join) {
         (Some(peers), None) => Membership::Peers(
-            keel_log::cluster::parse_peers(peers)
+            keel_raft::membership::parse_peers(peers)
                 .map_err(|err| anyhow::anyhow!("--peers: {err}"))?,
         ),
         (None, Some(join)) => Membership::Join(join.clone()),
         (None, None) => Membership::Wait,
         (Some(_), Some(_)) => bail!("--peers and --join exclude each other"),
     };
-    let advertise = match (&args.advertise, &membership) {
+    let advertise = match (args.advertise, &membership) {
         (Some(advertise), _) => advertise.clone(),
         (None, Membership::Peers(peers)) => peers
             .get(&node_id)
@@ -190,11 +217,6 @@ fn cluster_options(
     {
         tracing::warn!(%bound, advertise, "this node listens on another port than the one the cluster knows it by");
     }
-    if args.sync.is_some() {
-        tracing::warn!(
-            "--sync does not apply to a cluster node: every acknowledged write is fsynced in the Raft log of a majority"
-        );
-    }
     Ok(Some(ClusterOptions {
         node_id,
         advertise,
@@ -209,7 +231,12 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let addr = listener
         .local_addr()
         .map_err(|err| Failure::Run(err.into()))?;
-    let cluster = cluster_options(&args, addr).map_err(Failure::Config)?;
+    let cluster = cluster_options(&args.node_flags(), addr).map_err(Failure::Config)?;
+    if cluster.is_some() && args.sync.is_some() {
+        tracing::warn!(
+            "--sync does not apply to a cluster node: every acknowledged write is fsynced in the Raft log of a majority"
+        );
+    }
     let stop = shutdown();
     match &cluster {
         Some(cluster) => println!(

@@ -3,4 +3,5 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod api;
+mod cluster;
 mod support;
