@@ -61,6 +61,13 @@ pub(crate) async fn run(
                 let Some(grace_from_ms) = registry.leading_since() else {
                     continue;
                 };
+                if let Some(up_to) = registry.notified_due() {
+                    // The sent notifications leave the outbox, replicated: a next
+                    // leader does not send them again.
+                    if let Err(err) = registry.execute(Command::Notified { up_to }).await {
+                        tracing::debug!(error = %err, "recording sent notifications failed");
+                    }
+                }
                 let now_ms = now_ms();
                 if registry.reap_due(now_ms, config.deregister_after, grace_from_ms) {
                     let reap = Command::Reap { now_ms, deregister_after_ms, grace_from_ms };

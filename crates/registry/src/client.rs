@@ -7,9 +7,12 @@
 mod discovery;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub use discovery::{Discovery, Picked, Policy, ServiceInstance};
+use reqwest::StatusCode;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -110,19 +113,104 @@ impl Snapshot {
     }
 }
 
-/// An HTTP client of one registry.
+/// How long a call keeps trying the nodes of a registry cluster while none takes
+/// it (an election under way, a node restarting).
+const CLUSTER_RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// The pause between rounds over a cluster's nodes.
+const CLUSTER_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// An HTTP client of a registry: one node, or the nodes of a cluster.
+///
+/// With several nodes (`http://a,http://b,http://c`), a call goes to the node that
+/// answered last; a node that cannot be reached, or answers 503 (no leader yet),
+/// passes the call to the next, round after round for up to 5 s. Any node takes any
+/// call: writes are forwarded to the leader, and every node answers lookups and
+/// watches from the same replicated state, with the same change index.
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
-    base: String,
+    bases: Arc<Vec<String>>,
+    /// The node that answered last.
+    current: Arc<AtomicUsize>,
     http: reqwest::Client,
 }
 
 impl RegistryClient {
-    /// A client of the registry at `base` (e.g. `http://127.0.0.1:20000`).
+    /// A client of the registry at `base` (e.g. `http://127.0.0.1:20000`), or of a
+    /// cluster's nodes, comma-separated.
     pub fn new(base: &str, http: reqwest::Client) -> Self {
+        let mut bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/'))
+            .filter(|b| !b.is_empty())
+            .map(|b| {
+                if b.contains("://") {
+                    b.to_owned()
+                } else {
+                    format!("http://{b}")
+                }
+            })
+            .collect();
+        if bases.is_empty() {
+            bases.push(base.trim().to_owned());
+        }
         Self {
-            base: base.trim_end_matches('/').to_owned(),
+            bases: Arc::new(bases),
+            current: Arc::new(AtomicUsize::new(0)),
             http,
+        }
+    }
+
+    /// The registry's nodes, as given.
+    pub fn bases(&self) -> &[String] {
+        &self.bases
+    }
+
+    /// Sends the request `build` makes for a node's base URL, to the node that
+    /// answered last and, while nodes cannot take it, to the others in turn.
+    async fn send(
+        &self,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RegistryClientError> {
+        let count = self.bases.len();
+        let deadline = tokio::time::Instant::now() + CLUSTER_RETRY_FOR;
+        loop {
+            let first = self.current.load(Ordering::Relaxed);
+            let mut last_error = None;
+            for step in 0..count {
+                let at = (first + step) % count;
+                let base = &self.bases[at];
+                match build(&self.http, base).send().await {
+                    Ok(response)
+                        if count > 1 && response.status() == StatusCode::SERVICE_UNAVAILABLE =>
+                    {
+                        tracing::debug!(node = base, "the registry node cannot take the call yet");
+                        last_error = Some(RegistryClientError::Refused {
+                            what: "the call",
+                            status: response.status().as_u16(),
+                            body: response.text().await.unwrap_or_default(),
+                        });
+                    }
+                    Ok(response) => {
+                        self.current.store(at, Ordering::Relaxed);
+                        return Ok(response);
+                    }
+                    Err(source) => {
+                        tracing::debug!(node = base, error = %source, "the registry node is unreachable");
+                        last_error = Some(RegistryClientError::Unreachable {
+                            url: base.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+            let Some(err) = last_error else {
+                unreachable!("a registry client has at least one node")
+            };
+            if count == 1 || tokio::time::Instant::now() + CLUSTER_RETRY_PAUSE >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(CLUSTER_RETRY_PAUSE).await;
         }
     }
 
@@ -137,15 +225,14 @@ impl RegistryClient {
         &self,
         registration: &Registration,
     ) -> Result<BTreeMap<String, Vec<ServiceInstance>>, RegistryClientError> {
-        let url = format!("{}/services", self.base);
+        let body = registration.to_canonical_json();
         let response = self
-            .http
-            .post(&url)
-            .json(&registration.to_canonical_json())
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|source| RegistryClientError::Unreachable { url, source })?;
+            .send(|http, base| {
+                http.post(format!("{base}/services"))
+                    .json(&body)
+                    .timeout(Duration::from_secs(5))
+            })
+            .await?;
         let response = refused_unless_success(response, "the registration").await?;
         response
             .json()
@@ -162,14 +249,12 @@ impl RegistryClient {
     ///
     /// [`RegistryClientError`]: the registry cannot be reached or refuses.
     pub async fn deregister(&self, name: &str, id: &str) -> Result<(), RegistryClientError> {
-        let url = format!("{}/v1/services/{name}/{id}", self.base);
         let response = self
-            .http
-            .delete(&url)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .map_err(|source| RegistryClientError::Unreachable { url, source })?;
+            .send(|http, base| {
+                http.delete(format!("{base}/v1/services/{name}/{id}"))
+                    .timeout(Duration::from_secs(2))
+            })
+            .await?;
         refused_unless_success(response, "the deregistration").await?;
         Ok(())
     }
@@ -182,7 +267,7 @@ impl RegistryClient {
     /// nonsense.
     pub async fn services(&self) -> Result<Snapshot, RegistryClientError> {
         self.snapshot(
-            format!("{}/v1/services", self.base),
+            "/v1/services".to_owned(),
             Duration::from_secs(5),
             "the listing",
         )
@@ -198,28 +283,23 @@ impl RegistryClient {
     /// [`RegistryClientError`]: the registry cannot be reached, refuses, or answers
     /// nonsense.
     pub async fn watch(&self, index: u64, wait: Duration) -> Result<Snapshot, RegistryClientError> {
-        let url = format!(
-            "{}/v1/watch?index={index}&wait={}ms&changes=true",
-            self.base,
+        let path = format!(
+            "/v1/watch?index={index}&wait={}ms&changes=true",
             wait.as_millis()
         );
-        self.snapshot(url, wait + Duration::from_secs(10), "the watch")
+        self.snapshot(path, wait + Duration::from_secs(10), "the watch")
             .await
     }
 
     async fn snapshot(
         &self,
-        url: String,
+        path: String,
         timeout: Duration,
         what: &'static str,
     ) -> Result<Snapshot, RegistryClientError> {
         let response = self
-            .http
-            .get(&url)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|source| RegistryClientError::Unreachable { url, source })?;
+            .send(|http, base| http.get(format!("{base}{path}")).timeout(timeout))
+            .await?;
         refused_unless_success(response, what)
             .await?
             .json()

@@ -39,4 +39,4 @@ pub use registration::{
 };
 pub use registry::{Applied, Change, Registry, Required};
 pub use server::{run, run_node};
-pub use state::{Command, Delta, Event, Health, Instance, RegistryState};
+pub use state::{Command, Delta, Event, Health, Instance, MAX_OUTBOX, Notice, RegistryState};

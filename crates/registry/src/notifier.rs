@@ -8,7 +8,7 @@
 //! and an unreachable dependent only delays its own queue. Deliveries time out and
 //! are retried with backoff; a full queue drops new deliveries and counts them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use reqwest::Method;
 use tokio::sync::mpsc;
 
-use crate::state::{Event, Instance};
+use crate::state::{Instance, Notice};
 
 /// How long a dependent's worker waits for work before it stops (a new delivery
 /// starts a new one), so that dependents that come and go leave nothing behind.
@@ -36,16 +36,16 @@ pub(crate) struct Delivery {
 pub const INDEX_HEADER: &str = "keel-index";
 
 impl Delivery {
-    pub(crate) fn new(url: String, event: &Event, index: u64) -> Self {
-        let (method, instance) = match event {
-            Event::Available(instance) => (Method::POST, instance.clone()),
-            Event::Unavailable(instance) => (Method::DELETE, instance.clone()),
-        };
+    pub(crate) fn of(notice: &Notice) -> Self {
         Self {
-            url,
-            method,
-            instance,
-            index,
+            url: notice.url.clone(),
+            method: if notice.available {
+                Method::POST
+            } else {
+                Method::DELETE
+            },
+            instance: notice.instance.clone(),
+            index: notice.index,
         }
     }
 }
@@ -68,6 +68,8 @@ pub(crate) struct Notifier {
     queue_depth: usize,
     /// How long an idle worker waits before it stops ([`IDLE`]).
     idle: Duration,
+    /// Deliveries expected or under way, by change index.
+    pending: Arc<Mutex<BTreeMap<u64, usize>>>,
     pub(crate) stats: Arc<NotifierStats>,
 }
 
@@ -85,17 +87,48 @@ impl Notifier {
             retries,
             queue_depth,
             idle: IDLE,
+            pending: Arc::default(),
             stats: Arc::default(),
         }
     }
 
-    /// Queues a delivery; never waits. Must be called within the tokio runtime.
+    /// Counts `notices` as under way before they are delivered, so that
+    /// [`Notifier::oldest_pending`] never passes them.
+    pub(crate) fn expect(&self, notices: &[Notice]) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        for notice in notices {
+            *pending.entry(notice.index).or_default() += 1;
+        }
+    }
+
+    /// The change index of the oldest delivery expected or under way.
+    pub(crate) fn oldest_pending(&self) -> Option<u64> {
+        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.keys().next().copied()
+    }
+
+    fn finished(&self, index: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = pending.get_mut(&index) {
+            *count -= 1;
+            if *count == 0 {
+                pending.remove(&index);
+            }
+        }
+    }
+
+    /// Queues a delivery (expected by [`Notifier::expect`]); never waits. Must be
+    /// called within the tokio runtime.
     pub(crate) fn deliver(&self, delivery: Delivery) {
         let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
         let queue = queues
             .entry(delivery.url.clone())
             .or_insert_with(|| self.spawn_worker(delivery.url.clone()));
-        if queue.try_send(delivery).is_err() {
+        if let Err(refused) = queue.try_send(delivery) {
+            let delivery = match refused {
+                mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
+            };
+            self.finished(delivery.index);
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("a dependent's notification queue is full; dropping a notification");
         }
@@ -107,7 +140,10 @@ impl Notifier {
         tokio::spawn(async move {
             loop {
                 match tokio::time::timeout(this.idle, rx.recv()).await {
-                    Ok(Some(delivery)) => this.send_with_retries(&delivery).await,
+                    Ok(Some(delivery)) => {
+                        this.send_with_retries(&delivery).await;
+                        this.finished(delivery.index);
+                    }
                     Ok(None) => break,
                     Err(_) => {
                         // Idle: leave, unless a delivery arrived meanwhile. Deliveries are
@@ -171,6 +207,15 @@ mod tests {
     use super::*;
     use crate::state::Health;
 
+    fn notice(url: &str, index: u64) -> Notice {
+        Notice {
+            index,
+            url: url.to_owned(),
+            available: true,
+            instance: instance(),
+        }
+    }
+
     fn instance() -> Instance {
         Instance {
             id: "127.0.0.1:9".into(),
@@ -203,18 +248,24 @@ mod tests {
         let queues = |n: &Notifier| n.queues.lock().unwrap().len();
         // Port 1 on loopback refuses at once: each delivery fails quickly.
         let url = "http://127.0.0.1:1/services".to_owned();
-        let event = Event::Available(instance());
-
-        notifier.deliver(Delivery::new(url.clone(), &event, 1));
+        let first = notice(&url, 1);
+        notifier.expect(std::slice::from_ref(&first));
+        assert_eq!(notifier.oldest_pending(), Some(1));
+        notifier.deliver(Delivery::of(&first));
         assert_eq!(queues(&notifier), 1);
         until("the first delivery", || {
             notifier.stats.failed.load(Ordering::Relaxed) == 1
         })
         .await;
         until("the idle worker leaves", || queues(&notifier) == 0).await;
+        assert_eq!(
+            notifier.oldest_pending(),
+            None,
+            "given up on: no longer pending"
+        );
 
         // A later delivery to the same dependent starts a new worker and is sent.
-        notifier.deliver(Delivery::new(url, &event, 2));
+        notifier.deliver(Delivery::of(&notice(&url, 2)));
         assert_eq!(queues(&notifier), 1);
         until("the second delivery", || {
             notifier.stats.failed.load(Ordering::Relaxed) == 2

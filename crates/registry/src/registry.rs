@@ -16,7 +16,7 @@ use crate::error::{RegistryError, Result};
 use crate::notifier::{Delivery, Notifier};
 use crate::registration::Registration;
 use crate::replica::Replication;
-use crate::state::{Command, Delta, Event, Health, Instance, RegistryState};
+use crate::state::{Command, Delta, Event, Health, Instance, Notice, RegistryState};
 
 /// The available instances of each service a registration requires.
 pub type Required = BTreeMap<String, Vec<Instance>>;
@@ -91,19 +91,42 @@ impl Registry {
     }
 
     /// Records whether this node leads; taking the lead starts its grace period.
+    /// Taking the lead, it sends what the outbox holds: notifications its
+    /// predecessor may not have sent (a dependent drops those it has seen, by their
+    /// change index).
     pub(crate) fn set_leading(&self, leads: bool) {
-        self.leading_since
-            .send_if_modified(|since| match (leads, *since) {
-                (true, None) => {
-                    *since = Some(now_ms());
-                    true
-                }
-                (false, Some(_)) => {
-                    *since = None;
-                    true
-                }
-                _ => false,
-            });
+        let owed: Vec<Notice> = {
+            let state = self.state_mut();
+            let took_lead = self
+                .leading_since
+                .send_if_modified(|since| match (leads, *since) {
+                    (true, None) => {
+                        *since = Some(now_ms());
+                        true
+                    }
+                    (false, Some(_)) => {
+                        *since = None;
+                        true
+                    }
+                    _ => false,
+                })
+                && leads;
+            if !took_lead {
+                return;
+            }
+            let owed: Vec<Notice> = state.outbox().cloned().collect();
+            self.notifier.expect(&owed);
+            owed
+        };
+        if !owed.is_empty() {
+            tracing::info!(
+                notifications = owed.len(),
+                "took the lead: sending the notifications not known to be sent"
+            );
+        }
+        for notice in &owed {
+            self.notifier.deliver(Delivery::of(notice));
+        }
     }
 
     /// Since when this registry leads, if it does.
@@ -165,42 +188,21 @@ impl Registry {
     ///
     /// As [`RegistryState::apply`].
     pub fn apply(&self, command: Command) -> Result<Applied> {
-        // A new instance that takes notifications is told of what it requires, as it
-        // would have been had it registered before them.
-        let registered = match &command {
-            Command::Register { registration, .. } => Some((
-                registration.required_services.clone(),
-                registration.update_url.clone(),
-            )),
+        let required = match &command {
+            Command::Register { registration, .. } => Some(registration.required_services.clone()),
             _ => None,
         };
-        let (events, required, deliveries, index) = {
+        let (events, required, notices, index) = {
             let mut state = self.state_mut();
-            let events = state.apply(command)?;
-            let index = state.index();
-            let mut deliveries = Vec::new();
-            for event in &events {
-                let instance = event.instance();
-                for dependent in state.dependents(&instance.name) {
-                    if let Some(url) = dependent.update_url {
-                        deliveries.push(Delivery::new(url, event, index));
-                    }
-                }
+            let (events, notices) = state.apply_noting(command)?;
+            let required = required.map(|required| state.required_by(&required));
+            // Read under the lock that taking the lead also holds: a notice is either
+            // delivered here or found in the outbox by the new leader, never neither.
+            let leads = self.leading_since().is_some();
+            if leads {
+                self.notifier.expect(&notices);
             }
-            let required = registered.map(|(required, update_url)| {
-                let answer = state.required_by(&required);
-                if let Some(url) = update_url {
-                    for instance in answer.values().flatten() {
-                        deliveries.push(Delivery::new(
-                            url.clone(),
-                            &Event::Available(instance.clone()),
-                            index,
-                        ));
-                    }
-                }
-                answer
-            });
-            (events, required, deliveries, index)
+            (events, required, leads.then_some(notices), state.index())
         };
         self.index.send_replace(index);
         for event in &events {
@@ -215,12 +217,21 @@ impl Registry {
                 instance,
             });
         }
-        if self.leading_since().is_some() {
-            for delivery in deliveries {
-                self.notifier.deliver(delivery);
-            }
+        for notice in notices.iter().flatten() {
+            self.notifier.deliver(Delivery::of(notice));
         }
         Ok(Applied { events, required })
+    }
+
+    /// The change index up to which every notification has been sent (or given up
+    /// on) by this registry, if that would empty anything from the outbox.
+    pub(crate) fn notified_due(&self) -> Option<u64> {
+        let state = self.state();
+        let up_to = match self.notifier.oldest_pending() {
+            Some(oldest) => oldest - 1,
+            None => state.index(),
+        };
+        state.notified_due(up_to).then_some(up_to)
     }
 
     /// Registers (or updates) an instance and returns, for each service it requires,
@@ -314,5 +325,119 @@ impl Registry {
 
     pub(crate) fn notifier(&self) -> &Notifier {
         &self.notifier
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::http::{HeaderMap, Method};
+
+    use super::*;
+
+    /// A dependent that records (method, change index, instance id) of what it gets.
+    async fn dependent() -> (String, Arc<Mutex<Vec<(Method, u64, String)>>>) {
+        let got: Arc<Mutex<Vec<(Method, u64, String)>>> = Arc::default();
+        let record = Arc::clone(&got);
+        let app = axum::Router::new().route(
+            "/services",
+            axum::routing::any(
+                move |method: Method, headers: HeaderMap, body: axum::body::Bytes| {
+                    let record = Arc::clone(&record);
+                    async move {
+                        let index = headers[crate::notifier::INDEX_HEADER]
+                            .to_str()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        let instance: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let id = instance["id"].as_str().unwrap().to_owned();
+                        record.lock().unwrap().push((method, index, id));
+                        "ok"
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/services", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, got)
+    }
+
+    fn registration(name: &str, port: u16, required: &[&str], update_url: Option<&str>) -> Command {
+        Command::Register {
+            registration: Registration {
+                name: name.into(),
+                url: format!("http://127.0.0.1:{port}"),
+                required_services: required.iter().map(|s| (*s).to_owned()).collect(),
+                update_url: update_url.map(str::to_owned),
+                heartbeat_url: None,
+                meta: BTreeMap::new(),
+                ttl_ms: None,
+            },
+            at_ms: 1,
+        }
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn issue_17_a_registry_taking_the_lead_should_send_what_the_outbox_holds_once() {
+        let (url, got) = dependent().await;
+        let notifier = Notifier::new(reqwest::Client::new(), Duration::from_secs(5), 1, 64);
+        let registry = Registry::new(notifier, 100);
+        // A follower: applies, notifies nobody.
+        registry.set_leading(false);
+        registry
+            .apply(registration("portal", 7, &["grading"], Some(&url)))
+            .unwrap();
+        registry
+            .apply(registration("grading", 8, &[], None))
+            .unwrap();
+        assert_eq!(registry.state().outbox().count(), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(got.lock().unwrap().is_empty(), "a follower sends nothing");
+
+        // It takes the lead: the notification its predecessor owed goes out, with the
+        // index of its change.
+        registry.set_leading(true);
+        until("the owed notification", || got.lock().unwrap().len() == 1).await;
+        assert_eq!(
+            got.lock().unwrap()[0],
+            (Method::POST, 2, "127.0.0.1:8".to_owned())
+        );
+        until("sent, as the notifier knows", || {
+            registry.notified_due() == Some(2)
+        })
+        .await;
+        registry.apply(Command::Notified { up_to: 2 }).unwrap();
+        assert_eq!(registry.state().outbox().count(), 0);
+        assert_eq!(registry.notified_due(), None, "nothing left to record");
+
+        // Losing and taking the lead again sends nothing twice; a new change is sent
+        // at once.
+        registry.set_leading(false);
+        registry.set_leading(true);
+        registry
+            .apply(Command::Deregister {
+                name: "grading".into(),
+                id: "127.0.0.1:8".into(),
+            })
+            .unwrap();
+        until("the new change", || got.lock().unwrap().len() == 2).await;
+        assert_eq!(
+            got.lock().unwrap()[1],
+            (Method::DELETE, 3, "127.0.0.1:8".to_owned())
+        );
     }
 }

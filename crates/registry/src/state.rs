@@ -10,7 +10,7 @@
 //! An instance is **available** while it is registered and passing. Events report
 //! changes of availability, which is what dependents are told about.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -106,6 +106,12 @@ pub enum Command {
         /// The time of the heartbeat.
         at_ms: u64,
     },
+    /// The leader has sent (or given up on) every notification of the changes up to
+    /// this index: they leave the outbox.
+    Notified {
+        /// The change index.
+        up_to: u64,
+    },
     /// Turns instances whose TTL ran out critical, and removes instances critical
     /// for at least `deregister_after_ms`.
     Reap {
@@ -137,6 +143,24 @@ impl Event {
         }
     }
 }
+
+/// A notification owed to a dependent: part of the state, so that a registry that
+/// takes over (a new leader) sends what its predecessor may not have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// The change index of the change it tells of.
+    pub index: u64,
+    /// The dependent's update URL.
+    pub url: String,
+    /// `POST` (the instance became available) or `DELETE` (it stopped being).
+    pub available: bool,
+    /// The instance it is about.
+    pub instance: Instance,
+}
+
+/// Notifications the outbox holds at most; past it, the oldest are forgotten (a
+/// registry that takes over does not send them again).
+pub const MAX_OUTBOX: usize = 10_000;
 
 /// Services whose last instance left that the state still remembers for watchers,
 /// beyond those it holds; older ones are forgotten, and a watcher that last looked
@@ -170,6 +194,9 @@ pub struct RegistryState {
     /// Changes at or below this index may have been forgotten (see
     /// [`REMEMBERED_REMOVALS`]).
     forgotten: u64,
+    /// Notifications not yet known to be sent (or given up on), oldest first.
+    #[serde(default)]
+    outbox: VecDeque<Notice>,
 }
 
 impl RegistryState {
@@ -185,6 +212,76 @@ impl RegistryState {
     /// [`RegistryError::UnknownInstance`] for a command about an instance that is not
     /// registered; the state is unchanged.
     pub fn apply(&mut self, command: Command) -> Result<Vec<Event>> {
+        self.apply_noting(command).map(|(events, _)| events)
+    }
+
+    /// Applies a command; returns the availability changes it caused and the
+    /// notifications it owes dependents (also kept in the outbox until a
+    /// [`Command::Notified`]): each change to the dependents of its service, and a
+    /// new registration's required instances to the new instance.
+    ///
+    /// # Errors
+    ///
+    /// As [`RegistryState::apply`].
+    pub fn apply_noting(&mut self, command: Command) -> Result<(Vec<Event>, Vec<Notice>)> {
+        // A new instance that takes notifications is told of what it requires, as it
+        // would have been had it registered before them.
+        let registrant = match &command {
+            Command::Register { registration, .. } => registration
+                .update_url
+                .clone()
+                .map(|url| (url, registration.required_services.clone())),
+            _ => None,
+        };
+        let events = self.apply_command(command)?;
+        let mut notices = Vec::new();
+        for event in &events {
+            let (available, instance) = match event {
+                Event::Available(instance) => (true, instance),
+                Event::Unavailable(instance) => (false, instance),
+            };
+            for dependent in self.dependents(&instance.name) {
+                if let Some(url) = dependent.update_url {
+                    notices.push(Notice {
+                        index: self.index,
+                        url,
+                        available,
+                        instance: instance.clone(),
+                    });
+                }
+            }
+        }
+        if let Some((url, required)) = registrant {
+            for instance in required.iter().flat_map(|name| self.available(name)) {
+                notices.push(Notice {
+                    index: self.index,
+                    url: url.clone(),
+                    available: true,
+                    instance,
+                });
+            }
+        }
+        self.outbox.extend(notices.iter().cloned());
+        while self.outbox.len() > MAX_OUTBOX {
+            self.outbox.pop_front();
+        }
+        Ok((events, notices))
+    }
+
+    /// The notifications not yet known to be sent.
+    pub fn outbox(&self) -> impl Iterator<Item = &Notice> {
+        self.outbox.iter()
+    }
+
+    /// Whether a [`Command::Notified`] up to `up_to` would empty anything from the
+    /// outbox.
+    pub fn notified_due(&self, up_to: u64) -> bool {
+        self.outbox
+            .front()
+            .is_some_and(|notice| notice.index <= up_to)
+    }
+
+    fn apply_command(&mut self, command: Command) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         // The services whose instances, as watchers see them, change.
         let mut touched = Vec::new();
@@ -219,6 +316,11 @@ impl RegistryState {
                 instance.last_seen_ms = at_ms;
                 // A sign of life that changes no health changes nothing a watcher sees.
                 set_health(instance, Health::Passing, at_ms, &mut events)
+            }
+            Command::Notified { up_to } => {
+                while self.notify_done_front(up_to) {}
+                // Nothing a watcher sees.
+                false
             }
             Command::Reap {
                 now_ms,
@@ -341,6 +443,19 @@ impl RegistryState {
                 events.push(Event::Available(instance.clone()));
                 instances.insert(id, instance);
             }
+        }
+    }
+
+    fn notify_done_front(&mut self, up_to: u64) -> bool {
+        if self
+            .outbox
+            .front()
+            .is_some_and(|notice| notice.index <= up_to)
+        {
+            self.outbox.pop_front();
+            true
+        } else {
+            false
         }
     }
 

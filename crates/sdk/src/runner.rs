@@ -1,11 +1,12 @@
 //! Running a service: serve, register, stay registered and informed, leave cleanly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::routing::{any, get};
 use tokio_util::sync::CancellationToken;
 
@@ -124,25 +125,20 @@ impl Service {
         let url = format!("http://{addr}");
         let client = registry_http(&config)?;
 
-        let updates = discovery.clone();
+        let updates = Notifications {
+            discovery: discovery.clone(),
+            seen: Arc::default(),
+        };
         let app = router
             .route("/heart-beat", get(|| async { StatusCode::OK }))
             .route(
                 "/services",
-                any(move |method: Method, body: axum::body::Bytes| {
-                    let discovery = updates.clone();
-                    async move {
-                        match serde_json::from_slice::<ServiceInstance>(&body) {
-                            Ok(instance) if method == Method::POST => discovery.add(instance),
-                            Ok(instance) if method == Method::DELETE => {
-                                discovery.remove(&instance.name, &instance.id)
-                            }
-                            Ok(_) => return StatusCode::METHOD_NOT_ALLOWED,
-                            Err(_) => return StatusCode::BAD_REQUEST,
-                        }
-                        StatusCode::OK
-                    }
-                }),
+                any(
+                    move |method: Method, headers: HeaderMap, body: axum::body::Bytes| {
+                        let updates = updates.clone();
+                        async move { updates.take(&method, &headers, &body) }
+                    },
+                ),
             );
 
         let token = CancellationToken::new();
@@ -171,6 +167,62 @@ impl Service {
             () = drained => tracing::warn!(?grace, "grace period over; dropping open connections"),
         }
         Ok(())
+    }
+}
+
+/// Instances whose last notification index is remembered at most.
+const MAX_SEEN: usize = 4096;
+
+/// Notifications from the registry, applied to the discovery table. Each carries
+/// its change index (`Keel-Index`); one older than the last applied for the same
+/// instance is dropped, so that a notification sent again by a registry that took
+/// over never undoes a later one.
+#[derive(Clone)]
+struct Notifications {
+    discovery: Discovery,
+    /// The change index last applied, by service and instance id.
+    seen: Arc<Mutex<HashMap<(String, String), u64>>>,
+}
+
+impl Notifications {
+    fn take(&self, method: &Method, headers: &HeaderMap, body: &[u8]) -> StatusCode {
+        let Ok(instance) = serde_json::from_slice::<ServiceInstance>(body) else {
+            return StatusCode::BAD_REQUEST;
+        };
+        if *method != Method::POST && *method != Method::DELETE {
+            return StatusCode::METHOD_NOT_ALLOWED;
+        }
+        let index = headers
+            .get(keel_registry::INDEX_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(index) = index {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if seen.len() >= MAX_SEEN {
+                // Instances come and go; start over rather than grow without end.
+                seen.clear();
+            }
+            let last = seen
+                .entry((instance.name.clone(), instance.id.clone()))
+                .or_default();
+            if index < *last {
+                tracing::debug!(
+                    service = instance.name,
+                    instance = instance.id,
+                    index,
+                    last = *last,
+                    "an older notification; dropped"
+                );
+                return StatusCode::OK;
+            }
+            *last = index;
+        }
+        if *method == Method::POST {
+            self.discovery.add(instance);
+        } else {
+            self.discovery.remove(&instance.name, &instance.id);
+        }
+        StatusCode::OK
     }
 }
 
@@ -339,5 +391,44 @@ async fn keep_registered(
             }
             backoff = (backoff * 2).min(config.max_backoff);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notify(updates: &Notifications, method: Method, index: u64) -> StatusCode {
+        let mut headers = HeaderMap::new();
+        headers.insert(keel_registry::INDEX_HEADER, index.into());
+        let body = serde_json::json!({
+            "id": "127.0.0.1:7", "name": "grading", "url": "http://127.0.0.1:7"
+        });
+        updates.take(&method, &headers, body.to_string().as_bytes())
+    }
+
+    #[test]
+    fn issue_17_a_notification_sent_again_should_never_undo_a_later_one() {
+        let updates = Notifications {
+            discovery: Discovery::default(),
+            seen: Arc::default(),
+        };
+        let known = || updates.discovery.instances("grading").len();
+        assert_eq!(notify(&updates, Method::POST, 10), StatusCode::OK);
+        assert_eq!(known(), 1);
+        assert_eq!(notify(&updates, Method::DELETE, 12), StatusCode::OK);
+        assert_eq!(known(), 0);
+        // The registry's next leader sends the appearance again: dropped.
+        assert_eq!(notify(&updates, Method::POST, 10), StatusCode::OK);
+        assert_eq!(known(), 0);
+        // The same change twice is the same change.
+        assert_eq!(notify(&updates, Method::DELETE, 12), StatusCode::OK);
+        assert_eq!(known(), 0);
+        assert_eq!(notify(&updates, Method::POST, 13), StatusCode::OK);
+        assert_eq!(known(), 1);
+        assert_eq!(
+            updates.take(&Method::PUT, &HeaderMap::new(), b"{}"),
+            StatusCode::BAD_REQUEST
+        );
     }
 }

@@ -724,3 +724,41 @@ async fn issue_15_a_watch_should_carry_the_changed_service_not_the_whole_table()
     assert_eq!(answer["instances"][0]["name"], "late", "{answer}");
     assert_eq!(answer["index"], index + 1, "{answer}");
 }
+
+#[tokio::test]
+async fn issue_17_a_client_of_several_nodes_should_pass_over_the_dead_and_the_unready() {
+    use keel_registry::client::RegistryClient;
+    let registry = TestRegistry::start(fast_config()).await;
+    // A node that answers 503 (it knows no leader yet) and counts the calls it got.
+    let unready = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let unready_addr = unready.local_addr().unwrap();
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&refused);
+    let app = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { (StatusCode::SERVICE_UNAVAILABLE, "no leader") }
+    });
+    tokio::spawn(async move { axum::serve(unready, app).await });
+    // Port 1 on loopback refuses connections: a dead node.
+    let nodes = format!("http://127.0.0.1:1, {unready_addr} ,{}", registry.url(""));
+    let client = RegistryClient::new(&nodes, reqwest::Client::new());
+    assert_eq!(client.bases().len(), 3);
+    let log = Instance::start().await;
+    let registration = keel_registry::Registration::parse(
+        &serde_json::to_vec(&log.dialect_a("log", &[])).unwrap(),
+    )
+    .unwrap();
+    client.register(&registration).await.unwrap();
+    assert_eq!(refused.load(Ordering::SeqCst), 1);
+    // The node that answered is asked first from now on.
+    let table = client.services().await.unwrap();
+    assert_eq!(table.passing("log").len(), 1);
+    assert_eq!(refused.load(Ordering::SeqCst), 1, "not asked again");
+
+    // With one node only, a 503 is the answer.
+    let alone = RegistryClient::new(&format!("http://{unready_addr}"), reqwest::Client::new());
+    assert!(matches!(
+        alone.services().await,
+        Err(keel_registry::RegistryClientError::Refused { status: 503, .. })
+    ));
+}

@@ -212,8 +212,8 @@ async fn instances(node: &Node, name: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Waits for the next notification, then a little longer to see that no copy of it
-/// follows (from another node).
+/// Waits for the next notification, then a little longer to see that no other
+/// follows (but a copy that a dependent drops).
 async fn exactly_one(instance: &mut Instance) -> (Method, Value) {
     let first = instance.next().await;
     let copy =
@@ -257,6 +257,7 @@ async fn issue_17_any_node_should_take_writes_every_node_answer_and_only_the_lea
         (method, instance["id"].as_str()),
         (Method::POST, Some(id.as_str()))
     );
+    assert_eq!(portal.arrivals.lock().unwrap().len(), 1, "sent once");
 
     // A deregistration through another follower.
     let response = http()
@@ -268,6 +269,7 @@ async fn issue_17_any_node_should_take_writes_every_node_answer_and_only_the_lea
     assert_eq!(response.status(), StatusCode::OK);
     let (method, _) = exactly_one(&mut portal).await;
     assert_eq!(method, Method::DELETE);
+    assert_eq!(portal.arrivals.lock().unwrap().len(), 2, "sent once");
     assert!(instances(cluster.node(leader), "grading").await.is_empty());
 }
 

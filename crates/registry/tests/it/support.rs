@@ -80,11 +80,17 @@ impl TestRegistry {
 /// A notification an instance received: the method and the instance JSON.
 pub(crate) type Notification = (Method, Value);
 
-/// A fake service instance.
+/// What arrived at an instance's update URL: method, `Keel-Index`, instance id.
+pub(crate) type Arrival = (Method, u64, String);
+
+/// A fake service instance. Like the SDK, it drops a notification it has seen (the
+/// same change index, method and instance: sent again by a registry that took
+/// over); `arrivals` keeps everything that arrived.
 pub(crate) struct Instance {
     pub(crate) addr: SocketAddr,
     pub(crate) healthy: Arc<AtomicBool>,
     pub(crate) notifications: mpsc::UnboundedReceiver<Notification>,
+    pub(crate) arrivals: Arc<std::sync::Mutex<Vec<Arrival>>>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -95,16 +101,33 @@ impl Instance {
         let healthy = Arc::new(AtomicBool::new(true));
         let (tx, notifications) = mpsc::unbounded_channel();
         let health = Arc::clone(&healthy);
+        let arrivals: Arc<std::sync::Mutex<Vec<Arrival>>> = Arc::default();
+        let record = Arc::clone(&arrivals);
         let app = axum::Router::new()
             .route(
                 "/services",
-                any(move |method: Method, Json(body): Json<Value>| {
-                    let tx = tx.clone();
-                    async move {
-                        let _ = tx.send((method, body));
-                        StatusCode::OK
-                    }
-                }),
+                any(
+                    move |method: Method,
+                          headers: axum::http::HeaderMap,
+                          Json(body): Json<Value>| {
+                        let (tx, record) = (tx.clone(), Arc::clone(&record));
+                        async move {
+                            let index = headers
+                                .get(keel_registry::INDEX_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            let id = body["id"].as_str().unwrap_or_default().to_owned();
+                            let arrival = (method.clone(), index, id);
+                            let mut arrivals = record.lock().unwrap();
+                            if !arrivals.contains(&arrival) {
+                                let _ = tx.send((method, body));
+                            }
+                            arrivals.push(arrival);
+                            StatusCode::OK
+                        }
+                    },
+                ),
             )
             .route(
                 "/heart-beat",
@@ -131,6 +154,7 @@ impl Instance {
             addr,
             healthy,
             notifications,
+            arrivals,
             _stop: stop,
         }
     }
