@@ -33,7 +33,7 @@ pub fn log_shipping(service: &str, log_url: &str, capacity: usize) -> (LogLayer,
 /// Like [`log_shipping`], but each batch goes to an instance of the `log` service that
 /// `discovery` offers at that moment (in turn, when there are several), so shipping
 /// follows the log service as it moves, restarts or scales. While there is none,
-/// lines are dropped and counted. A service that lists `log` among its requirements
+/// lines wait in the buffer, and what does not fit is dropped and counted. A service that lists `log` among its requirements
 /// keeps `discovery` current. Must be called within a tokio runtime.
 pub fn log_shipping_discovered(
     service: &str,
