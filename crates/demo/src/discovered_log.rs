@@ -1,14 +1,23 @@
 //! The log service as the demos use it: found through discovery, spoken to over
 //! HTTP/JSON (docs/api/log.md).
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use keel_sdk::{Discovery, Shipper};
+use reqwest::StatusCode;
 use serde::Deserialize;
 
 use crate::{DemoError, get_json, pick_url};
 
 /// Log lines that may wait to be shipped; more are dropped and counted.
 const LINE_BUFFER: usize = 4096;
+
+/// How long an append (or a read) keeps trying log nodes that cannot take it.
+const APPEND_RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// The pause between tries of an append.
+const APPEND_RETRY_PAUSE: Duration = Duration::from_millis(25);
 
 /// The log service, wherever discovery says it runs.
 #[derive(Debug, Clone)]
@@ -77,30 +86,56 @@ impl DiscoveredLog {
     }
 
     /// Appends `value` to `topic` and returns its offset, once the log service has
-    /// acknowledged it.
+    /// acknowledged it. An append that a log node could not take (it is down, or
+    /// its cluster is electing a leader) is sent again, to the next node discovery
+    /// offers, for up to 5 s; it carries an idempotency key (a
+    /// producer of its own, `keel-producer`), so that a replicated log stores it
+    /// once however often it is sent.
     ///
     /// # Errors
     ///
-    /// [`DemoError::Unavailable`] when the log service cannot be reached or refuses.
+    /// [`DemoError::Unavailable`] when no log node took it in time, or one refused.
     pub async fn append(&self, topic: &str, value: Bytes) -> Result<u64, DemoError> {
-        let base = self.base()?;
         let failed = |err: String| DemoError::Unavailable(format!("the log service failed: {err}"));
-        let response = self
-            .http
-            .post(format!("{base}/v1/topics/{topic}/records"))
-            .header("content-type", "application/octet-stream")
-            .body(value)
-            .send()
-            .await
-            .map_err(|err| failed(err.to_string()))?;
-        if !response.status().is_success() {
-            return Err(failed(format!("status {}", response.status())));
+        let producer = keel_sdk::new_producer_id();
+        let deadline = tokio::time::Instant::now() + APPEND_RETRY_FOR;
+        loop {
+            let retry = match self.base() {
+                Ok(base) => {
+                    let sent = self
+                        .http
+                        .post(format!("{base}/v1/topics/{topic}/records"))
+                        .header("content-type", "application/octet-stream")
+                        .header("keel-producer", producer)
+                        .header("keel-sequence", 1)
+                        .body(value.clone())
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(response) if response.status().is_success() => {
+                            let appended: Appended = response
+                                .json()
+                                .await
+                                .map_err(|err| failed(err.to_string()))?;
+                            return Ok(appended.first_offset);
+                        }
+                        Ok(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                            failed(format!("status {}", response.status()))
+                        }
+                        Ok(response) => {
+                            return Err(failed(format!("status {}", response.status())));
+                        }
+                        Err(err) => failed(err.to_string()),
+                    }
+                }
+                Err(err) => err,
+            };
+            if tokio::time::Instant::now() + APPEND_RETRY_PAUSE >= deadline {
+                return Err(retry);
+            }
+            tracing::debug!(error = %retry, "retrying the append on another log node");
+            tokio::time::sleep(APPEND_RETRY_PAUSE).await;
         }
-        let appended: Appended = response
-            .json()
-            .await
-            .map_err(|err| failed(err.to_string()))?;
-        Ok(appended.first_offset)
     }
 
     /// Sends `line` to the `logs` topic in the background, batched with others; never
@@ -116,7 +151,26 @@ impl DiscoveredLog {
     ///
     /// [`DemoError::Unavailable`] when the log service cannot be reached.
     pub async fn last(&self, topic: &str, count: u64) -> Result<Vec<LogLine>, DemoError> {
-        let base = self.base()?;
+        // A read changes nothing: tried again on the next node while one fails.
+        let deadline = tokio::time::Instant::now() + APPEND_RETRY_FOR;
+        loop {
+            match self.last_at(&self.base()?, topic, count).await {
+                Ok(lines) => return Ok(lines),
+                Err(err) if tokio::time::Instant::now() + APPEND_RETRY_PAUSE < deadline => {
+                    tracing::debug!(error = %err, "retrying the read on another log node");
+                    tokio::time::sleep(APPEND_RETRY_PAUSE).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn last_at(
+        &self,
+        base: &str,
+        topic: &str,
+        count: u64,
+    ) -> Result<Vec<LogLine>, DemoError> {
         let source = "reading the log service";
         let topics: Topics = get_json(self.http.get(format!("{base}/v1/topics")), source).await?;
         let Some(info) = topics.topics.iter().find(|t| t.name == topic) else {

@@ -24,7 +24,8 @@ pub enum Balance {
 pub struct GatewayConfig {
     /// The address `keel gateway serve` binds. Default `127.0.0.1:20001`.
     pub addr: String,
-    /// The registry's base URL. Default `http://127.0.0.1:20000`.
+    /// The registry's base URL, or a registry cluster's nodes, comma-separated.
+    /// Default `http://127.0.0.1:20000`.
     pub registry: String,
     /// How instances are chosen. Default round-robin.
     pub balance: Balance,

@@ -49,7 +49,13 @@ where
         route: &Route,
     ) -> Result<UpstreamResponse, GatewayError> {
         // The first choice, before the body is read: no instance at all is a 404 or a 503.
-        let Some(first) = self.gateway.pick(&route.service, &[]) else {
+        // A gateway that has not heard from the registry yet (it just started) cannot
+        // tell: the request waits for the registry's table, a little.
+        let mut first = self.gateway.pick(&route.service, &[]);
+        if first.is_none() && self.gateway.wait_for_table().await {
+            first = self.gateway.pick(&route.service, &[]);
+        }
+        let Some(first) = first else {
             return Err(self.gateway.no_instance(&route.service));
         };
         self.read_payload(exchange).await?;

@@ -12,6 +12,10 @@ use crate::config::{Balance, GatewayConfig};
 use crate::error::GatewayError;
 use crate::passive::Ejections;
 use crate::route::no_instance;
+
+/// How long a request waits for the registry's table in a gateway that has not read
+/// it yet (one that just started).
+const TABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::upstream::Upstreams;
 
 /// Counts for `/metrics`.
@@ -42,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) discovery: Discovery,
     /// Every service name the registry knows (passing or not): tells 404 from 503.
     pub(crate) known: RwLock<BTreeSet<String>>,
+    /// Set once the registry's table has been read.
+    pub(crate) synced: tokio::sync::watch::Sender<bool>,
     pub(crate) ejections: Ejections,
     pub(crate) stats: Stats,
     next_id: AtomicU64,
@@ -78,6 +84,7 @@ impl Gateway {
                 config,
                 discovery,
                 known: RwLock::default(),
+                synced: tokio::sync::watch::channel(false).0,
                 stats: Stats::default(),
                 next_id: AtomicU64::new(1),
                 access_log,
@@ -114,8 +121,27 @@ impl Shared {
         })
     }
 
-    /// Why a request for `service` finds no instance at all: 404 or 503.
+    /// Waits (at most [`TABLE_WAIT`]) for the registry's table, if it has not been
+    /// read yet; true if it was read meanwhile.
+    pub(crate) async fn wait_for_table(&self) -> bool {
+        if *self.synced.borrow() {
+            return false;
+        }
+        let mut synced = self.synced.subscribe();
+        matches!(
+            tokio::time::timeout(TABLE_WAIT, synced.wait_for(|synced| *synced)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Why a request for `service` finds no instance at all: 404 or 503 (also 503
+    /// while the registry's table has not been read: the service may well exist).
     pub(crate) fn no_instance(&self, service: &str) -> GatewayError {
+        if !*self.synced.borrow() {
+            return GatewayError::NoHealthyInstance {
+                service: service.to_owned(),
+            };
+        }
         let known = self
             .known
             .read()

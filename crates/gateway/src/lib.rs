@@ -80,6 +80,7 @@ pub async fn run(
                     .write()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone_from(known);
+                gateway.synced.send_replace(true);
             },
         ))
     };

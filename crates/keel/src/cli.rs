@@ -143,7 +143,7 @@ struct DemoArgs {
     /// portal :20005]; port 0 picks a free one.
     #[arg(long)]
     addr: Option<String>,
-    /// The registry's URL.
+    /// The registry's URL, or a registry cluster's nodes, comma-separated.
     #[arg(
         long,
         env = "KEEL_REGISTRY_URL",
@@ -214,8 +214,9 @@ struct ServeArgs {
     /// Serving threads, each driving its own connections [default: 0, one per core].
     #[arg(long, env = "KEEL_LOG_WORKERS")]
     workers: Option<usize>,
-    /// Register with this registry (e.g. http://127.0.0.1:20000) as service `log`,
-    /// so services that require `log` find it; checked through /healthz.
+    /// Register with this registry (e.g. http://127.0.0.1:20000, or a registry
+    /// cluster's nodes, comma-separated) as service `log`, so services that require
+    /// `log` find it; checked through /healthz.
     #[arg(long, env = "KEEL_LOG_REGISTRY")]
     registry: Option<String>,
     /// Run as node N of a replicated cluster: with --peers or --join, or alone to
@@ -348,7 +349,8 @@ struct GatewayServeArgs {
     /// Address of /healthz and /metrics [default: 127.0.0.1:0, printed at start].
     #[arg(long, env = "KEEL_GATEWAY_ADMIN_ADDR", default_value = "127.0.0.1:0")]
     admin_addr: String,
-    /// The registry's URL [default: http://127.0.0.1:20000].
+    /// The registry's URL, or a registry cluster's nodes, comma-separated
+    /// [default: http://127.0.0.1:20000].
     #[arg(long, env = "KEEL_GATEWAY_REGISTRY")]
     registry: Option<String>,
     /// How long an upstream may take to answer before 504 [default: 30s].
@@ -358,7 +360,8 @@ struct GatewayServeArgs {
     /// the instance is told it in X-Forwarded-Prefix.
     #[arg(long, value_name = "SERVICE")]
     strip_prefix: Vec<String>,
-    /// The log service's URL, for the access log (topic `access`).
+    /// The log service's URL, or a log cluster's nodes, comma-separated, for the
+    /// access log (topic `access`).
     #[arg(long, env = "KEEL_GATEWAY_LOG_SERVICE")]
     log_service: Option<String>,
 }

@@ -9,6 +9,12 @@
 //! first, then the demos and the log service (each deregisters, then drains), the
 //! registry last.
 //!
+//! With `--cluster N`, every stateful part is replicated: N registry nodes and N log
+//! nodes (Raft, each with its own data directory under `cluster/`), two gateways
+//! behind a front door on the gateway port (a TCP balancer in this process), and two
+//! instances of each demo. Every part is given every registry node and every log
+//! node, so any one process can be killed and the rest carry on while it restarts.
+//!
 //! No orphans: the children run in their own process group (a terminal's Ctrl-C
 //! reaches only `keel up`, which stops them in order) and exit by themselves when
 //! their stdin, a pipe from `keel up`, closes, which happens however `keel up`
@@ -27,8 +33,11 @@ use tokio::process::{Child, ChildStdin};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use cluster::Cluster;
 use supervisor::{Starter, stop_all, supervise};
 
+mod cluster;
+mod front;
 mod supervisor;
 
 /// The environment variable that tells a part it runs under `keel up`: it also stops
@@ -54,9 +63,15 @@ pub struct UpArgs {
     #[arg(long, env = "KEEL_DATA_DIR", default_value = "keel-data")]
     data_dir: PathBuf,
     /// Start empty: delete the data the parts keep under --data-dir (log/, grading/,
-    /// up-logs/) first.
+    /// cluster/, up-logs/) first.
     #[arg(long)]
     fresh: bool,
+    /// Run the system highly available: N registry nodes and N log nodes, each a
+    /// Raft cluster (N is 3 or 5; data under --data-dir/cluster/), two gateways
+    /// behind the gateway port, and two instances of each demo (unless --instances
+    /// says otherwise). Kill any one process: the rest carry on while it restarts.
+    #[arg(long, value_name = "N", value_parser = parse_cluster)]
+    cluster: Option<usize>,
     /// How many instances of a demo service to run, e.g. visit=3 (repeatable).
     /// Extra instances listen on free ports.
     #[arg(long = "instances", value_name = "SERVICE=N", value_parser = parse_instances)]
@@ -92,6 +107,16 @@ fn parse_grace(text: &str) -> Result<Duration, String> {
         return Err("a grace of 0s would kill every part before it deregisters and syncs; give at least e.g. 1s".into());
     }
     Ok(grace)
+}
+
+/// A cluster size: an odd number that survives the loss of a node.
+fn parse_cluster(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n @ (3 | 5)) => Ok(n),
+        _ => Err(format!(
+            "a cluster is 3 nodes (survives one loss) or 5 (survives two), got {text:?}"
+        )),
+    }
 }
 
 fn parse_instances(text: &str) -> Result<(Demo, usize), String> {
@@ -169,7 +194,7 @@ pub async fn up(
     let exe = std::env::current_exe().context("finding the keel binary")?;
     let data_dir = args.data_dir.clone();
     if args.fresh {
-        for sub in ["log", "grading", "up-logs"] {
+        for sub in ["log", "grading", "cluster", "up-logs"] {
             let path = data_dir.join(sub);
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {}
@@ -195,20 +220,34 @@ pub async fn up(
         http,
         registry: String::new(),
     };
+    let stop = CancellationToken::new();
     let mut parts: Vec<(Spec, Running)> = Vec::new();
-    let started = start_all(&args, &data_dir, &logs_dir, starter, &mut parts).await;
+    let mut front = None;
+    let started = match args.cluster {
+        None => start_all(&args, &data_dir, &logs_dir, starter, &mut parts).await,
+        Some(nodes) => {
+            let cluster = Cluster {
+                nodes,
+                args: &args,
+                data_dir: &data_dir,
+                logs_dir: &logs_dir,
+            };
+            cluster.start(starter, &mut parts, &stop, &mut front).await
+        }
+    };
     let starter = match started {
         Ok(starter) => starter,
         Err(err) => {
             eprintln!("keel up: {err:#}; stopping what started");
+            stop.cancel();
             stop_all(parts, args.grace).await;
             return Err(err);
         }
     };
-    println!("{}", table(&parts, &data_dir));
+    let roles = roles(&parts).await;
+    println!("{}", table(&parts, &data_dir, front.as_ref(), &roles));
 
     // Supervise until shutdown, then stop in reverse start order.
-    let stop = CancellationToken::new();
     let supervisors: Vec<JoinHandle<(Spec, Running)>> = parts
         .into_iter()
         .map(|(spec, running)| {
@@ -218,6 +257,9 @@ pub async fn up(
     shutdown.await;
     eprintln!("keel up: stopping");
     stop.cancel();
+    if let Some(front) = front {
+        let _ = front.task.await;
+    }
     let mut parts = Vec::new();
     for supervisor in supervisors {
         match supervisor.await {
@@ -360,8 +402,42 @@ impl Spec {
     }
 }
 
+/// The role of each Raft node (by address): leader or follower.
+async fn roles(parts: &[(Spec, Running)]) -> BTreeMap<SocketAddr, String> {
+    let mut roles = BTreeMap::new();
+    for (spec, running) in parts {
+        if !spec.args.iter().any(|a| a == "--node-id") {
+            continue;
+        }
+        let addr = running.bound.addr;
+        let role = match keel_raft::membership::admin(&addr.to_string()).await {
+            Ok(mut admin) => match admin
+                .status(keel_proto::raft::v1::ClusterStatusRequest {})
+                .await
+            {
+                Ok(status) => status.into_inner().role,
+                Err(status) => format!("? ({})", status.message()),
+            },
+            Err(err) => format!("? ({err})"),
+        };
+        roles.insert(addr, role);
+    }
+    roles
+}
+
+/// The front door of a cluster run: where it listens, and its task.
+struct Front {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
 /// The table printed once everything is up.
-fn table(parts: &[(Spec, Running)], data_dir: &Path) -> String {
+fn table(
+    parts: &[(Spec, Running)],
+    data_dir: &Path,
+    front: Option<&Front>,
+    roles: &BTreeMap<SocketAddr, String>,
+) -> String {
     let url_of = |kind: Kind| {
         parts
             .iter()
@@ -369,21 +445,30 @@ fn table(parts: &[(Spec, Running)], data_dir: &Path) -> String {
             .map(|(_, running)| running.bound.addr.to_string())
             .unwrap_or_default()
     };
-    let (gateway, registry, log) = (
-        url_of(Kind::Gateway),
-        url_of(Kind::Registry),
-        url_of(Kind::Log),
-    );
+    let (registry, log) = (url_of(Kind::Registry), url_of(Kind::Log));
+    let gateway = front.map_or_else(|| url_of(Kind::Gateway), |front| front.addr.to_string());
     let mut out = format!(
-        "keel is up: {} parts, data in {} (each part's log in {})\n\n  {:<12} {:<8} {:<21} {}\n",
+        "keel is up: {} parts, data in {} (each part's log in {})\n\n  {:<12} {:<8} {:<21} {:<9} {}\n",
         parts.len(),
         data_dir.display(),
         data_dir.join("up-logs").display(),
         "PART",
         "PID",
         "ADDRESS",
+        "ROLE",
         "TRY"
     );
+    if let Some(front) = front {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<8} {:<21} {:<9} http://{}/visit/   (spreads connections over the gateways)",
+            "front",
+            std::process::id(),
+            front.addr.to_string(),
+            "-",
+            front.addr
+        );
+    }
     for (spec, running) in parts {
         let addr = running.bound.addr;
         // A URL that answers on this very part.
@@ -398,12 +483,21 @@ fn table(parts: &[(Spec, Running)], data_dir: &Path) -> String {
             Kind::Demo(Demo::Grading) => format!("http://{addr}/students"),
             Kind::Demo(Demo::Visit | Demo::Portal) => format!("http://{addr}/"),
         };
+        let role = roles.get(&addr).map_or("-", String::as_str);
         let _ = writeln!(
             out,
-            "  {:<12} {:<8} {:<21} {try_url}",
+            "  {:<12} {:<8} {:<21} {role:<9} {try_url}",
             spec.label,
             running.child.id().unwrap_or_default(),
             addr.to_string(),
+        );
+    }
+    if front.is_some() {
+        let _ = write!(
+            out,
+            "\nEvery part has a twin: `kill -9` any one PID above and the rest carry on while\n\
+             keel up restarts it (`keel cluster status --addr {log}` shows the log nodes,\n\
+             `--addr {registry}` the registry nodes).\n"
         );
     }
     let _ = write!(

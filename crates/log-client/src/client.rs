@@ -95,8 +95,9 @@ impl Clone for Client {
     }
 }
 
-/// A random, non-zero producer id.
-fn new_producer_id() -> u64 {
+/// A random, non-zero producer id: an idempotent producer's name for itself (over
+/// HTTP, the `keel-producer` header), or one request's idempotency key.
+pub fn new_producer_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static MADE: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();

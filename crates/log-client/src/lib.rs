@@ -22,7 +22,7 @@ mod client;
 mod shipper;
 
 pub use channel::{Channel, ResponseBody};
-pub use client::{Client, ClientError, DEFAULT_RETRY_FOR};
+pub use client::{Client, ClientError, DEFAULT_RETRY_FOR, new_producer_id};
 pub use shipper::{Shipper, ShipperStats};
 
 /// A record's place in a topic: dense, from 0.

@@ -80,6 +80,7 @@ async fn serve_with(
     let mut routes = tonic::service::Routes::new(log)
         .add_service(health)
         .add_service(reflection);
+    let ending = raft.clone();
     if let Some(raft) = raft {
         routes = routes.add_service(raft.into_server());
     }
@@ -117,6 +118,10 @@ async fn serve_with(
             .set_not_serving::<LogServer<LogGrpc>>()
             .await;
         token.cancel();
+        // Other nodes' forwarding streams would hold the server open.
+        if let Some(raft) = &ending {
+            raft.end_streams();
+        }
     })
     .await;
     tokio::task::spawn_blocking(move || topics.close())

@@ -22,6 +22,8 @@ pub struct RaftService {
     raft: Raft,
     snapshots: PathBuf,
     damage: Option<crate::DamageMark>,
+    /// Set when the node stops serving: forwarding streams end.
+    ending: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -44,7 +46,16 @@ impl RaftService {
             raft,
             snapshots: snapshots.to_path_buf(),
             damage: None,
+            ending: std::sync::Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Ends the forwarding streams other nodes hold open to this one (each once
+    /// the commands it took are answered), so that a server stopping gracefully is
+    /// not kept open by them; the other nodes forward to the next leader. Call it
+    /// (on any clone) when the node stops serving.
+    pub fn end_streams(&self) {
+        self.ending.send_replace(true);
     }
 
     /// Refuses votes while `damage` is set.
@@ -101,9 +112,17 @@ impl pb::raft_server::Raft for RaftService {
         let mut requests = request.into_inner();
         let (replies, stream) = tokio::sync::mpsc::channel(FORWARD_REPLIES);
         let raft = self.raft.clone();
+        let mut ending = self.ending.subscribe();
         tokio::spawn(async move {
             // Proposed in the order read; answered as each is applied.
-            while let Ok(Some(request)) = requests.message().await {
+            loop {
+                let request = tokio::select! {
+                    message = requests.message() => match message {
+                        Ok(Some(request)) => request,
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = ending.wait_for(|ending| *ending) => break,
+                };
                 let id = request.id;
                 let proposed = raft.client_write_ff(crate::Command(request.command)).await;
                 let replies = replies.clone();

@@ -490,7 +490,9 @@ impl Forwarder {
 
 /// Why a forwarding stream ended.
 enum Ended {
-    /// No connection to the leader could be made: nothing was sent.
+    /// No connection to the leader could be made, or the leader (stopping) closed
+    /// the stream after answering every command it had read: what still waits was
+    /// not written.
     Unreached(String),
     /// The stream broke, or the leader closed it: what was sent may be written.
     Lost(String),
@@ -541,7 +543,9 @@ async fn run_stream(
                 };
                 let _ = waiter.send(result);
             }
-            Ok(None) => return Ended::Lost("the leader closed the stream".to_owned()),
+            Ok(None) => {
+                return Ended::Unreached(format!("{addr} closed the stream (it is stopping)"));
+            }
             Err(status) => return Ended::Lost(status.message().to_owned()),
         }
     }

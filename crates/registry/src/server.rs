@@ -108,6 +108,7 @@ async fn serve(
             "registry",
         )),
     };
+    let ending = raft.clone();
     let raft = raft.map(|raft| tonic::service::Routes::new(raft.into_server()).into_axum_router());
     let app = router(
         AppState {
@@ -122,7 +123,14 @@ async fn serve(
         let _ = tcp.set_nodelay(true);
     });
     let serving = keel_serve::serve_app(listener, app, limits, token.clone());
-    keel_serve::http::serve_until(serving, shutdown, async || token.cancel()).await;
+    keel_serve::http::serve_until(serving, shutdown, async || {
+        token.cancel();
+        // Other nodes' forwarding streams would hold the server open.
+        if let Some(raft) = &ending {
+            raft.end_streams();
+        }
+    })
+    .await;
     let _ = checker.await;
     tracing::info!("registry stopped");
 }

@@ -17,7 +17,7 @@
 mod logship;
 mod runner;
 
-pub use keel_log_client::Shipper;
+pub use keel_log_client::{Shipper, new_producer_id};
 pub use keel_registry::client::{
     Discovery, Picked, Policy, RegistryClient, ServiceInstance, Snapshot, WatchedInstance,
 };

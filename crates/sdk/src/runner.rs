@@ -20,7 +20,8 @@ pub struct ServiceConfig {
     pub name: String,
     /// Where to listen; `127.0.0.1:0` picks a free port.
     pub addr: String,
-    /// The registry's base URL, e.g. `http://127.0.0.1:20000`.
+    /// The registry's base URL, e.g. `http://127.0.0.1:20000`, or a registry
+    /// cluster's nodes, comma-separated (any node takes any call).
     pub registry: String,
     /// Services this one needs; [`Discovery`] knows their instances.
     pub required_services: Vec<String>,

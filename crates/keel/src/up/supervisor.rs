@@ -3,6 +3,7 @@
 //! with backoff when it exits, stopped with SIGTERM and a grace period.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -23,7 +24,8 @@ pub(super) struct Starter {
     pub(super) exe: PathBuf,
     pub(super) log_level: String,
     pub(super) http: reqwest::Client,
-    /// The registry's URL once it runs.
+    /// The registry's URL once it runs (its nodes' URLs, comma-separated, for a
+    /// cluster).
     pub(super) registry: String,
 }
 
@@ -125,16 +127,38 @@ impl Starter {
         match kind {
             Kind::Registry | Kind::Gateway => true,
             Kind::Log | Kind::Demo(_) => {
-                let url = format!("{}/v1/services/{}", self.registry, kind.name());
-                let listed = async {
-                    let instances: Vec<serde_json::Value> =
-                        self.http.get(&url).send().await.ok()?.json().await.ok()?;
-                    let me = format!("http://{}", bound.addr);
-                    Some(instances.iter().any(|i| i["url"] == me.as_str()))
-                };
-                listed.await.unwrap_or(false)
+                let me = format!("http://{}", bound.addr);
+                // Any registry node answers for the cluster.
+                for registry in self.registry.split(',') {
+                    let url = format!("{registry}/v1/services/{}", kind.name());
+                    let listed = async {
+                        let instances: Vec<serde_json::Value> =
+                            self.http.get(&url).send().await.ok()?.json().await.ok()?;
+                        Some(instances.iter().any(|i| i["url"] == me.as_str()))
+                    };
+                    if let Some(listed) = listed.await {
+                        return listed;
+                    }
+                }
+                false
             }
         }
+    }
+
+    /// Waits until every one of a Raft group's nodes is ready (`/readyz`): the
+    /// group has a leader and each node has caught up.
+    pub(super) async fn until_ready(&self, nodes: &[SocketAddr]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        for node in nodes {
+            let url = format!("http://{node}/readyz");
+            while !self.ok(&url).await {
+                if Instant::now() >= deadline {
+                    bail!("node {node} not ready after {START_TIMEOUT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 
     async fn ok(&self, url: &str) -> bool {
