@@ -63,9 +63,10 @@ async fn connect(backends: &[SocketAddr], next: &AtomicUsize) -> Option<TcpStrea
     for _ in 0..backends.len() {
         let at = next.fetch_add(1, Ordering::Relaxed) % backends.len();
         let backend = backends[at];
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
-            Ok(Ok(stream)) => return Some(stream),
-            Ok(Err(_)) | Err(_) => {}
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await
+        {
+            return Some(stream);
         }
     }
     None
