@@ -461,9 +461,9 @@ fn table(
     if let Some(front) = front {
         let _ = writeln!(
             out,
-            "  {:<12} {:<8} {:<21} {:<9} http://{}/visit/   (spreads connections over the gateways)",
+            "  {:<12} {:<8} {:<21} {:<9} http://{}/visit/   (in keel up: spreads connections over the gateways)",
             "front",
-            std::process::id(),
+            "-",
             front.addr.to_string(),
             "-",
             front.addr

@@ -175,8 +175,9 @@ impl Cluster<'_> {
             let mut gateway_args = strings(&["gateway", "serve", "--admin-addr", "127.0.0.1:0"]);
             gateway_args.extend(["--registry".into(), starter.registry.clone()]);
             gateway_args.extend(["--log-service".into(), urls(&logs)]);
-            for demo in Demo::ALL {
-                gateway_args.extend(["--strip-prefix".into(), demo.name().into()]);
+            // The log service too, so that /log/v1/topics/... reaches its API.
+            for name in Demo::ALL.map(Demo::name).into_iter().chain(["log"]) {
+                gateway_args.extend(["--strip-prefix".into(), name.into()]);
             }
             let spec = self.spec(
                 &format!("gateway#{n}"),

@@ -3,6 +3,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod cli;
+mod cluster_up;
 mod crash;
 mod gateway;
 mod limits;

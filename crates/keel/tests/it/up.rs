@@ -14,10 +14,10 @@ use serde_json::{Value, json};
 use crate::support::KEEL;
 
 /// A running `keel up`; killed on drop (its parts then stop by themselves).
-struct Up {
-    child: Child,
+pub(crate) struct Up {
+    pub(crate) child: Child,
     /// label -> (pid, base URL), from the printed table.
-    parts: BTreeMap<String, (u32, String)>,
+    pub(crate) parts: BTreeMap<String, (u32, String)>,
     /// Every URL keel up printed (the table and the ones to try).
     urls: BTreeSet<String>,
     stderr: mpsc::Receiver<String>,
@@ -25,7 +25,7 @@ struct Up {
 }
 
 impl Up {
-    fn start(extra: &[&str]) -> Self {
+    pub(crate) fn start(extra: &[&str]) -> Self {
         let data = tempfile::tempdir().unwrap();
         let mut args = vec!["up", "--data-dir", data.path().to_str().unwrap()];
         for flag in [
@@ -78,8 +78,11 @@ impl Up {
             );
             // "  visit#1      1234     127.0.0.1:5678        http://127.0.0.1:5678/"
             let words: Vec<&str> = line.split_whitespace().collect();
+            // The front door of a cluster run has no process of its own: pid 0.
             if let [label, pid, addr, ..] = words[..]
-                && let Ok(pid) = pid.parse::<u32>()
+                && let Ok(pid) = pid
+                    .parse::<u32>()
+                    .or_else(|_| if pid == "-" { Ok(0) } else { Err(()) })
                 && let Ok(addr) = addr.parse::<std::net::SocketAddr>()
             {
                 parts.insert(label.to_owned(), (pid, format!("http://{addr}")));
@@ -94,16 +97,16 @@ impl Up {
         }
     }
 
-    fn url(&self, label: &str) -> &str {
+    pub(crate) fn url(&self, label: &str) -> &str {
         &self.parts[label].1
     }
 
-    fn pid(&self, label: &str) -> u32 {
+    pub(crate) fn pid(&self, label: &str) -> u32 {
         self.parts[label].0
     }
 
     /// Waits for keel up to exit, at most `limit`.
-    async fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+    pub(crate) async fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -118,7 +121,7 @@ impl Up {
     }
 
     /// Waits for a line of keel up's stderr containing `text`; returns it.
-    fn stderr_line(&self, text: &str, limit: Duration) -> String {
+    pub(crate) fn stderr_line(&self, text: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -140,13 +143,13 @@ impl Drop for Up {
     }
 }
 
-fn signal(pid: u32, signal: rustix::process::Signal) {
+pub(crate) fn signal(pid: u32, signal: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
     rustix::process::kill_process(pid, signal).unwrap();
 }
 
 /// Polls `check` until it gives a value, at most `limit`.
-async fn eventually<T, F: Future<Output = Option<T>>>(
+pub(crate) async fn eventually<T, F: Future<Output = Option<T>>>(
     limit: Duration,
     what: &str,
     mut check: impl FnMut() -> F,
