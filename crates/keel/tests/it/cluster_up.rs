@@ -234,7 +234,7 @@ async fn issue_17_keel_up_cluster_should_lose_nothing_when_any_one_process_is_ki
         .unwrap()
         .unwrap();
 
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     eprintln!(
         "load: {} visits, {} records, {} grades; {} requests answered after retries ({} retries); {} grade writes failed",
         seen.visits,
@@ -259,8 +259,22 @@ async fn issue_17_keel_up_cluster_should_lose_nothing_when_any_one_process_is_ki
         );
     }
 
-    // Every acknowledged record is in the log, once, at its offset, on every node.
     let http = reqwest::Client::new();
+    acknowledged_records_should_be_on_every_log_node(&up, &http, &seen).await;
+    acknowledged_grades_should_be_kept(&http, &front, &seen).await;
+    every_part_should_be_registered_on_every_registry_node(&up, &http).await;
+
+    signal(up.child.id(), rustix::process::Signal::INT);
+    let status = up.exited(Duration::from_secs(120)).await;
+    assert!(status.success(), "keel up exited with {status}");
+}
+
+/// Every acknowledged record is in the log, once, at its offset, on every node.
+async fn acknowledged_records_should_be_on_every_log_node(
+    up: &Up,
+    http: &reqwest::Client,
+    seen: &Seen,
+) {
     for n in 1..=3 {
         let node = up.url(&format!("log#{n}"));
         let records: Value = http
@@ -295,8 +309,10 @@ async fn issue_17_keel_up_cluster_should_lose_nothing_when_any_one_process_is_ki
             );
         }
     }
+}
 
-    // Every acknowledged grade is there.
+/// Every acknowledged grade is there.
+async fn acknowledged_grades_should_be_kept(http: &reqwest::Client, front: &str, seen: &Seen) {
     let student: Value = http
         .get(format!("{front}/grading/students/2"))
         .send()
@@ -317,8 +333,10 @@ async fn issue_17_keel_up_cluster_should_lose_nothing_when_any_one_process_is_ki
             "acknowledged grade {title} is missing"
         );
     }
+}
 
-    // Every part is registered again, on every registry node.
+/// Every part is registered again (the killed ones too), on every registry node.
+async fn every_part_should_be_registered_on_every_registry_node(up: &Up, http: &reqwest::Client) {
     for n in 1..=3 {
         let table: Value = http
             .get(format!(
@@ -344,8 +362,4 @@ async fn issue_17_keel_up_cluster_should_lose_nothing_when_any_one_process_is_ki
             );
         }
     }
-
-    signal(up.child.id(), rustix::process::Signal::INT);
-    let status = up.exited(Duration::from_secs(120)).await;
-    assert!(status.success(), "keel up exited with {status}");
 }
