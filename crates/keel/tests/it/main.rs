@@ -6,6 +6,7 @@ mod cli;
 mod cluster_up;
 mod crash;
 mod gateway;
+mod haproxy;
 mod limits;
 mod readers;
 mod replication;
