@@ -103,7 +103,12 @@ enum Scenario {
     All,
     /// The registry set: registrations/s, lookups/s, and notification latency, with
     /// 1 000 instances registered.
-    Registry,
+    Registry {
+        /// 1: a single registry; 3 or 5: a Raft cluster in this process, written to
+        /// and read from its followers.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+    },
     /// One workload against one system (keel or a peer) through the same code; prints
     /// one JSON line. bench/compare.sh drives this.
     Compare {
@@ -194,12 +199,12 @@ fn main() -> anyhow::Result<()> {
     {
         return failover_report(&runtime, keel, *trials, *producers, &common);
     }
-    if let Scenario::Registry = cli.scenario {
+    if let Scenario::Registry { nodes } = cli.scenario {
         let outcomes = runtime.block_on(async {
             anyhow::Ok(vec![
-                registry::registrations(&common).await?,
-                registry::lookups(&common).await?,
-                registry::notification_latency(&common).await?,
+                registry::registrations(&common, nodes).await?,
+                registry::lookups(&common, nodes).await?,
+                registry::notification_latency(&common, nodes).await?,
             ])
         })?;
         return finish(&outcomes, &common);
@@ -217,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Consume { records } => vec![Workload::Consume { records }],
         Scenario::Latency { rate } => vec![Workload::Latency { rate }],
         Scenario::All => all_workloads(),
-        Scenario::Registry | Scenario::Compare { .. } | Scenario::Failover { .. } => Vec::new(),
+        Scenario::Registry { .. } | Scenario::Compare { .. } | Scenario::Failover { .. } => Vec::new(),
     };
     let mut outcomes: Vec<Outcome> = Vec::new();
     for (n, workload) in workloads.into_iter().enumerate() {

@@ -20,17 +20,106 @@ const CLIENTS: usize = 16;
 /// Notifications timed.
 const NOTIFICATIONS: usize = 300;
 
-/// A registry in this process (see [`InProcess`]), with checks effectively off: the
-/// population has no heartbeat URLs, so checks would only add noise.
-fn start_registry() -> anyhow::Result<InProcess> {
-    let config = keel_registry::RegistryConfig {
+/// The registry under test: one node, or the nodes of a cluster, each in this
+/// process on its own runtime (see [`InProcess`]).
+struct Registries {
+    /// Where to send writes (a follower of a cluster: writes to any node work).
+    write: String,
+    /// Where to send lookups (a cluster's followers).
+    read: Vec<String>,
+    label: &'static str,
+    _nodes: Vec<InProcess>,
+    _data: Option<tempfile::TempDir>,
+}
+
+/// Checks effectively off: the population has no heartbeat URLs, so checks would
+/// only add noise.
+fn config() -> keel_registry::RegistryConfig {
+    keel_registry::RegistryConfig {
         check_interval: Duration::from_secs(3600),
         ..keel_registry::RegistryConfig::default()
-    };
-    InProcess::start("registry-under-test", move |listener, stopped| {
-        keel_registry::run(listener, config, async move {
-            let _ = stopped.await;
-        })
+    }
+}
+
+/// A registry of `nodes` nodes (1: a single registry; 3 or 5: a Raft cluster).
+async fn start_registry(nodes: usize) -> anyhow::Result<Registries> {
+    if nodes <= 1 {
+        let node = InProcess::start("registry-under-test", move |listener, stopped| {
+            keel_registry::run(listener, config(), async move {
+                let _ = stopped.await;
+            })
+        })?;
+        let url = format!("http://{}", node.addr);
+        return Ok(Registries {
+            write: url.clone(),
+            read: vec![url],
+            label: "",
+            _nodes: vec![node],
+            _data: None,
+        });
+    }
+    let data = tempfile::tempdir()?;
+    let listeners = (0..nodes)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut peers = std::collections::BTreeMap::new();
+    for (n, listener) in listeners.iter().enumerate() {
+        peers.insert(n as u64 + 1, listener.local_addr()?.to_string());
+    }
+    let mut started = Vec::new();
+    for (n, listener) in listeners.into_iter().enumerate() {
+        let id = n as u64 + 1;
+        let dir = data.path().join(format!("node{id}"));
+        let options = keel_raft::membership::ClusterOptions {
+            node_id: id,
+            advertise: peers[&id].clone(),
+            membership: keel_raft::membership::Membership::Peers(peers.clone()),
+            settings: keel_raft::NodeSettings::default(),
+        };
+        started.push(InProcess::start_on(
+            &format!("registry-node-{id}"),
+            listener,
+            move |listener, stopped| async move {
+                let config = config();
+                let node = keel_registry::replica::start(&config, &dir, &options).await?;
+                keel_registry::run_node(listener, config, node, async move {
+                    let _ = stopped.await;
+                })
+                .await;
+                anyhow::Ok(())
+            },
+        )?);
+    }
+    // Ready: a leader, every node caught up; then who leads.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &started {
+        loop {
+            let ready = client.get(format!("http://{}/readyz", node.addr)).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the registry cluster is not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut admin = keel_raft::membership::admin(&started[0].addr).await?;
+    let leader = admin
+        .status(keel_proto::raft::v1::ClusterStatusRequest {})
+        .await?
+        .into_inner()
+        .leader_id;
+    let followers: Vec<String> = peers
+        .iter()
+        .filter(|(id, _)| **id != leader)
+        .map(|(_, addr)| format!("http://{addr}"))
+        .collect();
+    Ok(Registries {
+        write: followers[0].clone(),
+        read: followers,
+        label: ", 3 nodes (writes and lookups on followers)",
+        _nodes: started,
+        _data: Some(data),
     })
 }
 
@@ -81,9 +170,9 @@ async fn populate(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
 }
 
 /// Registrations (updates of the population) from concurrent clients.
-pub(crate) async fn registrations(common: &Common) -> anyhow::Result<Outcome> {
-    let target = start_registry()?;
-    let url = format!("http://{}", target.addr);
+pub(crate) async fn registrations(common: &Common, nodes: usize) -> anyhow::Result<Outcome> {
+    let target = start_registry(nodes).await?;
+    let url = target.write.clone();
     let started = Instant::now();
     let all = closed_loops(started + common.duration, move |client, i| {
         let url = url.clone();
@@ -101,7 +190,7 @@ pub(crate) async fn registrations(common: &Common) -> anyhow::Result<Outcome> {
     .await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(Outcome::new(
-        format!("registry: registrations, {CLIENTS} clients"),
+        format!("registry: registrations, {CLIENTS} clients{}", target.label),
         all.len(),
         0,
         seconds,
@@ -110,13 +199,19 @@ pub(crate) async fn registrations(common: &Common) -> anyhow::Result<Outcome> {
 }
 
 /// Lookups of one service's instances, 1 000 instances registered.
-pub(crate) async fn lookups(common: &Common) -> anyhow::Result<Outcome> {
-    let target = start_registry()?;
-    let url = format!("http://{}", target.addr);
-    populate(&reqwest::Client::new(), &url).await?;
+pub(crate) async fn lookups(common: &Common, nodes: usize) -> anyhow::Result<Outcome> {
+    let target = start_registry(nodes).await?;
+    populate(&reqwest::Client::new(), &target.write).await?;
+    // Every read node has applied the population before the clock starts.
+    for node in &target.read {
+        reqwest::get(format!("{node}/v1/services?consistent"))
+            .await?
+            .error_for_status()?;
+    }
+    let read = target.read.clone();
     let started = Instant::now();
     let all = closed_loops(started + common.duration, move |client, i| {
-        let url = url.clone();
+        let url = read[i % read.len()].clone();
         async move {
             let body = client
                 .get(format!("{url}/v1/services/svc{}", i % 100))
@@ -131,7 +226,10 @@ pub(crate) async fn lookups(common: &Common) -> anyhow::Result<Outcome> {
     .await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(Outcome::new(
-        format!("registry: lookups, {CLIENTS} clients, {POPULATION} instances"),
+        format!(
+            "registry: lookups, {CLIENTS} clients, {POPULATION} instances{}",
+            target.label
+        ),
         all.len(),
         0,
         seconds,
@@ -141,9 +239,12 @@ pub(crate) async fn lookups(common: &Common) -> anyhow::Result<Outcome> {
 
 /// From registering an instance of a required service to the dependent receiving
 /// the `POST`, 1 000 instances registered.
-pub(crate) async fn notification_latency(_common: &Common) -> anyhow::Result<Outcome> {
-    let target = start_registry()?;
-    let url = format!("http://{}", target.addr);
+pub(crate) async fn notification_latency(
+    _common: &Common,
+    nodes: usize,
+) -> anyhow::Result<Outcome> {
+    let target = start_registry(nodes).await?;
+    let url = target.write.clone();
     let client = reqwest::Client::new();
     populate(&client, &url).await?;
 
@@ -193,7 +294,10 @@ pub(crate) async fn notification_latency(_common: &Common) -> anyhow::Result<Out
     let seconds = started.elapsed().as_secs_f64();
     server.abort();
     Ok(Outcome::new(
-        format!("registry: notification latency, {POPULATION} instances"),
+        format!(
+            "registry: notification latency, {POPULATION} instances{}",
+            target.label
+        ),
         latencies.len(),
         0,
         seconds,

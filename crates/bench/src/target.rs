@@ -25,6 +25,20 @@ impl InProcess {
         E: std::fmt::Display,
     {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+        Self::start_on(name, listener, serve)
+    }
+
+    /// Runs `serve(listener, stop)` on a new thread, on a listener bound already.
+    pub(crate) fn start_on<F, Fut, E>(
+        name: &str,
+        listener: std::net::TcpListener,
+        serve: F,
+    ) -> anyhow::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, oneshot::Receiver<()>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?.to_string();
         let (stop, stopped) = oneshot::channel::<()>();
