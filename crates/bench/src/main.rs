@@ -222,7 +222,9 @@ fn main() -> anyhow::Result<()> {
         Scenario::Consume { records } => vec![Workload::Consume { records }],
         Scenario::Latency { rate } => vec![Workload::Latency { rate }],
         Scenario::All => all_workloads(),
-        Scenario::Registry { .. } | Scenario::Compare { .. } | Scenario::Failover { .. } => Vec::new(),
+        Scenario::Registry { .. } | Scenario::Compare { .. } | Scenario::Failover { .. } => {
+            Vec::new()
+        }
     };
     let mut outcomes: Vec<Outcome> = Vec::new();
     for (n, workload) in workloads.into_iter().enumerate() {

@@ -95,11 +95,17 @@ async fn start_registry(nodes: usize) -> anyhow::Result<Registries> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for node in &started {
         loop {
-            let ready = client.get(format!("http://{}/readyz", node.addr)).send().await;
+            let ready = client
+                .get(format!("http://{}/readyz", node.addr))
+                .send()
+                .await;
             if ready.is_ok_and(|r| r.status().is_success()) {
                 break;
             }
-            anyhow::ensure!(Instant::now() < deadline, "the registry cluster is not ready");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the registry cluster is not ready"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
