@@ -1,9 +1,11 @@
 //! The registry as a node of a Raft cluster (`keel registry serve --node-id`).
 //!
 //! - Every change (registration, deregistration, TTL heartbeat, health verdict,
-//!   reaping) is a [`Command`], encoded as JSON in a Raft entry; every node applies
-//!   the committed ones to its [`RegistryState`] in the same order, so every node
-//!   answers lookups and watches from the same state.
+//!   reaping) is a [`Command`], encoded as JSON; a Raft entry carries every change
+//!   that was waiting when it was proposed (a JSON array), so concurrent
+//!   registrations share a commit. Every node applies the committed ones to its
+//!   [`RegistryState`] in the same order, so every node answers lookups and watches
+//!   from the same state.
 //! - A node that is not the leader forwards a write to the leader (`keel-raft`'s
 //!   writer) and answers with the leader's reply, so any node takes any request.
 //! - Only the leader notifies dependents and runs health checks and reaping; a new
@@ -17,9 +19,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use keel_raft::membership::{self, ClusterOptions, Readiness};
 use keel_raft::{Checkpoint, LogId, RaftNode, Reply, StateMachine, WriteError, Writer};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::RegistryConfig;
 use crate::error::{RegistryError, Result};
@@ -36,6 +40,17 @@ pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a linearizable read may wait for its barrier.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Entries proposed and not yet answered, at most. While that many are in flight,
+/// changes gather in the queue and go out together in the next entry.
+const ENTRIES_IN_FLIGHT: usize = 4;
+
+/// Changes in one entry, at most.
+const MAX_CHANGES_PER_ENTRY: usize = 256;
+
+/// Changes that may wait to be proposed; past it, a change is refused as
+/// unavailable.
+const QUEUE: usize = 4096;
+
 /// The leader's answer to a command, as it travels back to the node that proposed
 /// it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,43 +64,60 @@ enum Outcome {
     Unreadable { reason: String },
 }
 
+/// A change waiting to be proposed, and where its outcome goes.
+struct Change {
+    command: Command,
+    outcome: oneshot::Sender<Result<Outcome>>,
+}
+
 /// What a cluster node's registry knows of its Raft node.
 #[derive(Debug)]
 pub(crate) struct Replication {
     writer: Writer,
+    queue: mpsc::Sender<Change>,
     pub(crate) readiness: Readiness,
 }
 
 impl Replication {
-    /// Proposes `command` and waits for the leader's answer.
+    fn new(writer: Writer, readiness: Readiness) -> Self {
+        let (queue, changes) = mpsc::channel(QUEUE);
+        tokio::spawn(propose(writer.clone(), changes));
+        Self {
+            writer,
+            queue,
+            readiness,
+        }
+    }
+
+    /// Proposes `command` (with whatever else waits) and waits for the leader's
+    /// answer.
     pub(crate) async fn propose(&self, command: &Command) -> Result<Applied> {
-        let bytes = serde_json::to_vec(command).map_err(|err| {
-            RegistryError::Unavailable(format!("cannot encode the change: {err}"))
+        let (outcome, answer) = oneshot::channel();
+        let change = Change {
+            command: command.clone(),
+            outcome,
+        };
+        self.queue.try_send(change).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => {
+                RegistryError::Unavailable(format!("{QUEUE} changes already wait to be proposed"))
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                RegistryError::Unavailable("the registry is stopping".into())
+            }
         })?;
-        let written = tokio::time::timeout(
-            COMMIT_TIMEOUT,
-            self.writer.write(keel_raft::Command(bytes.into())),
-        )
-        .await
-        .map_err(|_| {
-            RegistryError::Unavailable(format!(
-                "the change was not committed within {COMMIT_TIMEOUT:?}; it may still be"
-            ))
-        })?
-        .map_err(unavailable)?;
-        match serde_json::from_slice(&written.0) {
-            Ok(Outcome::Applied { required }) => Ok(Applied {
+        let outcome = answer
+            .await
+            .map_err(|_| RegistryError::Unavailable("the change was dropped".into()))??;
+        match outcome {
+            Outcome::Applied { required } => Ok(Applied {
                 events: Vec::new(),
                 required,
             }),
-            Ok(Outcome::UnknownInstance { name, id }) => {
+            Outcome::UnknownInstance { name, id } => {
                 Err(RegistryError::UnknownInstance { name, id })
             }
-            Ok(Outcome::Unreadable { reason }) => Err(RegistryError::Unavailable(format!(
+            Outcome::Unreadable { reason } => Err(RegistryError::Unavailable(format!(
                 "the leader could not read the change: {reason}"
-            ))),
-            Err(err) => Err(RegistryError::Unavailable(format!(
-                "the leader's answer is unreadable: {err}"
             ))),
         }
     }
@@ -103,34 +135,125 @@ fn unavailable(err: WriteError) -> RegistryError {
     RegistryError::Unavailable(err.to_string())
 }
 
+/// The proposing task: every change waiting goes into one entry, with at most
+/// [`ENTRIES_IN_FLIGHT`] entries awaiting their commit; runs until every sender is
+/// gone.
+async fn propose(writer: Writer, mut changes: mpsc::Receiver<Change>) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            first = changes.recv(), if open && in_flight.len() < ENTRIES_IN_FLIGHT => {
+                let Some(first) = first else {
+                    open = false;
+                    continue;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_CHANGES_PER_ENTRY {
+                    let Ok(more) = changes.try_recv() else { break };
+                    batch.push(more);
+                }
+                let (commands, outcomes): (Vec<Command>, Vec<_>) =
+                    batch.into_iter().map(|c| (c.command, c.outcome)).unzip();
+                let submitted = match serde_json::to_vec(&commands) {
+                    Ok(bytes) => writer.submit(keel_raft::Command(bytes.into())).await.map_err(unavailable),
+                    Err(err) => Err(RegistryError::Unavailable(format!("cannot encode the changes: {err}"))),
+                };
+                match submitted {
+                    Ok(pending) => in_flight.push(async move {
+                        let written = tokio::time::timeout(COMMIT_TIMEOUT, pending)
+                            .await
+                            .map_err(|_| {
+                                RegistryError::Unavailable(format!(
+                                    "the change was not committed within {COMMIT_TIMEOUT:?}; it may still be"
+                                ))
+                            })
+                            .and_then(|written| written.map_err(unavailable));
+                        hand_out(written, outcomes);
+                    }),
+                    Err(err) => hand_out(Err(err), outcomes),
+                }
+            }
+            else => return,
+        }
+    }
+}
+
+/// Gives each change of an entry its outcome from the entry's reply.
+fn hand_out(written: Result<Reply>, outcomes: Vec<oneshot::Sender<Result<Outcome>>>) {
+    let decoded = written.and_then(|reply| {
+        serde_json::from_slice::<Vec<Outcome>>(&reply.0)
+            .map_err(|err| {
+                RegistryError::Unavailable(format!("the leader's answer is unreadable: {err}"))
+            })
+            .and_then(|answers| {
+                if answers.len() == outcomes.len() {
+                    Ok(answers)
+                } else {
+                    Err(RegistryError::Unavailable(format!(
+                        "the leader answered {} changes of {}",
+                        answers.len(),
+                        outcomes.len()
+                    )))
+                }
+            })
+    });
+    match decoded {
+        Ok(answers) => {
+            for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                let _ = outcome.send(Ok(answer));
+            }
+        }
+        Err(err) => {
+            let reason = match err {
+                RegistryError::Unavailable(reason) => reason,
+                other => other.to_string(),
+            };
+            for outcome in outcomes {
+                let _ = outcome.send(Err(RegistryError::Unavailable(reason.clone())));
+            }
+        }
+    }
+}
+
 /// The registry as openraft's state machine: applies committed commands to the
 /// live [`Registry`].
 struct RegistryMachine {
     registry: Arc<Registry>,
 }
 
-impl StateMachine for RegistryMachine {
-    fn apply(&mut self, log_id: &LogId, command: &keel_raft::Command) -> io::Result<Reply> {
-        let outcome = match serde_json::from_slice::<Command>(&command.0) {
-            Err(err) => {
-                tracing::error!(index = log_id.index, error = %err, "an unreadable registry change; skipped");
-                Outcome::Unreadable {
-                    reason: err.to_string(),
-                }
-            }
-            Ok(command) => match self.registry.apply(command) {
-                Ok(applied) => Outcome::Applied {
-                    required: applied.required,
-                },
-                Err(RegistryError::UnknownInstance { name, id }) => {
-                    Outcome::UnknownInstance { name, id }
-                }
-                Err(other) => Outcome::Unreadable {
-                    reason: other.to_string(),
-                },
+impl RegistryMachine {
+    fn apply_one(&self, command: Command) -> Outcome {
+        match self.registry.apply(command) {
+            Ok(applied) => Outcome::Applied {
+                required: applied.required,
             },
+            Err(RegistryError::UnknownInstance { name, id }) => {
+                Outcome::UnknownInstance { name, id }
+            }
+            Err(other) => Outcome::Unreadable {
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+impl StateMachine for RegistryMachine {
+    /// An entry holds the changes proposed together, as a JSON array; the reply is
+    /// their outcomes, in order.
+    fn apply(&mut self, log_id: &LogId, command: &keel_raft::Command) -> io::Result<Reply> {
+        let outcomes: Vec<Outcome> = match serde_json::from_slice::<Vec<Command>>(&command.0) {
+            Ok(commands) => commands.into_iter().map(|c| self.apply_one(c)).collect(),
+            Err(err) => {
+                tracing::error!(index = log_id.index, error = %err, "an unreadable registry entry; skipped");
+                vec![Outcome::Unreadable {
+                    reason: err.to_string(),
+                }]
+            }
         };
-        let bytes = serde_json::to_vec(&outcome).map_err(io::Error::other)?;
+        let bytes = serde_json::to_vec(&outcomes).map_err(io::Error::other)?;
         Ok(Reply(bytes.into()))
     }
 
@@ -197,10 +320,10 @@ pub async fn start(
     .await
     .map_err(|err| RegistryError::Cluster(format!("starting the Raft node: {err}")))?;
     let writer = Writer::new(node.raft.clone(), options.node_id, options.leader_wait());
-    registry.set_replication(Replication {
-        readiness: Readiness::start(writer.clone(), options.node_id, &options.settings),
-        writer,
-    });
+    registry.set_replication(Replication::new(
+        writer.clone(),
+        Readiness::start(writer, options.node_id, &options.settings),
+    ));
     tokio::spawn(follow_leadership(
         Arc::clone(&registry),
         node.raft.clone(),
