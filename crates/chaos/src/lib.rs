@@ -8,6 +8,11 @@
 //!  check(history, final state) ──> Verdict { counts, violations }
 //! ```
 //!
+//! [`run`] drives a 3-node log cluster of real `keel log serve` processes on loopback
+//! through a schedule of [`Nemesis`] faults (kill the leader, a random node, a
+//! majority; pause the leader) while clients append as idempotent producers and
+//! read linearizably, then heals, reads every node and checks.
+//!
 //! The checker is pure: it reads a recorded history and the nodes' contents and says
 //! what the guarantees forbid and happened anyway.
 //! - every acknowledged append is on every node, exactly once, at the offset its
@@ -18,6 +23,8 @@
 
 mod checker;
 mod history;
+mod runner;
 
 pub use checker::{Counts, Verdict, Violation, check};
 pub use history::{FinalState, History, HistoryError, Op, OpKind, Outcome};
+pub use runner::{Event, Nemesis, Report, RunConfig, run, summary};

@@ -2,6 +2,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod chaos;
 mod cli;
 mod cluster_up;
 mod crash;
