@@ -265,8 +265,13 @@ struct RecordText {
     text: Option<String>,
 }
 
+/// How long one attempt at an append may take before the client tries the next
+/// node (a paused node never answers).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// One appending client: unique values, as an idempotent producer, each retried on
-/// the next node until acknowledged or [`APPEND_PATIENCE`] runs out.
+/// the next node (after [`ATTEMPT_TIMEOUT`] at most) until acknowledged or
+/// [`APPEND_PATIENCE`] runs out.
 async fn appender(
     process: u64,
     addrs: Vec<String>,
@@ -274,7 +279,7 @@ async fn appender(
     stop: Arc<AtomicBool>,
 ) {
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
+        .timeout(ATTEMPT_TIMEOUT)
         .build()
         .unwrap_or_default();
     let producer = keel_log_client::new_producer_id();

@@ -346,7 +346,12 @@ impl Writer {
         if !current {
             // The old stream, if any, ends once its leader has answered what it holds.
             *forward = match self.channel(&addr) {
-                Ok(channel) => Some(Forwarder::open(leader, addr, channel)),
+                Ok(channel) => Some(Forwarder::open(
+                    leader,
+                    addr,
+                    channel,
+                    self.inner.raft.metrics(),
+                )),
                 Err(err) => {
                     let _ = reply.send(Err(err));
                     return;
@@ -411,10 +416,17 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn open(leader: NodeId, addr: String, channel: Channel) -> Self {
+    fn open(leader: NodeId, addr: String, channel: Channel, metrics: Metrics) -> Self {
         let (requests, outgoing) = mpsc::channel(FORWARD_QUEUE);
         let waiting: Waiting = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(give_up_on_a_deposed_leader(
+            leader,
+            metrics,
+            requests.clone(),
+            Arc::clone(&waiting),
+            Arc::clone(&alive),
+        ));
         let stream = tokio_stream::wrappers::ReceiverStream::new(outgoing);
         let task = run_stream(channel, stream, Arc::clone(&waiting), addr.clone());
         let flag = Arc::clone(&alive);
@@ -485,6 +497,53 @@ impl Forwarder {
         {
             let _ = reply.send(Err(WriteError::Unavailable(refused)));
         }
+    }
+}
+
+/// The metrics of this node's Raft, where it learns who leads.
+type Metrics = tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, crate::Node>>;
+
+/// Once this node learns that another node leads, the commands still waiting on
+/// `leader`'s stream are answered unavailable (their outcome is unknown: a deposed
+/// leader may have had them committed, or not), rather than waiting for a leader that
+/// is paused or cut off to answer; and the stream takes no more. Returns when the
+/// stream ends.
+async fn give_up_on_a_deposed_leader(
+    leader: NodeId,
+    mut metrics: Metrics,
+    requests: mpsc::Sender<pb::ForwardRequest>,
+    waiting: Waiting,
+    alive: Arc<AtomicBool>,
+) {
+    loop {
+        tokio::select! {
+            () = requests.closed() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
+        let now = metrics.borrow_and_update().current_leader;
+        let Some(now) = now.filter(|now| *now != leader) else {
+            continue;
+        };
+        alive.store(false, Ordering::Release);
+        let deposed: Vec<_> = waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect();
+        if !deposed.is_empty() {
+            tracing::info!(
+                old = leader,
+                new = now,
+                commands = deposed.len(),
+                "the leader changed while commands waited on it; their outcome is unknown"
+            );
+        }
+        for (_, reply) in deposed {
+            let _ = reply.send(Err(WriteError::Unavailable(format!(
+                "node {leader} stopped leading (node {now} leads now) before it answered; the write may or may not have been committed"
+            ))));
+        }
+        return;
     }
 }
 

@@ -274,3 +274,53 @@ async fn keel_cluster_should_show_the_members_and_remove_one() {
     let mut client = Client::connect(&addrs).await.expect("connect");
     assert_eq!(client.produce("after", "x").await.expect("produce"), 0);
 }
+
+/// Found by `keel chaos run --nemesis pause-leader`: a write to a follower was
+/// forwarded to a leader that then stopped (SIGSTOP) and waited on it for the commit
+/// timeout (5 s), though another node led within half a second. Now the follower
+/// answers it unavailable as soon as it learns of the new leader, and the client's
+/// retry (same producer and sequence) goes to the new leader: stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_18_a_write_forwarded_to_a_paused_leader_should_not_wait_for_it() {
+    let cluster = Cluster::start(3);
+    cluster.wait_ready().await;
+    let leader = cluster.leader().await;
+    let follower = cluster
+        .nodes
+        .iter()
+        .find(|(id, _)| **id != leader)
+        .map(|(_, node)| node.addr.clone())
+        .unwrap();
+    let http = reqwest::Client::new();
+    let append = |sequence: u64, value: &'static str| {
+        http.post(format!("http://{follower}/v1/topics/paused/records"))
+            .header("content-type", "application/octet-stream")
+            .header("keel-producer", 7)
+            .header("keel-sequence", sequence)
+            .body(value)
+            .send()
+    };
+    // The follower's stream to the leader is open.
+    assert!(append(1, "before").await.unwrap().status().is_success());
+
+    cluster.nodes[&leader].signal("STOP");
+    let paused = Instant::now();
+    let mut answers = Vec::new();
+    let offset = loop {
+        let response = append(2, "while paused").await.unwrap();
+        answers.push(response.status().as_u16());
+        if response.status().is_success() {
+            let body: serde_json::Value = response.json().await.unwrap();
+            break body["first_offset"].as_u64().unwrap();
+        }
+        assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(paused.elapsed() < Duration::from_secs(10), "{answers:?}");
+    };
+    let took = paused.elapsed();
+    cluster.nodes[&leader].signal("CONT");
+    assert!(
+        took < Duration::from_secs(3),
+        "the write waited {took:?} for the paused leader ({answers:?})"
+    );
+    assert_eq!(offset, 1, "stored once, after the first");
+}
