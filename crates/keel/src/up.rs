@@ -310,12 +310,8 @@ async fn start_all(
     mut starter: Starter,
     parts: &mut Vec<(Spec, Running)>,
 ) -> anyhow::Result<Starter> {
-    let spec = |label: &str, kind, args: Vec<String>, port: u16| Spec {
-        label: label.to_owned(),
-        kind,
-        args,
-        addr: format!("127.0.0.1:{port}"),
-        log_file: logs_dir.join(format!("{}.log", label.replace('#', "-"))),
+    let spec = |label: &str, kind, args: Vec<String>, port: u16| {
+        part_spec(logs_dir, label, kind, args, format!("127.0.0.1:{port}"))
     };
     let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
 
@@ -358,6 +354,31 @@ async fn start_all(
     let running = starter.start(&gateway).await?;
     parts.push((gateway.with_addr(running.bound), running));
 
+    start_demos(args, data_dir, logs_dir, &starter, 1, parts).await?;
+    Ok(starter)
+}
+
+/// A part's spec: its log file is named after its label.
+fn part_spec(logs_dir: &Path, label: &str, kind: Kind, args: Vec<String>, addr: String) -> Spec {
+    Spec {
+        label: label.to_owned(),
+        kind,
+        args,
+        addr,
+        log_file: logs_dir.join(format!("{}.log", label.replace('#', "-"))),
+    }
+}
+
+/// Starts the demo services: `default` instances of each unless `--instances` says
+/// otherwise, the first on its flag's port and the others on free ones.
+async fn start_demos(
+    args: &UpArgs,
+    data_dir: &Path,
+    logs_dir: &Path,
+    starter: &Starter,
+    default: usize,
+    parts: &mut Vec<(Spec, Running)>,
+) -> anyhow::Result<()> {
     let grading_dir = data_dir.join("grading").display().to_string();
     for demo in Demo::ALL {
         let count = args
@@ -365,7 +386,7 @@ async fn start_all(
             .iter()
             .rev()
             .find(|(d, _)| *d == demo)
-            .map_or(1, |(_, n)| *n);
+            .map_or(default, |(_, n)| *n);
         let first_port = match demo {
             Demo::Visit => args.visit_port,
             Demo::Grading => args.grading_port,
@@ -381,17 +402,18 @@ async fn start_all(
                 "--data-dir".into(),
                 grading_dir.clone(),
             ];
-            let part = spec(
+            let part = part_spec(
+                logs_dir,
                 &format!("{}#{n}", demo.name()),
                 Kind::Demo(demo),
                 demo_args,
-                port,
+                format!("127.0.0.1:{port}"),
             );
             let running = starter.start(&part).await?;
             parts.push((part.with_addr(running.bound), running));
         }
     }
-    Ok(starter)
+    Ok(())
 }
 
 impl Spec {

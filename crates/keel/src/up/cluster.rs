@@ -194,39 +194,15 @@ impl Cluster<'_> {
             task: tokio::spawn(front::serve(listener, gateways, stop.clone())),
         });
 
-        let grading_dir = self.data_dir.join("grading").display().to_string();
-        for demo in Demo::ALL {
-            let count = args
-                .instances
-                .iter()
-                .rev()
-                .find(|(d, _)| *d == demo)
-                .map_or(DEMO_INSTANCES, |(_, n)| *n);
-            let first_port = match demo {
-                Demo::Visit => args.visit_port,
-                Demo::Grading => args.grading_port,
-                Demo::Portal => args.portal_port,
-            };
-            for n in 1..=count {
-                let port = if n == 1 { first_port } else { 0 };
-                let demo_args = vec![
-                    "demo".into(),
-                    demo.name().into(),
-                    "--registry".into(),
-                    starter.registry.clone(),
-                    "--data-dir".into(),
-                    grading_dir.clone(),
-                ];
-                let spec = self.spec(
-                    &format!("{}#{n}", demo.name()),
-                    Kind::Demo(demo),
-                    demo_args,
-                    format!("127.0.0.1:{port}"),
-                );
-                let running = starter.start(&spec).await?;
-                parts.push((spec.with_addr(running.bound), running));
-            }
-        }
+        super::start_demos(
+            args,
+            self.data_dir,
+            self.logs_dir,
+            &starter,
+            DEMO_INSTANCES,
+            parts,
+        )
+        .await?;
         Ok(starter)
     }
 }
