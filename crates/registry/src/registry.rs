@@ -95,6 +95,11 @@ impl Registry {
     /// predecessor may not have sent (a dependent drops those it has seen, by their
     /// change index).
     pub(crate) fn set_leading(&self, leads: bool) {
+        // Raft's metrics change with every commit: most calls change nothing, and
+        // need not take the lock that lookups share.
+        if leads == self.leading_since().is_some() {
+            return;
+        }
         let owed: Vec<Notice> = {
             let state = self.state_mut();
             let took_lead = self
