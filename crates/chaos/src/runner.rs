@@ -181,7 +181,7 @@ impl Cluster {
     }
 
     /// The index of the node that leads, as a running node says.
-    async fn leader(&self, http: &reqwest::Client) -> Option<usize> {
+    async fn leader(&self) -> Option<usize> {
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             let Ok(mut client) = keel_log_client::Client::connect(&node.addr).await else {
                 continue;
@@ -193,7 +193,6 @@ impl Cluster {
                 return self.nodes.iter().position(|n| n.addr == leader.rpc_addr);
             }
         }
-        let _ = http;
         None
     }
 
@@ -480,7 +479,7 @@ async fn inject(
             what,
         });
     };
-    let leader = cluster.leader(http).await.unwrap_or(0);
+    let leader = cluster.leader().await.unwrap_or(0);
     let size = cluster.nodes.len();
     let victims: Vec<usize> = match nemesis {
         Nemesis::KillLeader | Nemesis::PauseLeader => vec![leader],
