@@ -425,7 +425,7 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
         let nemesis = config.nemeses[round % config.nemeses.len()];
         round += 1;
         tokio::time::sleep(Duration::from_millis(700)).await;
-        inject(&mut cluster, nemesis, &http, &recorder, &mut timeline).await?;
+        inject(&mut cluster, nemesis, &recorder, &mut timeline).await?;
         cluster.ready(&http, Duration::from_secs(30)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -468,7 +468,6 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
 async fn inject(
     cluster: &mut Cluster,
     nemesis: Nemesis,
-    http: &reqwest::Client,
     recorder: &Recorder,
     timeline: &mut Vec<Event>,
 ) -> std::io::Result<()> {
