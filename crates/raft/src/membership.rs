@@ -152,6 +152,9 @@ impl Readiness {
     pub async fn ready(&self) -> Result<(), String> {
         let raft = self.writer.raft();
         let metrics = raft.metrics().borrow().clone();
+        if let Err(fatal) = &metrics.running_state {
+            return Err(format!("node {}'s Raft stopped: {fatal}", self.node_id));
+        }
         match metrics.current_leader {
             None => return Err(format!("node {} knows no leader", self.node_id)),
             Some(leader) if leader == self.node_id => {

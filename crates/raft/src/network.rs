@@ -69,6 +69,24 @@ enum CallError {
         addr: String,
         message: String,
     },
+    /// No connection could be made: the node is down or cut off. Openraft waits
+    /// [`Network::backoff`] before it tries again, rather than at once.
+    #[error("node {target} at {addr} is unreachable: {message}")]
+    Unreachable {
+        target: NodeId,
+        addr: String,
+        message: String,
+    },
+}
+
+/// How long the leader waits between attempts to reach a node that does not
+/// answer: a little more each time, up to half a second (a restarted node is
+/// caught up within that of coming back).
+fn unreachable_backoff() -> impl Iterator<Item = Duration> + Send + 'static {
+    [25, 50, 100, 200]
+        .into_iter()
+        .map(Duration::from_millis)
+        .chain(std::iter::repeat(Duration::from_millis(500)))
 }
 
 impl Network {
@@ -112,7 +130,19 @@ impl Network {
                 {
                     self.client = None;
                 }
-                Err(self.fail(format!("{}: {}", status.code(), status.message())))
+                let message = format!("{}: {}", status.code(), status.message());
+                // The transport's own failure (no connection) carries its cause; a
+                // node's refusal does not.
+                if status.code() == tonic::Code::Unavailable
+                    && std::error::Error::source(&status).is_some()
+                {
+                    return Err(CallError::Unreachable {
+                        target: self.target,
+                        addr: self.addr.clone(),
+                        message,
+                    });
+                }
+                Err(self.fail(message))
             }
             Err(_) => Err(self.fail(format!("no answer within {ttl:?}"))),
         }
@@ -120,7 +150,10 @@ impl Network {
 }
 
 fn rpc_error<E: std::error::Error>(err: &CallError) -> RPCError<NodeId, Node, E> {
-    RPCError::Network(NetworkError::new(err))
+    match err {
+        CallError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(err)),
+        CallError::Failed { .. } => RPCError::Network(NetworkError::new(err)),
+    }
 }
 
 impl RaftNetwork<TypeConfig> for Network {
@@ -173,9 +206,18 @@ impl RaftNetwork<TypeConfig> for Network {
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             sent = self.send_snapshot(vote, snapshot, option) => {
-                sent.map_err(|err| StreamingError::Network(NetworkError::new(&err)))
+                sent.map_err(|err| match err {
+                    CallError::Unreachable { .. } => {
+                        StreamingError::Unreachable(Unreachable::new(&err))
+                    }
+                    CallError::Failed { .. } => StreamingError::Network(NetworkError::new(&err)),
+                })
             }
         }
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(unreachable_backoff())
     }
 }
 

@@ -24,6 +24,11 @@ pub struct RaftService {
     damage: Option<crate::DamageMark>,
     /// Set when the node stops serving: forwarding streams end.
     ending: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    /// Held by a snapshot transfer from its header until it is installed. A leader
+    /// restarts replication when membership changes, so the same snapshot may come
+    /// twice at once; the second must not write into (or install from) the
+    /// directory the first is installing.
+    installing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -47,6 +52,7 @@ impl RaftService {
             snapshots: snapshots.to_path_buf(),
             damage: None,
             ending: std::sync::Arc::new(tokio::sync::watch::channel(false).0),
+            installing: std::sync::Arc::default(),
         }
     }
 
@@ -278,6 +284,13 @@ impl pb::raft_server::Raft for RaftService {
             return Err(Status::invalid_argument(
                 "the state summary is not as long as the manifest says",
             ));
+        }
+        let _installing = self.installing.lock().await;
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.last_applied >= manifest.meta.last_log_id {
+            // Already applied (an earlier transfer of it, or the entries it covers).
+            return json(&openraft::raft::SnapshotResponse { vote: metrics.vote })
+                .map(Response::new);
         }
         let mut incoming = self
             .snapshots()?

@@ -110,6 +110,11 @@ struct Cluster {
 
 impl Cluster {
     async fn start(size: u64) -> Self {
+        // `RUST_LOG=info` shows what the nodes log, for a failure's story.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let mut listeners = Vec::new();
         let mut peers = BTreeMap::new();
         for id in 1..=size {
@@ -173,14 +178,14 @@ async fn wait_ready(node: &Node) {
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(response) = http.get(node.url("/readyz")).send().await
-            && response.status().is_success()
-        {
-            return;
-        }
+        let last = match http.get(node.url("/readyz")).send().await {
+            Ok(response) if response.status().is_success() => return,
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(err) => err.to_string(),
+        };
         assert!(
             tokio::time::Instant::now() < deadline,
-            "node {} not ready within 20 s",
+            "node {} not ready within 20 s: {last}",
             node.id
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -314,6 +314,105 @@ mod transfer {
             .received
     }
 
+    /// A snapshot of the file machine after `count` commands of about 1 KiB.
+    struct FileSnapshot {
+        commands: Vec<Bytes>,
+        data: Vec<u8>,
+        state: [u8; 8],
+        last: LogId,
+        manifest: Manifest,
+    }
+
+    impl FileSnapshot {
+        fn of(count: u64) -> Self {
+            let commands: Vec<Bytes> = (0..count)
+                .map(|i| Bytes::from(format!("{i:05}{}", "x".repeat(1000))))
+                .collect();
+            let mut data = Vec::new();
+            for command in &commands {
+                data.extend_from_slice(&(command.len() as u32).to_le_bytes());
+                data.extend_from_slice(command);
+            }
+            let state = (data.len() as u64).to_le_bytes();
+            let last = LogId::new(openraft::CommittedLeaderId::new(1, 2), count);
+            let manifest = Manifest {
+                meta: SnapshotMeta {
+                    last_log_id: Some(last),
+                    last_membership: openraft::StoredMembership::default(),
+                    snapshot_id: format!("1-2-{count}-0"),
+                },
+                files: vec![ManifestFile {
+                    name: "commands".to_owned(),
+                    len: data.len() as u64,
+                }],
+                state_len: state.len() as u64,
+            };
+            Self {
+                commands,
+                data,
+                state,
+                last,
+                manifest,
+            }
+        }
+
+        /// The whole transfer: header, every chunk, done.
+        fn parts(&self) -> Vec<pb::SnapshotChunk> {
+            let mut parts = vec![header(&self.manifest, &self.state)];
+            parts.extend(
+                (0..self.data.len())
+                    .step_by(MIB)
+                    .map(|at| chunk(&self.data, at)),
+            );
+            parts.push(pb::SnapshotChunk {
+                part: Some(Part::Done(true)),
+            });
+            parts
+        }
+    }
+
+    /// A leader restarts replication when membership changes, so a new member may
+    /// get the same snapshot twice at once. Both transfers must succeed, the
+    /// snapshot be installed once, and the node's Raft keep running (it once
+    /// stopped for good: the second install found the first one's files moved).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_snapshot_sent_twice_at_once_should_install_once_and_the_node_run_on() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = TestNode::start(1, listener, root.path()).await;
+        let connect = || RaftClient::connect(format!("http://{}", node.addr));
+        let (mut first, mut second) = (
+            connect().await.expect("connect"),
+            connect().await.expect("connect"),
+        );
+        // Three newer and newer snapshots, each raced (the race is not always lost).
+        for count in [1000, 2000, 3000] {
+            let snapshot = FileSnapshot::of(count);
+            let (a, b) = tokio::join!(
+                send(&mut first, snapshot.parts()),
+                send(&mut second, snapshot.parts())
+            );
+            a.expect("the first transfer");
+            b.expect("the second transfer");
+            // Once more, after it was installed: answered at once.
+            send(&mut first, snapshot.parts())
+                .await
+                .expect("a third transfer");
+            node.raft
+                .wait(WAIT)
+                .metrics(
+                    |m| m.last_applied == Some(snapshot.last),
+                    "applied the snapshot",
+                )
+                .await
+                .expect("in time");
+            let running = node.raft.metrics().borrow().running_state.clone();
+            assert!(running.is_ok(), "{running:?}");
+            assert_eq!(node.commands(), snapshot.commands);
+        }
+        node.kill().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_snapshot_transfer_should_resume_refuse_bad_chunks_and_install_when_complete() {
         let root = tempfile::tempdir().expect("temp dir");
@@ -324,28 +423,13 @@ mod transfer {
             .expect("connect");
 
         // The file machine's file: 3000 commands of about 1 KiB, 3 MiB in all.
-        let commands: Vec<Bytes> = (0..3000)
-            .map(|i| Bytes::from(format!("{i:05}{}", "x".repeat(1000))))
-            .collect();
-        let mut data = Vec::new();
-        for command in &commands {
-            data.extend_from_slice(&(command.len() as u32).to_le_bytes());
-            data.extend_from_slice(command);
-        }
-        let state = (data.len() as u64).to_le_bytes();
-        let last = LogId::new(openraft::CommittedLeaderId::new(1, 2), 3000);
-        let manifest = Manifest {
-            meta: SnapshotMeta {
-                last_log_id: Some(last),
-                last_membership: openraft::StoredMembership::default(),
-                snapshot_id: "1-2-3000-0".to_owned(),
-            },
-            files: vec![ManifestFile {
-                name: "commands".to_owned(),
-                len: data.len() as u64,
-            }],
-            state_len: state.len() as u64,
-        };
+        let FileSnapshot {
+            commands,
+            data,
+            state,
+            last,
+            manifest,
+        } = FileSnapshot::of(3000);
         let id = manifest.meta.snapshot_id.clone();
         assert!(received(&mut client, &id).await.is_empty(), "nothing yet");
 
