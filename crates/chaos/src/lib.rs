@@ -8,10 +8,11 @@
 //!  check(history, final state) ──> Verdict { counts, violations }
 //! ```
 //!
-//! [`run`] drives a 3-node log cluster of real `keel log serve` processes on loopback
-//! through a schedule of [`Nemesis`] faults (kill the leader, a random node, a
-//! majority; pause the leader) while clients append as idempotent producers and
-//! read linearizably, then heals, reads every node and checks.
+//! [`run`] drives a 3-node log cluster of real `keel log serve` processes, each in
+//! its own network namespace (or, where namespaces cannot be made, on 127.0.0.1),
+//! through a schedule of [`Nemesis`] faults (processes killed or paused, the network
+//! partitioned, files damaged) while clients append as idempotent producers and read
+//! linearizably, then heals, reads every node and checks.
 //!
 //! The checker is pure: it reads a recorded history and the nodes' contents and says
 //! what the guarantees forbid and happened anyway.
@@ -22,9 +23,24 @@
 //! - a linearizable read sees every append acknowledged before the read began.
 
 mod checker;
+mod cluster;
 mod history;
+mod nemesis;
+mod net;
 mod runner;
 
 pub use checker::{Counts, Verdict, Violation, check};
+pub use cluster::Network;
 pub use history::{FinalState, History, HistoryError, Op, OpKind, Outcome};
-pub use runner::{Event, Nemesis, Report, RunConfig, run, summary};
+pub use nemesis::{Kind, Nemesis};
+pub use runner::{Event, Report, RunConfig, run, summary};
+
+/// Whether this machine can give each node its own network namespace (root,
+/// iproute2, a kernel that allows it); why not, when it cannot.
+///
+/// # Errors
+///
+/// The reason namespaces cannot be made here.
+pub fn namespaces_available() -> Result<(), String> {
+    net::Net::available()
+}

@@ -1,12 +1,7 @@
 //! Running a schedule of faults against a log cluster of real `keel log serve`
-//! processes on loopback while clients append and read, then judging the history.
-//!
-//! This is the suite's process-fault mode (kill, pause): every node on 127.0.0.1,
-//! each with its own data directory under the run's directory.
+//! processes while clients append and read, then judging the history.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -14,47 +9,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::checker::{Verdict, check};
+use crate::cluster::{Cluster, Network};
 use crate::history::{FinalState, History, Op, OpKind, Outcome};
+use crate::nemesis::{Dice, Nemesis, inject};
 
 /// The topic the clients write.
-const TOPIC: &str = "chaos";
+pub(crate) const TOPIC: &str = "chaos";
 
 /// How long a client keeps retrying one append before it records it as unknown.
 const APPEND_PATIENCE: Duration = Duration::from_secs(10);
-
-/// A fault, and how it heals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Nemesis {
-    /// SIGKILL the leader; restart it after a while.
-    KillLeader,
-    /// SIGKILL a random node; restart it after a while.
-    KillRandom,
-    /// SIGKILL a majority; restart them after a while.
-    KillMajority,
-    /// SIGSTOP the leader for longer than an election; then SIGCONT.
-    PauseLeader,
-}
-
-impl Nemesis {
-    /// Every process fault.
-    pub const ALL: [Self; 4] = [
-        Self::KillLeader,
-        Self::KillRandom,
-        Self::KillMajority,
-        Self::PauseLeader,
-    ];
-
-    /// Its name on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::KillLeader => "kill-leader",
-            Self::KillRandom => "kill-random",
-            Self::KillMajority => "kill-majority",
-            Self::PauseLeader => "pause-leader",
-        }
-    }
-}
 
 /// What a run does.
 #[derive(Debug, Clone)]
@@ -69,6 +32,10 @@ pub struct RunConfig {
     pub time_limit: Duration,
     /// Concurrent appending clients.
     pub clients: usize,
+    /// Where the nodes run.
+    pub network: Network,
+    /// Makes the choices of victims and damaged bits repeatable.
+    pub seed: u64,
 }
 
 /// One fault as it happened.
@@ -89,142 +56,12 @@ pub struct Report {
     pub verdict: Verdict,
     /// The faults, as they happened.
     pub timeline: Vec<Event>,
+    /// How many faults were injected (and healed).
+    pub faults: usize,
     /// The longest time no append was acknowledged, in milliseconds.
     pub longest_unavailability_ms: u64,
-}
-
-/// A node of the cluster under test.
-struct Node {
-    id: u64,
-    addr: String,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-struct Cluster {
-    keel: PathBuf,
-    peers: String,
-    nodes: Vec<Node>,
-}
-
-impl Cluster {
-    fn start(keel: &Path, dir: &Path, size: usize) -> std::io::Result<Self> {
-        let ports = (0..size)
-            .map(|_| {
-                let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-                Ok(listener.local_addr()?.port())
-            })
-            .collect::<std::io::Result<Vec<u16>>>()?;
-        let peers = (1u64..)
-            .zip(&ports)
-            .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = Self {
-            keel: keel.to_path_buf(),
-            peers,
-            nodes: (1u64..)
-                .zip(&ports)
-                .map(|(id, port)| Node {
-                    id,
-                    addr: format!("127.0.0.1:{port}"),
-                    dir: dir.join(format!("node{id}")),
-                    child: None,
-                })
-                .collect(),
-        };
-        for at in 0..size {
-            cluster.spawn(at)?;
-        }
-        Ok(cluster)
-    }
-
-    fn spawn(&mut self, at: usize) -> std::io::Result<()> {
-        let node = &mut self.nodes[at];
-        std::fs::create_dir_all(&node.dir)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.dir.with_extension("log"))?;
-        let child = Command::new(&self.keel)
-            .args(["log", "serve", "--addr", &node.addr])
-            .arg("--data-dir")
-            .arg(&node.dir)
-            .args(["--node-id", &node.id.to_string(), "--peers", &self.peers])
-            .args(["--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()?;
-        node.child = Some(child);
-        Ok(())
-    }
-
-    fn kill(&mut self, at: usize) {
-        if let Some(mut child) = self.nodes[at].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn signal(&self, at: usize, signal: rustix::process::Signal) {
-        if let Some(child) = &self.nodes[at].child
-            && let Some(pid) = i32::try_from(child.id())
-                .ok()
-                .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process(pid, signal);
-        }
-    }
-
-    fn addrs(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.addr.clone()).collect()
-    }
-
-    /// The index of the node that leads, as a running node says.
-    async fn leader(&self) -> Option<usize> {
-        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            let Ok(mut client) = keel_log_client::Client::connect(&node.addr).await else {
-                continue;
-            };
-            let Ok(servers) = client.servers().await else {
-                continue;
-            };
-            if let Some(leader) = servers.iter().find(|s| s.is_leader) {
-                return self.nodes.iter().position(|n| n.addr == leader.rpc_addr);
-            }
-        }
-        None
-    }
-
-    /// Waits until every node answers `/readyz`.
-    async fn ready(&self, http: &reqwest::Client, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        for node in &self.nodes {
-            loop {
-                let ready = http
-                    .get(format!("http://{}/readyz", node.addr))
-                    .send()
-                    .await;
-                if ready.is_ok_and(|r| r.status().is_success()) {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        true
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for at in 0..self.nodes.len() {
-            self.signal(at, rustix::process::Signal::CONT);
-            self.kill(at);
-        }
-    }
+    /// Where the nodes ran: `namespaces` or `loopback`.
+    pub network: String,
 }
 
 /// The history being recorded, and when the run began.
@@ -390,12 +227,14 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
         .timeout(Duration::from_secs(5))
         .build()
         .map_err(std::io::Error::other)?;
-    let mut cluster = Cluster::start(&config.keel, &config.dir, 3)?;
+    let mut cluster = Cluster::start(&config.keel, &config.dir, 3, config.network)
+        .map_err(std::io::Error::other)?;
     if !cluster.ready(&http, Duration::from_secs(30)).await {
         return Err(std::io::Error::other(
             "the cluster did not become ready within 30 s",
         ));
     }
+    let mut dice = Dice::new(config.seed);
     let recorder = Arc::new(Recorder {
         start: Instant::now(),
         ops: Mutex::default(),
@@ -425,7 +264,17 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
         let nemesis = config.nemeses[round % config.nemeses.len()];
         round += 1;
         tokio::time::sleep(Duration::from_millis(700)).await;
-        inject(&mut cluster, nemesis, &recorder, &mut timeline).await?;
+        let mut note = |what: String| {
+            timeline.push(Event {
+                at_ms: recorder.ms(),
+                nemesis,
+                what,
+            });
+        };
+        if let Err(err) = inject(&mut cluster, nemesis, &mut dice, &mut note).await {
+            stop.store(true, Ordering::Relaxed);
+            return Err(std::io::Error::other(format!("{}: {err}", nemesis.name())));
+        }
         cluster.ready(&http, Duration::from_secs(30)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -449,6 +298,11 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
         longest_unavailability_ms: longest_unavailability(&history),
         verdict,
         timeline,
+        faults: round,
+        network: match config.network {
+            Network::Namespaces => "namespaces".into(),
+            Network::Loopback => "loopback".into(),
+        },
     };
     history
         .write_jsonl(std::fs::File::create(config.dir.join("history.jsonl"))?)
@@ -462,51 +316,6 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
         serde_json::to_vec_pretty(&report)?,
     )?;
     Ok(report)
-}
-
-/// Injects one fault and heals it.
-async fn inject(
-    cluster: &mut Cluster,
-    nemesis: Nemesis,
-    recorder: &Recorder,
-    timeline: &mut Vec<Event>,
-) -> std::io::Result<()> {
-    let mut note = |what: String| {
-        timeline.push(Event {
-            at_ms: recorder.ms(),
-            nemesis,
-            what,
-        });
-    };
-    let leader = cluster.leader().await.unwrap_or(0);
-    let size = cluster.nodes.len();
-    let victims: Vec<usize> = match nemesis {
-        Nemesis::KillLeader | Nemesis::PauseLeader => vec![leader],
-        Nemesis::KillRandom => vec![(recorder.ms() as usize) % size],
-        Nemesis::KillMajority => (0..size).filter(|at| *at != (leader + 1) % size).collect(),
-    };
-    let names: Vec<String> = victims
-        .iter()
-        .map(|at| format!("node{}", cluster.nodes[*at].id))
-        .collect();
-    if nemesis == Nemesis::PauseLeader {
-        cluster.signal(leader, rustix::process::Signal::STOP);
-        note(format!("{} paused", names.join(", ")));
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        cluster.signal(leader, rustix::process::Signal::CONT);
-        note(format!("{} resumed", names.join(", ")));
-        return Ok(());
-    }
-    for at in &victims {
-        cluster.kill(*at);
-    }
-    note(format!("{} killed", names.join(", ")));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for at in victims {
-        cluster.spawn(at)?;
-    }
-    note(format!("{} restarted", names.join(", ")));
-    Ok(())
 }
 
 /// The longest time between two acknowledged appends (or from the start to the
@@ -531,15 +340,16 @@ fn longest_unavailability(history: &History) -> u64 {
         .unwrap_or(0)
 }
 
-/// A summary table of reports, by nemesis.
-pub fn summary(reports: &BTreeMap<String, Report>) -> String {
+/// A summary table of reports, one row per nemesis, in the order given.
+pub fn summary(reports: &[(String, Report)]) -> String {
     let mut out = String::from(
-        "| nemesis | operations | acknowledged | lost | duplicated | divergent | stale reads | longest unavailability |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| nemesis | faults | operations | acknowledged | lost | duplicated | divergent | stale reads | longest unavailability |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for (name, report) in reports {
         let c = &report.verdict.counts;
         out.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} ms |\n",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} ms |\n",
+            report.faults,
             c.operations,
             c.acknowledged,
             c.lost,

@@ -13,74 +13,10 @@ use crate::values::parse_duration;
 use records::{consume, produce};
 use serve::{serve, serve_demo, serve_gateway, serve_registry, shutdown};
 
+mod chaos;
 mod cluster;
 mod records;
 
-/// `keel chaos run`: the schedule, the summary, and exit code 1 on a violation.
-async fn chaos(args: ChaosArgs) -> Result<(), Failure> {
-    let nemeses: Vec<keel_chaos::Nemesis> = if args.nemesis == "all" {
-        keel_chaos::Nemesis::ALL.to_vec()
-    } else {
-        args.nemesis
-            .split(',')
-            .map(|name| {
-                keel_chaos::Nemesis::ALL
-                    .into_iter()
-                    .find(|n| n.name() == name.trim())
-                    .ok_or_else(|| {
-                        Failure::Config(anyhow::anyhow!(
-                            "--nemesis: no fault {name:?} (kill-leader, kill-random, kill-majority, pause-leader, all)"
-                        ))
-                    })
-            })
-            .collect::<Result<_, _>>()?
-    };
-    let keel = std::env::current_exe()
-        .map_err(|err| Failure::Run(anyhow::anyhow!("finding the keel binary: {err}")))?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let dir = args.dir.join(format!("run-{stamp}"));
-    let config = keel_chaos::RunConfig {
-        keel,
-        dir: dir.clone(),
-        nemeses,
-        time_limit: args.time_limit,
-        clients: args.clients.max(1),
-    };
-    let report = keel_chaos::run(&config)
-        .await
-        .map_err(|err| Failure::Run(anyhow::anyhow!("the run failed: {err}")))?;
-    for event in &report.timeline {
-        println!(
-            "{:>7} ms  {:<14} {}",
-            event.at_ms,
-            event.nemesis.name(),
-            event.what
-        );
-    }
-    let mut reports = std::collections::BTreeMap::new();
-    reports.insert(args.nemesis.clone(), report.clone());
-    println!("\n{}", keel_chaos::summary(&reports));
-    println!("history, timeline and verdict in {}", dir.display());
-    if report.verdict.passed() {
-        println!(
-            "PASSED: no acknowledged write lost or duplicated, replicas identical, no stale read"
-        );
-        Ok(())
-    } else {
-        for violation in &report.verdict.violations {
-            println!(
-                "VIOLATION: {}",
-                serde_json::to_string(violation).unwrap_or_default()
-            );
-        }
-        Err(Failure::Run(anyhow::anyhow!(
-            "{} violations (see above)",
-            report.verdict.violations.len()
-        )))
-    }
-}
 mod serve;
 
 /// Exit code for an invalid configuration (`EX_USAGE`).
@@ -135,9 +71,9 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
-    /// Fault injection: run a 3-node log cluster through kills and pauses while
-    /// clients write and read, then check that nothing acknowledged was lost,
-    /// duplicated or read stale.
+    /// Fault injection: run 3-node log clusters through kills, pauses, network
+    /// partitions and damaged files while clients write and read, then check that
+    /// nothing acknowledged was lost, duplicated or read stale.
     Chaos {
         #[command(subcommand)]
         command: ChaosCommand,
@@ -160,20 +96,40 @@ enum ChaosCommand {
 /// Settings of `keel chaos run`.
 #[derive(Debug, Args)]
 struct ChaosArgs {
-    /// The faults, comma-separated: kill-leader, kill-random, kill-majority,
-    /// pause-leader, or all. Each runs at least once; they repeat in turn until
-    /// --time-limit.
+    /// The faults, comma-separated, or a kind (process, network, disk), or all.
+    /// Process: kill-leader, kill-random, kill-majority, pause-leader. Network:
+    /// partition-leader, partition-halves, partition-bridge, partition-one-way,
+    /// link-down. Disk (on a stopped follower): torn-tail, corrupt-sealed,
+    /// corrupt-active, corrupt-raft-log, corrupt-meta, wipe-data. Each fault runs
+    /// against a fresh cluster of its own, at least once, repeated until its share
+    /// of --time-limit is up.
     #[arg(long, default_value = "all")]
     nemesis: String,
-    /// How long faults go on before the run heals and checks, e.g. 120s.
+    /// How long the faults go on in all (shared among them), e.g. 120s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     time_limit: Duration,
     /// Concurrent appending clients.
     #[arg(long, default_value_t = 4)]
     clients: usize,
-    /// Where the run keeps the nodes' data, the history and the verdict.
+    /// Where the nodes run: namespaces (each node its own network namespace, as
+    /// root; partitions possible), loopback (127.0.0.1 ports; network faults
+    /// skipped), or auto (namespaces where they can be made).
+    #[arg(long, value_enum, default_value_t = ChaosNetwork::Auto)]
+    network: ChaosNetwork,
+    /// Makes the choice of victims and damaged bits repeatable [default: the time].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where the runs keep the nodes' data, the histories, the verdicts and the
+    /// summary table.
     #[arg(long, default_value = "target/chaos")]
     dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ChaosNetwork {
+    Auto,
+    Namespaces,
+    Loopback,
 }
 
 #[derive(Debug, Subcommand)]
@@ -341,6 +297,10 @@ struct ServeArgs {
     /// --peers, else --addr]; set it when listening on 0.0.0.0.
     #[arg(long, env = "KEEL_LOG_ADVERTISE")]
     advertise: Option<String>,
+    /// A cluster node checkpoints its state and trims its Raft log after this many
+    /// entries.
+    #[arg(long, env = "KEEL_LOG_SNAPSHOT_EVERY", default_value_t = keel_raft::NodeSettings::default().snapshot_every, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_every: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -397,6 +357,10 @@ struct RegistryServeArgs {
     /// else --addr]; set it when listening on 0.0.0.0.
     #[arg(long, env = "KEEL_REGISTRY_ADVERTISE")]
     advertise: Option<String>,
+    /// A cluster node checkpoints its state and trims its Raft log after this many
+    /// entries.
+    #[arg(long, env = "KEEL_REGISTRY_SNAPSHOT_EVERY", default_value_t = keel_raft::NodeSettings::default().snapshot_every, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_every: u64,
 }
 
 /// The cluster flags of a serving command, whichever service it serves.
@@ -405,6 +369,7 @@ struct NodeFlags<'a> {
     peers: Option<&'a String>,
     join: Option<&'a String>,
     advertise: Option<&'a String>,
+    snapshot_every: u64,
 }
 
 impl ServeArgs {
@@ -414,6 +379,7 @@ impl ServeArgs {
             peers: self.peers.as_ref(),
             join: self.join.as_ref(),
             advertise: self.advertise.as_ref(),
+            snapshot_every: self.snapshot_every,
         }
     }
 }
@@ -425,6 +391,7 @@ impl RegistryServeArgs {
             peers: self.peers.as_ref(),
             join: self.join.as_ref(),
             advertise: self.advertise.as_ref(),
+            snapshot_every: self.snapshot_every,
         }
     }
 }
@@ -567,7 +534,7 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Command::Chaos {
                 command: ChaosCommand::Run(args),
-            } => return chaos(args).await,
+            } => return chaos::run(args).await,
             Command::Consume(args) => return consume(args).await.map_err(Failure::Run),
         };
         server.await.unwrap_or_else(|err| {

@@ -339,9 +339,16 @@ impl Topics {
                             ),
                         });
                     }
-                    topic
-                        .truncate_to(next)
-                        .map_err(|err| LogServiceError::log(&name, err))?;
+                    match topic.truncate_to(next) {
+                        Err(err @ keel_commitlog::LogError::Corrupt { .. }) => {
+                            // Found while looking for where the checkpoint ends.
+                            return Err(LogServiceError::DamagedReplica {
+                                topic: name,
+                                reason: err.to_string(),
+                            });
+                        }
+                        other => other.map_err(|err| LogServiceError::log(&name, err))?,
+                    }
                     self.map_mut().insert(name, topic);
                 }
                 None => {
@@ -662,6 +669,61 @@ mod tests {
             "appends shared commits"
         );
         topics.close();
+    }
+
+    /// A bit flipped in a sealed segment below a replica's checkpoint makes the
+    /// replica damaged (it re-replicates), not a node that cannot start (the fault
+    /// suite's corrupt-sealed found it refusing to start).
+    #[test]
+    fn a_flipped_bit_below_the_checkpoint_in_a_sealed_segment_should_make_the_replica_damaged() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogServiceConfig {
+            data_dir: dir.path().join("node"),
+            log: keel_commitlog::LogConfig {
+                segment_bytes: 4096,
+                ..keel_commitlog::LogConfig::default()
+            },
+            ..LogServiceConfig::default()
+        };
+        let topics = Topics::open_replica(config.clone(), None).expect("open replica");
+        let topic = topics.replica_topic("t").expect("topic");
+        let value = [7u8; 100];
+        for index in 1..=200u64 {
+            topic.apply(&[value.as_slice()], index).expect("apply");
+        }
+        topics.close();
+        let root = dir.path().join("node").join("topics").join("t");
+        let mut stores: Vec<_> = std::fs::read_dir(&root)
+            .expect("topic dir")
+            .map(|entry| entry.expect("entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+            .collect();
+        stores.sort();
+        assert!(stores.len() >= 3, "{} segments", stores.len());
+        // The first frame's length field of the second segment, which stays sealed
+        // below a checkpoint in its middle.
+        let sealed = &stores[1];
+        let base: u64 = sealed
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .and_then(|stem| stem.parse().ok())
+            .expect("base offset");
+        let mut bytes = std::fs::read(sealed).expect("read");
+        bytes[16 + 6] ^= 1;
+        std::fs::write(sealed, bytes).expect("write");
+
+        let summary = Summary {
+            topics: BTreeMap::from([("t".to_owned(), base + 3)]),
+            producers: Vec::new(),
+        };
+        match Topics::open_replica(config, Some(&summary)) {
+            Err(LogServiceError::DamagedReplica { topic, reason }) => {
+                assert_eq!(topic, "t");
+                assert!(reason.contains("corrupt"), "{reason}");
+            }
+            Err(other) => panic!("expected a damaged replica, got {other}"),
+            Ok(_) => panic!("expected a damaged replica, it opened"),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,9 +101,54 @@ pub async fn form(node: &RaftNode, options: &ClusterOptions) -> Result<(), Strin
             options.node_id
         ));
     }
+    let initialized = node
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|err| format!("forming the cluster: {err}"))?;
+    if !initialized && let Some(peer) = remembered_by(options.node_id, peers).await {
+        // Its data is gone (a wiped or replaced disk) but the cluster counts on it:
+        // a vote from it now could be a second vote in a term it voted in before.
+        tracing::error!(
+            node = options.node_id,
+            by = peer,
+            "this node's data directory is empty, but the running cluster counts it as a member: it lost its data; it takes everything from the leader again and does not vote until it has"
+        );
+        return node
+            .mark_damaged(&format!(
+                "empty data directory, but node {peer} counts this node as a member: its data was lost"
+            ))
+            .map_err(|err| format!("marking the node damaged: {err}"));
+    }
     node.bootstrap(&members)
         .await
         .map_err(|err| format!("forming the cluster: {err}"))
+}
+
+/// The first peer that says a cluster with `id` as a member has committed entries
+/// (so `id` once held them), if any answers within a second.
+async fn remembered_by(id: NodeId, peers: &BTreeMap<NodeId, String>) -> Option<NodeId> {
+    for (peer, addr) in peers.iter().filter(|(peer, _)| **peer != id) {
+        let ask = async {
+            let mut client = admin(addr).await.ok()?;
+            client
+                .status(pb::ClusterStatusRequest {})
+                .await
+                .ok()
+                .map(tonic::Response::into_inner)
+        };
+        let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(1), ask).await else {
+            continue;
+        };
+        // Index 0 is the membership every node writes at start; a leader commits
+        // from 1 on.
+        if status.last_log_index.is_some_and(|last| last >= 1)
+            && status.members.iter().any(|member| member.node_id == id)
+        {
+            return Some(*peer);
+        }
+    }
+    None
 }
 
 /// Whether a node may serve: it knows a leader and has applied what was committed

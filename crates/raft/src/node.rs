@@ -148,6 +148,19 @@ impl RaftNode {
                 .map_err(StartError::Settings)?,
         );
         let snapshots = dir.join("snapshots");
+        let log_dir = dir.join("log");
+        if let Some(why) = crate::meta::Meta::damage(&log_dir) {
+            // The vote cannot be trusted, nor where the log starts: start empty, take
+            // everything from the leader again, and do not vote until then.
+            tracing::error!(
+                reason = why,
+                "the raft metadata is damaged: discarding this node's state to re-replicate it"
+            );
+            discard_dir(&log_dir)?;
+            discard_dir(&snapshots)?;
+            keel_commitlog::create_dir_durably(&log_dir).map_err(RaftStoreError::from)?;
+            crate::DamageMark::load(&log_dir).set(&why)?;
+        }
         let machine = match Machine::open(&snapshots, &mut open) {
             Err(RaftStoreError::Damaged(why)) => {
                 // Its files cannot be trusted, nor the log that replays onto them:
@@ -156,13 +169,13 @@ impl RaftNode {
                     reason = why,
                     "the state machine is damaged: discarding this node's state to re-replicate it"
                 );
-                LogStore::discard(&dir.join("log"), &why)?;
+                LogStore::discard(&log_dir, &why)?;
                 discard_dir(&snapshots)?;
                 Machine::open(&snapshots, &mut open)?
             }
             other => other?,
         };
-        let log = LogStore::open(&dir.join("log"), &settings.log)?;
+        let log = LogStore::open(&log_dir, &settings.log)?;
         let damage = log.damage();
         let raft = Raft::new(id, config, NetworkFactory::default(), log, machine)
             .await
@@ -177,6 +190,24 @@ impl RaftNode {
             id,
             damage,
         })
+    }
+
+    /// Marks this node damaged (see [`crate::DamageMark`]): it refuses votes until
+    /// it has caught up with a leader, which a task started here watches for.
+    ///
+    /// # Errors
+    ///
+    /// The mark cannot be written.
+    pub fn mark_damaged(&self, why: &str) -> Result<(), RaftStoreError> {
+        if !self.damage.is_set() {
+            self.damage.set(why)?;
+            tokio::spawn(clear_when_caught_up(
+                self.raft.clone(),
+                self.id,
+                self.damage.clone(),
+            ));
+        }
+        Ok(())
     }
 
     /// Forms a cluster of `members` unless this node's log says it is in one: every

@@ -221,7 +221,10 @@ fn cluster_options(
         node_id,
         advertise,
         membership,
-        settings: keel_raft::NodeSettings::default(),
+        settings: keel_raft::NodeSettings {
+            snapshot_every: args.snapshot_every,
+            ..keel_raft::NodeSettings::default()
+        },
     }))
 }
 

@@ -1,0 +1,197 @@
+//! `keel chaos run`: each fault against a fresh cluster, the timeline as it goes,
+//! a summary table (also written as `summary.md` and `summary.json`), and exit
+//! code 1 when any run found a violation or could not go on.
+
+use anyhow::anyhow;
+use keel_chaos::{Kind, Nemesis, Network, Report};
+
+use super::{ChaosArgs, ChaosNetwork, Failure};
+
+/// The faults `--nemesis` names.
+fn schedule(text: &str) -> Result<Vec<Nemesis>, Failure> {
+    let mut nemeses = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let kind = match name {
+            "all" => None,
+            "process" => Some(Kind::Process),
+            "network" => Some(Kind::Network),
+            "disk" => Some(Kind::Disk),
+            _ => {
+                let nemesis = Nemesis::parse(name).ok_or_else(|| {
+                    let known: Vec<&str> = Nemesis::ALL.iter().map(|n| n.name()).collect();
+                    Failure::Config(anyhow!(
+                        "--nemesis: no fault {name:?} (one of {}, or process, network, disk, all)",
+                        known.join(", ")
+                    ))
+                })?;
+                nemeses.push(nemesis);
+                continue;
+            }
+        };
+        nemeses.extend(
+            Nemesis::ALL
+                .into_iter()
+                .filter(|n| kind.is_none_or(|kind| n.kind() == kind)),
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    nemeses.retain(|n| seen.insert(*n));
+    if nemeses.is_empty() {
+        return Err(Failure::Config(anyhow!("--nemesis names no fault")));
+    }
+    Ok(nemeses)
+}
+
+/// Where the nodes run, as `--network` asks and the machine allows.
+fn network(asked: ChaosNetwork) -> Result<Network, Failure> {
+    match (asked, keel_chaos::namespaces_available()) {
+        (ChaosNetwork::Loopback, _) => Ok(Network::Loopback),
+        (_, Ok(())) => Ok(Network::Namespaces),
+        (ChaosNetwork::Namespaces, Err(why)) => Err(Failure::Config(anyhow!(
+            "--network namespaces: network namespaces cannot be made here ({why})"
+        ))),
+        (ChaosNetwork::Auto, Err(why)) => {
+            println!(
+                "network namespaces cannot be made here ({why}): the nodes run on 127.0.0.1, with process and disk faults only; network faults are skipped"
+            );
+            Ok(Network::Loopback)
+        }
+    }
+}
+
+pub(super) async fn run(args: ChaosArgs) -> Result<(), Failure> {
+    let mut nemeses = schedule(&args.nemesis)?;
+    let network = network(args.network)?;
+    if network == Network::Loopback {
+        let skipped: Vec<&str> = nemeses
+            .iter()
+            .filter(|n| n.kind() == Kind::Network)
+            .map(|n| n.name())
+            .collect();
+        if !skipped.is_empty() {
+            println!("skipped (no namespaces): {}", skipped.join(", "));
+        }
+        nemeses.retain(|n| n.kind() != Kind::Network);
+        if nemeses.is_empty() {
+            return Err(Failure::Config(anyhow!(
+                "every fault asked for needs network namespaces"
+            )));
+        }
+    }
+    let keel = std::env::current_exe()
+        .map_err(|err| Failure::Run(anyhow!("finding the keel binary: {err}")))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let seed = args.seed.unwrap_or(stamp);
+    let dir = args.dir.join(format!("run-{stamp}"));
+    let share = args.time_limit / u32::try_from(nemeses.len()).unwrap_or(u32::MAX);
+    println!(
+        "{} faults, {:?} each, nodes on {}, seed {seed}",
+        nemeses.len(),
+        share,
+        match network {
+            Network::Namespaces => "network namespaces",
+            Network::Loopback => "127.0.0.1",
+        }
+    );
+
+    let mut reports: Vec<(String, Report)> = Vec::new();
+    let mut failures = Vec::new();
+    for (round, nemesis) in (0u64..).zip(&nemeses) {
+        let config = keel_chaos::RunConfig {
+            keel: keel.clone(),
+            dir: dir.join(nemesis.name()),
+            nemeses: vec![*nemesis],
+            time_limit: share,
+            clients: args.clients.max(1),
+            network,
+            seed: seed.wrapping_add(round),
+        };
+        let outcome = tokio::select! {
+            outcome = keel_chaos::run(&config) => outcome,
+            _ = tokio::signal::ctrl_c() => {
+                // Dropping the run stops its nodes and removes its namespaces.
+                return Err(Failure::Run(anyhow!("interrupted; the runs so far are in {}", dir.display())));
+            }
+        };
+        match outcome {
+            Ok(report) => {
+                print_run(*nemesis, &report);
+                if !report.verdict.passed() {
+                    failures.push(format!(
+                        "{}: {} violations",
+                        nemesis.name(),
+                        report.verdict.violations.len()
+                    ));
+                }
+                reports.push((nemesis.name().to_owned(), report));
+            }
+            Err(err) => {
+                println!("FAILED ({}): {err}", nemesis.name());
+                failures.push(format!("{}: {err}", nemesis.name()));
+            }
+        }
+    }
+
+    let table = keel_chaos::summary(&reports);
+    println!("\n{table}");
+    if let Err(err) = write_summary(&dir, &table, &reports) {
+        failures.push(format!("writing the summary: {err}"));
+    }
+    println!(
+        "histories, timelines, verdicts and the summary in {}",
+        dir.display()
+    );
+    if failures.is_empty() {
+        println!(
+            "PASSED: no acknowledged write lost or duplicated, replicas identical, no stale read"
+        );
+        Ok(())
+    } else {
+        Err(Failure::Run(anyhow!("{}", failures.join("; "))))
+    }
+}
+
+/// Writes `summary.md` (the table) and `summary.json` (the figures by fault).
+fn write_summary(
+    dir: &std::path::Path,
+    table: &str,
+    reports: &[(String, Report)],
+) -> std::io::Result<()> {
+    let json: serde_json::Map<String, serde_json::Value> = reports
+        .iter()
+        .map(|(name, report)| {
+            let value = serde_json::json!({
+                "faults": report.faults,
+                "network": report.network,
+                "counts": report.verdict.counts,
+                "violations": report.verdict.violations.len(),
+                "longest_unavailability_ms": report.longest_unavailability_ms,
+            });
+            (name.clone(), value)
+        })
+        .collect();
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("summary.md"), table)?;
+    std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&json)?)
+}
+
+/// One run's faults as they happened, and its violations.
+fn print_run(nemesis: Nemesis, report: &Report) {
+    for event in &report.timeline {
+        println!(
+            "{:>7} ms  {:<18} {}",
+            event.at_ms,
+            event.nemesis.name(),
+            event.what
+        );
+    }
+    for violation in &report.verdict.violations {
+        println!(
+            "VIOLATION ({}): {}",
+            nemesis.name(),
+            serde_json::to_string(violation).unwrap_or_default()
+        );
+    }
+}
