@@ -55,6 +55,41 @@ pub enum Violation {
         /// The node.
         node: String,
     },
+    /// A registry node does not list an instance whose registration was the last
+    /// thing acknowledged of it.
+    LostRegistration {
+        /// `service/instance`.
+        instance: String,
+        /// The node.
+        node: String,
+    },
+    /// A registry node lists an instance whose deregistration was the last thing
+    /// acknowledged of it.
+    Resurrected {
+        /// `service/instance`.
+        instance: String,
+        /// The node.
+        node: String,
+    },
+    /// A registry node's instances differ from the first node's.
+    DivergentTable {
+        /// The node.
+        node: String,
+        /// How many instances one lists and the other does not.
+        differences: usize,
+    },
+    /// A `?consistent` lookup showed an instance otherwise than the writes
+    /// acknowledged before it began left it.
+    StaleLookup {
+        /// The looking-up client.
+        process: u64,
+        /// When the lookup began.
+        invoked_ms: u64,
+        /// `service/instance`.
+        instance: String,
+        /// Whether it should have been listed.
+        expected_present: bool,
+    },
     /// A linearizable read missed an append acknowledged before the read began.
     StaleRead {
         /// The reading client.
@@ -150,7 +185,15 @@ pub fn check(history: &History, state: &FinalState) -> Verdict {
             }
         }
         for (value, offset) in &acked {
-            let found = at.get(value).map(|offsets| offsets[0]);
+            // Where it is: at its acknowledged offset if there (a value stored
+            // twice is a duplicate, not a loss), else where first found.
+            let found = at.get(value).and_then(|offsets| {
+                offsets
+                    .iter()
+                    .find(|at| **at == *offset)
+                    .or(offsets.first())
+                    .copied()
+            });
             if found != Some(*offset) {
                 lost.insert((*value).to_owned());
                 violations.push(Violation::Lost {
@@ -334,6 +377,21 @@ mod tests {
         // An acknowledged append at another offset than acknowledged is lost too.
         let verdict = check(&history(), &three(&["b", "a"]));
         assert_eq!(verdict.counts.lost, 2);
+    }
+
+    /// A plain producer's retry stores a value again and is acknowledged at the
+    /// second offset: a duplicate, but not a loss.
+    #[test]
+    fn a_value_acknowledged_at_its_second_copy_should_be_a_duplicate_not_a_loss() {
+        let history = History {
+            ops: vec![
+                append(1, "a", (0, 10), ok(0)),
+                append(2, "b", (5, 60), ok(2)),
+            ],
+        };
+        let verdict = check(&history, &three(&["a", "b", "b"]));
+        assert_eq!(verdict.counts.duplicated, 1, "{:?}", verdict.violations);
+        assert_eq!(verdict.counts.lost, 0, "{:?}", verdict.violations);
     }
 
     #[test]

@@ -19,6 +19,28 @@ pub(crate) const SEGMENT_BYTES: &str = "4KiB";
 /// only the Raft log) hold acknowledged records when a fault damages them.
 const SNAPSHOT_EVERY: &str = "200";
 
+/// The replicated service under test.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Service {
+    /// `keel log serve`: appends and reads of a topic.
+    Log,
+    /// `keel registry serve`: registrations, deregistrations and lookups.
+    Registry,
+}
+
+impl Service {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Log => "log",
+            Self::Registry => "registry",
+        }
+    }
+}
+
 /// Where the nodes run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Network {
@@ -50,6 +72,7 @@ impl Node {
 
 pub(crate) struct Cluster {
     keel: PathBuf,
+    service: Service,
     peers: String,
     pub(crate) nodes: Vec<Node>,
     /// The namespaces, when the nodes have them (removed on drop, after the nodes).
@@ -62,6 +85,7 @@ impl Cluster {
         dir: &Path,
         size: usize,
         network: Network,
+        service: Service,
     ) -> Result<Self, String> {
         let (net, addrs) = match network {
             Network::Namespaces => {
@@ -100,6 +124,7 @@ impl Cluster {
             .collect();
         let mut cluster = Self {
             keel: keel.to_path_buf(),
+            service,
             peers,
             nodes,
             net,
@@ -127,13 +152,16 @@ impl Cluster {
             }
             None => Command::new(&self.keel),
         };
-        let child = command
-            .args(["log", "serve", "--addr", &node.addr])
+        command
+            .args([self.service.name(), "serve", "--addr", &node.addr])
             .arg("--data-dir")
             .arg(&node.dir)
             .args(["--node-id", &node.id.to_string(), "--peers", &self.peers])
-            .args(["--segment-bytes", SEGMENT_BYTES])
-            .args(["--snapshot-every", SNAPSHOT_EVERY])
+            .args(["--snapshot-every", SNAPSHOT_EVERY]);
+        if self.service == Service::Log {
+            command.args(["--segment-bytes", SEGMENT_BYTES]);
+        }
+        let child = command
             .args(["--log-level", "warn"])
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -172,21 +200,23 @@ impl Cluster {
         self.nodes.iter().map(|n| n.addr.clone()).collect()
     }
 
-    /// The index of the node that leads, as a running node says.
+    /// The index of the node that leads, as a running node says (over Raft's
+    /// admin call, which both services serve).
     pub(crate) async fn leader(&self) -> Option<usize> {
         for node in self.nodes.iter().filter(|n| n.running()) {
-            let connect = keel_log_client::Client::connect(&node.addr);
-            let Ok(Ok(mut client)) = tokio::time::timeout(Duration::from_secs(1), connect).await
-            else {
+            let ask = async {
+                let mut admin = keel_raft::membership::admin(&node.addr).await.ok()?;
+                admin
+                    .status(keel_proto::raft::v1::ClusterStatusRequest {})
+                    .await
+                    .ok()
+                    .map(tonic::Response::into_inner)
+            };
+            let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(1), ask).await else {
                 continue;
             };
-            let Ok(Ok(servers)) =
-                tokio::time::timeout(Duration::from_secs(1), client.servers()).await
-            else {
-                continue;
-            };
-            if let Some(leader) = servers.iter().find(|s| s.is_leader) {
-                return self.nodes.iter().position(|n| n.addr == leader.rpc_addr);
+            if let Some(at) = self.nodes.iter().position(|n| n.id == status.leader_id) {
+                return Some(at);
             }
         }
         None

@@ -22,6 +22,28 @@ pub enum OpKind {
         #[serde(default)]
         values: Vec<String>,
     },
+    /// Register `instance` (its id) as an instance of `service` in the registry.
+    Register {
+        /// The service.
+        service: String,
+        /// The instance's id.
+        instance: String,
+    },
+    /// Deregister it; an answer that it was not registered counts as done.
+    Deregister {
+        /// The service.
+        service: String,
+        /// The instance's id.
+        instance: String,
+    },
+    /// A linearizable (`?consistent`) lookup of `service`: the instances found.
+    Lookup {
+        /// The service.
+        service: String,
+        /// The instances' ids.
+        #[serde(default)]
+        instances: Vec<String>,
+    },
 }
 
 /// How an operation ended.
@@ -70,6 +92,14 @@ pub struct History {
 pub struct FinalState {
     /// By node name.
     pub nodes: BTreeMap<String, Vec<(u64, String)>>,
+}
+
+/// What each registry node holds once the faults are healed: `service/instance`
+/// of every instance it lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryState {
+    /// By node name.
+    pub nodes: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 /// A history that cannot be read.

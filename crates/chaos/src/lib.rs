@@ -27,13 +27,16 @@ mod cluster;
 mod history;
 mod nemesis;
 mod net;
+mod registry_check;
+mod registry_workload;
 mod runner;
 
 pub use checker::{Counts, Verdict, Violation, check};
-pub use cluster::Network;
-pub use history::{FinalState, History, HistoryError, Op, OpKind, Outcome};
+pub use cluster::{Network, Service};
+pub use history::{FinalState, History, HistoryError, Op, OpKind, Outcome, RegistryState};
 pub use nemesis::{Kind, Nemesis};
-pub use runner::{Event, Report, RunConfig, run, summary};
+pub use registry_check::check_registry;
+pub use runner::{Event, Report, RunConfig, quantile, run, summary};
 
 /// Whether this machine can give each node its own network namespace (root,
 /// iproute2, a kernel that allows it); why not, when it cannot.

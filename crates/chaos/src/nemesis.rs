@@ -103,6 +103,11 @@ impl Nemesis {
         Self::ALL.into_iter().find(|n| n.name() == name)
     }
 
+    /// Whether it means anything for `service` (the registry has no topics).
+    pub fn applies_to(self, service: crate::Service) -> bool {
+        service == crate::Service::Log || !matches!(self, Self::CorruptSealed | Self::CorruptActive)
+    }
+
     /// What it acts on.
     pub fn kind(self) -> Kind {
         match self {

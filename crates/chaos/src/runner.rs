@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::checker::{Verdict, check};
-use crate::cluster::{Cluster, Network};
+use crate::cluster::{Cluster, Network, Service};
 use crate::history::{FinalState, History, Op, OpKind, Outcome};
 use crate::nemesis::{Dice, Nemesis, inject};
 
 /// The topic the clients write.
 pub(crate) const TOPIC: &str = "chaos";
 
-/// How long a client keeps retrying one append before it records it as unknown.
-const APPEND_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a client keeps retrying one write before it records it as unknown.
+pub(crate) const WRITE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// What a run does.
 #[derive(Debug, Clone)]
@@ -36,6 +36,12 @@ pub struct RunConfig {
     pub network: Network,
     /// Makes the choices of victims and damaged bits repeatable.
     pub seed: u64,
+    /// The service under test.
+    pub service: Service,
+    /// Whether the log's clients append as idempotent producers. Plain appends
+    /// that are retried may be stored twice: the run counts duplicates then, but
+    /// they are no violation.
+    pub idempotent: bool,
 }
 
 /// One fault as it happened.
@@ -60,22 +66,25 @@ pub struct Report {
     pub faults: usize,
     /// The longest time no append was acknowledged, in milliseconds.
     pub longest_unavailability_ms: u64,
+    /// For each fault, the milliseconds from when it struck until an append first
+    /// invoked after it was acknowledged: how long writes were refused.
+    pub recoveries_ms: Vec<u64>,
     /// Where the nodes ran: `namespaces` or `loopback`.
     pub network: String,
 }
 
 /// The history being recorded, and when the run began.
-struct Recorder {
+pub(crate) struct Recorder {
     start: Instant,
     ops: Mutex<Vec<Op>>,
 }
 
 impl Recorder {
-    fn ms(&self) -> u64 {
+    pub(crate) fn ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn push(&self, op: Op) {
+    pub(crate) fn push(&self, op: Op) {
         self.ops
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -103,16 +112,17 @@ struct RecordText {
 
 /// How long one attempt at an append may take before the client tries the next
 /// node (a paused node never answers).
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// One appending client: unique values, as an idempotent producer, each retried on
-/// the next node (after [`ATTEMPT_TIMEOUT`] at most) until acknowledged or
-/// [`APPEND_PATIENCE`] runs out.
+/// One appending client: unique values, as an idempotent producer (unless
+/// `idempotent` is false: plain appends), each retried on the next node (after
+/// [`ATTEMPT_TIMEOUT`] at most) until acknowledged or [`WRITE_PATIENCE`] runs out.
 async fn appender(
     process: u64,
     addrs: Vec<String>,
     recorder: Arc<Recorder>,
     stop: Arc<AtomicBool>,
+    idempotent: bool,
 ) {
     let http = reqwest::Client::builder()
         .timeout(ATTEMPT_TIMEOUT)
@@ -125,18 +135,19 @@ async fn appender(
         sequence += 1;
         let value = format!("{process}-{sequence}");
         let invoked_ms = recorder.ms();
-        let deadline = Instant::now() + APPEND_PATIENCE;
+        let deadline = Instant::now() + WRITE_PATIENCE;
         let outcome = loop {
             next += 1;
             let addr = &addrs[next % addrs.len()];
-            let answer = http
+            let mut request = http
                 .post(format!("http://{addr}/v1/topics/{TOPIC}/records"))
-                .header("content-type", "application/octet-stream")
-                .header("keel-producer", producer)
-                .header("keel-sequence", sequence)
-                .body(value.clone())
-                .send()
-                .await;
+                .header("content-type", "application/octet-stream");
+            if idempotent {
+                request = request
+                    .header("keel-producer", producer)
+                    .header("keel-sequence", sequence);
+            }
+            let answer = request.body(value.clone()).send().await;
             match answer {
                 Ok(response) if response.status().is_success() => {
                     match response.json::<Appended>().await {
@@ -213,6 +224,38 @@ async fn reader(process: u64, addrs: Vec<String>, recorder: Arc<Recorder>, stop:
     }
 }
 
+/// The clients of `config.service`, recording into `recorder` until `stop`.
+fn spawn_clients(
+    config: &RunConfig,
+    addrs: &[String],
+    recorder: &Arc<Recorder>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let addrs = addrs.to_vec();
+    let mut clients = Vec::new();
+    for process in 1..=config.clients as u64 {
+        let (addrs, recorder, stop) = (addrs.clone(), Arc::clone(recorder), Arc::clone(stop));
+        clients.push(match config.service {
+            Service::Log => {
+                tokio::spawn(appender(process, addrs, recorder, stop, config.idempotent))
+            }
+            Service::Registry => tokio::spawn(crate::registry_workload::registrar(
+                process, addrs, recorder, stop,
+            )),
+        });
+    }
+    if config.service == Service::Log {
+        clients.push(tokio::spawn(reader(
+            0,
+            addrs.clone(),
+            Arc::clone(recorder),
+            Arc::clone(stop),
+        )));
+    }
+
+    clients
+}
+
 /// Runs `config`: starts the cluster, runs the clients and the faults, heals, reads
 /// every node, checks, and writes `history.jsonl`, `timeline.json` and
 /// `verdict.json` into `config.dir`.
@@ -227,7 +270,7 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
         .timeout(Duration::from_secs(5))
         .build()
         .map_err(std::io::Error::other)?;
-    let mut cluster = Cluster::start(&config.keel, &config.dir, 3, config.network)
+    let mut cluster = Cluster::start(&config.keel, &config.dir, 3, config.network, config.service)
         .map_err(std::io::Error::other)?;
     if !cluster.ready(&http, Duration::from_secs(30)).await {
         return Err(std::io::Error::other(
@@ -240,30 +283,17 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
         ops: Mutex::default(),
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let addrs = cluster.addrs();
-    let mut clients = Vec::new();
-    for process in 1..=config.clients as u64 {
-        clients.push(tokio::spawn(appender(
-            process,
-            addrs.clone(),
-            Arc::clone(&recorder),
-            Arc::clone(&stop),
-        )));
-    }
-    clients.push(tokio::spawn(reader(
-        0,
-        addrs.clone(),
-        Arc::clone(&recorder),
-        Arc::clone(&stop),
-    )));
+    let clients = spawn_clients(config, &cluster.addrs(), &recorder, &stop);
 
     let mut timeline = Vec::new();
+    let mut fault_starts = Vec::new();
     let started = Instant::now();
     let mut round = 0usize;
     while round < config.nemeses.len() || started.elapsed() < config.time_limit {
         let nemesis = config.nemeses[round % config.nemeses.len()];
         round += 1;
         tokio::time::sleep(Duration::from_millis(700)).await;
+        let first_event = timeline.len();
         let mut note = |what: String| {
             timeline.push(Event {
                 at_ms: recorder.ms(),
@@ -275,6 +305,9 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
             stop.store(true, Ordering::Relaxed);
             return Err(std::io::Error::other(format!("{}: {err}", nemesis.name())));
         }
+        if let Some(event) = timeline.get(first_event) {
+            fault_starts.push(event.at_ms);
+        }
         cluster.ready(&http, Duration::from_secs(30)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -285,17 +318,40 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
 
     // Healed: every node's contents, once it has applied everything committed.
     cluster.ready(&http, Duration::from_secs(30)).await;
-    let mut state = FinalState::default();
-    for node in &cluster.nodes {
-        let records = read_all(&http, &node.addr).await.unwrap_or_default();
-        state.nodes.insert(format!("node{}", node.id), records);
-    }
     let mut ops = std::mem::take(&mut *recorder.ops.lock().unwrap_or_else(PoisonError::into_inner));
     ops.sort_by_key(|op| op.completed_ms);
     let history = History { ops };
-    let verdict = check(&history, &state);
+    let (verdict, state) = match config.service {
+        Service::Log => {
+            let mut state = FinalState::default();
+            for node in &cluster.nodes {
+                let records = read_all(&http, &node.addr).await.unwrap_or_default();
+                state.nodes.insert(node.name(), records);
+            }
+            let mut verdict = check(&history, &state);
+            if !config.idempotent {
+                verdict
+                    .violations
+                    .retain(|v| !matches!(v, crate::Violation::Duplicated { .. }));
+            }
+            (verdict, serde_json::to_vec_pretty(&state)?)
+        }
+        Service::Registry => {
+            let nodes: Vec<(String, String)> = cluster
+                .nodes
+                .iter()
+                .map(|node| (node.name(), node.addr.clone()))
+                .collect();
+            let state = crate::registry_workload::final_state(&http, &nodes).await;
+            (
+                crate::registry_check::check_registry(&history, &state),
+                serde_json::to_vec_pretty(&state)?,
+            )
+        }
+    };
     let report = Report {
         longest_unavailability_ms: longest_unavailability(&history),
+        recoveries_ms: recoveries(&history, &fault_starts),
         verdict,
         timeline,
         faults: round,
@@ -307,10 +363,7 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
     history
         .write_jsonl(std::fs::File::create(config.dir.join("history.jsonl"))?)
         .map_err(std::io::Error::other)?;
-    std::fs::write(
-        config.dir.join("final-state.json"),
-        serde_json::to_vec_pretty(&state)?,
-    )?;
+    std::fs::write(config.dir.join("final-state.json"), state)?;
     std::fs::write(
         config.dir.join("verdict.json"),
         serde_json::to_vec_pretty(&report)?,
@@ -318,18 +371,57 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
     Ok(report)
 }
 
-/// The longest time between two acknowledged appends (or from the start to the
+/// For each fault start, how long until an append invoked at or after it was
+/// acknowledged (none: the run ended first, and the time to the end counts).
+fn recoveries(history: &History, starts: &[u64]) -> Vec<u64> {
+    let end = history
+        .ops
+        .iter()
+        .map(|op| op.completed_ms)
+        .max()
+        .unwrap_or(0);
+    starts
+        .iter()
+        .map(|&start| {
+            history
+                .ops
+                .iter()
+                .filter(|op| op.invoked_ms >= start && acknowledged_write(op))
+                .map(|op| op.completed_ms)
+                .min()
+                .unwrap_or(end)
+                .saturating_sub(start)
+        })
+        .collect()
+}
+
+/// Whether `op` is a write (an append, a registration or a deregistration) that
+/// was acknowledged.
+fn acknowledged_write(op: &Op) -> bool {
+    matches!(
+        (&op.kind, op.outcome),
+        (
+            OpKind::Append { .. } | OpKind::Register { .. } | OpKind::Deregister { .. },
+            Outcome::Ok { .. }
+        )
+    )
+}
+
+/// The `q` quantile (0..=1) of `values`, nearest rank.
+pub fn quantile(values: &[u64], q: f64) -> Option<u64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+}
+
+/// The longest time between two acknowledged writes (or from the start to the
 /// first).
 fn longest_unavailability(history: &History) -> u64 {
     let mut acked: Vec<u64> = history
         .ops
         .iter()
-        .filter(|op| {
-            matches!(
-                (&op.kind, op.outcome),
-                (OpKind::Append { .. }, Outcome::Ok { .. })
-            )
-        })
+        .filter(|op| acknowledged_write(op))
         .map(|op| op.completed_ms)
         .collect();
     acked.sort_unstable();
@@ -343,12 +435,12 @@ fn longest_unavailability(history: &History) -> u64 {
 /// A summary table of reports, one row per nemesis, in the order given.
 pub fn summary(reports: &[(String, Report)]) -> String {
     let mut out = String::from(
-        "| nemesis | faults | operations | acknowledged | lost | duplicated | divergent | stale reads | longest unavailability |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| nemesis | faults | operations | acknowledged | lost | duplicated | divergent | stale reads | writes refused after a fault (max) | longest unavailability |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for (name, report) in reports {
         let c = &report.verdict.counts;
         out.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} ms |\n",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} ms | {} ms |\n",
             report.faults,
             c.operations,
             c.acknowledged,
@@ -356,6 +448,7 @@ pub fn summary(reports: &[(String, Report)]) -> String {
             c.duplicated,
             c.divergent,
             c.stale_reads,
+            report.recoveries_ms.iter().max().copied().unwrap_or(0),
             report.longest_unavailability_ms
         ));
     }

@@ -116,6 +116,16 @@ struct ChaosArgs {
     /// skipped), or auto (namespaces where they can be made).
     #[arg(long, value_enum, default_value_t = ChaosNetwork::Auto)]
     network: ChaosNetwork,
+    /// The replicated service under test: log (appends and linearizable reads of a
+    /// topic), registry (registrations, deregistrations and `?consistent` lookups),
+    /// or all (each fault against each).
+    #[arg(long, value_enum, default_value_t = ChaosService::All)]
+    service: ChaosService,
+    /// The log's clients append without producer ids (plain produces, retried):
+    /// a retry may store a value twice, which the run counts but does not fail on.
+    /// Without it they append as idempotent producers, and a duplicate fails the run.
+    #[arg(long)]
+    plain_producers: bool,
     /// Makes the choice of victims and damaged bits repeatable [default: the time].
     #[arg(long)]
     seed: Option<u64>,
@@ -123,6 +133,13 @@ struct ChaosArgs {
     /// summary table.
     #[arg(long, default_value = "target/chaos")]
     dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ChaosService {
+    Log,
+    Registry,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -339,9 +339,10 @@ impl Topics {
                             ),
                         });
                     }
-                    match topic.truncate_to(next) {
+                    // Found while looking for where the checkpoint ends, or when
+                    // reading what it holds below it.
+                    match topic.truncate_to(next).and_then(|()| topic.verify()) {
                         Err(err @ keel_commitlog::LogError::Corrupt { .. }) => {
-                            // Found while looking for where the checkpoint ends.
                             return Err(LogServiceError::DamagedReplica {
                                 topic: name,
                                 reason: err.to_string(),
@@ -716,7 +717,25 @@ mod tests {
             topics: BTreeMap::from([("t".to_owned(), base + 3)]),
             producers: Vec::new(),
         };
-        match Topics::open_replica(config, Some(&summary)) {
+        expect_damaged(Topics::open_replica(config.clone(), Some(&summary)));
+
+        // Repaired by hand, a flipped bit in a value of the first segment, which
+        // nothing but a read of that record would look at.
+        let mut bytes = std::fs::read(sealed).expect("read");
+        bytes[16 + 6] ^= 1;
+        std::fs::write(sealed, bytes).expect("write");
+        Topics::open_replica(config.clone(), Some(&summary))
+            .expect("sound again")
+            .close();
+        let first = &stores[0];
+        let mut bytes = std::fs::read(first).expect("read");
+        bytes[16 + 24 + 50] ^= 0x10;
+        std::fs::write(first, bytes).expect("write");
+        expect_damaged(Topics::open_replica(config, Some(&summary)));
+    }
+
+    fn expect_damaged(opened: Result<Topics, LogServiceError>) {
+        match opened {
             Err(LogServiceError::DamagedReplica { topic, reason }) => {
                 assert_eq!(topic, "t");
                 assert!(reason.contains("corrupt"), "{reason}");

@@ -3,9 +3,18 @@
 //! code 1 when any run found a violation or could not go on.
 
 use anyhow::anyhow;
-use keel_chaos::{Kind, Nemesis, Network, Report};
+use keel_chaos::{Kind, Nemesis, Network, Report, Service};
 
-use super::{ChaosArgs, ChaosNetwork, Failure};
+use super::{ChaosArgs, ChaosNetwork, ChaosService, Failure};
+
+/// The faults that take the leader away (killed, paused, cut off).
+const LEADER_LOSS: [&str; 5] = [
+    "kill-leader",
+    "pause-leader",
+    "partition-leader",
+    "partition-one-way",
+    "link-down",
+];
 
 /// The faults `--nemesis` names.
 fn schedule(text: &str) -> Result<Vec<Nemesis>, Failure> {
@@ -59,24 +68,30 @@ fn network(asked: ChaosNetwork) -> Result<Network, Failure> {
     }
 }
 
+/// Leaves out (saying so) the faults that need namespaces.
+fn skip_network_faults(nemeses: &mut Vec<Nemesis>) -> Result<(), Failure> {
+    let skipped: Vec<&str> = nemeses
+        .iter()
+        .filter(|n| n.kind() == Kind::Network)
+        .map(|n| n.name())
+        .collect();
+    if !skipped.is_empty() {
+        println!("skipped (no namespaces): {}", skipped.join(", "));
+    }
+    nemeses.retain(|n| n.kind() != Kind::Network);
+    if nemeses.is_empty() {
+        return Err(Failure::Config(anyhow!(
+            "every fault asked for needs network namespaces"
+        )));
+    }
+    Ok(())
+}
+
 pub(super) async fn run(args: ChaosArgs) -> Result<(), Failure> {
     let mut nemeses = schedule(&args.nemesis)?;
     let network = network(args.network)?;
     if network == Network::Loopback {
-        let skipped: Vec<&str> = nemeses
-            .iter()
-            .filter(|n| n.kind() == Kind::Network)
-            .map(|n| n.name())
-            .collect();
-        if !skipped.is_empty() {
-            println!("skipped (no namespaces): {}", skipped.join(", "));
-        }
-        nemeses.retain(|n| n.kind() != Kind::Network);
-        if nemeses.is_empty() {
-            return Err(Failure::Config(anyhow!(
-                "every fault asked for needs network namespaces"
-            )));
-        }
+        skip_network_faults(&mut nemeses)?;
     }
     let keel = std::env::current_exe()
         .map_err(|err| Failure::Run(anyhow!("finding the keel binary: {err}")))?;
@@ -85,10 +100,20 @@ pub(super) async fn run(args: ChaosArgs) -> Result<(), Failure> {
         .map_or(0, |d| d.as_secs());
     let seed = args.seed.unwrap_or(stamp);
     let dir = args.dir.join(format!("run-{stamp}"));
-    let share = args.time_limit / u32::try_from(nemeses.len()).unwrap_or(u32::MAX);
+    let services: &[Service] = match args.service {
+        ChaosService::Log => &[Service::Log],
+        ChaosService::Registry => &[Service::Registry],
+        ChaosService::All => &[Service::Log, Service::Registry],
+    };
+    let runs: Vec<(Service, Nemesis)> = services
+        .iter()
+        .flat_map(|service| nemeses.iter().map(move |nemesis| (*service, *nemesis)))
+        .filter(|(service, nemesis)| nemesis.applies_to(*service))
+        .collect();
+    let share = args.time_limit / u32::try_from(runs.len()).unwrap_or(u32::MAX).max(1);
     println!(
-        "{} faults, {:?} each, nodes on {}, seed {seed}",
-        nemeses.len(),
+        "{} runs (faults by service), {:?} each, nodes on {}, seed {seed}",
+        runs.len(),
         share,
         match network {
             Network::Namespaces => "network namespaces",
@@ -98,15 +123,18 @@ pub(super) async fn run(args: ChaosArgs) -> Result<(), Failure> {
 
     let mut reports: Vec<(String, Report)> = Vec::new();
     let mut failures = Vec::new();
-    for (round, nemesis) in (0u64..).zip(&nemeses) {
+    for (round, (service, nemesis)) in (0u64..).zip(&runs) {
+        let name = format!("{}/{}", service.name(), nemesis.name());
         let config = keel_chaos::RunConfig {
             keel: keel.clone(),
-            dir: dir.join(nemesis.name()),
+            dir: dir.join(service.name()).join(nemesis.name()),
             nemeses: vec![*nemesis],
             time_limit: share,
             clients: args.clients.max(1),
             network,
             seed: seed.wrapping_add(round),
+            service: *service,
+            idempotent: !args.plain_producers,
         };
         let outcome = tokio::select! {
             outcome = keel_chaos::run(&config) => outcome,
@@ -117,25 +145,25 @@ pub(super) async fn run(args: ChaosArgs) -> Result<(), Failure> {
         };
         match outcome {
             Ok(report) => {
-                print_run(*nemesis, &report);
+                print_run(&name, &report);
                 if !report.verdict.passed() {
                     failures.push(format!(
-                        "{}: {} violations",
-                        nemesis.name(),
+                        "{name}: {} violations",
                         report.verdict.violations.len()
                     ));
                 }
-                reports.push((nemesis.name().to_owned(), report));
+                reports.push((name, report));
             }
             Err(err) => {
-                println!("FAILED ({}): {err}", nemesis.name());
-                failures.push(format!("{}: {err}", nemesis.name()));
+                println!("FAILED ({name}): {err}");
+                failures.push(format!("{name}: {err}"));
             }
         }
     }
 
     let table = keel_chaos::summary(&reports);
     println!("\n{table}");
+    print_leader_loss(&reports);
     if let Err(err) = write_summary(&dir, &table, &reports) {
         failures.push(format!("writing the summary: {err}"));
     }
@@ -144,9 +172,19 @@ pub(super) async fn run(args: ChaosArgs) -> Result<(), Failure> {
         dir.display()
     );
     if failures.is_empty() {
-        println!(
-            "PASSED: no acknowledged write lost or duplicated, replicas identical, no stale read"
-        );
+        if args.plain_producers {
+            let twice: usize = reports
+                .iter()
+                .map(|(_, report)| report.verdict.counts.duplicated)
+                .sum();
+            println!(
+                "PASSED: no acknowledged write lost, replicas identical, no stale read ({twice} values stored twice by plain retries, which only producer ids prevent)"
+            );
+        } else {
+            println!(
+                "PASSED: no acknowledged write lost or duplicated, replicas identical, no stale read"
+            );
+        }
         Ok(())
     } else {
         Err(Failure::Run(anyhow!("{}", failures.join("; "))))
@@ -168,6 +206,7 @@ fn write_summary(
                 "counts": report.verdict.counts,
                 "violations": report.verdict.violations.len(),
                 "longest_unavailability_ms": report.longest_unavailability_ms,
+                "recoveries_ms": report.recoveries_ms,
             });
             (name.clone(), value)
         })
@@ -178,20 +217,33 @@ fn write_summary(
 }
 
 /// One run's faults as they happened, and its violations.
-fn print_run(nemesis: Nemesis, report: &Report) {
+fn print_run(name: &str, report: &Report) {
     for event in &report.timeline {
-        println!(
-            "{:>7} ms  {:<18} {}",
-            event.at_ms,
-            event.nemesis.name(),
-            event.what
-        );
+        println!("{:>7} ms  {name:<27} {}", event.at_ms, event.what);
     }
     for violation in &report.verdict.violations {
         println!(
-            "VIOLATION ({}): {}",
-            nemesis.name(),
+            "VIOLATION ({name}): {}",
             serde_json::to_string(violation).unwrap_or_default()
+        );
+    }
+}
+
+/// How long writes were refused after the faults that take the leader away.
+fn print_leader_loss(reports: &[(String, Report)]) {
+    let leader_loss: Vec<u64> = reports
+        .iter()
+        .filter(|(name, _)| LEADER_LOSS.contains(&name.rsplit('/').next().unwrap_or_default()))
+        .flat_map(|(_, report)| report.recoveries_ms.iter().copied())
+        .collect();
+    if let (Some(p50), Some(p99)) = (
+        keel_chaos::quantile(&leader_loss, 0.5),
+        keel_chaos::quantile(&leader_loss, 0.99),
+    ) {
+        println!(
+            "leader lost ({}): writes accepted again after p50 {p50} ms, p99 {p99} ms ({} faults)\n",
+            LEADER_LOSS.join(", "),
+            leader_loss.len()
         );
     }
 }

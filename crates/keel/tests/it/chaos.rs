@@ -1,12 +1,15 @@
-//! `keel chaos run`: a bounded schedule of every process fault against a real
-//! cluster of this binary, judged by the checker.
+//! `keel chaos run`: a bounded schedule of every process and disk fault against
+//! real log and registry clusters of this binary on 127.0.0.1, judged by the
+//! checkers. (`.ci/run`
+//! runs every fault, the network ones too, with each node in its own network
+//! namespace.)
 
 use std::process::Command;
 
 use crate::support::KEEL;
 
 #[test]
-fn issue_18_every_process_fault_should_lose_and_duplicate_nothing() {
+fn issue_18_process_and_disk_faults_should_lose_nothing_in_the_log_or_the_registry() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(KEEL)
         .args([
@@ -14,6 +17,8 @@ fn issue_18_every_process_fault_should_lose_and_duplicate_nothing() {
             "run",
             "--nemesis",
             "all",
+            "--network",
+            "loopback",
             "--time-limit",
             "2s",
             "--clients",
@@ -26,17 +31,38 @@ fn issue_18_every_process_fault_should_lose_and_duplicate_nothing() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "keel chaos run failed: {stdout}");
-    for fault in [
+    let faults = [
         "kill-leader",
         "kill-random",
         "kill-majority",
         "pause-leader",
-    ] {
-        assert!(stdout.contains(fault), "{fault} did not run: {stdout}");
+        "torn-tail",
+        "corrupt-sealed",
+        "corrupt-active",
+        "corrupt-raft-log",
+        "corrupt-meta",
+        "wipe-data",
+    ];
+    for fault in faults {
+        assert!(
+            stdout.contains(&format!("| log/{fault} |")),
+            "{fault} did not run against the log: {stdout}"
+        );
+        // The registry has no topics to damage.
+        let topic_fault = fault == "corrupt-sealed" || fault == "corrupt-active";
+        assert_eq!(
+            stdout.contains(&format!("| registry/{fault} |")),
+            !topic_fault,
+            "{fault} against the registry: {stdout}"
+        );
     }
+    assert!(
+        stdout.contains("skipped (no namespaces): partition-leader"),
+        "{stdout}"
+    );
     assert!(stdout.contains("PASSED"), "{stdout}");
-    // The run's files: the history, the final state, the verdict.
-    let run = std::fs::read_dir(dir.path())
+    // The runs' files: each fault's history, final state and verdict; the summary.
+    let runs = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .find(|path| {
@@ -48,6 +74,14 @@ fn issue_18_every_process_fault_should_lose_and_duplicate_nothing() {
                     .starts_with("run-")
         })
         .expect("a run directory");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary.as_object().unwrap().len(),
+        2 * faults.len() - 2,
+        "{summary}"
+    );
+    let run = runs.join("log").join("kill-leader");
     let verdict: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("verdict.json")).unwrap()).unwrap();
     assert!(

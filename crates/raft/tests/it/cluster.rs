@@ -257,6 +257,66 @@ async fn three_nodes_should_replicate_fail_over_and_catch_up() {
     newcomer.kill().await;
 }
 
+/// A node whose data directory was emptied (a replaced disk) and that restarts as
+/// itself must not vote until it has everything again: it may have voted in the
+/// current term before it lost its vote. It finds from its peers that the cluster
+/// counts it as a member, marks itself damaged instead of forming a cluster, and
+/// catches up (the fault suite's wipe-data restarts nodes so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_on_an_empty_data_directory_should_not_vote_until_it_has_caught_up() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut nodes = three_nodes(root.path()).await;
+    let mut last = 0;
+    for i in 0..20 {
+        last = write(&nodes, &format!("w{i}")).await;
+    }
+    for node in &nodes {
+        node.wait_applied(last).await;
+    }
+    let leader = leader_of(&nodes).await;
+    let at = nodes.iter().position(|n| n.id != leader).expect("follower");
+    let wiped = nodes.remove(at);
+    let (id, addr, dir) = (wiped.id, wiped.addr.clone(), wiped.dir.clone());
+    wiped.kill().await;
+    std::fs::remove_dir_all(&dir).expect("wipe");
+
+    let back = TestNode::restart(id, &addr, root.path()).await;
+    let peers: BTreeMap<NodeId, String> = nodes
+        .iter()
+        .map(|n| (n.id, n.addr.clone()))
+        .chain([(id, addr.clone())])
+        .collect();
+    let options = keel_raft::membership::ClusterOptions {
+        node_id: id,
+        advertise: addr,
+        membership: keel_raft::membership::Membership::Peers(peers),
+        settings: settings(),
+    };
+    keel_raft::membership::form(&back.node, &options)
+        .await
+        .expect("form");
+    assert!(
+        back.node.damage.is_set(),
+        "a node that lost its data came back as an ordinary voter"
+    );
+    back.wait_applied(last).await;
+    let expected: Vec<Bytes> = (0..20).map(|i| Bytes::from(format!("w{i}"))).collect();
+    assert_eq!(back.commands(), expected);
+    // Caught up, it votes again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while back.node.damage.is_set() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still damaged after catching up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for node in nodes {
+        node.kill().await;
+    }
+    back.kill().await;
+}
+
 mod transfer {
     //! A snapshot sent by hand, chunk by chunk, to see the receiver keep what
     //! arrived, refuse damaged or misplaced chunks, and install once complete.
