@@ -256,6 +256,44 @@ fn spawn_clients(
     clients
 }
 
+/// Reads every node once healed and checks `history` against what they hold: the
+/// verdict, and the final state as JSON.
+async fn judge(
+    config: &RunConfig,
+    cluster: &Cluster,
+    http: &reqwest::Client,
+    history: &History,
+) -> std::io::Result<(Verdict, Vec<u8>)> {
+    Ok(match config.service {
+        Service::Log => {
+            let mut state = FinalState::default();
+            for node in &cluster.nodes {
+                let records = read_all(http, &node.addr).await.unwrap_or_default();
+                state.nodes.insert(node.name(), records);
+            }
+            let mut verdict = check(history, &state);
+            if !config.idempotent {
+                verdict
+                    .violations
+                    .retain(|v| !matches!(v, crate::Violation::Duplicated { .. }));
+            }
+            (verdict, serde_json::to_vec_pretty(&state)?)
+        }
+        Service::Registry => {
+            let nodes: Vec<(String, String)> = cluster
+                .nodes
+                .iter()
+                .map(|node| (node.name(), node.addr.clone()))
+                .collect();
+            let state = crate::registry_workload::final_state(http, &nodes).await;
+            (
+                crate::registry_check::check_registry(history, &state),
+                serde_json::to_vec_pretty(&state)?,
+            )
+        }
+    })
+}
+
 /// Runs `config`: starts the cluster, runs the clients and the faults, heals, reads
 /// every node, checks, and writes `history.jsonl`, `timeline.json` and
 /// `verdict.json` into `config.dir`.
@@ -321,34 +359,7 @@ pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
     let mut ops = std::mem::take(&mut *recorder.ops.lock().unwrap_or_else(PoisonError::into_inner));
     ops.sort_by_key(|op| op.completed_ms);
     let history = History { ops };
-    let (verdict, state) = match config.service {
-        Service::Log => {
-            let mut state = FinalState::default();
-            for node in &cluster.nodes {
-                let records = read_all(&http, &node.addr).await.unwrap_or_default();
-                state.nodes.insert(node.name(), records);
-            }
-            let mut verdict = check(&history, &state);
-            if !config.idempotent {
-                verdict
-                    .violations
-                    .retain(|v| !matches!(v, crate::Violation::Duplicated { .. }));
-            }
-            (verdict, serde_json::to_vec_pretty(&state)?)
-        }
-        Service::Registry => {
-            let nodes: Vec<(String, String)> = cluster
-                .nodes
-                .iter()
-                .map(|node| (node.name(), node.addr.clone()))
-                .collect();
-            let state = crate::registry_workload::final_state(&http, &nodes).await;
-            (
-                crate::registry_check::check_registry(&history, &state),
-                serde_json::to_vec_pretty(&state)?,
-            )
-        }
-    };
+    let (verdict, state) = judge(config, &cluster, &http, &history).await?;
     let report = Report {
         longest_unavailability_ms: longest_unavailability(&history),
         recoveries_ms: recoveries(&history, &fault_starts),
