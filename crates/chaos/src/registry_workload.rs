@@ -62,6 +62,9 @@ pub(crate) async fn registrar(
             } else {
                 http.delete(format!("http://{addr}/v1/services/{service}/{instance}"))
             };
+            // Every attempt at one write carries the same key: one that arrives
+            // late (held by a node cut off) is not applied again.
+            let request = request.header("idempotency-key", format!("p{process}-w{round}"));
             match request.send().await.map(|r| r.status()) {
                 Ok(status) if status.is_success() => break Outcome::Ok { offset: None },
                 // Not registered (any more): the deregistration's effect holds.

@@ -226,9 +226,11 @@ impl RegistryClient {
         registration: &Registration,
     ) -> Result<BTreeMap<String, Vec<ServiceInstance>>, RegistryClientError> {
         let body = registration.to_canonical_json();
+        let key = idempotency_key();
         let response = self
             .send(|http, base| {
                 http.post(format!("{base}/services"))
+                    .header("idempotency-key", &key)
                     .json(&body)
                     .timeout(Duration::from_secs(5))
             })
@@ -249,9 +251,11 @@ impl RegistryClient {
     ///
     /// [`RegistryClientError`]: the registry cannot be reached or refuses.
     pub async fn deregister(&self, name: &str, id: &str) -> Result<(), RegistryClientError> {
+        let key = idempotency_key();
         let response = self
             .send(|http, base| {
                 http.delete(format!("{base}/v1/services/{name}/{id}"))
+                    .header("idempotency-key", &key)
                     .timeout(Duration::from_secs(2))
             })
             .await?;
@@ -376,4 +380,18 @@ pub async fn follow(
             }
         }
     }
+}
+
+/// A key for one write, sent with each attempt at it, so that the registry applies
+/// it once however many attempts arrive: this process's random prefix and a count.
+fn idempotency_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.finish()
+    });
+    format!("{prefix:016x}-{}", COUNT.fetch_add(1, Ordering::Relaxed))
 }

@@ -143,8 +143,36 @@ async fn read_body(body: Body, max: u64) -> Result<Bytes, Response> {
         })
 }
 
+/// The `Idempotency-Key` of a write: retries of one write send the same key, and
+/// the registry applies it once however late a copy arrives.
+fn idempotency_key(
+    headers: &axum::http::HeaderMap,
+) -> std::result::Result<Option<String>, RegistryError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY => Ok(Some(key.to_owned())),
+        _ => Err(RegistryError::BadRequest {
+            field: "Idempotency-Key",
+            message: format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        }),
+    }
+}
+
+/// The longest `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 128;
+
 /// `POST /services`: register; answers the available instances of each required service.
-async fn register(State(state): State<AppState>, body: Body) -> Response {
+async fn register(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
+    let request = match idempotency_key(&headers) {
+        Ok(request) => request,
+        Err(err) => return err.into_response(),
+    };
     let body = match read_body(body, state.config.max_body_bytes).await {
         Ok(body) => body,
         Err(response) => return response,
@@ -158,37 +186,51 @@ async fn register(State(state): State<AppState>, body: Body) -> Response {
         url = registration.url,
         "registered"
     );
-    match state.registry.register(registration).await {
+    match state.registry.register(registration, request).await {
         Ok(answer) => axum::Json(answer).into_response(),
         Err(err) => err.into_response(),
     }
 }
 
 /// `DELETE /services` with the registration body (name and address are enough).
-async fn deregister(State(state): State<AppState>, body: Body) -> Response {
+async fn deregister(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
     let body = match read_body(body, state.config.max_body_bytes).await {
         Ok(body) => body,
         Err(response) => return response,
     };
     match parse_identity(&body) {
-        Ok((name, id)) => remove(&state, name, id).await,
+        Ok((name, id)) => remove(&state, &headers, name, id).await,
         Err(err) => err.into_response(),
     }
 }
 
 async fn deregister_by_path(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Path((name, id)): Path<(String, String)>,
 ) -> Response {
-    remove(&state, name, id).await
+    remove(&state, &headers, name, id).await
 }
 
-async fn remove(state: &AppState, name: String, id: String) -> Response {
+async fn remove(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    name: String,
+    id: String,
+) -> Response {
+    let request = match idempotency_key(headers) {
+        Ok(request) => request,
+        Err(err) => return err.into_response(),
+    };
     let command = Command::Deregister {
         name: name.clone(),
         id: id.clone(),
     };
-    match state.registry.execute(command).await {
+    match state.registry.execute_once(command, request).await {
         Ok(_) => {
             tracing::info!(service = name, instance = id, "deregistered");
             axum::Json(json!({"deregistered": {"name": name, "id": id}})).into_response()

@@ -167,9 +167,20 @@ impl Registry {
     /// As [`RegistryState::apply`]; [`RegistryError::Unavailable`] when the cluster
     /// could not commit it in time (it may still be committed).
     pub async fn execute(&self, command: Command) -> Result<Applied> {
+        self.execute_once(command, None).await
+    }
+
+    /// As [`Registry::execute`], for a client's write with an idempotency key: a
+    /// copy of it with the same key (a retry whose first attempt was delayed, not
+    /// lost) is answered but not applied again.
+    ///
+    /// # Errors
+    ///
+    /// As [`Registry::execute`].
+    pub async fn execute_once(&self, command: Command, request: Option<String>) -> Result<Applied> {
         match self.replication() {
-            None => self.apply(command),
-            Some(replication) => replication.propose(&command).await,
+            None => self.apply_once(command, request),
+            Some(replication) => replication.propose(&command, request).await,
         }
     }
 
@@ -193,13 +204,35 @@ impl Registry {
     ///
     /// As [`RegistryState::apply`].
     pub fn apply(&self, command: Command) -> Result<Applied> {
+        self.apply_once(command, None)
+    }
+
+    /// As [`Registry::apply`]; a command whose idempotency key `request` was
+    /// applied already changes nothing (a registration's answer is given again).
+    ///
+    /// # Errors
+    ///
+    /// As [`RegistryState::apply`].
+    pub fn apply_once(&self, command: Command, request: Option<String>) -> Result<Applied> {
         let required = match &command {
             Command::Register { registration, .. } => Some(registration.required_services.clone()),
             _ => None,
         };
         let (events, required, notices, index) = {
             let mut state = self.state_mut();
+            if let Some(key) = &request
+                && state.requests().contains(key)
+            {
+                let required = required.map(|required| state.required_by(&required));
+                return Ok(Applied {
+                    events: Vec::new(),
+                    required,
+                });
+            }
             let (events, notices) = state.apply_noting(command)?;
+            if let Some(key) = request {
+                state.requests().insert(key);
+            }
             let required = required.map(|required| state.required_by(&required));
             // Read under the lock that taking the lead also holds: a notice is either
             // delivered here or found in the outbox by the new leader, never neither.
@@ -247,7 +280,11 @@ impl Registry {
     ///
     /// As [`Registry::execute`]; [`RegistryError::Full`] when a new instance would
     /// pass the limit (on a cluster, judged by this node's state).
-    pub async fn register(&self, registration: Registration) -> Result<Required> {
+    pub async fn register(
+        &self,
+        registration: Registration,
+        request: Option<String>,
+    ) -> Result<Required> {
         {
             let state = self.state();
             let known = state
@@ -260,10 +297,13 @@ impl Registry {
             }
         }
         let applied = self
-            .execute(Command::Register {
-                registration,
-                at_ms: now_ms(),
-            })
+            .execute_once(
+                Command::Register {
+                    registration,
+                    at_ms: now_ms(),
+                },
+                request,
+            )
             .await?;
         Ok(applied.required.unwrap_or_default())
     }
@@ -394,6 +434,59 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The fault suite's registry/link-down: a registration held by a node cut
+    /// off reached the leader after the client had retried it elsewhere and then
+    /// deregistered the instance, and brought it back. A write applied once under
+    /// its idempotency key is not applied again.
+    #[tokio::test]
+    async fn issue_18_a_late_copy_of_a_keyed_registration_should_not_bring_back_the_instance() {
+        let notifier = Notifier::new(reqwest::Client::new(), Duration::from_secs(5), 1, 64);
+        let registry = Registry::new(notifier, 100);
+        let key = Some("client-1-write-7".to_owned());
+        registry
+            .apply_once(registration("visit", 7, &[], None), key.clone())
+            .unwrap();
+        registry
+            .apply_once(
+                Command::Deregister {
+                    name: "visit".into(),
+                    id: "127.0.0.1:7".into(),
+                },
+                Some("client-1-write-8".into()),
+            )
+            .unwrap();
+        // The late copy: answered, not applied.
+        let answer = registry
+            .apply_once(registration("visit", 7, &["log"], None), key)
+            .unwrap();
+        assert_eq!(answer.required.map(|r| r.len()), Some(1));
+        assert!(registry.instances("visit", true).is_empty());
+        // A new write (another key, or none) registers it again.
+        registry
+            .apply_once(registration("visit", 7, &[], None), None)
+            .unwrap();
+        assert_eq!(registry.instances("visit", true).len(), 1);
+        // The keys survive a snapshot.
+        let copy = Registry::new(
+            Notifier::new(reqwest::Client::new(), Duration::from_secs(5), 1, 64),
+            100,
+        );
+        copy.replace_state(serde_json::from_slice(&registry.encode_state().unwrap()).unwrap());
+        copy.apply_once(
+            Command::Deregister {
+                name: "visit".into(),
+                id: "127.0.0.1:7".into(),
+            },
+            Some("client-1-write-8".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            copy.instances("visit", true).len(),
+            1,
+            "a late deregistration"
+        );
     }
 
     #[tokio::test]

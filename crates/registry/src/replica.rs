@@ -66,8 +66,18 @@ enum Outcome {
 
 /// A change waiting to be proposed, and where its outcome goes.
 struct Change {
-    command: Command,
+    command: Keyed,
     outcome: oneshot::Sender<Result<Outcome>>,
+}
+
+/// A command as an entry carries it: with the client's idempotency key, if it
+/// gave one (entries of earlier versions are plain commands, which still read).
+#[derive(Debug, Serialize, Deserialize)]
+struct Keyed {
+    #[serde(flatten)]
+    command: Command,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request: Option<String>,
 }
 
 /// What a cluster node's registry knows of its Raft node.
@@ -91,10 +101,17 @@ impl Replication {
 
     /// Proposes `command` (with whatever else waits) and waits for the leader's
     /// answer.
-    pub(crate) async fn propose(&self, command: &Command) -> Result<Applied> {
+    pub(crate) async fn propose(
+        &self,
+        command: &Command,
+        request: Option<String>,
+    ) -> Result<Applied> {
         let (outcome, answer) = oneshot::channel();
         let change = Change {
-            command: command.clone(),
+            command: Keyed {
+                command: command.clone(),
+                request,
+            },
             outcome,
         };
         self.queue.try_send(change).map_err(|err| match err {
@@ -155,7 +172,7 @@ async fn propose(writer: Writer, mut changes: mpsc::Receiver<Change>) {
                     let Ok(more) = changes.try_recv() else { break };
                     batch.push(more);
                 }
-                let (commands, outcomes): (Vec<Command>, Vec<_>) =
+                let (commands, outcomes): (Vec<Keyed>, Vec<_>) =
                     batch.into_iter().map(|c| (c.command, c.outcome)).unzip();
                 let submitted = match serde_json::to_vec(&commands) {
                     Ok(bytes) => writer.submit(keel_raft::Command(bytes.into())).await.map_err(unavailable),
@@ -225,8 +242,8 @@ struct RegistryMachine {
 }
 
 impl RegistryMachine {
-    fn apply_one(&self, command: Command) -> Outcome {
-        match self.registry.apply(command) {
+    fn apply_one(&self, keyed: Keyed) -> Outcome {
+        match self.registry.apply_once(keyed.command, keyed.request) {
             Ok(applied) => Outcome::Applied {
                 required: applied.required,
             },
@@ -244,7 +261,7 @@ impl StateMachine for RegistryMachine {
     /// An entry holds the changes proposed together, as a JSON array; the reply is
     /// their outcomes, in order.
     fn apply(&mut self, log_id: &LogId, command: &keel_raft::Command) -> io::Result<Reply> {
-        let outcomes: Vec<Outcome> = match serde_json::from_slice::<Vec<Command>>(&command.0) {
+        let outcomes: Vec<Outcome> = match serde_json::from_slice::<Vec<Keyed>>(&command.0) {
             Ok(commands) => commands.into_iter().map(|c| self.apply_one(c)).collect(),
             Err(err) => {
                 tracing::error!(index = log_id.index, error = %err, "an unreadable registry entry; skipped");
@@ -366,5 +383,30 @@ impl RegistryNode {
         membership::join(&self.raft, addr, advertise)
             .await
             .map_err(RegistryError::Cluster)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries written before idempotency keys (plain commands) still read, and a
+    /// keyed command round-trips.
+    #[test]
+    fn entries_with_and_without_idempotency_keys_should_read() {
+        let old = br#"[{"deregister":{"name":"visit","id":"127.0.0.1:7"}}]"#;
+        let read: Vec<Keyed> = serde_json::from_slice(old).expect("an old entry");
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].request, None);
+        assert!(matches!(read[0].command, Command::Deregister { .. }));
+
+        let keyed = vec![Keyed {
+            command: Command::Notified { up_to: 3 },
+            request: Some("k1".into()),
+        }];
+        let bytes = serde_json::to_vec(&keyed).expect("json");
+        let back: Vec<Keyed> = serde_json::from_slice(&bytes).expect("back");
+        assert_eq!(back[0].request.as_deref(), Some("k1"));
+        assert_eq!(back[0].command, Command::Notified { up_to: 3 });
     }
 }

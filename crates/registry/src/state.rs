@@ -197,9 +197,66 @@ pub struct RegistryState {
     /// Notifications not yet known to be sent (or given up on), oldest first.
     #[serde(default)]
     outbox: VecDeque<Notice>,
+    /// The idempotency keys of the latest keyed writes applied.
+    #[serde(default)]
+    requests: RecentRequests,
+}
+
+/// Keyed writes remembered, at most: a copy of one that arrives later (a retry
+/// whose first attempt was only delayed) is recognised and not applied again.
+pub(crate) const REMEMBERED_REQUESTS: usize = 10_000;
+
+/// The idempotency keys of the latest keyed writes, oldest first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct RecentRequests {
+    order: VecDeque<String>,
+    #[serde(skip)]
+    index: std::collections::HashSet<String>,
+}
+
+impl PartialEq for RecentRequests {
+    fn eq(&self, other: &Self) -> bool {
+        self.order == other.order
+    }
+}
+
+impl Eq for RecentRequests {}
+
+impl RecentRequests {
+    fn indexed(&mut self) -> &mut std::collections::HashSet<String> {
+        // Keys are unique in `order`: a set of another size was not rebuilt since a
+        // snapshot was read.
+        if self.index.len() != self.order.len() {
+            self.index = self.order.iter().cloned().collect();
+        }
+        &mut self.index
+    }
+
+    /// Whether a write with this key was applied (among the latest remembered).
+    pub(crate) fn contains(&mut self, key: &str) -> bool {
+        self.indexed().contains(key)
+    }
+
+    /// Remembers a key, forgetting the oldest past [`REMEMBERED_REQUESTS`].
+    pub(crate) fn insert(&mut self, key: String) {
+        if self.indexed().insert(key.clone()) {
+            self.order.push_back(key);
+        }
+        while self.order.len() > REMEMBERED_REQUESTS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.index.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl RegistryState {
+    /// The keyed writes applied lately.
+    pub(crate) fn requests(&mut self) -> &mut RecentRequests {
+        &mut self.requests
+    }
+
     /// The change index: grows with every change.
     pub fn index(&self) -> u64 {
         self.index

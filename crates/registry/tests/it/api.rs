@@ -100,6 +100,43 @@ async fn dependent_registered_first_should_be_told_when_the_dependency_appears_a
     assert!(available(&registry, "grading").await.is_empty());
 }
 
+/// A write sent again under its `Idempotency-Key` is answered but not applied again
+/// (a late copy of a registration must not bring back a deregistered instance); a
+/// bad key is refused.
+#[tokio::test]
+async fn issue_18_a_write_repeated_under_its_idempotency_key_should_be_applied_once() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let body = json!({"name": "visit", "addr": "127.0.0.1:9"});
+    let send = |key: &'static str, delete: bool| {
+        let request = if delete {
+            http().delete(registry.url("/v1/services/visit/127.0.0.1:9"))
+        } else {
+            http().post(registry.url("/services")).json(&body)
+        };
+        request.header("idempotency-key", key).send()
+    };
+    assert_eq!(send("w1", false).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(send("w2", true).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(send("w1", false).await.unwrap().status(), StatusCode::OK);
+    assert!(
+        available(&registry, "visit").await.is_empty(),
+        "brought back"
+    );
+    assert_eq!(send("w3", false).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(available(&registry, "visit").await.len(), 1);
+
+    let refused = http()
+        .post(registry.url("/services"))
+        .header("idempotency-key", "x".repeat(129))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let error: Value = refused.json().await.unwrap();
+    assert!(error.to_string().contains("Idempotency-Key"), "{error}");
+}
+
 #[tokio::test]
 async fn registering_twice_should_update_not_duplicate() {
     let registry = TestRegistry::start(fast_config()).await;
