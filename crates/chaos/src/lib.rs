@@ -8,11 +8,13 @@
 //!  check(history, final state) ──> Verdict { counts, violations }
 //! ```
 //!
-//! [`run`] drives a 3-node log cluster of real `keel log serve` processes, each in
-//! its own network namespace (or, where namespaces cannot be made, on 127.0.0.1),
-//! through a schedule of [`Nemesis`] faults (processes killed or paused, the network
-//! partitioned, files damaged) while clients append as idempotent producers and read
-//! linearizably, then heals, reads every node and checks.
+//! [`run`] drives a 3-node cluster of real `keel log serve` (or `keel registry
+//! serve`) processes, each in its own network namespace (or, where namespaces
+//! cannot be made, on 127.0.0.1), through a schedule of [`Nemesis`] faults
+//! (processes killed or paused, the network partitioned, files damaged) while
+//! clients write and read linearizably (appends as idempotent or plain producers;
+//! registrations, deregistrations and `?consistent` lookups), then heals, reads
+//! every node and checks ([`check`], [`check_registry`]).
 //!
 //! The checker is pure: it reads a recorded history and the nodes' contents and says
 //! what the guarantees forbid and happened anyway.
