@@ -24,6 +24,9 @@ pub(crate) fn build(
     let client = reqwest::Client::builder()
         .connect_timeout(config.check_timeout.min(config.notify_timeout))
         .pool_idle_timeout(Duration::from_secs(30))
+        // A redirect would let an instance aim the registry's checks and
+        // notifications at any address it names: it is an answer, not a hop.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(RegistryError::HttpClient)?;
     let notifier = Notifier::new(

@@ -137,6 +137,74 @@ async fn issue_18_a_write_repeated_under_its_idempotency_key_should_be_applied_o
     assert!(error.to_string().contains("Idempotency-Key"), "{error}");
 }
 
+/// A redirect is not followed: an instance's heartbeat or update URL answering
+/// `302`/`307` to an internal address must not turn the registry into a proxy that
+/// reaches it (and a redirect is no healthy answer).
+#[tokio::test]
+async fn issue_19_health_checks_and_notifications_should_not_follow_redirects() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    async fn serve(app: axum::Router) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let internal = serve(axum::Router::new().route(
+        "/secret",
+        axum::routing::any(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { "secret" }
+        }),
+    ))
+    .await;
+    let to_secret = format!("http://{internal}/secret");
+    let (found, temporary) = (to_secret.clone(), to_secret);
+    let redirector = serve(
+        axum::Router::new()
+            .route(
+                "/heart-beat",
+                axum::routing::get(move || {
+                    let found = found.clone();
+                    async move { axum::response::Redirect::to(&found) }
+                }),
+            )
+            .route(
+                "/services",
+                axum::routing::any(move || {
+                    let temporary = temporary.clone();
+                    async move { axum::response::Redirect::temporary(&temporary) }
+                }),
+            ),
+    )
+    .await;
+
+    let registry = TestRegistry::start(fast_config()).await;
+    register(
+        &registry,
+        &json!({"name": "peek", "addr": redirector.to_string(), "required_services": ["log"],
+            "update_url": format!("http://{redirector}/services"),
+            "heartbeat_url": format!("http://{redirector}/heart-beat")}),
+    )
+    .await;
+    // A notification to its update URL, and health checks of its heartbeat URL.
+    let log = Instance::start().await;
+    register(&registry, &log.dialect_a("log", &[])).await;
+    eventually("peek no longer available", async || {
+        available(&registry, "peek").await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the registry followed a redirect"
+    );
+}
+
 #[tokio::test]
 async fn registering_twice_should_update_not_duplicate() {
     let registry = TestRegistry::start(fast_config()).await;
