@@ -76,12 +76,11 @@ pub(crate) async fn registrar(
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        present[k as usize] = match outcome {
-            Outcome::Ok { .. } => register,
-            // Unknown: either; the next write settles it (both are idempotent).
-            Outcome::Unknown => register,
-            Outcome::Fail => present[k as usize],
-        };
+        // After an unknown outcome either may hold; the next write settles it (both
+        // writes are idempotent). A refused one changed nothing.
+        if outcome != Outcome::Fail {
+            present[k as usize] = register;
+        }
         let kind = if register {
             OpKind::Register {
                 service: service.clone(),

@@ -87,6 +87,43 @@ fn skip_network_faults(nemeses: &mut Vec<Nemesis>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Each fault against each service asked for, where it applies (saying which do
+/// not).
+fn plan(args: &ChaosArgs, nemeses: &[Nemesis]) -> Result<Vec<(Service, Nemesis)>, Failure> {
+    let services: &[Service] = match args.service {
+        ChaosService::Log => &[Service::Log],
+        ChaosService::Registry => &[Service::Registry],
+        ChaosService::All => &[Service::Log, Service::Registry],
+    };
+    let runs: Vec<(Service, Nemesis)> = services
+        .iter()
+        .flat_map(|service| nemeses.iter().map(move |nemesis| (*service, *nemesis)))
+        .filter(|(service, nemesis)| {
+            let applies = nemesis.applies_to(*service);
+            if !applies {
+                println!(
+                    "skipped: {} does not apply to the {} (it has no topics)",
+                    nemesis.name(),
+                    service.name()
+                );
+            }
+            applies
+        })
+        .collect();
+    if runs.is_empty() {
+        return Err(Failure::Config(anyhow!(
+            "--nemesis {} --service {}: no fault asked for applies to the service",
+            args.nemesis,
+            services
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(",")
+        )));
+    }
+    Ok(runs)
+}
+
 pub(super) async fn run(args: ChaosArgs) -> Result<(), Failure> {
     let mut nemeses = schedule(&args.nemesis)?;
     let network = network(args.network)?;
@@ -100,16 +137,7 @@ pub(super) async fn run(args: ChaosArgs) -> Result<(), Failure> {
         .map_or(0, |d| d.as_secs());
     let seed = args.seed.unwrap_or(stamp);
     let dir = args.dir.join(format!("run-{stamp}"));
-    let services: &[Service] = match args.service {
-        ChaosService::Log => &[Service::Log],
-        ChaosService::Registry => &[Service::Registry],
-        ChaosService::All => &[Service::Log, Service::Registry],
-    };
-    let runs: Vec<(Service, Nemesis)> = services
-        .iter()
-        .flat_map(|service| nemeses.iter().map(move |nemesis| (*service, *nemesis)))
-        .filter(|(service, nemesis)| nemesis.applies_to(*service))
-        .collect();
+    let runs = plan(&args, &nemeses)?;
     let share = args.time_limit / u32::try_from(runs.len()).unwrap_or(u32::MAX).max(1);
     println!(
         "{} runs (faults by service), {:?} each, nodes on {}, seed {seed}",
