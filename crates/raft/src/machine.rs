@@ -270,6 +270,14 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
         meta: &SnapshotMeta,
         snapshot: Box<SnapshotFiles>,
     ) -> Result<(), StorageError> {
+        if self.applied.is_some() && self.applied >= meta.last_log_id {
+            // Nothing in it this machine lacks: a second copy of the snapshot it has
+            // just installed (a leader that restarted replication sent it twice, and
+            // openraft queued both before the first was done), whose files the first
+            // install has already taken.
+            tracing::info!(snapshot = meta.snapshot_id, applied = ?self.applied, "a snapshot already applied; ignored");
+            return Ok(());
+        }
         let installed = (|| {
             let Some(manifest) = &snapshot.manifest else {
                 return Err(RaftStoreError::Invalid {

@@ -41,6 +41,10 @@ impl std::fmt::Debug for RaftService {
 
 const MANIFEST: &str = "manifest.json";
 
+/// How long a received snapshot may take to be applied before its transfer is
+/// answered as failed (the leader sends it again).
+const INSTALL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Replies to forwarded commands that may wait to be sent back.
 const FORWARD_REPLIES: usize = 1024;
 
@@ -317,6 +321,7 @@ impl pb::raft_server::Raft for RaftService {
         }
         receiving.check_complete()?;
         incoming.manifest = Some(manifest.clone());
+        let last = manifest.meta.last_log_id;
         let response = self
             .raft
             .install_full_snapshot(
@@ -328,6 +333,22 @@ impl pb::raft_server::Raft for RaftService {
             )
             .await
             .map_err(|err| Status::unavailable(err.to_string()))?;
+        // openraft answers once the install is queued; the files move when the state
+        // machine takes it. Until then another transfer must not write into the
+        // same `incoming-` directory, so the lock is held until it is applied.
+        let installed = self
+            .raft
+            .wait(Some(INSTALL_WAIT))
+            .metrics(
+                |m| m.last_applied >= last || m.running_state.is_err(),
+                "the snapshot applied",
+            )
+            .await;
+        if let Err(err) = installed {
+            return Err(Status::unavailable(format!(
+                "the snapshot was not applied within {INSTALL_WAIT:?}: {err}"
+            )));
+        }
         json(&response).map(Response::new)
     }
 }

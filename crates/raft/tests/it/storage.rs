@@ -161,6 +161,17 @@ fn a_machine_should_reopen_at_its_last_snapshot_and_an_entry_out_of_place_is_ref
             .await
             .expect("current")
             .expect("a snapshot");
+        // A copy of the snapshot whose files an install of it already took (two
+        // transfers of one snapshot, queued at once): nothing to do, and no error (it
+        // once stopped the node's Raft for good).
+        let taken = Box::new(keel_raft::SnapshotFiles {
+            dir: dir.path().join("snapshots").join("incoming-gone"),
+            manifest: current.snapshot.manifest.clone(),
+        });
+        machine
+            .install_snapshot(&current.meta, taken)
+            .await
+            .expect("a second copy of an applied snapshot");
         machine
             .install_snapshot(&current.meta, current.snapshot)
             .await
