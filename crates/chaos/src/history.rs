@@ -102,6 +102,27 @@ pub struct RegistryState {
     pub nodes: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
+impl FinalState {
+    /// Whether every node holds the same records.
+    pub fn agrees(&self) -> bool {
+        all_equal(self.nodes.values())
+    }
+}
+
+impl RegistryState {
+    /// Whether every node lists the same instances.
+    pub fn agrees(&self) -> bool {
+        all_equal(self.nodes.values())
+    }
+}
+
+fn all_equal<T: PartialEq>(mut values: impl Iterator<Item = T>) -> bool {
+    let Some(first) = values.next() else {
+        return true;
+    };
+    values.all(|value| value == first)
+}
+
 /// A history that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checker::{Verdict, check};
 use crate::cluster::{Cluster, Network, Service};
-use crate::history::{FinalState, History, Op, OpKind, Outcome};
+use crate::history::{FinalState, History, Op, OpKind, Outcome, RegistryState};
 use crate::nemesis::{Dice, Nemesis, inject};
 
 /// The topic the clients write.
@@ -266,11 +266,15 @@ async fn judge(
 ) -> std::io::Result<(Verdict, Vec<u8>)> {
     Ok(match config.service {
         Service::Log => {
-            let mut state = FinalState::default();
-            for node in &cluster.nodes {
-                let records = read_all(http, &node.addr).await.unwrap_or_default();
-                state.nodes.insert(node.name(), records);
-            }
+            let read = async || {
+                let mut state = FinalState::default();
+                for node in &cluster.nodes {
+                    let records = read_all(http, &node.addr).await.unwrap_or_default();
+                    state.nodes.insert(node.name(), records);
+                }
+                state
+            };
+            let state = settled(read, FinalState::agrees).await;
             let mut verdict = check(history, &state);
             if !config.idempotent {
                 verdict
@@ -285,13 +289,32 @@ async fn judge(
                 .iter()
                 .map(|node| (node.name(), node.addr.clone()))
                 .collect();
-            let state = crate::registry_workload::final_state(http, &nodes).await;
+            let read = async || crate::registry_workload::final_state(http, &nodes).await;
+            let state = settled(read, RegistryState::agrees).await;
             (
                 crate::registry_check::check_registry(history, &state),
                 serde_json::to_vec_pretty(&state)?,
             )
         }
     })
+}
+
+/// How long the final reads may take to agree: an attempt a client gave up on can
+/// still be committed after the run (held in a cut link's buffers until it healed,
+/// then delivered), and a node read before it lands differs from one read after.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Reads the final state until every node agrees, or [`SETTLE`] has passed: the
+/// last read is the one judged (a divergence that lasts is a divergence).
+async fn settled<S>(mut read: impl AsyncFnMut() -> S, agrees: impl Fn(&S) -> bool) -> S {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let state = read().await;
+        if agrees(&state) || Instant::now() >= deadline {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Runs `config`: starts the cluster, runs the clients and the faults, heals, reads
