@@ -349,6 +349,13 @@ struct RegistryServeArgs {
     /// How long an instance may stay critical before it is removed [default: 60s].
     #[arg(long, env = "KEEL_REGISTRY_DEREGISTER_AFTER", value_parser = parse_duration)]
     deregister_after: Option<Duration>,
+    /// The only addresses instances may register, and so the only ones health checks
+    /// and notifications reach: NET[:PORTS],... where NET is an address, a CIDR block
+    /// ([v6/len] with ports), `loopback` or `any`, and PORTS a port or a range such
+    /// as 8000-8999. Names are resolved at registration and again at each connection.
+    /// [default: any address]
+    #[arg(long, env = "KEEL_REGISTRY_ALLOW_TARGETS")]
+    allow_targets: Option<keel_registry::AllowTargets>,
     /// Where a cluster node keeps its Raft log and snapshots [default:
     /// keel-data/registry]. A single registry keeps nothing on disk.
     #[arg(long, env = "KEEL_REGISTRY_DATA_DIR")]

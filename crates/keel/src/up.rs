@@ -318,8 +318,16 @@ async fn start_all(
     let registry = spec(
         "registry",
         Kind::Registry,
-        // Frequent checks, so that a dead instance leaves the table within seconds.
-        strings(&["registry", "serve", "--check-interval", "5s"]),
+        // Frequent checks, so that a dead instance leaves the table within seconds;
+        // everything runs on this host, so nothing registers another.
+        strings(&[
+            "registry",
+            "serve",
+            "--check-interval",
+            "5s",
+            "--allow-targets",
+            "loopback",
+        ]),
         args.registry_port,
     );
     let running = starter.start(&registry).await?;

@@ -5,6 +5,8 @@ use std::time::Duration;
 use keel_serve::InvalidConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::targets::AllowTargets;
+
 /// Everything the registry server needs besides its listener. Defaults follow the
 /// original system: health checks every 30 s, three attempts 1 s apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +54,36 @@ pub struct RegistryConfig {
     /// The longest a blocking watch may wait. Default 5 min.
     #[serde(with = "humantime_serde")]
     pub max_watch_wait: Duration,
+    /// The addresses instances may register, and so the only ones health checks
+    /// and notifications reach (see [`AllowTargets`]); none: any address. Default
+    /// none.
+    #[serde(with = "targets_text")]
+    pub allow_targets: Option<AllowTargets>,
+}
+
+/// `allow_targets` as the text of `--allow-targets`.
+mod targets_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::targets::AllowTargets;
+
+    pub(super) fn serialize<S: Serializer>(
+        targets: &Option<AllowTargets>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match targets {
+            Some(targets) => serializer.serialize_some(&targets.to_string()),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<AllowTargets>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| text.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 impl Default for RegistryConfig {
@@ -72,6 +104,7 @@ impl Default for RegistryConfig {
             max_connections: 1024,
             header_timeout: Duration::from_secs(10),
             max_watch_wait: Duration::from_secs(300),
+            allow_targets: None,
         }
     }
 }

@@ -32,6 +32,15 @@ pub enum RegistryError {
         /// The limit.
         max: usize,
     },
+    /// A URL of the registration reaches an address outside the registry's
+    /// `allow_targets`; `field` names the URL.
+    #[error("{field}: {message}")]
+    TargetNotAllowed {
+        /// The JSON field of the URL.
+        field: &'static str,
+        /// Which address is refused, and the list.
+        message: String,
+    },
     /// The registry's configuration cannot be used (from [`crate::run`]).
     #[error(transparent)]
     InvalidConfig(#[from] InvalidConfig),
@@ -63,6 +72,7 @@ impl RegistryError {
             Self::BadRequest { .. } => "bad_request",
             Self::UnknownInstance { .. } => "unknown_instance",
             Self::Full { .. } => "registry_full",
+            Self::TargetNotAllowed { .. } => "target_not_allowed",
             Self::InvalidConfig(_) => "invalid_config",
             Self::HttpClient(_) | Self::Cluster(_) => "internal",
             Self::Unavailable(_) => "unavailable",

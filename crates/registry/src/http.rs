@@ -94,6 +94,12 @@ impl IntoResponse for RegistryError {
                 Some(field),
                 &self.to_string(),
             ),
+            Self::TargetNotAllowed { field, .. } => error(
+                StatusCode::FORBIDDEN,
+                self.code(),
+                Some(field),
+                &self.to_string(),
+            ),
             Self::UnknownInstance { .. } => {
                 error(StatusCode::NOT_FOUND, self.code(), None, &self.to_string())
             }
@@ -181,6 +187,10 @@ async fn register(
         Ok(registration) => registration,
         Err(err) => return err.into_response(),
     };
+    if let Err(err) = allowed_targets(&state.config, &registration).await {
+        tracing::warn!(service = registration.name, error = %err, "registration refused");
+        return err.into_response();
+    }
     tracing::info!(
         service = registration.name,
         url = registration.url,
@@ -190,6 +200,26 @@ async fn register(
         Ok(answer) => axum::Json(answer).into_response(),
         Err(err) => err.into_response(),
     }
+}
+
+/// Checks every URL of `registration` against `--allow-targets`, if set.
+async fn allowed_targets(
+    config: &RegistryConfig,
+    registration: &Registration,
+) -> Result<(), RegistryError> {
+    let Some(targets) = &config.allow_targets else {
+        return Ok(());
+    };
+    targets.check_url(&registration.url, "addr").await?;
+    for (field, url) in [
+        ("update_url", &registration.update_url),
+        ("heartbeat_url", &registration.heartbeat_url),
+    ] {
+        if let Some(url) = url {
+            targets.check_url(url, field).await?;
+        }
+    }
+    Ok(())
 }
 
 /// `DELETE /services` with the registration body (name and address are enough).

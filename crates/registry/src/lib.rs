@@ -26,6 +26,7 @@ mod registry;
 pub mod replica;
 mod server;
 mod state;
+mod targets;
 
 #[cfg(test)]
 mod fuzz_tests;
@@ -40,3 +41,4 @@ pub use registration::{
 pub use registry::{Applied, Change, Registry, Required};
 pub use server::{run, run_node};
 pub use state::{Command, Delta, Event, Health, Instance, MAX_OUTBOX, Notice, RegistryState};
+pub use targets::{AllowTargets, BadTargets};

@@ -21,14 +21,18 @@ pub(crate) fn build(
     config: &RegistryConfig,
 ) -> Result<(Arc<Registry>, reqwest::Client), RegistryError> {
     config.validate()?;
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder()
         .connect_timeout(config.check_timeout.min(config.notify_timeout))
         .pool_idle_timeout(Duration::from_secs(30))
         // A redirect would let an instance aim the registry's checks and
         // notifications at any address it names: it is an answer, not a hop.
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(RegistryError::HttpClient)?;
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(targets) = &config.allow_targets {
+        // Registered names are resolved again at every connection: one that
+        // resolves elsewhere now than at registration reaches only what is allowed.
+        client = client.dns_resolver(Arc::new(targets.clone()).resolver());
+    }
+    let client = client.build().map_err(RegistryError::HttpClient)?;
     let notifier = Notifier::new(
         client.clone(),
         config.notify_timeout,

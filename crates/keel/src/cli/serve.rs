@@ -58,6 +58,9 @@ fn registry_config(args: &RegistryServeArgs) -> anyhow::Result<keel_registry::Re
     if let Some(after) = args.deregister_after {
         config.deregister_after = after;
     }
+    if let Some(targets) = &args.allow_targets {
+        config.allow_targets = Some(targets.clone());
+    }
     if let Err(err) = config.validate() {
         bail!("registry.{err}");
     }
