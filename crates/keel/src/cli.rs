@@ -355,7 +355,7 @@ struct RegistryServeArgs {
     /// as 8000-8999. Names are resolved at registration and again at each connection.
     /// [default: any address]
     #[arg(long, env = "KEEL_REGISTRY_ALLOW_TARGETS")]
-    allow_targets: Option<keel_registry::AllowTargets>,
+    allow_targets: Option<keel_auth::AllowTargets>,
     /// Where a cluster node keeps its Raft log and snapshots [default:
     /// keel-data/registry]. A single registry keeps nothing on disk.
     #[arg(long, env = "KEEL_REGISTRY_DATA_DIR")]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use keel_serve::InvalidConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::targets::AllowTargets;
+use keel_auth::AllowTargets;
 
 /// Everything the registry server needs besides its listener. Defaults follow the
 /// original system: health checks every 30 s, three attempts 1 s apart.
@@ -59,13 +59,17 @@ pub struct RegistryConfig {
     /// none.
     #[serde(with = "targets_text")]
     pub allow_targets: Option<AllowTargets>,
+    /// The ACL file (see `docs/security.md`): who may register, deregister and read
+    /// which services. None: everyone may do everything. Reloaded on `SIGHUP` and
+    /// when the file changes.
+    pub acl: Option<std::path::PathBuf>,
 }
 
 /// `allow_targets` as the text of `--allow-targets`.
 mod targets_text {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use crate::targets::AllowTargets;
+    use keel_auth::AllowTargets;
 
     pub(super) fn serialize<S: Serializer>(
         targets: &Option<AllowTargets>,
@@ -105,6 +109,7 @@ impl Default for RegistryConfig {
             header_timeout: Duration::from_secs(10),
             max_watch_wait: Duration::from_secs(300),
             allow_targets: None,
+            acl: None,
         }
     }
 }

@@ -23,6 +23,19 @@ pub enum RegistryError {
         /// The instance id.
         id: String,
     },
+    /// Another principal owns the instance, and the caller is no admin of its
+    /// service.
+    #[error(
+        "instance {id:?} of service {name:?} belongs to {owner:?}: only its owner or an admin of the service may change or remove it"
+    )]
+    NotOwner {
+        /// The service name.
+        name: String,
+        /// The instance id.
+        id: String,
+        /// Who owns it.
+        owner: String,
+    },
     /// The registry holds `max_instances` instances already and this registration
     /// would add one more.
     #[error(
@@ -41,6 +54,12 @@ pub enum RegistryError {
         /// Which address is refused, and the list.
         message: String,
     },
+    /// The ACL refuses the request.
+    #[error(transparent)]
+    Denied(#[from] keel_auth::Denied),
+    /// The ACL file cannot be used.
+    #[error(transparent)]
+    Acl(#[from] keel_auth::AclError),
     /// The registry's configuration cannot be used (from [`crate::run`]).
     #[error(transparent)]
     InvalidConfig(#[from] InvalidConfig),
@@ -52,6 +71,9 @@ pub enum RegistryError {
     /// linearizable read. Worth retrying, on this node or another.
     #[error("the registry cluster is unavailable: {0}")]
     Unavailable(String),
+    /// Something the registry relies on failed (its random source).
+    #[error("{0}")]
+    Internal(String),
     /// A cluster node cannot take its place in the cluster (its membership flags
     /// or its Raft storage).
     #[error("{0}")]
@@ -73,8 +95,10 @@ impl RegistryError {
             Self::UnknownInstance { .. } => "unknown_instance",
             Self::Full { .. } => "registry_full",
             Self::TargetNotAllowed { .. } => "target_not_allowed",
-            Self::InvalidConfig(_) => "invalid_config",
-            Self::HttpClient(_) | Self::Cluster(_) => "internal",
+            Self::NotOwner { .. } => "not_owner",
+            Self::Denied(denied) => denied.code(),
+            Self::InvalidConfig(_) | Self::Acl(_) => "invalid_config",
+            Self::HttpClient(_) | Self::Cluster(_) | Self::Internal(_) => "internal",
             Self::Unavailable(_) => "unavailable",
         }
     }

@@ -25,13 +25,17 @@ use crate::config::RegistryConfig;
 use crate::error::RegistryError;
 use crate::registration::{Registration, parse_identity, validate_service_name};
 use crate::registry::{Registry, now_ms};
-use crate::state::{Command, Health};
+use crate::state::{Claim, Command, Health};
+
+use keel_auth::{Action, Authorizer, Principal, Resource};
 
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) registry: Arc<Registry>,
     pub(crate) config: RegistryConfig,
     pub(crate) checks: Arc<CheckStats>,
+    /// Who may do what (everyone everything without an ACL).
+    pub(crate) auth: Arc<Authorizer>,
     /// Cancelled when shutdown begins: watches answer at once and streams end, so
     /// they do not hold the graceful shutdown open.
     pub(crate) stopping: tokio_util::sync::CancellationToken,
@@ -100,6 +104,10 @@ impl IntoResponse for RegistryError {
                 Some(field),
                 &self.to_string(),
             ),
+            Self::NotOwner { .. } => {
+                error(StatusCode::FORBIDDEN, self.code(), None, &self.to_string())
+            }
+            Self::Denied(denied) => error(denied.status(), self.code(), None, &self.to_string()),
             Self::UnknownInstance { .. } => {
                 error(StatusCode::NOT_FOUND, self.code(), None, &self.to_string())
             }
@@ -115,7 +123,11 @@ impl IntoResponse for RegistryError {
                 None,
                 &self.to_string(),
             ),
-            Self::InvalidConfig(_) | Self::HttpClient(_) | Self::Cluster(_) => {
+            Self::InvalidConfig(_)
+            | Self::Acl(_)
+            | Self::HttpClient(_)
+            | Self::Cluster(_)
+            | Self::Internal(_) => {
                 tracing::error!(error = %self, "internal error");
                 error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -187,36 +199,94 @@ async fn register(
         Ok(registration) => registration,
         Err(err) => return err.into_response(),
     };
-    if let Err(err) = allowed_targets(&state.config, &registration).await {
-        tracing::warn!(service = registration.name, error = %err, "registration refused");
+    let name = registration.name.clone();
+    let principal = match allowed(&state, &headers, Action::Register, Resource::Service(&name)) {
+        Ok(principal) => principal,
+        Err(err) => return err.into_response(),
+    };
+    if let Err(err) = allowed_targets(&state, &principal, &registration).await {
+        tracing::warn!(service = name, %principal, error = %err, "registration refused");
         return err.into_response();
     }
-    tracing::info!(
-        service = registration.name,
-        url = registration.url,
-        "registered"
-    );
-    match state.registry.register(registration, request).await {
-        Ok(answer) => axum::Json(answer).into_response(),
+    let claim = match claim(&state, &principal, &name) {
+        Ok(claim) => claim,
+        Err(err) => return err.into_response(),
+    };
+    let url = registration.url.clone();
+    match state
+        .registry
+        .register_as(registration, request, Some(claim))
+        .await
+    {
+        Ok((answer, secret)) => {
+            tracing::info!(service = name, url, %principal, "registered");
+            let mut response = axum::Json(answer).into_response();
+            if let Some(value) = secret.and_then(|secret| secret.parse().ok()) {
+                response
+                    .headers_mut()
+                    .insert(keel_auth::signature::SECRET_HEADER, value);
+            }
+            response
+        }
         Err(err) => err.into_response(),
     }
 }
 
-/// Checks every URL of `registration` against `--allow-targets`, if set.
+/// The caller, if the ACL lets it do `action` to `resource`; the refusal otherwise.
+fn allowed(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    action: Action,
+    resource: Resource<'_>,
+) -> Result<Principal, RegistryError> {
+    Ok(state.auth.check(headers, action, resource)?)
+}
+
+/// What the state machine needs to judge `principal`'s change to an instance of
+/// `service`, with a fresh secret for a new instance.
+fn claim(state: &AppState, principal: &Principal, service: &str) -> Result<Claim, RegistryError> {
+    let secret = keel_auth::token::random_hex(32)
+        .map_err(|_| RegistryError::Internal("the system's random source failed".into()))?;
+    Ok(Claim {
+        principal: principal.name().to_owned(),
+        admin: state.auth.is_admin_of(principal, service),
+        secret,
+    })
+}
+
+/// Checks every URL of `registration` against `--allow-targets`, if set, and
+/// against the targets the ACL gives `principal` for the service, if any.
 async fn allowed_targets(
-    config: &RegistryConfig,
+    state: &AppState,
+    principal: &Principal,
     registration: &Registration,
 ) -> Result<(), RegistryError> {
-    let Some(targets) = &config.allow_targets else {
-        return Ok(());
-    };
-    targets.check_url(&registration.url, "addr").await?;
-    for (field, url) in [
-        ("update_url", &registration.update_url),
-        ("heartbeat_url", &registration.heartbeat_url),
-    ] {
-        if let Some(url) = url {
-            targets.check_url(url, field).await?;
+    let lists = [
+        (
+            state.config.allow_targets.clone(),
+            "--allow-targets".to_owned(),
+        ),
+        (
+            state.auth.register_targets(principal, &registration.name),
+            format!("the ACL's targets for {principal}"),
+        ),
+    ];
+    let urls = [
+        ("addr", Some(&registration.url)),
+        ("update_url", registration.update_url.as_ref()),
+        ("heartbeat_url", registration.heartbeat_url.as_ref()),
+    ];
+    for (targets, source) in &lists {
+        let Some(targets) = targets else { continue };
+        for (field, url) in urls {
+            if let Some(url) = url {
+                targets.check_url(url).await.map_err(|refused| {
+                    RegistryError::TargetNotAllowed {
+                        field,
+                        message: format!("{refused} ({source})"),
+                    }
+                })?;
+            }
         }
     }
     Ok(())
@@ -256,11 +326,21 @@ async fn remove(
         Ok(request) => request,
         Err(err) => return err.into_response(),
     };
+    let claim = allowed(state, headers, Action::Deregister, Resource::Service(&name))
+        .and_then(|principal| claim(state, &principal, &name));
+    let claim = match claim {
+        Ok(claim) => claim,
+        Err(err) => return err.into_response(),
+    };
     let command = Command::Deregister {
         name: name.clone(),
         id: id.clone(),
     };
-    match state.registry.execute_once(command, request).await {
+    match state
+        .registry
+        .execute_as(command, request, Some(claim))
+        .await
+    {
         Ok(_) => {
             tracing::info!(service = name, instance = id, "deregistered");
             axum::Json(json!({"deregistered": {"name": name, "id": id}})).into_response()
@@ -272,14 +352,22 @@ async fn remove(
 /// `PUT /v1/services/{name}/{id}/heartbeat`: a TTL heartbeat.
 async fn heartbeat(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Path((name, id)): Path<(String, String)>,
 ) -> Response {
+    // Keeping an instance alive is its registrant's to do.
+    let claim = allowed(&state, &headers, Action::Register, Resource::Service(&name))
+        .and_then(|principal| claim(&state, &principal, &name));
+    let claim = match claim {
+        Ok(claim) => claim,
+        Err(err) => return err.into_response(),
+    };
     let command = Command::Heartbeat {
         name,
         id,
         at_ms: now_ms(),
     };
-    match state.registry.execute(command).await {
+    match state.registry.execute_as(command, None, Some(claim)).await {
         Ok(_) => axum::Json(json!({"health": Health::Passing})).into_response(),
         Err(err) => err.into_response(),
     }
@@ -319,11 +407,19 @@ async fn consistent_if_asked(
     Ok(())
 }
 
+/// What reading the whole table (`/v1/services`, `/v1/watch`) asks for: `read` on
+/// a pattern that matches `*`, such as `*` itself.
+const EVERY_SERVICE: Resource<'static> = Resource::Service("*");
+
 /// `GET /v1/services`: every instance with its health.
 async fn list_all(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
+    if let Err(err) = allowed(&state, &headers, Action::Read, EVERY_SERVICE) {
+        return err.into_response();
+    }
     if let Err(response) = consistent_if_asked(&state, &query).await {
         return response;
     }
@@ -338,10 +434,14 @@ fn everything(state: &AppState) -> Response {
 /// `GET /v1/services/{name}`: the available instances; `?all=true` for every one.
 async fn list_service(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     if let Err(err) = validate_service_name(name.clone(), "name") {
+        return err.into_response();
+    }
+    if let Err(err) = allowed(&state, &headers, Action::Read, Resource::Service(&name)) {
         return err.into_response();
     }
     if let Err(response) = consistent_if_asked(&state, &query).await {
@@ -356,8 +456,12 @@ async fn list_service(
 /// only the services changed since `N` (see [`crate::Delta`]).
 async fn watch(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
+    if let Err(err) = allowed(&state, &headers, Action::Read, EVERY_SERVICE) {
+        return err.into_response();
+    }
     let after: u64 = match query.get("index").map(|v| v.parse()) {
         None => 0,
         Some(Ok(index)) => index,
@@ -405,7 +509,10 @@ async fn watch(
 }
 
 /// `GET /v1/watch/stream`: Server-Sent Events, one per availability change.
-async fn watch_stream(State(state): State<AppState>) -> Response {
+async fn watch_stream(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(err) = allowed(&state, &headers, Action::Read, EVERY_SERVICE) {
+        return err.into_response();
+    }
     let changes = BroadcastStream::new(state.registry.subscribe()).map(|change| {
         Ok::<_, Infallible>(match change {
             Ok(change) => SseEvent::default()
@@ -466,5 +573,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ] {
         out.sample(&[("outcome", outcome)], counter.load(Ordering::Relaxed));
     }
+    state.auth.render(&mut out);
     out.response()
 }

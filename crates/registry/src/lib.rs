@@ -24,9 +24,9 @@ mod notifier;
 mod registration;
 mod registry;
 pub mod replica;
+mod resolver;
 mod server;
 mod state;
-mod targets;
 
 #[cfg(test)]
 mod fuzz_tests;
@@ -40,5 +40,6 @@ pub use registration::{
 };
 pub use registry::{Applied, Change, Registry, Required};
 pub use server::{run, run_node};
-pub use state::{Command, Delta, Event, Health, Instance, MAX_OUTBOX, Notice, RegistryState};
-pub use targets::{AllowTargets, BadTargets};
+pub use state::{
+    Claim, Command, Delta, Event, Health, Instance, MAX_OUTBOX, Notice, Owner, RegistryState,
+};

@@ -30,6 +30,8 @@ pub(crate) struct Delivery {
     instance: Instance,
     /// The change index of the change it tells of.
     index: u64,
+    /// What the notification is signed with.
+    secret: Option<String>,
 }
 
 /// The header that carries a notification's change index.
@@ -46,6 +48,7 @@ impl Delivery {
             },
             instance: notice.instance.clone(),
             index: notice.index,
+            secret: notice.secret.clone(),
         }
     }
 }
@@ -163,12 +166,27 @@ impl Notifier {
 
     async fn send_with_retries(&self, delivery: &Delivery) {
         let mut backoff = Duration::from_millis(100);
+        let body = match serde_json::to_vec(&delivery.instance) {
+            Ok(body) => body,
+            Err(err) => {
+                tracing::error!(error = %err, "a notification could not be encoded");
+                return;
+            }
+        };
+        let signature = delivery.secret.as_ref().map(|secret| {
+            keel_auth::signature::sign(secret, delivery.method.as_str(), delivery.index, &body)
+        });
         for attempt in 0..=self.retries {
-            let sent = self
+            let mut request = self
                 .client
                 .request(delivery.method.clone(), &delivery.url)
                 .header(INDEX_HEADER, delivery.index)
-                .json(&delivery.instance)
+                .header(reqwest::header::CONTENT_TYPE, "application/json");
+            if let Some(signature) = &signature {
+                request = request.header(keel_auth::signature::SIGNATURE_HEADER, signature);
+            }
+            let sent = request
+                .body(body.clone())
                 .timeout(self.timeout)
                 .send()
                 .await;
@@ -213,6 +231,7 @@ mod tests {
             url: url.to_owned(),
             available: true,
             instance: instance(),
+            secret: None,
         }
     }
 

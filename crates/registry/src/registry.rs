@@ -16,7 +16,7 @@ use crate::error::{RegistryError, Result};
 use crate::notifier::{Delivery, Notifier};
 use crate::registration::Registration;
 use crate::replica::Replication;
-use crate::state::{Command, Delta, Event, Health, Instance, Notice, RegistryState};
+use crate::state::{Claim, Command, Delta, Event, Health, Instance, Notice, RegistryState};
 
 /// The available instances of each service a registration requires.
 pub type Required = BTreeMap<String, Vec<Instance>>;
@@ -29,6 +29,8 @@ pub struct Applied {
     /// For a registration, the answer to it: the available instances of each
     /// service it requires.
     pub required: Option<Required>,
+    /// For a registration by a caller with a claim, the instance's secret.
+    pub secret: Option<String>,
 }
 
 /// One availability change, as watchers see it.
@@ -178,9 +180,24 @@ impl Registry {
     ///
     /// As [`Registry::execute`].
     pub async fn execute_once(&self, command: Command, request: Option<String>) -> Result<Applied> {
+        self.execute_as(command, request, None).await
+    }
+
+    /// As [`Registry::execute_once`], by `claim`'s caller (see
+    /// [`RegistryState::apply_claimed`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Registry::execute`]; [`RegistryError::NotOwner`].
+    pub async fn execute_as(
+        &self,
+        command: Command,
+        request: Option<String>,
+        claim: Option<Claim>,
+    ) -> Result<Applied> {
         match self.replication() {
-            None => self.apply_once(command, request),
-            Some(replication) => replication.propose(&command, request).await,
+            None => self.apply_as(command, request, claim.as_ref()),
+            Some(replication) => replication.propose(&command, request, claim).await,
         }
     }
 
@@ -214,33 +231,65 @@ impl Registry {
     ///
     /// As [`RegistryState::apply`].
     pub fn apply_once(&self, command: Command, request: Option<String>) -> Result<Applied> {
-        let required = match &command {
-            Command::Register { registration, .. } => Some(registration.required_services.clone()),
+        self.apply_as(command, request, None)
+    }
+
+    /// As [`Registry::apply_once`], by `claim`'s caller.
+    ///
+    /// # Errors
+    ///
+    /// As [`RegistryState::apply`]; [`RegistryError::NotOwner`].
+    pub fn apply_as(
+        &self,
+        command: Command,
+        request: Option<String>,
+        claim: Option<&Claim>,
+    ) -> Result<Applied> {
+        let registrant = match &command {
+            Command::Register { registration, .. } => Some((
+                registration.name.clone(),
+                registration.id().to_owned(),
+                registration.required_services.clone(),
+            )),
             _ => None,
+        };
+        let answer = |state: &RegistryState| {
+            registrant.as_ref().map(|(name, id, required)| {
+                (
+                    state.required_by(required),
+                    state.owner(name, id).map(|owner| owner.secret.clone()),
+                )
+            })
         };
         let (events, required, notices, index) = {
             let mut state = self.state_mut();
             if let Some(key) = &request
                 && state.requests().contains(key)
             {
-                let required = required.map(|required| state.required_by(&required));
+                let (required, secret) = answer(&state).unzip();
                 return Ok(Applied {
                     events: Vec::new(),
                     required,
+                    secret: secret.flatten(),
                 });
             }
-            let (events, notices) = state.apply_noting(command)?;
+            let (events, notices) = state.apply_claimed(command, claim)?;
             if let Some(key) = request {
                 state.requests().insert(key);
             }
-            let required = required.map(|required| state.required_by(&required));
+            let (required, secret) = answer(&state).unzip();
             // Read under the lock that taking the lead also holds: a notice is either
             // delivered here or found in the outbox by the new leader, never neither.
             let leads = self.leading_since().is_some();
             if leads {
                 self.notifier.expect(&notices);
             }
-            (events, required, leads.then_some(notices), state.index())
+            (
+                events,
+                (required, secret.flatten()),
+                leads.then_some(notices),
+                state.index(),
+            )
         };
         self.index.send_replace(index);
         for event in &events {
@@ -258,7 +307,12 @@ impl Registry {
         for notice in notices.iter().flatten() {
             self.notifier.deliver(Delivery::of(notice));
         }
-        Ok(Applied { events, required })
+        let (required, secret) = required;
+        Ok(Applied {
+            events,
+            required,
+            secret,
+        })
     }
 
     /// The change index up to which every notification has been sent (or given up
@@ -285,6 +339,23 @@ impl Registry {
         registration: Registration,
         request: Option<String>,
     ) -> Result<Required> {
+        self.register_as(registration, request, None)
+            .await
+            .map(|(required, _)| required)
+    }
+
+    /// As [`Registry::register`], by `claim`'s caller; returns the instance's secret
+    /// too.
+    ///
+    /// # Errors
+    ///
+    /// As [`Registry::register`]; [`RegistryError::NotOwner`].
+    pub async fn register_as(
+        &self,
+        registration: Registration,
+        request: Option<String>,
+        claim: Option<Claim>,
+    ) -> Result<(Required, Option<String>)> {
         {
             let state = self.state();
             let known = state
@@ -297,15 +368,16 @@ impl Registry {
             }
         }
         let applied = self
-            .execute_once(
+            .execute_as(
                 Command::Register {
                     registration,
                     at_ms: now_ms(),
                 },
                 request,
+                claim,
             )
             .await?;
-        Ok(applied.required.unwrap_or_default())
+        Ok((applied.required.unwrap_or_default(), applied.secret))
     }
 
     /// An instance's health, if it is registered.

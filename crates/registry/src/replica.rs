@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::RegistryConfig;
 use crate::error::{RegistryError, Result};
 use crate::registry::{Applied, Registry, Required};
-use crate::state::{Command, RegistryState};
+use crate::state::{Claim, Command, RegistryState};
 
 /// The Raft cluster name of registry nodes.
 pub const CLUSTER_NAME: &str = "keel-registry";
@@ -56,10 +56,20 @@ const QUEUE: usize = 4096;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Outcome {
-    /// Applied; for a registration, the answer to it.
-    Applied { required: Option<Required> },
+    /// Applied; for a registration, the answer to it, and the instance's secret.
+    Applied {
+        required: Option<Required>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
+    },
     /// The command named an instance that is not registered.
     UnknownInstance { name: String, id: String },
+    /// Another principal owns the instance the command names.
+    NotOwner {
+        name: String,
+        id: String,
+        owner: String,
+    },
     /// The command could not be read (written by an incompatible version).
     Unreadable { reason: String },
 }
@@ -78,6 +88,9 @@ struct Keyed {
     command: Command,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     request: Option<String>,
+    /// Who asks, when ownership is checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    claim: Option<Claim>,
 }
 
 /// What a cluster node's registry knows of its Raft node.
@@ -105,12 +118,14 @@ impl Replication {
         &self,
         command: &Command,
         request: Option<String>,
+        claim: Option<Claim>,
     ) -> Result<Applied> {
         let (outcome, answer) = oneshot::channel();
         let change = Change {
             command: Keyed {
                 command: command.clone(),
                 request,
+                claim,
             },
             outcome,
         };
@@ -126,12 +141,16 @@ impl Replication {
             .await
             .map_err(|_| RegistryError::Unavailable("the change was dropped".into()))??;
         match outcome {
-            Outcome::Applied { required } => Ok(Applied {
+            Outcome::Applied { required, secret } => Ok(Applied {
                 events: Vec::new(),
                 required,
+                secret,
             }),
             Outcome::UnknownInstance { name, id } => {
                 Err(RegistryError::UnknownInstance { name, id })
+            }
+            Outcome::NotOwner { name, id, owner } => {
+                Err(RegistryError::NotOwner { name, id, owner })
             }
             Outcome::Unreadable { reason } => Err(RegistryError::Unavailable(format!(
                 "the leader could not read the change: {reason}"
@@ -243,12 +262,19 @@ struct RegistryMachine {
 
 impl RegistryMachine {
     fn apply_one(&self, keyed: Keyed) -> Outcome {
-        match self.registry.apply_once(keyed.command, keyed.request) {
+        match self
+            .registry
+            .apply_as(keyed.command, keyed.request, keyed.claim.as_ref())
+        {
             Ok(applied) => Outcome::Applied {
                 required: applied.required,
+                secret: applied.secret,
             },
             Err(RegistryError::UnknownInstance { name, id }) => {
                 Outcome::UnknownInstance { name, id }
+            }
+            Err(RegistryError::NotOwner { name, id, owner }) => {
+                Outcome::NotOwner { name, id, owner }
             }
             Err(other) => Outcome::Unreadable {
                 reason: other.to_string(),
@@ -305,6 +331,8 @@ pub struct RegistryNode {
     pub raft: RaftNode,
     /// The HTTP client of health checks and notifications.
     pub(crate) client: reqwest::Client,
+    /// Who may do what.
+    pub(crate) auth: Arc<keel_auth::Authorizer>,
 }
 
 /// Starts registry node `options.node_id` with its Raft state under `data_dir`:
@@ -321,6 +349,7 @@ pub async fn start(
     options: &ClusterOptions,
 ) -> Result<RegistryNode> {
     let (registry, client) = crate::server::build(config)?;
+    let auth = crate::server::authorizer(config)?;
     let opened = Arc::clone(&registry);
     let node = RaftNode::start(
         options.node_id,
@@ -353,6 +382,7 @@ pub async fn start(
         registry,
         raft: node,
         client,
+        auth,
     })
 }
 
@@ -403,6 +433,7 @@ mod tests {
         let keyed = vec![Keyed {
             command: Command::Notified { up_to: 3 },
             request: Some("k1".into()),
+            claim: None,
         }];
         let bytes = serde_json::to_vec(&keyed).expect("json");
         let back: Vec<Keyed> = serde_json::from_slice(&bytes).expect("back");

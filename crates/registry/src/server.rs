@@ -30,7 +30,7 @@ pub(crate) fn build(
     if let Some(targets) = &config.allow_targets {
         // Registered names are resolved again at every connection: one that
         // resolves elsewhere now than at registration reaches only what is allowed.
-        client = client.dns_resolver(Arc::new(targets.clone()).resolver());
+        client = client.dns_resolver(crate::resolver::Guard::new(targets.clone()));
     }
     let client = client.build().map_err(RegistryError::HttpClient)?;
     let notifier = Notifier::new(
@@ -59,8 +59,42 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RegistryError> {
     let (registry, client) = build(&config)?;
-    serve(listener, config, registry, client, None, shutdown).await;
+    let auth = authorizer(&config)?;
+    serve(
+        listener,
+        config,
+        Parts {
+            registry,
+            client,
+            auth,
+            raft: None,
+        },
+        shutdown,
+    )
+    .await;
     Ok(())
+}
+
+/// The policy of `config`'s ACL file, watched for changes; open to all without one.
+pub(crate) fn authorizer(
+    config: &RegistryConfig,
+) -> Result<Arc<keel_auth::Authorizer>, RegistryError> {
+    Ok(match &config.acl {
+        None => keel_auth::Authorizer::open_to_all(),
+        Some(file) => {
+            let auth = keel_auth::Authorizer::from_file(file)?;
+            auth.watch();
+            auth
+        }
+    })
+}
+
+/// What a registry serves with.
+struct Parts {
+    registry: Arc<Registry>,
+    client: reqwest::Client,
+    auth: Arc<keel_auth::Authorizer>,
+    raft: Option<keel_raft::RaftService>,
 }
 
 /// Serves a cluster node (see [`crate::replica::start`]): its registry, with its
@@ -77,9 +111,12 @@ pub async fn run_node(
     serve(
         listener,
         config,
-        node.registry,
-        node.client,
-        Some(node.raft.service),
+        Parts {
+            registry: node.registry,
+            client: node.client,
+            auth: node.auth,
+            raft: Some(node.raft.service),
+        },
         shutdown,
     )
     .await;
@@ -91,11 +128,15 @@ pub async fn run_node(
 async fn serve(
     listener: TcpListener,
     config: RegistryConfig,
-    registry: Arc<Registry>,
-    client: reqwest::Client,
-    raft: Option<keel_raft::RaftService>,
+    parts: Parts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let Parts {
+        registry,
+        client,
+        auth,
+        raft,
+    } = parts;
     let checks = Arc::new(CheckStats::default());
     let token = CancellationToken::new();
     let checker = tokio::spawn(checker::run(
@@ -122,6 +163,7 @@ async fn serve(
             registry,
             config,
             checks,
+            auth,
             stopping: token.clone(),
         },
         raft,

@@ -156,6 +156,31 @@ pub struct Notice {
     pub available: bool,
     /// The instance it is about.
     pub instance: Instance,
+    /// The dependent's secret, which the notification is signed with (see
+    /// [`crate::signature`]); none for an instance registered before secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// Who registered an instance, and the secret its notifications are signed with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// The principal that registered it (`anonymous` without an ACL).
+    pub principal: String,
+    /// The key of the HMAC that signs its notifications, returned at registration.
+    pub secret: String,
+}
+
+/// Who asks for a change, when the registry checks ownership: only an instance's
+/// owner, or an admin of its service, may change or remove it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The caller.
+    pub principal: String,
+    /// Whether it may act on any instance of the service.
+    pub admin: bool,
+    /// The secret a new instance gets (an instance keeps the one it has).
+    pub secret: String,
 }
 
 /// Notifications the outbox holds at most; past it, the oldest are forgotten (a
@@ -200,6 +225,9 @@ pub struct RegistryState {
     /// The idempotency keys of the latest keyed writes applied.
     #[serde(default)]
     requests: RecentRequests,
+    /// Each instance's owner, by service name, then id.
+    #[serde(default)]
+    owners: BTreeMap<String, BTreeMap<String, Owner>>,
 }
 
 /// Keyed writes remembered, at most: a copy of one that arrives later (a retry
@@ -281,13 +309,89 @@ impl RegistryState {
     ///
     /// As [`RegistryState::apply`].
     pub fn apply_noting(&mut self, command: Command) -> Result<(Vec<Event>, Vec<Notice>)> {
+        self.apply_claimed(command, None)
+    }
+
+    /// As [`RegistryState::apply_noting`], by `claim`'s caller: a registration,
+    /// deregistration or heartbeat of an instance another principal owns is refused
+    /// unless the caller is an admin; a new instance is owned by the caller.
+    ///
+    /// # Errors
+    ///
+    /// As [`RegistryState::apply`]; [`RegistryError::NotOwner`].
+    pub fn apply_claimed(
+        &mut self,
+        command: Command,
+        claim: Option<&Claim>,
+    ) -> Result<(Vec<Event>, Vec<Notice>)> {
+        let target = match &command {
+            Command::Register { registration, .. } => {
+                Some((registration.name.clone(), registration.id().to_owned()))
+            }
+            Command::Deregister { name, id } | Command::Heartbeat { name, id, .. } => {
+                Some((name.clone(), id.clone()))
+            }
+            _ => None,
+        };
+        if let (Some(claim), Some((name, id))) = (claim, &target)
+            && let Some(owner) = self.owner(name, id)
+            && owner.principal != claim.principal
+            && !claim.admin
+        {
+            return Err(RegistryError::NotOwner {
+                name: name.clone(),
+                id: id.clone(),
+                owner: owner.principal.clone(),
+            });
+        }
+        // A new instance's owner first, so that what it is told at once is signed.
+        let mut new_owner = None;
+        if matches!(command, Command::Register { .. })
+            && let (Some(claim), Some((name, id))) = (claim, target)
+            && self.owner(&name, &id).is_none()
+        {
+            self.owners.entry(name.clone()).or_default().insert(
+                id.clone(),
+                Owner {
+                    principal: claim.principal.clone(),
+                    secret: claim.secret.clone(),
+                },
+            );
+            new_owner = Some((name, id));
+        }
+        let result = self.apply_unclaimed(command);
+        if result.is_err()
+            && let Some((name, id)) = new_owner
+        {
+            self.forget_owner(&name, &id);
+        }
+        result
+    }
+
+    fn forget_owner(&mut self, name: &str, id: &str) {
+        if let Some(owners) = self.owners.get_mut(name) {
+            owners.remove(id);
+            if owners.is_empty() {
+                self.owners.remove(name);
+            }
+        }
+    }
+
+    /// The owner of an instance, if it has one.
+    pub fn owner(&self, name: &str, id: &str) -> Option<&Owner> {
+        self.owners.get(name).and_then(|owners| owners.get(id))
+    }
+
+    fn apply_unclaimed(&mut self, command: Command) -> Result<(Vec<Event>, Vec<Notice>)> {
         // A new instance that takes notifications is told of what it requires, as it
         // would have been had it registered before them.
         let registrant = match &command {
-            Command::Register { registration, .. } => registration
-                .update_url
-                .clone()
-                .map(|url| (url, registration.required_services.clone())),
+            Command::Register { registration, .. } => registration.update_url.clone().map(|url| {
+                let secret = self
+                    .owner(&registration.name, registration.id())
+                    .map(|owner| owner.secret.clone());
+                (url, registration.required_services.clone(), secret)
+            }),
             _ => None,
         };
         let events = self.apply_command(command)?;
@@ -304,17 +408,21 @@ impl RegistryState {
                         url,
                         available,
                         instance: instance.clone(),
+                        secret: self
+                            .owner(&dependent.name, &dependent.id)
+                            .map(|owner| owner.secret.clone()),
                     });
                 }
             }
         }
-        if let Some((url, required)) = registrant {
+        if let Some((url, required, secret)) = registrant {
             for instance in required.iter().flat_map(|name| self.available(name)) {
                 notices.push(Notice {
                     index: self.index,
                     url: url.clone(),
                     available: true,
                     instance,
+                    secret: secret.clone(),
                 });
             }
         }
@@ -576,6 +684,7 @@ impl RegistryState {
         if self.services.get(name).is_some_and(BTreeMap::is_empty) {
             self.services.remove(name);
         }
+        self.forget_owner(name, id);
         Ok(removed)
     }
 

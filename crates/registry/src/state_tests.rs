@@ -454,3 +454,107 @@ fn issue_17_the_state_and_commands_should_survive_their_encoding() {
         assert_eq!(serde_json::from_slice::<Command>(&bytes).unwrap(), command);
     }
 }
+
+fn claim(principal: &str, admin: bool, secret: &str) -> Claim {
+    Claim {
+        principal: principal.into(),
+        admin,
+        secret: secret.into(),
+    }
+}
+
+fn register_as(
+    state: &mut RegistryState,
+    port: u16,
+    required: &[&str],
+    by: &Claim,
+) -> Result<Vec<Notice>> {
+    state
+        .apply_claimed(
+            Command::Register {
+                registration: registration("visit", port, required),
+                at_ms: 1,
+            },
+            Some(by),
+        )
+        .map(|(_, notices)| notices)
+}
+
+#[test]
+fn only_the_owner_or_an_admin_should_change_or_remove_an_instance() {
+    let mut state = RegistryState::default();
+    let alice = claim("alice", false, "alice-secret");
+    register_as(&mut state, 1, &[], &alice).expect("registered");
+    let owner = state.owner("visit", "127.0.0.1:1").expect("an owner");
+    assert_eq!(
+        (owner.principal.as_str(), owner.secret.as_str()),
+        ("alice", "alice-secret")
+    );
+
+    // Another principal may neither re-register it (and so redirect its
+    // notifications), nor heartbeat it, nor remove it.
+    let mallory = claim("mallory", false, "mallory-secret");
+    let refused = register_as(&mut state, 1, &[], &mallory);
+    assert!(
+        matches!(refused, Err(RegistryError::NotOwner { ref owner, .. }) if owner == "alice"),
+        "{refused:?}"
+    );
+    for command in [
+        Command::Deregister {
+            name: "visit".into(),
+            id: "127.0.0.1:1".into(),
+        },
+        Command::Heartbeat {
+            name: "visit".into(),
+            id: "127.0.0.1:1".into(),
+            at_ms: 2,
+        },
+    ] {
+        let refused = state.apply_claimed(command, Some(&mallory));
+        assert!(
+            matches!(refused, Err(RegistryError::NotOwner { .. })),
+            "{refused:?}"
+        );
+    }
+    assert!(state.instance("visit", "127.0.0.1:1").is_some());
+
+    // Its owner re-registers it and keeps its secret; an admin may remove it.
+    register_as(&mut state, 1, &[], &claim("alice", false, "another")).expect("re-registered");
+    assert_eq!(
+        state
+            .owner("visit", "127.0.0.1:1")
+            .map(|o| o.secret.as_str()),
+        Some("alice-secret")
+    );
+    state
+        .apply_claimed(
+            Command::Deregister {
+                name: "visit".into(),
+                id: "127.0.0.1:1".into(),
+            },
+            Some(&claim("ops", true, "")),
+        )
+        .expect("removed by an admin");
+    assert_eq!(state.owner("visit", "127.0.0.1:1"), None);
+    // Gone, it is anyone's to register.
+    register_as(&mut state, 1, &[], &mallory).expect("registered anew");
+}
+
+#[test]
+fn notifications_should_carry_the_dependents_secret() {
+    let mut state = RegistryState::default();
+    // A dependent of `log`, told at once of what it requires, then of a new one.
+    register(&mut state, "log", 2, 1);
+    let told =
+        register_as(&mut state, 1, &["log"], &claim("alice", false, "s1")).expect("registered");
+    assert_eq!(told.len(), 1);
+    assert_eq!(told[0].secret.as_deref(), Some("s1"));
+    let (_, notices) = state
+        .apply_noting(Command::Register {
+            registration: registration("log", 3, &[]),
+            at_ms: 2,
+        })
+        .expect("registered");
+    assert_eq!(notices.len(), 1);
+    assert_eq!(notices[0].secret.as_deref(), Some("s1"));
+}

@@ -1,8 +1,9 @@
-//! Where the registry may send requests: the addresses instances may register
-//! (`--allow-targets`), checked when they register and again whenever a name is
-//! resolved to connect, so that neither an address nor a DNS answer that changes
-//! after registration can aim the registry's health checks and notifications, or the
-//! gateway's traffic, at an address outside the list.
+//! Where a registry may send requests: the addresses instances may register
+//! (`--allow-targets`, and a principal's `targets` in the ACL), checked when they
+//! register and again whenever a name is resolved to connect (the registry's
+//! resolver), so that neither an address nor a DNS answer that changes after
+//! registration can aim health checks, notifications or the gateway's traffic at an
+//! address outside the list.
 //!
 //! A list is comma-separated entries `NET[:PORTS]`: `NET` an IP address, a CIDR
 //! block (`10.0.0.0/8`, `fd00::/8`; IPv6 in brackets when ports follow:
@@ -13,10 +14,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
-
-use crate::error::RegistryError;
 
 /// How long resolving a registered host name may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -81,7 +79,7 @@ pub struct AllowTargets {
 
 /// Why a list of targets does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("--allow-targets entry {entry:?}: {why}")]
+#[error("target entry {entry:?}: {why}")]
 pub struct BadTargets {
     entry: String,
     why: String,
@@ -202,6 +200,14 @@ impl AllowTargets {
         Self::from_str("any").unwrap_or(Self { rules: Vec::new() })
     }
 
+    /// The addresses either list allows.
+    #[must_use]
+    pub fn union(&self, other: &Self) -> Self {
+        let mut rules = self.rules.clone();
+        rules.extend(other.rules.iter().cloned());
+        Self { rules }
+    }
+
     /// Whether `addr` may be sent to. An unspecified address (`0.0.0.0`, `::`) never
     /// may: connecting to it reaches this host, whatever the list says of loopback.
     pub fn allows(&self, addr: SocketAddr) -> bool {
@@ -215,24 +221,21 @@ impl AllowTargets {
 
     /// Whether `ip` may be sent to on some port (what a resolver can tell: the port
     /// comes from the URL, checked when it was registered).
-    fn allows_ip(&self, ip: IpAddr) -> bool {
+    pub fn allows_ip(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         !ip.is_unspecified() && self.rules.iter().any(|rule| rule.allows_ip(ip))
     }
 
-    /// Checks that `url` (as [`crate::base_url`] normalizes it) reaches only allowed
+    /// Checks that `url` (`http(s)://host[:port][/path]`) reaches only allowed
     /// addresses: an address as written, a name as it resolves now (every address it
     /// resolves to).
     ///
     /// # Errors
     ///
-    /// [`RegistryError::TargetNotAllowed`] naming `field` and the address refused; the
-    /// same when a name does not resolve.
-    pub async fn check_url(&self, url: &str, field: &'static str) -> Result<(), RegistryError> {
-        let refused = |why: String| RegistryError::TargetNotAllowed {
-            field,
-            message: format!("{url}: {why}; --allow-targets is {self}"),
-        };
+    /// [`TargetRefused`] naming the address refused, or the name that does not
+    /// resolve.
+    pub async fn check_url(&self, url: &str) -> Result<(), TargetRefused> {
+        let refused = |why: String| TargetRefused(format!("{url}: {why}; allowed: {self}"));
         let (host, port) = host_and_port(url).ok_or_else(|| refused("no host".into()))?;
         let addrs: Vec<SocketAddr> = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
@@ -257,18 +260,14 @@ impl AllowTargets {
             None => Ok(()),
         }
     }
-
-    /// A resolver for the registry's HTTP client that drops every address this list
-    /// refuses, so that a name resolving elsewhere after it was registered (DNS
-    /// rebinding) is never connected to.
-    pub(crate) fn resolver(self: &Arc<Self>) -> Arc<Guard> {
-        Arc::new(Guard {
-            allowed: Arc::clone(self),
-        })
-    }
 }
 
-/// The host (brackets kept for IPv6) and port of a normalized `http(s)://` URL.
+/// Why a URL may not be registered: which address is refused, and the list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TargetRefused(String);
+
+/// The host (brackets kept for IPv6) and port of an `http(s)://` URL.
 fn host_and_port(url: &str) -> Option<(&str, u16)> {
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split('/').next()?;
@@ -276,32 +275,6 @@ fn host_and_port(url: &str) -> Option<(&str, u16)> {
     match authority.rsplit_once(':') {
         Some((host, port)) if !port.contains(']') => Some((host, port.parse().ok()?)),
         _ => Some((authority, default)),
-    }
-}
-
-/// Resolves names with the system resolver and keeps only the allowed addresses.
-pub(crate) struct Guard {
-    allowed: Arc<AllowTargets>,
-}
-
-impl reqwest::dns::Resolve for Guard {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allowed = Arc::clone(&self.allowed);
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|addr| allowed.allows_ip(addr.ip()))
-                .collect();
-            if found.is_empty() {
-                return Err(format!(
-                    "{host} resolves to no address that --allow-targets ({allowed}) allows"
-                )
-                .into());
-            }
-            let addrs: reqwest::dns::Addrs = Box::new(found.into_iter());
-            Ok(addrs)
-        })
     }
 }
 
@@ -359,72 +332,24 @@ mod tests {
             "loopback:70000",
         ] {
             let err = bad.parse::<AllowTargets>().expect_err(bad);
-            assert!(err.to_string().contains("--allow-targets"), "{err}");
+            assert!(err.to_string().contains("target entry"), "{err}");
         }
-    }
-
-    #[tokio::test]
-    async fn the_resolver_should_drop_every_address_outside_the_list() {
-        use reqwest::dns::Resolve;
-        let name = |text: &str| text.parse::<reqwest::dns::Name>().expect("a name");
-        let elsewhere = Arc::new("10.0.0.0/8".parse::<AllowTargets>().expect("a list"));
-        let err = elsewhere
-            .resolver()
-            .resolve(name("localhost"))
-            .await
-            .err()
-            .expect("localhost is outside 10.0.0.0/8");
-        assert!(err.to_string().contains("--allow-targets"), "{err}");
-        let loopback = Arc::new("loopback".parse::<AllowTargets>().expect("a list"));
-        let found: Vec<SocketAddr> = loopback
-            .resolver()
-            .resolve(name("localhost"))
-            .await
-            .expect("localhost is loopback")
-            .collect();
-        assert!(!found.is_empty());
-        assert!(
-            found.iter().all(|addr| addr.ip().is_loopback()),
-            "{found:?}"
-        );
     }
 
     #[tokio::test]
     async fn a_url_should_be_checked_at_its_port_and_every_address_it_resolves_to() {
         let list: AllowTargets = "127.0.0.1:20000-20100".parse().expect("a list");
-        assert!(
-            list.check_url("http://127.0.0.1:20001", "addr")
-                .await
-                .is_ok()
-        );
-        assert!(
-            list.check_url("http://127.0.0.1:20001/x/y", "addr")
-                .await
-                .is_ok()
-        );
+        assert!(list.check_url("http://127.0.0.1:20001").await.is_ok());
+        assert!(list.check_url("http://127.0.0.1:20001/x/y").await.is_ok());
         let err = list
-            .check_url("http://127.0.0.1:22", "heartbeat_url")
+            .check_url("http://127.0.0.1:22")
             .await
             .expect_err("port 22");
         assert!(err.to_string().contains("127.0.0.1:22"), "{err}");
-        assert!(
-            list.check_url("http://10.0.0.1:20001", "addr")
-                .await
-                .is_err()
-        );
-        assert!(list.check_url("http://127.0.0.1", "addr").await.is_err());
+        assert!(list.check_url("http://10.0.0.1:20001").await.is_err());
+        assert!(list.check_url("http://127.0.0.1").await.is_err());
         let loopback: AllowTargets = "loopback:20000-20100".parse().expect("a list");
-        assert!(
-            loopback
-                .check_url("http://localhost:20001", "addr")
-                .await
-                .is_ok()
-        );
-        assert!(
-            loopback
-                .check_url("http://localhost:22", "addr")
-                .await
-                .is_err()
-        );
+        assert!(loopback.check_url("http://localhost:20001").await.is_ok());
+        assert!(loopback.check_url("http://localhost:22").await.is_err());
     }
 }
