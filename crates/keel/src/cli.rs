@@ -83,6 +83,29 @@ enum Command {
         #[command(subcommand)]
         demo: DemoCommand,
     },
+    /// Bearer tokens for servers with an ACL (--acl).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token for PRINCIPAL: prints the token (shown once, keep it secret) on
+    /// stdout, and on stderr the [[token]] entry, holding only its SHA-256, to add
+    /// to the ACL file (or adds it itself with --acl). Servers pick the change up
+    /// within a second, or at once on SIGHUP. To revoke a token, delete its entry.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenCreateArgs {
+    /// Who the token names, as ACL rules refer to it (`anonymous` is taken).
+    principal: String,
+    /// Append the entry to this ACL file instead of printing it.
+    #[arg(long)]
+    acl: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -356,6 +379,12 @@ struct RegistryServeArgs {
     /// [default: any address]
     #[arg(long, env = "KEEL_REGISTRY_ALLOW_TARGETS")]
     allow_targets: Option<keel_auth::AllowTargets>,
+    /// An ACL file (TOML; see docs/security.md): who may register, deregister and
+    /// read which services, and with what tokens. Deny by default once given;
+    /// reloaded on SIGHUP and when the file changes. [default: none, everyone may
+    /// do everything]
+    #[arg(long, env = "KEEL_REGISTRY_ACL")]
+    acl: Option<PathBuf>,
     /// Where a cluster node keeps its Raft log and snapshots [default:
     /// keel-data/registry]. A single registry keeps nothing on disk.
     #[arg(long, env = "KEEL_REGISTRY_DATA_DIR")]
@@ -560,6 +589,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 command: ChaosCommand::Run(args),
             } => return chaos::run(args).await,
             Command::Consume(args) => return consume(args).await.map_err(Failure::Run),
+            Command::Token {
+                command: TokenCommand::Create(args),
+            } => return create_token(&args).map_err(Failure::Run),
         };
         server.await.unwrap_or_else(|err| {
             Err(Failure::Run(anyhow::anyhow!(
@@ -626,4 +658,50 @@ fn report(err: &anyhow::Error) -> String {
 enum Failure {
     Config(anyhow::Error),
     Run(anyhow::Error),
+}
+
+/// `keel token create`: a new token for a principal, and its ACL entry.
+fn create_token(args: &TokenCreateArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+
+    use anyhow::Context;
+
+    if args.principal.is_empty()
+        || args.principal == keel_auth::ANONYMOUS
+        || args
+            .principal
+            .chars()
+            .any(|c| c.is_control() || c == '"' || c == '\\')
+    {
+        anyhow::bail!(
+            "principal {:?}: give a name of printable characters, without quotes or backslashes, other than {:?}",
+            args.principal,
+            keel_auth::ANONYMOUS
+        );
+    }
+    let token = keel_auth::token::generate()
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    let entry = format!(
+        "\n[[token]]\nprincipal = \"{}\"\nsha256 = \"{}\"\n",
+        args.principal,
+        keel_auth::token::hash(&token)
+    );
+    match &args.acl {
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening the ACL file {}", path.display()))?;
+            file.write_all(entry.as_bytes())
+                .with_context(|| format!("writing to {}", path.display()))?;
+            eprintln!(
+                "added a token for {:?} to {}; servers using it pick it up within a second",
+                args.principal,
+                path.display()
+            );
+        }
+        None => eprintln!("add to the ACL file:{entry}"),
+    }
+    println!("{token}");
+    Ok(())
 }

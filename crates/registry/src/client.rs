@@ -133,6 +133,8 @@ pub struct RegistryClient {
     /// The node that answered last.
     current: Arc<AtomicUsize>,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` with every call, when the registry has an ACL.
+    token: Option<Arc<str>>,
 }
 
 impl RegistryClient {
@@ -158,7 +160,15 @@ impl RegistryClient {
             bases: Arc::new(bases),
             current: Arc::new(AtomicUsize::new(0)),
             http,
+            token: None,
         }
+    }
+
+    /// The same client, calling with `token` (`Authorization: Bearer`), if any.
+    #[must_use]
+    pub fn with_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(Arc::from);
+        self
     }
 
     /// The registry's nodes, as given.
@@ -180,7 +190,11 @@ impl RegistryClient {
             for step in 0..count {
                 let at = (first + step) % count;
                 let base = &self.bases[at];
-                match build(&self.http, base).send().await {
+                let mut request = build(&self.http, base);
+                if let Some(token) = &self.token {
+                    request = request.bearer_auth(token);
+                }
+                match request.send().await {
                     Ok(response)
                         if count > 1 && response.status() == StatusCode::SERVICE_UNAVAILABLE =>
                     {
@@ -225,6 +239,21 @@ impl RegistryClient {
         &self,
         registration: &Registration,
     ) -> Result<BTreeMap<String, Vec<ServiceInstance>>, RegistryClientError> {
+        self.register_signed(registration)
+            .await
+            .map(|(answer, _)| answer)
+    }
+
+    /// As [`RegistryClient::register`]; also returns the instance's secret, which
+    /// the registry signs its notifications with (see [`keel_auth::signature`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`RegistryClient::register`].
+    pub async fn register_signed(
+        &self,
+        registration: &Registration,
+    ) -> Result<(BTreeMap<String, Vec<ServiceInstance>>, Option<String>), RegistryClientError> {
         let body = registration.to_canonical_json();
         let key = idempotency_key();
         let response = self
@@ -236,13 +265,19 @@ impl RegistryClient {
             })
             .await?;
         let response = refused_unless_success(response, "the registration").await?;
-        response
+        let secret = response
+            .headers()
+            .get(keel_auth::signature::SECRET_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let answer = response
             .json()
             .await
             .map_err(|source| RegistryClientError::Malformed {
                 what: "the registration",
                 source,
-            })
+            })?;
+        Ok((answer, secret))
     }
 
     /// Deregisters instance `id` of `name`.

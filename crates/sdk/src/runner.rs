@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -33,6 +33,9 @@ pub struct ServiceConfig {
     pub watch_wait: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// The bearer token this service calls the registry with, when the registry
+    /// has an ACL.
+    pub token: Option<String>,
 }
 
 impl ServiceConfig {
@@ -51,6 +54,7 @@ impl ServiceConfig {
             max_backoff: Duration::from_secs(5),
             watch_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            token: None,
         }
     }
 }
@@ -129,7 +133,9 @@ impl Service {
         let updates = Notifications {
             discovery: discovery.clone(),
             seen: Arc::default(),
+            secret: Arc::default(),
         };
+        let secret = Arc::clone(&updates.secret);
         let app = router
             .route("/heart-beat", get(|| async { StatusCode::OK }))
             .route(
@@ -151,9 +157,12 @@ impl Service {
         )?;
         let deregister = registered_until(
             &config,
-            registration,
+            Registered {
+                registration,
+                discovery,
+                secret,
+            },
             client,
-            discovery,
             token.clone(),
             shutdown,
         );
@@ -171,6 +180,14 @@ impl Service {
     }
 }
 
+/// What a registration keeps up to date: the instance, its table of required
+/// services, and the secret its notifications are signed with.
+struct Registered {
+    registration: Registration,
+    discovery: Discovery,
+    secret: Arc<RwLock<Option<String>>>,
+}
+
 /// Instances whose last notification index is remembered at most.
 const MAX_SEEN: usize = 4096;
 
@@ -183,6 +200,10 @@ struct Notifications {
     discovery: Discovery,
     /// The change index last applied, by service and instance id.
     seen: Arc<Mutex<HashMap<(String, String), u64>>>,
+    /// The secret the registry gave at registration: once there is one, a
+    /// notification without its signature is refused (401), so that nobody else
+    /// can rewrite the table.
+    secret: Arc<RwLock<Option<String>>>,
 }
 
 impl Notifications {
@@ -197,6 +218,23 @@ impl Notifications {
             .get(keel_registry::INDEX_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        if let Some(secret) = &*self.secret.read().unwrap_or_else(PoisonError::into_inner) {
+            let signature = headers
+                .get(keel_auth::signature::SIGNATURE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let signed = index.is_some_and(|index| {
+                keel_auth::signature::verify(secret, signature, method.as_str(), index, body)
+            });
+            if !signed {
+                tracing::warn!(
+                    service = instance.name,
+                    instance = instance.id,
+                    "a notification without the registry's signature; refused"
+                );
+                return StatusCode::UNAUTHORIZED;
+            }
+        }
         if let Some(index) = index {
             let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
             if seen.len() >= MAX_SEEN {
@@ -243,11 +281,15 @@ pub async fn stay_registered(
 ) -> Result<(), SdkError> {
     let client = registry_http(config)?;
     let registration = registration(config, url, None, heartbeat_url)?;
+    let registered = Registered {
+        registration,
+        discovery: Discovery::default(),
+        secret: Arc::default(),
+    };
     registered_until(
         config,
-        registration,
+        registered,
         client,
-        Discovery::default(),
         CancellationToken::new(),
         shutdown,
     )
@@ -286,19 +328,18 @@ fn registry_http(config: &ServiceConfig) -> Result<reqwest::Client, SdkError> {
 /// cancelled and the instance is deregistered.
 fn registered_until(
     config: &ServiceConfig,
-    registration: Registration,
+    registered: Registered,
     client: reqwest::Client,
-    discovery: Discovery,
     token: CancellationToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let id = registration.id().to_owned();
-    let registry = RegistryClient::new(&config.registry, client);
+    let id = registered.registration.id().to_owned();
+    let registry =
+        RegistryClient::new(&config.registry, client).with_token(config.token.as_deref());
     let keeper = tokio::spawn(keep_registered(
         registry.clone(),
         config.clone(),
-        registration,
-        discovery,
+        registered,
         token.clone(),
     ));
     let name = config.name.clone();
@@ -324,10 +365,14 @@ fn registered_until(
 async fn keep_registered(
     registry: RegistryClient,
     config: ServiceConfig,
-    registration: Registration,
-    discovery: Discovery,
+    registered: Registered,
     stop: CancellationToken,
 ) {
+    let Registered {
+        registration,
+        discovery,
+        secret,
+    } = registered;
     let me = registration.url.clone();
     let mut registered = false;
     let mut index = 0u64;
@@ -368,8 +413,11 @@ async fn keep_registered(
                 Err(err) => Some(format!("watch failed: {err}")),
             }
         } else {
-            match registry.register(&registration).await {
-                Ok(answer) => {
+            match registry.register_signed(&registration).await {
+                Ok((answer, given)) => {
+                    // Notifications are signed with it from now on; a registry
+                    // that gives none (an older one) signs nothing.
+                    *secret.write().unwrap_or_else(PoisonError::into_inner) = given;
                     for (name, instances) in answer {
                         discovery.replace(&name, instances);
                     }
@@ -413,6 +461,7 @@ mod tests {
         let updates = Notifications {
             discovery: Discovery::default(),
             seen: Arc::default(),
+            secret: Arc::default(),
         };
         let known = || updates.discovery.instances("grading").len();
         assert_eq!(notify(&updates, Method::POST, 10), StatusCode::OK);
@@ -431,5 +480,37 @@ mod tests {
             updates.take(&Method::PUT, &HeaderMap::new(), b"{}"),
             StatusCode::BAD_REQUEST
         );
+    }
+
+    #[test]
+    fn issue_19_a_notification_not_signed_by_the_registry_should_be_refused() {
+        let updates = Notifications {
+            discovery: Discovery::default(),
+            seen: Arc::default(),
+            secret: Arc::new(RwLock::new(Some("the-secret".into()))),
+        };
+        let body = serde_json::json!({
+            "id": "10.9.9.9:80", "name": "grading", "url": "http://10.9.9.9:80"
+        })
+        .to_string();
+        let send = |signature: Option<String>| {
+            let mut headers = HeaderMap::new();
+            headers.insert(keel_registry::INDEX_HEADER, 5u64.into());
+            if let Some(signature) = signature {
+                headers.insert(
+                    keel_auth::signature::SIGNATURE_HEADER,
+                    signature.parse().expect("a header"),
+                );
+            }
+            updates.take(&Method::POST, &headers, body.as_bytes())
+        };
+        // A stranger's, unsigned or signed with another secret, changes nothing.
+        assert_eq!(send(None), StatusCode::UNAUTHORIZED);
+        let forged = keel_auth::signature::sign("guessed", "POST", 5, body.as_bytes());
+        assert_eq!(send(Some(forged)), StatusCode::UNAUTHORIZED);
+        assert!(updates.discovery.instances("grading").is_empty());
+        let signed = keel_auth::signature::sign("the-secret", "POST", 5, body.as_bytes());
+        assert_eq!(send(Some(signed)), StatusCode::OK);
+        assert_eq!(updates.discovery.instances("grading").len(), 1);
     }
 }

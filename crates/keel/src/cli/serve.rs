@@ -61,6 +61,9 @@ fn registry_config(args: &RegistryServeArgs) -> anyhow::Result<keel_registry::Re
     if let Some(targets) = &args.allow_targets {
         config.allow_targets = Some(targets.clone());
     }
+    if let Some(acl) = &args.acl {
+        config.acl = Some(acl.clone());
+    }
     if let Err(err) = config.validate() {
         bail!("registry.{err}");
     }
