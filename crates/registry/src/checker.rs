@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RegistryConfig;
+use crate::pacer::Pacer;
 use crate::registry::{Registry, now_ms};
 use crate::state::{Command, Health};
 
@@ -130,7 +131,8 @@ impl Check {
         let Ok(_permit) = pool.acquire().await else {
             return;
         };
-        let passing = probe(&self.client, &self.url, &self.config).await;
+        let pacer = Arc::clone(&self.registry.notifier().pacer);
+        let passing = probe(&self.client, &self.url, &self.config, &pacer).await;
         self.stats
             .checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -172,8 +174,15 @@ impl Check {
 }
 
 /// Up to `check_failures` attempts; true at the first success.
-async fn probe(client: &reqwest::Client, url: &str, config: &RegistryConfig) -> bool {
+async fn probe(
+    client: &reqwest::Client,
+    url: &str,
+    config: &RegistryConfig,
+    pacer: &Pacer,
+) -> bool {
     for attempt in 1..=config.check_failures {
+        pacer.wait_turn(url).await;
+        // Only the status is read: the body of the answer never is.
         let answer = client.get(url).timeout(config.check_timeout).send().await;
         if answer.is_ok_and(|response| response.status().is_success()) {
             return true;

@@ -59,6 +59,10 @@ pub struct RegistryConfig {
     /// none.
     #[serde(with = "targets_text")]
     pub allow_targets: Option<AllowTargets>,
+    /// Requests a second (and burst) the registry sends to any one target
+    /// (`host:port`), health checks and notifications together; 0: no limit.
+    /// Default 20.
+    pub max_requests_per_target: u32,
     /// The ACL file (see `docs/security.md`): who may register, deregister and read
     /// which services. None: everyone may do everything. Reloaded on `SIGHUP` and
     /// when the file changes.
@@ -109,6 +113,7 @@ impl Default for RegistryConfig {
             header_timeout: Duration::from_secs(10),
             max_watch_wait: Duration::from_secs(300),
             allow_targets: None,
+            max_requests_per_target: 20,
             acl: None,
         }
     }

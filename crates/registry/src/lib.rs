@@ -21,6 +21,7 @@ mod config;
 mod error;
 mod http;
 mod notifier;
+mod pacer;
 mod registration;
 mod registry;
 pub mod replica;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use reqwest::Method;
 use tokio::sync::mpsc;
 
+use crate::pacer::Pacer;
 use crate::state::{Instance, Notice};
 
 /// How long a dependent's worker waits for work before it stops (a new delivery
@@ -65,6 +66,8 @@ pub(crate) struct NotifierStats {
 #[derive(Debug, Clone)]
 pub(crate) struct Notifier {
     client: reqwest::Client,
+    /// Paces requests to each target, checks included.
+    pub(crate) pacer: Arc<Pacer>,
     queues: Arc<Mutex<HashMap<String, mpsc::Sender<Delivery>>>>,
     timeout: Duration,
     retries: u32,
@@ -82,9 +85,11 @@ impl Notifier {
         timeout: Duration,
         retries: u32,
         queue_depth: usize,
+        pacer: Arc<Pacer>,
     ) -> Self {
         Self {
             client,
+            pacer,
             queues: Arc::default(),
             timeout,
             retries,
@@ -177,6 +182,7 @@ impl Notifier {
             keel_auth::signature::sign(secret, delivery.method.as_str(), delivery.index, &body)
         });
         for attempt in 0..=self.retries {
+            self.pacer.wait_turn(&delivery.url).await;
             let mut request = self
                 .client
                 .request(delivery.method.clone(), &delivery.url)
@@ -262,7 +268,13 @@ mod tests {
 
     #[tokio::test]
     async fn idle_workers_should_leave_and_come_back_when_needed() {
-        let mut notifier = Notifier::new(reqwest::Client::new(), Duration::from_millis(200), 0, 8);
+        let mut notifier = Notifier::new(
+            reqwest::Client::new(),
+            Duration::from_millis(200),
+            0,
+            8,
+            Arc::new(Pacer::new(0)),
+        );
         notifier.idle = Duration::from_millis(100);
         let queues = |n: &Notifier| n.queues.lock().unwrap().len();
         // Port 1 on loopback refuses at once: each delivery fails quickly.

@@ -514,7 +514,13 @@ mod tests {
     /// its idempotency key is not applied again.
     #[tokio::test]
     async fn issue_18_a_late_copy_of_a_keyed_registration_should_not_bring_back_the_instance() {
-        let notifier = Notifier::new(reqwest::Client::new(), Duration::from_secs(5), 1, 64);
+        let notifier = Notifier::new(
+            reqwest::Client::new(),
+            Duration::from_secs(5),
+            1,
+            64,
+            std::sync::Arc::new(crate::pacer::Pacer::new(0)),
+        );
         let registry = Registry::new(notifier, 100);
         let key = Some("client-1-write-7".to_owned());
         registry
@@ -542,7 +548,13 @@ mod tests {
         assert_eq!(registry.instances("visit", true).len(), 1);
         // The keys survive a snapshot.
         let copy = Registry::new(
-            Notifier::new(reqwest::Client::new(), Duration::from_secs(5), 1, 64),
+            Notifier::new(
+                reqwest::Client::new(),
+                Duration::from_secs(5),
+                1,
+                64,
+                std::sync::Arc::new(crate::pacer::Pacer::new(0)),
+            ),
             100,
         );
         copy.replace_state(serde_json::from_slice(&registry.encode_state().unwrap()).unwrap());
@@ -564,7 +576,13 @@ mod tests {
     #[tokio::test]
     async fn issue_17_a_registry_taking_the_lead_should_send_what_the_outbox_holds_once() {
         let (url, got) = dependent().await;
-        let notifier = Notifier::new(reqwest::Client::new(), Duration::from_secs(5), 1, 64);
+        let notifier = Notifier::new(
+            reqwest::Client::new(),
+            Duration::from_secs(5),
+            1,
+            64,
+            std::sync::Arc::new(crate::pacer::Pacer::new(0)),
+        );
         let registry = Registry::new(notifier, 100);
         // A follower: applies, notifies nobody.
         registry.set_leading(false);

@@ -38,6 +38,7 @@ pub(crate) fn build(
         config.notify_timeout,
         config.notify_retries,
         config.notify_queue,
+        Arc::new(crate::pacer::Pacer::new(config.max_requests_per_target)),
     );
     Ok((
         Arc::new(Registry::new(notifier, config.max_instances)),

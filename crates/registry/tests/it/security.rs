@@ -374,3 +374,48 @@ async fn issue_19_notifications_should_be_signed_with_the_dependents_secret() {
         "another", &signature, &method, index, &body
     ));
 }
+
+/// Amplification: a hundred dependents all naming the same update URL are told of
+/// a change at the per-target pace (a burst of `max_requests_per_target`, then that
+/// many a second), not all at once; and every one of them is told in the end.
+#[tokio::test]
+async fn issue_19_notifications_to_one_target_should_be_paced() {
+    let (victim, hits) = internal_service().await;
+    let config = keel_registry::RegistryConfig {
+        max_requests_per_target: 20,
+        ..fast_config()
+    };
+    let registry = TestRegistry::start(config).await;
+    let holder = Instance::start().await;
+    for n in 0..100 {
+        let (status, answer) = post(
+            &registry,
+            &json!({"name": "dep",
+            "addr": format!("http://{}/d{n}", holder.addr),
+            "update_url": format!("http://{victim}/services"), "required_services": ["log"]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let log = Instance::start().await;
+    let started = Instant::now();
+    let (status, _) = post(&registry, &log.dialect_a("log", &[])).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The burst, and at most what the rate refills in the time that passed.
+    let allowed = 20 + (started.elapsed().as_secs_f64() * 20.0).ceil() as usize;
+    let early = hits.load(Ordering::SeqCst);
+    assert!(
+        early <= allowed,
+        "{early} requests reached one target; at most {allowed} may"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hits.load(Ordering::SeqCst) < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 100 notifications arrived",
+            hits.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
