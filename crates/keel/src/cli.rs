@@ -310,6 +310,12 @@ struct ServeArgs {
     /// Serving threads, each driving its own connections [default: 0, one per core].
     #[arg(long, env = "KEEL_LOG_WORKERS")]
     workers: Option<usize>,
+    /// An ACL file (TOML; see docs/security.md): who may produce to, consume from
+    /// and manage which topics, and with what tokens. Deny by default once given;
+    /// reloaded on SIGHUP and when the file changes. [default: none, everyone may
+    /// do everything]
+    #[arg(long, env = "KEEL_LOG_ACL")]
+    acl: Option<PathBuf>,
     /// Register with this registry (e.g. http://127.0.0.1:20000, or a registry
     /// cluster's nodes, comma-separated) as service `log`, so services that require
     /// `log` find it; checked through /healthz.
@@ -492,6 +498,10 @@ struct ProduceArgs {
     /// leader, and follow it when it changes).
     #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
     addr: String,
+    /// The bearer token to call with, when the service has an ACL (`keel token
+    /// create` makes one).
+    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The topic [default: the service's default topic].
     #[arg(long, short, default_value = "")]
     topic: String,
@@ -515,6 +525,10 @@ struct ConsumeArgs {
     /// The log service (a cluster's nodes, comma-separated).
     #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
     addr: String,
+    /// The bearer token to call with, when the service has an ACL (`keel token
+    /// create` makes one).
+    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The topic [default: the service's default topic].
     #[arg(long, short, default_value = "")]
     topic: String,

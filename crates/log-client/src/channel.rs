@@ -96,12 +96,38 @@ impl Target {
     }
 }
 
+/// What a client presents to the log service: a bearer token, for a service with
+/// an ACL.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    authorization: Option<http::HeaderValue>,
+}
+
+impl Credentials {
+    /// Calls with `Authorization: Bearer <token>`.
+    ///
+    /// # Errors
+    ///
+    /// The token holds characters a header cannot.
+    pub fn bearer(token: &str) -> Result<Self, String> {
+        let mut value: http::HeaderValue = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "a token holds only printable ASCII".to_owned())?;
+        value.set_sensitive(true);
+        Ok(Self {
+            authorization: Some(value),
+        })
+    }
+}
+
 /// One HTTP/2 connection to a log service, as a gRPC transport. Clones share the
 /// connection; calls on it are multiplexed.
 #[derive(Clone)]
 pub struct Channel {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Sent with every call: the caller's `Authorization`.
+    authorization: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -114,7 +140,11 @@ impl std::fmt::Debug for Channel {
 
 impl Channel {
     /// Dials `target` and does the HTTP/2 handshake, all within `timeout`.
-    pub(crate) async fn connect(target: &Target, timeout: Duration) -> std::io::Result<Self> {
+    pub(crate) async fn connect(
+        target: &Target,
+        timeout: Duration,
+        credentials: &Credentials,
+    ) -> std::io::Result<Self> {
         let connecting = async {
             let tcp = tokio::net::TcpStream::connect(&target.authority).await?;
             tcp.set_nodelay(true)?;
@@ -145,7 +175,11 @@ impl Channel {
             }
             flag.store(true, Ordering::Release);
         });
-        Ok(Self { send, closed })
+        Ok(Self {
+            send,
+            closed,
+            authorization: credentials.authorization.clone(),
+        })
     }
 
     /// Whether the connection has ended; calls on it fail with `UNAVAILABLE`.
@@ -184,11 +218,15 @@ impl Channel {
         request
             .encode(&mut message)
             .map_err(|err| Status::internal(format!("encoding the request: {err}")))?;
-        let head = http::Request::post(target.uri(path))
+        let mut head = http::Request::post(target.uri(path))
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
             .body(())
             .map_err(|err| Status::internal(format!("building the request: {err}")))?;
+        if let Some(authorization) = &self.authorization {
+            head.headers_mut()
+                .insert(http::header::AUTHORIZATION, authorization.clone());
+        }
         poll_fn(|cx| self.send.poll_ready(cx))
             .await
             .map_err(|err| status(&err))?;
@@ -317,7 +355,11 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Channel {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Pending {
-        let (head, body) = request.into_parts();
+        let (mut head, body) = request.into_parts();
+        if let Some(authorization) = &self.authorization {
+            head.headers
+                .insert(http::header::AUTHORIZATION, authorization.clone());
+        }
         let complete = body.is_end_stream();
         let opened = self
             .send

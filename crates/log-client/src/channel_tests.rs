@@ -30,7 +30,7 @@ async fn misbehaving_server(
 }
 
 async fn produce_against(target: &Target) -> Status {
-    let mut channel = Channel::connect(target, Duration::from_secs(5))
+    let mut channel = Channel::connect(target, Duration::from_secs(5), &Credentials::default())
         .await
         .unwrap();
     let request = keel_proto::log::v1::ProduceRequest::default();

@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use keel_proto::log::v1 as wire;
 use keel_proto::log::v1::log_client::LogClient;
 
-use crate::channel::{Channel, Target};
+use crate::channel::{Channel, Credentials, Target};
 
 /// How long [`Client::connect`] waits for the service to accept the connection.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -76,6 +76,7 @@ pub struct Client {
     producer: u64,
     sequence: u64,
     retry_for: Duration,
+    credentials: Credentials,
 }
 
 impl Clone for Client {
@@ -91,6 +92,7 @@ impl Clone for Client {
             producer: new_producer_id(),
             sequence: 0,
             retry_for: self.retry_for,
+            credentials: self.credentials.clone(),
         }
     }
 }
@@ -141,6 +143,15 @@ impl Client {
     /// [`ClientError::Address`] for an unusable address; [`ClientError::Connect`] when
     /// none answers.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Self::connect_with(addr, Credentials::default()).await
+    }
+
+    /// As [`Client::connect`], presenting `credentials` with every call.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::connect`].
+    pub async fn connect_with(addr: &str, credentials: Credentials) -> Result<Self, ClientError> {
         let addrs: Vec<String> = addr
             .split(',')
             .map(str::trim)
@@ -161,7 +172,7 @@ impl Client {
         }
         let mut last = None;
         for one in &addrs {
-            match Self::connect_one(one).await {
+            match Self::connect_one(one, &credentials).await {
                 Ok((target, channel)) => {
                     let mut client = Self {
                         addrs: addrs.clone(),
@@ -172,6 +183,7 @@ impl Client {
                         producer: new_producer_id(),
                         sequence: 0,
                         retry_for: DEFAULT_RETRY_FOR,
+                        credentials: credentials.clone(),
                     };
                     if addrs.len() > 1 {
                         // Best effort: a single node, or an older one, has no leader to find.
@@ -205,18 +217,25 @@ impl Client {
         self.producer
     }
 
-    async fn connect_one(addr: &str) -> Result<(Target, Channel), ClientError> {
+    async fn connect_one(
+        addr: &str,
+        credentials: &Credentials,
+    ) -> Result<(Target, Channel), ClientError> {
         let target = Target::parse(addr).map_err(|reason| ClientError::Address {
             addr: addr.to_owned(),
             reason,
         })?;
-        let channel = Self::dial(addr, &target).await?;
+        let channel = Self::dial(addr, &target, credentials).await?;
         Ok((target, channel))
     }
 
     // A host that drops packets must not hang the caller for the OS's minutes.
-    async fn dial(addr: &str, target: &Target) -> Result<Channel, ClientError> {
-        Channel::connect(target, CONNECT_TIMEOUT)
+    async fn dial(
+        addr: &str,
+        target: &Target,
+        credentials: &Credentials,
+    ) -> Result<Channel, ClientError> {
+        Channel::connect(target, CONNECT_TIMEOUT, credentials)
             .await
             .map_err(|source| ClientError::Connect {
                 addr: addr.to_owned(),
@@ -232,7 +251,7 @@ impl Client {
 
     /// Talks to `addr` from now on.
     async fn switch_to(&mut self, addr: &str) -> Result<(), ClientError> {
-        let (target, channel) = Self::connect_one(addr).await?;
+        let (target, channel) = Self::connect_one(addr, &self.credentials).await?;
         self.inner = Self::grpc_client(&target, channel.clone());
         self.addr = addr.to_owned();
         self.target = target;
@@ -284,7 +303,7 @@ impl Client {
     /// dials again.
     async fn ready(&mut self) -> Result<&mut LogClient<Channel>, ClientError> {
         if self.channel.is_closed() {
-            let channel = Self::dial(&self.addr, &self.target).await?;
+            let channel = Self::dial(&self.addr, &self.target, &self.credentials).await?;
             self.inner = Self::grpc_client(&self.target, channel.clone());
             self.channel = channel;
         }

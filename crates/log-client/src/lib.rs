@@ -21,7 +21,7 @@ mod channel;
 mod client;
 mod shipper;
 
-pub use channel::{Channel, ResponseBody};
+pub use channel::{Channel, Credentials, ResponseBody};
 pub use client::{Client, ClientError, DEFAULT_RETRY_FOR, new_producer_id};
 pub use shipper::{Shipper, ShipperStats};
 

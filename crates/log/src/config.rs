@@ -62,6 +62,10 @@ pub struct LogServiceConfig {
     /// How long shutdown waits for in-flight requests. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The ACL file (see `docs/security.md`): who may produce to, consume from and
+    /// manage which topics. None: everyone may do everything. Reloaded on `SIGHUP`
+    /// and when the file changes.
+    pub acl: Option<std::path::PathBuf>,
     /// Serving threads, each with its own connections on a single-threaded runtime.
     /// Default 0: one per core.
     pub workers: usize,
@@ -88,6 +92,7 @@ impl Default for LogServiceConfig {
             read_ahead_bytes: 1024 * 1024,
             read_ahead_total_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            acl: None,
             workers: 0,
             log: LogConfig::default(),
         }

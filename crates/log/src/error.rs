@@ -13,6 +13,9 @@ use keel_serve::http::{BodyError, ErrorBody};
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum LogServiceError {
+    /// The ACL refuses the request: no valid credentials, or not allowed.
+    #[error(transparent)]
+    Denied(#[from] keel_auth::Denied),
     /// The topic's log refused or failed the operation.
     #[error("topic {topic:?}: {source}")]
     Log {
@@ -133,6 +136,7 @@ impl LogServiceError {
             Self::BadRequest(_) => "bad_request",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::Overloaded { .. } => "overloaded",
+            Self::Denied(denied) => denied.code(),
             Self::TooManyTopics { .. } => "too_many_topics",
             Self::ShuttingDown => "shutting_down",
             Self::Unavailable(_) => "unavailable",
@@ -159,6 +163,8 @@ impl LogServiceError {
             Self::InvalidTopic { .. } | Self::BadRequest(_) => tonic::Code::InvalidArgument,
             Self::BodyTooLarge { .. } => tonic::Code::InvalidArgument,
             Self::Overloaded { .. } | Self::TooManyTopics { .. } => tonic::Code::ResourceExhausted,
+            Self::Denied(keel_auth::Denied::Unauthenticated(_)) => tonic::Code::Unauthenticated,
+            Self::Denied(keel_auth::Denied::Forbidden(_)) => tonic::Code::PermissionDenied,
             Self::ShuttingDown | Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::SequenceTooOld { .. } => tonic::Code::FailedPrecondition,
             Self::DamagedReplica { .. } => tonic::Code::DataLoss,
@@ -181,6 +187,7 @@ impl LogServiceError {
             Self::InvalidTopic { .. } | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Denied(denied) => denied.status(),
             Self::TooManyTopics { .. } => StatusCode::INSUFFICIENT_STORAGE,
             Self::ShuttingDown | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::SequenceTooOld { .. } => StatusCode::CONFLICT,

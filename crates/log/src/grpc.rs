@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::LogServiceError;
 use crate::tail::{TailSpec, spawn_tail};
 use crate::topics::Topics;
+use keel_auth::{Action, Authorizer, Principal, Resource};
 
 /// Produce requests one `ProduceStream` may have in flight (appended but not yet
 /// answered) before it stops reading more.
@@ -32,6 +33,8 @@ pub struct LogGrpc {
     shutdown: CancellationToken,
     /// A single node's address, for `GetServers`.
     local_addr: Option<String>,
+    /// Who may do what (everyone everything without an ACL).
+    auth: Arc<Authorizer>,
 }
 
 impl LogGrpc {
@@ -41,7 +44,34 @@ impl LogGrpc {
             topics,
             shutdown,
             local_addr: None,
+            auth: Authorizer::open_to_all(),
         }
+    }
+
+    /// Enforces `auth`'s ACL on every call.
+    #[must_use]
+    pub fn with_auth(mut self, auth: Arc<Authorizer>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The caller of `request`, refused unless it may do `action` to `topic` (the
+    /// default topic when empty).
+    fn allow<T>(
+        &self,
+        request: &Request<T>,
+        action: Action,
+        topic: &str,
+    ) -> Result<Principal, Status> {
+        let topic = match topic {
+            "" => self.topics.config().default_topic.as_str(),
+            topic => topic,
+        };
+        let headers = request.metadata().clone().into_headers();
+        Ok(self
+            .auth
+            .check(&headers, action, Resource::Topic(topic))
+            .map_err(LogServiceError::from)?)
     }
 
     /// Names `addr` as a single node's address in `GetServers`.
@@ -74,6 +104,7 @@ impl Log for LogGrpc {
         &self,
         request: Request<wire::ProduceRequest>,
     ) -> Result<Response<wire::ProduceResponse>, Status> {
+        self.allow(&request, Action::Produce, &request.get_ref().topic)?;
         let request = request.into_inner();
         let record = request
             .record
@@ -92,6 +123,7 @@ impl Log for LogGrpc {
         &self,
         request: Request<wire::ConsumeRequest>,
     ) -> Result<Response<wire::ConsumeResponse>, Status> {
+        self.allow(&request, Action::Consume, &request.get_ref().topic)?;
         let request = request.into_inner();
         if request.linearizable {
             self.topics.read_barrier().await?;
@@ -109,6 +141,7 @@ impl Log for LogGrpc {
         &self,
         request: Request<wire::ConsumeRequest>,
     ) -> Result<Response<Self::ConsumeStreamStream>, Status> {
+        self.allow(&request, Action::Consume, &request.get_ref().topic)?;
         let request = request.into_inner();
         let topic = self.topics.get(&request.topic)?;
         let spec = TailSpec {
@@ -132,9 +165,19 @@ impl Log for LogGrpc {
         &self,
         request: Request<Streaming<wire::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        // Who streams is known now; each request's topic is judged as it comes.
+        let headers = request.metadata().clone().into_headers();
+        let principal = self
+            .auth
+            .authenticate(&headers)
+            .map_err(LogServiceError::from)?;
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(pipeline(Arc::clone(&self.topics), requests, tx));
+        let caller = Caller {
+            auth: Arc::clone(&self.auth),
+            principal,
+        };
+        tokio::spawn(pipeline(Arc::clone(&self.topics), requests, tx, caller));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -142,6 +185,7 @@ impl Log for LogGrpc {
         &self,
         request: Request<wire::ProduceBatchRequest>,
     ) -> Result<Response<wire::ProduceBatchResponse>, Status> {
+        self.allow(&request, Action::Produce, &request.get_ref().topic)?;
         let request = request.into_inner();
         let tag = tag(request.producer_id, request.sequence);
         let offsets = self
@@ -160,6 +204,7 @@ impl Log for LogGrpc {
         &self,
         request: Request<wire::ConsumeBatchRequest>,
     ) -> Result<Response<Self::ConsumeBatchStreamStream>, Status> {
+        self.allow(&request, Action::Consume, &request.get_ref().topic)?;
         let request = request.into_inner();
         let topic = self.topics.get(&request.topic)?;
         let spec = TailSpec {
@@ -178,8 +223,10 @@ impl Log for LogGrpc {
 
     async fn list_topics(
         &self,
-        _request: Request<wire::ListTopicsRequest>,
+        request: Request<wire::ListTopicsRequest>,
     ) -> Result<Response<wire::ListTopicsResponse>, Status> {
+        // The names and sizes of every topic: consume on a pattern that matches `*`.
+        self.allow(&request, Action::Consume, "*")?;
         let topics = self
             .topics
             .list()
@@ -233,10 +280,17 @@ fn tag(producer_id: u64, sequence: u64) -> Option<crate::replica::ProducerSeq> {
 
 /// Runs one `ProduceStream`: appends each request as it arrives (many may wait for
 /// the same group commit) and answers them in order.
+/// Who streams, to judge each request of a stream by.
+struct Caller {
+    auth: Arc<Authorizer>,
+    principal: Principal,
+}
+
 async fn pipeline(
     topics: Arc<Topics>,
     mut requests: Streaming<wire::ProduceRequest>,
     tx: mpsc::Sender<Result<wire::ProduceResponse, Status>>,
+    caller: Caller,
 ) {
     let mut in_flight = FuturesOrdered::new();
     let mut input_open = true;
@@ -255,7 +309,7 @@ async fn pipeline(
             }
             next = requests.message(), if input_open && in_flight.len() < STREAM_IN_FLIGHT => {
                 match next {
-                    Ok(Some(request)) => match submit(&topics, request).await {
+                    Ok(Some(request)) => match submit(&topics, request, &caller).await {
                         Ok(offsets) => in_flight.push_back(offsets),
                         Err(err) => {
                             let _ = tx.send(Err(err.into())).await;
@@ -278,7 +332,15 @@ async fn pipeline(
 async fn submit(
     topics: &Topics,
     request: wire::ProduceRequest,
+    caller: &Caller,
 ) -> Result<crate::topics::Acked, LogServiceError> {
+    let topic = match request.topic.as_str() {
+        "" => topics.config().default_topic.as_str(),
+        topic => topic,
+    };
+    caller
+        .auth
+        .authorize(&caller.principal, Action::Produce, Resource::Topic(topic))?;
     let record = request
         .record
         .ok_or_else(|| LogServiceError::BadRequest("ProduceRequest.record is required".into()))?;

@@ -26,6 +26,7 @@ use crate::error::{LogServiceError, json_error};
 use crate::metrics::{ServiceFigures, render_metrics};
 use crate::tail::{TailSpec, spawn_tail};
 use crate::topics::Topics;
+use keel_auth::{Action, Authorizer, Resource};
 
 /// Records `GET /v1/topics/{topic}/records` returns when `max` is not given, and at most.
 const DEFAULT_RANGE_RECORDS: u64 = 100;
@@ -37,10 +38,33 @@ const LISTED_TEXT_MAX: usize = 64 * 1024;
 struct AppState {
     topics: Arc<Topics>,
     shutdown: CancellationToken,
+    auth: Arc<Authorizer>,
+}
+
+impl AppState {
+    /// Refused unless the caller may do `action` to `topic` (the default topic
+    /// when empty).
+    fn allow(
+        &self,
+        headers: &HeaderMap,
+        action: Action,
+        topic: &str,
+    ) -> Result<(), LogServiceError> {
+        let topic = match topic {
+            "" => self.topics.config().default_topic.as_str(),
+            topic => topic,
+        };
+        self.auth.check(headers, action, Resource::Topic(topic))?;
+        Ok(())
+    }
 }
 
 /// The HTTP routes.
-pub(crate) fn router(topics: Arc<Topics>, shutdown: CancellationToken) -> Router {
+pub(crate) fn router(
+    topics: Arc<Topics>,
+    shutdown: CancellationToken,
+    auth: Arc<Authorizer>,
+) -> Router {
     Router::new()
         .route("/", post(produce_original).get(consume_original))
         .route("/log", post(log_sink))
@@ -55,7 +79,11 @@ pub(crate) fn router(topics: Arc<Topics>, shutdown: CancellationToken) -> Router
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(AppState { topics, shutdown })
+        .with_state(AppState {
+            topics,
+            shutdown,
+            auth,
+        })
 }
 
 /// Answers an unknown route: JSON 404 for HTTP, `UNIMPLEMENTED` for gRPC.
@@ -195,8 +223,10 @@ struct ConsumeOriginal {
 /// `POST /`: `{"record":{"value":"<base64>"}}` -> `{"offset":N}` (default topic).
 async fn produce_original(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, LogServiceError> {
+    state.allow(&headers, Action::Produce, "")?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ProduceOriginal = parse_json(&body)?;
     let value = decode_value(request.record.value.as_deref().unwrap_or(""))?;
@@ -207,8 +237,10 @@ async fn produce_original(
 /// `GET /` with `{"offset":N}` -> `{"record":{"value":"<base64>","offset":N}}`.
 async fn consume_original(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, LogServiceError> {
+    state.allow(&headers, Action::Consume, "")?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ConsumeOriginal = parse_json(&body)?;
     let record = state.topics.get("")?.read(request.offset).await?;
@@ -219,7 +251,13 @@ async fn consume_original(
 }
 
 /// `POST /log`: a text line for the log-sink topic.
-async fn log_sink(State(state): State<AppState>, body: Body) -> Result<Response, LogServiceError> {
+async fn log_sink(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, LogServiceError> {
+    let sink = state.topics.config().log_sink_topic.clone();
+    state.allow(&headers, Action::Produce, &sink)?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let mut line = &body[..];
     while let [rest @ .., b'\n' | b'\r'] = line {
@@ -290,6 +328,7 @@ async fn produce_records(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, LogServiceError> {
+    state.allow(&headers, Action::Produce, &topic)?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let json = headers
         .get(header::CONTENT_TYPE)
@@ -328,9 +367,11 @@ fn parse_offset(name: &str, text: &str) -> Result<Offset, LogServiceError> {
 /// `GET /v1/topics/{topic}/records/{offset}`.
 async fn read_one(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path((topic, offset)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, LogServiceError> {
+    state.allow(&headers, Action::Consume, &topic)?;
     let offset = parse_offset("offset", &offset)?;
     consistency(&state, &query).await?;
     let record = state.topics.get(&topic)?.read(offset).await?;
@@ -356,9 +397,11 @@ async fn consistency(
 /// `GET /v1/topics/{topic}/records?from=N&max=M`.
 async fn read_range(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(topic): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, LogServiceError> {
+    state.allow(&headers, Action::Consume, &topic)?;
     consistency(&state, &query).await?;
     let topic = state.topics.get(&topic)?;
     let from = query
@@ -423,9 +466,11 @@ async fn read_range(
 /// `from` (default: the next offset, so only new records) on.
 async fn tail_sse(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(topic): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, LogServiceError> {
+    state.allow(&headers, Action::Consume, &topic)?;
     let topic = state.topics.get(&topic)?;
     let from = match query.get("from") {
         Some(from) => parse_offset("from", from)?,
@@ -478,7 +523,11 @@ async fn tail_sse(
 }
 
 /// `GET /v1/topics`.
-async fn list_topics(State(state): State<AppState>) -> Response {
+async fn list_topics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    // The names and sizes of every topic: consume on a pattern that matches `*`.
+    if let Err(err) = state.allow(&headers, Action::Consume, "*") {
+        return err.into_response();
+    }
     axum::Json(serde_json::json!({ "topics": state.topics.list() })).into_response()
 }
 
@@ -525,5 +574,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         failed_topics: state.topics.failed().len(),
         read_ahead_bytes: state.topics.read_ahead().held(),
     };
-    render_metrics(&state.topics.metrics(), &service).response()
+    let mut out = render_metrics(&state.topics.metrics(), &service);
+    state.auth.render(&mut out);
+    out.response()
 }

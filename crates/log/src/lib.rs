@@ -43,7 +43,7 @@ pub use keel_commitlog::{
     LogConfig, ParseError, RecoveryReport, Retention, SyncPolicy, Truncation, parse_size,
 };
 pub use keel_log_client::{
-    Channel, Client, ClientError, ResponseBody, Shipper, ShipperStats, TopicInfo,
+    Channel, Client, ClientError, Credentials, ResponseBody, Shipper, ShipperStats, TopicInfo,
 };
 pub use server::{serve, serve_node};
 pub use topic_name::{MAX_TOPIC_NAME, validate_topic_name};

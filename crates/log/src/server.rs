@@ -70,7 +70,15 @@ async fn serve_with(
         .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(std::io::Error::other)?;
-    let mut service = LogGrpc::new(Arc::clone(&topics), token.clone());
+    let auth = match &config.acl {
+        None => keel_auth::Authorizer::open_to_all(),
+        Some(file) => {
+            let auth = keel_auth::Authorizer::from_file(file).map_err(std::io::Error::other)?;
+            auth.watch();
+            auth
+        }
+    };
+    let mut service = LogGrpc::new(Arc::clone(&topics), token.clone()).with_auth(Arc::clone(&auth));
     if let Ok(addr) = listener.local_addr() {
         service = service.with_local_addr(addr.to_string());
     }
@@ -85,7 +93,7 @@ async fn serve_with(
         routes = routes.add_service(raft.into_server());
     }
     let grpc = routes.into_axum_router();
-    let app = http::router(Arc::clone(&topics), token.clone())
+    let app = http::router(Arc::clone(&topics), token.clone(), auth)
         .merge(grpc)
         .fallback(http::fallback);
 

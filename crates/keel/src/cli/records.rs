@@ -10,8 +10,18 @@ use keel_log::Client;
 
 use super::{ConsumeArgs, Format, ProduceArgs};
 
+/// What a client command presents: its token, if any.
+pub(super) fn credentials(token: Option<&str>) -> anyhow::Result<keel_log::Credentials> {
+    match token {
+        None => Ok(keel_log::Credentials::default()),
+        Some(token) => {
+            keel_log::Credentials::bearer(token).map_err(|why| anyhow::anyhow!("--token: {why}"))
+        }
+    }
+}
+
 pub(super) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
-    let mut client = Client::connect(&args.addr).await?;
+    let mut client = Client::connect_with(&args.addr, credentials(args.token.as_deref())?).await?;
     if !args.values.is_empty() {
         let values: Vec<Bytes> = args.values.into_iter().map(Bytes::from).collect();
         let offsets = client.produce_batch(&args.topic, values).await?;
@@ -74,7 +84,7 @@ pub(super) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
 }
 
 pub(super) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
-    let mut client = Client::connect(&args.addr).await?;
+    let mut client = Client::connect_with(&args.addr, credentials(args.token.as_deref())?).await?;
     let mut stream = client
         .subscribe(&args.topic, args.from, args.follow, 0)
         .await?;

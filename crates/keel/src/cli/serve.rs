@@ -184,6 +184,9 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
     if let Some(workers) = args.workers {
         config.workers = workers;
     }
+    if let Some(acl) = &args.acl {
+        config.acl = Some(acl.clone());
+    }
     if let Err(err) = config.validate() {
         bail!("{err}");
     }

@@ -251,3 +251,79 @@ fn gateway_serve_should_validate_its_flags_and_stop_cleanly() {
     served.signal("INT");
     assert_eq!(served.wait(Duration::from_secs(15)).code(), Some(0));
 }
+
+/// `keel token create --acl` adds a token the running service picks up; the
+/// client commands call with `--token`, and without one they are refused, naming
+/// why.
+#[test]
+fn issue_19_a_created_token_should_let_its_principal_produce_and_no_one_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl.toml");
+    std::fs::write(
+        &acl,
+        "[[allow]]\nprincipals = [\"writer\"]\ntopics = [\"cli\"]\nactions = [\"produce\", \"consume\"]\n",
+    )
+    .unwrap();
+    let served = Served::start(dir.path(), &["--acl", acl.to_str().unwrap()]);
+    let refused = keel(&["produce", "--addr", &served.addr, "-t", "cli", "one"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.to_lowercase().contains("credentials"), "{stderr}");
+
+    let created = keel(&["token", "create", "writer", "--acl", acl.to_str().unwrap()]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let token = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    assert!(token.starts_with("keel_"), "{token}");
+    assert!(
+        !std::fs::read_to_string(&acl).unwrap().contains(&token),
+        "the token itself is never stored"
+    );
+    // The service picks the new entry up within a second or so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = keel(&[
+            "produce",
+            "--addr",
+            &served.addr,
+            "-t",
+            "cli",
+            "--token",
+            &token,
+            "one",
+        ]);
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = keel(&[
+        "consume",
+        "--addr",
+        &served.addr,
+        "-t",
+        "cli",
+        "--token",
+        &token,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\n");
+    let wrong = keel(&[
+        "consume",
+        "--addr",
+        &served.addr,
+        "-t",
+        "cli",
+        "--token",
+        "keel_guessed",
+    ]);
+    assert!(!wrong.status.success());
+}

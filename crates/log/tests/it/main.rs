@@ -6,4 +6,5 @@ mod cluster;
 mod compat;
 mod grpc;
 mod http;
+mod security;
 mod support;
