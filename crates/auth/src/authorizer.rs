@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use crate::acl::{Acl, AclError, Action, Principal, Resource};
+use keel_serve::tls::PeerPrincipal;
+
+use crate::acl::{ANONYMOUS, Acl, AclError, Action, Principal, Resource};
 use crate::targets::AllowTargets;
 
 /// How often the ACL file is looked at for a change.
@@ -134,20 +136,29 @@ impl Authorizer {
         tokio::spawn(watch(this));
     }
 
-    /// The caller named by `headers` (`Authorization: Bearer <token>`), or
-    /// [`Principal::Anonymous`] without one. Without an ACL, every caller is
-    /// anonymous.
+    /// The caller: named by its token (`Authorization: Bearer <token>` in
+    /// `headers`), else by its verified client certificate (`peer`), else
+    /// [`Principal::Anonymous`]. Without an ACL, every caller is anonymous.
     ///
     /// # Errors
     ///
     /// [`Denied::Unauthenticated`] for a token the ACL does not list (unknown or
     /// revoked) or a malformed `Authorization` header.
-    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, Denied> {
+    pub fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        peer: Option<&PeerPrincipal>,
+    ) -> Result<Principal, Denied> {
         if !self.enforcing() {
             return Ok(Principal::Anonymous);
         }
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Ok(Principal::Anonymous);
+            return Ok(match peer {
+                Some(PeerPrincipal(name)) if **name != *ANONYMOUS => {
+                    Principal::Named(name.to_string())
+                }
+                _ => Principal::Anonymous,
+            });
         };
         let token = value
             .to_str()
@@ -214,10 +225,11 @@ impl Authorizer {
     pub fn check(
         &self,
         headers: &http::HeaderMap,
+        peer: Option<&PeerPrincipal>,
         action: Action,
         resource: Resource<'_>,
     ) -> Result<Principal, Denied> {
-        let principal = self.authenticate(headers)?;
+        let principal = self.authenticate(headers, peer)?;
         self.authorize(&principal, action, resource)?;
         Ok(principal)
     }
@@ -338,17 +350,17 @@ mod tests {
         let authorizer = Authorizer::from_file(&acl_file(dir.path(), "alice")).expect("an ACL");
         let logs = Resource::Topic("logs");
         assert_eq!(
-            authorizer.check(&bearer("secret-token"), Action::Produce, logs),
+            authorizer.check(&bearer("secret-token"), None, Action::Produce, logs),
             Ok(Principal::Named("alice".into()))
         );
-        let denied = authorizer.check(&bearer("secret-token"), Action::Consume, logs);
+        let denied = authorizer.check(&bearer("secret-token"), None, Action::Consume, logs);
         assert!(matches!(denied, Err(Denied::Forbidden(_))), "{denied:?}");
-        let unknown = authorizer.check(&bearer("guessed"), Action::Produce, logs);
+        let unknown = authorizer.check(&bearer("guessed"), None, Action::Produce, logs);
         assert!(
             matches!(unknown, Err(Denied::Unauthenticated(_))),
             "{unknown:?}"
         );
-        let anonymous = authorizer.check(&http::HeaderMap::new(), Action::Produce, logs);
+        let anonymous = authorizer.check(&http::HeaderMap::new(), None, Action::Produce, logs);
         assert!(
             matches!(anonymous, Err(Denied::Unauthenticated(_))),
             "{anonymous:?}"
@@ -358,7 +370,7 @@ mod tests {
             http::header::AUTHORIZATION,
             "Basic eDp5".parse().expect("a header"),
         );
-        let malformed = authorizer.check(&basic, Action::Produce, logs);
+        let malformed = authorizer.check(&basic, None, Action::Produce, logs);
         assert!(
             matches!(malformed, Err(Denied::Unauthenticated(_))),
             "{malformed:?}"
@@ -381,7 +393,7 @@ mod tests {
     fn without_an_acl_every_caller_should_be_allowed() {
         let open = Authorizer::open_to_all();
         assert_eq!(
-            open.check(&bearer("anything"), Action::Admin, Resource::Cluster),
+            open.check(&bearer("anything"), None, Action::Admin, Resource::Cluster),
             Ok(Principal::Anonymous)
         );
     }
@@ -393,7 +405,7 @@ mod tests {
         let authorizer = Authorizer::from_file(&file).expect("an ACL");
         authorizer.watch();
         let token = bearer("secret-token");
-        let principal = |authorizer: &Authorizer| authorizer.authenticate(&token).ok();
+        let principal = |authorizer: &Authorizer| authorizer.authenticate(&token, None).ok();
         // Another principal for the same token; a different length, so that the
         // change shows even where modification times are coarse.
         acl_file(dir.path(), "bob-the-builder");

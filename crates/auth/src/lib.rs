@@ -17,6 +17,8 @@
 mod acl;
 mod authorizer;
 mod glob;
+#[cfg(feature = "mint")]
+pub mod mint;
 pub mod signature;
 pub mod targets;
 pub mod token;

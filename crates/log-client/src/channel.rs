@@ -51,6 +51,11 @@ const SEND_BUFFER: usize = 1024 * 1024;
 pub(crate) struct Target {
     pub(crate) origin: Uri,
     pub(crate) authority: String,
+    /// The host, as the server's certificate must name it.
+    host: String,
+    /// TLS as the address says (`https://`: yes, `http://`: no), or, for a bare
+    /// `host:port`, as the credentials say.
+    pub(crate) tls: Option<bool>,
 }
 
 impl Target {
@@ -61,17 +66,16 @@ impl Target {
         Uri::from_parts(parts).unwrap_or_else(|_| self.origin.clone())
     }
 
-    /// Parses `host:port` or an `http://host:port` URL (port 80 when none is given).
+    /// Parses `host:port`, or an `http://host:port` or `https://host:port` URL (port
+    /// 80 or 443 when none is given).
     pub(crate) fn parse(addr: &str) -> Result<Self, String> {
-        let url = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
+        let (url, tls) = match addr.split_once("://") {
+            Some(("http", _)) => (addr.to_owned(), Some(false)),
+            Some(("https", rest)) => (format!("http://{rest}"), Some(true)),
+            Some(_) => return Err("only http:// and https:// are supported".to_owned()),
+            None => (format!("http://{addr}"), None),
         };
         let uri: Uri = url.parse().map_err(|err| format!("{err}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err("only http:// is supported".to_owned());
-        }
         let authority = uri
             .authority()
             .ok_or_else(|| "no host given".to_owned())?
@@ -82,7 +86,9 @@ impl Target {
                 uri.path()
             ));
         }
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority
+            .port_u16()
+            .unwrap_or(if tls == Some(true) { 443 } else { 80 });
         let origin = Uri::builder()
             .scheme("http")
             .authority(authority.as_str())
@@ -92,6 +98,8 @@ impl Target {
         Ok(Self {
             origin,
             authority: format!("{}:{port}", authority.host()),
+            host: authority.host().trim_matches(['[', ']']).to_owned(),
+            tls,
         })
     }
 }
@@ -101,6 +109,8 @@ impl Target {
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     authorization: Option<http::HeaderValue>,
+    /// TLS: the CA to trust and, for mutual TLS, the client's certificate.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Credentials {
@@ -116,7 +126,16 @@ impl Credentials {
         value.set_sensitive(true);
         Ok(Self {
             authorization: Some(value),
+            tls: None,
         })
+    }
+
+    /// Connects with TLS, as `config` says (its ALPN must offer `h2`): to `https://`
+    /// addresses and to bare `host:port` ones.
+    #[must_use]
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 }
 
@@ -145,36 +164,39 @@ impl Channel {
         timeout: Duration,
         credentials: &Credentials,
     ) -> std::io::Result<Self> {
+        let closed = Arc::new(AtomicBool::new(false));
         let connecting = async {
             let tcp = tokio::net::TcpStream::connect(&target.authority).await?;
             tcp.set_nodelay(true)?;
-            h2::client::Builder::new()
-                .enable_push(false)
-                .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_send_buffer_size(SEND_BUFFER)
-                .handshake::<_, Bytes>(tcp)
-                .await
-                .map_err(std::io::Error::other)
-        };
-        let (send, connection) =
-            tokio::time::timeout(timeout, connecting)
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no HTTP/2 connection within {timeout:?}"),
-                    )
-                })??;
-        let closed = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&closed);
-        let authority = target.authority.clone();
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%authority, error = %err, "log service connection ended");
+            let tls = match (target.tls, &credentials.tls) {
+                (Some(false), _) | (None, None) => None,
+                (_, Some(config)) => Some(Arc::clone(config)),
+                (Some(true), None) => {
+                    return Err(std::io::Error::other(
+                        "an https:// address needs the CA to trust (--ca)",
+                    ));
+                }
+            };
+            match tls {
+                None => handshake(tcp, &target.authority, &closed).await,
+                Some(config) => {
+                    let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+                        .map_err(std::io::Error::other)?;
+                    let stream = tokio_rustls::TlsConnector::from(config)
+                        .connect(name, tcp)
+                        .await?;
+                    handshake(stream, &target.authority, &closed).await
+                }
             }
-            flag.store(true, Ordering::Release);
-        });
+        };
+        let send = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no HTTP/2 connection within {timeout:?}"),
+                )
+            })??;
         Ok(Self {
             send,
             closed,
@@ -186,6 +208,35 @@ impl Channel {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
+}
+
+/// The HTTP/2 handshake on `io`; the connection is driven by a task of its own,
+/// which sets `closed` when it ends.
+async fn handshake<IO>(
+    io: IO,
+    authority: &str,
+    closed: &Arc<AtomicBool>,
+) -> std::io::Result<SendRequest<Bytes>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(SEND_BUFFER)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(std::io::Error::other)?;
+    let flag = Arc::clone(closed);
+    let authority = authority.to_owned();
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(%authority, error = %err, "log service connection ended");
+        }
+        flag.store(true, Ordering::Release);
+    });
+    Ok(send)
 }
 
 /// The longest unary response accepted: a consume answer carries at most one record,

@@ -141,10 +141,13 @@ fn method_uris_should_be_absolute() {
 #[test]
 fn targets_should_refuse_other_schemes_and_paths() {
     assert!(
-        Target::parse("https://localhost:1")
+        Target::parse("ftp://localhost:1")
             .unwrap_err()
             .contains("http://")
     );
+    let tls = Target::parse("https://localhost").unwrap();
+    assert_eq!((tls.authority.as_str(), tls.tls), ("localhost:443", Some(true)));
+    assert_eq!(Target::parse("localhost:9").unwrap().tls, None);
     assert!(
         Target::parse("http://localhost:1/v1")
             .unwrap_err()

@@ -62,6 +62,9 @@ pub struct LogServiceConfig {
     /// How long shutdown waits for in-flight requests. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Serve TLS only, with this certificate and key (and, with `client_ca`, verify
+    /// client certificates, which name principals). None: plain HTTP and gRPC.
+    pub tls: Option<keel_serve::tls::ServerTlsFiles>,
     /// The ACL file (see `docs/security.md`): who may produce to, consume from and
     /// manage which topics. None: everyone may do everything. Reloaded on `SIGHUP`
     /// and when the file changes.
@@ -92,6 +95,7 @@ impl Default for LogServiceConfig {
             read_ahead_bytes: 1024 * 1024,
             read_ahead_total_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
             acl: None,
             workers: 0,
             log: LogConfig::default(),

@@ -17,6 +17,7 @@ use crate::error::LogServiceError;
 use crate::tail::{TailSpec, spawn_tail};
 use crate::topics::Topics;
 use keel_auth::{Action, Authorizer, Principal, Resource};
+use keel_serve::tls::PeerPrincipal;
 
 /// Produce requests one `ProduceStream` may have in flight (appended but not yet
 /// answered) before it stops reading more.
@@ -68,9 +69,10 @@ impl LogGrpc {
             topic => topic,
         };
         let headers = request.metadata().clone().into_headers();
+        let peer = request.extensions().get::<PeerPrincipal>();
         Ok(self
             .auth
-            .check(&headers, action, Resource::Topic(topic))
+            .check(&headers, peer, action, Resource::Topic(topic))
             .map_err(LogServiceError::from)?)
     }
 
@@ -167,9 +169,10 @@ impl Log for LogGrpc {
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         // Who streams is known now; each request's topic is judged as it comes.
         let headers = request.metadata().clone().into_headers();
+        let peer = request.extensions().get::<PeerPrincipal>();
         let principal = self
             .auth
-            .authenticate(&headers)
+            .authenticate(&headers, peer)
             .map_err(LogServiceError::from)?;
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);

@@ -26,7 +26,12 @@ use crate::error::{LogServiceError, json_error};
 use crate::metrics::{ServiceFigures, render_metrics};
 use crate::tail::{TailSpec, spawn_tail};
 use crate::topics::Topics;
+use axum::Extension;
 use keel_auth::{Action, Authorizer, Resource};
+use keel_serve::tls::PeerPrincipal;
+
+/// A verified client certificate's principal, when the connection has one.
+type Peer = Option<Extension<PeerPrincipal>>;
 
 /// Records `GET /v1/topics/{topic}/records` returns when `max` is not given, and at most.
 const DEFAULT_RANGE_RECORDS: u64 = 100;
@@ -46,7 +51,7 @@ impl AppState {
     /// when empty).
     fn allow(
         &self,
-        headers: &HeaderMap,
+        (headers, peer): (&HeaderMap, &Peer),
         action: Action,
         topic: &str,
     ) -> Result<(), LogServiceError> {
@@ -54,7 +59,9 @@ impl AppState {
             "" => self.topics.config().default_topic.as_str(),
             topic => topic,
         };
-        self.auth.check(headers, action, Resource::Topic(topic))?;
+        let peer = peer.as_ref().map(|Extension(peer)| peer);
+        self.auth
+            .check(headers, peer, action, Resource::Topic(topic))?;
         Ok(())
     }
 }
@@ -224,9 +231,10 @@ struct ConsumeOriginal {
 async fn produce_original(
     State(state): State<AppState>,
     headers: HeaderMap,
+    peer: Peer,
     body: Body,
 ) -> Result<Response, LogServiceError> {
-    state.allow(&headers, Action::Produce, "")?;
+    state.allow((&headers, &peer), Action::Produce, "")?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ProduceOriginal = parse_json(&body)?;
     let value = decode_value(request.record.value.as_deref().unwrap_or(""))?;
@@ -238,9 +246,10 @@ async fn produce_original(
 async fn consume_original(
     State(state): State<AppState>,
     headers: HeaderMap,
+    peer: Peer,
     body: Body,
 ) -> Result<Response, LogServiceError> {
-    state.allow(&headers, Action::Consume, "")?;
+    state.allow((&headers, &peer), Action::Consume, "")?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ConsumeOriginal = parse_json(&body)?;
     let record = state.topics.get("")?.read(request.offset).await?;
@@ -254,10 +263,11 @@ async fn consume_original(
 async fn log_sink(
     State(state): State<AppState>,
     headers: HeaderMap,
+    peer: Peer,
     body: Body,
 ) -> Result<Response, LogServiceError> {
     let sink = state.topics.config().log_sink_topic.clone();
-    state.allow(&headers, Action::Produce, &sink)?;
+    state.allow((&headers, &peer), Action::Produce, &sink)?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let mut line = &body[..];
     while let [rest @ .., b'\n' | b'\r'] = line {
@@ -326,9 +336,10 @@ async fn produce_records(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     headers: HeaderMap,
+    peer: Peer,
     body: Body,
 ) -> Result<Response, LogServiceError> {
-    state.allow(&headers, Action::Produce, &topic)?;
+    state.allow((&headers, &peer), Action::Produce, &topic)?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let json = headers
         .get(header::CONTENT_TYPE)
@@ -368,10 +379,11 @@ fn parse_offset(name: &str, text: &str) -> Result<Offset, LogServiceError> {
 async fn read_one(
     State(state): State<AppState>,
     headers: HeaderMap,
+    peer: Peer,
     Path((topic, offset)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, LogServiceError> {
-    state.allow(&headers, Action::Consume, &topic)?;
+    state.allow((&headers, &peer), Action::Consume, &topic)?;
     let offset = parse_offset("offset", &offset)?;
     consistency(&state, &query).await?;
     let record = state.topics.get(&topic)?.read(offset).await?;
@@ -398,10 +410,11 @@ async fn consistency(
 async fn read_range(
     State(state): State<AppState>,
     headers: HeaderMap,
+    peer: Peer,
     Path(topic): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, LogServiceError> {
-    state.allow(&headers, Action::Consume, &topic)?;
+    state.allow((&headers, &peer), Action::Consume, &topic)?;
     consistency(&state, &query).await?;
     let topic = state.topics.get(&topic)?;
     let from = query
@@ -467,10 +480,11 @@ async fn read_range(
 async fn tail_sse(
     State(state): State<AppState>,
     headers: HeaderMap,
+    peer: Peer,
     Path(topic): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, LogServiceError> {
-    state.allow(&headers, Action::Consume, &topic)?;
+    state.allow((&headers, &peer), Action::Consume, &topic)?;
     let topic = state.topics.get(&topic)?;
     let from = match query.get("from") {
         Some(from) => parse_offset("from", from)?,
@@ -523,9 +537,9 @@ async fn tail_sse(
 }
 
 /// `GET /v1/topics`.
-async fn list_topics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn list_topics(State(state): State<AppState>, headers: HeaderMap, peer: Peer) -> Response {
     // The names and sizes of every topic: consume on a pattern that matches `*`.
-    if let Err(err) = state.allow(&headers, Action::Consume, "*") {
+    if let Err(err) = state.allow((&headers, &peer), Action::Consume, "*") {
         return err.into_response();
     }
     axum::Json(serde_json::json!({ "topics": state.topics.list() })).into_response()

@@ -110,7 +110,14 @@ async fn serve_with(
         shed: Arc::default(),
         name: "keel-log".into(),
     };
+    let tls = config
+        .tls
+        .as_ref()
+        .map(keel_serve::tls::server_config)
+        .transpose()
+        .map_err(std::io::Error::other)?;
     let limits = keel_serve::AppLimits {
+        tls,
         header_timeout: config.header_timeout,
         // The acceptor holds the connection limit for every serving thread.
         max_connections: None,
@@ -118,7 +125,7 @@ async fn serve_with(
     let grace = config.shutdown_grace;
     let stop = token.clone();
     let serving = keel_serve::serve(listener, options, token.clone(), move |_, handed| {
-        serve_thread(handed, app.clone(), limits, stop.clone(), grace)
+        serve_thread(handed, app.clone(), limits.clone(), stop.clone(), grace)
     });
     let served = keel_serve::http::serve_until(serving, shutdown, async || {
         tracing::info!("shutting down: no new connections, finishing in-flight requests");

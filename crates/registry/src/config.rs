@@ -63,6 +63,9 @@ pub struct RegistryConfig {
     /// (`host:port`), health checks and notifications together; 0: no limit.
     /// Default 20.
     pub max_requests_per_target: u32,
+    /// Serve TLS only, with this certificate and key (and, with `client_ca`, verify
+    /// client certificates, which name principals). None: plain HTTP.
+    pub tls: Option<keel_serve::tls::ServerTlsFiles>,
     /// The ACL file (see `docs/security.md`): who may register, deregister and read
     /// which services. None: everyone may do everything. Reloaded on `SIGHUP` and
     /// when the file changes.
@@ -114,6 +117,7 @@ impl Default for RegistryConfig {
             max_watch_wait: Duration::from_secs(300),
             allow_targets: None,
             max_requests_per_target: 20,
+            tls: None,
             acl: None,
         }
     }

@@ -27,7 +27,9 @@ use crate::registration::{Registration, parse_identity, validate_service_name};
 use crate::registry::{Registry, now_ms};
 use crate::state::{Claim, Command, Health};
 
+use axum::Extension;
 use keel_auth::{Action, Authorizer, Principal, Resource};
+use keel_serve::tls::PeerPrincipal;
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -185,6 +187,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 128;
 async fn register(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
+    peer: Peer,
     body: Body,
 ) -> Response {
     let request = match idempotency_key(&headers) {
@@ -200,7 +203,12 @@ async fn register(
         Err(err) => return err.into_response(),
     };
     let name = registration.name.clone();
-    let principal = match allowed(&state, &headers, Action::Register, Resource::Service(&name)) {
+    let principal = match allowed(
+        &state,
+        (&headers, &peer),
+        Action::Register,
+        Resource::Service(&name),
+    ) {
         Ok(principal) => principal,
         Err(err) => return err.into_response(),
     };
@@ -235,12 +243,16 @@ async fn register(
 /// The caller, if the ACL lets it do `action` to `resource`; the refusal otherwise.
 fn allowed(
     state: &AppState,
-    headers: &axum::http::HeaderMap,
+    (headers, peer): (&axum::http::HeaderMap, &Peer),
     action: Action,
     resource: Resource<'_>,
 ) -> Result<Principal, RegistryError> {
-    Ok(state.auth.check(headers, action, resource)?)
+    let peer = peer.as_ref().map(|Extension(peer)| peer);
+    Ok(state.auth.check(headers, peer, action, resource)?)
 }
+
+/// A verified client certificate's principal, when the connection has one.
+type Peer = Option<Extension<PeerPrincipal>>;
 
 /// What the state machine needs to judge `principal`'s change to an instance of
 /// `service`, with a fresh secret for a new instance.
@@ -296,6 +308,7 @@ async fn allowed_targets(
 async fn deregister(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
+    peer: Peer,
     body: Body,
 ) -> Response {
     let body = match read_body(body, state.config.max_body_bytes).await {
@@ -303,7 +316,7 @@ async fn deregister(
         Err(response) => return response,
     };
     match parse_identity(&body) {
-        Ok((name, id)) => remove(&state, &headers, name, id).await,
+        Ok((name, id)) => remove(&state, (&headers, &peer), name, id).await,
         Err(err) => err.into_response(),
     }
 }
@@ -311,14 +324,15 @@ async fn deregister(
 async fn deregister_by_path(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
+    peer: Peer,
     Path((name, id)): Path<(String, String)>,
 ) -> Response {
-    remove(&state, &headers, name, id).await
+    remove(&state, (&headers, &peer), name, id).await
 }
 
 async fn remove(
     state: &AppState,
-    headers: &axum::http::HeaderMap,
+    (headers, peer): (&axum::http::HeaderMap, &Peer),
     name: String,
     id: String,
 ) -> Response {
@@ -326,8 +340,13 @@ async fn remove(
         Ok(request) => request,
         Err(err) => return err.into_response(),
     };
-    let claim = allowed(state, headers, Action::Deregister, Resource::Service(&name))
-        .and_then(|principal| claim(state, &principal, &name));
+    let claim = allowed(
+        state,
+        (headers, peer),
+        Action::Deregister,
+        Resource::Service(&name),
+    )
+    .and_then(|principal| claim(state, &principal, &name));
     let claim = match claim {
         Ok(claim) => claim,
         Err(err) => return err.into_response(),
@@ -353,11 +372,17 @@ async fn remove(
 async fn heartbeat(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
+    peer: Peer,
     Path((name, id)): Path<(String, String)>,
 ) -> Response {
     // Keeping an instance alive is its registrant's to do.
-    let claim = allowed(&state, &headers, Action::Register, Resource::Service(&name))
-        .and_then(|principal| claim(&state, &principal, &name));
+    let claim = allowed(
+        &state,
+        (&headers, &peer),
+        Action::Register,
+        Resource::Service(&name),
+    )
+    .and_then(|principal| claim(&state, &principal, &name));
     let claim = match claim {
         Ok(claim) => claim,
         Err(err) => return err.into_response(),
@@ -415,9 +440,10 @@ const EVERY_SERVICE: Resource<'static> = Resource::Service("*");
 async fn list_all(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
+    peer: Peer,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(err) = allowed(&state, &headers, Action::Read, EVERY_SERVICE) {
+    if let Err(err) = allowed(&state, (&headers, &peer), Action::Read, EVERY_SERVICE) {
         return err.into_response();
     }
     if let Err(response) = consistent_if_asked(&state, &query).await {
@@ -435,13 +461,19 @@ fn everything(state: &AppState) -> Response {
 async fn list_service(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
+    peer: Peer,
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     if let Err(err) = validate_service_name(name.clone(), "name") {
         return err.into_response();
     }
-    if let Err(err) = allowed(&state, &headers, Action::Read, Resource::Service(&name)) {
+    if let Err(err) = allowed(
+        &state,
+        (&headers, &peer),
+        Action::Read,
+        Resource::Service(&name),
+    ) {
         return err.into_response();
     }
     if let Err(response) = consistent_if_asked(&state, &query).await {
@@ -457,9 +489,10 @@ async fn list_service(
 async fn watch(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
+    peer: Peer,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(err) = allowed(&state, &headers, Action::Read, EVERY_SERVICE) {
+    if let Err(err) = allowed(&state, (&headers, &peer), Action::Read, EVERY_SERVICE) {
         return err.into_response();
     }
     let after: u64 = match query.get("index").map(|v| v.parse()) {
@@ -509,8 +542,12 @@ async fn watch(
 }
 
 /// `GET /v1/watch/stream`: Server-Sent Events, one per availability change.
-async fn watch_stream(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
-    if let Err(err) = allowed(&state, &headers, Action::Read, EVERY_SERVICE) {
+async fn watch_stream(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    peer: Peer,
+) -> Response {
+    if let Err(err) = allowed(&state, (&headers, &peer), Action::Read, EVERY_SERVICE) {
         return err.into_response();
     }
     let changes = BroadcastStream::new(state.registry.subscribe()).map(|change| {

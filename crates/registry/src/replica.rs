@@ -333,6 +333,8 @@ pub struct RegistryNode {
     pub(crate) client: reqwest::Client,
     /// Who may do what.
     pub(crate) auth: Arc<keel_auth::Authorizer>,
+    /// The listener's TLS, if any.
+    pub(crate) tls: Option<Arc<keel_serve::tls::ServerConfig>>,
 }
 
 /// Starts registry node `options.node_id` with its Raft state under `data_dir`:
@@ -350,6 +352,7 @@ pub async fn start(
 ) -> Result<RegistryNode> {
     let (registry, client) = crate::server::build(config)?;
     let auth = crate::server::authorizer(config)?;
+    let tls = crate::server::tls(config)?;
     let opened = Arc::clone(&registry);
     let node = RaftNode::start(
         options.node_id,
@@ -383,6 +386,7 @@ pub async fn start(
         raft: node,
         client,
         auth,
+        tls,
     })
 }
 

@@ -61,6 +61,7 @@ pub async fn run(
 ) -> Result<(), RegistryError> {
     let (registry, client) = build(&config)?;
     let auth = authorizer(&config)?;
+    let tls = tls(&config)?;
     serve(
         listener,
         config,
@@ -68,6 +69,7 @@ pub async fn run(
             registry,
             client,
             auth,
+            tls,
             raft: None,
         },
         shutdown,
@@ -90,11 +92,24 @@ pub(crate) fn authorizer(
     })
 }
 
+/// The TLS config of `config`'s certificate, if it has one.
+pub(crate) fn tls(
+    config: &RegistryConfig,
+) -> Result<Option<Arc<keel_serve::tls::ServerConfig>>, RegistryError> {
+    config
+        .tls
+        .as_ref()
+        .map(keel_serve::tls::server_config)
+        .transpose()
+        .map_err(|err| keel_serve::InvalidConfig::new("tls", err.to_string()).into())
+}
+
 /// What a registry serves with.
 struct Parts {
     registry: Arc<Registry>,
     client: reqwest::Client,
     auth: Arc<keel_auth::Authorizer>,
+    tls: Option<Arc<keel_serve::tls::ServerConfig>>,
     raft: Option<keel_raft::RaftService>,
 }
 
@@ -116,6 +131,7 @@ pub async fn run_node(
             registry: node.registry,
             client: node.client,
             auth: node.auth,
+            tls: node.tls,
             raft: Some(node.raft.service),
         },
         shutdown,
@@ -136,6 +152,7 @@ async fn serve(
         registry,
         client,
         auth,
+        tls,
         raft,
     } = parts;
     let checks = Arc::new(CheckStats::default());
@@ -148,6 +165,7 @@ async fn serve(
         token.clone(),
     ));
     let limits = keel_serve::AppLimits {
+        tls,
         header_timeout: config.header_timeout,
         // Each check may hold an outbound connection beside the served ones.
         max_connections: Some(keel_serve::connections_within_fd_limit(

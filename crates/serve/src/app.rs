@@ -3,7 +3,9 @@
 //! `header_read_timeout`, which needs a timer), the same deadline for a connection's
 //! first byte (hyper waits for it without one, to tell HTTP/1.1 from HTTP/2) and,
 //! optionally, a cap on open connections. HTTP/1.1 and HTTP/2 (gRPC) share the
-//! listener.
+//! listener. With TLS, each connection's handshake runs on its own task under the
+//! same deadline, and a verified client certificate's principal is set on every
+//! request of the connection ([`crate::tls::PeerPrincipal`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,8 +23,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The limits [`serve_app`] applies to each connection.
-#[derive(Debug, Clone, Copy)]
+use crate::tls::PeerPrincipal;
+
+/// The limits [`serve_app`] applies to each connection, and its TLS.
+#[derive(Debug, Clone)]
 pub struct AppLimits {
     /// How long an HTTP/1.1 request head may take to arrive before the connection is
     /// closed: a client that opens connections and sends half a head cannot hold them.
@@ -31,6 +35,8 @@ pub struct AppLimits {
     /// one closes. `None`: no limit (the listener may have one of its own, as
     /// [`crate::serve`] does).
     pub max_connections: Option<usize>,
+    /// Speak TLS only, with this config (see [`crate::tls::server_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Serves `app` on the connections `listener` yields until `stop` is cancelled; then
@@ -66,27 +72,41 @@ where
             () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let service = TowerToHyperService::new(app.clone());
-        let builder = builder.clone();
-        let stop = stop.clone();
-        let header_timeout = limits.header_timeout;
+        let app = app.clone();
+        let served = Served {
+            builder: builder.clone(),
+            stop: stop.clone(),
+            header_timeout: limits.header_timeout,
+        };
+        let tls = limits.tls.clone();
         connections.spawn(async move {
-            let (io, heard) = Heard::new(io);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            let mut connection = std::pin::pin!(connection);
-            // A client that sends nothing at all is dropped at the header deadline.
-            let silent = async {
-                tokio::time::sleep(header_timeout).await;
-                if heard.load(Ordering::Acquire) {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = silent => {}
-                () = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+            match tls {
+                None => served.run(io, app).await,
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    let handshake =
+                        tokio::time::timeout(served.header_timeout, acceptor.accept(io)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            let peer = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(<[_]>::first)
+                                .and_then(crate::tls::principal_of);
+                            match peer {
+                                Some(name) => {
+                                    let peer = PeerPrincipal(Arc::from(name));
+                                    served.run(stream, app.layer(axum::Extension(peer))).await;
+                                }
+                                None => served.run(stream, app).await,
+                            }
+                        }
+                        Ok(Err(err)) => tracing::debug!(error = %err, "TLS handshake failed"),
+                        Err(_) => {
+                            tracing::debug!("TLS handshake not done within the header deadline")
+                        }
+                    }
                 }
             }
             drop(slot);
@@ -94,6 +114,45 @@ where
     }
     connections.close();
     connections.wait().await;
+}
+
+/// What serving one connection needs besides the connection and the app.
+struct Served {
+    builder: auto::Builder<TokioExecutor>,
+    stop: CancellationToken,
+    header_timeout: Duration,
+}
+
+impl Served {
+    /// Serves `app` on `io` until the client closes, stays silent past the header
+    /// deadline, or shutdown asks it to finish what is under way.
+    async fn run<IO>(self, io: IO, app: Router)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (io, heard) = Heard::new(io);
+        let service = TowerToHyperService::new(app);
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        let mut connection = std::pin::pin!(connection);
+        // A client that sends nothing at all is dropped at the header deadline.
+        let header_timeout = self.header_timeout;
+        let silent = async {
+            tokio::time::sleep(header_timeout).await;
+            if heard.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            () = silent => {}
+            () = self.stop.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+    }
 }
 
 /// A connection that says whether any byte has arrived on it.

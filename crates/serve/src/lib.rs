@@ -29,6 +29,7 @@ pub mod fuzz;
 pub mod http;
 mod invalid_config;
 mod roster;
+pub mod tls;
 
 use std::future::Future;
 use std::io;

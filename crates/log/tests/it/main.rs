@@ -8,3 +8,4 @@ mod grpc;
 mod http;
 mod security;
 mod support;
+mod tls;
