@@ -88,6 +88,84 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Make a development CA and certificates, as PEM files in --out: ca.pem (and
+    /// ca.key, to sign more), <node>.pem and <node>.key for each --node (valid for
+    /// the node's name, localhost and 127.0.0.1; also good as a client certificate
+    /// between nodes), and client.pem and client.key (principal `client`). For a
+    /// secure cluster on one machine in a minute; a real deployment brings its own
+    /// PKI.
+    Dev(CertsDevArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CertsDevArgs {
+    /// The directory to write into (made if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// A node name (a DNS name its certificate is valid for); repeat for each node.
+    #[arg(long = "node", required = true)]
+    nodes: Vec<String>,
+    /// How long the certificates are valid.
+    #[arg(long, default_value_t = 365)]
+    days: i64,
+    /// Replace files that are already there.
+    #[arg(long)]
+    force: bool,
+}
+
+/// TLS for a serving command.
+#[derive(Debug, clap::Args)]
+struct ServerTlsArgs {
+    /// Serve TLS only (gRPC and HTTP alike), with this certificate chain (PEM, leaf
+    /// first); needs --tls-key. [default: plaintext]
+    #[arg(long, env = "KEEL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "KEEL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Ask clients for a certificate and verify it against this CA (PEM): a verified
+    /// certificate names its principal (its common name) for the ACL; clients
+    /// without one may still call with a token. Cluster nodes present their own
+    /// certificates to each other, so they need this set.
+    #[arg(long, env = "KEEL_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    fn files(&self) -> Option<keel_serve::tls::ServerTlsFiles> {
+        Some(keel_serve::tls::ServerTlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+}
+
+/// How a client command reaches a service that has TLS or an ACL.
+#[derive(Debug, Clone, clap::Args)]
+struct ClientAuthArgs {
+    /// Connect with TLS, trusting this CA (PEM) for the service's certificate.
+    #[arg(long, env = "KEEL_CA")]
+    ca: Option<PathBuf>,
+    /// Present this client certificate (PEM; its common name is the principal);
+    /// needs --key and --ca.
+    #[arg(long, env = "KEEL_CERT", requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "KEEL_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Call with this bearer token (`keel token create` makes one).
+    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -316,6 +394,8 @@ struct ServeArgs {
     /// do everything]
     #[arg(long, env = "KEEL_LOG_ACL")]
     acl: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
     /// Register with this registry (e.g. http://127.0.0.1:20000, or a registry
     /// cluster's nodes, comma-separated) as service `log`, so services that require
     /// `log` find it; checked through /healthz.
@@ -391,6 +471,8 @@ struct RegistryServeArgs {
     /// do everything]
     #[arg(long, env = "KEEL_REGISTRY_ACL")]
     acl: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
     /// Where a cluster node keeps its Raft log and snapshots [default:
     /// keel-data/registry]. A single registry keeps nothing on disk.
     #[arg(long, env = "KEEL_REGISTRY_DATA_DIR")]
@@ -498,10 +580,8 @@ struct ProduceArgs {
     /// leader, and follow it when it changes).
     #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
     addr: String,
-    /// The bearer token to call with, when the service has an ACL (`keel token
-    /// create` makes one).
-    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    auth: ClientAuthArgs,
     /// The topic [default: the service's default topic].
     #[arg(long, short, default_value = "")]
     topic: String,
@@ -525,10 +605,8 @@ struct ConsumeArgs {
     /// The log service (a cluster's nodes, comma-separated).
     #[arg(long, env = "KEEL_LOG_ADDR", default_value = DEFAULT_LOG_ADDR)]
     addr: String,
-    /// The bearer token to call with, when the service has an ACL (`keel token
-    /// create` makes one).
-    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    auth: ClientAuthArgs,
     /// The topic [default: the service's default topic].
     #[arg(long, short, default_value = "")]
     topic: String,
@@ -606,6 +684,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Token {
                 command: TokenCommand::Create(args),
             } => return create_token(&args).map_err(Failure::Run),
+            Command::Certs {
+                command: CertsCommand::Dev(args),
+            } => return dev_certs(&args).map_err(Failure::Run),
         };
         server.await.unwrap_or_else(|err| {
             Err(Failure::Run(anyhow::anyhow!(
@@ -718,4 +799,79 @@ fn create_token(args: &TokenCreateArgs) -> anyhow::Result<()> {
     }
     println!("{token}");
     Ok(())
+}
+
+/// `keel certs dev`: a development CA, node certificates and a client certificate.
+fn dev_certs(args: &CertsDevArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use keel_auth::mint::{Ca, Leaf};
+
+    if args.days < 1 {
+        anyhow::bail!("--days must be at least 1");
+    }
+    for node in &args.nodes {
+        let valid = !node.is_empty()
+            && node.len() <= 253
+            && node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !valid || node == "ca" || node == "client" {
+            anyhow::bail!(
+                "--node {node:?}: a node name is a DNS name (letters, digits, '-', '.'), and not `ca` or `client`"
+            );
+        }
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("making {}", args.out.display()))?;
+    let ca = Ca::new("keel development CA", args.days)?;
+    let mut files: Vec<(String, String, bool)> = vec![
+        ("ca.pem".into(), ca.cert_pem(), false),
+        ("ca.key".into(), ca.key_pem().to_owned(), true),
+    ];
+    for node in &args.nodes {
+        let minted = ca.sign(&Leaf::node(node, args.days))?;
+        files.push((format!("{node}.pem"), minted.cert_pem, false));
+        files.push((format!("{node}.key"), minted.key_pem, true));
+    }
+    let client = ca.sign(&Leaf::client("client", args.days))?;
+    files.push(("client.pem".into(), client.cert_pem, false));
+    files.push(("client.key".into(), client.key_pem, true));
+    if !args.force
+        && let Some((name, ..)) = files.iter().find(|(name, ..)| args.out.join(name).exists())
+    {
+        anyhow::bail!(
+            "{} exists already: choose another --out, or replace it with --force",
+            args.out.join(name).display()
+        );
+    }
+    for (name, text, secret) in &files {
+        let path = args.out.join(name);
+        write_file(&path, text.as_bytes(), *secret)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!(
+        "wrote {} files to {}: ca.pem, {}, client.pem (principal \"client\"), and their keys",
+        files.len(),
+        args.out.display(),
+        args.nodes
+            .iter()
+            .map(|node| format!("{node}.pem"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// Writes `bytes` to `path`, readable by its owner only when `secret`.
+fn write_file(path: &std::path::Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(if secret { 0o600 } else { 0o644 });
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }

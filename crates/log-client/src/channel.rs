@@ -147,6 +147,8 @@ pub struct Channel {
     closed: Arc<AtomicBool>,
     /// Sent with every call: the caller's `Authorization`.
     authorization: Option<http::HeaderValue>,
+    /// Plaintext: a connection that dies at once is most likely at a TLS port.
+    plain: bool,
 }
 
 impl std::fmt::Debug for Channel {
@@ -178,18 +180,22 @@ impl Channel {
                 }
             };
             match tls {
-                None => handshake(tcp, &target.authority, &closed).await,
+                None => handshake(tcp, &target.authority, &closed)
+                    .await
+                    .map(|send| (send, true)),
                 Some(config) => {
                     let name = rustls_pki_types::ServerName::try_from(target.host.clone())
                         .map_err(std::io::Error::other)?;
                     let stream = tokio_rustls::TlsConnector::from(config)
                         .connect(name, tcp)
                         .await?;
-                    handshake(stream, &target.authority, &closed).await
+                    handshake(stream, &target.authority, &closed)
+                        .await
+                        .map(|send| (send, false))
                 }
             }
         };
-        let send = tokio::time::timeout(timeout, connecting)
+        let (send, plain) = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| {
                 std::io::Error::new(
@@ -201,6 +207,7 @@ impl Channel {
             send,
             closed,
             authorization: credentials.authorization.clone(),
+            plain,
         })
     }
 
@@ -280,15 +287,15 @@ impl Channel {
         }
         poll_fn(|cx| self.send.poll_ready(cx))
             .await
-            .map_err(|err| status(&err))?;
+            .map_err(|err| status_on(&err, self.plain))?;
         let (response, mut stream) = self
             .send
             .send_request(head, false)
-            .map_err(|err| status(&err))?;
+            .map_err(|err| status_on(&err, self.plain))?;
         stream
             .send_data(message.freeze(), true)
-            .map_err(|err| status(&err))?;
-        let response = response.await.map_err(|err| status(&err))?;
+            .map_err(|err| status_on(&err, self.plain))?;
+        let response = response.await.map_err(|err| status_on(&err, self.plain))?;
         let http_status = response.status();
         // Trailers-only: an error answered with headers alone.
         if let Some(status) = grpc_status(response.headers()) {
@@ -382,6 +389,22 @@ fn code_of_http_status(http_status: http::StatusCode) -> Code {
     }
 }
 
+/// What a failed call reports; on a plaintext connection that ended (not a stream
+/// refused), with the likeliest cause.
+fn status_on(err: &h2::Error, plain: bool) -> Status {
+    let status = status(err);
+    if plain && err.reason().is_none() {
+        return Status::new(
+            status.code(),
+            format!(
+                "{} (if the service serves TLS, connect with --ca, or to an https:// address)",
+                status.message()
+            ),
+        );
+    }
+    status
+}
+
 /// What a call on a broken connection or stream reports.
 fn status(err: &h2::Error) -> Status {
     let code = match err.reason() {
@@ -402,7 +425,10 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Channel {
     type Future = Pending;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        self.send.poll_ready(cx).map_err(|err| status(&err))
+        let plain = self.plain;
+        self.send
+            .poll_ready(cx)
+            .map_err(|err| status_on(&err, plain))
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Pending {
@@ -412,11 +438,12 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Channel {
                 .insert(http::header::AUTHORIZATION, authorization.clone());
         }
         let complete = body.is_end_stream();
+        let plain = self.plain;
         let opened = self
             .send
             .send_request(http::Request::from_parts(head, ()), complete);
         Box::pin(async move {
-            let (response, stream) = opened.map_err(|err| status(&err))?;
+            let (response, stream) = opened.map_err(|err| status_on(&err, plain))?;
             if !complete {
                 // A unary message is ready at once: queue it now, so that it leaves
                 // with the headers. Only a body still being produced gets a task.
@@ -425,7 +452,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Channel {
                     tokio::spawn(sending);
                 }
             }
-            let response = response.await.map_err(|err| status(&err))?;
+            let response = response.await.map_err(|err| status_on(&err, plain))?;
             Ok(response.map(ResponseBody::new))
         })
     }

@@ -146,7 +146,10 @@ fn targets_should_refuse_other_schemes_and_paths() {
             .contains("http://")
     );
     let tls = Target::parse("https://localhost").unwrap();
-    assert_eq!((tls.authority.as_str(), tls.tls), ("localhost:443", Some(true)));
+    assert_eq!(
+        (tls.authority.as_str(), tls.tls),
+        ("localhost:443", Some(true))
+    );
     assert_eq!(Target::parse("localhost:9").unwrap().tls, None);
     assert!(
         Target::parse("http://localhost:1/v1")

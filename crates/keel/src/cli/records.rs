@@ -8,20 +8,28 @@ use bytes::Bytes;
 use futures::StreamExt;
 use keel_log::Client;
 
-use super::{ConsumeArgs, Format, ProduceArgs};
+use super::{ClientAuthArgs, ConsumeArgs, Format, ProduceArgs};
 
-/// What a client command presents: its token, if any.
-pub(super) fn credentials(token: Option<&str>) -> anyhow::Result<keel_log::Credentials> {
-    match token {
-        None => Ok(keel_log::Credentials::default()),
+/// What a client command presents: its token, and its TLS settings.
+pub(super) fn credentials(auth: &ClientAuthArgs) -> anyhow::Result<keel_log::Credentials> {
+    let mut credentials = match &auth.token {
+        None => keel_log::Credentials::default(),
         Some(token) => {
-            keel_log::Credentials::bearer(token).map_err(|why| anyhow::anyhow!("--token: {why}"))
+            keel_log::Credentials::bearer(token).map_err(|why| anyhow::anyhow!("--token: {why}"))?
         }
+    };
+    if let Some(ca) = &auth.ca {
+        let files = keel_serve::tls::ClientTlsFiles {
+            ca: ca.clone(),
+            identity: auth.cert.clone().zip(auth.key.clone()),
+        };
+        credentials = credentials.with_tls(keel_serve::tls::client_config(&files, &[b"h2"])?);
     }
+    Ok(credentials)
 }
 
 pub(super) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
-    let mut client = Client::connect_with(&args.addr, credentials(args.token.as_deref())?).await?;
+    let mut client = Client::connect_with(&args.addr, credentials(&args.auth)?).await?;
     if !args.values.is_empty() {
         let values: Vec<Bytes> = args.values.into_iter().map(Bytes::from).collect();
         let offsets = client.produce_batch(&args.topic, values).await?;
@@ -84,7 +92,7 @@ pub(super) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
 }
 
 pub(super) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
-    let mut client = Client::connect_with(&args.addr, credentials(args.token.as_deref())?).await?;
+    let mut client = Client::connect_with(&args.addr, credentials(&args.auth)?).await?;
     let mut stream = client
         .subscribe(&args.topic, args.from, args.follow, 0)
         .await?;

@@ -64,6 +64,9 @@ fn registry_config(args: &RegistryServeArgs) -> anyhow::Result<keel_registry::Re
     if let Some(acl) = &args.acl {
         config.acl = Some(acl.clone());
     }
+    if let Some(tls) = args.tls.files() {
+        config.tls = Some(tls);
+    }
     if let Err(err) = config.validate() {
         bail!("registry.{err}");
     }
@@ -186,6 +189,9 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<LogServiceConfig> {
     }
     if let Some(acl) = &args.acl {
         config.acl = Some(acl.clone());
+    }
+    if let Some(tls) = args.tls.files() {
+        config.tls = Some(tls);
     }
     if let Err(err) = config.validate() {
         bail!("{err}");

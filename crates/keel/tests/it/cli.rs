@@ -327,3 +327,118 @@ fn issue_19_a_created_token_should_let_its_principal_produce_and_no_one_else() {
     ]);
     assert!(!wrong.status.success());
 }
+
+/// `keel certs dev` makes what `keel log serve --tls-*` and `keel produce --ca
+/// --cert --key` need: the client certificate names its principal for the ACL, a
+/// client without the CA cannot connect, and the keys are the owner's alone.
+#[test]
+fn issue_19_dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let made = keel(&[
+        "certs",
+        "dev",
+        "--out",
+        certs.to_str().unwrap(),
+        "--node",
+        "keel-1",
+    ]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(certs.join("client.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "a key readable by others: {mode:o}");
+    }
+    let again = keel(&[
+        "certs",
+        "dev",
+        "--out",
+        certs.to_str().unwrap(),
+        "--node",
+        "keel-1",
+    ]);
+    assert!(
+        !again.status.success(),
+        "existing files were overwritten without --force"
+    );
+
+    let acl = dir.path().join("acl.toml");
+    std::fs::write(
+        &acl,
+        "[[allow]]\nprincipals = [\"client\"]\ntopics = [\"*\"]\nactions = [\"produce\", \"consume\"]\n",
+    )
+    .unwrap();
+    let (cert, key, ca) = (file("keel-1.pem"), file("keel-1.key"), file("ca.pem"));
+    let served = Served::start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+            "--acl",
+            acl.to_str().unwrap(),
+        ],
+    );
+    let port = served.addr.rsplit(':').next().unwrap().to_owned();
+    let addr = format!("localhost:{port}");
+    let (client_cert, client_key) = (file("client.pem"), file("client.key"));
+    let out = keel(&[
+        "produce",
+        "--addr",
+        &addr,
+        "-t",
+        "secure",
+        "--ca",
+        &ca,
+        "--cert",
+        &client_cert,
+        "--key",
+        &client_key,
+        "one",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
+    let out = keel(&[
+        "consume",
+        "--addr",
+        &addr,
+        "-t",
+        "secure",
+        "--ca",
+        &ca,
+        "--cert",
+        &client_cert,
+        "--key",
+        &client_key,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\n");
+    // Without the CA: plaintext to a TLS port, refused.
+    let out = keel(&["produce", "--addr", &addr, "-t", "secure", "two"]);
+    assert!(!out.status.success());
+    // TLS without a certificate or token: anonymous, refused by the ACL.
+    let out = keel(&[
+        "produce", "--addr", &addr, "-t", "secure", "--ca", &ca, "two",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("credentials"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
