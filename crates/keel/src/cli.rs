@@ -274,6 +274,16 @@ struct ClusterArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// The cluster runs TLS: trust this CA (PEM).
+    #[arg(long, env = "KEEL_CA")]
+    ca: Option<PathBuf>,
+    /// The client certificate to call with (PEM); a cluster on TLS asks for one.
+    /// With an ACL, its principal needs `admin` on the cluster.
+    #[arg(long, env = "KEEL_CERT", requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "KEEL_KEY", requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -511,6 +521,7 @@ struct NodeFlags<'a> {
     join: Option<&'a String>,
     advertise: Option<&'a String>,
     snapshot_every: u64,
+    tls: &'a ServerTlsArgs,
 }
 
 impl ServeArgs {
@@ -521,6 +532,7 @@ impl ServeArgs {
             join: self.join.as_ref(),
             advertise: self.advertise.as_ref(),
             snapshot_every: self.snapshot_every,
+            tls: &self.tls,
         }
     }
 }
@@ -533,6 +545,7 @@ impl RegistryServeArgs {
             join: self.join.as_ref(),
             advertise: self.advertise.as_ref(),
             snapshot_every: self.snapshot_every,
+            tls: &self.tls,
         }
     }
 }

@@ -81,7 +81,8 @@ pub async fn start(
     .map_err(|err| LogServiceError::Unavailable(format!("starting the Raft node: {err}")))?;
     let topics = opened
         .ok_or_else(|| LogServiceError::Unavailable("the state machine did not open".into()))?;
-    let writer = Writer::new(node.raft.clone(), options.node_id, options.leader_wait());
+    let writer = Writer::new(node.raft.clone(), options.node_id, options.leader_wait())
+        .with_tls(node.tls.clone());
     let proposer = Proposer::start(
         writer.clone(),
         queue_depth,

@@ -90,7 +90,14 @@ async fn serve_with(
         .add_service(reflection);
     let ending = raft.clone();
     if let Some(raft) = raft {
-        routes = routes.add_service(raft.into_server());
+        // With mutual TLS, only nodes (and admins) with a certificate of the
+        // cluster's CA reach Raft; with an ACL, only those allowed cluster admin.
+        let need_certificate = config
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.client_ca.is_some());
+        let guard = keel_raft::cluster_guard(Arc::clone(&auth), need_certificate);
+        routes = routes.add_service(raft.with_guard(guard).into_server());
     }
     let grpc = routes.into_axum_router();
     let app = http::router(Arc::clone(&topics), token.clone(), auth)

@@ -35,6 +35,7 @@ pub mod membership;
 mod meta;
 mod network;
 mod node;
+pub mod peer;
 mod service;
 mod snapshot;
 mod wire;
@@ -46,7 +47,7 @@ pub use log_store::{LogReader, LogStore, LogStoreConfig};
 pub use machine::{Checkpoint, CheckpointFile, Machine, StateMachine};
 pub use network::{Network, NetworkFactory, SNAPSHOT_CHUNK_BYTES};
 pub use node::{NodeSettings, RaftNode, StartError};
-pub use service::RaftService;
+pub use service::{RaftGuard, RaftService, cluster_guard};
 pub use snapshot::{Manifest, ManifestFile, SnapshotFiles, SnapshotMeta};
 pub use writer::{Pending, WriteError, Writer};
 

@@ -106,7 +106,9 @@ pub async fn form(node: &RaftNode, options: &ClusterOptions) -> Result<(), Strin
         .is_initialized()
         .await
         .map_err(|err| format!("forming the cluster: {err}"))?;
-    if !initialized && let Some(peer) = remembered_by(options.node_id, peers).await {
+    if !initialized
+        && let Some(peer) = remembered_by(options.node_id, peers, node.tls.as_ref()).await
+    {
         // Its data is gone (a wiped or replaced disk) but the cluster counts on it:
         // a vote from it now could be a second vote in a term it voted in before.
         tracing::error!(
@@ -127,10 +129,14 @@ pub async fn form(node: &RaftNode, options: &ClusterOptions) -> Result<(), Strin
 
 /// The first peer that says a cluster with `id` as a member has committed entries
 /// (so `id` once held them), if any answers within a second.
-async fn remembered_by(id: NodeId, peers: &BTreeMap<NodeId, String>) -> Option<NodeId> {
+async fn remembered_by(
+    id: NodeId,
+    peers: &BTreeMap<NodeId, String>,
+    tls: Option<&crate::peer::PeerTls>,
+) -> Option<NodeId> {
     for (peer, addr) in peers.iter().filter(|(peer, _)| **peer != id) {
         let ask = async {
-            let mut client = admin(addr).await.ok()?;
+            let mut client = admin_over(addr, tls).await.ok()?;
             client
                 .status(pb::ClusterStatusRequest {})
                 .await
@@ -254,7 +260,7 @@ pub async fn join(node: &RaftNode, addr: &str, advertise: &str) -> Result<(), St
     let mut pause = Duration::from_millis(200);
     while !is_member() {
         attempt += 1;
-        match admin(&target).await {
+        match admin_over(&target, node.tls.as_ref()).await {
             Ok(mut client) => {
                 let request = pb::AddNodeRequest {
                     node_id: id,
@@ -301,12 +307,19 @@ pub async fn join(node: &RaftNode, addr: &str, advertise: &str) -> Result<(), St
 pub async fn admin(
     addr: &str,
 ) -> Result<pb::raft_client::RaftClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let addr = addr
-        .strip_prefix("http://")
-        .unwrap_or(addr)
-        .trim_end_matches('/');
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2));
+    admin_over(addr, None).await
+}
+
+/// As [`admin`], over mutual TLS with `tls` when given.
+///
+/// # Errors
+///
+/// As [`admin`].
+pub async fn admin_over(
+    addr: &str,
+    tls: Option<&crate::peer::PeerTls>,
+) -> Result<pb::raft_client::RaftClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let endpoint = crate::peer::endpoint(addr, tls)?.connect_timeout(Duration::from_secs(2));
     Ok(pb::raft_client::RaftClient::new(endpoint.connect().await?))
 }
 

@@ -16,7 +16,7 @@ use openraft::raft::{
 };
 use openraft::storage::Snapshot;
 use pb::raft_client::RaftClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{Node, NodeId, TypeConfig, Vote, wire};
 
@@ -28,12 +28,15 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 pub struct NetworkFactory {
     /// How long a connection attempt may take.
     pub connect_timeout: Duration,
+    /// Mutual TLS to the other nodes, when the cluster runs TLS.
+    pub tls: Option<crate::peer::PeerTls>,
 }
 
 impl Default for NetworkFactory {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
@@ -46,6 +49,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             connect_timeout: self.connect_timeout,
+            tls: self.tls.clone(),
             client: None,
         }
     }
@@ -57,6 +61,7 @@ pub struct Network {
     target: NodeId,
     addr: String,
     connect_timeout: Duration,
+    tls: Option<crate::peer::PeerTls>,
     client: Option<RaftClient<Channel>>,
 }
 
@@ -102,10 +107,9 @@ impl Network {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+        let endpoint = crate::peer::endpoint(&self.addr, self.tls.as_ref())
             .map_err(|err| self.fail(format!("not an address: {err}")))?
             .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         let client = RaftClient::new(endpoint.connect_lazy())

@@ -32,6 +32,8 @@ pub struct NodeSettings {
     pub snapshot_attempt: Duration,
     /// The Raft log's storage.
     pub log: LogStoreConfig,
+    /// Mutual TLS to the other nodes, when the cluster runs TLS.
+    pub tls: Option<crate::peer::PeerTls>,
 }
 
 impl Default for NodeSettings {
@@ -43,6 +45,7 @@ impl Default for NodeSettings {
             keep_below_snapshot: 5_000,
             snapshot_attempt: Duration::from_secs(30),
             log: LogStoreConfig::default(),
+            tls: None,
         }
     }
 }
@@ -83,6 +86,8 @@ pub struct RaftNode {
     pub id: NodeId,
     /// Set while this node may miss entries it acknowledged: it does not vote.
     pub damage: crate::DamageMark,
+    /// Mutual TLS to the other nodes, when the cluster runs TLS.
+    pub tls: Option<crate::peer::PeerTls>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -105,8 +110,13 @@ fn discard_dir(dir: &Path) -> Result<(), RaftStoreError> {
 /// Clears a damaged node's mark once it has applied everything the leader had
 /// committed when asked (ReadIndex): from then on its log holds every committed
 /// entry, and its vote is safe again.
-async fn clear_when_caught_up(raft: Raft, id: NodeId, damage: crate::DamageMark) {
-    let writer = crate::Writer::new(raft, id, Duration::from_secs(2));
+async fn clear_when_caught_up(
+    raft: Raft,
+    id: NodeId,
+    damage: crate::DamageMark,
+    tls: Option<crate::peer::PeerTls>,
+) {
+    let writer = crate::Writer::new(raft, id, Duration::from_secs(2)).with_tls(tls);
     if writer.catch_up().await.is_ok()
         && let Err(err) = damage.clear()
     {
@@ -177,18 +187,28 @@ impl RaftNode {
         };
         let log = LogStore::open(&log_dir, &settings.log)?;
         let damage = log.damage();
-        let raft = Raft::new(id, config, NetworkFactory::default(), log, machine)
+        let network = NetworkFactory {
+            tls: settings.tls.clone(),
+            ..NetworkFactory::default()
+        };
+        let raft = Raft::new(id, config, network, log, machine)
             .await
             .map_err(|err| StartError::Raft(err.to_string()))?;
         let service = RaftService::new(raft.clone(), &snapshots).with_damage(damage.clone());
         if damage.is_set() {
-            tokio::spawn(clear_when_caught_up(raft.clone(), id, damage.clone()));
+            tokio::spawn(clear_when_caught_up(
+                raft.clone(),
+                id,
+                damage.clone(),
+                settings.tls.clone(),
+            ));
         }
         Ok(Self {
             raft,
             service,
             id,
             damage,
+            tls: settings.tls.clone(),
         })
     }
 
@@ -205,6 +225,7 @@ impl RaftNode {
                 self.raft.clone(),
                 self.id,
                 self.damage.clone(),
+                self.tls.clone(),
             ));
         }
         Ok(())

@@ -6,6 +6,7 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use keel_proto::raft::v1 as pb;
@@ -29,7 +30,16 @@ pub struct RaftService {
     /// twice at once; the second must not write into (or install from) the
     /// directory the first is installing.
     installing: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Who may call: every call is refused unless it admits it.
+    guard: Option<RaftGuard>,
 }
+
+/// Admits a call to this service, or refuses it with its status: given the call's
+/// metadata and its request extensions (where a verified client certificate's
+/// principal is, on a TLS listener).
+pub type RaftGuard = std::sync::Arc<
+    dyn Fn(&tonic::metadata::MetadataMap, &tonic::Extensions) -> Result<(), Status> + Send + Sync,
+>;
 
 impl std::fmt::Debug for RaftService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,6 +67,22 @@ impl RaftService {
             damage: None,
             ending: std::sync::Arc::new(tokio::sync::watch::channel(false).0),
             installing: std::sync::Arc::default(),
+            guard: None,
+        }
+    }
+
+    /// Admits only the calls `guard` admits (node-to-node traffic and cluster
+    /// administration alike).
+    #[must_use]
+    pub fn with_guard(mut self, guard: RaftGuard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match &self.guard {
+            Some(guard) => guard(request.metadata(), request.extensions()),
+            None => Ok(()),
         }
     }
 
@@ -111,6 +137,36 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, 
         .map_err(|err| Status::invalid_argument(format!("{what} does not parse: {err}")))
 }
 
+/// The guard of a cluster node's Raft service: with TLS (`need_certificate`), a
+/// call must come with a verified client certificate, as other nodes present
+/// theirs; with an ACL, its principal (or token) must be allowed `admin` on the
+/// cluster. Node-to-node traffic and `keel cluster` commands alike.
+pub fn cluster_guard(auth: Arc<keel_auth::Authorizer>, need_certificate: bool) -> RaftGuard {
+    Arc::new(move |metadata, extensions| {
+        let peer = extensions.get::<keel_serve::tls::PeerPrincipal>();
+        if need_certificate && peer.is_none() {
+            return Err(Status::unauthenticated(
+                "this cluster runs mutual TLS: a node (or an admin) calls with a client certificate of the cluster's CA",
+            ));
+        }
+        if !auth.enforcing() {
+            return Ok(());
+        }
+        let headers = metadata.clone().into_headers();
+        auth.check(
+            &headers,
+            peer,
+            keel_auth::Action::Admin,
+            keel_auth::Resource::Cluster,
+        )
+        .map(drop)
+        .map_err(|denied| match denied {
+            keel_auth::Denied::Unauthenticated(why) => Status::unauthenticated(why),
+            keel_auth::Denied::Forbidden(why) => Status::permission_denied(why),
+        })
+    })
+}
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     type ForwardStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ForwardReply, Status>>;
@@ -119,6 +175,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStream>, Status> {
+        self.admit(&request)?;
         let mut requests = request.into_inner();
         let (replies, stream) = tokio::sync::mpsc::channel(FORWARD_REPLIES);
         let raft = self.raft.clone();
@@ -170,8 +227,9 @@ impl pb::raft_server::Raft for RaftService {
 
     async fn read_index(
         &self,
-        _request: Request<pb::ReadIndexRequest>,
+        request: Request<pb::ReadIndexRequest>,
     ) -> Result<Response<pb::ReadIndexResponse>, Status> {
+        self.admit(&request)?;
         if self.raft.metrics().borrow().state != openraft::ServerState::Leader {
             return Err(Status::failed_precondition("not the leader"));
         }
@@ -185,6 +243,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.admit(&request)?;
         let request = request.into_inner();
         crate::cluster::add_node(&self.raft, request.node_id, &request.addr, request.learner)
             .await?;
@@ -198,6 +257,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.admit(&request)?;
         crate::cluster::remove_node(&self.raft, request.into_inner().node_id).await?;
         Ok(Response::new(crate::cluster::status(
             &self.raft,
@@ -207,8 +267,9 @@ impl pb::raft_server::Raft for RaftService {
 
     async fn status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
+        self.admit(&request)?;
         Ok(Response::new(crate::cluster::status(
             &self.raft,
             self.damaged(),
@@ -219,6 +280,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        self.admit(&request)?;
         let rpc = wire::append_request_from(request.into_inner())
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
         let response = self
@@ -233,6 +295,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::JsonMessage>,
     ) -> Result<Response<pb::JsonMessage>, Status> {
+        self.admit(&request)?;
         if self.damaged() {
             return Err(Status::unavailable(
                 "this node's replica was damaged and may miss entries: it votes again once it has caught up with the leader",
@@ -251,6 +314,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::SnapshotStatusRequest>,
     ) -> Result<Response<pb::SnapshotStatusResponse>, Status> {
+        self.admit(&request)?;
         let incoming = self
             .snapshots()?
             .incoming_dir(&request.into_inner().snapshot_id);
@@ -273,6 +337,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::JsonMessage>, Status> {
+        self.admit(&request)?;
         let mut stream = request.into_inner();
         let Some(pb::SnapshotChunk {
             part: Some(pb::snapshot_chunk::Part::Header(header)),
@@ -461,5 +526,56 @@ impl<'a> Receiving<'a> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(guard: &RaftGuard, peer: Option<&str>, token: Option<&str>) -> Result<(), tonic::Code> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Some(token) = token {
+            metadata.insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("a value"),
+            );
+        }
+        let mut extensions = tonic::Extensions::new();
+        if let Some(peer) = peer {
+            extensions.insert(keel_serve::tls::PeerPrincipal(Arc::from(peer)));
+        }
+        guard(&metadata, &extensions).map_err(|status| status.code())
+    }
+
+    #[test]
+    fn with_mutual_tls_a_call_without_a_certificate_should_be_refused() {
+        let guard = cluster_guard(keel_auth::Authorizer::open_to_all(), true);
+        assert_eq!(call(&guard, None, None), Err(tonic::Code::Unauthenticated));
+        assert_eq!(
+            call(&guard, None, Some("a-token")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(call(&guard, Some("keel-2"), None), Ok(()));
+        let open = cluster_guard(keel_auth::Authorizer::open_to_all(), false);
+        assert_eq!(call(&open, None, None), Ok(()));
+    }
+
+    #[test]
+    fn with_an_acl_only_cluster_admins_should_pass() {
+        let dir = tempfile::tempdir().expect("a dir");
+        let acl = dir.path().join("acl.toml");
+        std::fs::write(
+            &acl,
+            "[[allow]]\nprincipals = [\"keel-*\"]\ncluster = true\nactions = [\"admin\"]\n",
+        )
+        .expect("written");
+        let auth = keel_auth::Authorizer::from_file(&acl).expect("an ACL");
+        let guard = cluster_guard(auth, true);
+        assert_eq!(call(&guard, Some("keel-3"), None), Ok(()));
+        assert_eq!(
+            call(&guard, Some("client"), None),
+            Err(tonic::Code::PermissionDenied)
+        );
     }
 }

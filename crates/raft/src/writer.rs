@@ -20,7 +20,7 @@ use keel_proto::raft::v1 as pb;
 use openraft::error::{ClientWriteError, RaftError};
 use pb::raft_client::RaftClient;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{Command, NodeId, Raft, Reply};
 
@@ -69,6 +69,8 @@ struct Inner {
     /// The stream to the current leader, while this node forwards.
     forward: Mutex<Option<Forwarder>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Mutual TLS to the leader, when the cluster runs TLS.
+    tls: Option<crate::peer::PeerTls>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -96,8 +98,20 @@ impl Writer {
                 leader_wait,
                 forward: Mutex::new(None),
                 channels: Mutex::new(HashMap::new()),
+                tls: None,
             }),
         }
+    }
+
+    /// The same writer, reaching the leader over mutual TLS with `tls` (call before
+    /// cloning it).
+    #[must_use]
+    pub fn with_tls(mut self, tls: Option<crate::peer::PeerTls>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.tls = tls,
+            None => tracing::error!("Writer::with_tls on a writer already cloned; ignored"),
+        }
+        self
     }
 
     /// The Raft node.
@@ -318,10 +332,8 @@ impl Writer {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let channel = crate::peer::endpoint(addr, self.inner.tls.as_ref())
             .map_err(|err| WriteError::Unavailable(format!("leader address {addr}: {err}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
             .connect_lazy();
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)

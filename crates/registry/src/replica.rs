@@ -368,7 +368,8 @@ pub async fn start(
     )
     .await
     .map_err(|err| RegistryError::Cluster(format!("starting the Raft node: {err}")))?;
-    let writer = Writer::new(node.raft.clone(), options.node_id, options.leader_wait());
+    let writer = Writer::new(node.raft.clone(), options.node_id, options.leader_wait())
+        .with_tls(node.tls.clone());
     registry.set_replication(Replication::new(
         writer.clone(),
         Readiness::start(writer, options.node_id, &options.settings),

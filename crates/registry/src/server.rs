@@ -176,7 +176,16 @@ async fn serve(
         )),
     };
     let ending = raft.clone();
-    let raft = raft.map(|raft| tonic::service::Routes::new(raft.into_server()).into_axum_router());
+    // With mutual TLS, only nodes (and admins) with a certificate of the cluster's
+    // CA reach Raft; with an ACL, only those allowed cluster admin.
+    let need_certificate = config
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca.is_some());
+    let raft = raft.map(|raft| {
+        let guard = keel_raft::cluster_guard(Arc::clone(&auth), need_certificate);
+        tonic::service::Routes::new(raft.with_guard(guard).into_server()).into_axum_router()
+    });
     let app = router(
         AppState {
             registry,

@@ -4,7 +4,23 @@
 use anyhow::{Context, bail};
 use keel_proto::raft::v1 as pb;
 
+use keel_raft::peer::PeerTls;
+
 use super::{AddNodeArgs, ClusterArgs, ClusterCommand, RemoveNodeArgs};
+
+impl ClusterArgs {
+    /// Mutual TLS to the nodes, when --ca is given (a cluster on TLS takes admin
+    /// calls with a client certificate only).
+    fn tls(&self) -> anyhow::Result<Option<PeerTls>> {
+        match (&self.ca, &self.cert, &self.key) {
+            (None, ..) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(PeerTls::from_files(ca, cert, key)?)),
+            (Some(_), ..) => bail!(
+                "a cluster on TLS takes admin calls with a client certificate: give --cert and --key with --ca"
+            ),
+        }
+    }
+}
 
 pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
     match command {
@@ -15,10 +31,13 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
 }
 
 /// The status of the first node of `addr` that answers, and that node's address.
-async fn any_status(addr: &str) -> anyhow::Result<(String, pb::ClusterStatus)> {
+async fn any_status(
+    addr: &str,
+    tls: Option<&PeerTls>,
+) -> anyhow::Result<(String, pb::ClusterStatus)> {
     let mut errors = Vec::new();
     for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        match keel_raft::membership::admin(one).await {
+        match keel_raft::membership::admin_over(one, tls).await {
             Ok(mut client) => match client.status(pb::ClusterStatusRequest {}).await {
                 Ok(status) => return Ok((one.to_owned(), status.into_inner())),
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
@@ -35,8 +54,11 @@ async fn any_status(addr: &str) -> anyhow::Result<(String, pb::ClusterStatus)> {
 }
 
 /// The leader's address and status, found through any node of `addr`.
-async fn leader_status(addr: &str) -> anyhow::Result<(String, pb::ClusterStatus)> {
-    let (via, status) = any_status(addr).await?;
+async fn leader_status(
+    addr: &str,
+    tls: Option<&PeerTls>,
+) -> anyhow::Result<(String, pb::ClusterStatus)> {
+    let (via, status) = any_status(addr, tls).await?;
     if status.role == "leader" {
         return Ok((via, status));
     }
@@ -46,14 +68,15 @@ async fn leader_status(addr: &str) -> anyhow::Result<(String, pb::ClusterStatus)
         .find(|m| m.node_id == status.leader_id)
         .map(|m| m.addr.clone())
         .with_context(|| format!("node {} at {via} knows no leader (an election is under way, or it is cut off from the majority)", status.node_id))?;
-    any_status(&leader).await
+    any_status(&leader, tls).await
 }
 
 async fn status(args: &ClusterArgs) -> anyhow::Result<()> {
-    let (_, status) = match leader_status(&args.addr).await {
+    let tls = args.tls()?;
+    let (_, status) = match leader_status(&args.addr, tls.as_ref()).await {
         Ok(found) => found,
         // No leader: what one node knows is still worth showing.
-        Err(_) => any_status(&args.addr).await?,
+        Err(_) => any_status(&args.addr, tls.as_ref()).await?,
     };
     print_status(&status, args.json)
 }
@@ -140,12 +163,13 @@ fn lag(last: Option<u64>, matched: Option<u64>) -> Option<u64> {
 }
 
 async fn add_node(args: &AddNodeArgs) -> anyhow::Result<()> {
-    let (leader, _) = leader_status(&args.cluster.addr).await?;
+    let tls = args.cluster.tls()?;
+    let (leader, _) = leader_status(&args.cluster.addr, tls.as_ref()).await?;
     eprintln!(
         "adding node {} at {}: it becomes a voter once it has caught up…",
         args.node_id, args.node_addr
     );
-    let status = keel_raft::membership::admin(&leader)
+    let status = keel_raft::membership::admin_over(&leader, tls.as_ref())
         .await?
         .add_node(pb::AddNodeRequest {
             node_id: args.node_id,
@@ -159,8 +183,9 @@ async fn add_node(args: &AddNodeArgs) -> anyhow::Result<()> {
 }
 
 async fn remove_node(args: &RemoveNodeArgs) -> anyhow::Result<()> {
-    let (leader, _) = leader_status(&args.cluster.addr).await?;
-    let status = keel_raft::membership::admin(&leader)
+    let tls = args.cluster.tls()?;
+    let (leader, _) = leader_status(&args.cluster.addr, tls.as_ref()).await?;
+    let status = keel_raft::membership::admin_over(&leader, tls.as_ref())
         .await?
         .remove_node(pb::RemoveNodeRequest {
             node_id: args.node_id,

@@ -232,12 +232,30 @@ fn cluster_options(
     {
         tracing::warn!(%bound, advertise, "this node listens on another port than the one the cluster knows it by");
     }
+    // With TLS, nodes reach each other over mutual TLS: each presents its own
+    // certificate, and trusts the client CA alone.
+    let tls = match args.tls.files() {
+        None => None,
+        Some(files) => {
+            let Some(ca) = &files.client_ca else {
+                bail!(
+                    "a cluster node with --tls-cert needs --tls-client-ca too: nodes present their certificates to each other (mutual TLS), and this CA verifies them"
+                );
+            };
+            Some(keel_raft::peer::PeerTls::from_files(
+                ca,
+                &files.cert,
+                &files.key,
+            )?)
+        }
+    };
     Ok(Some(ClusterOptions {
         node_id,
         advertise,
         membership,
         settings: keel_raft::NodeSettings {
             snapshot_every: args.snapshot_every,
+            tls,
             ..keel_raft::NodeSettings::default()
         },
     }))

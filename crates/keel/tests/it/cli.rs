@@ -328,13 +328,9 @@ fn issue_19_a_created_token_should_let_its_principal_produce_and_no_one_else() {
     assert!(!wrong.status.success());
 }
 
-/// `keel certs dev` makes what `keel log serve --tls-*` and `keel produce --ca
-/// --cert --key` need: the client certificate names its principal for the ACL, a
-/// client without the CA cannot connect, and the keys are the owner's alone.
-#[test]
-fn issue_19_dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
+/// `keel certs dev --node keel-1` into `dir/certs`.
+fn dev_certs(dir: &std::path::Path) -> std::path::PathBuf {
+    let certs = dir.join("certs");
     let made = keel(&[
         "certs",
         "dev",
@@ -348,7 +344,15 @@ fn issue_19_dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
+    certs
+}
+
+/// The keys `keel certs dev` writes are their owner's alone, and it never replaces
+/// files silently.
+#[test]
+fn issue_19_dev_certificates_should_keep_keys_private_and_never_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dev_certs(dir.path());
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -370,7 +374,16 @@ fn issue_19_dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
         !again.status.success(),
         "existing files were overwritten without --force"
     );
+}
 
+/// `keel certs dev` makes what `keel log serve --tls-*` and `keel produce --ca
+/// --cert --key` need: the client certificate names its principal for the ACL, and a
+/// client without the CA cannot connect.
+#[test]
+fn issue_19_dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dev_certs(dir.path());
+    let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
     let acl = dir.path().join("acl.toml");
     std::fs::write(
         &acl,

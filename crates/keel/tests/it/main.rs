@@ -12,5 +12,6 @@ mod limits;
 mod readers;
 mod replication;
 mod sdk;
+mod secure_cluster;
 mod support;
 mod up;
