@@ -206,7 +206,7 @@ impl Authorizer {
             Principal::Anonymous => {
                 self.counts.unauthenticated.fetch_add(1, Ordering::Relaxed);
                 Denied::Unauthenticated(format!(
-                    "{what} needs credentials: send Authorization: Bearer <token>"
+                    "{what} needs credentials: a token (Authorization: Bearer <token>) or a client certificate"
                 ))
             }
             Principal::Named(_) => {
