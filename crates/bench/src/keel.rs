@@ -18,6 +18,8 @@ use crate::engine::{Producer, System, histogram, micros};
 pub(crate) struct Keel {
     pub(crate) addr: String,
     pub(crate) topic: String,
+    /// TLS and a token, when the service runs with them.
+    pub(crate) credentials: keel_log::Credentials,
 }
 
 /// A keel client bound to a topic.
@@ -59,13 +61,13 @@ impl System for Keel {
 
     async fn connect(&self) -> anyhow::Result<KeelProducer> {
         Ok(KeelProducer {
-            client: Client::connect(&self.addr).await?,
+            client: Client::connect_with(&self.addr, self.credentials.clone()).await?,
             topic: self.topic.clone(),
         })
     }
 
     async fn read(&self, count: u64) -> anyhow::Result<u64> {
-        let mut client = Client::connect(&self.addr).await?;
+        let mut client = Client::connect_with(&self.addr, self.credentials.clone()).await?;
         let mut stream = client.subscribe(&self.topic, 0, false, 0).await?;
         let mut read = 0;
         while read < count {

@@ -31,6 +31,7 @@ mod raw;
 mod registry;
 mod report;
 mod target;
+mod tls;
 
 use engine::Workload;
 use report::Outcome;
@@ -46,7 +47,7 @@ struct Cli {
 
 /// Settings every scenario shares.
 #[derive(Debug, Clone, Args)]
-struct Common {
+pub(crate) struct Common {
     /// How long each measured run lasts.
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     duration: Duration,
@@ -134,6 +135,14 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         replicas: usize,
     },
+    /// TLS beside plaintext: the same workloads (produce-stream, produce-batch,
+    /// produce with 4 clients, consume) against a plaintext service and a TLS one
+    /// with a client certificate, alternating, ROUNDS times each; prints each
+    /// workload's median rates and the median of the per-round TLS/plaintext ratios.
+    Tls {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// A 3-node cluster of `keel log serve` processes under a steady produce load:
     /// kill the leader with SIGKILL, time until the next acknowledged write; restart
     /// it, and again.
@@ -199,6 +208,9 @@ fn main() -> anyhow::Result<()> {
     {
         return failover_report(&runtime, keel, *trials, *producers, &common);
     }
+    if let Scenario::Tls { rounds } = cli.scenario {
+        return tls::run(&runtime, rounds, sync, &common);
+    }
     if let Scenario::Registry { nodes } = cli.scenario {
         let outcomes = runtime.block_on(async {
             anyhow::Ok(vec![
@@ -222,9 +234,10 @@ fn main() -> anyhow::Result<()> {
         Scenario::Consume { records } => vec![Workload::Consume { records }],
         Scenario::Latency { rate } => vec![Workload::Latency { rate }],
         Scenario::All => all_workloads(),
-        Scenario::Registry { .. } | Scenario::Compare { .. } | Scenario::Failover { .. } => {
-            Vec::new()
-        }
+        Scenario::Registry { .. }
+        | Scenario::Compare { .. }
+        | Scenario::Failover { .. }
+        | Scenario::Tls { .. } => Vec::new(),
     };
     let mut outcomes: Vec<Outcome> = Vec::new();
     for (n, workload) in workloads.into_iter().enumerate() {
@@ -233,6 +246,7 @@ fn main() -> anyhow::Result<()> {
         let keel = keel::Keel {
             addr: target.addr.clone(),
             topic: format!("bench-{n}"),
+            credentials: keel_log::Credentials::default(),
         };
         let (bytes, duration) = (common.record_bytes, common.duration);
         let outcome = runtime.block_on(engine::run(&keel, workload, bytes, duration))?;
@@ -309,6 +323,7 @@ async fn compare_one(
             let keel = keel::Keel {
                 addr: url.to_owned(),
                 topic: format!("bench-{run}"),
+                credentials: keel_log::Credentials::default(),
             };
             engine::run(&keel, workload, bytes, duration).await
         }
@@ -330,7 +345,7 @@ async fn compare_one(
 }
 
 /// Prints the table and writes the JSON.
-fn finish(outcomes: &[Outcome], common: &Common) -> anyhow::Result<()> {
+pub(crate) fn finish(outcomes: &[Outcome], common: &Common) -> anyhow::Result<()> {
     let machine = report::Machine::read();
     println!("{}", report::table(outcomes, &machine, &common.sync));
     if let Some(path) = &common.json {

@@ -100,6 +100,14 @@ impl Target {
                 _dir: None,
             });
         }
+        Self::fresh(sync, None)
+    }
+
+    /// A fresh service in a temp dir, on TLS with `tls` when given.
+    pub(crate) fn fresh(
+        sync: SyncPolicy,
+        tls: Option<keel_serve::tls::ServerTlsFiles>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).context("temp dir for the service")?;
         let config = LogServiceConfig {
             data_dir: dir.path().to_path_buf(),
@@ -107,6 +115,7 @@ impl Target {
                 sync,
                 ..LogConfig::default()
             },
+            tls,
             ..LogServiceConfig::default()
         };
         let server = InProcess::start("keel-log-under-test", move |listener, stopped| {

@@ -157,7 +157,7 @@ pub struct Notice {
     /// The instance it is about.
     pub instance: Instance,
     /// The dependent's secret, which the notification is signed with (see
-    /// [`crate::signature`]); none for an instance registered before secrets.
+    /// [`keel_auth::signature`]); none for an instance registered before secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
 }
