@@ -522,6 +522,7 @@ struct NodeFlags<'a> {
     advertise: Option<&'a String>,
     snapshot_every: u64,
     tls: &'a ServerTlsArgs,
+    acl: Option<&'a PathBuf>,
 }
 
 impl ServeArgs {
@@ -533,6 +534,7 @@ impl ServeArgs {
             advertise: self.advertise.as_ref(),
             snapshot_every: self.snapshot_every,
             tls: &self.tls,
+            acl: self.acl.as_ref(),
         }
     }
 }
@@ -546,6 +548,7 @@ impl RegistryServeArgs {
             advertise: self.advertise.as_ref(),
             snapshot_every: self.snapshot_every,
             tls: &self.tls,
+            acl: self.acl.as_ref(),
         }
     }
 }

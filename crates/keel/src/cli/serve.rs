@@ -235,7 +235,14 @@ fn cluster_options(
     // With TLS, nodes reach each other over mutual TLS: each presents its own
     // certificate, and trusts the client CA alone.
     let tls = match args.tls.files() {
-        None => None,
+        None => {
+            if args.acl.is_some() {
+                tracing::warn!(
+                    "a plaintext cluster node with an ACL: other nodes call its Raft service without credentials, so the ACL must allow `anonymous` admin on the cluster (anyone reaching this port); run the cluster on mutual TLS (--tls-cert, --tls-key, --tls-client-ca)"
+                );
+            }
+            None
+        }
         Some(files) => {
             let Some(ca) = &files.client_ca else {
                 bail!(

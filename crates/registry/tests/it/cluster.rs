@@ -38,6 +38,7 @@ impl Node {
         listener: TcpListener,
         dir: &Path,
         peers: &BTreeMap<u64, String>,
+        config: RegistryConfig,
     ) -> Self {
         let addr = listener.local_addr().unwrap();
         let options = ClusterOptions {
@@ -46,7 +47,6 @@ impl Node {
             membership: Membership::Peers(peers.clone()),
             settings: NodeSettings::default(),
         };
-        let config: RegistryConfig = fast_config();
         let node = keel_registry::replica::start(&config, dir, &options)
             .await
             .expect("node starts");
@@ -93,6 +93,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Self {
+        Self::start_with(fast_config()).await
+    }
+
+    async fn start_with(config: RegistryConfig) -> Self {
         let temp = tempfile::tempdir().unwrap();
         let mut listeners = Vec::new();
         let mut peers = BTreeMap::new();
@@ -105,7 +109,7 @@ impl Cluster {
         let mut dirs = Vec::new();
         for (id, listener) in listeners {
             let dir = temp.path().join(format!("node{id}"));
-            nodes.push(Node::start(id, listener, &dir, &peers).await);
+            nodes.push(Node::start(id, listener, &dir, &peers, config.clone()).await);
             dirs.push(dir);
         }
         let cluster = Self {
@@ -149,7 +153,7 @@ impl Cluster {
         let at = self.nodes.iter().position(|n| n.id == id).unwrap();
         let listener = TcpListener::bind(self.nodes[at].addr).await.unwrap();
         let dir = self.dirs[at].clone();
-        self.nodes[at] = Node::start(id, listener, &dir, &self.peers).await;
+        self.nodes[at] = Node::start(id, listener, &dir, &self.peers, fast_config()).await;
         ready(&self.nodes[at]).await;
     }
 }
@@ -326,4 +330,82 @@ async fn issue_17_registrations_should_outlive_the_leader_whose_duties_the_next_
             .all(|(_, health)| health == "critical"),
         "critical (or removed by now) on the node that was away"
     );
+}
+
+/// Ownership is judged by the replicated state machine: an instance registered by
+/// one principal through one node cannot be removed or taken over by another through
+/// any other node, and every node still lists it as its owner left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_19_another_principal_should_not_remove_an_instance_through_any_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl.toml");
+    let mut text = String::new();
+    for principal in ["alice", "mallory"] {
+        text.push_str(&format!(
+            "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{}\"\n",
+            keel_auth::token::hash(&format!("{principal}-token"))
+        ));
+    }
+    // A plaintext cluster: its nodes call each other without credentials.
+    text.push_str(
+        "[[allow]]\nprincipals = [\"alice\", \"mallory\"]\nservices = [\"*\"]\nactions = [\"register\", \"deregister\", \"read\"]\n\
+         [[allow]]\nprincipals = [\"anonymous\"]\ncluster = true\nactions = [\"admin\"]\n",
+    );
+    std::fs::write(&acl, text).unwrap();
+    let cluster = Cluster::start_with(RegistryConfig {
+        acl: Some(acl),
+        ..fast_config()
+    })
+    .await;
+    let alice = Instance::start().await;
+    let id = alice.addr.to_string();
+    let body = serde_json::json!({"name": "visit", "addr": id});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = http()
+            .post(cluster.node(1).url("/services"))
+            .bearer_auth("alice-token")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        match response.status() {
+            StatusCode::OK => break,
+            StatusCode::SERVICE_UNAVAILABLE if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("registering: {other}: {}", response.text().await.unwrap()),
+        }
+    }
+    for node in [2, 3] {
+        let response = http()
+            .delete(cluster.node(node).url(&format!("/v1/services/visit/{id}")))
+            .bearer_auth("mallory-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::FORBIDDEN,
+            "through node {node}"
+        );
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "not_owner", "{answer}");
+    }
+    for node in 1..=3 {
+        let listed: Value = http()
+            .get(cluster.node(node).url("/v1/services/visit?consistent"))
+            .bearer_auth("mallory-token")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            listed.as_array().map(Vec::len),
+            Some(1),
+            "node {node}: {listed}"
+        );
+    }
 }

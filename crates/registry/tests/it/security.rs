@@ -419,3 +419,53 @@ async fn issue_19_notifications_to_one_target_should_be_paced() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A rule's `targets` limits what its principals may register, within the
+/// registry's own list.
+#[tokio::test]
+async fn issue_19_a_principal_should_register_only_the_targets_its_rules_give() {
+    let (elsewhere, hits) = internal_service().await;
+    let allowed = Instance::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl.toml");
+    std::fs::write(
+        &acl,
+        format!(
+            "[[token]]\nprincipal = \"alice\"\nsha256 = \"{}\"\n\n[[allow]]\nprincipals = [\"alice\"]\nservices = [\"visit\"]\nactions = [\"register\"]\ntargets = [\"127.0.0.1:{}\"]\n",
+            keel_auth::token::hash("alice-token"),
+            allowed.addr.port()
+        ),
+    )
+    .unwrap();
+    let registry = TestRegistry::start(keel_registry::RegistryConfig {
+        acl: Some(acl),
+        ..fast_config()
+    })
+    .await;
+    let register = |addr: String| {
+        let url = registry.url("/services");
+        async move {
+            call(
+                reqwest::Method::POST,
+                url,
+                Some("alice"),
+                Some(&json!({"name": "visit", "addr": addr,
+                    "heartbeat_url": format!("http://{addr}/heart-beat")})),
+            )
+            .await
+        }
+    };
+    let (status, answer) = register(elsewhere.to_string()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert_eq!(answer["error"]["code"], "target_not_allowed", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("targets for alice"),
+        "{answer}"
+    );
+    let (status, answer) = register(allowed.addr.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
