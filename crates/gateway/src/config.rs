@@ -27,6 +27,9 @@ pub struct GatewayConfig {
     /// The registry's base URL, or a registry cluster's nodes, comma-separated.
     /// Default `http://127.0.0.1:20000`.
     pub registry: String,
+    /// The bearer token the gateway reads the registry with, when the registry has
+    /// an ACL (it needs `read` on `*`). Default none.
+    pub registry_token: Option<String>,
     /// How instances are chosen. Default round-robin.
     pub balance: Balance,
     /// How long an upstream may take to answer with headers before 504, and the most
@@ -90,6 +93,7 @@ impl Default for GatewayConfig {
         Self {
             addr: "127.0.0.1:20001".into(),
             registry: "http://127.0.0.1:20000".into(),
+            registry_token: None,
             balance: Balance::default(),
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),

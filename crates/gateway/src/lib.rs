@@ -68,7 +68,8 @@ pub async fn run(
     let watcher = {
         let gateway = Arc::clone(&gateway);
         tokio::spawn(follow(
-            RegistryClient::new(&config.registry, http),
+            RegistryClient::new(&config.registry, http)
+                .with_token(config.registry_token.as_deref()),
             discovery,
             None,
             config.watch_wait,

@@ -577,6 +577,10 @@ struct GatewayServeArgs {
     /// [default: http://127.0.0.1:20000].
     #[arg(long, env = "KEEL_GATEWAY_REGISTRY")]
     registry: Option<String>,
+    /// The bearer token to read the registry with, when it has an ACL (the token's
+    /// principal needs `read` on `*`).
+    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// How long an upstream may take to answer before 504 [default: 30s].
     #[arg(long, env = "KEEL_GATEWAY_REQUEST_TIMEOUT", value_parser = parse_duration)]
     request_timeout: Option<Duration>,

@@ -3,5 +3,6 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod proxy;
+mod security;
 mod support;
 mod wire;

@@ -81,6 +81,9 @@ fn gateway_config(args: &GatewayServeArgs) -> anyhow::Result<keel_gateway::Gatew
     if let Some(registry) = &args.registry {
         config.registry = registry.clone();
     }
+    if let Some(token) = &args.token {
+        config.registry_token = Some(token.clone());
+    }
     if let Some(timeout) = args.request_timeout {
         config.request_timeout = timeout;
     }
