@@ -703,10 +703,16 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Consume(args) => return consume(args).await.map_err(Failure::Run),
             Command::Token {
                 command: TokenCommand::Create(args),
-            } => return create_token(&args).map_err(Failure::Run),
+            } => {
+                check_principal(&args.principal).map_err(Failure::Config)?;
+                return create_token(&args).map_err(Failure::Run);
+            }
             Command::Certs {
                 command: CertsCommand::Dev(args),
-            } => return dev_certs(&args).map_err(Failure::Run),
+            } => {
+                check_dev_certs(&args).map_err(Failure::Config)?;
+                return dev_certs(&args).map_err(Failure::Run);
+            }
         };
         server.await.unwrap_or_else(|err| {
             Err(Failure::Run(anyhow::anyhow!(
@@ -775,25 +781,28 @@ enum Failure {
     Run(anyhow::Error),
 }
 
+/// Refuses a principal name an ACL file could not hold as written.
+fn check_principal(principal: &str) -> anyhow::Result<()> {
+    if principal.is_empty()
+        || principal == keel_auth::ANONYMOUS
+        || principal
+            .chars()
+            .any(|c| c.is_control() || c == '"' || c == '\\')
+    {
+        anyhow::bail!(
+            "principal {principal:?}: give a name of printable characters, without quotes or backslashes, other than {:?}",
+            keel_auth::ANONYMOUS
+        );
+    }
+    Ok(())
+}
+
 /// `keel token create`: a new token for a principal, and its ACL entry.
 fn create_token(args: &TokenCreateArgs) -> anyhow::Result<()> {
     use std::io::Write;
 
     use anyhow::Context;
 
-    if args.principal.is_empty()
-        || args.principal == keel_auth::ANONYMOUS
-        || args
-            .principal
-            .chars()
-            .any(|c| c.is_control() || c == '"' || c == '\\')
-    {
-        anyhow::bail!(
-            "principal {:?}: give a name of printable characters, without quotes or backslashes, other than {:?}",
-            args.principal,
-            keel_auth::ANONYMOUS
-        );
-    }
     let token = keel_auth::token::generate()
         .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
     let entry = format!(
@@ -821,11 +830,8 @@ fn create_token(args: &TokenCreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `keel certs dev`: a development CA, node certificates and a client certificate.
-fn dev_certs(args: &CertsDevArgs) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use keel_auth::mint::{Ca, Leaf};
-
+/// Refuses what `keel certs dev` cannot make: a bad validity, a bad node name.
+fn check_dev_certs(args: &CertsDevArgs) -> anyhow::Result<()> {
     if args.days < 1 {
         anyhow::bail!("--days must be at least 1");
     }
@@ -841,6 +847,14 @@ fn dev_certs(args: &CertsDevArgs) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `keel certs dev`: a development CA, node certificates and a client certificate.
+fn dev_certs(args: &CertsDevArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use keel_auth::mint::{Ca, Leaf};
+
     std::fs::create_dir_all(&args.out).with_context(|| format!("making {}", args.out.display()))?;
     let ca = Ca::new("keel development CA", args.days)?;
     let mut files: Vec<(String, String, bool)> = vec![
