@@ -30,6 +30,10 @@ pub struct GatewayConfig {
     /// The bearer token the gateway reads the registry with, when the registry has
     /// an ACL (it needs `read` on `*`). Default none.
     pub registry_token: Option<String>,
+    /// Serve the front port with TLS only, with this certificate and key (and, with
+    /// `client_ca`, only to clients whose certificate chains to it). Instances see
+    /// `X-Forwarded-Proto: https`. Default none: plaintext.
+    pub tls: Option<keel_serve::tls::ServerTlsFiles>,
     /// How instances are chosen. Default round-robin.
     pub balance: Balance,
     /// How long an upstream may take to answer with headers before 504, and the most
@@ -94,6 +98,7 @@ impl Default for GatewayConfig {
             addr: "127.0.0.1:20001".into(),
             registry: "http://127.0.0.1:20000".into(),
             registry_token: None,
+            tls: None,
             balance: Balance::default(),
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),

@@ -64,7 +64,7 @@ where
             Payload::Streaming => None,
         };
         self.scratch.forwarded.complete(
-            self.peer.ip(),
+            (self.peer.ip(), self.gateway.config.tls.is_some()),
             exchange.id,
             route,
             BodyFraming::of(exchange.head.framing, buffered),

@@ -75,16 +75,24 @@ impl Forwarded {
         }
     }
 
-    /// Adds the gateway's headers for a request from `peer` with `id`, routed by
-    /// `route`, whose body goes upstream framed as `body`, and the blank line.
-    pub(crate) fn complete(&mut self, peer: IpAddr, id: u64, route: &Route, body: BodyFraming) {
+    /// Adds the gateway's headers for a request from `peer` (over TLS when `https`)
+    /// with `id`, routed by `route`, whose body goes upstream framed as `body`, and the
+    /// blank line.
+    pub(crate) fn complete(
+        &mut self,
+        (peer, https): (IpAddr, bool),
+        id: u64,
+        route: &Route,
+        body: BodyFraming,
+    ) {
         let headers = &mut self.headers;
         headers.extend_from_slice(b"x-forwarded-for: ");
         if !self.forwarded_for.is_empty() {
             headers.extend_from_slice(&self.forwarded_for);
             headers.extend_from_slice(b", ");
         }
-        let _ = write!(headers, "{peer}\r\nx-forwarded-proto: http\r\n");
+        let proto = if https { "https" } else { "http" };
+        let _ = write!(headers, "{peer}\r\nx-forwarded-proto: {proto}\r\n");
         if !self.host.is_empty() {
             put_header(headers, b"x-forwarded-host", &self.host);
         }
@@ -145,7 +153,7 @@ mod tests {
         for (name, value) in sent {
             forwarded.take(name, value.as_bytes());
         }
-        forwarded.complete("10.0.0.9".parse().unwrap(), 0xab, route, body);
+        forwarded.complete(("10.0.0.9".parse().unwrap(), false), 0xab, route, body);
         String::from_utf8(forwarded.headers).unwrap()
     }
 

@@ -119,10 +119,22 @@ pub async fn run(
         shed: Arc::clone(&gateway.stats.shed),
         name: "keel-gateway".into(),
     };
+    let tls = config
+        .tls
+        .as_ref()
+        .map(keel_serve::tls::server_config)
+        .transpose()
+        .map_err(|err| keel_serve::InvalidConfig::new("tls", err.to_string()))?
+        .map(|config| {
+            // The gateway speaks HTTP/1.1 to its clients.
+            let mut config = (*config).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
     let stop = token.clone();
     let serving = keel_serve::serve(listener, options, token.clone(), move |_, handed| {
         let gateway = Arc::new(gateway.for_another_thread());
-        serve_thread(gateway, handed, stop.clone())
+        serve_thread(gateway, handed, stop.clone(), tls.clone())
     });
     let served = keel_serve::http::serve_until(serving, shutdown, async || token.cancel()).await;
     let _ = watcher.await;
@@ -136,6 +148,7 @@ async fn serve_thread(
     gateway: Arc<Gateway>,
     mut handed: keel_serve::Handed,
     stop: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
     loop {
@@ -145,13 +158,30 @@ async fn serve_thread(
             accepted = handed.accept() => accepted,
         };
         let idle = connection.take_idle();
-        connections.spawn(connection::serve_connection(
-            Arc::clone(&gateway),
-            connection,
-            peer,
-            stop.clone(),
-            idle,
-        ));
+        let gateway = Arc::clone(&gateway);
+        let stop = stop.clone();
+        match &tls {
+            None => {
+                connections.spawn(connection::serve_connection(
+                    gateway, connection, peer, stop, idle,
+                ));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                connections.spawn(async move {
+                    // Under the header deadline: a client that starts a handshake
+                    // and stalls holds nothing for long.
+                    let deadline = gateway.config.header_timeout;
+                    match tokio::time::timeout(deadline, acceptor.accept(connection)).await {
+                        Ok(Ok(stream)) => {
+                            connection::serve_connection(gateway, stream, peer, stop, idle).await;
+                        }
+                        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header deadline"),
+                    }
+                });
+            }
+        }
     }
     connections.close();
     connections.wait().await;

@@ -581,6 +581,8 @@ struct GatewayServeArgs {
     /// principal needs `read` on `*`).
     #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
     /// How long an upstream may take to answer before 504 [default: 30s].
     #[arg(long, env = "KEEL_GATEWAY_REQUEST_TIMEOUT", value_parser = parse_duration)]
     request_timeout: Option<Duration>,

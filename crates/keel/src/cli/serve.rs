@@ -84,6 +84,9 @@ fn gateway_config(args: &GatewayServeArgs) -> anyhow::Result<keel_gateway::Gatew
     if let Some(token) = &args.token {
         config.registry_token = Some(token.clone());
     }
+    if let Some(tls) = args.tls.files() {
+        config.tls = Some(tls);
+    }
     if let Some(timeout) = args.request_timeout {
         config.request_timeout = timeout;
     }
