@@ -216,7 +216,7 @@ async fn register(
         tracing::warn!(service = name, %principal, error = %err, "registration refused");
         return err.into_response();
     }
-    let claim = match claim(&state, &principal, &name) {
+    let claim = match claim(&state, &principal, &name, true) {
         Ok(claim) => claim,
         Err(err) => return err.into_response(),
     };
@@ -255,10 +255,19 @@ fn allowed(
 type Peer = Option<Extension<PeerPrincipal>>;
 
 /// What the state machine needs to judge `principal`'s change to an instance of
-/// `service`, with a fresh secret for a new instance.
-fn claim(state: &AppState, principal: &Principal, service: &str) -> Result<Claim, RegistryError> {
-    let secret = keel_auth::token::random_hex(32)
-        .map_err(|_| RegistryError::Internal("the system's random source failed".into()))?;
+/// `service`, with a fresh secret for a registration (a new instance gets it).
+fn claim(
+    state: &AppState,
+    principal: &Principal,
+    service: &str,
+    registers: bool,
+) -> Result<Claim, RegistryError> {
+    let secret = if registers {
+        keel_auth::token::random_hex(32)
+            .map_err(|_| RegistryError::Internal("the system's random source failed".into()))?
+    } else {
+        String::new()
+    };
     Ok(Claim {
         principal: principal.name().to_owned(),
         admin: state.auth.is_admin_of(principal, service),
@@ -346,7 +355,7 @@ async fn remove(
         Action::Deregister,
         Resource::Service(&name),
     )
-    .and_then(|principal| claim(state, &principal, &name));
+    .and_then(|principal| claim(state, &principal, &name, false));
     let claim = match claim {
         Ok(claim) => claim,
         Err(err) => return err.into_response(),
@@ -382,7 +391,7 @@ async fn heartbeat(
         Action::Register,
         Resource::Service(&name),
     )
-    .and_then(|principal| claim(&state, &principal, &name));
+    .and_then(|principal| claim(&state, &principal, &name, false));
     let claim = match claim {
         Ok(claim) => claim,
         Err(err) => return err.into_response(),
