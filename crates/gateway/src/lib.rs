@@ -97,12 +97,30 @@ pub async fn run(
                 move || std::future::ready(gateway.metrics().response())
             }),
         );
-    let admin_token = token.clone();
-    let admin_server = tokio::spawn(async move {
-        axum::serve(admin, admin_app)
-            .with_graceful_shutdown(async move { admin_token.cancelled().await })
-            .await
+    let tls_config = config
+        .tls
+        .as_ref()
+        .map(keel_serve::tls::server_config)
+        .transpose()
+        .map_err(|err| keel_serve::InvalidConfig::new("tls", err.to_string()))?;
+    let tls = tls_config.as_ref().map(|server| {
+        // The gateway speaks HTTP/1.1 to its clients.
+        let mut front = (**server).clone();
+        front.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(front))
     });
+    // The admin port takes the same certificate (HTTP/1.1 and HTTP/2).
+    let admin_limits = keel_serve::AppLimits {
+        header_timeout: config.header_timeout,
+        max_connections: Some(64),
+        tls: tls_config,
+    };
+    let admin_server = tokio::spawn(keel_serve::serve_app(
+        admin,
+        admin_app,
+        admin_limits,
+        token.clone(),
+    ));
 
     // Thread per core: each serving thread drives the connections handed to it, and
     // their upstream connections, on its own runtime, so a request never wakes
@@ -119,18 +137,6 @@ pub async fn run(
         shed: Arc::clone(&gateway.stats.shed),
         name: "keel-gateway".into(),
     };
-    let tls = config
-        .tls
-        .as_ref()
-        .map(keel_serve::tls::server_config)
-        .transpose()
-        .map_err(|err| keel_serve::InvalidConfig::new("tls", err.to_string()))?
-        .map(|config| {
-            // The gateway speaks HTTP/1.1 to its clients.
-            let mut config = (*config).clone();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            tokio_rustls::TlsAcceptor::from(Arc::new(config))
-        });
     let stop = token.clone();
     let serving = keel_serve::serve(listener, options, token.clone(), move |_, handed| {
         let gateway = Arc::new(gateway.for_another_thread());

@@ -139,4 +139,15 @@ async fn issue_19_the_gateway_front_should_serve_tls_and_say_so_upstream() {
     .await
     .unwrap();
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("/echo/x"));
+    // The admin port takes the same certificate.
+    let admin = gateway.admin.unwrap();
+    let health = curl(vec![
+        "--cacert".into(),
+        ca_file.to_str().unwrap().into(),
+        format!("https://localhost:{}/healthz", admin.port()),
+    ])
+    .await
+    .unwrap();
+    let health = String::from_utf8_lossy(&health.stdout);
+    assert!(health.contains("ok"), "{health}");
 }
