@@ -411,6 +411,16 @@ struct ServeArgs {
     /// `log` find it; checked through /healthz.
     #[arg(long, env = "KEEL_LOG_REGISTRY")]
     registry: Option<String>,
+    /// The bearer token to register with, when the registry has an ACL (its
+    /// principal needs `register`, `deregister` and `read` on the service `log`,
+    /// and `read` on `*`, to watch the table).
+    #[arg(
+        long,
+        env = "KEEL_LOG_REGISTRY_TOKEN",
+        hide_env_values = true,
+        requires = "registry"
+    )]
+    registry_token: Option<String>,
     /// Run as node N of a replicated cluster: with --peers or --join, or alone to
     /// wait until `keel cluster add-node` adds it. Ids are unique and never reused:
     /// a node that lost its data rejoins under a new id.

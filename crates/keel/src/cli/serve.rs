@@ -302,7 +302,8 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &args.registry {
         Some(registry) => {
             let url = format!("http://{addr}");
-            let service = crate::service::ServiceConfig::new("log", url.clone(), registry);
+            let mut service = crate::service::ServiceConfig::new("log", url.clone(), registry);
+            service.token.clone_from(&args.registry_token);
             Box::pin(async move {
                 // Deregistered before the service stops accepting.
                 let health = format!("{url}/healthz");

@@ -455,3 +455,59 @@ fn issue_19_dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `keel log serve --registry --registry-token`: the log service registers with a
+/// registry that has an ACL, under its own token's principal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_19_the_log_service_should_register_with_a_registry_that_has_an_acl() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl.toml");
+    std::fs::write(
+        &acl,
+        format!(
+            "[[token]]\nprincipal = \"log\"\nsha256 = \"{}\"\n\n[[allow]]\nprincipals = [\"log\"]\nservices = [\"*\"]\nactions = [\"register\", \"deregister\", \"read\"]\n",
+            keel_auth::token::hash("log-token")
+        ),
+    )
+    .unwrap();
+    let registry = Served::spawn(
+        &[
+            "registry",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--acl",
+            acl.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let registry_url = format!("http://{}", registry.addr);
+    let _log = Served::start(
+        dir.path(),
+        &["--registry", &registry_url, "--registry-token", "log-token"],
+    );
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed: serde_json::Value = http
+            .get(format!("{registry_url}/v1/services/log"))
+            .bearer_auth("log-token")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        if listed
+            .as_array()
+            .is_some_and(|instances| instances.len() == 1)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log service never registered: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
