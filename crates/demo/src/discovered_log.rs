@@ -25,6 +25,8 @@ pub struct DiscoveredLog {
     discovery: Discovery,
     http: reqwest::Client,
     lines: Shipper,
+    /// Sent as `Authorization: Bearer` to the log service.
+    token: Option<String>,
 }
 
 /// One record of a topic, as text.
@@ -62,21 +64,32 @@ struct Records {
 }
 
 impl DiscoveredLog {
-    /// The log service found through `discovery`, called with `http`. Must be called
-    /// within a tokio runtime (it starts the line shipper).
-    pub fn new(discovery: Discovery, http: reqwest::Client) -> Self {
+    /// The log service found through `discovery`, called with `http`, and with
+    /// `token` when given (a log service with an ACL). Must be called within a tokio
+    /// runtime (it starts the line shipper).
+    pub fn new(discovery: Discovery, http: reqwest::Client, token: Option<&str>) -> Self {
         let lines = {
             let discovery = discovery.clone();
-            Shipper::resolving(
+            Shipper::resolving_as(
                 move || pick_url(&discovery, "log").ok(),
                 "logs",
                 LINE_BUFFER,
+                token,
             )
         };
         Self {
             discovery,
             http,
             lines,
+            token: token.map(str::to_owned),
+        }
+    }
+
+    /// `request`, with the bearer token when there is one.
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         }
     }
 
@@ -102,15 +115,14 @@ impl DiscoveredLog {
         loop {
             let retry = match self.base() {
                 Ok(base) => {
-                    let sent = self
+                    let request = self
                         .http
                         .post(format!("{base}/v1/topics/{topic}/records"))
                         .header("content-type", "application/octet-stream")
                         .header("keel-producer", producer)
                         .header("keel-sequence", 1)
-                        .body(value.clone())
-                        .send()
-                        .await;
+                        .body(value.clone());
+                    let sent = self.authorized(request).send().await;
                     match sent {
                         Ok(response) if response.status().is_success() => {
                             let appended: Appended = response
@@ -172,7 +184,11 @@ impl DiscoveredLog {
         count: u64,
     ) -> Result<Vec<LogLine>, DemoError> {
         let source = "reading the log service";
-        let topics: Topics = get_json(self.http.get(format!("{base}/v1/topics")), source).await?;
+        let topics: Topics = get_json(
+            self.authorized(self.http.get(format!("{base}/v1/topics"))),
+            source,
+        )
+        .await?;
         let Some(info) = topics.topics.iter().find(|t| t.name == topic) else {
             return Ok(Vec::new());
         };
@@ -182,7 +198,7 @@ impl DiscoveredLog {
             .saturating_sub(count)
             .max(info.lowest_offset);
         let url = format!("{base}/v1/topics/{topic}/records?from={from}&max={count}");
-        let records: Records = get_json(self.http.get(url), source).await?;
+        let records: Records = get_json(self.authorized(self.http.get(url)), source).await?;
         Ok(records.records)
     }
 }

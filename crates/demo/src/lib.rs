@@ -91,7 +91,8 @@ pub async fn run(
         .timeout(std::time::Duration::from_secs(5))
         .build()
         .map_err(|err| DemoError::Start(err.to_string()))?;
-    let logs = DiscoveredLog::new(discovery.clone(), http.clone());
+    let token = config.service.token.as_deref();
+    let logs = DiscoveredLog::new(discovery.clone(), http.clone(), token);
     let me = std::sync::Arc::new(std::sync::OnceLock::new());
     let router = match demo {
         Demo::Visit => visit::router(logs, me.clone()),
@@ -108,7 +109,7 @@ pub async fn run(
         Demo::Portal => portal::router(portal::Portal::new(
             discovery,
             http,
-            &config.service.registry,
+            (&config.service.registry, token),
             logs,
         )),
     };

@@ -39,16 +39,17 @@ pub struct Portal {
 }
 
 impl Portal {
-    /// A portal that finds grading through `discovery` and reads `registry`.
+    /// A portal that finds grading through `discovery` and reads the registry (with
+    /// the token, when the registry has an ACL).
     pub fn new(
         discovery: Discovery,
         http: reqwest::Client,
-        registry: &str,
+        (registry, token): (&str, Option<&str>),
         logs: DiscoveredLog,
     ) -> Self {
         Self {
             discovery,
-            registry: RegistryClient::new(registry, http.clone()),
+            registry: RegistryClient::new(registry, http.clone()).with_token(token),
             http,
             logs,
         }

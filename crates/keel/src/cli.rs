@@ -337,6 +337,10 @@ struct DemoArgs {
     /// Where grading keeps its SQLite database (grading.sqlite3).
     #[arg(long, default_value = "keel-data/grading")]
     data_dir: PathBuf,
+    /// The bearer token to call the registry and the log service with, when they
+    /// have an ACL.
+    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

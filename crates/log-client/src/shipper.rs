@@ -89,12 +89,29 @@ impl Shipper {
         topic: &str,
         capacity: usize,
     ) -> Self {
+        Self::resolving_as(resolve, topic, capacity, None)
+    }
+
+    /// As [`Shipper::resolving`], sending `Authorization: Bearer <token>` with every
+    /// batch when a token is given (for a log service with an ACL).
+    pub fn resolving_as(
+        resolve: impl Fn() -> Option<String> + Send + 'static,
+        topic: &str,
+        capacity: usize,
+        token: Option<&str>,
+    ) -> Self {
         let (lines, queue) = mpsc::channel(capacity.max(1));
         let stats = ShipperStats::default();
+        let authorization = token.and_then(|token| {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        });
         tokio::spawn(send_batches(
             queue,
             resolve,
-            topic.to_owned(),
+            (topic.to_owned(), authorization),
             stats.clone(),
         ));
         Self { lines, stats }
@@ -116,11 +133,16 @@ impl Shipper {
 async fn send_batches(
     mut queue: mpsc::Receiver<String>,
     resolve: impl Fn() -> Option<String>,
-    topic: String,
+    (topic, authorization): (String, Option<reqwest::header::HeaderValue>),
     stats: ShipperStats,
 ) {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(authorization) = authorization {
+        headers.insert(reqwest::header::AUTHORIZATION, authorization);
+    }
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .default_headers(headers)
         .build()
     {
         Ok(client) => client,
@@ -294,5 +316,33 @@ mod tests {
             shipper.stats().dropped()
         );
         assert_eq!(shipper.stats().sent(), 0);
+    }
+
+    #[tokio::test]
+    async fn issue_19_a_shipper_with_a_token_should_send_it_with_every_batch() {
+        let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let record = Arc::clone(&seen);
+        let app = axum::Router::new().route(
+            "/v1/topics/{topic}/records",
+            axum::routing::post(move |headers: axum::http::HeaderMap| {
+                let record = Arc::clone(&record);
+                async move {
+                    let authorization = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    record.lock().unwrap().push(authorization);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let shipper = Shipper::resolving_as(move || Some(url.clone()), "logs", 16, Some("t0k"));
+        shipper.ship("a line".into());
+        until("a batch", || !seen.lock().unwrap().is_empty()).await;
+        assert_eq!(seen.lock().unwrap()[0], "Bearer t0k");
     }
 }

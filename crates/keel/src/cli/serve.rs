@@ -379,7 +379,8 @@ pub(super) async fn serve_demo(command: DemoCommand) -> Result<(), Failure> {
         };
         format!("127.0.0.1:{port}")
     });
-    let config = keel_demo::DemoConfig::new(demo, &addr, &args.registry, args.data_dir);
+    let mut config = keel_demo::DemoConfig::new(demo, &addr, &args.registry, args.data_dir);
+    config.service.token = args.token;
     let name = demo.name();
     keel_demo::run(
         demo,

@@ -511,3 +511,90 @@ async fn issue_19_the_log_service_should_register_with_a_registry_that_has_an_ac
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A demo service and the log service under one ACL: each registers with its own
+/// token, the visit demo finds the log service through the registry and records
+/// its visits in it, all with its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_19_a_demo_should_work_against_a_registry_and_log_service_with_an_acl() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl.toml");
+    let mut text = String::new();
+    for principal in ["log", "visit"] {
+        text.push_str(&format!(
+            "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{}\"\n",
+            keel_auth::token::hash(&format!("{principal}-token"))
+        ));
+    }
+    text.push_str(
+        "[[allow]]\nprincipals = [\"log\", \"visit\"]\nservices = [\"*\"]\nactions = [\"register\", \"deregister\", \"read\"]\n\
+         [[allow]]\nprincipals = [\"visit\"]\ntopics = [\"*\"]\nactions = [\"produce\", \"consume\"]\n",
+    );
+    std::fs::write(&acl, text).unwrap();
+    let acl = acl.to_str().unwrap();
+    let registry = Served::spawn(
+        &["registry", "serve", "--addr", "127.0.0.1:0", "--acl", acl],
+        &[],
+    );
+    let registry_url = format!("http://{}", registry.addr);
+    let log = Served::start(
+        dir.path(),
+        &[
+            "--acl",
+            acl,
+            "--registry",
+            &registry_url,
+            "--registry-token",
+            "log-token",
+        ],
+    );
+    let visit = Served::spawn(
+        &[
+            "demo",
+            "visit",
+            "--addr",
+            "127.0.0.1:0",
+            "--registry",
+            &registry_url,
+            "--token",
+            "visit-token",
+        ],
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let counted: serde_json::Value = loop {
+        let answer = http
+            .get(format!("http://{}/", visit.addr))
+            .send()
+            .await
+            .unwrap();
+        if answer.status().is_success() {
+            break answer.json().await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no visit counted: {}",
+            answer.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(counted["visits"], 1, "{counted}");
+    // The visit is in the log service, readable with the token only.
+    let url = format!("http://{}/v1/topics/visits/records?from=0", log.addr);
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    let records: serde_json::Value = http
+        .get(&url)
+        .bearer_auth("visit-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        records["records"].as_array().map(Vec::len),
+        Some(1),
+        "{records}"
+    );
+}
