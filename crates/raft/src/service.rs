@@ -354,7 +354,8 @@ impl pb::raft_server::Raft for RaftService {
                 "the state summary is not as long as the manifest says",
             ));
         }
-        let _installing = self.installing.lock().await;
+        // Owned: it moves into the task that installs, and lives as long as it does.
+        let installing = std::sync::Arc::clone(&self.installing).lock_owned().await;
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.last_applied >= manifest.meta.last_log_id {
             // Already applied (an earlier transfer of it, or the entries it covers).
@@ -386,34 +387,42 @@ impl pb::raft_server::Raft for RaftService {
         }
         receiving.check_complete()?;
         incoming.manifest = Some(manifest.clone());
-        let last = manifest.meta.last_log_id;
-        let response = self
-            .raft
-            .install_full_snapshot(
-                vote,
-                Snapshot {
-                    meta: manifest.meta.clone(),
-                    snapshot: Box::new(incoming),
-                },
-            )
-            .await
-            .map_err(|err| Status::unavailable(err.to_string()))?;
         // openraft answers once the install is queued; the files move when the state
         // machine takes it. Until then another transfer must not write into the
-        // same `incoming-` directory, so the lock is held until it is applied.
-        let installed = self
-            .raft
-            .wait(Some(INSTALL_WAIT))
-            .metrics(
-                |m| m.last_applied >= last || m.running_state.is_err(),
-                "the snapshot applied",
-            )
-            .await;
-        if let Err(err) = installed {
-            return Err(Status::unavailable(format!(
-                "the snapshot was not applied within {INSTALL_WAIT:?}: {err}"
-            )));
-        }
+        // same `incoming-` directory, so the lock is held until it is applied: in a
+        // task of its own, so that a leader that gives up on this call (and drops it)
+        // does not release the lock while the install is still queued.
+        let raft = self.raft.clone();
+        let installed = tokio::spawn(async move {
+            let last = manifest.meta.last_log_id;
+            let response = raft
+                .install_full_snapshot(
+                    vote,
+                    Snapshot {
+                        meta: manifest.meta.clone(),
+                        snapshot: Box::new(incoming),
+                    },
+                )
+                .await
+                .map_err(|err| Status::unavailable(err.to_string()))?;
+            let applied = raft
+                .wait(Some(INSTALL_WAIT))
+                .metrics(
+                    |m| m.last_applied >= last || m.running_state.is_err(),
+                    "the snapshot applied",
+                )
+                .await;
+            drop(installing);
+            if let Err(err) = applied {
+                return Err(Status::unavailable(format!(
+                    "the snapshot was not applied within {INSTALL_WAIT:?}: {err}"
+                )));
+            }
+            Ok(response)
+        });
+        let response = installed
+            .await
+            .map_err(|err| Status::internal(format!("installing the snapshot: {err}")))??;
         json(&response).map(Response::new)
     }
 }
