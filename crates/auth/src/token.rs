@@ -23,6 +23,15 @@ pub fn hash(token: &str) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
+/// The ACL file's entry for `token`, naming `principal`: what `keel token create`
+/// adds, with the token's hash only.
+pub fn acl_entry(principal: &str, token: &str) -> String {
+    format!(
+        "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{}\"\n",
+        hash(token)
+    )
+}
+
 /// Random bytes in hex (a per-instance secret).
 ///
 /// # Errors

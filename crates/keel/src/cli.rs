@@ -821,11 +821,7 @@ fn create_token(args: &TokenCreateArgs) -> anyhow::Result<()> {
 
     let token = keel_auth::token::generate()
         .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
-    let entry = format!(
-        "\n[[token]]\nprincipal = \"{}\"\nsha256 = \"{}\"\n",
-        args.principal,
-        keel_auth::token::hash(&token)
-    );
+    let entry = format!("\n{}", keel_auth::token::acl_entry(&args.principal, &token));
     match &args.acl {
         Some(path) => {
             let mut file = std::fs::OpenOptions::new()

@@ -282,13 +282,14 @@ async fn allowed_targets(
     principal: &Principal,
     registration: &Registration,
 ) -> Result<(), RegistryError> {
+    let principal_targets = state.auth.register_targets(principal, &registration.name);
     let lists = [
         (
-            state.config.allow_targets.clone(),
+            state.config.allow_targets.as_ref(),
             "--allow-targets".to_owned(),
         ),
         (
-            state.auth.register_targets(principal, &registration.name),
+            principal_targets.as_ref(),
             format!("the ACL's targets for {principal}"),
         ),
     ];

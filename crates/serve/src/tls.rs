@@ -79,6 +79,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 ///
 /// The file cannot be read or holds no certificate.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    named(path)?;
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|err| TlsError::file(path, err))?
         .collect::<Result<Vec<_>, _>>()
@@ -95,7 +96,19 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 ///
 /// The file cannot be read or holds no key.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    named(path)?;
     PrivateKeyDer::from_pem_file(path).map_err(|err| TlsError::file(path, err))
+}
+
+/// A path left empty (a config file's `[tls]` section without `cert` or `key`)
+/// is a setting to fill in, not a file that is missing.
+fn named(path: &Path) -> Result<(), TlsError> {
+    if path.as_os_str().is_empty() {
+        return Err(TlsError::setting(
+            "a certificate or key file is not set: give both cert and key (--tls-cert, --tls-key)",
+        ));
+    }
+    Ok(())
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -260,5 +273,7 @@ mod tests {
         std::fs::write(&empty, "not PEM").expect("written");
         let err = load_certs(&empty).expect_err("empty");
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
+        let unset = load_key(Path::new("")).expect_err("unset");
+        assert!(unset.to_string().contains("--tls-key"), "{unset}");
     }
 }

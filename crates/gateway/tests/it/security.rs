@@ -13,9 +13,9 @@ async fn issue_19_the_gateway_should_read_a_registry_with_an_acl_by_its_token() 
     let acl = dir.path().join("acl.toml");
     let mut text = String::new();
     for principal in ["gateway", "echo"] {
-        text.push_str(&format!(
-            "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{}\"\n",
-            keel_auth::token::hash(&format!("{principal}-token"))
+        text.push_str(&keel_auth::token::acl_entry(
+            principal,
+            &format!("{principal}-token"),
         ));
     }
     text.push_str(

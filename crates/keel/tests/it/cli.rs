@@ -521,9 +521,9 @@ async fn issue_19_a_demo_should_work_against_a_registry_and_log_service_with_an_
     let acl = dir.path().join("acl.toml");
     let mut text = String::new();
     for principal in ["log", "visit"] {
-        text.push_str(&format!(
-            "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{}\"\n",
-            keel_auth::token::hash(&format!("{principal}-token"))
+        text.push_str(&keel_auth::token::acl_entry(
+            principal,
+            &format!("{principal}-token"),
         ));
     }
     text.push_str(

@@ -17,9 +17,9 @@ use crate::support::{TestServer, config};
 fn write_acl(file: &Path, alice_topics: &str) {
     let mut text = String::new();
     for principal in ["alice", "bob"] {
-        text.push_str(&format!(
-            "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{}\"\n\n",
-            keel_auth::token::hash(&format!("{principal}-token"))
+        text.push_str(&keel_auth::token::acl_entry(
+            principal,
+            &format!("{principal}-token"),
         ));
     }
     text.push_str(&format!(

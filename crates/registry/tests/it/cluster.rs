@@ -341,9 +341,9 @@ async fn issue_19_another_principal_should_not_remove_an_instance_through_any_no
     let acl = dir.path().join("acl.toml");
     let mut text = String::new();
     for principal in ["alice", "mallory"] {
-        text.push_str(&format!(
-            "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{}\"\n",
-            keel_auth::token::hash(&format!("{principal}-token"))
+        text.push_str(&keel_auth::token::acl_entry(
+            principal,
+            &format!("{principal}-token"),
         ));
     }
     // A plaintext cluster: its nodes call each other without credentials.

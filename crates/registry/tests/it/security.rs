@@ -140,9 +140,9 @@ async fn issue_19_registrations_aimed_outside_the_allowed_targets_should_be_refu
 fn acl(dir: &std::path::Path) -> std::path::PathBuf {
     let mut text = String::new();
     for principal in ["alice", "mallory", "ops"] {
-        text.push_str(&format!(
-            "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{}\"\n\n",
-            keel_auth::token::hash(&format!("{principal}-token"))
+        text.push_str(&keel_auth::token::acl_entry(
+            principal,
+            &format!("{principal}-token"),
         ));
     }
     text.push_str(
