@@ -20,7 +20,7 @@ use keel_commitlog::{Offset, Record};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use keel_serve::http::{ErrorBody, read_body};
+use keel_serve::http::{ErrorBody, discard_body, read_body};
 
 use crate::error::{LogServiceError, json_error};
 use crate::metrics::{ServiceFigures, render_metrics};
@@ -63,6 +63,24 @@ impl AppState {
         self.auth
             .check(headers, peer, action, Resource::Topic(topic))?;
         Ok(())
+    }
+
+    /// [`Self::allow`] for a route with a body: a refused request's body is read
+    /// (a little of it) before the refusal goes out; see [`discard_body`].
+    async fn allow_with_body(
+        &self,
+        who: (&HeaderMap, &Peer),
+        action: Action,
+        topic: &str,
+        body: Body,
+    ) -> Result<Body, LogServiceError> {
+        match self.allow(who, action, topic) {
+            Ok(()) => Ok(body),
+            Err(err) => {
+                discard_body(body).await;
+                Err(err)
+            }
+        }
     }
 }
 
@@ -234,7 +252,9 @@ async fn produce_original(
     peer: Peer,
     body: Body,
 ) -> Result<Response, LogServiceError> {
-    state.allow((&headers, &peer), Action::Produce, "")?;
+    let body = state
+        .allow_with_body((&headers, &peer), Action::Produce, "", body)
+        .await?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ProduceOriginal = parse_json(&body)?;
     let value = decode_value(request.record.value.as_deref().unwrap_or(""))?;
@@ -249,7 +269,9 @@ async fn consume_original(
     peer: Peer,
     body: Body,
 ) -> Result<Response, LogServiceError> {
-    state.allow((&headers, &peer), Action::Consume, "")?;
+    let body = state
+        .allow_with_body((&headers, &peer), Action::Consume, "", body)
+        .await?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ConsumeOriginal = parse_json(&body)?;
     let record = state.topics.get("")?.read(request.offset).await?;
@@ -267,7 +289,9 @@ async fn log_sink(
     body: Body,
 ) -> Result<Response, LogServiceError> {
     let sink = state.topics.config().log_sink_topic.clone();
-    state.allow((&headers, &peer), Action::Produce, &sink)?;
+    let body = state
+        .allow_with_body((&headers, &peer), Action::Produce, &sink, body)
+        .await?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let mut line = &body[..];
     while let [rest @ .., b'\n' | b'\r'] = line {
@@ -339,7 +363,9 @@ async fn produce_records(
     peer: Peer,
     body: Body,
 ) -> Result<Response, LogServiceError> {
-    state.allow((&headers, &peer), Action::Produce, &topic)?;
+    let body = state
+        .allow_with_body((&headers, &peer), Action::Produce, &topic, body)
+        .await?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let json = headers
         .get(header::CONTENT_TYPE)

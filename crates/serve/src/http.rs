@@ -119,6 +119,29 @@ pub async fn read_body(body: Body, max: u64) -> Result<Bytes, BodyError> {
     Ok(Bytes::from(buf))
 }
 
+/// How much of a refused request's body [`discard_body`] reads, and for how long.
+pub const DISCARD_LIMIT: u64 = 64 * 1024;
+/// See [`DISCARD_LIMIT`].
+pub const DISCARD_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads and drops the body of a request refused before its body was read (401,
+/// 403), up to [`DISCARD_LIMIT`] bytes and [`DISCARD_WITHIN`]. An HTTP/2 client still
+/// sending a small body then gets the refusal, not a reset stream: some clients
+/// (curl 7.x) report an early answer followed by a reset as a framing error.
+pub async fn discard_body(body: Body) {
+    let mut stream = body.into_data_stream();
+    let drain = async {
+        let mut len: u64 = 0;
+        while len <= DISCARD_LIMIT {
+            match stream.next().await {
+                Some(Ok(chunk)) => len += chunk.len() as u64,
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_WITHIN, drain).await;
+}
+
 /// The content type of the Prometheus text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
@@ -232,6 +255,18 @@ mod tests {
             serde_json::from_str(&ErrorBody::new("bad_request", "m").field("name").to_json())
                 .unwrap();
         assert_eq!(blamed["error"]["field"], "name");
+    }
+
+    #[tokio::test]
+    async fn discard_body_should_stop_at_its_limit_and_deadline() {
+        discard_body(Body::from(vec![7u8; 16])).await;
+        let endless =
+            futures::stream::repeat_with(|| Ok::<_, std::io::Error>(Bytes::from(vec![0u8; 1024])));
+        discard_body(Body::from_stream(endless)).await;
+        let silent = futures::stream::pending::<Result<Bytes, std::io::Error>>();
+        let started = std::time::Instant::now();
+        discard_body(Body::from_stream(silent)).await;
+        assert!(started.elapsed() >= DISCARD_WITHIN);
     }
 
     #[tokio::test]

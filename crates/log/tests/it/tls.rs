@@ -235,7 +235,7 @@ async fn issue_19_curl_should_reach_the_http_api_over_tls_with_its_cacert() {
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         tokio::task::spawn_blocking(move || {
             std::process::Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
                 .arg(ca)
                 .args(extra)
                 .arg(url)
@@ -250,7 +250,12 @@ async fn issue_19_curl_should_reach_the_http_api_over_tls_with_its_cacert() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
     let out = curl(&["--data-binary", "anonymous"]).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "401",
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The Python client the original tutorials use (`grpcio`), through
