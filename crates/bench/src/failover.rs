@@ -69,7 +69,7 @@ fn spawn(keel: &str, node: &NodeProcess, peers: &str) -> anyhow::Result<Child> {
 }
 
 async fn wait_ready(addr: &str) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ready = http

@@ -91,7 +91,7 @@ async fn start_registry(nodes: usize) -> anyhow::Result<Registries> {
         )?);
     }
     // Ready: a leader, every node caught up; then who leads.
-    let client = reqwest::Client::new();
+    let client = keel_serve::client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     for node in &started {
         loop {
@@ -140,7 +140,7 @@ where
     for worker in 0..CLIENTS {
         let request = request.clone();
         tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
+            let client = keel_serve::client::new();
             let mut latencies = histogram()?;
             let mut i = worker;
             while Instant::now() < deadline {
@@ -207,10 +207,12 @@ pub(crate) async fn registrations(common: &Common, nodes: usize) -> anyhow::Resu
 /// Lookups of one service's instances, 1 000 instances registered.
 pub(crate) async fn lookups(common: &Common, nodes: usize) -> anyhow::Result<Outcome> {
     let target = start_registry(nodes).await?;
-    populate(&reqwest::Client::new(), &target.write).await?;
+    populate(&keel_serve::client::new(), &target.write).await?;
     // Every read node has applied the population before the clock starts.
     for node in &target.read {
-        reqwest::get(format!("{node}/v1/services?consistent"))
+        keel_serve::client::new()
+            .get(format!("{node}/v1/services?consistent"))
+            .send()
             .await?
             .error_for_status()?;
     }
@@ -251,7 +253,7 @@ pub(crate) async fn notification_latency(
 ) -> anyhow::Result<Outcome> {
     let target = start_registry(nodes).await?;
     let url = target.write.clone();
-    let client = reqwest::Client::new();
+    let client = keel_serve::client::new();
     populate(&client, &url).await?;
 
     // The dependent: records when each notification arrives.

@@ -38,7 +38,7 @@ pub(crate) async fn registrar(
     recorder: Arc<Recorder>,
     stop: Arc<AtomicBool>,
 ) {
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .timeout(ATTEMPT_TIMEOUT)
         .build()
         .unwrap_or_default();

@@ -124,7 +124,7 @@ async fn appender(
     stop: Arc<AtomicBool>,
     idempotent: bool,
 ) {
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .timeout(ATTEMPT_TIMEOUT)
         .build()
         .unwrap_or_default();
@@ -201,7 +201,7 @@ async fn read_all(http: &reqwest::Client, addr: &str) -> Option<Vec<(u64, String
 
 /// A reading client: linearizable reads of the whole topic from each node in turn.
 async fn reader(process: u64, addrs: Vec<String>, recorder: Arc<Recorder>, stop: Arc<AtomicBool>) {
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap_or_default();
@@ -327,7 +327,7 @@ async fn settled<S>(mut read: impl AsyncFnMut() -> S, agrees: impl Fn(&S) -> boo
 /// check is not an error: it is in the report.
 pub async fn run(config: &RunConfig) -> std::io::Result<Report> {
     std::fs::create_dir_all(&config.dir)?;
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .map_err(std::io::Error::other)?;

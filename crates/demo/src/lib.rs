@@ -87,7 +87,7 @@ pub async fn run(
 ) -> Result<(), DemoError> {
     let service = keel_sdk::Service::new(config.service.clone());
     let discovery = service.discovery();
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .timeout(std::time::Duration::from_secs(5))
         .build()
         .map_err(|err| DemoError::Start(err.to_string()))?;

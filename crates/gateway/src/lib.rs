@@ -62,7 +62,7 @@ pub async fn run(
     let discovery = Discovery::default();
     let gateway = Arc::new(Gateway::new(config.clone(), discovery.clone()));
     let token = CancellationToken::new();
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .build()
         .map_err(GatewayError::RegistryClient)?;
     let watcher = {

@@ -26,7 +26,7 @@ async fn a_100_mib_body_should_stream_through_without_buffering() {
     until_routed(gateway.addr, "upload", 1).await;
     let before = rss_bytes();
     let size = 100 * 1024 * 1024;
-    let response = reqwest::Client::new()
+    let response = keel_serve::client::new()
         .post(format!("http://{}/upload/sink", gateway.addr))
         .body(reqwest::Body::wrap_stream(futures::StreamExt::map(
             streamed_body(size).into_data_stream(),
@@ -62,7 +62,9 @@ async fn a_100_mib_chunked_answer_should_stream_through_without_buffering() {
     register(registry.addr, "download", source).await;
     let gateway = gateway(registry.addr, |_| {}).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while reqwest::get(format!("http://{}/download/", gateway.addr))
+    while keel_serve::client::new()
+        .get(format!("http://{}/download/", gateway.addr))
+        .send()
         .await
         .map_or(true, |r| r.status() != StatusCode::OK)
     {
@@ -71,7 +73,9 @@ async fn a_100_mib_chunked_answer_should_stream_through_without_buffering() {
     }
 
     let before = rss_bytes();
-    let mut response = reqwest::get(format!("http://{}/download/", gateway.addr))
+    let mut response = keel_serve::client::new()
+        .get(format!("http://{}/download/", gateway.addr))
+        .send()
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);

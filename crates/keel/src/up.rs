@@ -210,7 +210,7 @@ pub async fn up(
         .with_context(|| format!("creating {}", logs_dir.display()))?;
     check_ports(&args)?;
 
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .context("building the HTTP client")?;

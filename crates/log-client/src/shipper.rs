@@ -140,7 +140,7 @@ async fn send_batches(
     if let Some(authorization) = authorization {
         headers.insert(reqwest::header::AUTHORIZATION, authorization);
     }
-    let client = match reqwest::Client::builder()
+    let client = match keel_serve::client::builder()
         .timeout(Duration::from_secs(5))
         .default_headers(headers)
         .build()

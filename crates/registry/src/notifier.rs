@@ -269,7 +269,7 @@ mod tests {
     #[tokio::test]
     async fn idle_workers_should_leave_and_come_back_when_needed() {
         let mut notifier = Notifier::new(
-            reqwest::Client::new(),
+            keel_serve::client::new(),
             Duration::from_millis(200),
             0,
             8,

@@ -515,7 +515,7 @@ mod tests {
     #[tokio::test]
     async fn issue_18_a_late_copy_of_a_keyed_registration_should_not_bring_back_the_instance() {
         let notifier = Notifier::new(
-            reqwest::Client::new(),
+            keel_serve::client::new(),
             Duration::from_secs(5),
             1,
             64,
@@ -549,7 +549,7 @@ mod tests {
         // The keys survive a snapshot.
         let copy = Registry::new(
             Notifier::new(
-                reqwest::Client::new(),
+                keel_serve::client::new(),
                 Duration::from_secs(5),
                 1,
                 64,
@@ -577,7 +577,7 @@ mod tests {
     async fn issue_17_a_registry_taking_the_lead_should_send_what_the_outbox_holds_once() {
         let (url, got) = dependent().await;
         let notifier = Notifier::new(
-            reqwest::Client::new(),
+            keel_serve::client::new(),
             Duration::from_secs(5),
             1,
             64,

@@ -21,7 +21,7 @@ pub(crate) fn build(
     config: &RegistryConfig,
 ) -> Result<(Arc<Registry>, reqwest::Client), RegistryError> {
     config.validate()?;
-    let mut client = reqwest::Client::builder()
+    let mut client = keel_serve::client::builder()
         .connect_timeout(config.check_timeout.min(config.notify_timeout))
         .pool_idle_timeout(Duration::from_secs(30))
         // A redirect would let an instance aim the registry's checks and

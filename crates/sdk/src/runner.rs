@@ -317,7 +317,7 @@ fn registration(
 
 /// An HTTP client for the registry whose timeout outlasts a blocking watch.
 fn registry_http(config: &ServiceConfig) -> Result<reqwest::Client, SdkError> {
-    reqwest::Client::builder()
+    keel_serve::client::builder()
         .timeout(config.watch_wait + Duration::from_secs(10))
         .build()
         .map_err(SdkError::Client)

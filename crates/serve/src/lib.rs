@@ -21,9 +21,11 @@
 //! It is also the one home of what every keel server does the same way over HTTP
 //! ([`http`]: the JSON error envelope, bounded bodies, Prometheus text, serving until
 //! shutdown) and of the error a component's config validation returns
-//! ([`InvalidConfig`]). It depends on no other keel crate.
+//! ([`InvalidConfig`]), and of keel's TLS ([`tls`]) and outbound HTTP clients
+//! ([`client`]). It depends on no other keel crate.
 
 mod app;
+pub mod client;
 mod fd_limit;
 pub mod fuzz;
 pub mod http;

@@ -28,7 +28,7 @@ async fn method_path_query_headers_body_and_status_should_pass_through() {
     let gateway = gateway(registry.addr, |_| {}).await;
     until_routed(gateway.addr, "echo", 1).await;
 
-    let response = reqwest::Client::new()
+    let response = keel_serve::client::new()
         .post(format!("http://{}/echo/deep/path?x=1&y=two", gateway.addr))
         .header("x-custom", "kept")
         .header("connection", "keep-alive, x-drop-me")
@@ -72,7 +72,9 @@ async fn strip_prefix_should_remove_the_service_segment() {
     })
     .await;
     until_routed(gateway.addr, "api", 1).await;
-    let echo: Value = reqwest::get(format!("http://{}/api/users/7", gateway.addr))
+    let echo: Value = keel_serve::client::new()
+        .get(format!("http://{}/api/users/7", gateway.addr))
+        .send()
         .await
         .unwrap()
         .json()
@@ -91,7 +93,7 @@ async fn load_should_spread_over_instances_and_survive_one_being_killed() {
     register(registry.addr, "visit", b.running.addr).await;
     let gateway = gateway(registry.addr, |_| {}).await;
     until_routed(gateway.addr, "visit", 2).await;
-    let client = reqwest::Client::new();
+    let client = keel_serve::client::new();
     let (a0, b0) = (
         a.hits.load(Ordering::Relaxed),
         b.hits.load(Ordering::Relaxed),
@@ -137,7 +139,7 @@ async fn all_instances_dead_should_be_502_then_503_and_unknown_service_404() {
     until_routed(gateway.addr, "gone", 1).await;
     dead.running.stop();
     until_closed(dead.running.addr).await;
-    let client = reqwest::Client::new();
+    let client = keel_serve::client::new();
     let (status, code, message) = error_code(
         client
             .get(format!("http://{}/gone/x", gateway.addr))
@@ -208,7 +210,9 @@ async fn slow_upstream_should_be_504_at_the_configured_timeout() {
     .await;
     until_routed(gateway.addr, "slow", 1).await;
     let started = Instant::now();
-    let response = reqwest::get(format!("http://{}/slow/slow", gateway.addr))
+    let response = keel_serve::client::new()
+        .get(format!("http://{}/slow/slow", gateway.addr))
+        .send()
         .await
         .unwrap();
     let elapsed = started.elapsed();
@@ -230,7 +234,7 @@ async fn oversized_headers_should_be_431() {
     register(registry.addr, "echo", echo.running.addr).await;
     let gateway = gateway(registry.addr, |config| config.max_header_bytes = 2048).await;
     until_routed(gateway.addr, "echo", 1).await;
-    let response = reqwest::Client::new()
+    let response = keel_serve::client::new()
         .get(format!("http://{}/echo/x", gateway.addr))
         .header("x-big", "v".repeat(4096))
         .send()
@@ -255,7 +259,7 @@ async fn connections_over_the_limit_should_wait_while_every_one_is_mid_request()
     let gateway = gateway(registry.addr, |config| config.max_connections = 1).await;
     until_routed(gateway.addr, "echo", 1).await;
     // Fresh connections each time, so that no idle pooled one holds the only slot.
-    let client = reqwest::Client::builder()
+    let client = keel_serve::client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
@@ -305,7 +309,7 @@ async fn failures_after_sending_should_be_retried_only_for_idempotent_methods() 
     // Never eject: requests keep alternating between the two instances.
     let gateway = gateway(registry.addr, |config| config.eject_after = 1000).await;
     until_routed(gateway.addr, "flaky", 1).await;
-    let client = reqwest::Client::new();
+    let client = keel_serve::client::new();
     for i in 0..10 {
         let response = client
             .get(format!("http://{}/flaky/read", gateway.addr))
@@ -346,7 +350,9 @@ async fn admin_address_should_serve_health_and_metrics() {
     let gateway = gateway(registry.addr, |_| {}).await;
     until_routed(gateway.addr, "echo", 1).await;
     let admin = gateway.admin.unwrap();
-    let health: Value = reqwest::get(format!("http://{admin}/healthz"))
+    let health: Value = keel_serve::client::new()
+        .get(format!("http://{admin}/healthz"))
+        .send()
         .await
         .unwrap()
         .json()
@@ -361,10 +367,14 @@ async fn admin_address_should_serve_health_and_metrics() {
         .await
     };
     let (ok, missing) = (count("2xx").await, count("4xx").await);
-    reqwest::get(format!("http://{}/echo/x", gateway.addr))
+    keel_serve::client::new()
+        .get(format!("http://{}/echo/x", gateway.addr))
+        .send()
         .await
         .unwrap();
-    reqwest::get(format!("http://{}/nosuch/x", gateway.addr))
+    keel_serve::client::new()
+        .get(format!("http://{}/nosuch/x", gateway.addr))
+        .send()
         .await
         .unwrap();
     assert_eq!(
@@ -377,7 +387,7 @@ async fn admin_address_should_serve_health_and_metrics() {
 async fn an_https_instance_should_get_a_clear_502() {
     let registry = registry().await;
     let body = serde_json::json!({"name": "secure", "addr": "https://127.0.0.1:9"});
-    reqwest::Client::new()
+    keel_serve::client::new()
         .post(format!("http://{}/services", registry.addr))
         .json(&body)
         .send()
@@ -386,7 +396,9 @@ async fn an_https_instance_should_get_a_clear_502() {
     let gateway = gateway(registry.addr, |_| {}).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let response = reqwest::get(format!("http://{}/secure/x", gateway.addr))
+        let response = keel_serve::client::new()
+            .get(format!("http://{}/secure/x", gateway.addr))
+            .send()
             .await
             .unwrap();
         if response.status() == StatusCode::BAD_GATEWAY {
@@ -430,7 +442,7 @@ async fn an_unanswering_instance_should_fail_over_at_the_connect_timeout() {
     .await;
     // Both were registered before the gateway started, so its first table has both.
     until_routed(gateway.addr, "svc", 1).await;
-    let client = reqwest::Client::new();
+    let client = keel_serve::client::new();
     for n in 0..4 {
         let started = Instant::now();
         let response = client

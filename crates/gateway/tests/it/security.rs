@@ -36,7 +36,7 @@ async fn issue_19_the_gateway_should_read_a_registry_with_an_acl_by_its_token() 
     }));
 
     let echo = backend("a").await;
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let registered = http
         .post(format!("http://{registry}/services"))
         .bearer_auth("echo-token")

@@ -146,7 +146,7 @@ pub(crate) async fn backend(name: &'static str) -> Backend {
 
 pub(crate) async fn register(registry: SocketAddr, service: &str, backend: SocketAddr) {
     let body = serde_json::json!({"name": service, "addr": backend.to_string()});
-    let response = reqwest::Client::new()
+    let response = keel_serve::client::new()
         .post(format!("http://{registry}/services"))
         .json(&body)
         .send()
@@ -158,7 +158,7 @@ pub(crate) async fn register(registry: SocketAddr, service: &str, backend: Socke
 /// Waits until the gateway routes to `service` (its table follows the registry).
 pub(crate) async fn until_routed(gateway: SocketAddr, service: &str, instances: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let client = reqwest::Client::new();
+    let client = keel_serve::client::new();
     let mut seen = std::collections::HashSet::new();
     while seen.len() < instances {
         assert!(
@@ -219,7 +219,9 @@ pub(crate) async fn until_closed(addr: SocketAddr) {
 /// labels, as written (`keel_gateway_responses_total{class="2xx"}`).
 pub(crate) async fn counter(gateway: &Running, name: &str) -> u64 {
     let admin = gateway.admin.expect("a gateway has an admin address");
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+    let metrics = keel_serve::client::new()
+        .get(format!("http://{admin}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()

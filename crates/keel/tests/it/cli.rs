@@ -486,7 +486,7 @@ async fn issue_19_the_log_service_should_register_with_a_registry_that_has_an_ac
         dir.path(),
         &["--registry", &registry_url, "--registry-token", "log-token"],
     );
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let listed: serde_json::Value = http
@@ -561,7 +561,7 @@ async fn issue_19_a_demo_should_work_against_a_registry_and_log_service_with_an_
         ],
         &[],
     );
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let counted: serde_json::Value = loop {
         let answer = http

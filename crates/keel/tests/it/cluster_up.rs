@@ -38,7 +38,7 @@ struct Seen {
 /// Visits, grade writes and log produces through the front door, one after
 /// another, until `stop`.
 async fn load(front: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(0)
         .build()
@@ -164,7 +164,7 @@ async fn kill(up: &Up, label: &str, seen: &Mutex<Seen>) -> Duration {
             || {
                 let ready = ready.clone();
                 async move {
-                    let response = reqwest::get(&ready).await.ok()?;
+                    let response = keel_serve::client::new().get(&ready).send().await.ok()?;
                     response.status().is_success().then_some(())
                 }
             },
@@ -259,7 +259,7 @@ async fn issue_17_keel_up_cluster_should_lose_nothing_when_any_one_process_is_ki
         );
     }
 
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     acknowledged_records_should_be_on_every_log_node(&up, &http, &seen).await;
     acknowledged_grades_should_be_kept(&http, &front, &seen).await;
     every_part_should_be_registered_on_every_registry_node(&up, &http).await;

@@ -43,7 +43,7 @@ async fn every_request_should_be_in_the_access_log_topic() {
     let (log_addr, _log) = start_log_service().await;
     let (registry, _registry) = start_registry().await;
     let (echo, _echo) = start_backend().await;
-    let registered = reqwest::Client::new()
+    let registered = keel_serve::client::new()
         .post(format!("http://{registry}/services"))
         .json(&serde_json::json!({"name": "echo", "addr": echo.to_string()}))
         .send()
@@ -65,15 +65,21 @@ async fn every_request_should_be_in_the_access_log_topic() {
         let _ = stopped.await;
     }));
     eventually("the gateway routes to echo", async || {
-        reqwest::get(format!("http://{gateway}/echo/ping"))
+        keel_serve::client::new()
+            .get(format!("http://{gateway}/echo/ping"))
+            .send()
             .await
             .is_ok_and(|response| response.status().is_success())
     })
     .await;
-    reqwest::get(format!("http://{gateway}/echo/logged?q=1"))
+    keel_serve::client::new()
+        .get(format!("http://{gateway}/echo/logged?q=1"))
+        .send()
         .await
         .unwrap();
-    reqwest::get(format!("http://{gateway}/nosuch/x"))
+    keel_serve::client::new()
+        .get(format!("http://{gateway}/nosuch/x"))
+        .send()
         .await
         .unwrap();
 

@@ -42,7 +42,7 @@ fn haproxy() -> Option<String> {
 async fn until_answers(url: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
-        if let Ok(response) = reqwest::get(url).await
+        if let Ok(response) = keel_serve::client::new().get(url).send().await
             && response.status().is_success()
         {
             return;
@@ -78,7 +78,7 @@ async fn registry_with_echo() -> (SocketAddr, oneshot::Sender<()>, oneshot::Send
             })
             .await
     });
-    let registered = reqwest::Client::new()
+    let registered = keel_serve::client::new()
         .post(format!("http://{registry}/services"))
         .json(&serde_json::json!({"name": "echo", "addr": echo.to_string()}))
         .send()
@@ -146,7 +146,7 @@ async fn issue_17_haproxy_in_front_of_two_gateways_should_lose_no_request_when_o
     until_answers(&url, Duration::from_secs(20)).await;
 
     // A steady load; one gateway killed in the middle of it.
-    let http = reqwest::Client::builder()
+    let http = keel_serve::client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();

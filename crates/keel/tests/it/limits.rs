@@ -96,7 +96,7 @@ async fn issue_15_idle_topics_should_cost_no_thread() {
     let dir = tempfile::tempdir().unwrap();
     let served = crate::support::Served::start(dir.path(), &["--sync", "never"]);
     let pid = served.child.id();
-    let client = reqwest::Client::new();
+    let client = keel_serve::client::new();
     let baseline = threads_of(pid);
     let writes: Vec<_> = (0..200)
         .map(|n| {

@@ -28,7 +28,9 @@ fn rss(pid: u32) -> (u64, u64) {
 }
 
 async fn read_ahead_bytes(addr: &str) -> u64 {
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+    let metrics = keel_serve::client::new()
+        .get(format!("http://{addr}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -87,7 +89,16 @@ async fn issue_15_stalled_readers_should_hold_bounded_memory() {
     let ranges: Vec<_> = (0..4)
         .map(|_| {
             let url = format!("http://{}/v1/topics/big/records?max=10000", served.addr);
-            tokio::spawn(async move { reqwest::get(url).await.unwrap().bytes().await.unwrap() })
+            tokio::spawn(async move {
+                keel_serve::client::new()
+                    .get(url)
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap()
+            })
         })
         .collect();
     for range in ranges {

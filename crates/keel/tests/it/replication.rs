@@ -70,7 +70,7 @@ impl Cluster {
     }
 
     async fn wait_ready(&self) {
-        let http = reqwest::Client::new();
+        let http = keel_serve::client::new();
         for node in self.nodes.values() {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -291,7 +291,7 @@ async fn issue_18_a_write_forwarded_to_a_paused_leader_should_not_wait_for_it() 
         .find(|(id, _)| **id != leader)
         .map(|(_, node)| node.addr.clone())
         .unwrap();
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let append = |sequence: u64, value: &'static str| {
         http.post(format!("http://{follower}/v1/topics/paused/records"))
             .header("content-type", "application/octet-stream")

@@ -90,7 +90,10 @@ async fn start_service(name: &str, registry: &str, required: &[&str]) -> Running
 }
 
 async fn listed(registry: &str, name: &str) -> usize {
-    let answer = reqwest::get(format!("{registry}/v1/services/{name}")).await;
+    let answer = keel_serve::client::new()
+        .get(format!("{registry}/v1/services/{name}"))
+        .send()
+        .await;
     match answer {
         Ok(response) => response
             .json::<Vec<serde_json::Value>>()
@@ -117,7 +120,9 @@ async fn services_should_find_each_other_and_deregister_on_shutdown() {
     })
     .await;
     let picked = visit.discovery.pick("log", Policy::Random).unwrap();
-    let body = reqwest::get(&picked.url)
+    let body = keel_serve::client::new()
+        .get(&picked.url)
+        .send()
         .await
         .unwrap()
         .text()

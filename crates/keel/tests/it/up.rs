@@ -179,7 +179,7 @@ async fn keel_up_should_run_the_system_survive_a_killed_instance_and_stop_cleanl
         assert!(up.parts.contains_key(label), "{label} in {:?}", up.parts);
     }
     let gateway = up.url("gateway").to_owned();
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     every_printed_url_should_answer(&up, &http).await;
     let count = visits_should_count_up_on_both_instances(&http, &gateway).await;
     grades_should_be_added_and_bad_ones_refused(&http, &gateway).await;
@@ -293,7 +293,7 @@ async fn the_portal_should_show_grades_and_add_one(http: &reqwest::Client, gatew
         .unwrap();
     assert!(page.contains(r#"<table id="students">"#), "{page}");
     assert!(page.contains("End-to-end quiz"), "{page}");
-    let no_redirects = reqwest::Client::builder()
+    let no_redirects = keel_serve::client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
@@ -487,7 +487,7 @@ async fn the_portal_should_render_in_a_headless_browser() {
     };
     let up = Up::start(&[]);
     let portal = format!("{}/portal/", up.url("gateway"));
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     // A few visits and a grade, so the log and the table have something to show.
     eventually(
         Duration::from_secs(10),
@@ -585,7 +585,9 @@ async fn a_part_that_cannot_start_again_should_be_given_up_and_reported() {
     );
 
     // The rest keeps running.
-    let students = reqwest::get(format!("{}/grading/students", up.url("gateway")))
+    let students = keel_serve::client::new()
+        .get(format!("{}/grading/students", up.url("gateway")))
+        .send()
         .await
         .unwrap();
     assert_eq!(students.status(), reqwest::StatusCode::OK);

@@ -175,7 +175,7 @@ impl Cluster {
 
 /// Waits (with a deadline) until `/readyz` says the node serves current data.
 async fn wait_ready(node: &Node) {
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let last = match http.get(node.url("/readyz")).send().await {
@@ -232,7 +232,7 @@ async fn writes_to_any_node_should_get_the_same_offsets_on_every_node() {
         .expect("batch");
     assert_eq!(batch, 30..32);
     // HTTP to the follower, as curl would.
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let response = http
         .post(follower.url("/v1/topics/orders/records"))
         .header("content-type", "application/json")
@@ -319,7 +319,7 @@ async fn a_retried_append_should_be_stored_once() {
 
     // Over HTTP, with the producer headers.
     let node = cluster.node(1);
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let mut offsets = Vec::new();
     for _ in 0..2 {
         let response = http
@@ -424,7 +424,11 @@ async fn a_node_cut_off_from_the_majority_should_refuse_writes_and_serve_committ
     // Within an election timeout it finds no leader, and says it is not ready.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let response = reqwest::get(node.url("/readyz")).await.expect("readyz");
+        let response = keel_serve::client::new()
+            .get(node.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
         if response.status() == 503 {
             break;
         }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::support::TestServer;
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
+    keel_serve::client::builder()
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap()
@@ -413,7 +413,7 @@ async fn issue_15_connections_past_max_connections_should_wait_for_a_free_slot()
         tokio::net::TcpStream::connect(server.addr).await.unwrap(),
         tokio::net::TcpStream::connect(server.addr).await.unwrap(),
     ];
-    let client = reqwest::Client::builder()
+    let client = keel_serve::client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();

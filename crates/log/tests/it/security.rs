@@ -177,7 +177,7 @@ async fn issue_19_each_topic_action_should_be_allowed_or_denied_over_grpc() {
 async fn issue_19_each_topic_action_should_be_allowed_or_denied_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
-    let http = reqwest::Client::new();
+    let http = keel_serve::client::new();
     let post = |topic: &str, token: Option<&str>| {
         let mut request = http
             .post(server.url(&format!("/v1/topics/{topic}/records")))

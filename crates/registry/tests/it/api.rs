@@ -12,7 +12,7 @@ use keel_registry::RegistryConfig;
 use crate::support::{BlackHole, Instance, TestRegistry, fast_config};
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
+    keel_serve::client::builder()
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap()
@@ -528,7 +528,7 @@ async fn follow_should_keep_a_discovery_table_current() {
     let registry = TestRegistry::start(fast_config()).await;
     let discovery = Discovery::default();
     let stop = tokio_util::sync::CancellationToken::new();
-    let client = RegistryClient::new(&registry.url(""), reqwest::Client::new());
+    let client = RegistryClient::new(&registry.url(""), keel_serve::client::new());
     tokio::spawn(follow(
         client,
         discovery.clone(),
@@ -737,7 +737,7 @@ async fn issue_15_half_sent_heads_and_extra_connections_should_not_hold_the_regi
     );
     // Past max_connections, a client waits until a connection closes: four blocking
     // watches hold every slot.
-    let client = reqwest::Client::builder()
+    let client = keel_serve::client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
@@ -846,7 +846,7 @@ async fn issue_17_a_client_of_several_nodes_should_pass_over_the_dead_and_the_un
     tokio::spawn(async move { axum::serve(unready, app).await });
     // Port 1 on loopback refuses connections: a dead node.
     let nodes = format!("http://127.0.0.1:1, {unready_addr} ,{}", registry.url(""));
-    let client = RegistryClient::new(&nodes, reqwest::Client::new());
+    let client = RegistryClient::new(&nodes, keel_serve::client::new());
     assert_eq!(client.bases().len(), 3);
     let log = Instance::start().await;
     let registration = keel_registry::Registration::parse(
@@ -861,7 +861,7 @@ async fn issue_17_a_client_of_several_nodes_should_pass_over_the_dead_and_the_un
     assert_eq!(refused.load(Ordering::SeqCst), 1, "not asked again");
 
     // With one node only, a 503 is the answer.
-    let alone = RegistryClient::new(&format!("http://{unready_addr}"), reqwest::Client::new());
+    let alone = RegistryClient::new(&format!("http://{unready_addr}"), keel_serve::client::new());
     assert!(matches!(
         alone.services().await,
         Err(keel_registry::RegistryClientError::Refused { status: 503, .. })

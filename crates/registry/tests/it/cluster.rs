@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::support::{Instance, fast_config};
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
+    keel_serve::client::builder()
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap()

@@ -26,7 +26,7 @@ async fn internal_service() -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 async fn post(registry: &TestRegistry, body: &Value) -> (StatusCode, Value) {
-    let response = reqwest::Client::new()
+    let response = keel_serve::client::new()
         .post(registry.url("/services"))
         .json(body)
         .send()
@@ -124,7 +124,9 @@ async fn issue_19_registrations_aimed_outside_the_allowed_targets_should_be_refu
         0,
         "a request reached the internal service"
     );
-    let listed: Value = reqwest::get(registry.url("/v1/services/peek"))
+    let listed: Value = keel_serve::client::new()
+        .get(registry.url("/v1/services/peek"))
+        .send()
         .await
         .unwrap()
         .json()
@@ -179,7 +181,7 @@ async fn call(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> (StatusCode, Value) {
-    let mut request = reqwest::Client::new().request(method, url);
+    let mut request = keel_serve::client::new().request(method, url);
     if let Some(token) = token {
         request = request.bearer_auth(format!("{token}-token"));
     }
@@ -342,7 +344,7 @@ async fn issue_19_notifications_should_be_signed_with_the_dependents_secret() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let registry = TestRegistry::start(fast_config()).await;
-    let response = reqwest::Client::new()
+    let response = keel_serve::client::new()
         .post(registry.url("/services"))
         .json(&json!({"name": "visit", "addr": dependent.to_string(),
             "update_url": format!("http://{dependent}/services"), "required_services": ["log"]}))

@@ -63,7 +63,9 @@ impl TestRegistry {
 
     /// Health checks made so far (`keel_registry_checks_total`).
     pub(crate) async fn checks_made(&self) -> u64 {
-        let metrics = reqwest::get(self.url("/metrics"))
+        let metrics = keel_serve::client::new()
+            .get(self.url("/metrics"))
+            .send()
             .await
             .unwrap()
             .text()
