@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_sdk::{Discovery, Shipper};
+use keel_serve::tls::ClientTlsFiles;
 use reqwest::StatusCode;
 use serde::Deserialize;
 
@@ -65,16 +66,21 @@ struct Records {
 
 impl DiscoveredLog {
     /// The log service found through `discovery`, called with `http`, and with
-    /// `token` when given (a log service with an ACL). Must be called within a tokio
-    /// runtime (it starts the line shipper).
-    pub fn new(discovery: Discovery, http: reqwest::Client, token: Option<&str>) -> Self {
+    /// `token` when given (a log service with an ACL); lines are shipped with
+    /// `token` and `tls`. Must be called within a tokio runtime (it starts the line
+    /// shipper).
+    pub fn new(
+        discovery: Discovery,
+        http: reqwest::Client,
+        (token, tls): (Option<&str>, Option<&ClientTlsFiles>),
+    ) -> Self {
         let lines = {
             let discovery = discovery.clone();
             Shipper::resolving_as(
                 move || pick_url(&discovery, "log").ok(),
                 "logs",
                 LINE_BUFFER,
-                token,
+                (token, tls),
             )
         };
         Self {

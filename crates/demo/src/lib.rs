@@ -87,12 +87,14 @@ pub async fn run(
 ) -> Result<(), DemoError> {
     let service = keel_sdk::Service::new(config.service.clone());
     let discovery = service.discovery();
-    let http = keel_serve::client::builder()
+    let tls = config.service.tls.as_ref();
+    let http = keel_serve::client::with_tls(keel_serve::client::builder(), tls)
+        .map_err(|err| DemoError::Start(err.to_string()))?
         .timeout(std::time::Duration::from_secs(5))
         .build()
         .map_err(|err| DemoError::Start(err.to_string()))?;
     let token = config.service.token.as_deref();
-    let logs = DiscoveredLog::new(discovery.clone(), http.clone(), token);
+    let logs = DiscoveredLog::new(discovery.clone(), http.clone(), (token, tls));
     let me = std::sync::Arc::new(std::sync::OnceLock::new());
     let router = match demo {
         Demo::Visit => visit::router(logs, me.clone()),

@@ -30,6 +30,10 @@ pub struct GatewayConfig {
     /// The bearer token the gateway reads the registry with, when the registry has
     /// an ACL (it needs `read` on `*`). Default none.
     pub registry_token: Option<String>,
+    /// How the gateway calls the registry and the log service over TLS: the CA
+    /// their certificates chain to, and the certificate it presents, if any.
+    /// Default none: plain HTTP.
+    pub client_tls: Option<keel_serve::tls::ClientTlsFiles>,
     /// Serve the front port with TLS only, with this certificate and key (and, with
     /// `client_ca`, only to clients whose certificate chains to it). Instances see
     /// `X-Forwarded-Proto: https`. Default none: plaintext.
@@ -81,6 +85,9 @@ pub struct GatewayConfig {
     pub watch_wait: Duration,
     /// The log service's URL for the access log (topic `access`); none: no access log.
     pub log_service: Option<String>,
+    /// The bearer token the access log is shipped with, when the log service has
+    /// an ACL (it needs `produce` on the topic `access`). Default none.
+    pub log_service_token: Option<String>,
     /// Connections open at once. At the limit, a new client takes the slot of the
     /// connection that has waited longest for a request (it is closed); when every
     /// connection is mid-request, more wait to be accepted. Default 4096.
@@ -98,6 +105,7 @@ impl Default for GatewayConfig {
             addr: "127.0.0.1:20001".into(),
             registry: "http://127.0.0.1:20000".into(),
             registry_token: None,
+            client_tls: None,
             tls: None,
             balance: Balance::default(),
             request_timeout: Duration::from_secs(30),
@@ -113,6 +121,7 @@ impl Default for GatewayConfig {
             strip_prefix: Vec::new(),
             watch_wait: Duration::from_secs(30),
             log_service: None,
+            log_service_token: None,
             max_connections: 4096,
             max_header_bytes: 16 * 1024,
             workers: 0,

@@ -74,10 +74,17 @@ impl std::ops::Deref for Gateway {
 impl Gateway {
     pub(crate) fn new(config: GatewayConfig, discovery: Discovery) -> Self {
         let upstreams = Upstreams::new(config.connect_timeout);
-        let access_log = config
-            .log_service
-            .as_deref()
-            .map(|url| keel_log_client::Shipper::new(url, "access", 8192));
+        let access_log = config.log_service.as_deref().map(|url| {
+            keel_log_client::Shipper::new_as(
+                url,
+                "access",
+                8192,
+                (
+                    config.log_service_token.as_deref(),
+                    config.client_tls.as_ref(),
+                ),
+            )
+        });
         Self {
             shared: Arc::new(Shared {
                 ejections: Ejections::new(config.eject_after, config.eject_for),

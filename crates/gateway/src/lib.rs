@@ -62,9 +62,11 @@ pub async fn run(
     let discovery = Discovery::default();
     let gateway = Arc::new(Gateway::new(config.clone(), discovery.clone()));
     let token = CancellationToken::new();
-    let http = keel_serve::client::builder()
-        .build()
-        .map_err(GatewayError::RegistryClient)?;
+    let http =
+        keel_serve::client::with_tls(keel_serve::client::builder(), config.client_tls.as_ref())
+            .map_err(|err| keel_serve::InvalidConfig::new("client_tls", err.to_string()))?
+            .build()
+            .map_err(GatewayError::RegistryClient)?;
     let watcher = {
         let gateway = Arc::clone(&gateway);
         tokio::spawn(follow(

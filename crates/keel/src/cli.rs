@@ -168,6 +168,16 @@ struct ClientAuthArgs {
     token: Option<String>,
 }
 
+impl ClientAuthArgs {
+    /// The TLS files to call with, when --ca is given.
+    fn tls_files(&self) -> Option<keel_serve::tls::ClientTlsFiles> {
+        Some(keel_serve::tls::ClientTlsFiles {
+            ca: self.ca.clone()?,
+            identity: self.cert.clone().zip(self.key.clone()),
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
     /// Make a token for PRINCIPAL: prints the token (shown once, keep it secret) on
@@ -337,10 +347,11 @@ struct DemoArgs {
     /// Where grading keeps its SQLite database (grading.sqlite3).
     #[arg(long, default_value = "keel-data/grading")]
     data_dir: PathBuf,
-    /// The bearer token to call the registry and the log service with, when they
-    /// have an ACL.
-    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    /// How to call the registry and the log service: with TLS (--ca, and --cert
+    /// and --key for a certificate naming the service), and with a bearer token
+    /// when they have an ACL.
+    #[command(flatten)]
+    auth: ClientAuthArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -425,6 +436,9 @@ struct ServeArgs {
         requires = "registry"
     )]
     registry_token: Option<String>,
+    /// Trust this CA (PEM) for an `https` registry's certificate.
+    #[arg(long, env = "KEEL_LOG_REGISTRY_CA", requires = "registry")]
+    registry_ca: Option<PathBuf>,
     /// Run as node N of a replicated cluster: with --peers or --join, or alone to
     /// wait until `keel cluster add-node` adds it. Ids are unique and never reused:
     /// a node that lost its data rejoins under a new id.
@@ -497,6 +511,10 @@ struct RegistryServeArgs {
     acl: Option<PathBuf>,
     #[command(flatten)]
     tls: ServerTlsArgs,
+    /// Trust this CA (PEM) for `https` instances' certificates, in health checks
+    /// and notifications [default: the platform's roots].
+    #[arg(long, env = "KEEL_REGISTRY_INSTANCES_CA")]
+    instances_ca: Option<PathBuf>,
     /// Where a cluster node keeps its Raft log and snapshots [default:
     /// keel-data/registry]. A single registry keeps nothing on disk.
     #[arg(long, env = "KEEL_REGISTRY_DATA_DIR")]
@@ -591,10 +609,11 @@ struct GatewayServeArgs {
     /// [default: http://127.0.0.1:20000].
     #[arg(long, env = "KEEL_GATEWAY_REGISTRY")]
     registry: Option<String>,
-    /// The bearer token to read the registry with, when it has an ACL (the token's
-    /// principal needs `read` on `*`).
-    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    /// How to call the registry and the log service: with TLS (--ca, and --cert
+    /// and --key to present a certificate), and with a bearer token to read the
+    /// registry when it has an ACL (the token's principal needs `read` on `*`).
+    #[command(flatten)]
+    auth: ClientAuthArgs,
     #[command(flatten)]
     tls: ServerTlsArgs,
     /// How long an upstream may take to answer before 504 [default: 30s].
@@ -608,6 +627,15 @@ struct GatewayServeArgs {
     /// access log (topic `access`).
     #[arg(long, env = "KEEL_GATEWAY_LOG_SERVICE")]
     log_service: Option<String>,
+    /// The bearer token to ship the access log with, when the log service has an
+    /// ACL (the token's principal needs `produce` on the topic `access`).
+    #[arg(
+        long,
+        env = "KEEL_GATEWAY_LOG_SERVICE_TOKEN",
+        hide_env_values = true,
+        requires = "log_service"
+    )]
+    log_service_token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -908,7 +936,11 @@ fn dev_certs(args: &CertsDevArgs) -> anyhow::Result<()> {
 }
 
 /// Writes `bytes` to `path`, readable by its owner only when `secret`.
-fn write_file(path: &std::path::Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
+pub(crate) fn write_file(
+    path: &std::path::Path,
+    bytes: &[u8],
+    secret: bool,
+) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;

@@ -38,6 +38,7 @@ use supervisor::{Starter, stop_all, supervise};
 
 mod cluster;
 mod front;
+mod secure;
 mod supervisor;
 
 /// The environment variable that tells a part it runs under `keel up`: it also stops
@@ -63,7 +64,7 @@ pub struct UpArgs {
     #[arg(long, env = "KEEL_DATA_DIR", default_value = "keel-data")]
     data_dir: PathBuf,
     /// Start empty: delete the data the parts keep under --data-dir (log/, grading/,
-    /// cluster/, up-logs/) first.
+    /// cluster/, up-logs/, secure/) first.
     #[arg(long)]
     fresh: bool,
     /// Run the system highly available: N registry nodes and N log nodes, each a
@@ -76,6 +77,12 @@ pub struct UpArgs {
     /// Extra instances listen on free ports.
     #[arg(long = "instances", value_name = "SERVICE=N", value_parser = parse_instances)]
     instances: Vec<(Demo, usize)>,
+    /// TLS on the registry, the log service and the gateway, mutual TLS between
+    /// cluster nodes, and an ACL: a development CA and certificates are made in
+    /// --data-dir/secure/ (and kept), with a client certificate for you
+    /// (principal `client`, allowed everything). Prints how to call it with curl.
+    #[arg(long)]
+    secure: bool,
     /// The registry's port; 0 picks a free one.
     #[arg(long, default_value_t = 20000)]
     registry_port: u16,
@@ -194,7 +201,7 @@ pub async fn up(
     let exe = std::env::current_exe().context("finding the keel binary")?;
     let data_dir = args.data_dir.clone();
     if args.fresh {
-        for sub in ["log", "grading", "cluster", "up-logs"] {
+        for sub in ["log", "grading", "cluster", "up-logs", "secure"] {
             let path = data_dir.join(sub);
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {}
@@ -210,7 +217,13 @@ pub async fn up(
         .with_context(|| format!("creating {}", logs_dir.display()))?;
     check_ports(&args)?;
 
-    let http = keel_serve::client::builder()
+    let secure = if args.secure {
+        Some(secure::Secure::prepare(&data_dir.join("secure"))?)
+    } else {
+        None
+    };
+    let client_tls = secure.as_ref().map(secure::Secure::client_tls);
+    let http = keel_serve::client::with_tls(keel_serve::client::builder(), client_tls.as_ref())?
         .timeout(Duration::from_secs(2))
         .build()
         .context("building the HTTP client")?;
@@ -219,6 +232,7 @@ pub async fn up(
         log_level: log_level.to_owned(),
         http,
         registry: String::new(),
+        secure,
     };
     let stop = CancellationToken::new();
     let mut parts: Vec<(Spec, Running)> = Vec::new();
@@ -244,8 +258,17 @@ pub async fn up(
             return Err(err);
         }
     };
-    let roles = roles(&parts).await;
-    println!("{}", table(&parts, &data_dir, front.as_ref(), &roles));
+    let roles = roles(&parts, client_tls.as_ref()).await;
+    println!(
+        "{}",
+        table(
+            &parts,
+            &data_dir,
+            front.as_ref(),
+            &roles,
+            starter.secure.as_ref()
+        )
+    );
 
     // Supervise until shutdown, then stop in reverse start order.
     let supervisors: Vec<JoinHandle<(Spec, Running)>> = parts
@@ -331,7 +354,7 @@ async fn start_all(
         args.registry_port,
     );
     let running = starter.start(&registry).await?;
-    starter.registry = format!("http://{}", running.bound.addr);
+    starter.registry = format!("{}://{}", starter.scheme(), running.bound.addr);
     parts.push((registry.with_addr(running.bound), running));
 
     let log_data = data_dir.join("log").display().to_string();
@@ -349,7 +372,7 @@ async fn start_all(
         args.log_port,
     );
     let running = starter.start(&log).await?;
-    let log_url = format!("http://{}", running.bound.addr);
+    let log_url = format!("{}://{}", starter.scheme(), running.bound.addr);
     parts.push((log.with_addr(running.bound), running));
 
     let mut gateway_args = strings(&["gateway", "serve", "--admin-addr", "127.0.0.1:0"]);
@@ -433,14 +456,28 @@ impl Spec {
 }
 
 /// The role of each Raft node (by address): leader or follower.
-async fn roles(parts: &[(Spec, Running)]) -> BTreeMap<SocketAddr, String> {
+async fn roles(
+    parts: &[(Spec, Running)],
+    tls: Option<&keel_serve::tls::ClientTlsFiles>,
+) -> BTreeMap<SocketAddr, String> {
+    let tls = match tls {
+        Some(files) => match files
+            .identity
+            .as_ref()
+            .map(|(cert, key)| keel_raft::peer::PeerTls::from_files(&files.ca, cert, key))
+        {
+            Some(Ok(tls)) => Some(tls),
+            _ => return BTreeMap::new(),
+        },
+        None => None,
+    };
     let mut roles = BTreeMap::new();
     for (spec, running) in parts {
         if !spec.args.iter().any(|a| a == "--node-id") {
             continue;
         }
         let addr = running.bound.addr;
-        let role = match keel_raft::membership::admin(&addr.to_string()).await {
+        let role = match keel_raft::membership::admin_over(&addr.to_string(), tls.as_ref()).await {
             Ok(mut admin) => match admin
                 .status(keel_proto::raft::v1::ClusterStatusRequest {})
                 .await
@@ -467,7 +504,28 @@ fn table(
     data_dir: &Path,
     front: Option<&Front>,
     roles: &BTreeMap<SocketAddr, String>,
+    secure: Option<&secure::Secure>,
 ) -> String {
+    // How the registry and the log service are called, and the gateway's front.
+    let (s, gateway_curl, client_curl, client_flags) = match secure {
+        Some(secure) => (
+            "https",
+            format!("curl --cacert {}", secure.file("ca.pem")),
+            format!(
+                "curl --cacert {} --cert {} --key {}",
+                secure.file("ca.pem"),
+                secure.file("client.pem"),
+                secure.file("client.key")
+            ),
+            format!(
+                " --ca {} --cert {} --key {}",
+                secure.file("ca.pem"),
+                secure.file("client.pem"),
+                secure.file("client.key")
+            ),
+        ),
+        None => ("http", "curl".to_owned(), "curl".to_owned(), String::new()),
+    };
     let url_of = |kind: Kind| {
         parts
             .iter()
@@ -491,7 +549,7 @@ fn table(
     if let Some(front) = front {
         let _ = writeln!(
             out,
-            "  {:<12} {:<8} {:<21} {:<9} http://{}/visit/   (in keel up: spreads connections over the gateways)",
+            "  {:<12} {:<8} {:<21} {:<9} {s}://{}/visit/   (in keel up: spreads connections over the gateways)",
             "front",
             "-",
             front.addr.to_string(),
@@ -503,12 +561,12 @@ fn table(
         let addr = running.bound.addr;
         // A URL that answers on this very part.
         let try_url = match spec.kind {
-            Kind::Registry => format!("http://{addr}/v1/services"),
-            Kind::Log => format!("http://{addr}/v1/topics   (and gRPC log.v1.Log)"),
+            Kind::Registry => format!("{s}://{addr}/v1/services"),
+            Kind::Log => format!("{s}://{addr}/v1/topics   (and gRPC log.v1.Log)"),
             Kind::Gateway => running
                 .bound
                 .admin
-                .map(|a| format!("http://{a}/metrics   (admin)"))
+                .map(|a| format!("{s}://{a}/metrics   (admin)"))
                 .unwrap_or_default(),
             Kind::Demo(Demo::Grading) => format!("http://{addr}/students"),
             Kind::Demo(Demo::Visit | Demo::Portal) => format!("http://{addr}/"),
@@ -526,19 +584,29 @@ fn table(
         let _ = write!(
             out,
             "\nEvery part has a twin: `kill -9` any one PID above and the rest carry on while\n\
-             keel up restarts it (`keel cluster status --addr {log}` shows the log nodes,\n\
-             `--addr {registry}` the registry nodes).\n"
+             keel up restarts it (`keel cluster status --addr {log}{client_flags}` shows\n\
+             the log nodes, `--addr {registry}` the registry nodes).\n"
         );
     }
     let _ = write!(
         out,
-        "\nTry:\n  curl http://{gateway}/visit/                  count a visit\n  \
-         curl http://{gateway}/grading/students        students and grades\n  \
-         open http://{gateway}/portal/                 the portal page\n  \
-         curl http://{registry}/v1/services            the registry's table\n  \
-         curl 'http://{log}/v1/topics/logs/records?from=0'   log lines\n  \
-         keel consume --addr {log} -t logs --follow\n\nCtrl-C stops everything.\n"
+        "\nTry:\n  {gateway_curl} {s}://{gateway}/visit/                  count a visit\n  \
+         {gateway_curl} {s}://{gateway}/grading/students        students and grades\n  \
+         open {s}://{gateway}/portal/                 the portal page\n  \
+         {client_curl} {s}://{registry}/v1/services            the registry's table\n  \
+         {client_curl} '{s}://{log}/v1/topics/logs/records?from=0'   log lines\n  \
+         keel consume --addr {log}{client_flags} -t logs --follow\n"
     );
+    if secure.is_some() {
+        let _ = write!(
+            out,
+            "\nTLS everywhere keel listens, an ACL in {}; a browser will not know the \
+             development CA ({}) until you import it.\n",
+            data_dir.join("secure/acl.toml").display(),
+            data_dir.join("secure/ca.pem").display()
+        );
+    }
+    let _ = write!(out, "\nCtrl-C stops everything.\n");
     out
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
+use keel_serve::tls::ClientTlsFiles;
 use tokio::sync::mpsc;
 
 /// Lines sent per request at most.
@@ -58,6 +59,18 @@ impl Shipper {
     /// of `capacity` lines. A node that does not take a batch passes it to the next.
     /// Must be called within a tokio runtime.
     pub fn new(log_url: &str, topic: &str, capacity: usize) -> Self {
+        Self::new_as(log_url, topic, capacity, (None, None))
+    }
+
+    /// As [`Shipper::new`], with a token and TLS as [`Shipper::resolving_as`]
+    /// takes them; a node given as `host:port` is then reached over `https`.
+    pub fn new_as(
+        log_url: &str,
+        topic: &str,
+        capacity: usize,
+        (token, tls): (Option<&str>, Option<&ClientTlsFiles>),
+    ) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let nodes: Vec<String> = log_url
             .split(',')
             .map(str::trim)
@@ -66,18 +79,19 @@ impl Shipper {
                 if url.contains("://") {
                     url.to_owned()
                 } else {
-                    format!("http://{url}")
+                    format!("{scheme}://{url}")
                 }
             })
             .collect();
         let next = AtomicU64::new(0);
-        Self::resolving(
+        Self::resolving_as(
             move || {
                 let at = next.fetch_add(1, Ordering::Relaxed) as usize;
                 (!nodes.is_empty()).then(|| nodes[at % nodes.len()].clone())
             },
             topic,
             capacity,
+            (token, tls),
         )
     }
 
@@ -89,31 +103,33 @@ impl Shipper {
         topic: &str,
         capacity: usize,
     ) -> Self {
-        Self::resolving_as(resolve, topic, capacity, None)
+        Self::resolving_as(resolve, topic, capacity, (None, None))
     }
 
     /// As [`Shipper::resolving`], sending `Authorization: Bearer <token>` with every
-    /// batch when a token is given (for a log service with an ACL).
+    /// batch when a token is given (for a log service with an ACL), and reaching
+    /// `https` URLs with `tls` when given (the CA to trust, the certificate to
+    /// present).
     pub fn resolving_as(
         resolve: impl Fn() -> Option<String> + Send + 'static,
         topic: &str,
         capacity: usize,
-        token: Option<&str>,
+        (token, tls): (Option<&str>, Option<&ClientTlsFiles>),
     ) -> Self {
         let (lines, queue) = mpsc::channel(capacity.max(1));
         let stats = ShipperStats::default();
-        let authorization = token.and_then(|token| {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
-            value.set_sensitive(true);
-            Some(value)
-        });
-        tokio::spawn(send_batches(
-            queue,
-            resolve,
-            (topic.to_owned(), authorization),
-            stats.clone(),
-        ));
+        match http_client(token, tls) {
+            Ok(client) => {
+                tokio::spawn(send_batches(
+                    queue,
+                    resolve,
+                    (topic.to_owned(), client),
+                    stats.clone(),
+                ));
+            }
+            // Lines then fill the buffer and are dropped, counted.
+            Err(err) => eprintln!("line shipping to topic {topic} disabled: {err}"),
+        }
         Self { lines, stats }
     }
 
@@ -130,29 +146,32 @@ impl Shipper {
     }
 }
 
-async fn send_batches(
-    mut queue: mpsc::Receiver<String>,
-    resolve: impl Fn() -> Option<String>,
-    (topic, authorization): (String, Option<reqwest::header::HeaderValue>),
-    stats: ShipperStats,
-) {
+/// The client batches go out with: a 5 s timeout, the token on every request.
+fn http_client(
+    token: Option<&str>,
+    tls: Option<&ClientTlsFiles>,
+) -> Result<reqwest::Client, String> {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(authorization) = authorization {
-        headers.insert(reqwest::header::AUTHORIZATION, authorization);
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "the token is not a valid header value".to_owned())?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    let client = match keel_serve::client::builder()
+    keel_serve::client::with_tls(keel_serve::client::builder(), tls)
+        .map_err(|err| err.to_string())?
         .timeout(Duration::from_secs(5))
         .default_headers(headers)
         .build()
-    {
-        Ok(client) => client,
-        Err(err) => {
-            eprintln!(
-                "line shipping to topic {topic} disabled: cannot build an HTTP client: {err}"
-            );
-            return;
-        }
-    };
+        .map_err(|err| format!("cannot build an HTTP client: {err}"))
+}
+
+async fn send_batches(
+    mut queue: mpsc::Receiver<String>,
+    resolve: impl Fn() -> Option<String>,
+    (topic, client): (String, reqwest::Client),
+    stats: ShipperStats,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut reported = 0;
     let mut backoff = Duration::from_millis(100);
@@ -340,7 +359,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let shipper = Shipper::resolving_as(move || Some(url.clone()), "logs", 16, Some("t0k"));
+        let shipper =
+            Shipper::resolving_as(move || Some(url.clone()), "logs", 16, (Some("t0k"), None));
         shipper.ship("a line".into());
         until("a batch", || !seen.lock().unwrap().is_empty()).await;
         assert_eq!(seen.lock().unwrap()[0], "Bearer t0k");

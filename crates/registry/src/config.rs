@@ -70,6 +70,9 @@ pub struct RegistryConfig {
     /// which services. None: everyone may do everything. Reloaded on `SIGHUP` and
     /// when the file changes.
     pub acl: Option<std::path::PathBuf>,
+    /// The CA (PEM) that `https` instances' certificates chain to, for health
+    /// checks and notifications. None: the platform's roots.
+    pub instances_ca: Option<std::path::PathBuf>,
 }
 
 /// `allow_targets` as the text of `--allow-targets`.
@@ -119,6 +122,7 @@ impl Default for RegistryConfig {
             max_requests_per_target: 20,
             tls: None,
             acl: None,
+            instances_ca: None,
         }
     }
 }

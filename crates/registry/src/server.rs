@@ -21,7 +21,12 @@ pub(crate) fn build(
     config: &RegistryConfig,
 ) -> Result<(Arc<Registry>, reqwest::Client), RegistryError> {
     config.validate()?;
-    let mut client = keel_serve::client::builder()
+    let files = config
+        .instances_ca
+        .clone()
+        .map(|ca| keel_serve::tls::ClientTlsFiles { ca, identity: None });
+    let mut client = keel_serve::client::with_tls(keel_serve::client::builder(), files.as_ref())
+        .map_err(|err| keel_serve::InvalidConfig::new("instances_ca", err.to_string()))?
         .connect_timeout(config.check_timeout.min(config.notify_timeout))
         .pool_idle_timeout(Duration::from_secs(30))
         // A redirect would let an instance aim the registry's checks and

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use keel_registry::client::{Discovery, RegistryClient, ServiceInstance};
 use keel_registry::{Registration, base_url};
+use keel_serve::tls::{ClientTlsFiles, TlsError};
 
 /// What a service is and where it finds the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,10 @@ pub struct ServiceConfig {
     /// The bearer token this service calls the registry with, when the registry
     /// has an ACL.
     pub token: Option<String>,
+    /// How this service reaches the registry (and the log service) over TLS: the
+    /// CA their certificates chain to, and the certificate it presents, if any
+    /// (its common name is then the service's principal). `None`: plain HTTP.
+    pub tls: Option<ClientTlsFiles>,
 }
 
 impl ServiceConfig {
@@ -55,6 +60,7 @@ impl ServiceConfig {
             watch_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             token: None,
+            tls: None,
         }
     }
 }
@@ -78,6 +84,9 @@ pub enum SdkError {
     /// The HTTP client could not be built.
     #[error("building the HTTP client failed: {0}")]
     Client(#[source] reqwest::Error),
+    /// A TLS file cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The instance's URL cannot be registered.
     #[error("cannot register: {0}")]
     Registration(#[source] keel_registry::RegistryError),
@@ -317,7 +326,7 @@ fn registration(
 
 /// An HTTP client for the registry whose timeout outlasts a blocking watch.
 fn registry_http(config: &ServiceConfig) -> Result<reqwest::Client, SdkError> {
-    keel_serve::client::builder()
+    keel_serve::client::with_tls(keel_serve::client::builder(), config.tls.as_ref())?
         .timeout(config.watch_wait + Duration::from_secs(10))
         .build()
         .map_err(SdkError::Client)

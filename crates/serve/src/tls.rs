@@ -30,13 +30,53 @@ pub struct ServerTlsFiles {
 }
 
 /// What a TLS client is given: the CA that the server's certificate must chain to,
-/// and its own certificate and key, when it presents one.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// and its own certificate and key, when it presents one. In a config file:
+/// `ca`, and `cert` and `key` together.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "ClientTlsFields", into = "ClientTlsFields")]
 pub struct ClientTlsFiles {
     /// The CA to trust (PEM).
     pub ca: PathBuf,
     /// A client certificate chain and its key (PEM), for mutual TLS.
     pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// [`ClientTlsFiles`] as a config file writes it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientTlsFields {
+    ca: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<PathBuf>,
+}
+
+impl TryFrom<ClientTlsFields> for ClientTlsFiles {
+    type Error = &'static str;
+
+    fn try_from(fields: ClientTlsFields) -> Result<Self, Self::Error> {
+        let identity = match (fields.cert, fields.key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err("`cert` and `key` go together"),
+        };
+        Ok(Self {
+            ca: fields.ca,
+            identity,
+        })
+    }
+}
+
+impl From<ClientTlsFiles> for ClientTlsFields {
+    fn from(files: ClientTlsFiles) -> Self {
+        let (cert, key) = files.identity.unzip();
+        Self {
+            ca: files.ca,
+            cert,
+            key,
+        }
+    }
 }
 
 /// A TLS file or setting that cannot be used.

@@ -18,11 +18,7 @@ pub(super) fn credentials(auth: &ClientAuthArgs) -> anyhow::Result<keel_log::Cre
             keel_log::Credentials::bearer(token).map_err(|why| anyhow::anyhow!("--token: {why}"))?
         }
     };
-    if let Some(ca) = &auth.ca {
-        let files = keel_serve::tls::ClientTlsFiles {
-            ca: ca.clone(),
-            identity: auth.cert.clone().zip(auth.key.clone()),
-        };
+    if let Some(files) = auth.tls_files() {
         credentials = credentials.with_tls(keel_serve::tls::client_config(&files, &[b"h2"])?);
     }
     Ok(credentials)

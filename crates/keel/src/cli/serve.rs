@@ -67,6 +67,9 @@ fn registry_config(args: &RegistryServeArgs) -> anyhow::Result<keel_registry::Re
     if let Some(tls) = args.tls.files() {
         config.tls = Some(tls);
     }
+    if let Some(ca) = &args.instances_ca {
+        config.instances_ca = Some(ca.clone());
+    }
     if let Err(err) = config.validate() {
         bail!("registry.{err}");
     }
@@ -81,8 +84,11 @@ fn gateway_config(args: &GatewayServeArgs) -> anyhow::Result<keel_gateway::Gatew
     if let Some(registry) = &args.registry {
         config.registry = registry.clone();
     }
-    if let Some(token) = &args.token {
+    if let Some(token) = &args.auth.token {
         config.registry_token = Some(token.clone());
+    }
+    if let Some(files) = args.auth.tls_files() {
+        config.client_tls = Some(files);
     }
     if let Some(tls) = args.tls.files() {
         config.tls = Some(tls);
@@ -95,6 +101,9 @@ fn gateway_config(args: &GatewayServeArgs) -> anyhow::Result<keel_gateway::Gatew
     }
     if let Some(url) = &args.log_service {
         config.log_service = Some(url.clone());
+    }
+    if let Some(token) = &args.log_service_token {
+        config.log_service_token = Some(token.clone());
     }
     if let Err(err) = config.validate() {
         bail!("gateway.{err}");
@@ -111,8 +120,14 @@ pub(super) async fn serve_gateway(args: GatewayServeArgs) -> Result<(), Failure>
         .map_err(|err| Failure::Run(err.into()))?;
     let admin_addr = admin.local_addr().map_err(|err| Failure::Run(err.into()))?;
     let stop = shutdown();
+    // The admin port takes the front's certificate.
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     println!(
-        "keel gateway listening on {addr} (admin: http://{admin_addr}/metrics), registry {}",
+        "keel gateway listening on {addr} (admin: {scheme}://{admin_addr}/metrics), registry {}",
         config.registry
     );
     let _ = std::io::stdout().flush();
@@ -301,9 +316,19 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let _ = std::io::stdout().flush();
     let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match &args.registry {
         Some(registry) => {
-            let url = format!("http://{addr}");
+            // With TLS on, the registry checks it, and clients find it, over https.
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let url = format!("{scheme}://{addr}");
             let mut service = crate::service::ServiceConfig::new("log", url.clone(), registry);
             service.token.clone_from(&args.registry_token);
+            service.tls = args
+                .registry_ca
+                .clone()
+                .map(|ca| keel_serve::tls::ClientTlsFiles { ca, identity: None });
             Box::pin(async move {
                 // Deregistered before the service stops accepting.
                 let health = format!("{url}/healthz");
@@ -380,7 +405,8 @@ pub(super) async fn serve_demo(command: DemoCommand) -> Result<(), Failure> {
         format!("127.0.0.1:{port}")
     });
     let mut config = keel_demo::DemoConfig::new(demo, &addr, &args.registry, args.data_dir);
-    config.service.token = args.token;
+    config.service.tls = args.auth.tls_files();
+    config.service.token = args.auth.token;
     let name = demo.name();
     keel_demo::run(
         demo,

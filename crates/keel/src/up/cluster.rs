@@ -154,7 +154,7 @@ impl Cluster<'_> {
                 parts,
             )
             .await?;
-        starter.registry = urls(&registries);
+        starter.registry = urls(starter.scheme(), &registries);
 
         let logs = self
             .start_group(
@@ -175,7 +175,7 @@ impl Cluster<'_> {
         for n in 1..=GATEWAYS {
             let mut gateway_args = strings(&["gateway", "serve", "--admin-addr", "127.0.0.1:0"]);
             gateway_args.extend(["--registry".into(), starter.registry.clone()]);
-            gateway_args.extend(["--log-service".into(), urls(&logs)]);
+            gateway_args.extend(["--log-service".into(), urls(starter.scheme(), &logs)]);
             // The log service too, so that /log/v1/topics/... reaches its API.
             for name in Demo::ALL.map(Demo::name).into_iter().chain(["log"]) {
                 gateway_args.extend(["--strip-prefix".into(), name.into()]);
@@ -208,11 +208,12 @@ impl Cluster<'_> {
     }
 }
 
-/// `http://a,http://b,...`: how the other parts are told of a group's nodes.
-fn urls(addrs: &[SocketAddr]) -> String {
+/// `http://a,http://b,...` (or `https`): how the other parts are told of a group's
+/// nodes.
+fn urls(scheme: &str, addrs: &[SocketAddr]) -> String {
     addrs
         .iter()
-        .map(|addr| format!("http://{addr}"))
+        .map(|addr| format!("{scheme}://{addr}"))
         .collect::<Vec<_>>()
         .join(",")
 }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use super::secure::Secure;
 use super::{
     Bound, Kind, MAX_BACKOFF, MAX_FAILED_STARTS, Running, STABLE_AFTER, START_TIMEOUT,
     SUPERVISED_ENV, Spec,
@@ -27,6 +28,8 @@ pub(super) struct Starter {
     /// The registry's URL once it runs (its nodes' URLs, comma-separated, for a
     /// cluster).
     pub(super) registry: String,
+    /// With `--secure`: the flags and tokens each part gets.
+    pub(super) secure: Option<Secure>,
 }
 
 impl Starter {
@@ -46,6 +49,10 @@ impl Starter {
             if key.to_string_lossy().starts_with("KEEL_") {
                 command.env_remove(key);
             }
+        }
+        if let Some(secure) = &self.secure {
+            let (args, env) = secure.part(spec.kind);
+            command.args(args).envs(env);
         }
         command
             .env(SUPERVISED_ENV, "1")
@@ -111,12 +118,22 @@ impl Starter {
         }
     }
 
+    /// How the registry and the log service are called: `https` with `--secure`.
+    pub(super) fn scheme(&self) -> &'static str {
+        if self.secure.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Whether a part answers its health check and, if it registers, is listed.
     async fn is_up(&self, kind: Kind, bound: Bound) -> bool {
+        let scheme = self.scheme();
         let health = match kind {
-            Kind::Registry | Kind::Log => format!("http://{}/healthz", bound.addr),
+            Kind::Registry | Kind::Log => format!("{scheme}://{}/healthz", bound.addr),
             Kind::Gateway => match bound.admin {
-                Some(admin) => format!("http://{admin}/healthz"),
+                Some(admin) => format!("{scheme}://{admin}/healthz"),
                 None => return false,
             },
             Kind::Demo(_) => format!("http://{}/heart-beat", bound.addr),
@@ -127,7 +144,10 @@ impl Starter {
         match kind {
             Kind::Registry | Kind::Gateway => true,
             Kind::Log | Kind::Demo(_) => {
-                let me = format!("http://{}", bound.addr);
+                let me = match kind {
+                    Kind::Log => format!("{scheme}://{}", bound.addr),
+                    _ => format!("http://{}", bound.addr),
+                };
                 // Any registry node answers for the cluster.
                 for registry in self.registry.split(',') {
                     let url = format!("{registry}/v1/services/{}", kind.name());
@@ -150,7 +170,7 @@ impl Starter {
     pub(super) async fn until_ready(&self, nodes: &[SocketAddr]) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         for node in nodes {
-            let url = format!("http://{node}/readyz");
+            let url = format!("{}://{node}/readyz", self.scheme());
             while !self.ok(&url).await {
                 if Instant::now() >= deadline {
                     bail!("node {node} not ready after {START_TIMEOUT:?}");
@@ -174,6 +194,7 @@ fn parse_banner(line: &str) -> Option<Bound> {
     let addr = words.get(at + 2)?.trim_end_matches(',').parse().ok()?;
     let admin = words.windows(2).find(|w| w[0] == "(admin:").and_then(|w| {
         w[1].trim_start_matches("http://")
+            .trim_start_matches("https://")
             .split('/')
             .next()?
             .parse()

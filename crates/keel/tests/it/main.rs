@@ -13,5 +13,6 @@ mod readers;
 mod replication;
 mod sdk;
 mod secure_cluster;
+mod secure_up;
 mod support;
 mod up;

@@ -21,7 +21,7 @@ pub(crate) struct Up {
     /// Every URL keel up printed (the table and the ones to try).
     urls: BTreeSet<String>,
     stderr: mpsc::Receiver<String>,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl Up {
@@ -73,7 +73,7 @@ impl Up {
             urls.extend(
                 line.split_whitespace()
                     .map(|word| word.trim_matches(|c| c == '\'' || c == ','))
-                    .filter(|word| word.starts_with("http://"))
+                    .filter(|word| word.starts_with("http://") || word.starts_with("https://"))
                     .map(str::to_owned),
             );
             // "  visit#1      1234     127.0.0.1:5678        http://127.0.0.1:5678/"
@@ -93,8 +93,13 @@ impl Up {
             parts,
             urls,
             stderr: stderr_rx,
-            _data: data,
+            data,
         }
+    }
+
+    /// Where this run keeps its data.
+    pub(crate) fn data_dir(&self) -> &Path {
+        self.data.path()
     }
 
     pub(crate) fn url(&self, label: &str) -> &str {
