@@ -53,14 +53,7 @@ async fn issue_19_keel_up_secure_should_serve_tls_with_an_acl_end_to_end() {
     );
 
     // The gateway's front: TLS with the CA, no client certificate needed.
-    let visit: Value = anonymous
-        .get(format!("{gateway}/visit/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let visit = get_json(&anonymous, &format!("{gateway}/visit/")).await;
     assert_eq!(visit["visits"], 1, "{visit}");
     let plain = keel_serve::client::new()
         .get(up.url("gateway").to_owned() + "/visit/")
