@@ -19,8 +19,7 @@ use crate::http1::{
     Framing, HeadError, HeadLimits, Relay, RequestHead, ResponseHead, own_response, parse_request,
 };
 use crate::relay::{Downstream, relay_body, reserve, send_to_client};
-use crate::route::split_url;
-use crate::upstream::{READ_BUFFER, Upstream};
+use crate::upstream::{READ_BUFFER, Target, Upstream};
 
 /// The body of a request that may be retried, or the stream of one that may not.
 pub(crate) enum Payload {
@@ -264,7 +263,7 @@ where
         if relayed && head.keep_alive && exchange.consumed {
             self.gateway
                 .upstreams
-                .put(split_url(&instance.url).0, upstream);
+                .put(Target::of(&instance.url), upstream);
         }
         relayed && exchange.relay.keep_alive
     }
@@ -349,7 +348,7 @@ mod tests {
             url: "http://127.0.0.1:9".into(),
         };
         discovery.replace("svc", vec![instance]);
-        let gateway = Arc::new(Gateway::new(config, discovery));
+        let gateway = Arc::new(Gateway::new(config, discovery).unwrap());
         let (client, served) = tokio::io::duplex(64 * 1024);
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let task = tokio::spawn(serve_connection(

@@ -69,16 +69,6 @@ pub enum GatewayError {
         /// The service.
         service: String,
     },
-    /// The instance's URL has a scheme the gateway does not speak.
-    #[error(
-        "instance {url} of {service:?} uses https, which the gateway does not speak to upstreams yet"
-    )]
-    UnsupportedScheme {
-        /// The instance's URL.
-        url: String,
-        /// Its service.
-        service: String,
-    },
     /// The exchange with an instance failed.
     #[error("instance {url} of {service:?} failed: {source}")]
     Upstream {
@@ -149,9 +139,7 @@ impl GatewayError {
             | Self::InvalidService { .. }
             | Self::UnknownService { .. }
             | Self::NoHealthyInstance { .. } => Side::Downstream,
-            Self::UnsupportedScheme { .. }
-            | Self::Upstream { .. }
-            | Self::UpstreamTimeout { .. } => Side::Upstream,
+            Self::Upstream { .. } | Self::UpstreamTimeout { .. } => Side::Upstream,
         }
     }
 
@@ -189,7 +177,7 @@ impl GatewayError {
                 StatusCode::NOT_FOUND
             }
             Self::NoHealthyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UnsupportedScheme { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -205,7 +193,6 @@ impl GatewayError {
             Self::NoService => "no_service",
             Self::InvalidService { .. } | Self::UnknownService { .. } => "unknown_service",
             Self::NoHealthyInstance { .. } => "no_healthy_instance",
-            Self::UnsupportedScheme { .. } => "bad_upstream",
             Self::Upstream { .. } => "upstream_failed",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
         }

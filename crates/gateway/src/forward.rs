@@ -17,7 +17,7 @@ use crate::forwarded::BodyFraming;
 use crate::http1::{Framing, HeadError, Relay, RequestHead, ResponseHead, parse_response};
 use crate::relay::{Downstream, Pauses, copy_request_body, reserve, write_both};
 use crate::route::{Route, split_url};
-use crate::upstream::Upstream;
+use crate::upstream::{Target, Upstream};
 
 fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -150,12 +150,6 @@ where
         instance: &ServiceInstance,
     ) -> Result<(Upstream, ResponseHead), GatewayError> {
         let url = instance.url.as_str();
-        if url.starts_with("https://") {
-            return Err(GatewayError::UnsupportedScheme {
-                url: url.to_owned(),
-                service: route.service.clone(),
-            });
-        }
         let (authority, base_path) = split_url(url);
         self.scratch.forwarded.write_head(
             &exchange.head,
@@ -163,7 +157,7 @@ where
             (authority, base_path),
             &mut self.scratch.upstream_head,
         );
-        match self.send(authority, exchange).await {
+        match self.send(Target::of(url), exchange).await {
             Ok(responded) => Ok(responded),
             Err(Fault::Downstream(err)) => {
                 exchange.relay.keep_alive = false;
@@ -192,7 +186,7 @@ where
     /// read.
     async fn send(
         &mut self,
-        authority: &str,
+        target: Target<'_>,
         exchange: &mut Exchange,
     ) -> Result<(Upstream, ResponseHead), Fault> {
         let request_head = &self.scratch.upstream_head;
@@ -202,7 +196,7 @@ where
             upstream: self.gateway.config.request_timeout,
         };
         let mut upstream = upstreams
-            .get(authority)
+            .get(target)
             .await
             .map_err(UpstreamError::Connect)?;
         loop {
@@ -257,7 +251,7 @@ where
                         && is_idempotent(&exchange.head.method) =>
                 {
                     upstream = upstreams
-                        .connect(authority)
+                        .connect(target)
                         .await
                         .map_err(UpstreamError::Connect)?;
                 }

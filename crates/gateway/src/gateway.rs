@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     next_id: AtomicU64,
     pub(crate) access_log: Option<keel_log_client::Shipper>,
+    /// The TLS of `https` upstreams, shared by every thread's pool.
+    upstream_tls: Arc<rustls::ClientConfig>,
 }
 
 /// One serving thread's view of the gateway: the shared state, and its own pool of
@@ -72,8 +74,17 @@ impl std::ops::Deref for Gateway {
 }
 
 impl Gateway {
-    pub(crate) fn new(config: GatewayConfig, discovery: Discovery) -> Self {
-        let upstreams = Upstreams::new(config.connect_timeout);
+    /// The first serving thread's view.
+    ///
+    /// # Errors
+    ///
+    /// The TLS files of `config.client_tls` cannot be used.
+    pub(crate) fn new(
+        config: GatewayConfig,
+        discovery: Discovery,
+    ) -> Result<Self, keel_serve::tls::TlsError> {
+        let upstream_tls = crate::upstream::tls_config(config.client_tls.as_ref())?;
+        let upstreams = Upstreams::new(config.connect_timeout, Arc::clone(&upstream_tls));
         let access_log = config.log_service.as_deref().map(|url| {
             keel_log_client::Shipper::new_as(
                 url,
@@ -85,7 +96,7 @@ impl Gateway {
                 ),
             )
         });
-        Self {
+        Ok(Self {
             shared: Arc::new(Shared {
                 ejections: Ejections::new(config.eject_after, config.eject_for),
                 config,
@@ -95,16 +106,17 @@ impl Gateway {
                 stats: Stats::default(),
                 next_id: AtomicU64::new(1),
                 access_log,
+                upstream_tls,
             }),
             upstreams,
-        }
+        })
     }
 
     /// The view of another serving thread: the same shared state, its own pool.
     pub(crate) fn for_another_thread(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
-            upstreams: Upstreams::new(self.config.connect_timeout),
+            upstreams: Upstreams::new(self.config.connect_timeout, Arc::clone(&self.upstream_tls)),
         }
     }
 }

@@ -60,7 +60,10 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     config.validate()?;
     let discovery = Discovery::default();
-    let gateway = Arc::new(Gateway::new(config.clone(), discovery.clone()));
+    let gateway = Arc::new(
+        Gateway::new(config.clone(), discovery.clone())
+            .map_err(|err| keel_serve::InvalidConfig::new("client_tls", err.to_string()))?,
+    );
     let token = CancellationToken::new();
     let http =
         keel_serve::client::with_tls(keel_serve::client::builder(), config.client_tls.as_ref())

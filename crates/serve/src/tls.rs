@@ -95,7 +95,8 @@ impl TlsError {
         }
     }
 
-    fn setting(why: impl std::fmt::Display) -> Self {
+    /// A setting (not a file) that cannot be used.
+    pub fn setting(why: impl std::fmt::Display) -> Self {
         Self {
             what: "TLS".into(),
             why: why.to_string(),

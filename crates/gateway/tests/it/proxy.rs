@@ -383,38 +383,6 @@ async fn admin_address_should_serve_health_and_metrics() {
     );
 }
 
-#[tokio::test]
-async fn an_https_instance_should_get_a_clear_502() {
-    let registry = registry().await;
-    let body = serde_json::json!({"name": "secure", "addr": "https://127.0.0.1:9"});
-    keel_serve::client::new()
-        .post(format!("http://{}/services", registry.addr))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let gateway = gateway(registry.addr, |_| {}).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let response = keel_serve::client::new()
-            .get(format!("http://{}/secure/x", gateway.addr))
-            .send()
-            .await
-            .unwrap();
-        if response.status() == StatusCode::BAD_GATEWAY {
-            let (_, code, message) = error_code(response).await;
-            assert_eq!(code, "bad_upstream");
-            assert!(message.contains("https"), "{message}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never learned of the instance"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A listener whose accept queue is full: connection attempts get no answer at all (the
 /// kernel drops their SYNs), as with a host that went away. Keep it and the returned
 /// connection alive while it is needed.

@@ -151,3 +151,114 @@ async fn issue_19_the_gateway_front_should_serve_tls_and_say_so_upstream() {
     let health = String::from_utf8_lossy(&health.stdout);
     assert!(health.contains("ok"), "{health}");
 }
+
+/// An instance registered at an `https` URL: the gateway reaches it over TLS,
+/// verifying its certificate for the URL's host against the gateway's CA, and
+/// keeps the connection for the next request. A gateway that cannot verify the
+/// certificate (the platform's roots do not know the CA) answers 502 saying why.
+#[tokio::test]
+async fn issue_19_an_https_instance_should_be_reached_over_tls() {
+    use keel_auth::mint::{Ca, Leaf};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("keel test CA", 1).unwrap();
+    let node = ca.sign(&Leaf::node("echo-tls", 1)).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca_file = file("ca.pem", &ca.cert_pem());
+    let tls = keel_serve::tls::server_config(&keel_serve::tls::ServerTlsFiles {
+        cert: file("echo.pem", &node.cert_pem),
+        key: file("echo.key", &node.key_pem),
+        client_ca: None,
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counting = std::sync::Arc::clone(&accepted);
+    let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+        counting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    tokio::spawn(keel_serve::serve_app(
+        listener,
+        crate::support::echo_app("tls", std::sync::Arc::clone(&hits)),
+        keel_serve::AppLimits {
+            header_timeout: Duration::from_secs(10),
+            max_connections: None,
+            tls: Some(tls),
+        },
+        stop,
+    ));
+    let registry = crate::support::registry().await;
+    let http = keel_serve::client::new();
+    let registered = http
+        .post(format!("http://{}/services", registry.addr))
+        .json(&serde_json::json!({"name": "secure", "addr": format!("https://localhost:{port}")}))
+        .send()
+        .await
+        .unwrap();
+    assert!(registered.status().is_success());
+
+    let trusting = gateway(registry.addr, |config| {
+        config.client_tls = Some(keel_serve::tls::ClientTlsFiles {
+            ca: ca_file.clone(),
+            identity: None,
+        });
+    })
+    .await;
+    until_routed(trusting.addr, "secure", 1).await;
+    // One client connection is served by one gateway thread, whose pool keeps the
+    // upstream connection from request to request.
+    let mut connections = 0;
+    for n in 0..3 {
+        let echoed: serde_json::Value = http
+            .get(format!("http://{}/secure/x/{n}", trusting.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(echoed["path"], format!("/secure/x/{n}"), "{echoed}");
+        let now = accepted.load(std::sync::atomic::Ordering::Relaxed);
+        if n > 0 {
+            assert_eq!(now, connections, "a new TLS connection for request {n}");
+        }
+        connections = now;
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::Relaxed), 4);
+    // A body streamed through: the write half of a TLS upstream.
+    let body = vec![b'k'; 4 << 20];
+    let sunk = http
+        .post(format!("http://{}/secure/sink", trusting.addr))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sunk.text().await.unwrap(), body.len().to_string());
+
+    // Until it has read the table, a gateway answers 404 or 503.
+    let doubting = gateway(registry.addr, |_| {}).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let response = http
+            .get(format!("http://{}/secure/x", doubting.addr))
+            .send()
+            .await
+            .unwrap();
+        if response.status() != 404 && response.status() != 503 {
+            break response;
+        }
+        assert!(std::time::Instant::now() < deadline, "never routed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.status(), 502);
+    let error: serde_json::Value = refused.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("certificate"), "{error}");
+}

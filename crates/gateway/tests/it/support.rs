@@ -87,45 +87,7 @@ pub(crate) async fn backend(name: &'static str) -> Backend {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&hits);
-    let app = axum::Router::new().fallback(move |request: Request| {
-        let counter = Arc::clone(&counter);
-        async move {
-            counter.fetch_add(1, Ordering::Relaxed);
-            let (parts, body) = request.into_parts();
-            if parts.uri.path().ends_with("/slow") {
-                tokio::time::sleep(Duration::from_secs(3)).await;
-            }
-            if parts.uri.path().ends_with("/sink") {
-                let mut stream = body.into_data_stream();
-                let mut total: u64 = 0;
-                while let Some(chunk) = stream.next().await {
-                    total += chunk.unwrap().len() as u64;
-                }
-                return total.to_string().into_response();
-            }
-            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
-            let headers: serde_json::Map<String, serde_json::Value> = parts
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
-                .collect();
-            let status = if parts.method == axum::http::Method::POST {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            let echo = serde_json::json!({
-                "instance": name,
-                "method": parts.method.as_str(),
-                "path": parts.uri.path(),
-                "query": parts.uri.query(),
-                "headers": headers,
-                "body": String::from_utf8_lossy(&body),
-            });
-            (status, axum::Json(echo)).into_response()
-        }
-    });
+    let app = echo_app(name, Arc::clone(&hits));
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         axum::serve(listener, app)
@@ -232,4 +194,49 @@ pub(crate) async fn counter(gateway: &Running, name: &str) -> u64 {
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|count| count.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+/// The echo instance's app: answers every request with what it got (JSON), counting
+/// it in `hits`; `/slow` answers after 3 s, `/sink` reads the body and answers its
+/// length.
+pub(crate) fn echo_app(name: &'static str, hits: Arc<AtomicU64>) -> axum::Router {
+    let counter = hits;
+    axum::Router::new().fallback(move |request: Request| {
+        let counter = Arc::clone(&counter);
+        async move {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let (parts, body) = request.into_parts();
+            if parts.uri.path().ends_with("/slow") {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            if parts.uri.path().ends_with("/sink") {
+                let mut stream = body.into_data_stream();
+                let mut total: u64 = 0;
+                while let Some(chunk) = stream.next().await {
+                    total += chunk.unwrap().len() as u64;
+                }
+                return total.to_string().into_response();
+            }
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let headers: serde_json::Map<String, serde_json::Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                .collect();
+            let status = if parts.method == axum::http::Method::POST {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let echo = serde_json::json!({
+                "instance": name,
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "query": parts.uri.query(),
+                "headers": headers,
+                "body": String::from_utf8_lossy(&body),
+            });
+            (status, axum::Json(echo)).into_response()
+        }
+    })
 }
