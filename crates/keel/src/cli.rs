@@ -352,6 +352,9 @@ struct DemoArgs {
     /// when they have an ACL.
     #[command(flatten)]
     auth: ClientAuthArgs,
+    /// Serve TLS (the instance registers an https URL).
+    #[command(flatten)]
+    tls: ServerTlsArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -568,8 +568,8 @@ fn table(
                 .admin
                 .map(|a| format!("{s}://{a}/metrics   (admin)"))
                 .unwrap_or_default(),
-            Kind::Demo(Demo::Grading) => format!("http://{addr}/students"),
-            Kind::Demo(Demo::Visit | Demo::Portal) => format!("http://{addr}/"),
+            Kind::Demo(Demo::Grading) => format!("{s}://{addr}/students"),
+            Kind::Demo(Demo::Visit | Demo::Portal) => format!("{s}://{addr}/"),
         };
         let role = roles.get(&addr).map_or("-", String::as_str);
         let _ = writeln!(

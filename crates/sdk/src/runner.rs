@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use keel_registry::client::{Discovery, RegistryClient, ServiceInstance};
 use keel_registry::{Registration, base_url};
-use keel_serve::tls::{ClientTlsFiles, TlsError};
+use keel_serve::tls::{ClientTlsFiles, ServerTlsFiles, TlsError};
 
 /// What a service is and where it finds the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +41,11 @@ pub struct ServiceConfig {
     /// CA their certificates chain to, and the certificate it presents, if any
     /// (its common name is then the service's principal). `None`: plain HTTP.
     pub tls: Option<ClientTlsFiles>,
+    /// Serve TLS only, with this certificate and key: the instance registers an
+    /// `https` URL, so the registry's checks and notifications and the gateway
+    /// reach it over TLS (they trust its CA through `--instances-ca` and `--ca`).
+    /// `None`: plain HTTP.
+    pub serve_tls: Option<ServerTlsFiles>,
 }
 
 impl ServiceConfig {
@@ -61,6 +66,7 @@ impl ServiceConfig {
             shutdown_grace: Duration::from_secs(10),
             token: None,
             tls: None,
+            serve_tls: None,
         }
     }
 }
@@ -128,6 +134,11 @@ impl Service {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), SdkError> {
         let Self { config, discovery } = self;
+        let tls = config
+            .serve_tls
+            .as_ref()
+            .map(keel_serve::tls::server_config)
+            .transpose()?;
         let listener = tokio::net::TcpListener::bind(&config.addr)
             .await
             .map_err(|source| SdkError::Bind {
@@ -136,7 +147,8 @@ impl Service {
             })?;
         let addr = listener.local_addr().map_err(SdkError::Serve)?;
         on_bound(addr);
-        let url = format!("http://{addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}");
         let client = registry_http(&config)?;
 
         let updates = Notifications {
@@ -175,19 +187,38 @@ impl Service {
             token.clone(),
             shutdown,
         );
-        let server = axum::serve(listener, app).with_graceful_shutdown(deregister);
+        // Deregistered first; then no new connections, and those open finish what
+        // they are doing, for the grace period at most.
+        let stop = CancellationToken::new();
+        let limits = keel_serve::AppLimits {
+            header_timeout: HEADER_TIMEOUT,
+            max_connections: None,
+            tls,
+        };
+        let server = async {
+            tokio::join!(
+                keel_serve::serve_app(listener, app, limits, stop.clone()),
+                async {
+                    deregister.await;
+                    stop.cancel();
+                }
+            )
+        };
         let grace = config.shutdown_grace;
         let drained = async {
             token.cancelled().await;
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            served = server => served.map_err(SdkError::Serve)?,
+            _ = server => {}
             () = drained => tracing::warn!(?grace, "grace period over; dropping open connections"),
         }
         Ok(())
     }
 }
+
+/// How long a request head may take to arrive before its connection is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a registration keeps up to date: the instance, its table of required
 /// services, and the secret its notifications are signed with.

@@ -406,6 +406,7 @@ pub(super) async fn serve_demo(command: DemoCommand) -> Result<(), Failure> {
     });
     let mut config = keel_demo::DemoConfig::new(demo, &addr, &args.registry, args.data_dir);
     config.service.tls = args.auth.tls_files();
+    config.service.serve_tls = args.tls.files();
     config.service.token = args.auth.token;
     let name = demo.name();
     keel_demo::run(

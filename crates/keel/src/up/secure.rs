@@ -7,9 +7,9 @@
 //! the user (principal `client`, allowed everything); they are made on the first
 //! run and kept, so a `curl --cacert` stays valid from run to run. The ACL is
 //! written anew at each start with new tokens for the parts, which get them in
-//! their environment, never on a command line. The demo services still listen in
-//! plain HTTP on loopback (only the registry's `--allow-targets loopback` lets them
-//! register), behind the gateway's TLS.
+//! their environment, never on a command line. The demo services serve TLS too,
+//! with the node certificate: the registry checks them and the gateway reaches
+//! them over TLS.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -129,7 +129,7 @@ impl Secure {
                 .collect(),
             ),
             Kind::Demo(demo) => (
-                ca.into_iter().collect(),
+                listener[..4].iter().cloned().chain(ca).collect(),
                 token(demo.name(), "KEEL_TOKEN").into_iter().collect(),
             ),
         }

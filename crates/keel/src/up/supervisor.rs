@@ -136,7 +136,7 @@ impl Starter {
                 Some(admin) => format!("{scheme}://{admin}/healthz"),
                 None => return false,
             },
-            Kind::Demo(_) => format!("http://{}/heart-beat", bound.addr),
+            Kind::Demo(_) => format!("{scheme}://{}/heart-beat", bound.addr),
         };
         if !self.ok(&health).await {
             return false;
@@ -144,10 +144,7 @@ impl Starter {
         match kind {
             Kind::Registry | Kind::Gateway => true,
             Kind::Log | Kind::Demo(_) => {
-                let me = match kind {
-                    Kind::Log => format!("{scheme}://{}", bound.addr),
-                    _ => format!("http://{}", bound.addr),
-                };
+                let me = format!("{scheme}://{}", bound.addr);
                 // Any registry node answers for the cluster.
                 for registry in self.registry.split(',') {
                     let url = format!("{registry}/v1/services/{}", kind.name());
