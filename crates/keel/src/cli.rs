@@ -93,6 +93,21 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// GET a URL and exit 0 if it answers 2xx, 1 otherwise (a container's health
+    /// check, where there is no curl): e.g. `keel probe http://localhost:20002/readyz`.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ProbeArgs {
+    /// The URL to GET.
+    url: String,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// For an https URL: trust this CA (PEM) [default: the platform's roots].
+    #[arg(long, env = "KEEL_CA")]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -444,8 +459,10 @@ struct ServeArgs {
     registry_ca: Option<PathBuf>,
     /// Run as node N of a replicated cluster: with --peers or --join, or alone to
     /// wait until `keel cluster add-node` adds it. Ids are unique and never reused:
-    /// a node that lost its data rejoins under a new id.
-    #[arg(long, env = "KEEL_LOG_NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    /// a node that lost its data rejoins under a new id. `from-hostname`: one more
+    /// than the number that ends the host name (a StatefulSet's pod `keel-log-2`
+    /// is node 3).
+    #[arg(long, env = "KEEL_LOG_NODE_ID", value_parser = parse_node_id)]
     node_id: Option<u64>,
     /// Form a cluster of these nodes: ID=HOST:PORT,... with this node among them.
     /// Give every node the same list; start them in any order.
@@ -524,8 +541,10 @@ struct RegistryServeArgs {
     data_dir: Option<PathBuf>,
     /// Run as node N of a replicated registry: with --peers or --join, or alone to
     /// wait until `keel cluster add-node` adds it. Ids are unique and never reused:
-    /// a node that lost its data rejoins under a new id.
-    #[arg(long, env = "KEEL_REGISTRY_NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    /// a node that lost its data rejoins under a new id. `from-hostname`: one more
+    /// than the number that ends the host name (a StatefulSet's pod `keel-log-2`
+    /// is node 3).
+    #[arg(long, env = "KEEL_REGISTRY_NODE_ID", value_parser = parse_node_id)]
     node_id: Option<u64>,
     /// Form a cluster of these nodes: ID=HOST:PORT,... with this node among them.
     /// Give every node the same list; start them in any order.
@@ -547,6 +566,35 @@ struct RegistryServeArgs {
     /// entries.
     #[arg(long, env = "KEEL_REGISTRY_SNAPSHOT_EVERY", default_value_t = keel_raft::NodeSettings::default().snapshot_every, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: u64,
+}
+
+/// A node id: a number from 1, or `from-hostname`.
+fn parse_node_id(text: &str) -> Result<u64, String> {
+    if text == "from-hostname" {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .map_err(|_| "the host name cannot be read".to_owned())?;
+        return node_id_of_hostname(hostname.trim());
+    }
+    match text.parse::<u64>() {
+        Ok(id) if id >= 1 => Ok(id),
+        _ => Err(format!(
+            "{text:?}: a node id is a number from 1, or from-hostname"
+        )),
+    }
+}
+
+/// One more than the ordinal that ends `hostname` (`keel-log-0` is node 1).
+fn node_id_of_hostname(hostname: &str) -> Result<u64, String> {
+    hostname
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<u64>().ok())
+        .and_then(|ordinal| ordinal.checked_add(1))
+        .ok_or_else(|| {
+            format!(
+                "the host name {hostname:?} does not end in -<ordinal> (as a StatefulSet's pods do)"
+            )
+        })
 }
 
 /// The cluster flags of a serving command, whichever service it serves.
@@ -760,6 +808,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 check_dev_certs(&args).map_err(Failure::Config)?;
                 return dev_certs(&args).map_err(Failure::Run);
             }
+            Command::Probe(args) => return probe(&args).await.map_err(Failure::Run),
         };
         server.await.unwrap_or_else(|err| {
             Err(Failure::Run(anyhow::anyhow!(
@@ -778,6 +827,26 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// `keel probe`: fails unless `args.url` answers 2xx in time.
+async fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
+    let files = args
+        .ca
+        .clone()
+        .map(|ca| keel_serve::tls::ClientTlsFiles { ca, identity: None });
+    let client = keel_serve::client::with_tls(keel_serve::client::builder(), files.as_ref())?
+        .timeout(args.timeout)
+        .build()?;
+    let response = client
+        .get(&args.url)
+        .send()
+        .await
+        .map_err(|err| anyhow::anyhow!("{}: {err}", args.url))?;
+    let status = response.status();
+    anyhow::ensure!(status.is_success(), "{}: {status}", args.url);
+    println!("{}: {status}", args.url);
+    Ok(())
 }
 
 /// `keel log repair`: cuts a topic at its first damage and says what was cut.
@@ -955,4 +1024,20 @@ pub(crate) fn write_file(
     let mut file = options.open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_id_should_come_from_a_number_or_a_statefulset_pod_name() {
+        assert_eq!(parse_node_id("3"), Ok(3));
+        assert!(parse_node_id("0").is_err());
+        assert!(parse_node_id("three").is_err());
+        assert_eq!(node_id_of_hostname("keel-log-0"), Ok(1));
+        assert_eq!(node_id_of_hostname("keel-registry-2"), Ok(3));
+        let err = node_id_of_hostname("laptop").unwrap_err();
+        assert!(err.contains("-<ordinal>"), "{err}");
+    }
 }
