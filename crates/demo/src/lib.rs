@@ -115,11 +115,13 @@ pub async fn run(
             logs,
         )),
     };
+    // How the instance names itself: where others reach it.
+    let advertised = config.service.advertise.clone();
     service
         .run(
             router,
             move |addr| {
-                let _ = me.set(addr.to_string());
+                let _ = me.set(advertised.unwrap_or_else(|| addr.to_string()));
                 on_bound(addr);
             },
             shutdown,

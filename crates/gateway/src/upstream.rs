@@ -31,24 +31,14 @@ pub(crate) const READ_BUFFER: usize = 8 * 1024;
 ///
 /// # Errors
 ///
-/// A file cannot be used, or the platform's roots cannot be loaded.
+/// A file cannot be used.
 pub(crate) fn tls_config(
     files: Option<&keel_serve::tls::ClientTlsFiles>,
 ) -> Result<Arc<rustls::ClientConfig>, keel_serve::tls::TlsError> {
     const ALPN: &[u8] = b"http/1.1";
     let config = match files {
         Some(files) => keel_serve::tls::client_config(files, &[ALPN])?,
-        None => {
-            use rustls_platform_verifier::BuilderVerifierExt as _;
-            let mut config =
-                rustls::ClientConfig::builder_with_provider(keel_serve::tls::provider())
-                    .with_safe_default_protocol_versions()
-                    .and_then(|builder| builder.with_platform_verifier())
-                    .map_err(keel_serve::tls::TlsError::setting)?
-                    .with_no_client_auth();
-            config.alpn_protocols = vec![ALPN.to_vec()];
-            Arc::new(config)
-        }
+        None => keel_serve::client::platform_config(&[ALPN])?,
     };
     Ok(config)
 }

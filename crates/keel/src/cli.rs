@@ -370,6 +370,10 @@ struct DemoArgs {
     /// Serve TLS (the instance registers an https URL).
     #[command(flatten)]
     tls: ServerTlsArgs,
+    /// The host:port others reach this instance at [default: the bound address];
+    /// set it when listening on 0.0.0.0 (in a container, its service name and port).
+    #[arg(long, env = "KEEL_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

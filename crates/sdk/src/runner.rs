@@ -46,6 +46,10 @@ pub struct ServiceConfig {
     /// reach it over TLS (they trust its CA through `--instances-ca` and `--ca`).
     /// `None`: plain HTTP.
     pub serve_tls: Option<ServerTlsFiles>,
+    /// The `host:port` others reach this instance at, when it is not where it
+    /// listens (`0.0.0.0:8080` in a container, say): the registered URL names it.
+    /// `None`: the bound address.
+    pub advertise: Option<String>,
 }
 
 impl ServiceConfig {
@@ -67,6 +71,7 @@ impl ServiceConfig {
             token: None,
             tls: None,
             serve_tls: None,
+            advertise: None,
         }
     }
 }
@@ -148,7 +153,10 @@ impl Service {
         let addr = listener.local_addr().map_err(SdkError::Serve)?;
         on_bound(addr);
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let url = format!("{scheme}://{addr}");
+        let url = match &config.advertise {
+            Some(at) => format!("{scheme}://{at}"),
+            None => format!("{scheme}://{addr}"),
+        };
         let client = registry_http(&config)?;
 
         let updates = Notifications {

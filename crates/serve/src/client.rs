@@ -6,9 +6,13 @@
 //! built without the provider would panic on its first use of TLS.
 //!
 //! An `https` URL is verified against the platform's roots, or with [`with_tls`]
-//! against a given CA, presenting a client certificate when one is given.
+//! against a given CA, presenting a client certificate when one is given. On a
+//! system without roots (an empty container image) a client still builds: an
+//! `https` URL without a CA of its own is then refused at the handshake.
 
-use std::sync::Once;
+use std::sync::{Arc, Once, OnceLock};
+
+use rustls::ClientConfig;
 
 use crate::tls::{ClientTlsFiles, TlsError};
 
@@ -19,11 +23,44 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 #[allow(clippy::disallowed_methods)] // the one place a reqwest client starts
 pub fn builder() -> reqwest::ClientBuilder {
     static PROVIDER: Once = Once::new();
+    static PLATFORM: OnceLock<Option<Arc<ClientConfig>>> = OnceLock::new();
     PROVIDER.call_once(|| {
         // Err: the program installed a provider of its own first, which stays.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder();
+    match PLATFORM.get_or_init(|| platform_config(&ALPN).ok()) {
+        Some(platform) => builder.tls_backend_preconfigured(ClientConfig::clone(platform)),
+        None => builder,
+    }
+}
+
+/// A TLS config that verifies servers against the platform's roots, offering the
+/// ALPN protocols `alpn`. Where the platform has no roots (an empty container
+/// image), it trusts nobody: a client still builds, and an `https` URL is refused
+/// at its handshake, naming the unknown issuer.
+///
+/// # Errors
+///
+/// The crypto provider cannot make a config (it can, with `ring`).
+pub fn platform_config(alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+    let builder = || {
+        ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::setting)
+    };
+    let mut config = match builder()?.with_platform_verifier() {
+        Ok(builder) => builder.with_no_client_auth(),
+        Err(err) => {
+            tracing::debug!(%err, "no platform roots: https needs a CA of its own");
+            builder()?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        }
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
 }
 
 /// A client with reqwest's defaults, like `reqwest::Client::new`.

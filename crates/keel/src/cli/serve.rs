@@ -322,7 +322,13 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), Failure> {
             } else {
                 "http"
             };
-            let url = format!("{scheme}://{addr}");
+            // Where clients reach it: as the cluster knows it, or --advertise.
+            let at = match (&cluster, &args.advertise) {
+                (Some(cluster), _) => cluster.advertise.clone(),
+                (None, Some(advertise)) => advertise.clone(),
+                (None, None) => addr.to_string(),
+            };
+            let url = format!("{scheme}://{at}");
             let mut service = crate::service::ServiceConfig::new("log", url.clone(), registry);
             service.token.clone_from(&args.registry_token);
             service.tls = args
@@ -407,6 +413,7 @@ pub(super) async fn serve_demo(command: DemoCommand) -> Result<(), Failure> {
     let mut config = keel_demo::DemoConfig::new(demo, &addr, &args.registry, args.data_dir);
     config.service.tls = args.auth.tls_files();
     config.service.serve_tls = args.tls.files();
+    config.service.advertise = args.advertise;
     config.service.token = args.auth.token;
     let name = demo.name();
     keel_demo::run(

@@ -291,3 +291,45 @@ async fn discovered_log_shipping_should_follow_the_log_instance_discovery_offers
         "{texts:?}"
     );
 }
+
+/// A service listening on one address and reached at another (0.0.0.0 and its
+/// service name, in a container) registers the address it advertises, and the
+/// registry checks it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_should_register_the_address_it_advertises() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = format!("http://{}", listener.local_addr().unwrap());
+    let _registry = start_registry(listener);
+    let port = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap().port()
+    };
+    let mut config = ServiceConfig::new("advertised", format!("127.0.0.1:{port}"), &registry);
+    config.advertise = Some(format!("localhost:{port}"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(
+        Service::new(config).run(axum::Router::new(), |_| {}, async move {
+            let _ = stopped.await;
+        }),
+    );
+    let url = format!("{registry}/v1/services/advertised");
+    eventually(
+        "registered at its advertised address, and passing",
+        async || {
+            let Ok(response) = keel_serve::client::new().get(&url).send().await else {
+                return false;
+            };
+            let instances: Vec<serde_json::Value> = response.json().await.unwrap_or_default();
+            instances.len() == 1
+                && instances[0]["url"] == format!("http://localhost:{port}")
+                && instances[0]["health"] == "passing"
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops in time")
+        .unwrap()
+        .unwrap();
+}
