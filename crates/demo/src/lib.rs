@@ -116,7 +116,7 @@ pub async fn run(
         )),
     };
     // How the instance names itself: where others reach it.
-    let advertised = config.service.advertise.clone();
+    let advertised = config.service.advertise.clone().filter(|at| at != "auto");
     service
         .run(
             router,

@@ -48,7 +48,8 @@ pub struct ServiceConfig {
     pub serve_tls: Option<ServerTlsFiles>,
     /// The `host:port` others reach this instance at, when it is not where it
     /// listens (`0.0.0.0:8080` in a container, say): the registered URL names it.
-    /// `None`: the bound address.
+    /// `auto`: this host's address on the route to the registry, with the bound
+    /// port (for replicas that share one configuration). `None`: the bound address.
     pub advertise: Option<String>,
 }
 
@@ -98,6 +99,9 @@ pub enum SdkError {
     /// A TLS file cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// `advertise = "auto"` found no address on the route to the registry.
+    #[error("cannot find this host's address on the route to the registry: {0}")]
+    Advertise(#[source] std::io::Error),
     /// The instance's URL cannot be registered.
     #[error("cannot register: {0}")]
     Registration(#[source] keel_registry::RegistryError),
@@ -153,7 +157,13 @@ impl Service {
         let addr = listener.local_addr().map_err(SdkError::Serve)?;
         on_bound(addr);
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let url = match &config.advertise {
+        let url = match config.advertise.as_deref() {
+            Some(ADVERTISE_AUTO) => {
+                let ip = own_address(&config.registry)
+                    .await
+                    .map_err(SdkError::Advertise)?;
+                format!("{scheme}://{}", std::net::SocketAddr::new(ip, addr.port()))
+            }
             Some(at) => format!("{scheme}://{at}"),
             None => format!("{scheme}://{addr}"),
         };
@@ -223,6 +233,48 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// The `advertise` that asks for this host's address on the route to the registry.
+pub(crate) const ADVERTISE_AUTO: &str = "auto";
+
+/// This host's address on the route to the first of `registry`'s nodes: the source
+/// address the kernel picks to reach it (a UDP socket connected to it, which sends
+/// nothing).
+async fn own_address(registry: &str) -> std::io::Result<std::net::IpAddr> {
+    let first = registry.split(',').next().unwrap_or_default().trim();
+    let rest = first.split_once("://").map_or(first, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        let port = if first.starts_with("https://") {
+            443
+        } else {
+            80
+        };
+        format!("{authority}:{port}")
+    };
+    let target = tokio::net::lookup_host(&authority)
+        .await?
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{authority} resolves to nothing"),
+            )
+        })?;
+    let unspecified: std::net::SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(unspecified)?;
+    socket.connect(target)?;
+    Ok(socket.local_addr()?.ip())
 }
 
 /// How long a request head may take to arrive before its connection is closed.

@@ -333,3 +333,41 @@ async fn a_service_should_register_the_address_it_advertises() {
         .unwrap()
         .unwrap();
 }
+
+/// `advertise = "auto"`: the address on the route to the registry (here loopback),
+/// with the bound port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_advertising_auto_should_register_its_address_on_the_route_to_the_registry() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = format!("http://{}", listener.local_addr().unwrap());
+    let _registry = start_registry(listener);
+    let mut config = ServiceConfig::new("auto", "127.0.0.1:0", &registry);
+    config.advertise = Some("auto".into());
+    let (bound_tx, bound) = oneshot::channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(Service::new(config).run(
+        axum::Router::new(),
+        move |addr| {
+            let _ = bound_tx.send(addr);
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let addr = bound.await.unwrap();
+    let url = format!("{registry}/v1/services/auto");
+    eventually("registered at 127.0.0.1 and its bound port", async || {
+        let Ok(response) = keel_serve::client::new().get(&url).send().await else {
+            return false;
+        };
+        let instances: Vec<serde_json::Value> = response.json().await.unwrap_or_default();
+        instances.len() == 1 && instances[0]["url"] == format!("http://{addr}")
+    })
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops in time")
+        .unwrap()
+        .unwrap();
+}
