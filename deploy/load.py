@@ -3,7 +3,8 @@
 
   load.py produce URL FIRST COUNT ACKED   append values deploy-FIRST.. as one
       idempotent producer (keel-producer/keel-sequence), each retried until
-      acknowledged (60 s at most); the acknowledged values go to the file ACKED
+      acknowledged (60 s at most); the acknowledged values go to the file ACKED.
+      Stops after COUNT, or at SIGTERM (what was acknowledged so far stands)
   load.py read URL COUNT                  GET /grading/students COUNT times: every
       one must be answered 200 (the gateway retries an idempotent request itself)
   load.py verify ACKED NODE               the output of `keel consume --format json`
@@ -22,7 +23,15 @@ PRODUCER = 4242
 
 def produce(url, first, count, acked_file):
     retries = 0
+    done = 0
     started = time.monotonic()
+
+    def summary(*_):
+        print(f"produced deploy-{first}..: {done} acknowledged "
+              f"in {time.monotonic() - started:.1f} s, {retries} attempts retried")
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, summary)
     with open(acked_file, "a", encoding="utf-8") as acked:
         for n in range(first, first + count):
             value = f"deploy-{n}".encode()
@@ -43,6 +52,7 @@ def produce(url, first, count, acked_file):
                         if response.status // 100 == 2:
                             acked.write(value.decode() + "\n")
                             acked.flush()
+                            done += 1
                             break
                 except (urllib.error.URLError, OSError) as err:
                     last = err
@@ -50,8 +60,7 @@ def produce(url, first, count, acked_file):
                     sys.exit(f"deploy-{n} not acknowledged within 60 s: {last}")
                 retries += 1
                 time.sleep(0.2)
-    print(f"produced deploy-{first}..deploy-{first + count - 1}: {count} acknowledged "
-          f"in {time.monotonic() - started:.1f} s, {retries} attempts retried")
+    summary()
 
 
 def read(url, count):
