@@ -137,27 +137,33 @@ pub struct RegistryClient {
     token: Option<Arc<str>>,
 }
 
+/// The base URLs of a registry's nodes given as `base` (comma-separated; a bare
+/// `host:port` is `http://host:port`).
+pub fn node_urls(base: &str) -> Vec<String> {
+    let mut bases: Vec<String> = base
+        .split(',')
+        .map(|b| b.trim().trim_end_matches('/'))
+        .filter(|b| !b.is_empty())
+        .map(|b| {
+            if b.contains("://") {
+                b.to_owned()
+            } else {
+                format!("http://{b}")
+            }
+        })
+        .collect();
+    if bases.is_empty() {
+        bases.push(base.trim().to_owned());
+    }
+    bases
+}
+
 impl RegistryClient {
     /// A client of the registry at `base` (e.g. `http://127.0.0.1:20000`), or of a
     /// cluster's nodes, comma-separated.
     pub fn new(base: &str, http: reqwest::Client) -> Self {
-        let mut bases: Vec<String> = base
-            .split(',')
-            .map(|b| b.trim().trim_end_matches('/'))
-            .filter(|b| !b.is_empty())
-            .map(|b| {
-                if b.contains("://") {
-                    b.to_owned()
-                } else {
-                    format!("http://{b}")
-                }
-            })
-            .collect();
-        if bases.is_empty() {
-            bases.push(base.trim().to_owned());
-        }
         Self {
-            bases: Arc::new(bases),
+            bases: Arc::new(node_urls(base)),
             current: Arc::new(AtomicUsize::new(0)),
             http,
             token: None,

@@ -242,29 +242,21 @@ pub(crate) const ADVERTISE_AUTO: &str = "auto";
 /// address the kernel picks to reach it (a UDP socket connected to it, which sends
 /// nothing).
 async fn own_address(registry: &str) -> std::io::Result<std::net::IpAddr> {
-    let first = registry.split(',').next().unwrap_or_default().trim();
-    let rest = first.split_once("://").map_or(first, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or_default();
-    let authority = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
-    {
-        authority.to_owned()
-    } else {
-        let port = if first.starts_with("https://") {
-            443
-        } else {
-            80
-        };
-        format!("{authority}:{port}")
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    let bases = keel_registry::client::node_urls(registry);
+    let first = bases.first().map_or("", String::as_str);
+    let url = reqwest::Url::parse(first).map_err(|err| invalid(format!("{first}: {err}")))?;
+    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+        return Err(invalid(format!("{first}: no host and port")));
     };
-    let target = tokio::net::lookup_host(&authority)
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let target = tokio::net::lookup_host((host, port))
         .await?
         .next()
         .ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("{authority} resolves to nothing"),
+                format!("{host}:{port} resolves to nothing"),
             )
         })?;
     let unspecified: std::net::SocketAddr = if target.is_ipv4() {

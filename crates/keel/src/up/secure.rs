@@ -83,56 +83,46 @@ impl Secure {
 
     /// The flags and environment `kind` runs with.
     pub(super) fn part(&self, kind: Kind) -> (Vec<String>, Vec<(String, String)>) {
-        let listener = [
-            "--tls-cert".to_owned(),
-            self.file(&format!("{NODE}.pem")),
-            "--tls-key".to_owned(),
-            self.file(&format!("{NODE}.key")),
-            "--tls-client-ca".to_owned(),
-            self.file("ca.pem"),
+        let flag = |name: &str, file: &str| [name.to_owned(), self.file(file)];
+        let serve_tls = [
+            flag("--tls-cert", &format!("{NODE}.pem")),
+            flag("--tls-key", &format!("{NODE}.key")),
         ];
+        // The registry and the log service verify client certificates, which name
+        // principals; the gateway's front and the demos ask for none (a browser
+        // calls the gateway).
+        let verify_clients = flag("--tls-client-ca", "ca.pem");
+        let acl = flag("--acl", "acl.toml");
         let token = |principal: &str, var: &str| {
             self.tokens
                 .get(principal)
                 .map(|token| (var.to_owned(), token.clone()))
         };
-        let ca = ["--ca".to_owned(), self.file("ca.pem")];
-        let acl = ["--acl".to_owned(), self.file("acl.toml")];
-        match kind {
+        let (flags, env) = match kind {
             Kind::Registry => (
-                listener
-                    .into_iter()
-                    .chain(acl)
-                    .chain(["--instances-ca".to_owned(), self.file("ca.pem")])
-                    .collect(),
-                Vec::new(),
+                vec![verify_clients, acl, flag("--instances-ca", "ca.pem")],
+                vec![],
             ),
             Kind::Log => (
-                listener
-                    .into_iter()
-                    .chain(acl)
-                    .chain(["--registry-ca".to_owned(), self.file("ca.pem")])
-                    .collect(),
-                token("log", "KEEL_LOG_REGISTRY_TOKEN")
-                    .into_iter()
-                    .collect(),
+                vec![verify_clients, acl, flag("--registry-ca", "ca.pem")],
+                vec![token("log", "KEEL_LOG_REGISTRY_TOKEN")],
             ),
             Kind::Gateway => (
-                // The front port asks for no client certificate: a browser calls it.
-                listener[..4].iter().cloned().chain(ca).collect(),
-                [
+                vec![flag("--ca", "ca.pem")],
+                vec![
                     token("gateway", "KEEL_TOKEN"),
                     token("gateway", "KEEL_GATEWAY_LOG_SERVICE_TOKEN"),
-                ]
-                .into_iter()
-                .flatten()
-                .collect(),
+                ],
             ),
             Kind::Demo(demo) => (
-                listener[..4].iter().cloned().chain(ca).collect(),
-                token(demo.name(), "KEEL_TOKEN").into_iter().collect(),
+                vec![flag("--ca", "ca.pem")],
+                vec![token(demo.name(), "KEEL_TOKEN")],
             ),
-        }
+        };
+        (
+            serve_tls.into_iter().chain(flags).flatten().collect(),
+            env.into_iter().flatten().collect(),
+        )
     }
 
     /// The ACL: the user may do everything; each part what it needs.

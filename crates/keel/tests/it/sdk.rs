@@ -58,11 +58,16 @@ impl Running {
 async fn start_service(name: &str, registry: &str, required: &[&str]) -> Running {
     let mut config = ServiceConfig::new(name, "127.0.0.1:0", registry);
     config.required_services = required.iter().map(|s| (*s).to_owned()).collect();
+    start_config(config).await
+}
+
+/// Runs a service with `config` (short waits), answering `/` with its name.
+async fn start_config(mut config: ServiceConfig) -> Running {
     config.watch_wait = Duration::from_millis(300);
     config.max_backoff = Duration::from_millis(200);
+    let body = config.name.clone();
     let service = Service::new(config);
     let discovery = service.discovery();
-    let body = name.to_owned();
     let router = axum::Router::new().route("/", get(move || async move { body }));
     let (bound_tx, bound) = oneshot::channel();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -90,16 +95,18 @@ async fn start_service(name: &str, registry: &str, required: &[&str]) -> Running
 }
 
 async fn listed(registry: &str, name: &str) -> usize {
-    let answer = keel_serve::client::new()
+    instances(registry, name).await.len()
+}
+
+/// The registry's instances of `name`; none while it does not answer.
+async fn instances(registry: &str, name: &str) -> Vec<serde_json::Value> {
+    match keel_serve::client::new()
         .get(format!("{registry}/v1/services/{name}"))
         .send()
-        .await;
-    match answer {
-        Ok(response) => response
-            .json::<Vec<serde_json::Value>>()
-            .await
-            .map_or(0, |list| list.len()),
-        Err(_) => 0,
+        .await
+    {
+        Ok(response) => response.json().await.unwrap_or_default(),
+        Err(_) => Vec::new(),
     }
 }
 
@@ -306,32 +313,18 @@ async fn a_service_should_register_the_address_it_advertises() {
     };
     let mut config = ServiceConfig::new("advertised", format!("127.0.0.1:{port}"), &registry);
     config.advertise = Some(format!("localhost:{port}"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(
-        Service::new(config).run(axum::Router::new(), |_| {}, async move {
-            let _ = stopped.await;
-        }),
-    );
-    let url = format!("{registry}/v1/services/advertised");
+    let service = start_config(config).await;
     eventually(
         "registered at its advertised address, and passing",
         async || {
-            let Ok(response) = keel_serve::client::new().get(&url).send().await else {
-                return false;
-            };
-            let instances: Vec<serde_json::Value> = response.json().await.unwrap_or_default();
-            instances.len() == 1
-                && instances[0]["url"] == format!("http://localhost:{port}")
-                && instances[0]["health"] == "passing"
+            let listed = instances(&registry, "advertised").await;
+            listed.len() == 1
+                && listed[0]["url"] == format!("http://localhost:{port}")
+                && listed[0]["health"] == "passing"
         },
     )
     .await;
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops in time")
-        .unwrap()
-        .unwrap();
+    service.stop().await;
 }
 
 /// `advertise = "auto"`: the address on the route to the registry (here loopback),
@@ -343,31 +336,12 @@ async fn a_service_advertising_auto_should_register_its_address_on_the_route_to_
     let _registry = start_registry(listener);
     let mut config = ServiceConfig::new("auto", "127.0.0.1:0", &registry);
     config.advertise = Some("auto".into());
-    let (bound_tx, bound) = oneshot::channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(Service::new(config).run(
-        axum::Router::new(),
-        move |addr| {
-            let _ = bound_tx.send(addr);
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let addr = bound.await.unwrap();
-    let url = format!("{registry}/v1/services/auto");
+    let service = start_config(config).await;
+    let url = format!("http://{}", service.addr);
     eventually("registered at 127.0.0.1 and its bound port", async || {
-        let Ok(response) = keel_serve::client::new().get(&url).send().await else {
-            return false;
-        };
-        let instances: Vec<serde_json::Value> = response.json().await.unwrap_or_default();
-        instances.len() == 1 && instances[0]["url"] == format!("http://{addr}")
+        let listed = instances(&registry, "auto").await;
+        listed.len() == 1 && listed[0]["url"] == url
     })
     .await;
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops in time")
-        .unwrap()
-        .unwrap();
+    service.stop().await;
 }
