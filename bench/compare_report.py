@@ -16,12 +16,22 @@ END = "<!-- compare.sh: end -->"
 
 DURABILITY = {
     "keel": "ack after fdatasync (sync always)",
+    "keel-1s": "sync interval:1s: ack after write to the OS, fdatasync at most 1 s after the last (up to 1 s of acks lost on a power failure; like Redis everysec)",
+    "keel-2m": "sync interval:2m: ack after write to the OS, fdatasync at most 2 min after the last (like Debian's NATS)",
     "redis-always": "appendonly, appendfsync always",
     "redis-everysec": "appendonly, appendfsync everysec (up to 1 s of acks lost on a crash)",
     "raw": "pwrite + fdatasync per ack into preallocated space (per window of 1024 in the stream rows, per batch in the batch rows), one file, one writer at a time, no network",
 }
-ORDER = ["keel", "nats", "nats-always", "redis-always", "redis-everysec", "raw"]
-PEERS = ORDER[1:]
+ORDER = ["keel", "keel-1s", "keel-2m", "nats", "nats-always", "redis-always", "redis-everysec", "raw"]
+PEERS = [s for s in ORDER if not s.startswith("keel")]
+# Like for like: each keel configuration beside the peers that acknowledge with the
+# same durability.
+PAIRS = [
+    ("keel", "redis-always"),
+    ("keel", "nats-always"),
+    ("keel-1s", "redis-everysec"),
+    ("keel-2m", "nats"),
+]
 
 
 def fmt_rate(x):
@@ -38,6 +48,11 @@ def fmt_us(us):
     return f"{us / 1000:.1f} ms" if us >= 10000 else f"{us} µs"
 
 
+def fmt_cpu(values):
+    values = [v for v in values if v is not None]
+    return f"{statistics.median(values):.1f}" if values else "-"
+
+
 def main():
     results_path, meta_path, out_path = sys.argv[1:4]
     meta = json.load(open(meta_path))
@@ -50,6 +65,7 @@ def main():
         "repackages the release binary), JetStream file storage, sync_interval always (fsync before each ack)"
     )
     runs = defaultdict(list)
+    cpus = defaultdict(list)
     scenarios = []
     for line in open(results_path):
         line = line.strip()
@@ -60,6 +76,9 @@ def main():
         if key not in scenarios:
             scenarios.append(key)
         runs[key + (r["system"],)].append(r["result"])
+        cpus[key + (r["system"],)].append(
+            (r.get("server_cpu_us_per_record"), r.get("client_cpu_us_per_record"))
+        )
 
     lines = [BEGIN, "", "## keel beside its peers (`bench/compare.sh`)", ""]
     lines.append(
@@ -78,8 +97,11 @@ def main():
     summary = []
     for workload, size in scenarios:
         lines += [f"### {workload}, {size} B records", ""]
-        lines.append("| system | records/s (median) | spread | MB/s | p50 | p99 | keel / this |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        lines.append(
+            "| system | records/s (median) | spread | MB/s | p50 | p99 | like-for-like keel / this "
+            "| server CPU µs/record | load generator CPU µs/record |"
+        )
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         medians = {}
         for system in ORDER:
             got = runs.get((workload, size, system))
@@ -91,25 +113,45 @@ def main():
             got = runs.get((workload, size, system))
             if not got:
                 continue
+            cpu = cpus[(workload, size, system)]
             rates = [g["records_per_sec"] for g in got]
             med = medians[system]
             mb = statistics.median(g["mb_per_sec"] for g in got)
             p50 = [g["p50_us"] for g in got if g["p50_us"] is not None]
             p99 = [g["p99_us"] for g in got if g["p99_us"] is not None]
-            ratio = "" if system == "keel" or "keel" not in medians else f"{medians['keel'] / med:.2f}"
+            mine = [k for k, peer in PAIRS if peer == system and k in medians]
+            ratio = ", ".join(f"{k}: {medians[k] / med:.2f}" for k in mine)
             lines.append(
                 f"| {system} | {fmt_rate(med)} | {fmt_rate(min(rates))}-{fmt_rate(max(rates))} "
                 f"| {mb:.1f} | {fmt_us(int(statistics.median(p50)) if p50 else None)} "
-                f"| {fmt_us(int(statistics.median(p99)) if p99 else None)} | {ratio} |"
+                f"| {fmt_us(int(statistics.median(p99)) if p99 else None)} | {ratio} "
+                f"| {fmt_cpu([c[0] for c in cpu])} | {fmt_cpu([c[1] for c in cpu])} |"
             )
-        if "keel" in medians:
-            summary.append((workload, size, medians))
+        summary.append((workload, size, medians))
         lines.append("")
-    lines += ["### Summary: keel's throughput as a ratio", ""]
+    lines += ["### Summary: like for like", ""]
+    lines.append(
+        "Each keel configuration's throughput over that of the peer with the same "
+        "durability (medians; above 1: keel ahead)."
+    )
+    lines.append("")
+    pairs = [(k, p) for k, p in PAIRS if k in present and p in present]
+    lines.append("| workload | size | " + " | ".join(f"{k}/{p}" for k, p in pairs) + " |")
+    lines.append("| --- | --- | " + " | ".join("---" for _ in pairs) + " |")
+    for workload, size, medians in summary:
+        cells = [
+            f"{medians[k] / medians[p]:.2f}" if k in medians and p in medians else "-"
+            for k, p in pairs
+        ]
+        lines.append(f"| {workload} | {size} B | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += ["### Summary: keel (sync always) beside every system", ""]
     peers = [peer for peer in PEERS if peer in present]
     lines.append("| workload | size | " + " | ".join(f"keel/{peer}" for peer in peers) + " |")
     lines.append("| --- | --- | " + " | ".join("---" for _ in peers) + " |")
     for workload, size, medians in summary:
+        if "keel" not in medians:
+            continue
         cells = []
         for peer in peers:
             cells.append(f"{medians['keel'] / medians[peer]:.2f}" if peer in medians else "-")

@@ -23,6 +23,7 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod cpu;
 mod engine;
 mod failover;
 mod keel;
@@ -134,6 +135,10 @@ enum Scenario {
         /// cluster is given by all its addresses in --url (a,b,c).
         #[arg(long, default_value_t = 1)]
         replicas: usize,
+        /// The server's process, whose CPU time per acknowledged record the result
+        /// reports beside the load generator's (produce workloads).
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// TLS beside plaintext: the same workloads (produce-stream, produce-batch,
     /// produce with 4 clients, consume) against a plaintext service and a TLS one
@@ -171,34 +176,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the load generator's runtime")?;
-    if let Scenario::Compare {
-        system,
-        url,
-        workload,
-        run,
-        label,
-        replicas,
-    } = &cli.scenario
-    {
-        let outcome =
-            runtime.block_on(compare_one(system, url, *workload, run, *replicas, &common))?;
-        let line = serde_json::json!({
-            "system": label.as_deref().unwrap_or(system),
-            "workload": workload.name(),
-            "record_bytes": common.record_bytes,
-            "parameters": {
-                "duration_s": common.duration.as_secs_f64(),
-                "batch": engine::BATCH,
-                "window": engine::WINDOW,
-                "url": url,
-                "run": run,
-                "replicas": replicas,
-            },
-            "machine": report::Machine::read(),
-            "result": outcome,
-        });
-        println!("{line}");
-        return Ok(());
+    if let Scenario::Compare { .. } = &cli.scenario {
+        return compare_report(&runtime, &cli.scenario, &common);
     }
     if let Scenario::Failover {
         keel,
@@ -309,6 +288,57 @@ fn all_workloads() -> Vec<Workload> {
 }
 
 /// Runs `workload` on the system named `system`.
+/// One run of `compare`: prints its JSON line, with the CPU time per record of the
+/// server (when its PID is given) and of this load generator.
+fn compare_report(
+    runtime: &tokio::runtime::Runtime,
+    scenario: &Scenario,
+    common: &Common,
+) -> anyhow::Result<()> {
+    let Scenario::Compare {
+        system,
+        url,
+        workload,
+        run,
+        label,
+        replicas,
+        server_pid,
+    } = scenario
+    else {
+        anyhow::bail!("not a compare scenario");
+    };
+    let server = server_pid.map(cpu::Meter::start);
+    let client = cpu::Meter::start(std::process::id());
+    let outcome = runtime.block_on(compare_one(system, url, *workload, run, *replicas, common))?;
+    // CPU per record means something where the run is all produce: a consume run
+    // spends most of it filling the topic first.
+    let produced = !matches!(workload, engine::Workload::Consume { .. });
+    let per_record = |meter: Option<&cpu::Meter>| {
+        meter
+            .filter(|_| produced)
+            .and_then(|m| m.per_record_us(outcome.records))
+    };
+    let line = serde_json::json!({
+        "system": label.as_deref().unwrap_or(system),
+        "workload": workload.name(),
+        "record_bytes": common.record_bytes,
+        "parameters": {
+            "duration_s": common.duration.as_secs_f64(),
+            "batch": engine::BATCH,
+            "window": engine::WINDOW,
+            "url": url,
+            "run": run,
+            "replicas": replicas,
+        },
+        "machine": report::Machine::read(),
+        "result": outcome,
+        "server_cpu_us_per_record": per_record(server.as_ref()),
+        "client_cpu_us_per_record": per_record(Some(&client)),
+    });
+    println!("{line}");
+    Ok(())
+}
+
 async fn compare_one(
     system: &str,
     url: &str,
