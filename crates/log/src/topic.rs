@@ -10,7 +10,15 @@
 //!  handlers ──read────> Reader (any thread, never waits for the writer)
 //! ```
 //!
-//! An append that finds nothing queued, no other append under way (after letting
+//! Under a policy that does not sync each commit (`interval:D`, `never`), a commit
+//! is a write to the page cache, which costs less than waking the writer thread
+//! and being woken back: every append is committed by the serving thread that
+//! received it, unless the writer holds queued requests. Under `interval:D` the
+//! writer thread syncs every D through the log's syncer, which does not hold the log,
+//! so appends go on during the sync and no serving thread ever waits for the disk.
+//!
+//! Under `always`:
+//! an append that finds nothing queued, no other append under way (after letting
 //! the requests already at this thread's sockets in) and the writer idle is committed
 //! by the serving thread that received it, when the topic's latest commit served one
 //! request alone and took under [`INLINE_COMMIT_BELOW`]: a lone producer, on a fast
@@ -108,9 +116,20 @@ impl Topic {
     pub(crate) fn open(
         dir: &Path,
         name: &str,
-        config: LogConfig,
+        mut config: LogConfig,
         limits: &WriterLimits,
     ) -> Result<Self, LogError> {
+        // Under an interval policy the writer thread syncs, through a syncer, while
+        // appends go on: the log itself never syncs on an append, so no serving
+        // thread ever waits for the disk.
+        let every = match config.sync {
+            SyncPolicy::Interval(every) => {
+                config.sync = SyncPolicy::Never;
+                Some(every)
+            }
+            _ => None,
+        };
+        let syncs_each_commit = config.sync == SyncPolicy::Always;
         let log = Log::open(dir, config)?;
         let report = log.recovery();
         if !report.is_clean() {
@@ -124,10 +143,10 @@ impl Topic {
         let max_record_bytes = log.config().max_record_bytes;
         let (next_tx, next) = watch::channel(log.next_offset());
         let (appends, queue) = mpsc::channel(limits.queue_depth.max(1));
-        let idle_sync = match log.config().sync {
-            SyncPolicy::Interval(every) => Some(every),
-            _ => None,
-        };
+        let interval = every.map(|every| Interval {
+            syncer: log.syncer(),
+            every,
+        });
         let committer = Arc::new(Committer {
             log: Mutex::new(Some(log)),
             writer_busy: AtomicBool::new(false),
@@ -138,7 +157,8 @@ impl Topic {
             failure: OnceLock::new(),
             parked: Mutex::new(Some(queue)),
             writing: AtomicBool::new(false),
-            idle_sync,
+            interval,
+            syncs_each_commit,
             max_batch_bytes: limits.max_batch_bytes,
         });
         Ok(Self {
@@ -271,6 +291,13 @@ impl Topic {
         let _appending = Appending::enter(&self.appending);
         self.check_sizes(&values)?;
         let sender = self.sender()?;
+        if !self.committer.syncs_each_commit
+            && !self.committer.writer_busy.load(Ordering::Acquire)
+            && let Some(result) = self.committer.commit_here(&values)
+        {
+            self.after_inline_commit();
+            return result.map_err(|err| LogServiceError::log(&self.name, Arc::new(err)));
+        }
         if self.committer.inline_ok() && sender.capacity() == sender.max_capacity() {
             // Requests that have already arrived on this thread, unread, must get to
             // say so before this one blocks the thread: the yield lets the runtime
@@ -280,16 +307,23 @@ impl Topic {
                 && sender.capacity() == sender.max_capacity()
                 && let Some(result) = self.committer.try_commit_here(&values)
             {
-                if self.committer.idle_sync.is_some() {
-                    // Under an interval policy a writer syncs what this left, once idle.
-                    self.ensure_writer();
-                }
+                self.after_inline_commit();
                 return result.map_err(|err| LogServiceError::log(&self.name, Arc::new(err)));
             }
         }
         drop(sender);
         let reply = self.submit(values).await?;
         self.offsets(reply).await
+    }
+
+    /// Under an interval policy, a writer thread must be there to sync what an
+    /// inline commit left. Pairs with the fence in [`Writer::park`]: either that
+    /// writer sees this commit's records unsynced, or this sees it gone.
+    fn after_inline_commit(&self) {
+        if self.committer.interval.is_some() {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            self.ensure_writer();
+        }
     }
 
     /// Reads one record.
@@ -471,9 +505,12 @@ struct Committer {
     parked: Mutex<Option<mpsc::Receiver<Append>>>,
     /// Whether a writer thread is at work (or starting).
     writing: AtomicBool,
-    /// Under an interval policy, how long an idle writer waits before it syncs what
-    /// the last appends left.
-    idle_sync: Option<Duration>,
+    /// Under an interval policy, how the writer thread syncs, and how often.
+    interval: Option<Interval>,
+    /// Whether every commit waits for its sync (policy `always`). When not, a
+    /// commit is a write to the page cache, cheaper than waking the writer thread:
+    /// the serving thread that received an append commits it.
+    syncs_each_commit: bool,
     max_batch_bytes: usize,
 }
 
@@ -499,6 +536,17 @@ impl Committer {
 
     /// Appends `values` as one batch (one write, one sync), counts it, and tells
     /// tailing readers.
+    /// Commits `values` on the calling thread, waiting for the log if another thread
+    /// holds it (for no longer than a write: this is for policies that do not sync
+    /// each commit); `None` once the log is closed.
+    fn commit_here(&self, values: &[Bytes]) -> Option<Result<Range<Offset>, LogError>> {
+        let mut log = self.lock();
+        let log = log.as_mut()?;
+        let values: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
+        self.metrics.inline_commits.fetch_add(1, Ordering::Relaxed);
+        Some(self.commit(log, &values, 1, None))
+    }
+
     fn commit(
         &self,
         log: &mut Log,
@@ -570,6 +618,13 @@ impl Committer {
     }
 }
 
+/// An interval policy's syncing: the writer thread syncs through `syncer` every
+/// `every` while records are appended, and before it ends.
+struct Interval {
+    syncer: keel_commitlog::Syncer,
+    every: Duration,
+}
+
 /// How long a writer thread waits for the next append before it ends.
 pub(crate) const WRITER_LINGER: Duration = Duration::from_secs(2);
 
@@ -603,19 +658,16 @@ impl Writer {
         };
         let mut batch: Vec<Append> = Vec::new();
         let mut active = Instant::now();
-        // Under an interval policy, what started this writer may have left unsynced
-        // records (an inline commit does).
-        let mut synced = self.committer.idle_sync.is_none();
+        let mut last_sync = Instant::now();
         loop {
-            // Under an interval policy, an idle writer syncs what the last appends
-            // left; idle for WRITER_LINGER, it ends.
-            let wait = match self.committer.idle_sync {
-                Some(every) if !synced => every.min(WRITER_LINGER),
-                _ => WRITER_LINGER,
-            };
-            let wait = wait
-                .saturating_sub(active.elapsed())
-                .max(Duration::from_millis(1));
+            // Under an interval policy the writer syncs every interval, and before it
+            // ends; idle for WRITER_LINGER, it ends.
+            let linger = WRITER_LINGER.saturating_sub(active.elapsed());
+            let wait = match &self.committer.interval {
+                Some(interval) => linger.min(interval.every.saturating_sub(last_sync.elapsed())),
+                None => linger,
+            }
+            .max(Duration::from_millis(1));
             let woken = match &timer {
                 Some(timer) => timer.block_on(async {
                     match tokio::time::timeout(wait, self.queue.recv()).await {
@@ -633,16 +685,9 @@ impl Writer {
                 Woken::Append(first) => first,
                 Woken::Closed => break,
                 Woken::Idle => {
-                    if !synced
-                        && self
-                            .committer
-                            .idle_sync
-                            .is_some_and(|every| active.elapsed() >= every.min(WRITER_LINGER))
-                    {
-                        self.sync();
-                        synced = true;
-                    }
-                    if active.elapsed() >= WRITER_LINGER && self.park() {
+                    let ending = active.elapsed() >= WRITER_LINGER;
+                    self.sync_if_due(&mut last_sync, ending);
+                    if ending && self.park() {
                         return;
                     }
                     continue;
@@ -661,7 +706,7 @@ impl Writer {
             self.commit(&mut batch);
             self.committer.writer_busy.store(false, Ordering::Release);
             active = Instant::now();
-            synced = self.committer.idle_sync.is_none();
+            self.sync_if_due(&mut last_sync, false);
         }
         let log = self.committer.lock().take();
         if let Some(log) = log
@@ -672,14 +717,33 @@ impl Writer {
         tracing::debug!(topic = self.committer.topic, "writer stopped");
     }
 
-    /// Syncs what the last appends left (interval policy).
-    fn sync(&self) {
-        if let Some(log) = self.committer.lock().as_mut()
-            && let Err(err) = log.sync()
-        {
+    /// Under an interval policy, syncs what the appends left when the interval is
+    /// over (or `now`), without holding the log: appends go on meanwhile.
+    fn sync_if_due(&self, last_sync: &mut Instant, now: bool) {
+        let Some(interval) = &self.committer.interval else {
+            return;
+        };
+        if !now && last_sync.elapsed() < interval.every {
+            return;
+        }
+        *last_sync = Instant::now();
+        let synced = interval.syncer.sync();
+        let mut log = self.committer.lock();
+        let Some(log) = log.as_mut() else {
+            return;
+        };
+        if let Err(err) = synced.and_then(|_| log.write_index()) {
             tracing::error!(topic = self.committer.topic, error = %err, "interval sync failed");
             self.committer.note_failure(log);
         }
+    }
+
+    /// Whether an interval policy's syncer lags what has been appended.
+    fn unsynced(&self) -> bool {
+        self.committer
+            .interval
+            .as_ref()
+            .is_some_and(|interval| interval.syncer.durable() < *self.committer.next.borrow())
     }
 
     /// Hands the queue back and ends, unless an append arrived meanwhile that no
@@ -696,8 +760,10 @@ impl Writer {
         *parked = Some(queue);
         committer.writing.store(false, Ordering::Release);
         // An append queued after the last look, by a producer that saw `writing`
-        // still set, would wait for nobody: look again.
-        let waiting = parked.as_ref().is_some_and(|queue| !queue.is_empty());
+        // still set, would wait for nobody; so would records an inline commit wrote
+        // then (see `Topic::after_inline_commit`): look again.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let waiting = parked.as_ref().is_some_and(|queue| !queue.is_empty()) || self.unsynced();
         if waiting
             && !committer.writing.swap(true, Ordering::AcqRel)
             && let Some(queue) = parked.take()
@@ -740,5 +806,82 @@ impl Writer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, sync: SyncPolicy) -> Topic {
+        let config = LogConfig {
+            sync,
+            ..LogConfig::default()
+        };
+        let limits = WriterLimits {
+            queue_depth: 64,
+            enqueue_timeout: Duration::from_secs(5),
+            max_batch_bytes: 1 << 20,
+        };
+        Topic::open(dir, "t", config, &limits).unwrap()
+    }
+
+    fn durable(topic: &Topic) -> Offset {
+        topic.committer.interval.as_ref().unwrap().syncer.durable()
+    }
+
+    /// Under an interval policy appends are committed by the caller's thread, and
+    /// the writer thread syncs them every interval while appends go on, not only
+    /// once they stop.
+    #[tokio::test(flavor = "current_thread")]
+    async fn given_interval_policy_appends_should_be_synced_while_they_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = open(dir.path(), SyncPolicy::Interval(Duration::from_millis(20)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut next = 0;
+        let synced_under_load = loop {
+            let range = topic.append(vec![Bytes::from_static(b"x")]).await.unwrap();
+            assert_eq!(range, next..next + 1);
+            next += 1;
+            if durable(&topic) > 0 {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert!(synced_under_load, "nothing synced in 10 s of appends");
+        assert_eq!(
+            topic.metrics().inline_commits.load(Ordering::Relaxed),
+            next,
+            "every append was committed inline"
+        );
+        // Once appends stop, the writer syncs the rest before it ends.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while durable(&topic) < next {
+            assert!(
+                Instant::now() < deadline,
+                "the last appends were not synced"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        topic.close();
+    }
+
+    /// Under `always` a lone producer's append is committed inline too, and is
+    /// durable when acknowledged: reopening finds every record.
+    #[tokio::test(flavor = "current_thread")]
+    async fn given_always_policy_acknowledged_appends_should_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = open(dir.path(), SyncPolicy::Always);
+        for i in 0..20 {
+            let range = topic.append(vec![Bytes::from(vec![i; 10])]).await.unwrap();
+            assert_eq!(range, u64::from(i)..u64::from(i) + 1);
+        }
+        topic.close();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        assert_eq!(log.next_offset(), 20);
+        assert_eq!(log.read(19).unwrap().value.as_ref(), &[19u8; 10]);
     }
 }
