@@ -15,6 +15,8 @@ use crate::target::InProcess;
 
 /// Instances registered before the lookup and notification scenarios.
 const POPULATION: usize = 1000;
+/// Services the population is spread over (10 instances each).
+const SERVICES: usize = 100;
 /// Concurrent HTTP clients of the throughput scenarios.
 const CLIENTS: usize = 16;
 /// Notifications timed.
@@ -167,7 +169,7 @@ async fn populate(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     for i in 0..POPULATION {
         client
             .post(format!("{url}/services"))
-            .json(&instance(i % 100, i))
+            .json(&instance(i % SERVICES, i))
             .send()
             .await?
             .error_for_status()?;
@@ -183,7 +185,7 @@ pub(crate) async fn registrations(common: &Common, nodes: usize) -> anyhow::Resu
     let all = closed_loops(started + common.duration, move |client, i| {
         let url = url.clone();
         async move {
-            let body = instance(i % 100, i % POPULATION);
+            let body = instance(i % SERVICES, i % POPULATION);
             client
                 .post(format!("{url}/services"))
                 .json(&body)
@@ -216,13 +218,24 @@ pub(crate) async fn lookups(common: &Common, nodes: usize) -> anyhow::Result<Out
             .await?
             .error_for_status()?;
     }
-    let read = target.read.clone();
+    // Every URL parsed once, before the clock starts: the run measures the
+    // registry, not the load generator's URL parser.
+    let urls: Arc<[Vec<reqwest::Url>]> = target
+        .read
+        .iter()
+        .map(|node| {
+            (0..SERVICES)
+                .map(|n| reqwest::Url::parse(&format!("{node}/v1/services/svc{n}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into();
     let started = Instant::now();
     let all = closed_loops(started + common.duration, move |client, i| {
-        let url = read[i % read.len()].clone();
+        let url = urls[i % urls.len()][i % SERVICES].clone();
         async move {
             let body = client
-                .get(format!("{url}/v1/services/svc{}", i % 100))
+                .get(url)
                 .send()
                 .await?
                 .bytes()
