@@ -234,12 +234,7 @@ pub(crate) async fn lookups(common: &Common, nodes: usize) -> anyhow::Result<Out
     let all = closed_loops(started + common.duration, move |client, i| {
         let url = urls[i % urls.len()][i % SERVICES].clone();
         async move {
-            let body = client
-                .get(url)
-                .send()
-                .await?
-                .bytes()
-                .await?;
+            let body = client.get(url).send().await?.bytes().await?;
             anyhow::ensure!(body.len() > 2, "a lookup returned no instances");
             Ok(())
         }
