@@ -687,8 +687,13 @@ impl Writer {
                 Woken::Idle => {
                     let ending = active.elapsed() >= WRITER_LINGER;
                     self.sync_if_due(&mut last_sync, ending);
-                    if ending && self.park() {
-                        return;
+                    if ending {
+                        if self.park() {
+                            return;
+                        }
+                        // Appends came meanwhile (queued, or committed inline and
+                        // not synced): linger again, syncing every interval.
+                        active = Instant::now();
                     }
                     continue;
                 }
@@ -738,12 +743,15 @@ impl Writer {
         }
     }
 
-    /// Whether an interval policy's syncer lags what has been appended.
+    /// Whether an interval policy's syncer lags what has been appended (on a log
+    /// that has not failed: a failed one syncs nothing more).
     fn unsynced(&self) -> bool {
-        self.committer
-            .interval
-            .as_ref()
-            .is_some_and(|interval| interval.syncer.durable() < *self.committer.next.borrow())
+        self.committer.failure.get().is_none()
+            && self
+                .committer
+                .interval
+                .as_ref()
+                .is_some_and(|interval| interval.syncer.durable() < *self.committer.next.borrow())
     }
 
     /// Hands the queue back and ends, unless an append arrived meanwhile that no
