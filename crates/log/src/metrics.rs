@@ -44,6 +44,8 @@ pub(crate) struct TopicMetrics {
     pub(crate) commits: AtomicU64,
     /// Commits made by a serving thread instead of the writer thread.
     pub(crate) inline_commits: AtomicU64,
+    /// Syncs the writer thread ran under an interval policy.
+    pub(crate) interval_syncs: AtomicU64,
     pub(crate) failed_commits: AtomicU64,
     /// Commits that failed because the disk was full.
     pub(crate) storage_full: AtomicU64,
@@ -88,7 +90,7 @@ impl<T> Family<T> {
     }
 }
 
-const COUNTERS: [Family<TopicMetrics>; 7] = [
+const COUNTERS: [Family<TopicMetrics>; 8] = [
     Family {
         name: "keel_log_appended_records_total",
         kind: "counter",
@@ -110,8 +112,14 @@ const COUNTERS: [Family<TopicMetrics>; 7] = [
     Family {
         name: "keel_log_inline_commits_total",
         kind: "counter",
-        help: "Commits of a lone producer's append made by the serving thread that received it, without the writer thread.",
+        help: "Commits made by the serving thread that received the append, without the writer thread (a lone producer's under sync always; every one under interval and never, unless the writer holds queued appends).",
         value: |m| m.inline_commits.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_interval_syncs_total",
+        kind: "counter",
+        help: "Syncs of the topic's records under an interval sync policy (one per interval while records come, and one when the topic goes idle).",
+        value: |m| m.interval_syncs.load(Ordering::Relaxed) as f64,
     },
     Family {
         name: "keel_log_failed_commits_total",

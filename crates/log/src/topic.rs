@@ -732,6 +732,10 @@ impl Writer {
             return;
         }
         *last_sync = Instant::now();
+        self.committer
+            .metrics
+            .interval_syncs
+            .fetch_add(1, Ordering::Relaxed);
         let synced = interval.syncer.sync();
         let mut log = self.committer.lock();
         let Some(log) = log.as_mut() else {
@@ -874,6 +878,30 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        topic.close();
+    }
+
+    /// Appends that go on past the writer's linger time keep it at one sync per
+    /// interval: it does not sync at each wake while it cannot end.
+    #[tokio::test(flavor = "current_thread")]
+    async fn given_interval_policy_sustained_appends_should_be_synced_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let every = Duration::from_millis(200);
+        let topic = open(dir.path(), SyncPolicy::Interval(every));
+        let started = Instant::now();
+        let run = WRITER_LINGER + Duration::from_millis(1500);
+        let mut appended = 0;
+        while started.elapsed() < run && appended < 10_000_000 {
+            topic.append(vec![Bytes::from_static(b"x")]).await.unwrap();
+            appended += 1;
+        }
+        let syncs = topic.metrics().interval_syncs.load(Ordering::Relaxed);
+        // One per interval, one more at each time the writer would have ended.
+        let most = (run.as_millis() / every.as_millis()) as u64 + 4;
+        assert!(
+            (1..=most).contains(&syncs),
+            "{syncs} syncs in {run:?} of {appended} appends, at most {most} expected"
+        );
         topic.close();
     }
 
