@@ -4,6 +4,11 @@
 # one run on 127.0.0.1. Installs nginx, haproxy and wrk with apt-get if missing.
 #
 #   bench/gateway.sh [seconds-per-run] [connections]     (REPS=3 by default)
+#   SCENARIOS="small close" bench/gateway.sh 5 64       # a subset of the scenarios
+#
+# Three scenarios, each a table: "small" (a 3-byte answer over kept-alive client
+# connections), "close" (the same, a new client connection per request:
+# Connection: close) and "1mib" (a 1 MiB answer, kept alive).
 #
 # With BASELINE=path/to/another/keel, a second gateway from that binary joins the
 # rounds as target "baseline" (same registry, same backend): a change's before and
@@ -57,7 +62,9 @@ http {
 }
 CONF
 }
-nginx_conf "$work/backend" 1 "server { listen 127.0.0.1:$BACKEND; location / { return 200 \"ok\\n\"; } }"
+mkdir -p "$work/www"
+head -c 1048576 /dev/urandom > "$work/www/big.bin"
+nginx_conf "$work/backend" 1 "server { listen 127.0.0.1:$BACKEND; location / { return 200 \"ok\\n\"; } location ~ big\$ { root $work/www; try_files /big.bin =404; } }"
 nginx_conf "$work/nginx" auto "server { listen 127.0.0.1:$NGINX; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id; } }"
 nginx -p "$work/backend" -c "$work/backend/nginx.conf" & pids+=($!)
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
@@ -100,43 +107,60 @@ for gateway in "$GATEWAY" ${BASELINE_GATEWAY:-}; do
   for _ in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$gateway/bench/")" = 200 ] && break; sleep 0.1; done
 done
 
-run() { # name url
-  local out
-  out=$(wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency "$2")
-  local rps p50 p99
+run() { # scenario name url
+  local out path="" args=()
+  case "$1" in
+    close) args=(-H "Connection: close") ;;
+    1mib) path=big ;;
+  esac
+  out=$(wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_RUN}s" --latency "${args[@]}" "$3$path")
+  local rps p50 p99 errors
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  echo "$1 $rps $p50 $p99"
+  errors=$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")
+  if [ -n "$errors" ]; then echo "== $1 $2: $errors" >&2; fi
+  echo "$1 $2 $rps $p50 $p99"
 }
 
 targets=("direct http://127.0.0.1:$BACKEND/bench/" "keel http://$GATEWAY/bench/"
   "nginx http://127.0.0.1:$NGINX/bench/" "haproxy http://127.0.0.1:$HAPROXY/bench/")
 if [ -n "${BASELINE_GATEWAY:-}" ]; then targets+=("baseline http://$BASELINE_GATEWAY/bench/"); fi
 rounds="$work/rounds"
+read -r -a scenarios <<<"${SCENARIOS:-small close 1mib}"
 for rep in $(seq "$REPS"); do
-  for target in "${targets[@]}"; do
-    echo "== round $rep/$REPS: ${target%% *}" >&2
-    run $target >>"$rounds"
+  for scenario in "${scenarios[@]}"; do
+    for target in "${targets[@]}"; do
+      echo "== round $rep/$REPS: $scenario ${target%% *}" >&2
+      run "$scenario" $target >>"$rounds"
+    done
   done
 done
-# The median round of each target (by requests/s), in the order above.
-results=()
-for target in "${targets[@]}"; do
-  name=${target%% *}
-  results+=("$(awk -v n="$name" '$1==n' "$rounds" | sort -k2 -g | awk -v reps="$REPS" 'NR==int((reps+1)/2)')")
-done
-echo "All rounds (target, requests/s, p50, p99):"
+echo "All rounds (scenario, target, requests/s, p50, p99):"
 sed 's/^/  /' "$rounds"
 echo
-
-direct=$(awk '{print $2}' <<<"${results[0]}")
-echo "| target | requests/s | vs direct | p50 | p99 |"
-echo "| --- | --- | --- | --- | --- |"
-for line in "${results[@]}"; do
-  read -r name rps p50 p99 <<<"$line"
-  ratio=$(python3 -c "print(f'{$rps/$direct:.2f}')")
-  echo "| $name | $rps | $ratio | $p50 | $p99 |"
+for scenario in "${scenarios[@]}"; do
+  # The median round of each target (by requests/s), in the order above.
+  results=()
+  for target in "${targets[@]}"; do
+    name=${target%% *}
+    results+=("$(awk -v s="$scenario" -v n="$name" '$1==s && $2==n' "$rounds" | sort -k3 -g | awk -v reps="$REPS" 'NR==int((reps+1)/2)')")
+  done
+  case "$scenario" in
+    small) echo "### A 3-byte answer, kept-alive connections" ;;
+    close) echo "### A 3-byte answer, a new connection per request (Connection: close)" ;;
+    1mib) echo "### A 1 MiB answer, kept-alive connections" ;;
+  esac
+  echo
+  direct=$(awk '{print $3}' <<<"${results[0]}")
+  nginx=$(awk '$2=="nginx" {print $3}' <<<"$(printf '%s\n' "${results[@]}")")
+  echo "| target | requests/s | vs direct | vs nginx | p50 | p99 |"
+  echo "| --- | --- | --- | --- | --- | --- |"
+  for line in "${results[@]}"; do
+    read -r _ name rps p50 p99 <<<"$line"
+    ratios=$(python3 -c "print(f'{$rps/$direct:.2f} | {$rps/$nginx:.2f}')")
+    echo "| $name | $rps | $ratios | $p50 | $p99 |"
+  done
+  echo
 done
-echo
-echo "wrk -t2 -c$CONNECTIONS -d${SECONDS_PER_RUN}s on $(nproc) cores, median of $REPS interleaved rounds; backend: nginx 'return 200' on 127.0.0.1"
+echo "wrk -t2 -c$CONNECTIONS -d${SECONDS_PER_RUN}s on $(nproc) cores, median of $REPS interleaved rounds; backend: nginx 'return 200' (and a 1 MiB file) on 127.0.0.1"
