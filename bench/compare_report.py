@@ -16,8 +16,8 @@ END = "<!-- compare.sh: end -->"
 
 DURABILITY = {
     "keel": "ack after fdatasync (sync always)",
-    "keel-1s": "sync interval:1s: ack after write to the OS, fdatasync at most 1 s after the last (up to 1 s of acks lost on a power failure; like Redis everysec)",
-    "keel-2m": "sync interval:2m: ack after write to the OS, fdatasync at most 2 min after the last (like Debian's NATS)",
+    "keel-1s": "sync interval:1s: ack after write to the OS, fdatasync every 1 s in the background while records come (up to 1 s of acks lost on a power failure; like Redis everysec)",
+    "keel-2m": "sync interval:2m: ack after write to the OS, fdatasync every 2 min in the background while records come, and when the topic goes idle (like Debian's NATS)",
     "redis-always": "appendonly, appendfsync always",
     "redis-everysec": "appendonly, appendfsync everysec (up to 1 s of acks lost on a crash)",
     "raw": "pwrite + fdatasync per ack into preallocated space (per window of 1024 in the stream rows, per batch in the batch rows), one file, one writer at a time, no network",

@@ -534,8 +534,6 @@ impl Committer {
         Some(self.commit(log, &values, 1, None))
     }
 
-    /// Appends `values` as one batch (one write, one sync), counts it, and tells
-    /// tailing readers.
     /// Commits `values` on the calling thread, waiting for the log if another thread
     /// holds it (for no longer than a write: this is for policies that do not sync
     /// each commit); `None` once the log is closed.
@@ -547,6 +545,8 @@ impl Committer {
         Some(self.commit(log, &values, 1, None))
     }
 
+    /// Appends `values` as one batch (one write, one sync), counts it, and tells
+    /// tailing readers.
     fn commit(
         &self,
         log: &mut Log,
