@@ -34,7 +34,8 @@ use keel_serve::tls::PeerPrincipal;
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) registry: Arc<Registry>,
-    pub(crate) config: RegistryConfig,
+    /// Shared, not copied: axum clones the state for every request.
+    pub(crate) config: Arc<RegistryConfig>,
     pub(crate) checks: Arc<CheckStats>,
     /// Who may do what (everyone everything without an ACL).
     pub(crate) auth: Arc<Authorizer>,
@@ -490,7 +491,22 @@ async fn list_service(
         return response;
     }
     let all = query.get("all").is_some_and(|v| v == "true" || v == "1");
-    axum::Json(state.registry.instances(&name, all)).into_response()
+    match state.registry.instances_json(&name, all) {
+        Ok(body) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            None,
+            &format!("encoding the instances failed: {err}"),
+        ),
+    }
 }
 
 /// `GET /v1/watch?index=N&wait=30s`: answers as soon as the change index passes `N`,

@@ -417,6 +417,27 @@ impl Registry {
             .collect()
     }
 
+    /// [`Registry::instances`] encoded as a JSON array, straight from the state
+    /// (no instance is copied), into a buffer sized for the answer.
+    ///
+    /// # Errors
+    ///
+    /// An instance that cannot be encoded (none can: every field is a string, a
+    /// number or a map of strings).
+    pub fn instances_json(&self, name: &str, all: bool) -> serde_json::Result<Vec<u8>> {
+        /// Bytes of JSON an instance takes, about: enough room for most answers
+        /// without growing the buffer.
+        const INSTANCE_JSON: usize = 256;
+        let state = self.state();
+        let instances: Vec<&Instance> = state
+            .instances(name)
+            .filter(|i| all || i.is_available())
+            .collect();
+        let mut body = Vec::with_capacity(2 + instances.len() * INSTANCE_JSON);
+        serde_json::to_writer(&mut body, &instances)?;
+        Ok(body)
+    }
+
     /// Instances the health checker polls: those with a heartbeat URL and no TTL.
     pub(crate) fn check_targets(&self) -> Vec<(String, String, String)> {
         self.state()

@@ -194,7 +194,7 @@ async fn serve(
     let app = router(
         AppState {
             registry,
-            config,
+            config: Arc::new(config),
             checks,
             auth,
             stopping: token.clone(),
