@@ -527,18 +527,23 @@ impl Committer {
         if self.writer_busy.load(Ordering::Acquire) || !self.inline_ok() {
             return None;
         }
-        let mut log = self.log.try_lock().ok()?;
-        let log = log.as_mut()?;
-        let values: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
-        self.metrics.inline_commits.fetch_add(1, Ordering::Relaxed);
-        Some(self.commit(log, &values, 1, None))
+        self.commit_in(self.log.try_lock().ok()?, values)
     }
 
     /// Commits `values` on the calling thread, waiting for the log if another thread
     /// holds it (for no longer than a write: this is for policies that do not sync
     /// each commit); `None` once the log is closed.
     fn commit_here(&self, values: &[Bytes]) -> Option<Result<Range<Offset>, LogError>> {
-        let mut log = self.lock();
+        self.commit_in(self.lock(), values)
+    }
+
+    /// Commits one request's `values` to the log held by `log`, counted as inline;
+    /// `None` once the log is closed.
+    fn commit_in(
+        &self,
+        mut log: std::sync::MutexGuard<'_, Option<Log>>,
+        values: &[Bytes],
+    ) -> Option<Result<Range<Offset>, LogError>> {
         let log = log.as_mut()?;
         let values: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
         self.metrics.inline_commits.fetch_add(1, Ordering::Relaxed);
