@@ -400,7 +400,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn issue_15_a_head_trickled_a_byte_at_a_time_should_get_408_at_the_header_deadline() {
+    async fn a_head_trickled_a_byte_at_a_time_should_get_408_at_the_header_deadline() {
         let started = tokio::time::Instant::now();
         let (mut client, task) = connected(|config| {
             config.idle_timeout = Duration::from_secs(60);

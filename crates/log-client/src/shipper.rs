@@ -274,7 +274,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn issue_17_lines_should_wait_out_a_log_service_that_is_away_and_go_to_any_node() {
+    async fn lines_should_wait_out_a_log_service_that_is_away_and_go_to_any_node() {
         let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (url, took) = log_service(Arc::clone(&open)).await;
         // A dead node first: the batch passes to the next.
@@ -338,7 +338,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn issue_19_a_shipper_with_a_token_should_send_it_with_every_batch() {
+    async fn a_shipper_with_a_token_should_send_it_with_every_batch() {
         let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
         let record = Arc::clone(&seen);
         let app = axum::Router::new().route(

@@ -66,9 +66,16 @@ async fn serve_with(
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LogServer<LogGrpc>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    // Reflection in both versions tools speak: grpcurl asks for v1 first, older
+    // clients (grpcio's reflection database among them) only for v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(std::io::Error::other)?;
     let auth = match &config.acl {
         None => keel_auth::Authorizer::open_to_all(),
@@ -87,7 +94,8 @@ async fn serve_with(
         .max_encoding_message_size(max_message);
     let mut routes = tonic::service::Routes::new(log)
         .add_service(health)
-        .add_service(reflection);
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let ending = raft.clone();
     if let Some(raft) = raft {
         // With mutual TLS, only nodes (and admins) with a certificate of the

@@ -400,7 +400,7 @@ mod tests {
     }
 
     #[test]
-    fn issue_15_ttls_and_hosts_found_by_fuzzing_should_be_refused() {
+    fn ttls_and_hosts_found_by_fuzzing_should_be_refused() {
         // "1us" was taken as a TTL of 0 ms, which the canonical form then wrote as
         // "0ms" and refused to read back; a TTL of centuries overflowed on the way
         // back; a host with a stray bracket was taken for a name.

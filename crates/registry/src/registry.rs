@@ -534,7 +534,7 @@ mod tests {
     /// deregistered the instance, and brought it back. A write applied once under
     /// its idempotency key is not applied again.
     #[tokio::test]
-    async fn issue_18_a_late_copy_of_a_keyed_registration_should_not_bring_back_the_instance() {
+    async fn a_late_copy_of_a_keyed_registration_should_not_bring_back_the_instance() {
         let notifier = Notifier::new(
             keel_serve::client::new(),
             Duration::from_secs(5),
@@ -595,7 +595,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn issue_17_a_registry_taking_the_lead_should_send_what_the_outbox_holds_once() {
+    async fn a_registry_taking_the_lead_should_send_what_the_outbox_holds_once() {
         let (url, got) = dependent().await;
         let notifier = Notifier::new(
             keel_serve::client::new(),

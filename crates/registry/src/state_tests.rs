@@ -302,7 +302,7 @@ fn deregister(state: &mut RegistryState, name: &str, port: u16) {
 }
 
 #[test]
-fn issue_15_a_watcher_should_get_only_the_services_changed_since_its_index() {
+fn a_watcher_should_get_only_the_services_changed_since_its_index() {
     let mut state = RegistryState::default();
     register(&mut state, "log", 1, 100);
     register(&mut state, "grading", 2, 100);
@@ -332,7 +332,7 @@ fn issue_15_a_watcher_should_get_only_the_services_changed_since_its_index() {
 }
 
 #[test]
-fn issue_15_a_heartbeat_that_changes_no_health_should_wake_no_watcher() {
+fn a_heartbeat_that_changes_no_health_should_wake_no_watcher() {
     let mut state = RegistryState::default();
     let mut registration = registration("ttl", 1, &[]);
     registration.ttl_ms = Some(1000);
@@ -358,7 +358,7 @@ fn issue_15_a_heartbeat_that_changes_no_health_should_wake_no_watcher() {
 }
 
 #[test]
-fn issue_15_names_that_come_and_go_should_not_grow_the_state_and_old_watchers_resync() {
+fn names_that_come_and_go_should_not_grow_the_state_and_old_watchers_resync() {
     let mut state = RegistryState::default();
     register(&mut state, "stays", 1, 100);
     let early = state.index();
@@ -383,7 +383,7 @@ fn issue_15_names_that_come_and_go_should_not_grow_the_state_and_old_watchers_re
 }
 
 #[test]
-fn issue_17_a_new_leaders_grace_should_hold_back_ttl_expiry_and_reap_due_should_agree() {
+fn a_new_leaders_grace_should_hold_back_ttl_expiry_and_reap_due_should_agree() {
     let mut state = RegistryState::default();
     let registration = Registration {
         ttl_ms: Some(1_000),
@@ -415,7 +415,7 @@ fn issue_17_a_new_leaders_grace_should_hold_back_ttl_expiry_and_reap_due_should_
 }
 
 #[test]
-fn issue_17_the_state_and_commands_should_survive_their_encoding() {
+fn the_state_and_commands_should_survive_their_encoding() {
     let mut state = RegistryState::default();
     register(&mut state, "log", 1, 10);
     register(&mut state, "visit", 2, 20);

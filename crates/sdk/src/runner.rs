@@ -549,7 +549,7 @@ mod tests {
     }
 
     #[test]
-    fn issue_17_a_notification_sent_again_should_never_undo_a_later_one() {
+    fn a_notification_sent_again_should_never_undo_a_later_one() {
         let updates = Notifications {
             discovery: Discovery::default(),
             seen: Arc::default(),
@@ -575,7 +575,7 @@ mod tests {
     }
 
     #[test]
-    fn issue_19_a_notification_not_signed_by_the_registry_should_be_refused() {
+    fn a_notification_not_signed_by_the_registry_should_be_refused() {
         let updates = Notifications {
             discovery: Discovery::default(),
             seen: Arc::default(),

@@ -606,8 +606,7 @@ fn vouched_unsealed_log() -> tempfile::TempDir {
 }
 
 #[test]
-fn issue_15_given_bit_flip_in_a_listed_record_of_a_sealed_segment_not_yet_flagged_should_refuse_to_open()
- {
+fn given_bit_flip_in_a_listed_record_of_a_sealed_segment_not_yet_flagged_should_refuse_to_open() {
     let dir = vouched_unsealed_log();
     clear_durable_flag(dir.path(), 10);
     edit(&index(dir.path(), 10), |bytes| bytes[5] = 2); // vouched, not durable
@@ -677,8 +676,7 @@ fn vouched() -> tempfile::TempDir {
 /// write: the log refuses to open, rather than cut acknowledged records and hand
 /// their offsets out again.
 #[test]
-fn issue_15_given_bit_flip_in_any_record_the_index_lists_should_refuse_to_open_naming_file_and_position()
- {
+fn given_bit_flip_in_any_record_the_index_lists_should_refuse_to_open_naming_file_and_position() {
     let pristine = vouched();
     let ends = active_frame_ends();
     for byte in frame_start(ACTIVE_BASE)..*ends.last().expect("records") {
@@ -706,7 +704,7 @@ fn issue_15_given_bit_flip_in_any_record_the_index_lists_should_refuse_to_open_n
 }
 
 #[test]
-fn issue_15_given_store_cut_before_records_the_index_lists_should_refuse_to_open() {
+fn given_store_cut_before_records_the_index_lists_should_refuse_to_open() {
     let dir = copy_of(vouched().path());
     let path = store(dir.path(), ACTIVE_BASE);
     set_len(&path, frame_start(28));
@@ -762,7 +760,7 @@ fn synced_log(sync: SyncPolicy) -> (tempfile::TempDir, Log, u64) {
 /// fsyncgate: after a failed fsync the kernel may have dropped the unsynced pages, so
 /// the log must not serve them, nor leave them in the file for the next open.
 #[test]
-fn issue_15_a_failed_fsync_should_cut_the_unsynced_records_and_refuse_writes() {
+fn a_failed_fsync_should_cut_the_unsynced_records_and_refuse_writes() {
     let (dir, mut log, synced_len) = synced_log(SyncPolicy::Never);
     for offset in 10..15 {
         log.append(&value(offset)).expect("append");
@@ -800,8 +798,7 @@ fn issue_15_a_failed_fsync_should_cut_the_unsynced_records_and_refuse_writes() {
 }
 
 #[test]
-fn issue_15_a_failed_fsync_under_always_should_acknowledge_nothing_and_keep_the_file_at_its_synced_length()
- {
+fn a_failed_fsync_under_always_should_acknowledge_nothing_and_keep_the_file_at_its_synced_length() {
     let (dir, mut log, synced_len) = synced_log(SyncPolicy::Always);
     let faults = keel_commitlog::fail_syncs_under(dir.path());
     assert!(matches!(log.append(b"lost"), Err(LogError::Io { .. })));
@@ -828,7 +825,7 @@ fn issue_15_a_failed_fsync_under_always_should_acknowledge_nothing_and_keep_the_
 /// A new log's directory entry, and those of any directory made for it, must be
 /// durable before its first record is acknowledged.
 #[test]
-fn issue_15_opening_a_new_log_should_sync_the_parent_of_every_directory_it_creates() {
+fn opening_a_new_log_should_sync_the_parent_of_every_directory_it_creates() {
     let root = tempfile::tempdir().expect("temp dir");
     let dir = root.path().join("a").join("b").join("log");
     let mut log = Log::open(&dir, config(SyncPolicy::Always)).expect("open");

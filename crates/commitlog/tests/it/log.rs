@@ -526,7 +526,7 @@ fn fds_under(dir: &std::path::Path) -> usize {
 /// 6223 segments once held 12 473): sealed segments open their files to be read,
 /// and only the latest few stay open.
 #[test]
-fn issue_15_sealed_segments_should_not_each_hold_open_files() {
+fn sealed_segments_should_not_each_hold_open_files() {
     let dir = tempfile::tempdir().expect("temp dir");
     let dir = dir.path().canonicalize().expect("canonical");
     let config = LogConfig {
@@ -555,7 +555,7 @@ fn issue_15_sealed_segments_should_not_each_hold_open_files() {
 /// A topic that took one record costs 64 KiB of preallocated disk, not 4 MiB (200
 /// topics created in a burst once took 800 MB); a busy one grows to the full step.
 #[test]
-fn issue_15_preallocation_should_grow_with_the_segment() {
+fn preallocation_should_grow_with_the_segment() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut log = Log::open(dir.path(), LogConfig::default()).expect("open");
     log.append(b"one").expect("append");

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 use crate::support::{backend, gateway, until_routed};
 
 #[tokio::test]
-async fn issue_19_the_gateway_should_read_a_registry_with_an_acl_by_its_token() {
+async fn the_gateway_should_read_a_registry_with_an_acl_by_its_token() {
     let dir = tempfile::tempdir().unwrap();
     let acl = dir.path().join("acl.toml");
     let mut text = String::new();
@@ -66,7 +66,7 @@ async fn issue_19_the_gateway_should_read_a_registry_with_an_acl_by_its_token() 
 /// The front port on TLS: a client that trusts the CA is served, and the instance
 /// reads `X-Forwarded-Proto: https`; a plaintext request gets no answer.
 #[tokio::test]
-async fn issue_19_the_gateway_front_should_serve_tls_and_say_so_upstream() {
+async fn the_gateway_front_should_serve_tls_and_say_so_upstream() {
     if std::process::Command::new("curl")
         .arg("--version")
         .output()
@@ -157,7 +157,7 @@ async fn issue_19_the_gateway_front_should_serve_tls_and_say_so_upstream() {
 /// keeps the connection for the next request. A gateway that cannot verify the
 /// certificate (the platform's roots do not know the CA) answers 502 saying why.
 #[tokio::test]
-async fn issue_19_an_https_instance_should_be_reached_over_tls() {
+async fn an_https_instance_should_be_reached_over_tls() {
     use keel_auth::mint::{Ca, Leaf};
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("keel test CA", 1).unwrap();

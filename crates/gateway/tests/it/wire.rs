@@ -469,7 +469,7 @@ async fn ejections(gateway: &Running) -> u64 {
 }
 
 #[tokio::test]
-async fn issue_15_a_slow_upload_should_get_408_and_never_eject_the_instance() {
+async fn a_slow_upload_should_get_408_and_never_eject_the_instance() {
     let echo = backend("a").await;
     let (_registry, gateway) = routed_with("echo", echo.running.addr, |config| {
         config.body_timeout = Duration::from_millis(300);
@@ -512,7 +512,7 @@ async fn issue_15_a_slow_upload_should_get_408_and_never_eject_the_instance() {
 }
 
 #[tokio::test]
-async fn issue_15_a_client_that_stops_reading_should_not_hold_its_upstream_connection() {
+async fn a_client_that_stops_reading_should_not_hold_its_upstream_connection() {
     // An upstream that sends a 64 MiB answer and says when its writing ended.
     let (upstream, mut upstream_gone) = scripted_reporting(|head| {
         if head.contains("/ready") {
@@ -555,7 +555,7 @@ async fn issue_15_a_client_that_stops_reading_should_not_hold_its_upstream_conne
 }
 
 #[tokio::test]
-async fn issue_15_heads_the_gateway_cannot_trust_should_be_refused() {
+async fn heads_the_gateway_cannot_trust_should_be_refused() {
     let upstream = scripted(|_| (ok("reached"), false)).await;
     let (_registry, gateway) = routed_to("strict", upstream).await;
     let long_line = format!(
@@ -596,8 +596,7 @@ async fn issue_15_heads_the_gateway_cannot_trust_should_be_refused() {
 }
 
 #[tokio::test]
-async fn issue_15_the_instance_should_never_see_forwarding_headers_or_underscored_names_from_the_client()
- {
+async fn the_instance_should_never_see_forwarding_headers_or_underscored_names_from_the_client() {
     // The upstream answers with the head it received.
     let upstream = scripted(|head| (ok(head), false)).await;
     let (_registry, gateway) = routed_to("echo", upstream).await;
@@ -634,7 +633,7 @@ async fn issue_15_the_instance_should_never_see_forwarding_headers_or_underscore
 /// connection slot, and reconnect when closed. Each legitimate client still gets its
 /// answer at once: it takes the slot of the connection that has waited longest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_15_slowloris_holding_every_connection_should_not_keep_legitimate_clients_out() {
+async fn slowloris_holding_every_connection_should_not_keep_legitimate_clients_out() {
     const SLOTS: usize = 20;
     let upstream = scripted(|_| (ok("served"), false)).await;
     let (_registry, gateway) = routed_with("loris", upstream, |config| {

@@ -9,7 +9,7 @@ use std::process::Command;
 use crate::support::KEEL;
 
 #[test]
-fn issue_18_process_and_disk_faults_should_lose_nothing_in_the_log_or_the_registry() {
+fn process_and_disk_faults_should_lose_nothing_in_the_log_or_the_registry() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(KEEL)
         .args([

@@ -256,7 +256,7 @@ fn gateway_serve_should_validate_its_flags_and_stop_cleanly() {
 /// client commands call with `--token`, and without one they are refused, naming
 /// why.
 #[test]
-fn issue_19_a_created_token_should_let_its_principal_produce_and_no_one_else() {
+fn a_created_token_should_let_its_principal_produce_and_no_one_else() {
     let dir = tempfile::tempdir().unwrap();
     let acl = dir.path().join("acl.toml");
     std::fs::write(
@@ -350,7 +350,7 @@ fn dev_certs(dir: &std::path::Path) -> std::path::PathBuf {
 /// The keys `keel certs dev` writes are their owner's alone, and it never replaces
 /// files silently.
 #[test]
-fn issue_19_dev_certificates_should_keep_keys_private_and_never_overwrite() {
+fn dev_certificates_should_keep_keys_private_and_never_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dev_certs(dir.path());
     #[cfg(unix)]
@@ -380,7 +380,7 @@ fn issue_19_dev_certificates_should_keep_keys_private_and_never_overwrite() {
 /// --cert --key` need: the client certificate names its principal for the ACL, and a
 /// client without the CA cannot connect.
 #[test]
-fn issue_19_dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
+fn dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dev_certs(dir.path());
     let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
@@ -459,7 +459,7 @@ fn issue_19_dev_certificates_should_let_a_cli_client_reach_a_tls_service() {
 /// `keel log serve --registry --registry-token`: the log service registers with a
 /// registry that has an ACL, under its own token's principal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_19_the_log_service_should_register_with_a_registry_that_has_an_acl() {
+async fn the_log_service_should_register_with_a_registry_that_has_an_acl() {
     let dir = tempfile::tempdir().unwrap();
     let acl = dir.path().join("acl.toml");
     std::fs::write(
@@ -516,7 +516,7 @@ async fn issue_19_the_log_service_should_register_with_a_registry_that_has_an_ac
 /// token, the visit demo finds the log service through the registry and records
 /// its visits in it, all with its token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_19_a_demo_should_work_against_a_registry_and_log_service_with_an_acl() {
+async fn a_demo_should_work_against_a_registry_and_log_service_with_an_acl() {
     let dir = tempfile::tempdir().unwrap();
     let acl = dir.path().join("acl.toml");
     let mut text = String::new();

@@ -184,7 +184,7 @@ async fn kill(up: &Up, label: &str, seen: &Mutex<Seen>) -> Duration {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_17_keel_up_cluster_should_lose_nothing_when_any_one_process_is_killed() {
+async fn keel_up_cluster_should_lose_nothing_when_any_one_process_is_killed() {
     let mut up = Up::start(&["--cluster", "3", "--grace", "10s"]);
     for n in 1..=3 {
         for group in ["registry", "log"] {

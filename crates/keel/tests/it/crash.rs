@@ -82,8 +82,7 @@ async fn kill_9_mid_load_should_lose_no_acknowledged_record() {
 /// One flipped bit in an acknowledged record, after a clean stop: the topic must not
 /// open (its offsets would be handed out again) until an operator repairs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_15_a_bit_flip_in_an_acknowledged_record_should_make_the_topic_unavailable_until_repaired()
- {
+async fn a_bit_flip_in_an_acknowledged_record_should_make_the_topic_unavailable_until_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let mut served = Served::start(dir.path(), &["--sync", "always"]);
     let mut client = Client::connect(&served.addr).await.unwrap();

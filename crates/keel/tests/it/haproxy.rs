@@ -89,7 +89,7 @@ async fn registry_with_echo() -> (SocketAddr, oneshot::Sender<()>, oneshot::Send
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_17_haproxy_in_front_of_two_gateways_should_lose_no_request_when_one_dies() {
+async fn haproxy_in_front_of_two_gateways_should_lose_no_request_when_one_dies() {
     let Some(haproxy) = haproxy() else {
         eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy; .ci/run does)");
         return;

@@ -11,8 +11,7 @@ use crate::support::KEEL;
 /// limit under the descriptors it has (and says so), never runs out of them, and
 /// answers again once the header deadline has cut the slow heads.
 #[test]
-fn issue_15_at_a_low_open_files_limit_the_log_service_should_fit_its_connections_and_keep_serving()
-{
+fn at_a_low_open_files_limit_the_log_service_should_fit_its_connections_and_keep_serving() {
     if Command::new("prlimit").arg("--version").output().is_err() {
         eprintln!("skipping: prlimit (util-linux) is not installed");
         return;
@@ -92,7 +91,7 @@ fn threads_of(pid: u32) -> usize {
 /// their writers have lingered (two threads per topic, for life, exhausted the
 /// process before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_15_idle_topics_should_cost_no_thread() {
+async fn idle_topics_should_cost_no_thread() {
     let dir = tempfile::tempdir().unwrap();
     let served = crate::support::Served::start(dir.path(), &["--sync", "never"]);
     let pid = served.child.id();

@@ -47,7 +47,7 @@ async fn read_ahead_bytes(addr: &str) -> u64 {
 /// 100 records of 1 MB; 8 SSE tails and 6 `ConsumeBatchStream`s (8 MiB per message)
 /// that never read; 4 range reads of up to 10 000 records at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_15_stalled_readers_should_hold_bounded_memory() {
+async fn stalled_readers_should_hold_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let served = Served::start(dir.path(), &["--sync", "never"]);
     let pid = served.child.id();

@@ -127,7 +127,7 @@ fn spawn_node(id: u64, addr: &str, dir: &Path, peers: &str) -> Served {
 type Acked = Arc<Mutex<HashMap<u64, String>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_16_a_killed_leader_should_lose_no_acknowledged_record() {
+async fn a_killed_leader_should_lose_no_acknowledged_record() {
     const PRODUCERS: usize = 4;
     const PER_PRODUCER: usize = 150;
     let mut cluster = Cluster::start(3);
@@ -281,7 +281,7 @@ async fn keel_cluster_should_show_the_members_and_remove_one() {
 /// answers it unavailable as soon as it learns of the new leader, and the client's
 /// retry (same producer and sequence) goes to the new leader: stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_18_a_write_forwarded_to_a_paused_leader_should_not_wait_for_it() {
+async fn a_write_forwarded_to_a_paused_leader_should_not_wait_for_it() {
     let cluster = Cluster::start(3);
     cluster.wait_ready().await;
     let leader = cluster.leader().await;

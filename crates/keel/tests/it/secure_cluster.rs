@@ -101,7 +101,7 @@ async fn voters(addr: &str, tls: &PeerTls) -> Option<Vec<u64>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_19_raft_should_run_over_mutual_tls_and_refuse_a_stranger() {
+async fn raft_should_run_over_mutual_tls_and_refuse_a_stranger() {
     let dir = tempfile::tempdir().unwrap();
     let certs = certs(dir.path(), &["keel-1", "keel-2", "keel-3", "keel-4"]);
     let ports = free_ports(4);

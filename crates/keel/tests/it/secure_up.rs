@@ -30,7 +30,7 @@ async fn texts(client: &reqwest::Client, log: &str, topic: &str) -> Vec<String> 
 }
 
 #[tokio::test]
-async fn issue_19_keel_up_secure_should_serve_tls_with_an_acl_end_to_end() {
+async fn keel_up_secure_should_serve_tls_with_an_acl_end_to_end() {
     let up = Up::start(&["--secure"]);
     let secure = up.data_dir().join("secure");
     let ca = secure.join("ca.pem");

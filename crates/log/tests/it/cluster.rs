@@ -518,7 +518,7 @@ async fn status_of(node: &Node) -> keel_proto::raft::v1::ClusterStatus {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_16_a_damaged_replica_should_re_replicate_and_vote_only_once_caught_up() {
+async fn a_damaged_replica_should_re_replicate_and_vote_only_once_caught_up() {
     let mut cluster = Cluster::start(3).await;
     let mut client = Client::connect(&cluster.addrs()).await.expect("connect");
     for i in 0..100u64 {

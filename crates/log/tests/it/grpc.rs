@@ -380,7 +380,7 @@ async fn shutdown_should_end_open_tails_and_stop_within_the_grace_period() {
 }
 
 #[tokio::test]
-async fn health_and_reflection_should_be_served() {
+async fn health_should_report_the_log_service_serving() {
     let server = TestServer::start().await;
     let channel = tonic::transport::Endpoint::from_shared(server.url(""))
         .unwrap()
@@ -400,10 +400,199 @@ async fn health_and_reflection_should_be_served() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+/// What a reflection client that knows none of keel's protos learns from `request`.
+async fn reflect(
+    server: &TestServer,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let channel = tonic::transport::Endpoint::from_shared(server.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    answers
+        .next()
+        .await
+        .expect("an answer")
+        .unwrap()
+        .message_response
+        .expect("a message")
+}
+
+#[tokio::test]
+async fn reflection_should_list_and_describe_the_log_service() {
+    use prost::Message as _;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let server = TestServer::start().await;
+
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(&server, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("expected a service list");
+    };
+    let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "log.v1.Log",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    let MessageResponse::FileDescriptorResponse(files) = reflect(
+        &server,
+        MessageRequest::FileContainingSymbol("log.v1.Log".into()),
+    )
+    .await
+    else {
+        panic!("expected file descriptors");
+    };
+    let files: Vec<prost_types::FileDescriptorProto> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(&bytes[..]).unwrap())
+        .collect();
+    let log = files
+        .iter()
+        .filter(|file| file.package() == "log.v1")
+        .flat_map(|file| &file.service)
+        .find(|service| service.name() == "Log")
+        .expect("log.v1.Log described");
+    let methods: HashSet<&str> = log.method.iter().map(|m| m.name()).collect();
+    for rpc in ["Produce", "Consume", "ConsumeStream", "ProduceStream"] {
+        assert!(methods.contains(rpc), "{rpc} missing from {methods:?}");
+    }
+    let produce = log.method.iter().find(|m| m.name() == "Produce").unwrap();
+    assert_eq!(produce.input_type(), ".log.v1.ProduceRequest");
+    // The request's fields are described too, so a client can build one.
+    let request = files
+        .iter()
+        .flat_map(|file| &file.message_type)
+        .find(|message| message.name() == "ProduceRequest")
+        .expect("ProduceRequest described");
+    assert!(request.field.iter().any(|f| f.name() == "record"));
+}
+
+/// A client that has no code generated from keel's protos: grpcio's reflection
+/// database learns the service's messages from the server, builds a
+/// `ProduceRequest` from them, produces and consumes it back.
+const PYTHON_REFLECTION_CLIENT: &str = r#"
+import sys
+import grpc
+from google.protobuf import descriptor_pool, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+channel = grpc.insecure_channel(sys.argv[1])
+database = ProtoReflectionDescriptorDatabase(channel)
+assert "log.v1.Log" in database.get_services(), database.get_services()
+pool = descriptor_pool.DescriptorPool(database)
+service = pool.FindServiceByName("log.v1.Log")
+methods = {m.name: m for m in service.methods}
+for rpc in ("Produce", "Consume", "ConsumeStream", "ProduceStream"):
+    assert rpc in methods, methods
+
+def call(name, **fields):
+    method = methods[name]
+    request = message_factory.GetMessageClass(method.input_type)(**fields)
+    answer = message_factory.GetMessageClass(method.output_type)
+    rpc = channel.unary_unary(
+        f"/log.v1.Log/{name}",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=answer.FromString,
+    )
+    return rpc(request, timeout=10)
+
+record = message_factory.GetMessageClass(pool.FindMessageTypeByName("log.v1.Record"))
+produced = call("Produce", topic="reflected", record=record(value=b"by reflection"))
+consumed = call("Consume", topic="reflected", offset=produced.offset)
+assert consumed.record.value == b"by reflection", consumed
+print("ok", produced.offset)
+"#;
+
+#[tokio::test]
+async fn a_client_built_from_reflection_alone_should_produce_and_consume() {
+    let has_reflection = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_reflection"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !has_reflection {
+        eprintln!(
+            "SKIPPED: python3 with grpcio and grpcio-reflection is not installed (.ci/run installs them)"
+        );
+        return;
+    }
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("reflect.py");
+    std::fs::write(&script, PYTHON_REFLECTION_CLIENT).unwrap();
+    let addr = server.url("").trim_start_matches("http://").to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .arg(addr)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
     assert!(
-        keel_proto::FILE_DESCRIPTOR_SET.len() > 100,
-        "reflection has the descriptors"
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 0");
+}
+
+#[tokio::test]
+async fn reflection_should_also_answer_in_v1alpha_for_older_clients() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let answer = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .expect("an answer")
+        .unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("expected a service list, got {answer:?}");
+    };
+    assert!(list.service.iter().any(|s| s.name == "log.v1.Log"));
 }
 
 #[tokio::test]
@@ -487,35 +676,4 @@ async fn a_consumer_that_stops_reading_should_not_slow_producers() {
         "producers were held up"
     );
     drop(stalled);
-}
-
-#[tokio::test]
-async fn reflection_should_list_the_log_service() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
-    let server = TestServer::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(server.url(""))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = reflection
-        .server_reflection_info(futures::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.next().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("expected a service list, got {response:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"log.v1.Log".to_owned()), "{names:?}");
 }

@@ -306,7 +306,7 @@ async fn healthz_and_metrics_should_report_the_service() {
 }
 
 #[tokio::test]
-async fn issue_15_topic_creation_should_stop_at_max_topics() {
+async fn topic_creation_should_stop_at_max_topics() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(keel_log::LogServiceConfig {
         max_topics: 3,
@@ -359,7 +359,7 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
 }
 
 #[tokio::test]
-async fn issue_15_half_sent_heads_should_be_closed_at_the_header_timeout() {
+async fn half_sent_heads_should_be_closed_at_the_header_timeout() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(keel_log::LogServiceConfig {
@@ -387,7 +387,7 @@ async fn issue_15_half_sent_heads_should_be_closed_at_the_header_timeout() {
 }
 
 #[tokio::test]
-async fn issue_15_a_connection_that_sends_nothing_should_be_closed_at_the_header_timeout() {
+async fn a_connection_that_sends_nothing_should_be_closed_at_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(keel_log::LogServiceConfig {
         header_timeout: Duration::from_millis(300),
@@ -402,7 +402,7 @@ async fn issue_15_a_connection_that_sends_nothing_should_be_closed_at_the_header
 }
 
 #[tokio::test]
-async fn issue_15_connections_past_max_connections_should_wait_for_a_free_slot() {
+async fn connections_past_max_connections_should_wait_for_a_free_slot() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(keel_log::LogServiceConfig {
         max_connections: 2,
@@ -437,7 +437,7 @@ async fn issue_15_connections_past_max_connections_should_wait_for_a_free_slot()
 }
 
 #[tokio::test]
-async fn issue_15_a_topic_that_cannot_open_should_not_stop_the_others() {
+async fn a_topic_that_cannot_open_should_not_stop_the_others() {
     let mut server = TestServer::start().await;
     let client = http();
     for topic in ["good", "bad"] {
@@ -511,10 +511,10 @@ impl Drop for SmallDisk {
 }
 
 #[tokio::test]
-async fn issue_15_a_full_disk_should_answer_507_storage_full_and_lose_nothing() {
+async fn a_full_disk_should_answer_507_storage_full_and_lose_nothing() {
     let Some(disk) = SmallDisk::mount() else {
         eprintln!(
-            "skipping issue_15_a_full_disk_should_answer_507_storage_full_and_lose_nothing: cannot mount a tmpfs here (needs root)"
+            "skipping a_full_disk_should_answer_507_storage_full_and_lose_nothing: cannot mount a tmpfs here (needs root)"
         );
         return;
     };
@@ -571,7 +571,7 @@ async fn issue_15_a_full_disk_should_answer_507_storage_full_and_lose_nothing() 
 /// disk may have dropped; the other topics serve; a restart brings it back at its
 /// synced length.
 #[tokio::test]
-async fn issue_15_a_failed_fsync_should_mark_the_topic_failed_and_keep_only_synced_records() {
+async fn a_failed_fsync_should_mark_the_topic_failed_and_keep_only_synced_records() {
     let dir = tempfile::tempdir().unwrap();
     let config = crate::support::config(dir.path());
     let mut server = TestServer::start_with(config.clone()).await;
@@ -670,7 +670,7 @@ async fn given_interval_sync_policy_an_idle_topic_should_be_synced() {
 /// A topic created by its first write is durable before that write is acknowledged:
 /// its directory, `topics/` and the data directory were each synced in their parent.
 #[tokio::test]
-async fn issue_15_a_new_topic_should_sync_every_parent_directory_before_its_first_ack() {
+async fn a_new_topic_should_sync_every_parent_directory_before_its_first_ack() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
     let server = TestServer::start_with(crate::support::config(&data)).await;

@@ -96,7 +96,7 @@ async fn start(dir: &Path) -> TestServer {
 }
 
 #[tokio::test]
-async fn issue_19_each_topic_action_should_be_allowed_or_denied_over_grpc() {
+async fn each_topic_action_should_be_allowed_or_denied_over_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
     let mut alice = grpc(&server, Some("alice")).await;
@@ -174,7 +174,7 @@ async fn issue_19_each_topic_action_should_be_allowed_or_denied_over_grpc() {
 }
 
 #[tokio::test]
-async fn issue_19_each_topic_action_should_be_allowed_or_denied_over_http() {
+async fn each_topic_action_should_be_allowed_or_denied_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
     let http = keel_serve::client::new();
@@ -257,7 +257,7 @@ async fn issue_19_each_topic_action_should_be_allowed_or_denied_over_http() {
 /// A changed ACL takes effect within seconds, on connections already open, and
 /// those connections stay open for what is still allowed.
 #[tokio::test]
-async fn issue_19_an_acl_reload_should_take_effect_without_dropping_connections() {
+async fn an_acl_reload_should_take_effect_without_dropping_connections() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
     let mut alice = grpc(&server, Some("alice")).await;

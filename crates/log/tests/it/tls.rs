@@ -88,7 +88,7 @@ fn at(server: &TestServer, host: &str) -> String {
 }
 
 #[tokio::test]
-async fn issue_19_a_tls_listener_should_serve_trusted_clients_and_refuse_the_rest() {
+async fn a_tls_listener_should_serve_trusted_clients_and_refuse_the_rest() {
     let pki = Pki::new();
     let server = pki
         .server(pki.leaf("keel-1", &Leaf::node("keel-1", 1)))
@@ -167,7 +167,7 @@ async fn issue_19_a_tls_listener_should_serve_trusted_clients_and_refuse_the_res
 }
 
 #[tokio::test]
-async fn issue_19_a_wrong_name_or_an_expired_certificate_should_be_refused() {
+async fn a_wrong_name_or_an_expired_certificate_should_be_refused() {
     let pki = Pki::new();
     // A node certificate for another name only.
     let mut elsewhere = Leaf::node("keel-9", 1);
@@ -215,7 +215,7 @@ async fn issue_19_a_wrong_name_or_an_expired_certificate_should_be_refused() {
 
 /// The HTTP API over TLS with curl, as a user would call it.
 #[tokio::test]
-async fn issue_19_curl_should_reach_the_http_api_over_tls_with_its_cacert() {
+async fn curl_should_reach_the_http_api_over_tls_with_its_cacert() {
     if std::process::Command::new("curl")
         .arg("--version")
         .output()
@@ -287,7 +287,7 @@ print("ok")
 "#;
 
 #[tokio::test]
-async fn issue_19_a_python_grpc_client_should_produce_and_consume_over_tls() {
+async fn a_python_grpc_client_should_produce_and_consume_over_tls() {
     let has_grpc = std::process::Command::new("python3")
         .args(["-c", "import grpc"])
         .output()

@@ -104,7 +104,7 @@ async fn dependent_registered_first_should_be_told_when_the_dependency_appears_a
 /// (a late copy of a registration must not bring back a deregistered instance); a
 /// bad key is refused.
 #[tokio::test]
-async fn issue_18_a_write_repeated_under_its_idempotency_key_should_be_applied_once() {
+async fn a_write_repeated_under_its_idempotency_key_should_be_applied_once() {
     let registry = TestRegistry::start(fast_config()).await;
     let body = json!({"name": "visit", "addr": "127.0.0.1:9"});
     let send = |key: &'static str, delete: bool| {
@@ -141,7 +141,7 @@ async fn issue_18_a_write_repeated_under_its_idempotency_key_should_be_applied_o
 /// `302`/`307` to an internal address must not turn the registry into a proxy that
 /// reaches it (and a redirect is no healthy answer).
 #[tokio::test]
-async fn issue_19_health_checks_and_notifications_should_not_follow_redirects() {
+async fn health_checks_and_notifications_should_not_follow_redirects() {
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
 
@@ -589,7 +589,7 @@ async fn shutdown_should_end_open_watch_streams_instead_of_waiting_for_them() {
 }
 
 #[tokio::test]
-async fn issue_15_slow_checks_should_delay_neither_ttl_reaping_nor_shutdown() {
+async fn slow_checks_should_delay_neither_ttl_reaping_nor_shutdown() {
     // A heartbeat URL that accepts connections and never answers.
     let (hole, _hole) = BlackHole::start().await;
     let registry = TestRegistry::start(RegistryConfig {
@@ -617,7 +617,7 @@ async fn issue_15_slow_checks_should_delay_neither_ttl_reaping_nor_shutdown() {
 }
 
 #[tokio::test]
-async fn issue_15_control_bytes_in_urls_and_dot_names_should_be_refused() {
+async fn control_bytes_in_urls_and_dot_names_should_be_refused() {
     let registry = TestRegistry::start(fast_config()).await;
     for (body, field) in [
         (json!({"name": "..", "addr": "127.0.0.1:9"}), "name"),
@@ -654,7 +654,7 @@ async fn issue_15_control_bytes_in_urls_and_dot_names_should_be_refused() {
 }
 
 #[tokio::test]
-async fn issue_15_registrations_should_be_bounded() {
+async fn registrations_should_be_bounded() {
     let registry = TestRegistry::start(RegistryConfig {
         max_instances: 3,
         ..fast_config()
@@ -702,7 +702,7 @@ async fn issue_15_registrations_should_be_bounded() {
 }
 
 #[tokio::test]
-async fn issue_15_half_sent_heads_and_extra_connections_should_not_hold_the_registry() {
+async fn half_sent_heads_and_extra_connections_should_not_hold_the_registry() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let registry = TestRegistry::start(RegistryConfig {
         header_timeout: Duration::from_millis(300),
@@ -781,7 +781,7 @@ async fn issue_15_half_sent_heads_and_extra_connections_should_not_hold_the_regi
 
 /// A change to one service sends watchers that service, not the whole table.
 #[tokio::test]
-async fn issue_15_a_watch_should_carry_the_changed_service_not_the_whole_table() {
+async fn a_watch_should_carry_the_changed_service_not_the_whole_table() {
     let registry = TestRegistry::start(fast_config()).await;
     let padding = "m".repeat(3000);
     for n in 0..50 {
@@ -831,7 +831,7 @@ async fn issue_15_a_watch_should_carry_the_changed_service_not_the_whole_table()
 }
 
 #[tokio::test]
-async fn issue_17_a_client_of_several_nodes_should_pass_over_the_dead_and_the_unready() {
+async fn a_client_of_several_nodes_should_pass_over_the_dead_and_the_unready() {
     use keel_registry::client::RegistryClient;
     let registry = TestRegistry::start(fast_config()).await;
     // A node that answers 503 (it knows no leader yet) and counts the calls it got.

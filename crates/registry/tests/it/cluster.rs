@@ -227,7 +227,7 @@ async fn exactly_one(instance: &mut Instance) -> (Method, Value) {
 }
 
 #[tokio::test]
-async fn issue_17_any_node_should_take_writes_every_node_answer_and_only_the_leader_notify() {
+async fn any_node_should_take_writes_every_node_answer_and_only_the_leader_notify() {
     let cluster = Cluster::start().await;
     let leader = cluster.leader().await;
     let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
@@ -278,7 +278,7 @@ async fn issue_17_any_node_should_take_writes_every_node_answer_and_only_the_lea
 }
 
 #[tokio::test]
-async fn issue_17_registrations_should_outlive_the_leader_whose_duties_the_next_one_takes_over() {
+async fn registrations_should_outlive_the_leader_whose_duties_the_next_one_takes_over() {
     let mut cluster = Cluster::start().await;
     let mut portal = Instance::start().await;
     let grading = Instance::start().await;
@@ -336,7 +336,7 @@ async fn issue_17_registrations_should_outlive_the_leader_whose_duties_the_next_
 /// one principal through one node cannot be removed or taken over by another through
 /// any other node, and every node still lists it as its owner left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issue_19_another_principal_should_not_remove_an_instance_through_any_node() {
+async fn another_principal_should_not_remove_an_instance_through_any_node() {
     let dir = tempfile::tempdir().unwrap();
     let acl = dir.path().join("acl.toml");
     let mut text = String::new();

@@ -44,7 +44,7 @@ async fn post(registry: &TestRegistry, body: &Value) -> (StatusCode, Value) {
 /// DELETE with JSON bodies), whether written as an address, a name, an IPv4 address
 /// in IPv6 form or the unspecified address; and nothing reaches the internal service.
 #[tokio::test]
-async fn issue_19_registrations_aimed_outside_the_allowed_targets_should_be_refused() {
+async fn registrations_aimed_outside_the_allowed_targets_should_be_refused() {
     let (internal, hits) = internal_service().await;
     let allowed = Instance::start().await;
     let config = keel_registry::RegistryConfig {
@@ -200,7 +200,7 @@ async fn call(
 /// an instance's owner (or an admin) removes it, heartbeats it, or registers it
 /// again with its own update URL; the instance stays as its owner left it.
 #[tokio::test]
-async fn issue_19_a_principal_should_not_remove_or_take_over_another_ones_instance() {
+async fn a_principal_should_not_remove_or_take_over_another_ones_instance() {
     let dir = tempfile::tempdir().unwrap();
     let config = keel_registry::RegistryConfig {
         acl: Some(acl(dir.path())),
@@ -305,7 +305,7 @@ async fn issue_19_a_principal_should_not_remove_or_take_over_another_ones_instan
 /// A notification carries `Keel-Signature`, the HMAC of its method, index and body
 /// under the secret the dependent got in `Keel-Instance-Secret` when it registered.
 #[tokio::test]
-async fn issue_19_notifications_should_be_signed_with_the_dependents_secret() {
+async fn notifications_should_be_signed_with_the_dependents_secret() {
     use std::sync::Mutex;
 
     type Seen = Arc<Mutex<Vec<(String, u64, String, Vec<u8>)>>>;
@@ -381,7 +381,7 @@ async fn issue_19_notifications_should_be_signed_with_the_dependents_secret() {
 /// a change at the per-target pace (a burst of `max_requests_per_target`, then that
 /// many a second), not all at once; and every one of them is told in the end.
 #[tokio::test]
-async fn issue_19_notifications_to_one_target_should_be_paced() {
+async fn notifications_to_one_target_should_be_paced() {
     let (victim, hits) = internal_service().await;
     let config = keel_registry::RegistryConfig {
         max_requests_per_target: 20,
@@ -425,7 +425,7 @@ async fn issue_19_notifications_to_one_target_should_be_paced() {
 /// A rule's `targets` limits what its principals may register, within the
 /// registry's own list.
 #[tokio::test]
-async fn issue_19_a_principal_should_register_only_the_targets_its_rules_give() {
+async fn a_principal_should_register_only_the_targets_its_rules_give() {
     let (elsewhere, hits) = internal_service().await;
     let allowed = Instance::start().await;
     let dir = tempfile::tempdir().unwrap();
