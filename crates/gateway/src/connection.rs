@@ -221,7 +221,13 @@ where
         };
         let forwarded = self.forward(&mut exchange).await;
         let status = match &forwarded {
-            Ok(response) => response.head.status,
+            Ok(response) => {
+                self.gateway
+                    .stats
+                    .upstream_latency
+                    .record(started.elapsed());
+                response.head.status
+            }
             Err(err) => err.status().as_u16(),
         };
         self.gateway.stats.count(status);

@@ -28,6 +28,8 @@ pub(crate) struct Stats {
     pub(crate) shed: Arc<AtomicU64>,
     /// Responses by status class: `[1]` counts 1xx, ..., `[5]` 5xx.
     by_status: [AtomicU64; 6],
+    /// From a request's head to its upstream response's head, retries included.
+    pub(crate) upstream_latency: keel_serve::http::Histogram,
 }
 
 impl Stats {
@@ -210,7 +212,13 @@ impl Shared {
             "counter",
             "Client connections closed while waiting for a request, to make room for a new client at max_connections.",
         )
-        .sample(&[], stats.shed.load(Ordering::Relaxed));
+        .sample(&[], stats.shed.load(Ordering::Relaxed))
+        .family(
+            "keel_gateway_upstream_seconds",
+            "histogram",
+            "Time from a request's head to the head of its upstream's response, retries on other instances included.",
+        );
+        stats.upstream_latency.write(&mut out, &[]);
         out
     }
 }

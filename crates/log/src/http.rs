@@ -615,6 +615,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         read_ahead_bytes: state.topics.read_ahead().held(),
     };
     let mut out = render_metrics(&state.topics.metrics(), &service);
+    if let Some(replication) = state.topics.replication() {
+        keel_raft::render_metrics(replication.writer.raft(), &mut out);
+    }
     state.auth.render(&mut out);
     out.response()
 }

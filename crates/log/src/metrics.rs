@@ -4,37 +4,9 @@
 //! several servers in one process, as in tests, keep separate figures.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
 
 use keel_log_client::TopicInfo;
-use keel_serve::http::Prometheus;
-
-/// Upper bounds of the commit latency buckets, in seconds.
-const BOUNDS: [f64; 12] = [
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
-
-/// A fixed-bucket latency histogram.
-#[derive(Debug, Default)]
-pub(crate) struct Histogram {
-    buckets: [AtomicU64; BOUNDS.len()],
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    pub(crate) fn record(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        if let Some(bucket) = BOUNDS.iter().position(|&bound| seconds <= bound) {
-            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(
-            elapsed.as_nanos().try_into().unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-}
+use keel_serve::http::{Histogram, Prometheus};
 
 /// What a topic counts.
 #[derive(Debug, Default)]
@@ -52,6 +24,20 @@ pub(crate) struct TopicMetrics {
     /// Time of each group commit: the write and, under `always`, the fsync.
     pub(crate) commit_latency: Histogram,
     pub(crate) consumers: AtomicI64,
+    /// Records read (by any API: one at a time, in ranges, or streamed).
+    pub(crate) read_records: AtomicU64,
+    /// Bytes of record values read.
+    pub(crate) read_bytes: AtomicU64,
+}
+
+impl TopicMetrics {
+    /// Counts `records` as read.
+    pub(crate) fn count_read(&self, records: &[keel_commitlog::Record]) {
+        let bytes: usize = records.iter().map(|record| record.value.len()).sum();
+        self.read_records
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.read_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
 }
 
 /// Counts a live consumer for as long as it is held.
@@ -90,7 +76,7 @@ impl<T> Family<T> {
     }
 }
 
-const COUNTERS: [Family<TopicMetrics>; 8] = [
+const COUNTERS: [Family<TopicMetrics>; 10] = [
     Family {
         name: "keel_log_appended_records_total",
         kind: "counter",
@@ -132,6 +118,18 @@ const COUNTERS: [Family<TopicMetrics>; 8] = [
         kind: "counter",
         help: "Group commits refused because the disk was full (undone; retry once space is freed).",
         value: |m| m.storage_full.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_read_records_total",
+        kind: "counter",
+        help: "Records read, by any API (one at a time, in ranges, or streamed).",
+        value: |m| m.read_records.load(Ordering::Relaxed) as f64,
+    },
+    Family {
+        name: "keel_log_read_bytes_total",
+        kind: "counter",
+        help: "Bytes of record values read.",
+        value: |m| m.read_bytes.load(Ordering::Relaxed) as f64,
     },
     Family {
         name: "keel_log_consumers",
@@ -218,42 +216,7 @@ pub(crate) fn render_metrics(all: &[TopicFigures], service: &ServiceFigures) -> 
         "Time of a group commit: write, and fsync under the always policy.",
     );
     for (topic, metrics, _) in all {
-        let histogram = &metrics.commit_latency;
-        let mut cumulative = 0;
-        for (bound, bucket) in BOUNDS.iter().zip(&histogram.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let bound = bound.to_string();
-            out.sample_suffixed("_bucket", &[("topic", topic), ("le", &bound)], cumulative);
-        }
-        let count = histogram.count.load(Ordering::Relaxed);
-        let sum = histogram.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        out.sample_suffixed("_bucket", &[("topic", topic), ("le", "+Inf")], count)
-            .sample_suffixed("_sum", &[("topic", topic)], sum)
-            .sample_suffixed("_count", &[("topic", topic)], count);
+        metrics.commit_latency.write(&mut out, &[("topic", topic)]);
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_should_put_each_sample_in_its_bucket() {
-        let histogram = Histogram::default();
-        histogram.record(Duration::from_micros(50));
-        histogram.record(Duration::from_millis(3));
-        histogram.record(Duration::from_secs(5));
-        assert_eq!(histogram.buckets[0].load(Ordering::Relaxed), 1);
-        assert_eq!(
-            histogram.buckets[5].load(Ordering::Relaxed),
-            1,
-            "3 ms is in the 5 ms bucket"
-        );
-        assert_eq!(
-            histogram.count.load(Ordering::Relaxed),
-            3,
-            "5 s counts only in +Inf"
-        );
-    }
 }

@@ -329,7 +329,9 @@ impl Topic {
     /// Reads one record.
     pub(crate) async fn read(&self, offset: Offset) -> Result<Record, LogServiceError> {
         let reader = self.reader.clone();
-        self.blocking(move || reader.read(offset)).await
+        let record = self.blocking(move || reader.read(offset)).await?;
+        self.metrics().count_read(std::slice::from_ref(&record));
+        Ok(record)
     }
 
     /// Reads a chunk of records from `from` on (see `Reader::read_chunk`).
@@ -339,8 +341,11 @@ impl Topic {
         max_bytes: usize,
     ) -> Result<Vec<Record>, LogServiceError> {
         let reader = self.reader.clone();
-        self.blocking(move || reader.read_chunk(from, max_bytes))
-            .await
+        let records = self
+            .blocking(move || reader.read_chunk(from, max_bytes))
+            .await?;
+        self.metrics().count_read(&records);
+        Ok(records)
     }
 
     /// Reads run on the blocking pool: a cold read is disk I/O.

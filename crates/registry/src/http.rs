@@ -636,6 +636,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ] {
         out.sample(&[("outcome", outcome)], counter.load(Ordering::Relaxed));
     }
+    if let Some(replication) = state.registry.replication() {
+        keel_raft::render_metrics(replication.raft(), &mut out);
+    }
     state.auth.render(&mut out);
     out.response()
 }

@@ -102,6 +102,11 @@ pub(crate) struct Replication {
 }
 
 impl Replication {
+    /// The node's Raft handle (for its metrics).
+    pub(crate) fn raft(&self) -> &keel_raft::Raft {
+        self.writer.raft()
+    }
+
     fn new(writer: Writer, readiness: Readiness) -> Self {
         let (queue, changes) = mpsc::channel(QUEUE);
         tokio::spawn(propose(writer.clone(), changes));

@@ -217,6 +217,72 @@ impl Prometheus {
     }
 }
 
+/// Upper bounds of [`Histogram`]'s buckets, in seconds (100 µs to 1 s), and as
+/// their `le` labels.
+const LATENCY_BOUNDS: [(f64, &str); 12] = [
+    (0.000_1, "0.0001"),
+    (0.000_25, "0.00025"),
+    (0.000_5, "0.0005"),
+    (0.001, "0.001"),
+    (0.002_5, "0.0025"),
+    (0.005, "0.005"),
+    (0.01, "0.01"),
+    (0.025, "0.025"),
+    (0.05, "0.05"),
+    (0.1, "0.1"),
+    (0.25, "0.25"),
+    (1.0, "1"),
+];
+
+/// A latency histogram with fixed buckets from 100 µs to 1 s, recorded from any
+/// thread without a lock, written as a Prometheus histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [std::sync::atomic::AtomicU64; LATENCY_BOUNDS.len()],
+    count: std::sync::atomic::AtomicU64,
+    sum_nanos: std::sync::atomic::AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one duration.
+    pub fn record(&self, elapsed: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let seconds = elapsed.as_secs_f64();
+        if let Some(bucket) = LATENCY_BOUNDS
+            .iter()
+            .position(|&(bound, _)| seconds <= bound)
+        {
+            self.buckets[bucket].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(elapsed.as_nanos().try_into().unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Writes the histogram's samples (`_bucket`, `_sum`, `_count`) with `labels`
+    /// into the current family of `out`, which must be of kind `histogram`.
+    pub fn write(&self, out: &mut Prometheus, labels: &[(&str, &str)]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut with_le = labels.to_vec();
+        with_le.push(("le", ""));
+        let mut cumulative = 0;
+        for ((_, bound), bucket) in LATENCY_BOUNDS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Relaxed);
+            if let Some(le) = with_le.last_mut() {
+                *le = ("le", bound);
+            }
+            out.sample_suffixed("_bucket", &with_le, cumulative);
+        }
+        let count = self.count.load(Relaxed);
+        if let Some(le) = with_le.last_mut() {
+            *le = ("le", "+Inf");
+        }
+        out.sample_suffixed("_bucket", &with_le, count)
+            .sample_suffixed("_sum", labels, self.sum_nanos.load(Relaxed) as f64 / 1e9)
+            .sample_suffixed("_count", labels, count);
+    }
+}
+
 /// Runs `serving` until `shutdown` completes, then `stop` (which tells `serving` to
 /// end: cancel its token, mark the server not ready...), then waits for `serving` to
 /// end and returns what it returned. When `serving` ends first (a serving thread
@@ -241,6 +307,43 @@ pub async fn serve_until<T>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn histogram_should_count_each_duration_in_its_bucket_and_cumulate() {
+        let histogram = super::Histogram::default();
+        histogram.record(std::time::Duration::from_micros(50));
+        histogram.record(std::time::Duration::from_millis(3));
+        histogram.record(std::time::Duration::from_secs(5));
+        let mut out = super::Prometheus::default();
+        out.family("t_seconds", "histogram", "Test.");
+        histogram.write(&mut out, &[("topic", "a")]);
+        let text = out.finish();
+        assert!(
+            text.contains("t_seconds_bucket{topic=\"a\",le=\"0.0001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_seconds_bucket{topic=\"a\",le=\"0.0025\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_seconds_bucket{topic=\"a\",le=\"0.005\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_seconds_bucket{topic=\"a\",le=\"1\"} 2\n"),
+            "5 s is past 1 s: {text}"
+        );
+        assert!(
+            text.contains("t_seconds_bucket{topic=\"a\",le=\"+Inf\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("t_seconds_count{topic=\"a\"} 3\n"), "{text}");
+        assert!(
+            text.contains("t_seconds_sum{topic=\"a\"} 5.00305\n"),
+            "{text}"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -367,6 +367,7 @@ async fn admin_address_should_serve_health_and_metrics() {
         .await
     };
     let (ok, missing) = (count("2xx").await, count("4xx").await);
+    let timed = counter(&gateway, "keel_gateway_upstream_seconds_count").await;
     keel_serve::client::new()
         .get(format!("http://{}/echo/x", gateway.addr))
         .send()
@@ -380,6 +381,19 @@ async fn admin_address_should_serve_health_and_metrics() {
     assert_eq!(
         (count("2xx").await, count("4xx").await),
         (ok + 1, missing + 1)
+    );
+    // Only the answer an upstream gave is timed, not the gateway's own 404.
+    assert_eq!(
+        counter(&gateway, "keel_gateway_upstream_seconds_count").await,
+        timed + 1
+    );
+    assert!(
+        counter(
+            &gateway,
+            "keel_gateway_upstream_seconds_bucket{le=\"+Inf\"}"
+        )
+        .await
+            > timed
     );
 }
 

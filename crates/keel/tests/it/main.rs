@@ -6,6 +6,7 @@ mod chaos;
 mod cli;
 mod cluster_up;
 mod crash;
+mod dashboards;
 mod gateway;
 mod haproxy;
 mod limits;

@@ -102,6 +102,11 @@ impl Up {
         self.data.path()
     }
 
+    /// Every URL keel up printed.
+    pub(crate) fn printed_urls(&self) -> impl Iterator<Item = &str> {
+        self.urls.iter().map(String::as_str)
+    }
+
     pub(crate) fn url(&self, label: &str) -> &str {
         &self.parts[label].1
     }

@@ -207,6 +207,62 @@ async fn read_all(node: &Node, topic: &str, count: u64) -> Vec<Vec<u8>> {
     values
 }
 
+/// The value of the unlabelled sample `name` in a `/metrics` text.
+fn gauge(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+        .parse()
+        .expect("a number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_should_export_its_raft_figures_and_the_leader_each_followers_lag() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    let mut client = cluster.node(leader).client().await;
+    for i in 0..5 {
+        client
+            .produce("metered", format!("m{i}"))
+            .await
+            .expect("produce");
+    }
+    let http = keel_serve::client::new();
+    let mut terms = Vec::new();
+    for node in &cluster.nodes {
+        let metrics = http
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        assert_eq!(gauge(&metrics, "keel_raft_has_leader"), 1);
+        assert_eq!(gauge(&metrics, "keel_raft_current_leader"), leader);
+        let is_leader = node.id == leader;
+        assert_eq!(gauge(&metrics, "keel_raft_is_leader"), u64::from(is_leader));
+        assert!(gauge(&metrics, "keel_raft_last_log_index") >= 5);
+        terms.push(gauge(&metrics, "keel_raft_term"));
+        let lags = metrics
+            .lines()
+            .filter(|line| line.starts_with("keel_raft_replication_lag_entries{"))
+            .count();
+        // Only the leader knows how far each follower is.
+        assert_eq!(
+            lags,
+            if is_leader { 2 } else { 0 },
+            "node {}: {metrics}",
+            node.id
+        );
+    }
+    assert!(
+        terms.iter().all(|term| *term == terms[0] && *term >= 1),
+        "{terms:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_to_any_node_should_get_the_same_offsets_on_every_node() {
     let cluster = Cluster::start(3).await;

@@ -303,6 +303,29 @@ async fn healthz_and_metrics_should_report_the_service() {
         "{metrics}"
     );
     assert!(metrics.contains("# TYPE keel_log_commit_seconds histogram"));
+    assert!(
+        metrics.contains("keel_log_read_records_total{topic=\"logs\"} 0"),
+        "nothing read yet: {metrics}"
+    );
+
+    // Reads count by any API: a range over HTTP, then one record over gRPC.
+    let range = client
+        .get(server.url("/v1/topics/logs/records?from=0"))
+        .send()
+        .await
+        .unwrap();
+    assert!(range.status().is_success());
+    range.bytes().await.unwrap();
+    server.client().await.consume("logs", 0).await.unwrap();
+    let metrics = metrics_of(&client, &server).await;
+    assert!(
+        metrics.contains("keel_log_read_records_total{topic=\"logs\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("keel_log_read_bytes_total{topic=\"logs\"} 16"),
+        "two reads of 8 bytes: {metrics}"
+    );
 }
 
 #[tokio::test]
