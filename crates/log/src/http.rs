@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use keel_serve::http::{ErrorBody, discard_body, read_body};
+use keel_serve::openapi::Routes;
 
 use crate::error::{LogServiceError, json_error};
 use crate::metrics::{ServiceFigures, render_metrics};
@@ -90,7 +91,22 @@ pub(crate) fn router(
     shutdown: CancellationToken,
     auth: Arc<Authorizer>,
 ) -> Router {
-    Router::new()
+    routes()
+        .into_router()
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(AppState {
+            topics,
+            shutdown,
+            auth,
+        })
+}
+
+/// The OpenAPI document of these routes, served at `/openapi.json`.
+pub(crate) const OPENAPI: &str = include_str!("../../../docs/api/log.openapi.json");
+
+/// Every HTTP route (the OpenAPI document's paths, as a test checks).
+fn routes() -> Routes<AppState> {
+    Routes::new(OPENAPI)
         .route("/", post(produce_original).get(consume_original))
         .route("/log", post(log_sink))
         .route("/v1/topics", get(list_topics))
@@ -103,12 +119,6 @@ pub(crate) fn router(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(AppState {
-            topics,
-            shutdown,
-            auth,
-        })
 }
 
 /// Answers an unknown route: JSON 404 for HTTP, `UNIMPLEMENTED` for gRPC.
@@ -135,13 +145,47 @@ async fn method_not_allowed() -> Response {
     )
 }
 
+/// Parses a JSON body, which must be an object (as every body of this API is).
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, LogServiceError> {
-    serde_json::from_slice(body)
+    serde_json::from_slice::<Object<T>>(body)
+        .map(|Object(value)| value)
         .map_err(|err| LogServiceError::BadRequest(format!("malformed JSON: {err}")))
 }
 
+/// A value read from a JSON object only. serde would also read a struct from an array
+/// of its fields in order (`[0]` as `{"offset":0}`), which no client of this API
+/// means.
+#[derive(Debug)]
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// Standard base64 read as Go reads it: the bits past the last byte of a value need
+/// not be zero (`z+==` decodes as `z/==` does).
+const BASE64_LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+);
+
 fn decode_value(text: &str) -> Result<Bytes, LogServiceError> {
-    BASE64.decode(text).map(Bytes::from).map_err(|err| {
+    BASE64_LENIENT.decode(text).map(Bytes::from).map_err(|err| {
         LogServiceError::BadRequest(format!(
             "record value is not valid base64 ({err}); values are base64 as Go encodes []byte"
         ))
@@ -237,12 +281,33 @@ impl Serialize for Base64Out<'_> {
 
 #[derive(Debug, Deserialize)]
 struct ProduceOriginal {
-    record: WireRecordIn,
+    record: Object<WireRecordIn>,
 }
 
 #[derive(Debug, Deserialize)]
 struct ConsumeOriginal {
+    #[serde(deserialize_with = "whole_number")]
     offset: Offset,
+}
+
+/// An offset in a JSON body: a whole number, also when written with a fraction of
+/// zero (`160.0`, as JSON allows and some encoders write).
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Offset, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(whole) = number.as_u64() {
+        return Ok(whole);
+    }
+    match number.as_f64() {
+        // A whole f64 below 2^64 is exactly the integer it names.
+        Some(float)
+            if float.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&float) =>
+        {
+            Ok(float as Offset)
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "offset must be a whole number from 0 to 2^64 - 1, got {number}"
+        ))),
+    }
 }
 
 /// `POST /`: `{"record":{"value":"<base64>"}}` -> `{"offset":N}` (default topic).
@@ -257,7 +322,7 @@ async fn produce_original(
         .await?;
     let body = read_body(body, state.topics.config().max_body_bytes).await?;
     let request: ProduceOriginal = parse_json(&body)?;
-    let value = decode_value(request.record.value.as_deref().unwrap_or(""))?;
+    let value = decode_value(request.record.0.value.as_deref().unwrap_or(""))?;
     let offsets = state.topics.append("", vec![value], None).await?;
     Ok(axum::Json(serde_json::json!({ "offset": offsets.start })).into_response())
 }
@@ -347,11 +412,13 @@ fn producer_tag(
     }
 }
 
+/// A JSON produce body: `{"records":[...]}`, or one record (`{"value":...}`).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ProduceJson {
-    Many { records: Vec<WireRecordIn> },
-    One(WireRecordIn),
+struct ProduceJson {
+    #[serde(default)]
+    records: Option<Vec<Object<WireRecordIn>>>,
+    #[serde(default)]
+    value: Option<String>,
 }
 
 /// `POST /v1/topics/{topic}/records`: JSON (`{"value":..}` or `{"records":[..]}`) or
@@ -373,8 +440,11 @@ async fn produce_records(
         .is_some_and(|v| v.starts_with("application/json"));
     let values = if json {
         let records = match parse_json::<ProduceJson>(&body)? {
-            ProduceJson::Many { records } => records,
-            ProduceJson::One(record) => vec![record],
+            ProduceJson {
+                records: Some(records),
+                ..
+            } => records.into_iter().map(|Object(record)| record).collect(),
+            ProduceJson { value, .. } => vec![WireRecordIn { value }],
         };
         records
             .iter()
@@ -620,4 +690,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
     state.auth.render(&mut out);
     out.response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_route_should_be_in_the_openapi_document_and_the_reverse() {
+        keel_serve::openapi::path_drift(super::OPENAPI, super::routes().paths()).unwrap();
+    }
 }

@@ -20,7 +20,8 @@
 //!
 //! It is also the one home of what every keel server does the same way over HTTP
 //! ([`http`]: the JSON error envelope, bounded bodies, Prometheus text, serving until
-//! shutdown) and of the error a component's config validation returns
+//! shutdown; [`openapi`]: each API's OpenAPI document, served and held to its routes)
+//! and of the error a component's config validation returns
 //! ([`InvalidConfig`]), and of keel's TLS ([`tls`]) and outbound HTTP clients
 //! ([`client`]). It depends on no other keel crate.
 
@@ -30,6 +31,7 @@ mod fd_limit;
 pub mod fuzz;
 pub mod http;
 mod invalid_config;
+pub mod openapi;
 mod roster;
 pub mod tls;
 

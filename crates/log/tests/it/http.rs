@@ -56,6 +56,57 @@ async fn json_of(request: reqwest::RequestBuilder) -> Value {
 }
 
 #[tokio::test]
+async fn json_that_go_accepts_should_be_accepted_too() {
+    let server = TestServer::start().await;
+    let client = http();
+    // Base64 whose bits past the last byte are not zero ("z+==" is "z/==", b"\xcf"),
+    // and a null value (an empty record), as Go's encoding/json reads them.
+    let produced = json_of(
+        client
+            .post(server.url("/"))
+            .json(&json!({"record": {"value": "z+==", "offset": null}})),
+    )
+    .await;
+    assert_eq!(produced, json!({"offset": 0}));
+    let produced = json_of(
+        client
+            .post(server.url("/v1/topics/t/records"))
+            .json(&json!({"records": [{"value": null}, {"value": "z+=="}]})),
+    )
+    .await;
+    assert_eq!(produced, json!({"first_offset": 0, "count": 2}));
+    // An offset written as a whole number with a zero fraction.
+    let consumed = json_of(client.get(server.url("/")).json(&json!({"offset": 0.0}))).await;
+    assert_eq!(consumed, json!({"record": {"value": "zw==", "offset": 0}}));
+    for offset in [json!(0.5), json!(-1), json!(1e30)] {
+        expect_error(
+            client
+                .get(server.url("/"))
+                .json(&json!({ "offset": offset })),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        )
+        .await;
+    }
+    let record = json_of(client.get(server.url("/v1/topics/t/records/0"))).await;
+    assert_eq!(record["record"]["value"], "");
+    // serde would read a struct from an array of its fields; Go does not, nor do we.
+    for (path, body) in [
+        ("/", "[0]"),
+        ("/", r#"{"record":["aGk="]}"#),
+        ("/v1/topics/t/records", r#"["aGk="]"#),
+        ("/v1/topics/t/records", r#"{"records":[["aGk="]]}"#),
+    ] {
+        let method = if body == "[0]" { "GET" } else { "POST" };
+        let request = client
+            .request(method.parse().unwrap(), server.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        expect_error(request, StatusCode::BAD_REQUEST, "bad_request").await;
+    }
+}
+
+#[tokio::test]
 async fn original_post_and_get_should_speak_base64_json() {
     let server = TestServer::start().await;
     let client = http();
@@ -717,4 +768,31 @@ async fn a_new_topic_should_sync_every_parent_directory_before_its_first_ack() {
             dir.display()
         );
     }
+}
+
+#[tokio::test]
+async fn the_openapi_document_should_be_served_and_match_every_route_and_method() {
+    let server = TestServer::start().await;
+    let served = http()
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(served.headers()["content-type"], "application/json");
+    let served = served.text().await.unwrap();
+    let kept = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/api/log.openapi.json"
+    ))
+    .unwrap();
+    assert_eq!(served, kept, "the service serves docs/api/log.openapi.json");
+    let wrong = keel_serve::openapi::probe_methods(
+        &server.url(""),
+        &served,
+        &[("topic", "t"), ("offset", "0")],
+    )
+    .await
+    .unwrap();
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
