@@ -14,6 +14,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use futures::StreamExt;
+use keel_serve::openapi::Routes;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -47,21 +48,7 @@ pub(crate) struct AppState {
 /// The registry's routes; `extra` (a cluster node's Raft service) is served beside
 /// them.
 pub(crate) fn router(state: AppState, extra: Option<Router>) -> Router {
-    let mut routes = Router::new()
-        .route("/services", post(register).delete(deregister))
-        .route("/v1/services", get(list_all))
-        .route("/v1/services/{name}", get(list_service))
-        .route("/v1/services/{name}/{id}", delete(deregister_by_path))
-        .route("/v1/services/{name}/{id}/heartbeat", put(heartbeat))
-        .route("/v1/watch", get(watch))
-        .route("/v1/watch/stream", get(watch_stream))
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(json!({"status": "ok"})) }),
-        )
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state);
+    let mut routes = routes().into_router().with_state(state);
     if let Some(extra) = extra {
         routes = routes.merge(extra);
     }
@@ -82,6 +69,27 @@ pub(crate) fn router(state: AppState, extra: Option<Router>) -> Router {
                 "this route does not take that method",
             )
         })
+}
+
+/// The OpenAPI document of these routes, served at `/openapi.json`.
+pub(crate) const OPENAPI: &str = include_str!("../../../docs/api/registry.openapi.json");
+
+/// Every HTTP route (the OpenAPI document's paths, as a test checks).
+fn routes() -> Routes<AppState> {
+    Routes::new(OPENAPI)
+        .route("/services", post(register).delete(deregister))
+        .route("/v1/services", get(list_all))
+        .route("/v1/services/{name}", get(list_service))
+        .route("/v1/services/{name}/{id}", delete(deregister_by_path))
+        .route("/v1/services/{name}/{id}/heartbeat", put(heartbeat))
+        .route("/v1/watch", get(watch))
+        .route("/v1/watch/stream", get(watch_stream))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
 }
 
 fn error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
@@ -173,7 +181,13 @@ fn idempotency_key(
         return Ok(None);
     };
     match value.to_str() {
-        Ok(key) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY => Ok(Some(key.to_owned())),
+        Ok(key)
+            if !key.is_empty()
+                && key.len() <= MAX_IDEMPOTENCY_KEY
+                && key.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(key.to_owned()))
+        }
         _ => Err(RegistryError::BadRequest {
             field: "Idempotency-Key",
             message: format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
@@ -347,6 +361,12 @@ async fn remove(
     name: String,
     id: String,
 ) -> Response {
+    // A name no instance can have is refused as such, before any retried write's
+    // answer could be given for it.
+    let name = match validate_service_name(name, "name") {
+        Ok(name) => name,
+        Err(err) => return err.into_response(),
+    };
     let request = match idempotency_key(headers) {
         Ok(request) => request,
         Err(err) => return err.into_response(),
@@ -641,4 +661,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
     state.auth.render(&mut out);
     out.response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_route_should_be_in_the_openapi_document_and_the_reverse() {
+        keel_serve::openapi::path_drift(super::OPENAPI, super::routes().paths()).unwrap();
+    }
 }

@@ -125,16 +125,28 @@ async fn a_write_repeated_under_its_idempotency_key_should_be_applied_once() {
     assert_eq!(send("w3", false).await.unwrap().status(), StatusCode::OK);
     assert_eq!(available(&registry, "visit").await.len(), 1);
 
+    // Too long, or not visible ASCII only (a space inside).
+    for key in ["x".repeat(129), "a b".to_owned()] {
+        let refused = http()
+            .post(registry.url("/services"))
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        let error: Value = refused.json().await.unwrap();
+        assert!(error.to_string().contains("Idempotency-Key"), "{error}");
+    }
+    // A name no instance can have is refused as such, even under a key already
+    // answered (the key's earlier answer is not given for it).
     let refused = http()
-        .post(registry.url("/services"))
-        .header("idempotency-key", "x".repeat(129))
-        .json(&body)
+        .delete(registry.url("/v1/services/%C2%84/127.0.0.1:9"))
+        .header("idempotency-key", "w2")
         .send()
         .await
         .unwrap();
     assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
-    let error: Value = refused.json().await.unwrap();
-    assert!(error.to_string().contains("Idempotency-Key"), "{error}");
 }
 
 /// A redirect is not followed: an instance's heartbeat or update URL answering
@@ -866,4 +878,42 @@ async fn a_client_of_several_nodes_should_pass_over_the_dead_and_the_unready() {
         alone.services().await,
         Err(keel_registry::RegistryClientError::Refused { status: 503, .. })
     ));
+}
+
+#[tokio::test]
+async fn the_openapi_document_should_be_served_and_match_every_route_and_method() {
+    let registry = TestRegistry::start(fast_config()).await;
+    let served = http()
+        .get(registry.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(served.headers()["content-type"], "application/json");
+    let served = served.text().await.unwrap();
+    let kept = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/api/registry.openapi.json"
+    ))
+    .unwrap();
+    assert_eq!(
+        served, kept,
+        "the registry serves docs/api/registry.openapi.json"
+    );
+    // One change, so that a watch from index 0 answers at once.
+    let registered = http()
+        .post(registry.url("/services"))
+        .json(&json!({"name": "svc", "addr": "127.0.0.1:9"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), StatusCode::OK);
+    let wrong = keel_serve::openapi::probe_methods(
+        registry.url("").trim_end_matches('/'),
+        &served,
+        &[("name", "svc"), ("id", "127.0.0.1:9")],
+    )
+    .await
+    .unwrap();
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
