@@ -33,7 +33,6 @@ mod fuzz_tests;
 use std::future::Future;
 use std::sync::{Arc, PoisonError};
 
-use axum::Router;
 use axum::serve::Listener as _;
 use keel_registry::client::{Discovery, RegistryClient, follow};
 use tokio::net::TcpListener;
@@ -43,6 +42,26 @@ use tokio_util::task::TaskTracker;
 pub use config::{Balance, GatewayConfig};
 pub use error::{GatewayError, Side, UpstreamError};
 use gateway::Gateway;
+
+/// The OpenAPI document of the admin address, served at `/openapi.json` there.
+const ADMIN_OPENAPI: &str = include_str!("../../../docs/api/gateway.openapi.json");
+
+/// The admin address's routes (the OpenAPI document's paths, as a test checks).
+fn admin_routes() -> keel_serve::openapi::Routes<Arc<Gateway>> {
+    keel_serve::openapi::Routes::new(ADMIN_OPENAPI)
+        .route(
+            "/healthz",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(
+                |axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>| {
+                    std::future::ready(gateway.metrics().response())
+                },
+            ),
+        )
+}
 
 /// Serves the gateway on `listener`, and `/healthz` and `/metrics` on `admin`, until
 /// `shutdown` completes.
@@ -90,18 +109,16 @@ pub async fn run(
             },
         ))
     };
-    let admin_app = Router::new()
-        .route(
-            "/healthz",
-            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route(
-            "/metrics",
-            axum::routing::get({
-                let gateway = Arc::clone(&gateway);
-                move || std::future::ready(gateway.metrics().response())
-            }),
-        );
+    let admin_app = admin_routes()
+        .into_router()
+        .fallback(|| async {
+            keel_serve::http::ErrorBody::new(
+                "not_found",
+                "no such route; the admin address serves /healthz, /metrics and /openapi.json",
+            )
+            .response(axum::http::StatusCode::NOT_FOUND)
+        })
+        .with_state(Arc::clone(&gateway));
     let tls_config = config
         .tls
         .as_ref()
@@ -197,4 +214,13 @@ async fn serve_thread(
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod admin_tests {
+    #[test]
+    fn every_admin_route_should_be_in_the_openapi_document_and_the_reverse() {
+        keel_serve::openapi::path_drift(super::ADMIN_OPENAPI, super::admin_routes().paths())
+            .unwrap();
+    }
 }

@@ -395,6 +395,26 @@ async fn admin_address_should_serve_health_and_metrics() {
         .await
             > timed
     );
+
+    // The admin address's OpenAPI document: served, and true to its routes.
+    let served = keel_serve::client::new()
+        .get(format!("http://{admin}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let kept = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/api/gateway.openapi.json"
+    ))
+    .unwrap();
+    assert_eq!(served, kept);
+    let wrong = keel_serve::openapi::probe_methods(&format!("http://{admin}"), &served, &[])
+        .await
+        .unwrap();
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 /// A listener whose accept queue is full: connection attempts get no answer at all (the
