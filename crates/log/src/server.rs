@@ -67,14 +67,24 @@ async fn serve_with(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LogServer<LogGrpc>>().await;
     // Reflection in both versions tools speak: grpcurl asks for v1 first, older
-    // clients (grpcio's reflection database among them) only for v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // clients (grpcio's reflection database among them) only for v1alpha. It lists the
+    // services this server serves: Raft only on a cluster node.
+    let mut served = vec!["log.v1.Log", "grpc.health.v1.Health"];
+    if raft.is_some() {
+        served.push("keel.raft.v1.Raft");
+    }
+    let reflection = |own: &str| {
+        served.iter().copied().chain([own]).fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            tonic_reflection::server::Builder::with_service_name,
+        )
     };
-    let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
-    let reflection_v1alpha = reflection()
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection")
+        .build_v1()
+        .map_err(std::io::Error::other)?;
+    let reflection_v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()
         .map_err(std::io::Error::other)?;
     let auth = match &config.acl {

@@ -218,7 +218,7 @@ fn gauge(metrics: &str, name: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_node_should_export_its_raft_figures_and_the_leader_each_followers_lag() {
+async fn cluster_nodes_should_export_their_raft_figures_and_describe_raft_by_reflection() {
     let cluster = Cluster::start(3).await;
     let leader = cluster.leader().await;
     let mut client = cluster.node(leader).client().await;
@@ -261,6 +261,18 @@ async fn every_node_should_export_its_raft_figures_and_the_leader_each_followers
         terms.iter().all(|term| *term == terms[0] && *term >= 1),
         "{terms:?}"
     );
+    // A cluster node also describes its Raft service by reflection.
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let listed = crate::support::reflect(
+        &cluster.node(leader).url(""),
+        MessageRequest::ListServices(String::new()),
+    )
+    .await;
+    let MessageResponse::ListServicesResponse(list) = listed else {
+        panic!("expected a service list, got {listed:?}");
+    };
+    assert!(list.service.iter().any(|s| s.name == "keel.raft.v1.Raft"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

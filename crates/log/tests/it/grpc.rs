@@ -402,37 +402,6 @@ async fn health_should_report_the_log_service_serving() {
     );
 }
 
-/// What a reflection client that knows none of keel's protos learns from `request`.
-async fn reflect(
-    server: &TestServer,
-    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
-) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    let channel = tonic::transport::Endpoint::from_shared(server.url(""))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(request),
-    };
-    let mut answers = client
-        .server_reflection_info(futures::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    answers
-        .next()
-        .await
-        .expect("an answer")
-        .unwrap()
-        .message_response
-        .expect("a message")
-}
-
 #[tokio::test]
 async fn reflection_should_list_and_describe_the_log_service() {
     use prost::Message as _;
@@ -441,7 +410,7 @@ async fn reflection_should_list_and_describe_the_log_service() {
     let server = TestServer::start().await;
 
     let MessageResponse::ListServicesResponse(list) =
-        reflect(&server, MessageRequest::ListServices(String::new())).await
+        crate::support::reflect(&server.url(""), MessageRequest::ListServices(String::new())).await
     else {
         panic!("expected a service list");
     };
@@ -456,9 +425,13 @@ async fn reflection_should_list_and_describe_the_log_service() {
             "{expected} missing from {names:?}"
         );
     }
+    assert!(
+        !names.contains("keel.raft.v1.Raft"),
+        "a single node serves no Raft: {names:?}"
+    );
 
-    let MessageResponse::FileDescriptorResponse(files) = reflect(
-        &server,
+    let MessageResponse::FileDescriptorResponse(files) = crate::support::reflect(
+        &server.url(""),
         MessageRequest::FileContainingSymbol("log.v1.Log".into()),
     )
     .await

@@ -95,3 +95,35 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// What a gRPC reflection (v1) client that knows none of keel's protos learns from `request`.
+pub(crate) async fn reflect(
+    url: &str,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
+    use futures::StreamExt as _;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    answers
+        .next()
+        .await
+        .expect("an answer")
+        .unwrap()
+        .message_response
+        .expect("a message")
+}
