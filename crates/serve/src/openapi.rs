@@ -6,7 +6,8 @@
 //! - [`path_drift`]: every path routed is in the document, and the reverse;
 //! - [`probe_methods`] (against a running server): every operation in the
 //!   document is answered by a route, and every other method of its path is
-//!   refused with 405.
+//!   refused with 405; [`check_served`] adds that the server serves the document
+//!   kept in `docs/api/`.
 
 use std::collections::BTreeSet;
 
@@ -165,6 +166,46 @@ pub async fn probe_methods(
             }
         }
     }
+    Ok(wrong)
+}
+
+/// Fetches the document the server at `base` serves at [`PATH`], checks that it is
+/// `kept` (the file in `docs/api/`) served as JSON, then [`probe_methods`] with it.
+/// Returns what did not hold, one line each.
+///
+/// # Errors
+///
+/// As [`probe_methods`], and when the document cannot be fetched.
+pub async fn check_served(
+    base: &str,
+    kept: &str,
+    samples: &[(&str, &str)],
+) -> Result<Vec<String>, String> {
+    let answer = crate::client::new()
+        .get(format!("{base}{PATH}"))
+        .send()
+        .await
+        .map_err(|err| format!("GET {PATH}: {err}"))?;
+    let mut wrong = Vec::new();
+    let content_type = answer.headers().get(CONTENT_TYPE).cloned();
+    if answer.status() != reqwest::StatusCode::OK
+        || content_type
+            .as_ref()
+            .is_none_or(|v| v != "application/json")
+    {
+        wrong.push(format!(
+            "GET {PATH}: {} with content type {content_type:?}, not 200 JSON",
+            answer.status()
+        ));
+    }
+    let served = answer
+        .text()
+        .await
+        .map_err(|err| format!("GET {PATH}: {err}"))?;
+    if served != kept {
+        wrong.push(format!("GET {PATH} is not the document kept in docs/api/"));
+    }
+    wrong.extend(probe_methods(base, &served, samples).await?);
     Ok(wrong)
 }
 

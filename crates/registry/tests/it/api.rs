@@ -883,23 +883,6 @@ async fn a_client_of_several_nodes_should_pass_over_the_dead_and_the_unready() {
 #[tokio::test]
 async fn the_openapi_document_should_be_served_and_match_every_route_and_method() {
     let registry = TestRegistry::start(fast_config()).await;
-    let served = http()
-        .get(registry.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(served.status(), StatusCode::OK);
-    assert_eq!(served.headers()["content-type"], "application/json");
-    let served = served.text().await.unwrap();
-    let kept = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../docs/api/registry.openapi.json"
-    ))
-    .unwrap();
-    assert_eq!(
-        served, kept,
-        "the registry serves docs/api/registry.openapi.json"
-    );
     // One change, so that a watch from index 0 answers at once.
     let registered = http()
         .post(registry.url("/services"))
@@ -908,9 +891,9 @@ async fn the_openapi_document_should_be_served_and_match_every_route_and_method(
         .await
         .unwrap();
     assert_eq!(registered.status(), StatusCode::OK);
-    let wrong = keel_serve::openapi::probe_methods(
+    let wrong = keel_serve::openapi::check_served(
         registry.url("").trim_end_matches('/'),
-        &served,
+        include_str!("../../../../docs/api/registry.openapi.json"),
         &[("name", "svc"), ("id", "127.0.0.1:9")],
     )
     .await
