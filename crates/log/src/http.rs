@@ -683,6 +683,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         unavailable_topics: state.topics.unavailable().count(),
         failed_topics: state.topics.failed().len(),
         read_ahead_bytes: state.topics.read_ahead().held(),
+        append_latency: state.topics.append_latency(),
     };
     let mut out = render_metrics(&state.topics.metrics(), &service);
     if let Some(replication) = state.topics.replication() {

@@ -28,6 +28,8 @@ pub(crate) struct TopicMetrics {
     pub(crate) read_records: AtomicU64,
     /// Bytes of record values read.
     pub(crate) read_bytes: AtomicU64,
+    /// Time of each read from the topic's files (one record, or a chunk of them).
+    pub(crate) read_latency: Histogram,
 }
 
 impl TopicMetrics {
@@ -170,14 +172,15 @@ const GAUGES: [Family<TopicInfo>; 4] = [
 pub(crate) type TopicFigures = (String, std::sync::Arc<TopicMetrics>, TopicInfo);
 
 /// The service's own figures, beside the topics'.
-pub(crate) struct ServiceFigures {
+pub(crate) struct ServiceFigures<'a> {
     pub(crate) unavailable_topics: usize,
     pub(crate) failed_topics: usize,
     pub(crate) read_ahead_bytes: usize,
+    pub(crate) append_latency: &'a Histogram,
 }
 
 /// Renders every topic's figures in the Prometheus text format.
-pub(crate) fn render_metrics(all: &[TopicFigures], service: &ServiceFigures) -> Prometheus {
+pub(crate) fn render_metrics(all: &[TopicFigures], service: &ServiceFigures<'_>) -> Prometheus {
     let mut out = Prometheus::default();
     out.family(
         "keel_log_unavailable_topics",
@@ -218,5 +221,19 @@ pub(crate) fn render_metrics(all: &[TopicFigures], service: &ServiceFigures) -> 
     for (topic, metrics, _) in all {
         metrics.commit_latency.write(&mut out, &[("topic", topic)]);
     }
+    out.family(
+        "keel_log_read_seconds",
+        "histogram",
+        "Time of a read from the topic's files: one record, or a chunk of consecutive ones.",
+    );
+    for (topic, metrics, _) in all {
+        metrics.read_latency.write(&mut out, &[("topic", topic)]);
+    }
+    out.family(
+        "keel_log_append_seconds",
+        "histogram",
+        "Time from an append's arrival to its acknowledgement (queueing, the commit and, on a cluster, the round to a majority), over every topic; unary and batch appends.",
+    );
+    service.append_latency.write(&mut out, &[]);
     out
 }

@@ -329,7 +329,9 @@ impl Topic {
     /// Reads one record.
     pub(crate) async fn read(&self, offset: Offset) -> Result<Record, LogServiceError> {
         let reader = self.reader.clone();
+        let started = Instant::now();
         let record = self.blocking(move || reader.read(offset)).await?;
+        self.metrics().read_latency.record(started.elapsed());
         self.metrics().count_read(std::slice::from_ref(&record));
         Ok(record)
     }
@@ -341,9 +343,11 @@ impl Topic {
         max_bytes: usize,
     ) -> Result<Vec<Record>, LogServiceError> {
         let reader = self.reader.clone();
+        let started = Instant::now();
         let records = self
             .blocking(move || reader.read_chunk(from, max_bytes))
             .await?;
+        self.metrics().read_latency.record(started.elapsed());
         self.metrics().count_read(&records);
         Ok(records)
     }

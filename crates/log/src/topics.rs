@@ -37,6 +37,9 @@ pub struct Topics {
     /// Set on a replica: writes go through Raft, and only applying commits them.
     replication: std::sync::OnceLock<Replication>,
     replica: bool,
+    /// Time from an append's arrival to its acknowledgement (queue, commit and, on a
+    /// replica, the round to a majority), over every topic.
+    append_latency: keel_serve::http::Histogram,
 }
 
 /// What a write of records gives back: their offsets, once acknowledged.
@@ -200,11 +203,22 @@ impl Topics {
         values: Vec<Bytes>,
         tag: Option<ProducerSeq>,
     ) -> Result<Range<Offset>, LogServiceError> {
-        if self.replica {
+        let started = std::time::Instant::now();
+        let appended = if self.replica {
             let acked = self.submit(name, values, tag).await?;
-            return acked.await;
+            acked.await
+        } else {
+            self.get_or_create(name).await?.append(values).await
+        };
+        if appended.is_ok() {
+            self.append_latency.record(started.elapsed());
         }
-        self.get_or_create(name).await?.append(values).await
+        appended
+    }
+
+    /// Time from an append's arrival to its acknowledgement, over every topic.
+    pub(crate) fn append_latency(&self) -> &keel_serve::http::Histogram {
+        &self.append_latency
     }
 
     /// Hands `values` on for appending to topic `name` and returns the future of
@@ -293,6 +307,7 @@ impl Topics {
             ),
             config,
             replication: std::sync::OnceLock::new(),
+            append_latency: keel_serve::http::Histogram::default(),
             replica,
         })
     }

@@ -377,6 +377,19 @@ async fn healthz_and_metrics_should_report_the_service() {
         metrics.contains("keel_log_read_bytes_total{topic=\"logs\"} 16"),
         "two reads of 8 bytes: {metrics}"
     );
+    let reads_timed: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("keel_log_read_seconds_count{topic=\"logs\"} "))
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no read time for logs: {metrics}"));
+    assert!(
+        reads_timed >= 2,
+        "each read from the files is timed: {metrics}"
+    );
+    assert!(
+        metrics.contains("keel_log_append_seconds_count 1"),
+        "the one line appended: {metrics}"
+    );
 }
 
 #[tokio::test]
