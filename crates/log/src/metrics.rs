@@ -179,6 +179,9 @@ pub(crate) struct ServiceFigures<'a> {
     pub(crate) append_latency: &'a Histogram,
 }
 
+/// A per-topic histogram family: its name, help, and which histogram of a topic.
+type HistogramFamily = (&'static str, &'static str, fn(&TopicMetrics) -> &Histogram);
+
 /// Renders every topic's figures in the Prometheus text format.
 pub(crate) fn render_metrics(all: &[TopicFigures], service: &ServiceFigures<'_>) -> Prometheus {
     let mut out = Prometheus::default();
@@ -213,21 +216,23 @@ pub(crate) fn render_metrics(all: &[TopicFigures], service: &ServiceFigures<'_>)
             all.iter().map(|(topic, _, info)| (topic.as_str(), info)),
         );
     }
-    out.family(
-        "keel_log_commit_seconds",
-        "histogram",
-        "Time of a group commit: write, and fsync under the always policy.",
-    );
-    for (topic, metrics, _) in all {
-        metrics.commit_latency.write(&mut out, &[("topic", topic)]);
-    }
-    out.family(
-        "keel_log_read_seconds",
-        "histogram",
-        "Time of a read from the topic's files: one record, or a chunk of consecutive ones.",
-    );
-    for (topic, metrics, _) in all {
-        metrics.read_latency.write(&mut out, &[("topic", topic)]);
+    let per_topic: [HistogramFamily; 2] = [
+        (
+            "keel_log_commit_seconds",
+            "Time of a group commit: write, and fsync under the always policy.",
+            |m| &m.commit_latency,
+        ),
+        (
+            "keel_log_read_seconds",
+            "Time of a read from the topic's files: one record, or a chunk of consecutive ones.",
+            |m| &m.read_latency,
+        ),
+    ];
+    for (name, help, histogram) in per_topic {
+        out.family(name, "histogram", help);
+        for (topic, metrics, _) in all {
+            histogram(metrics).write(&mut out, &[("topic", topic)]);
+        }
     }
     out.family(
         "keel_log_append_seconds",

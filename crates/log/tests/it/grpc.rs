@@ -504,37 +504,13 @@ print("ok", produced.offset)
 
 #[tokio::test]
 async fn a_client_built_from_reflection_alone_should_produce_and_consume() {
-    let has_reflection = std::process::Command::new("python3")
-        .args(["-c", "import grpc, grpc_reflection"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if !has_reflection {
-        eprintln!(
-            "SKIPPED: python3 with grpcio and grpcio-reflection is not installed (.ci/run installs them)"
-        );
+    if !crate::support::python_has("grpc, grpc_reflection", "grpcio and grpcio-reflection") {
         return;
     }
     let server = TestServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("reflect.py");
-    std::fs::write(&script, PYTHON_REFLECTION_CLIENT).unwrap();
     let addr = server.url("").trim_start_matches("http://").to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .arg(addr)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 0");
+    let printed = crate::support::run_python(PYTHON_REFLECTION_CLIENT, vec![addr]).await;
+    assert_eq!(printed, "ok 0");
 }
 
 #[tokio::test]

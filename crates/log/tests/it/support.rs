@@ -127,3 +127,40 @@ pub(crate) async fn reflect(
         .message_response
         .expect("a message")
 }
+
+/// Whether `python3` can import `modules` (e.g. `"grpc, grpc_reflection"`); when it
+/// cannot, says the test is skipped and why.
+pub(crate) fn python_has(modules: &str, packages: &str) -> bool {
+    let has = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !has {
+        eprintln!("SKIPPED: python3 with {packages} is not installed (.ci/run installs it)");
+    }
+    has
+}
+
+/// Runs the Python program `source` with `args` (off the runtime's threads); asserts
+/// it succeeded and returns what it printed, trimmed.
+pub(crate) async fn run_python(source: &str, args: Vec<String>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, source).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

@@ -288,12 +288,7 @@ print("ok")
 
 #[tokio::test]
 async fn a_python_grpc_client_should_produce_and_consume_over_tls() {
-    let has_grpc = std::process::Command::new("python3")
-        .args(["-c", "import grpc"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if !has_grpc {
-        eprintln!("SKIPPED: python3 with grpcio is not installed (.ci/run installs it)");
+    if !crate::support::python_has("grpc", "grpcio") {
         return;
     }
     let pki = Pki::new();
@@ -301,25 +296,12 @@ async fn a_python_grpc_client_should_produce_and_consume_over_tls() {
         .server(pki.leaf("keel-1", &Leaf::node("keel-1", 1)))
         .await;
     let (cert, key) = pki.leaf("alice", &Leaf::client("alice", 1));
-    let script = pki.dir.path().join("client.py");
-    std::fs::write(&script, PYTHON_CLIENT).unwrap();
     let addr = format!("localhost:{}", server.addr.port());
-    let ca = pki.ca.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .args([ca, cert, key])
-            .arg(addr)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let args = [&pki.ca, &cert, &key]
+        .iter()
+        .map(|path| path.display().to_string())
+        .chain([addr])
+        .collect();
+    let printed = crate::support::run_python(PYTHON_CLIENT, args).await;
+    assert_eq!(printed, "ok");
 }
