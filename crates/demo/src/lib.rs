@@ -2,7 +2,8 @@
 //!
 //! - [`visit`]: `GET /` counts a visit (the count is the `visits` topic of the log
 //!   service, so every instance shares it) and logs `visit N`;
-//! - [`grading`]: students and their grades in SQLite;
+//! - [`grading`]: students and their grades: events in the log service's `grading`
+//!   topic, each instance serving them from a SQLite view of its own;
 //! - [`portal`]: a web page with the students, a form to add a grade, the registry's
 //!   table of instances and the last lines of the `logs` topic.
 //!
@@ -60,8 +61,11 @@ impl Demo {
 pub struct DemoConfig {
     /// The SDK settings: name, address, registry.
     pub service: keel_sdk::ServiceConfig,
-    /// Where a demo keeps files (grading's database).
+    /// Where a demo keeps files (grading's view, `<instance>.sqlite3`).
     pub data_dir: PathBuf,
+    /// The instance's name, which names its files: stable across restarts, and
+    /// unique among the instances sharing `data_dir`.
+    pub instance: String,
 }
 
 impl DemoConfig {
@@ -69,8 +73,22 @@ impl DemoConfig {
     pub fn new(demo: Demo, addr: &str, registry: &str, data_dir: PathBuf) -> Self {
         let mut service = keel_sdk::ServiceConfig::new(demo.name(), addr, registry);
         service.required_services = demo.requires().iter().map(|s| (*s).to_owned()).collect();
-        Self { service, data_dir }
+        Self {
+            service,
+            data_dir,
+            instance: default_instance(demo),
+        }
     }
+}
+
+/// An instance's name when none is given: the host's name (a container's is its
+/// own), else the demo's.
+fn default_instance(demo: Demo) -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| grading::valid_instance(name))
+        .unwrap_or_else(|| demo.name().to_owned())
 }
 
 /// Runs `demo` until `shutdown` completes (see [`keel_sdk::Service::run`]).
@@ -85,7 +103,7 @@ pub async fn run(
     on_bound: impl FnOnce(std::net::SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
-    let service = keel_sdk::Service::new(config.service.clone());
+    let mut service = keel_sdk::Service::new(config.service.clone());
     let discovery = service.discovery();
     let tls = config.service.tls.as_ref();
     let http = keel_serve::client::with_tls(keel_serve::client::builder(), tls)
@@ -96,17 +114,18 @@ pub async fn run(
     let token = config.service.token.as_deref();
     let logs = DiscoveredLog::new(discovery.clone(), http.clone(), (token, tls));
     let me = std::sync::Arc::new(std::sync::OnceLock::new());
+    // The follower of grading's topic, stopped when the service is.
+    let mut _follower = None;
     let router = match demo {
         Demo::Visit => visit::router(logs, me.clone()),
         Demo::Grading => {
-            std::fs::create_dir_all(&config.data_dir).map_err(|err| {
-                DemoError::Start(format!("creating {}: {err}", config.data_dir.display()))
-            })?;
-            let path = config.data_dir.join("grading.sqlite3");
-            let db = tokio::task::spawn_blocking(move || grading::Db::open(&path))
-                .await
-                .map_err(|err| DemoError::Start(err.to_string()))??;
-            grading::router(db, logs)
+            let db = open_view(&config).await?;
+            let credentials = log_credentials(token, tls)?;
+            let log = grading::LogLink::new(discovery, credentials);
+            let started = grading::start(db, &config.instance, log, logs);
+            service = service.with_readiness(started.readiness);
+            _follower = Some(AbortOnDrop(started.follower));
+            started.router
         }
         Demo::Portal => portal::router(portal::Portal::new(
             discovery,
@@ -128,6 +147,64 @@ pub async fn run(
         )
         .await
         .map_err(|err| DemoError::Start(err.to_string()))
+}
+
+/// Opens (or rebuilds) grading's view, `<instance>.sqlite3` under the data dir.
+async fn open_view(config: &DemoConfig) -> Result<grading::Db, DemoError> {
+    if !grading::valid_instance(&config.instance) {
+        return Err(DemoError::Start(format!(
+            "instance name {:?}: 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'",
+            config.instance
+        )));
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|err| {
+        DemoError::Start(format!("creating {}: {err}", config.data_dir.display()))
+    })?;
+    let path = config.data_dir.join(format!("{}.sqlite3", config.instance));
+    let (db, opened) = tokio::task::spawn_blocking(move || grading::Db::open(&path))
+        .await
+        .map_err(|err| DemoError::Start(err.to_string()))??;
+    match opened {
+        grading::Opened::Kept => {
+            tracing::info!(next_offset = db.next_offset(), "grading view opened");
+        }
+        grading::Opened::Created => {
+            tracing::info!("no grading view yet: building it from the topic")
+        }
+        grading::Opened::Rebuilt { reason, set_aside } => tracing::warn!(
+            reason,
+            set_aside = %set_aside.display(),
+            "the grading view could not be used: set it aside, building it again from the topic"
+        ),
+    }
+    Ok(db)
+}
+
+/// How grading calls the log service over gRPC: with the token, over TLS.
+fn log_credentials(
+    token: Option<&str>,
+    tls: Option<&keel_serve::tls::ClientTlsFiles>,
+) -> Result<keel_log_client::Credentials, DemoError> {
+    let mut credentials = match token {
+        Some(token) => keel_log_client::Credentials::bearer(token)
+            .map_err(|why| DemoError::Start(format!("the token: {why}")))?,
+        None => keel_log_client::Credentials::default(),
+    };
+    if let Some(files) = tls {
+        let config = keel_serve::tls::client_config(files, &[b"h2"])
+            .map_err(|err| DemoError::Start(err.to_string()))?;
+        credentials = credentials.with_tls(config);
+    }
+    Ok(credentials)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The base URL of an available instance of `service`, from discovery.

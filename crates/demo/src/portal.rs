@@ -1,9 +1,11 @@
 //! The portal: one server-rendered page.
 //!
 //! `GET /` shows the students and their grades (from grading), a form to add a
-//! grade (`POST /grades`, then a redirect back), the registry's table of instances
-//! with their health, and the last 50 lines of the `logs` topic. Each section that
-//! cannot be loaded says why; the others still show.
+//! grade (`POST /grades`, then a redirect back that shows the new grade: it asks
+//! grading with `min_offset`), each grading instance's view (applied offset and
+//! lag), the registry's table of instances with their health, and the last 50
+//! lines of the `logs` topic. Each section that cannot be loaded says why; the
+//! others still show.
 //!
 //! Behind the gateway with a stripped prefix, links follow `X-Forwarded-Prefix`.
 
@@ -20,7 +22,7 @@ use keel_sdk::{Discovery, RegistryClient, WatchedInstance};
 use serde_json::json;
 
 use crate::discovered_log::LogLine;
-use crate::grading::{KINDS, Student};
+use crate::grading::{KINDS, OFFSET_HEADER, Student, ViewStatus};
 use crate::html::escape;
 use crate::{DemoError, DiscoveredLog, get_json, pick_url};
 
@@ -55,10 +57,33 @@ impl Portal {
         }
     }
 
-    async fn students(&self) -> Result<Vec<Student>, DemoError> {
+    /// The students, from a view that has applied `min_offset` when given.
+    async fn students(&self, min_offset: Option<u64>) -> Result<Vec<Student>, DemoError> {
         let grading = pick_url(&self.discovery, "grading")?;
-        let request = self.http.get(format!("{grading}/students"));
-        get_json(request.timeout(SOURCE_TIMEOUT), "grading").await
+        let url = match min_offset {
+            Some(offset) => format!("{grading}/students?min_offset={offset}"),
+            None => format!("{grading}/students"),
+        };
+        let request = self.http.get(url);
+        // A view waits up to 5 s for the offset.
+        get_json(request.timeout(SOURCE_TIMEOUT * 3), "grading").await
+    }
+
+    /// Each grading instance's view, by URL (an error for one that did not answer).
+    async fn views(&self) -> Vec<(String, Result<ViewStatus, DemoError>)> {
+        let mut urls: Vec<String> = self
+            .discovery
+            .instances("grading")
+            .into_iter()
+            .map(|instance| instance.url)
+            .collect();
+        urls.sort();
+        let asks = urls.into_iter().map(|url| async move {
+            let request = self.http.get(format!("{url}/view"));
+            let status = get_json(request.timeout(SOURCE_TIMEOUT * 2), "grading").await;
+            (url, status)
+        });
+        futures::future::join_all(asks).await
     }
 
     async fn instances(&self) -> Result<Vec<WatchedInstance>, DemoError> {
@@ -128,7 +153,16 @@ async fn page(
     Query(query): Query<HashMap<String, String>>,
 ) -> Html<String> {
     let flash = query.get("added").map(|who| Flash::Added(who.clone()));
-    Html(render(&portal, &prefix(&headers), flash, &Draft::default()).await)
+    let min_offset = query.get("min_offset").and_then(|o| o.parse().ok());
+    Html(
+        render(
+            &portal,
+            &prefix(&headers),
+            (flash, min_offset),
+            &Draft::default(),
+        )
+        .await,
+    )
 }
 
 async fn add_grade(
@@ -145,20 +179,32 @@ async fn add_grade(
     };
     let prefix = prefix(&headers);
     match post_grade(&portal, &draft).await {
-        Ok(name) => {
-            let location = format!("{prefix}/?added={}", percent_encode(&name));
+        Ok((name, offset)) => {
+            let mut location = format!("{prefix}/?added={}", percent_encode(&name));
+            if let Some(offset) = offset {
+                let _ = write!(location, "&min_offset={offset}");
+            }
             (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response()
         }
         Err((status, message)) => {
-            let page = render(&portal, &prefix, Some(Flash::Failed(message)), &draft).await;
+            let page = render(
+                &portal,
+                &prefix,
+                (Some(Flash::Failed(message)), None),
+                &draft,
+            )
+            .await;
             (status, Html(page)).into_response()
         }
     }
 }
 
 /// Sends the grade to grading; its validation is the one that counts. Answers the
-/// student's name, or the status and message to show.
-async fn post_grade(portal: &Portal, draft: &Draft) -> Result<String, (StatusCode, String)> {
+/// student's name and the grade's offset, or the status and message to show.
+async fn post_grade(
+    portal: &Portal,
+    draft: &Draft,
+) -> Result<(String, Option<u64>), (StatusCode, String)> {
     let unavailable = |err: String| (StatusCode::SERVICE_UNAVAILABLE, err);
     let Ok(id) = draft.student.parse::<i64>() else {
         return Err((StatusCode::BAD_REQUEST, "choose a student".into()));
@@ -178,6 +224,11 @@ async fn post_grade(portal: &Portal, draft: &Draft) -> Result<String, (StatusCod
         .await
         .map_err(|err| unavailable(format!("grading failed: {err}")))?;
     let status = response.status();
+    let offset = response
+        .headers()
+        .get(OFFSET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     if status.is_success() {
         // Only for the message: the grade is in, whatever this answers.
@@ -186,7 +237,7 @@ async fn post_grade(portal: &Portal, draft: &Draft) -> Result<String, (StatusCod
             Ok(s) => format!("{} {}", s.first_name, s.last_name),
             Err(_) => format!("student {id}"),
         };
-        return Ok(name);
+        return Ok((name, offset));
     }
     let message = body["error"]["message"]
         .as_str()
@@ -242,9 +293,18 @@ pre .t { color:#7f8ea3; }
 .muted { color:var(--muted); }
 "#;
 
-async fn render(portal: &Portal, prefix: &str, flash: Option<Flash>, draft: &Draft) -> String {
-    let (students, instances, lines) =
-        tokio::join!(portal.students(), portal.instances(), portal.log_lines());
+async fn render(
+    portal: &Portal,
+    prefix: &str,
+    (flash, min_offset): (Option<Flash>, Option<u64>),
+    draft: &Draft,
+) -> String {
+    let (students, views, instances, lines) = tokio::join!(
+        portal.students(min_offset),
+        portal.views(),
+        portal.instances(),
+        portal.log_lines()
+    );
     let mut page = String::with_capacity(16 * 1024);
     let _ = write!(
         page,
@@ -277,6 +337,12 @@ async fn render(portal: &Portal, prefix: &str, flash: Option<Flash>, draft: &Dra
         None => {}
     }
     grade_form(&mut page, prefix, students.as_deref().unwrap_or(&[]), draft);
+    page.push_str("</section>");
+
+    page.push_str(
+        r#"<section class="wide"><h2>Grading views <span class="muted">(each instance's SQLite view of the <code>grading</code> topic)</span></h2>"#,
+    );
+    views_table(&mut page, &views);
     page.push_str("</section>");
 
     page.push_str(r#"<section class="wide"><h2>Services</h2>"#);
@@ -392,6 +458,50 @@ fn services_table(page: &mut String, instances: &[WatchedInstance]) {
     }
     if instances.is_empty() {
         page.push_str(r#"<tr><td colspan="3" class="muted">no instances registered</td></tr>"#);
+    }
+    page.push_str("</tbody></table>");
+}
+
+fn views_table(page: &mut String, views: &[(String, Result<ViewStatus, DemoError>)]) {
+    page.push_str(
+        r#"<table id="views"><thead><tr><th>Instance</th><th>URL</th><th class="num">Applied offset</th><th class="num">Lag</th><th>State</th></tr></thead><tbody>"#,
+    );
+    let or_dash = |n: Option<u64>| n.map_or_else(|| "–".to_owned(), |n| n.to_string());
+    for (url, view) in views {
+        match view {
+            Ok(view) => {
+                let (class, state) = if view.ready {
+                    ("passing", "ready".to_owned())
+                } else {
+                    (
+                        "warning",
+                        view.reason.clone().unwrap_or_else(|| "not ready".into()),
+                    )
+                };
+                let _ = write!(
+                    page,
+                    r#"<tr><td>{}</td><td><code>{}</code></td><td class="num">{}</td><td class="num">{}</td><td><span class="badge {class}">{}</span></td></tr>"#,
+                    escape(&view.instance),
+                    escape(url),
+                    or_dash(view.applied_offset),
+                    or_dash(view.lag),
+                    escape(&state)
+                );
+            }
+            Err(err) => {
+                let _ = write!(
+                    page,
+                    r#"<tr><td class="muted">?</td><td><code>{}</code></td><td colspan="3" class="unavailable">{}</td></tr>"#,
+                    escape(url),
+                    escape(&err.to_string())
+                );
+            }
+        }
+    }
+    if views.is_empty() {
+        page.push_str(
+            r#"<tr><td colspan="5" class="muted">no grading instance is available</td></tr>"#,
+        );
     }
     page.push_str("</tbody></table>");
 }

@@ -339,7 +339,9 @@ struct RemoveNodeArgs {
 enum DemoCommand {
     /// GET / counts a visit (shared through the log service's `visits` topic).
     Visit(DemoArgs),
-    /// Students and grades in SQLite: GET /students, POST /students/{id}/grades.
+    /// Students and grades: GET /students, POST /students/{id}/grades. Grades are
+    /// events in the log service's `grading` topic; each instance serves them from
+    /// a SQLite view of its own, and is ready once that view has caught up.
     Grading(DemoArgs),
     /// A web page: students, a grade form, the registry's table, recent log lines.
     Portal(DemoArgs),
@@ -359,9 +361,14 @@ struct DemoArgs {
         default_value = "http://127.0.0.1:20000"
     )]
     registry: String,
-    /// Where grading keeps its SQLite database (grading.sqlite3).
+    /// Where grading keeps its view of the `grading` topic, a SQLite file of its
+    /// own (<INSTANCE>.sqlite3); rebuilt from the topic when missing or damaged.
     #[arg(long, default_value = "keel-data/grading")]
     data_dir: PathBuf,
+    /// This instance's name, which names its files: keep it across restarts and
+    /// give each instance sharing --data-dir its own [default: the host's name].
+    #[arg(long, env = "KEEL_INSTANCE")]
+    instance: Option<String>,
     /// How to call the registry and the log service: with TLS (--ca, and --cert
     /// and --key for a certificate naming the service), and with a bearer token
     /// when they have an ACL.

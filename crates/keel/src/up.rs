@@ -432,6 +432,8 @@ async fn start_demos(
                 starter.registry.clone(),
                 "--data-dir".into(),
                 grading_dir.clone(),
+                "--instance".into(),
+                format!("{}-{n}", demo.name()),
             ];
             let part = part_spec(
                 logs_dir,

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //!  Service::run(router)
-//!    ├─ binds, serves your router + GET /heart-beat + POST|DELETE /services
-//!    ├─ registers with the registry (retrying with backoff until it answers)
+//!    ├─ binds, serves your router + GET /heart-beat + GET /readyz + POST|DELETE /services
+//!    ├─ registers with the registry (retrying with backoff until it answers), once
+//!    │    its Readiness says ready (at once without one)
 //!    ├─ keeps a local table of required services: notifications + blocking watch
 //!    │    (re-registers by itself if a restarted registry has forgotten it)
 //!    └─ on shutdown: deregisters, stops accepting, drains in-flight requests
@@ -15,6 +16,7 @@
 //! ```
 
 mod logship;
+mod readiness;
 mod runner;
 
 pub use keel_log_client::{Shipper, new_producer_id};
@@ -22,6 +24,7 @@ pub use keel_registry::client::{
     Discovery, Picked, Policy, RegistryClient, ServiceInstance, Snapshot, WatchedInstance,
 };
 pub use logship::{LogLayer, LogShipping, log_shipping, log_shipping_discovered};
+pub use readiness::Readiness;
 pub use runner::{SdkError, Service, ServiceConfig, stay_registered};
 
 /// Completes on the first SIGINT or SIGTERM: the usual `shutdown` for

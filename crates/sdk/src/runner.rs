@@ -14,6 +14,8 @@ use keel_registry::client::{Discovery, RegistryClient, ServiceInstance};
 use keel_registry::{Registration, base_url};
 use keel_serve::tls::{ClientTlsFiles, ServerTlsFiles, TlsError};
 
+use crate::Readiness;
+
 /// What a service is and where it finds the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
@@ -112,6 +114,8 @@ pub enum SdkError {
 pub struct Service {
     config: ServiceConfig,
     discovery: Discovery,
+    /// `None`: always ready, checked through `/heart-beat`.
+    readiness: Option<Readiness>,
 }
 
 impl Service {
@@ -120,7 +124,18 @@ impl Service {
         Self {
             config,
             discovery: Discovery::default(),
+            readiness: None,
         }
+    }
+
+    /// Registers only once `readiness` says ready, and has the registry check the
+    /// instance through `GET /readyz` (see [`Readiness`]). Until then the instance
+    /// serves and learns where its required services are, but nothing is routed
+    /// to it.
+    #[must_use]
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = Some(readiness);
+        self
     }
 
     /// Where required services run; cheap to clone into handlers.
@@ -128,7 +143,8 @@ impl Service {
         self.discovery.clone()
     }
 
-    /// Binds, serves `router` (plus `GET /heart-beat` and `POST|DELETE /services`),
+    /// Binds, serves `router` (plus `GET /heart-beat`, `GET /readyz` and
+    /// `POST|DELETE /services`),
     /// registers and keeps registered until `shutdown` completes; then deregisters,
     /// stops accepting and drains in-flight requests. `on_bound` is told the bound
     /// address first.
@@ -142,7 +158,11 @@ impl Service {
         on_bound: impl FnOnce(std::net::SocketAddr),
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), SdkError> {
-        let Self { config, discovery } = self;
+        let Self {
+            config,
+            discovery,
+            readiness,
+        } = self;
         let tls = config
             .serve_tls
             .as_ref()
@@ -156,17 +176,7 @@ impl Service {
             })?;
         let addr = listener.local_addr().map_err(SdkError::Serve)?;
         on_bound(addr);
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let url = match config.advertise.as_deref() {
-            Some(ADVERTISE_AUTO) => {
-                let ip = own_address(&config.registry)
-                    .await
-                    .map_err(SdkError::Advertise)?;
-                format!("{scheme}://{}", std::net::SocketAddr::new(ip, addr.port()))
-            }
-            Some(at) => format!("{scheme}://{at}"),
-            None => format!("{scheme}://{addr}"),
-        };
+        let url = advertised_url(&config, addr, tls.is_some()).await?;
         let client = registry_http(&config)?;
 
         let updates = Notifications {
@@ -175,8 +185,16 @@ impl Service {
             secret: Arc::default(),
         };
         let secret = Arc::clone(&updates.secret);
+        let check = if readiness.is_some() {
+            "readyz"
+        } else {
+            "heart-beat"
+        };
+        let readiness = readiness.unwrap_or_default();
+        let ready = readiness.clone();
         let app = router
             .route("/heart-beat", get(|| async { StatusCode::OK }))
+            .route("/readyz", get(move || async move { ready.answer() }))
             .route(
                 "/services",
                 any(
@@ -192,7 +210,7 @@ impl Service {
             &config,
             &url,
             Some(format!("{url}/services")),
-            &format!("{url}/heart-beat"),
+            &format!("{url}/{check}"),
         )?;
         let deregister = registered_until(
             &config,
@@ -200,6 +218,7 @@ impl Service {
                 registration,
                 discovery,
                 secret,
+                readiness,
             },
             client,
             token.clone(),
@@ -233,6 +252,25 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// The URL the instance registers: where others reach it.
+async fn advertised_url(
+    config: &ServiceConfig,
+    addr: std::net::SocketAddr,
+    tls: bool,
+) -> Result<String, SdkError> {
+    let scheme = if tls { "https" } else { "http" };
+    Ok(match config.advertise.as_deref() {
+        Some(ADVERTISE_AUTO) => {
+            let ip = own_address(&config.registry)
+                .await
+                .map_err(SdkError::Advertise)?;
+            format!("{scheme}://{}", std::net::SocketAddr::new(ip, addr.port()))
+        }
+        Some(at) => format!("{scheme}://{at}"),
+        None => format!("{scheme}://{addr}"),
+    })
 }
 
 /// The `advertise` that asks for this host's address on the route to the registry.
@@ -278,6 +316,8 @@ struct Registered {
     registration: Registration,
     discovery: Discovery,
     secret: Arc<RwLock<Option<String>>>,
+    /// Registration waits for it; the registry's table is watched meanwhile.
+    readiness: Readiness,
 }
 
 /// Instances whose last notification index is remembered at most.
@@ -377,6 +417,7 @@ pub async fn stay_registered(
         registration,
         discovery: Discovery::default(),
         secret: Arc::default(),
+        readiness: Readiness::default(),
     };
     registered_until(
         config,
@@ -464,15 +505,19 @@ async fn keep_registered(
         registration,
         discovery,
         secret,
+        readiness,
     } = registered;
     let me = registration.url.clone();
     let mut registered = false;
     let mut index = 0u64;
     let mut backoff = Duration::from_millis(50);
     while !stop.is_cancelled() {
-        let failure = if registered {
+        let failure = if registered || !readiness.is_ready() {
+            // Not ready: watch the table (for the required services) but do not
+            // register; once ready, register at once.
             let watched = tokio::select! {
                 watched = registry.watch(index, config.watch_wait) => watched,
+                () = readiness.ready(), if !registered => continue,
                 () = stop.cancelled() => return,
             };
             match watched {
@@ -488,7 +533,8 @@ async fn keep_registered(
                     }
                     // A watch answer says only what changed: look for this instance
                     // when its service did.
-                    if snapshot.covers(&config.name)
+                    if registered
+                        && snapshot.covers(&config.name)
                         && !snapshot
                             .instances
                             .iter()

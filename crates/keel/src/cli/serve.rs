@@ -415,6 +415,9 @@ pub(super) async fn serve_demo(command: DemoCommand) -> Result<(), Failure> {
     config.service.serve_tls = args.tls.files();
     config.service.advertise = args.advertise;
     config.service.token = args.auth.token;
+    if let Some(instance) = args.instance {
+        config.instance = instance;
+    }
     let name = demo.name();
     keel_demo::run(
         demo,
