@@ -26,8 +26,8 @@ struct Seen {
     retries: usize,
     /// Idempotent requests not answered within [`RETRY_FOR`].
     unanswered: Vec<String>,
-    /// Grades acknowledged (created), by title.
-    grades: Vec<String>,
+    /// Grades acknowledged (created): title, and the offset of its event.
+    grades: Vec<(String, u64)>,
     /// Grade writes that failed (not idempotent: not retried once sent).
     grade_failures: usize,
     /// Records acknowledged, by value: their offset.
@@ -81,7 +81,8 @@ async fn load(front: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
         let mut seen_now = seen.lock().unwrap();
         match added {
             Ok(response) if response.status() == reqwest::StatusCode::CREATED => {
-                seen_now.grades.push(title);
+                let offset = response.headers()["keel-offset"].to_str().unwrap();
+                seen_now.grades.push((title, offset.parse().unwrap()));
                 seen_now.answered.push(Instant::now());
             }
             _ => seen_now.grade_failures += 1,
@@ -228,6 +229,7 @@ async fn keel_up_cluster_should_lose_nothing_when_any_one_process_is_killed() {
     ));
     report.push(("gateway#1".into(), kill(&up, "gateway#1", &seen).await));
     report.push(("visit#1".into(), kill(&up, "visit#1", &seen).await));
+    report.push(("grading#1".into(), kill(&up, "grading#1", &seen).await));
     stop.store(true, Ordering::Relaxed);
     tokio::time::timeout(RETRY_FOR * 3, load)
         .await
@@ -261,7 +263,7 @@ async fn keel_up_cluster_should_lose_nothing_when_any_one_process_is_killed() {
 
     let http = keel_serve::client::new();
     acknowledged_records_should_be_on_every_log_node(&up, &http, &seen).await;
-    acknowledged_grades_should_be_kept(&http, &front, &seen).await;
+    acknowledged_grades_should_be_in_every_view(&up, &http, &seen).await;
     every_part_should_be_registered_on_every_registry_node(&up, &http).await;
 
     signal(up.child.id(), rustix::process::Signal::INT);
@@ -311,28 +313,46 @@ async fn acknowledged_records_should_be_on_every_log_node(
     }
 }
 
-/// Every acknowledged grade is there.
-async fn acknowledged_grades_should_be_kept(http: &reqwest::Client, front: &str, seen: &Seen) {
-    let student: Value = http
-        .get(format!("{front}/grading/students/2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let titles: Vec<&str> = student["grades"]
-        .as_array()
-        .unwrap()
+/// Every acknowledged grade is in both grading instances' views, once, and the
+/// views agree (the same ids in the same order).
+async fn acknowledged_grades_should_be_in_every_view(up: &Up, http: &reqwest::Client, seen: &Seen) {
+    let newest = seen
+        .grades
         .iter()
-        .filter_map(|g| g["title"].as_str())
-        .collect();
-    for title in &seen.grades {
-        assert!(
-            titles.contains(&title.as_str()),
-            "acknowledged grade {title} is missing"
-        );
+        .map(|(_, offset)| *offset)
+        .max()
+        .unwrap_or(0);
+    let mut views = Vec::new();
+    for label in ["grading#1", "grading#2"] {
+        let student: Value = http
+            .get(format!("{}/students/2?min_offset={newest}", up.url(label)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let grades: Vec<(i64, String)> = student["grades"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                (
+                    g["id"].as_i64().unwrap(),
+                    g["title"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        for (title, offset) in &seen.grades {
+            let copies = grades.iter().filter(|(_, t)| t == title).count();
+            assert_eq!(
+                copies, 1,
+                "{label}: grade {title} (offset {offset}) is there {copies} times"
+            );
+        }
+        views.push(grades);
     }
+    assert_eq!(views[0], views[1], "the grading views differ");
 }
 
 /// Every part is registered again (the killed ones too), on every registry node.

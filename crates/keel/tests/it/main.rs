@@ -8,6 +8,7 @@ mod cluster_up;
 mod crash;
 mod dashboards;
 mod gateway;
+mod grading;
 mod haproxy;
 mod limits;
 mod readers;

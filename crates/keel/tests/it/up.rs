@@ -303,6 +303,9 @@ async fn the_portal_should_show_grades_and_add_one(http: &reqwest::Client, gatew
         .unwrap();
     assert!(page.contains(r#"<table id="students">"#), "{page}");
     assert!(page.contains("End-to-end quiz"), "{page}");
+    // Each grading instance's view: its name, applied offset and lag.
+    assert!(page.contains(r#"<table id="views">"#), "{page}");
+    assert!(page.contains("<td>grading-1</td>"), "{page}");
     let no_redirects = keel_serve::client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -315,10 +318,21 @@ async fn the_portal_should_show_grades_and_add_one(http: &reqwest::Client, gatew
         .await
         .unwrap();
     assert_eq!(form.status(), reqwest::StatusCode::SEE_OTHER);
-    assert_eq!(
-        form.headers()["location"],
-        "/portal/?added=Barbara%20Liskov"
-    );
+    // Back to the page, which asks grading for a view that holds the new grade.
+    let location = form.headers()["location"].to_str().unwrap().to_owned();
+    let offset = location
+        .strip_prefix("/portal/?added=Barbara%20Liskov&min_offset=")
+        .unwrap_or_else(|| panic!("{location}"));
+    assert!(offset.parse::<u64>().is_ok(), "{location}");
+    let page = http
+        .get(format!("{gateway}{location}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Portal lab"), "{page}");
 }
 
 /// The visit log lines (`visit 1` to `visit {count}`) reach the `logs` topic.
