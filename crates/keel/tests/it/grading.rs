@@ -172,7 +172,7 @@ async fn grading_views_should_agree_survive_kill_9_and_rebuild_a_deleted_file() 
         Arc::clone(&acked),
     )
     .await;
-    views_should_agree(&http, &up, &acked.lock().unwrap().clone()).await;
+    views_should_agree(&http, &up, &snapshot(&acked)).await;
 
     // kill -9 of an instance while grades are posted: nothing acknowledged lost,
     // nothing applied twice.
@@ -199,7 +199,7 @@ async fn grading_views_should_agree_survive_kill_9_and_rebuild_a_deleted_file() 
     signal(up.pid("grading#1"), rustix::process::Signal::KILL);
     restarted_and_ready(&up, "grading#1").await;
     load.await.unwrap();
-    views_should_agree(&http, &up, &acked.lock().unwrap().clone()).await;
+    views_should_agree(&http, &up, &snapshot(&acked)).await;
 
     // A deleted file: the instance builds it again from the topic, then agrees.
     let file = dir.join("grading-2.sqlite3");
@@ -221,5 +221,10 @@ async fn grading_views_should_agree_survive_kill_9_and_rebuild_a_deleted_file() 
         Arc::clone(&acked),
     )
     .await;
-    views_should_agree(&http, &up, &acked.lock().unwrap().clone()).await;
+    views_should_agree(&http, &up, &snapshot(&acked)).await;
+}
+
+/// The grades acknowledged so far.
+fn snapshot(acked: &Mutex<Vec<(String, u64)>>) -> Vec<(String, u64)> {
+    acked.lock().unwrap().clone()
 }
