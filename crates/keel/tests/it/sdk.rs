@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
-use keel::service::{Discovery, Policy, Service, ServiceConfig};
+use keel::service::{Discovery, Policy, Readiness, Service, ServiceConfig};
 use keel_registry::RegistryConfig;
 use tokio::sync::oneshot;
 
@@ -62,11 +62,19 @@ async fn start_service(name: &str, registry: &str, required: &[&str]) -> Running
 }
 
 /// Runs a service with `config` (short waits), answering `/` with its name.
-async fn start_config(mut config: ServiceConfig) -> Running {
+async fn start_config(config: ServiceConfig) -> Running {
+    start_with(config, None).await
+}
+
+/// As [`start_config`], registering only when `readiness` says ready, if given.
+async fn start_with(mut config: ServiceConfig, readiness: Option<Readiness>) -> Running {
     config.watch_wait = Duration::from_millis(300);
     config.max_backoff = Duration::from_millis(200);
     let body = config.name.clone();
-    let service = Service::new(config);
+    let mut service = Service::new(config);
+    if let Some(readiness) = readiness {
+        service = service.with_readiness(readiness);
+    }
     let discovery = service.discovery();
     let router = axum::Router::new().route("/", get(move || async move { body }));
     let (bound_tx, bound) = oneshot::channel();
@@ -344,4 +352,58 @@ async fn a_service_advertising_auto_should_register_its_address_on_the_route_to_
     })
     .await;
     service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_should_register_only_while_it_is_ready_and_learn_its_requirements_before() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = format!("http://{}", listener.local_addr().unwrap());
+    let _registry = start_registry(listener);
+    let log = start_service("log", &registry, &[]).await;
+
+    let readiness = Readiness::not_ready("warming up");
+    let mut config = ServiceConfig::new("grading", "127.0.0.1:0", &registry);
+    config.required_services = vec!["log".into()];
+    let grading = start_with(config, Some(readiness.clone())).await;
+    let readyz = format!("http://{}/readyz", grading.addr);
+    let http = keel_serve::client::new();
+
+    // Not ready: it knows where the log service is, but nobody can find it.
+    eventually("learns where log runs before it is ready", async || {
+        grading.discovery.instances("log").len() == 1
+    })
+    .await;
+    assert_eq!(
+        listed(&registry, "grading").await,
+        0,
+        "registered while not ready"
+    );
+    let answer = http.get(&readyz).send().await.unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answer.text().await.unwrap().contains("warming up"));
+
+    // Ready: registered, checked on /readyz.
+    readiness.set_ready();
+    eventually("registered once ready", async || {
+        listed(&registry, "grading").await == 1
+    })
+    .await;
+    let listed_as = &instances(&registry, "grading").await[0];
+    assert_eq!(listed_as["heartbeat_url"], readyz.as_str(), "{listed_as}");
+    assert_eq!(http.get(&readyz).send().await.unwrap().status(), 200);
+
+    // Not ready again: its checks fail, the registry drops it, and it does not
+    // register again until it is ready.
+    readiness.set_not_ready("behind");
+    eventually("dropped by its health checks", async || {
+        listed(&registry, "grading").await == 0
+    })
+    .await;
+    readiness.set_ready();
+    eventually("registered again once ready", async || {
+        listed(&registry, "grading").await == 1
+    })
+    .await;
+    grading.stop().await;
+    log.stop().await;
 }
