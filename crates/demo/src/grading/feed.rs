@@ -91,6 +91,9 @@ fn log_failed(err: ClientError) -> DemoError {
 /// The longest pause between attempts to reach the topic.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// A round that lasted this long worked: the pause after it starts short again.
+const HEALTHY_ROUND: Duration = Duration::from_secs(5);
+
 /// Follows the topic into `db` for as long as it runs: seeds an empty topic,
 /// applies every event from the view's offset, and says the instance is ready
 /// once the view has applied every event the topic held when it started (or
@@ -99,10 +102,16 @@ pub(super) async fn follow(db: Db, log: std::sync::Arc<LogLink>, readiness: Read
     let mut seeded = false;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let failure = match round(&db, &log, &readiness, &mut seeded).await {
+        let mut streamed = false;
+        let started = tokio::time::Instant::now();
+        let failure = match round(&db, &log, &readiness, (&mut seeded, &mut streamed)).await {
             Ok(()) => "the log service ended the stream".to_owned(),
             Err(err) => err.to_string(),
         };
+        if streamed || started.elapsed() >= HEALTHY_ROUND {
+            // It worked for a while: this is a new failure, tried again soon.
+            backoff = Duration::from_millis(50);
+        }
         if readiness.is_ready() {
             tracing::warn!(error = failure, retry_in = ?backoff, "following the grading topic failed; the view serves what it holds");
         } else {
@@ -118,11 +127,13 @@ pub(super) async fn follow(db: Db, log: std::sync::Arc<LogLink>, readiness: Read
 }
 
 /// One connection's worth of following: returns when the stream ends or fails.
+/// Sets `seeded` once this process has seeded the topic, and `streamed` once the
+/// stream has delivered records.
 async fn round(
     db: &Db,
     log: &LogLink,
     readiness: &Readiness,
-    seeded: &mut bool,
+    (seeded, streamed): (&mut bool, &mut bool),
 ) -> Result<(), DemoError> {
     let mut client = log.client().await?;
     let mut end = topic_range(&mut client).await?;
@@ -163,6 +174,7 @@ async fn round(
     let mut stream = std::pin::pin!(stream);
     while let Some(batch) = stream.next().await {
         let next = db.apply(batch.map_err(log_failed)?).await?;
+        *streamed = true;
         if next >= end && !readiness.is_ready() {
             tracing::info!(next_offset = next, "the grading view has caught up; ready");
             readiness.set_ready();

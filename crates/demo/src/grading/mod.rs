@@ -400,8 +400,7 @@ async fn add(
             "this instance is not ready: {reason}"
         )));
     }
-    let (known, _) = grading.db.students(Some(id)).await?;
-    if known.is_empty() {
+    if !grading.db.with(move |view| view.has_student(id)).await? {
         return Err(DemoError::NotFound(format!("no student with id {id}")));
     }
     let offset = grading
