@@ -7,6 +7,10 @@
       Stops after COUNT, or at SIGTERM (what was acknowledged so far stands)
   load.py read URL COUNT                  GET /grading/students COUNT times: every
       one must be answered 200 (the gateway retries an idempotent request itself)
+  load.py grades WRITE READ COUNT         POST COUNT grades through the gateway
+      WRITE; after each, GET the student through the gateway READ with the
+      grade's keel-offset as min_offset, twice (the gateway balances over both
+      grading instances): each must show the grade, once
   load.py verify ACKED NODE               the output of `keel consume --format json`
       on stdin holds every acknowledged value exactly once
 """
@@ -78,6 +82,28 @@ def read(url, count):
             sys.exit(f"read {n} got no answer: {err}")
 
 
+def grades(write, read, count):
+    for n in range(count):
+        title = f"deploy grade {n} {time.time_ns()}"
+        request = urllib.request.Request(
+            f"{write}/grading/students/2/grades",
+            data=json.dumps({"title": title, "type": "quiz", "score": 70}).encode(),
+            method="POST",
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=15) as response:
+            offset = response.headers["keel-offset"]
+            if response.status != 201 or offset is None:
+                sys.exit(f"grade {n}: {response.status}, keel-offset {offset}")
+        for _ in range(2):
+            url = f"{read}/grading/students/2?min_offset={offset}"
+            with urllib.request.urlopen(url, timeout=15) as response:
+                titles = [g["title"] for g in json.load(response)["grades"]]
+            if titles.count(title) != 1:
+                sys.exit(f"grade {n} at offset {offset}: {titles.count(title)} copies read back")
+    print(f"grades: {count} written, each read back from both gateways' picks at its offset")
+
+
 def verify(acked_file, node):
     with open(acked_file, encoding="utf-8") as acked:
         want = [line.strip() for line in acked if line.strip()]
@@ -101,6 +127,8 @@ if __name__ == "__main__":
         produce(args[0], int(args[1]), int(args[2]), args[3])
     elif command == "read":
         read(args[0], int(args[1]))
+    elif command == "grades":
+        grades(args[0], args[1], int(args[2]))
     elif command == "verify":
         verify(args[0], args[1])
     else:

@@ -136,4 +136,7 @@ for n in 1 2 3; do
   until_ok "log-$n holding every acknowledged record" 60 check "$n"
   check "$n"
 done
+echo "== grades written through one gateway, read at their offset through the other"
+python3 deploy/load.py grades "$one" "$two" 20
+
 echo "PASSED deploy test: $total acknowledged records on 3 nodes, once each, through a leader kill, a partition and a rolling restart"
