@@ -148,12 +148,7 @@ async fn round(
     }
     let (lowest, end) = end.unwrap_or((0, 0));
     let mut next = db.next_offset();
-    if end < next {
-        tracing::warn!(
-            view = next,
-            topic = end,
-            "the grading topic is shorter than this view: it is not the topic the view was built from; building it again"
-        );
+    if next > 0 && !same_topic(db, &mut client, (lowest, end), next).await? {
         db.reset().await?;
         next = 0;
     }
@@ -181,6 +176,41 @@ async fn round(
         }
     }
     Ok(())
+}
+
+/// Whether the topic is the one the view (of `next` events) was built from: it
+/// is at least as long, and its record 0 is the one the view applied.
+async fn same_topic(
+    db: &Db,
+    client: &mut Client,
+    (lowest, end): (u64, u64),
+    next: u64,
+) -> Result<bool, DemoError> {
+    if end < next {
+        tracing::warn!(
+            view = next,
+            topic = end,
+            "the grading topic is shorter than this view: it is not the topic the view was built from; building it again"
+        );
+        return Ok(false);
+    }
+    let Some(origin) = db.with(|view| view.origin_ms()).await? else {
+        return Ok(true);
+    };
+    if lowest > 0 {
+        // Record 0 is gone: the retention check that follows says so.
+        return Ok(true);
+    }
+    let first = client.consume(TOPIC, 0).await.map_err(log_failed)?;
+    if first.timestamp_ms != origin {
+        tracing::warn!(
+            view = origin,
+            topic = first.timestamp_ms,
+            "the grading topic's first record is not the one this view was built from; building it again"
+        );
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// The topic's lowest and next offsets; `None` when it does not exist yet.

@@ -24,7 +24,9 @@ const VERSION: i64 = 1;
 const SCHEMA: &str = "
 CREATE TABLE view_state (
     id          INTEGER PRIMARY KEY CHECK (id = 1),
-    next_offset INTEGER NOT NULL
+    next_offset INTEGER NOT NULL,
+    -- The timestamp of the topic's record 0: which topic the view was built from.
+    origin_ms   INTEGER
 );
 INSERT INTO view_state (id, next_offset) VALUES (1, 0);
 CREATE TABLE students (
@@ -105,6 +107,19 @@ impl View {
         next_offset(&self.connection)
     }
 
+    /// The timestamp of the record at offset 0 of the topic the view was built
+    /// from; `None` before it is applied.
+    ///
+    /// # Errors
+    ///
+    /// [`DemoError::Database`].
+    pub fn origin_ms(&self) -> Result<Option<u64>, DemoError> {
+        let origin: Option<i64> =
+            self.connection
+                .query_row("SELECT origin_ms FROM view_state", [], |r| r.get(0))?;
+        Ok(origin.and_then(|ms| u64::try_from(ms).ok()))
+    }
+
     /// Forgets every row and starts again from offset 0 (the topic is not the one
     /// this view was built from).
     ///
@@ -114,7 +129,8 @@ impl View {
     pub fn reset(&mut self) -> Result<(), DemoError> {
         let tx = self.connection.transaction()?;
         tx.execute_batch(
-            "DELETE FROM grades; DELETE FROM students; UPDATE view_state SET next_offset = 0;",
+            "DELETE FROM grades; DELETE FROM students;
+             UPDATE view_state SET next_offset = 0, origin_ms = NULL;",
         )?;
         tx.commit()?;
         Ok(())
@@ -143,6 +159,12 @@ impl View {
                     "the grading topic has no records from offset {next} to {}: the view cannot apply them",
                     record.offset
                 )));
+            }
+            if record.offset == 0 {
+                tx.execute(
+                    "UPDATE view_state SET origin_ms = ?1",
+                    [to_sql(record.timestamp_ms)],
+                )?;
             }
             apply_one(&tx, record)?;
             next += 1;
@@ -385,7 +407,7 @@ mod tests {
     fn record(offset: u64, event: &Event) -> Record {
         Record {
             offset,
-            timestamp_ms: 0,
+            timestamp_ms: 1_000 + offset,
             value: event.to_bytes(),
         }
     }
@@ -462,6 +484,13 @@ mod tests {
         assert_eq!(opened, Opened::Kept);
         assert_eq!(view.next_offset().unwrap(), 2);
         assert!(view.has_student(1).unwrap());
+        // Which topic it was built from: record 0's timestamp.
+        assert_eq!(view.origin_ms().unwrap(), Some(1_000));
+        let mut view = view;
+        view.reset().unwrap();
+        assert_eq!(view.origin_ms().unwrap(), None);
+        assert_eq!(view.next_offset().unwrap(), 0);
+        assert!(view.students(None).unwrap().is_empty());
     }
 
     #[test]
