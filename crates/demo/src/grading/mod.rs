@@ -220,15 +220,16 @@ impl Db {
         Ok(())
     }
 
-    /// Every student (`None`) or one, and the next offset of the view they were
-    /// read from.
+    /// Every student (`None`) or one, and a next offset of the view they were
+    /// read from: taken before the read, it may be lower than the view's by the
+    /// time of the read, never higher (what a client may pass on as `min_offset`).
     ///
     /// # Errors
     ///
     /// [`DemoError::Database`].
     pub async fn students(&self, only: Option<i64>) -> Result<(Vec<Student>, u64), DemoError> {
-        self.with(move |view| Ok((view.students(only)?, view.next_offset()?)))
-            .await
+        let next = self.next_offset();
+        Ok((self.with(move |view| view.students(only)).await?, next))
     }
 
     /// Whether the view has applied `offset`, waiting up to `within` for it.
@@ -403,6 +404,7 @@ async fn add(
     if !grading.db.with(move |view| view.has_student(id)).await? {
         return Err(DemoError::NotFound(format!("no student with id {id}")));
     }
+    let started = std::time::Instant::now();
     let offset = grading
         .log
         .append(&Event::GradeAdded {
@@ -410,7 +412,15 @@ async fn add(
             grade,
         })
         .await?;
-    if !grading.db.wait_applied(offset, VIEW_WAIT).await {
+    let appended = started.elapsed();
+    let applied = grading.db.wait_applied(offset, VIEW_WAIT).await;
+    tracing::debug!(
+        offset,
+        append_us = appended.as_micros(),
+        apply_us = (started.elapsed() - appended).as_micros(),
+        "grade added"
+    );
+    if !applied {
         let err = DemoError::Unavailable(format!(
             "the grade is stored (offset {offset} of the grading topic), but this instance's view has not applied it within {} s; read it with ?min_offset={offset}",
             VIEW_WAIT.as_secs()

@@ -215,7 +215,9 @@ fn to_sql(offset: u64) -> i64 {
 }
 
 fn next_offset(c: &Connection) -> Result<u64, DemoError> {
-    let next: i64 = c.query_row("SELECT next_offset FROM view_state", [], |r| r.get(0))?;
+    let next: i64 = c
+        .prepare_cached("SELECT next_offset FROM view_state")?
+        .query_row([], |r| r.get(0))?;
     Ok(u64::try_from(next).unwrap_or(0))
 }
 
