@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::grading::grades_of;
 use crate::support::KEEL;
 use crate::up::{Up, eventually, signal};
 
@@ -156,22 +157,10 @@ async fn leader(up: &Up, group: &str) -> String {
 async fn kill(up: &Up, label: &str, seen: &Mutex<Seen>) -> Duration {
     let killed = Instant::now();
     signal(up.pid(label), rustix::process::Signal::KILL);
-    up.stderr_line(&format!("{label} restarted"), Duration::from_secs(60));
-    if label.starts_with("log#") || label.starts_with("registry#") {
-        let ready = format!("{}/readyz", up.url(label));
-        eventually(
-            Duration::from_secs(30),
-            "the restarted node is ready",
-            || {
-                let ready = ready.clone();
-                async move {
-                    let response = keel_serve::client::new().get(&ready).send().await.ok()?;
-                    response.status().is_success().then_some(())
-                }
-            },
-        )
-        .await;
-    }
+    let ready = ["log#", "registry#", "grading#"]
+        .iter()
+        .any(|kind| label.starts_with(kind));
+    up.restarted(label, ready).await;
     // A little load after it is back, then the longest silence since the kill.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let seen = seen.lock().unwrap();
@@ -332,17 +321,7 @@ async fn acknowledged_grades_should_be_in_every_view(up: &Up, http: &reqwest::Cl
             .json()
             .await
             .unwrap();
-        let grades: Vec<(i64, String)> = student["grades"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|g| {
-                (
-                    g["id"].as_i64().unwrap(),
-                    g["title"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
+        let grades = grades_of(&student);
         for (title, offset) in &seen.grades {
             let copies = grades.iter().filter(|(_, t)| t == title).count();
             assert_eq!(

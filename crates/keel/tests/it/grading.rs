@@ -12,6 +12,21 @@ use crate::up::{Up, eventually, signal};
 /// A student's grades as one instance shows them: (id, title), oldest first.
 type Grades = Vec<(i64, String)>;
 
+/// A student's grades as an instance answered them.
+pub(crate) fn grades_of(student: &Value) -> Grades {
+    student["grades"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["id"].as_i64().unwrap(),
+                g["title"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Every student's grades from `instance`, once its view has applied `min_offset`.
 async fn grades(http: &reqwest::Client, instance: &str, min_offset: u64) -> Vec<(i64, Grades)> {
     let response = http
@@ -32,20 +47,7 @@ async fn grades(http: &reqwest::Client, instance: &str, min_offset: u64) -> Vec<
     let students: Vec<Value> = response.json().await.unwrap();
     students
         .iter()
-        .map(|s| {
-            let grades = s["grades"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|g| {
-                    (
-                        g["id"].as_i64().unwrap(),
-                        g["title"].as_str().unwrap().to_owned(),
-                    )
-                })
-                .collect();
-            (s["id"].as_i64().unwrap(), grades)
-        })
+        .map(|s| (s["id"].as_i64().unwrap(), grades_of(s)))
         .collect()
 }
 
@@ -114,24 +116,6 @@ async fn views_should_agree(http: &reqwest::Client, up: &Up, acked: &[(String, u
     }
 }
 
-/// Waits until `label` was restarted by keel up and its view is ready again.
-async fn restarted_and_ready(up: &Up, label: &str) {
-    up.stderr_line(&format!("{label} restarted"), Duration::from_secs(60));
-    let ready = format!("{}/readyz", up.url(label));
-    eventually(
-        Duration::from_secs(30),
-        "the restarted instance is ready",
-        || {
-            let ready = ready.clone();
-            async move {
-                let response = keel_serve::client::new().get(&ready).send().await.ok()?;
-                response.status().is_success().then_some(())
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grading_views_should_agree_survive_kill_9_and_rebuild_a_deleted_file() {
     let up = Up::start(&["--instances", "grading=2"]);
@@ -197,7 +181,7 @@ async fn grading_views_should_agree_survive_kill_9_and_rebuild_a_deleted_file() 
     })
     .await;
     signal(up.pid("grading#1"), rustix::process::Signal::KILL);
-    restarted_and_ready(&up, "grading#1").await;
+    up.restarted("grading#1", true).await;
     load.await.unwrap();
     views_should_agree(&http, &up, &snapshot(&acked)).await;
 
@@ -209,7 +193,7 @@ async fn grading_views_should_agree_survive_kill_9_and_rebuild_a_deleted_file() 
         let _ = std::fs::remove_file(path);
     }
     signal(up.pid("grading#2"), rustix::process::Signal::KILL);
-    restarted_and_ready(&up, "grading#2").await;
+    up.restarted("grading#2", true).await;
     assert!(file.exists(), "grading-2's file is built again");
     let said = std::fs::read_to_string(up.data_dir().join("up-logs/grading-2.log")).unwrap();
     assert!(said.contains("no grading view yet"), "{said}");

@@ -130,6 +130,28 @@ impl Up {
         }
     }
 
+    /// Waits until keel up reports `label` restarted and, with `ready`, until its
+    /// `/readyz` answers 200.
+    pub(crate) async fn restarted(&self, label: &str, ready: bool) {
+        self.stderr_line(&format!("{label} restarted"), Duration::from_secs(60));
+        if !ready {
+            return;
+        }
+        let ready = format!("{}/readyz", self.url(label));
+        eventually(
+            Duration::from_secs(30),
+            &format!("{label} is ready"),
+            || {
+                let ready = ready.clone();
+                async move {
+                    let response = keel_serve::client::new().get(&ready).send().await.ok()?;
+                    response.status().is_success().then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     /// Waits for a line of keel up's stderr containing `text`; returns it.
     pub(crate) fn stderr_line(&self, text: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
