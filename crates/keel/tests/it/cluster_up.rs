@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::grading::grades_of;
 use crate::support::KEEL;
+use crate::support::get_json;
 use crate::up::{Up, eventually, signal};
 
 /// How long a request may keep being retried by the load's client.
@@ -313,14 +314,8 @@ async fn acknowledged_grades_should_be_in_every_view(up: &Up, http: &reqwest::Cl
         .unwrap_or(0);
     let mut views = Vec::new();
     for label in ["grading#1", "grading#2"] {
-        let student: Value = http
-            .get(format!("{}/students/2?min_offset={newest}", up.url(label)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = format!("{}/students/2?min_offset={newest}", up.url(label));
+        let student = get_json(http, &url).await;
         let grades = grades_of(&student);
         for (title, offset) in &seen.grades {
             let copies = grades.iter().filter(|(_, t)| t == title).count();

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::support::get_json;
 use crate::up::{Up, eventually, signal};
 
 /// A student's grades as one instance shows them: (id, title), oldest first.
@@ -130,14 +131,7 @@ async fn grading_views_should_agree_survive_kill_9_and_rebuild_a_deleted_file() 
     }
     // Each says where it stands.
     for label in ["grading#1", "grading#2"] {
-        let view: Value = http
-            .get(format!("{}/view", up.url(label)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view = get_json(&http, &format!("{}/view", up.url(label))).await;
         assert_eq!(view["ready"], true, "{view}");
         assert_eq!(view["topic"], "grading", "{view}");
         assert!(

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use keel_serve::tls::ClientTlsFiles;
 use serde_json::Value;
 
+use crate::support::get_json;
 use crate::up::Up;
 
 /// `http://addr` from the table, as `https://addr`.
@@ -143,14 +144,4 @@ fn no_part_denied(logs_dir: &std::path::Path) {
             .collect();
         assert!(denied.is_empty(), "{}: {denied:?}", path.display());
     }
-}
-
-async fn get_json(client: &reqwest::Client, url: &str) -> Value {
-    let response = client.get(url).send().await.unwrap();
-    assert!(
-        response.status().is_success(),
-        "{url}: {}",
-        response.status()
-    );
-    response.json().await.unwrap()
 }
