@@ -106,37 +106,18 @@ impl NewGrade {
     ///
     /// [`DemoError::BadRequest`] naming the first bad field.
     pub fn parse(body: &[u8]) -> Result<Self, DemoError> {
-        let bad = DemoError::BadRequest;
         let value: Value = serde_json::from_slice(body)
-            .map_err(|err| bad(format!("the body is not valid JSON: {err}")))?;
+            .map_err(|err| DemoError::BadRequest(format!("the body is not valid JSON: {err}")))?;
         let Some(object) = value.as_object() else {
-            return Err(bad("the body must be a JSON object".into()));
+            return Err(DemoError::BadRequest(
+                "the body must be a JSON object".into(),
+            ));
         };
-        let title = match object.get("title").and_then(Value::as_str).map(str::trim) {
-            Some(title) if !title.is_empty() && title.chars().count() <= MAX_TITLE => title,
-            Some(title) if !title.is_empty() => {
-                return Err(bad(format!("title: at most {MAX_TITLE} characters")));
-            }
-            _ => return Err(bad("title: a non-empty string is required".into())),
-        };
-        let kind = match object.get("type").and_then(Value::as_str) {
-            Some(kind) if KINDS.contains(&kind) => kind,
-            _ => {
-                return Err(bad(format!(
-                    "type: one of {} is required",
-                    KINDS.join(", ")
-                )));
-            }
-        };
-        let score = match object.get("score").and_then(Value::as_f64) {
-            Some(score) if (0.0..=100.0).contains(&score) => score,
-            _ => return Err(bad("score: a number from 0 to 100 is required".into())),
-        };
-        Ok(Self {
-            title: title.to_owned(),
-            kind: kind.to_owned(),
-            score,
-        })
+        Self::checked(
+            object.get("title").and_then(Value::as_str).map(str::trim),
+            object.get("type").and_then(Value::as_str),
+            object.get("score").and_then(Value::as_f64),
+        )
     }
 
     /// Checks a grade read from an event as [`NewGrade::parse`] checks a body (an
@@ -146,15 +127,42 @@ impl NewGrade {
     ///
     /// [`DemoError::BadRequest`] naming the first bad field.
     pub fn check(&self) -> Result<(), DemoError> {
-        let body = serde_json::json!({"title": self.title, "type": self.kind, "score": self.score});
-        let parsed = Self::parse(body.to_string().as_bytes())?;
-        if parsed.title == self.title {
-            Ok(())
-        } else {
-            Err(DemoError::BadRequest(
+        if self.title.trim() != self.title {
+            return Err(DemoError::BadRequest(
                 "title: no leading or trailing spaces".into(),
-            ))
+            ));
         }
+        Self::checked(Some(&self.title), Some(&self.kind), Some(self.score)).map(drop)
+    }
+
+    /// The grade, if each field is valid.
+    fn checked(
+        title: Option<&str>,
+        kind: Option<&str>,
+        score: Option<f64>,
+    ) -> Result<Self, DemoError> {
+        let bad = DemoError::BadRequest;
+        let title = match title {
+            Some(title) if !title.is_empty() && title.chars().count() <= MAX_TITLE => title,
+            Some(title) if !title.is_empty() => {
+                return Err(bad(format!("title: at most {MAX_TITLE} characters")));
+            }
+            _ => return Err(bad("title: a non-empty string is required".into())),
+        };
+        let Some(kind) = kind.filter(|kind| KINDS.contains(kind)) else {
+            return Err(bad(format!(
+                "type: one of {} is required",
+                KINDS.join(", ")
+            )));
+        };
+        let Some(score) = score.filter(|score| (0.0..=100.0).contains(score)) else {
+            return Err(bad("score: a number from 0 to 100 is required".into()));
+        };
+        Ok(Self {
+            title: title.to_owned(),
+            kind: kind.to_owned(),
+            score,
+        })
     }
 }
 
